@@ -1,0 +1,80 @@
+"""The one exception tree of fleettune.
+
+    FleettuneError
+    ├── Rejected            a device's update is bad; permanent, never retried
+    ├── ConfigError         a settings or federation config value is invalid
+    ├── StateError          a federation or round is not in the state an operation needs
+    └── StorageError
+        ├── ObjectNotFound      the key does not exist (permanent)
+        └── StorageUnavailable  the store did not answer (transient: retry with backoff)
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class RejectReason(str, enum.Enum):
+    """Closed set of reasons an update is refused; reused as a metrics label."""
+
+    # envelope
+    MALFORMED_ENVELOPE = "malformed_envelope"
+    ENVELOPE_TOO_LARGE = "envelope_too_large"
+    UNSUPPORTED_SCHEMA = "unsupported_schema"
+    # federation and round
+    UNKNOWN_FEDERATION = "unknown_federation"
+    NOT_SELECTED = "not_selected"
+    STALE_ROUND = "stale_round"
+    FUTURE_ROUND = "future_round"
+    WRONG_BASE_VERSION = "wrong_base_version"
+    TOO_FEW_SAMPLES = "too_few_samples"
+    ALREADY_SUBMITTED = "already_submitted"
+    # object
+    BAD_OBJECT_KEY = "bad_object_key"
+    OBJECT_MISSING = "object_missing"
+    OBJECT_TOO_LARGE = "object_too_large"
+    SHA256_MISMATCH = "sha256_mismatch"
+    # safetensors container
+    TRUNCATED = "truncated"
+    HEADER_TOO_LARGE = "header_too_large"
+    HEADER_INVALID = "header_invalid"
+    INVALID_OFFSETS = "invalid_offsets"
+    # tensors against the federation's adapter spec
+    BAD_DTYPE = "bad_dtype"
+    BAD_SHAPE = "bad_shape"
+    UNEXPECTED_KEYS = "unexpected_keys"
+    MISSING_KEYS = "missing_keys"
+    NON_FINITE = "non_finite"
+
+
+class FleettuneError(Exception):
+    """Base of every error fleettune raises on purpose."""
+
+
+class Rejected(FleettuneError):
+    """An update (or envelope) is refused for a named reason."""
+
+    def __init__(self, reason: RejectReason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail[:500]
+
+
+class ConfigError(FleettuneError, ValueError):
+    """A configuration value is missing or out of range."""
+
+
+class StateError(FleettuneError):
+    """A federation or round is not in the state the operation needs."""
+
+
+class StorageError(FleettuneError):
+    """The object store failed."""
+
+
+class ObjectNotFound(StorageError):
+    """The key does not exist."""
+
+
+class StorageUnavailable(StorageError):
+    """The store could not be reached; worth retrying."""

@@ -1,0 +1,140 @@
+"""Ingest one envelope: validate, verify, clip, and record it exactly once."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable
+
+from shared import envelope as envelope_codec
+from shared import keys
+from shared.aggregation import clip_scale, update_norm
+from shared.envelope import Envelope
+from shared.errors import ObjectNotFound, RejectReason, Rejected
+from shared.federation import FederationConfig
+from shared.safetensors_reader import parse
+from shared.settings import Settings
+from shared.state import ACCEPTED, REDELIVERED, FederationState, UpdateRecord
+from shared.storage import ObjectStore
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestResult:
+    outcome: str  # accepted | rejected | redelivered
+    federation: str | None = None
+    round: int | None = None
+    device: str | None = None
+    reason: RejectReason | None = None
+    detail: str = ""
+    norm: float | None = None
+    clip_scale: float | None = None
+    nbytes: int = 0
+    train_seconds: float | None = None
+    round_ready: bool = False  # every selected device has reported: close the round now
+
+
+class Ingestor:
+    def __init__(self, state: FederationState, store: ObjectStore, settings: Settings,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.state = state
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self._configs: dict[str, FederationConfig] = {}  # configs are immutable once created
+
+    def ingest(self, raw: object) -> IngestResult:
+        digest = _digest(raw)
+        settled = self.state.outcome(digest)
+        if settled is not None:
+            self.state.count_redelivery(None)
+            return IngestResult(REDELIVERED, detail=settled)
+        try:
+            env = envelope_codec.decode(raw, self.settings.max_envelope_bytes)
+        except Rejected as rej:
+            return self._reject(digest, rej, None)
+        try:
+            return self._ingest(digest, env)
+        except Rejected as rej:
+            return self._reject(digest, rej, env)
+
+    def _config(self, fed: str) -> FederationConfig:
+        if fed not in self._configs:
+            config = self.state.config(fed)
+            if config is None:
+                raise Rejected(RejectReason.UNKNOWN_FEDERATION, fed)
+            self._configs[fed] = config
+        return self._configs[fed]
+
+    def _ingest(self, digest: str, env: Envelope) -> IngestResult:
+        config = self._config(env.federation)
+        policy = config.policy
+        if env.object_key != keys.update_object(env.federation, env.round, env.device):
+            raise Rejected(RejectReason.BAD_OBJECT_KEY, "key does not match federation, round and device")
+        self._check_round(env, config)
+
+        try:
+            blob = self.store.get(env.object_key, self.settings.max_update_bytes)
+        except ObjectNotFound:
+            raise Rejected(RejectReason.OBJECT_MISSING, env.object_key) from None
+        if hashlib.sha256(blob).hexdigest() != env.sha256:
+            raise Rejected(RejectReason.SHA256_MISMATCH, "object bytes do not match the envelope")
+        tensors = parse(blob, config.spec.tensors, self.settings.max_header_bytes)
+        norm = update_norm(tensors)
+        try:
+            scale = clip_scale(norm, policy.max_grad_norm)
+        except ValueError:
+            raise Rejected(RejectReason.NON_FINITE, "update holds NaN or Inf") from None
+
+        record = UpdateRecord(
+            device=env.device, object_key=env.object_key, sha256=env.sha256,
+            num_samples=min(env.num_samples, policy.max_num_samples), claimed_samples=env.num_samples,
+            norm=norm, clip_scale=scale, train_seconds=env.train_seconds, metrics=env.metrics,
+            accepted_at=self.clock(),
+        )
+        outcome, count, cohort = self.state.accept(digest, env.federation, env.round, record)
+        if outcome == REDELIVERED:
+            return IngestResult(REDELIVERED, env.federation, env.round, env.device)
+        if outcome != ACCEPTED:
+            raise Rejected(RejectReason(outcome), "round closed while the update was checked")
+        return IngestResult(
+            ACCEPTED, env.federation, env.round, env.device, norm=norm, clip_scale=scale,
+            nbytes=len(blob), train_seconds=env.train_seconds, round_ready=cohort > 0 and count >= cohort,
+        )
+
+    def _check_round(self, env: Envelope, config: FederationConfig) -> None:
+        """Cheap checks before any download; the accept transaction re-checks what can change."""
+        current = self.state.current_round(env.federation)
+        if env.round > current:
+            raise Rejected(RejectReason.FUTURE_ROUND, f"round {env.round} > current {current}")
+        info = self.state.round_info(env.federation, env.round)
+        if info is None or info.status != "open":
+            raise Rejected(RejectReason.STALE_ROUND, f"round {env.round} is {info.status if info else 'unknown'}")
+        if not self.state.in_cohort(env.federation, env.round, env.device):
+            raise Rejected(RejectReason.NOT_SELECTED, f"{env.device} is not in round {env.round}'s cohort")
+        if env.base_version != info.base_version:
+            raise Rejected(RejectReason.WRONG_BASE_VERSION, f"trained from v{env.base_version}, round uses v{info.base_version}")
+        if env.num_samples < config.policy.min_samples_per_client:
+            raise Rejected(RejectReason.TOO_FEW_SAMPLES, f"{env.num_samples} < {config.policy.min_samples_per_client}")
+        if self.state.has_update(env.federation, env.round, env.device):
+            raise Rejected(RejectReason.ALREADY_SUBMITTED, f"{env.device} already has an update in round {env.round}")
+
+    def _reject(self, digest: str, rej: Rejected, env: Envelope | None) -> IngestResult:
+        # Count under the federation only once it is known to exist: unknown names stay unbounded.
+        fed = env.federation if env and env.federation in self._configs else None
+        fresh = self.state.reject(
+            digest, rej.reason, rej.detail, self.clock(), fed=fed,
+            round_no=env.round if env else None, device=env.device if env else None,
+        )
+        if not fresh:
+            return IngestResult(REDELIVERED, fed)
+        return IngestResult("rejected", fed, env.round if env else None, env.device if env else None,
+                            reason=rej.reason, detail=rej.detail)
+
+
+def _digest(raw: object) -> str:
+    if isinstance(raw, (bytes, bytearray)):
+        return envelope_codec.digest(bytes(raw))
+    # Not bytes at all: still give it a stable identity so a redelivery is not counted twice.
+    text = repr(raw)
+    return hashlib.sha256(f"{type(raw).__name__}:{len(text)}:{text[:4096]}".encode()).hexdigest()

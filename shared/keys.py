@@ -1,0 +1,89 @@
+"""Every Redis key and object-store key fleettune uses, in one place.
+
+Redis (all under the `ft:` prefix; nothing expires unless noted):
+    ft:fed:{fed}:config          JSON FederationConfig
+    ft:fed:{fed}:state           hash: status, round, version, reason
+    ft:fed:{fed}:devices         set of enrolled device ids
+    ft:fed:{fed}:round:{r}       hash: status, base_version, opened_at, deadline, cohort, reason, ...
+    ft:fed:{fed}:round:{r}:cohort   set of device ids selected for round r
+    ft:fed:{fed}:round:{r}:updates  hash device_id -> msgpack UpdateRecord (HSETNX: once per device)
+    ft:fed:{fed}:stats           hash of counters: received, accepted, duplicate, rejected:{reason}
+    ft:federations               set of federation names
+    ft:msg:{sha256}              outcome of one envelope, so redelivery is answered, not recounted;
+                                 expires after MESSAGE_TTL_S
+    ft:deadletter                stream of rejected updates, capped at Settings.deadletter_maxlen
+
+Object store:
+    updates/{fed}/{round:06d}/{device}.safetensors        written by devices
+    federations/{fed}/versions/{version:06d}/...          immutable published versions
+    federations/{fed}/current.json                        pointer to the current version
+"""
+
+from __future__ import annotations
+
+import re
+
+from shared.errors import RejectReason, Rejected
+
+PREFIX = "ft"
+MESSAGE_TTL_S = 7 * 24 * 3600
+GLOBAL_STATS = f"{PREFIX}:stats"  # counters for envelopes that name no parseable federation
+FEDERATIONS = f"{PREFIX}:federations"
+DEADLETTER = f"{PREFIX}:deadletter"
+
+# Ids become parts of keys and paths: no slashes, no dots-only names, bounded length.
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def valid_id(value: object) -> bool:
+    return isinstance(value, str) and bool(_ID.match(value)) and ".." not in value
+
+
+def check_id(value: object, what: str) -> str:
+    if not valid_id(value):
+        raise Rejected(RejectReason.MALFORMED_ENVELOPE, f"{what} is not a valid id")
+    return value  # type: ignore[return-value]
+
+
+def fed_config(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:config"
+
+
+def fed_state(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:state"
+
+
+def fed_devices(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:devices"
+
+
+def fed_stats(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:stats"
+
+
+def round_info(fed: str, round_no: int) -> str:
+    return f"{PREFIX}:fed:{fed}:round:{round_no}"
+
+
+def round_cohort(fed: str, round_no: int) -> str:
+    return f"{PREFIX}:fed:{fed}:round:{round_no}:cohort"
+
+
+def round_updates(fed: str, round_no: int) -> str:
+    return f"{PREFIX}:fed:{fed}:round:{round_no}:updates"
+
+
+def message(digest: str) -> str:
+    return f"{PREFIX}:msg:{digest}"
+
+
+def update_object(fed: str, round_no: int, device: str) -> str:
+    return f"updates/{fed}/{round_no:06d}/{device}.safetensors"
+
+
+def version_prefix(fed: str, version: int) -> str:
+    return f"federations/{fed}/versions/{version:06d}"
+
+
+def current_pointer(fed: str) -> str:
+    return f"federations/{fed}/current.json"

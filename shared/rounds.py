@@ -1,0 +1,128 @@
+"""Round lifecycle: start a federation, decide when a round closes, aggregate and publish."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+
+from shared import versions
+from shared.adapter_spec import initial_weights
+from shared.aggregation import StreamingFedAvg, apply_update, update_norm
+from shared.errors import ObjectNotFound, Rejected, StateError
+from shared.federation import FederationConfig
+from shared.safetensors_reader import parse
+from shared.settings import Settings
+from shared.state import FederationState, RoundInfo
+from shared.storage import ObjectStore
+
+WAIT, CLOSING, FAILED = "wait", "closing", "failed"
+
+
+def decide(info: RoundInfo, n_updates: int, min_updates: int, now: float) -> str:
+    """Close with quorum once everyone reported or the deadline passed; fail without quorum at the deadline."""
+    quorum = n_updates >= min_updates
+    everyone = info.cohort_size > 0 and n_updates >= info.cohort_size
+    expired = now >= info.deadline
+    if quorum and (everyone or expired):
+        return CLOSING
+    if expired:
+        return FAILED
+    return WAIT
+
+
+@dataclasses.dataclass(frozen=True)
+class CloseResult:
+    decision: str  # wait | closing | failed | closed (already) | ...
+    version: int | None = None
+    next_round: RoundInfo | None = None
+    manifest: dict | None = None
+
+
+class RoundCoordinator:
+    def __init__(self, state: FederationState, store: ObjectStore, settings: Settings,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.state = state
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+
+    def start(self, config: FederationConfig, devices: Iterable[str]) -> RoundInfo:
+        """Create the federation, publish version 0 and open round 1."""
+        self.state.create(config, devices)
+        weights = initial_weights(config.spec, config.seed)
+        versions.publish(self.store, config.name, 0, weights, config.spec, {
+            "round": 0, "parent_version": None, "contributors": [], "total_samples": 0,
+            "global_norm": update_norm(weights), "created_at": self.clock(),
+        })
+        info = self.state.open_round(config.name, 1, 0, self.clock(), config.policy.timeout_seconds)
+        assert info is not None
+        return info
+
+    def close(self, fed: str, round_no: int) -> CloseResult:
+        """Close the round if it is due. Safe to call any number of times, from any worker."""
+        config = self.state.config(fed)
+        if config is None:
+            raise StateError(f"unknown federation {fed!r}")
+        now = self.clock()
+        decision, info = self.state.begin_close(
+            fed, round_no, lambda i, n: decide(i, n, config.policy.min_updates, now))
+        if decision == WAIT or decision == "closed":
+            return CloseResult(decision, info.version)
+        if decision == FAILED:
+            return CloseResult(FAILED, None, self._next_round(config, round_no, info.base_version))
+        # closing: first time, or a redelivery after a worker died mid-aggregation; both redo it all.
+        version = info.base_version + 1
+        manifest = self._aggregate_and_publish(config, info, version)
+        self.state.finish_round(fed, round_no, version, self.clock())
+        return CloseResult(CLOSING, version, self._next_round(config, round_no, version), manifest)
+
+    def _next_round(self, config: FederationConfig, round_no: int, base_version: int) -> RoundInfo | None:
+        if round_no >= config.policy.max_rounds:
+            self.state.complete(config.name)
+            return None
+        return self.state.open_round(config.name, round_no + 1, base_version, self.clock(),
+                                     config.policy.timeout_seconds)
+
+    def _aggregate_and_publish(self, config: FederationConfig, info: RoundInfo, version: int) -> dict:
+        spec, policy = config.spec, config.policy
+        records = self.state.updates(config.name, info.round)
+        avg = StreamingFedAvg(spec.tensors)
+        contributors, excluded = [], {}
+        for device, rec in records.items():  # sorted: the same order, so the same bytes, on a redo
+            try:
+                blob = self.store.get(rec.object_key, self.settings.max_update_bytes)
+            except (ObjectNotFound, Rejected):
+                excluded[device] = "object_missing"
+                continue
+            if hashlib.sha256(blob).hexdigest() != rec.sha256:
+                # replaced after it was accepted: leave it out rather than trust unchecked bytes
+                excluded[device] = "sha256_mismatch"
+                continue
+            avg.add(parse(blob, spec.tensors, self.settings.max_header_bytes), rec.num_samples, rec.clip_scale)
+            contributors.append(device)
+        if avg.count == 0:
+            raise StateError(f"{config.name} round {info.round}: no accepted update could be read back")
+
+        base = versions.load_weights(self.store, config.name, info.base_version, spec,
+                                     self.settings.max_update_bytes, self.settings.max_header_bytes)
+        mean = avg.mean()
+        weights = apply_update(base, mean, policy.server_lr)
+        kept = [records[d] for d in contributors]
+        manifest = {
+            "round": info.round, "parent_version": info.base_version, "contributors": contributors,
+            "excluded": excluded, "total_samples": int(avg.total_weight),
+            "update_norms": {
+                "pre_clip_mean": sum(r.norm for r in kept) / len(kept),
+                "pre_clip_max": max(r.norm for r in kept),
+                "post_clip_mean": sum(r.norm * r.clip_scale for r in kept) / len(kept),
+                "clipped": sum(1 for r in kept if r.clip_scale < 1.0),
+            },
+            "mean_delta_norm": update_norm(mean), "global_norm": update_norm(weights),
+            "server_lr": policy.server_lr, "max_grad_norm": policy.max_grad_norm,
+            "train_seconds_mean": sum(r.train_seconds for r in kept) / len(kept),
+            # no wall-clock time in here: a redone close must write byte-identical files
+            "last_update_at": max(r.accepted_at for r in kept),
+        }
+        return versions.publish(self.store, config.name, version, weights, spec, manifest)

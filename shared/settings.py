@@ -1,0 +1,81 @@
+"""One frozen settings object, built from FLEETTUNE_* environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from shared.errors import ConfigError
+
+MiB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Where the services are and how much a device may send.
+
+    `redis_url` None means "no Redis": only the embedded demo runs then.
+    `s3_endpoint` None means a local-directory object store under `data_dir`.
+    """
+
+    redis_url: str | None = None
+    s3_endpoint: str | None = None
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_bucket: str = "fleettune"
+    s3_secure: bool = False
+    data_dir: Path = Path(".fleettune")
+    max_update_bytes: int = 64 * MiB
+    max_envelope_bytes: int = 4096
+    max_header_bytes: int = 1 * MiB
+    task_time_limit_s: int = 300
+    visibility_timeout_s: int = 600
+    deadletter_maxlen: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            # Redis redelivers unacked messages after the visibility timeout; a shorter one would
+            # hand a still-running task to a second worker.
+            raise ConfigError(
+                f"visibility timeout ({self.visibility_timeout_s}s) must exceed the task time "
+                f"limit ({self.task_time_limit_s}s)"
+            )
+        for name in ("max_update_bytes", "max_envelope_bytes", "max_header_bytes", "task_time_limit_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str | None:
+            value = env.get(f"FLEETTUNE_{name}")
+            return value if value not in (None, "") else None
+
+        def integer(name: str, default: int) -> int:
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                return int(raw)
+            except ValueError:
+                raise ConfigError(f"FLEETTUNE_{name} must be an integer, got {raw!r}") from None
+
+        time_limit = integer("TASK_TIME_LIMIT", cls.task_time_limit_s)
+        return cls(
+            redis_url=get("REDIS_URL"),
+            s3_endpoint=get("S3_ENDPOINT"),
+            s3_access_key=get("S3_ACCESS_KEY") or "",
+            s3_secret_key=get("S3_SECRET_KEY") or "",
+            s3_bucket=get("S3_BUCKET") or cls.s3_bucket,
+            s3_secure=(get("S3_SECURE") or "false").lower() in ("1", "true", "yes"),
+            data_dir=Path(get("DATA_DIR") or cls.data_dir),
+            max_update_bytes=integer("MAX_UPDATE_BYTES", cls.max_update_bytes),
+            max_envelope_bytes=integer("MAX_ENVELOPE_BYTES", cls.max_envelope_bytes),
+            max_header_bytes=integer("MAX_HEADER_BYTES", cls.max_header_bytes),
+            task_time_limit_s=time_limit,
+            visibility_timeout_s=integer("VISIBILITY_TIMEOUT", max(2 * time_limit, time_limit + 60)),
+            deadletter_maxlen=integer("DEADLETTER_MAXLEN", cls.deadletter_maxlen),
+        )

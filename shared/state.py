@@ -1,0 +1,260 @@
+"""Federation and round state in Redis. Every change that must happen once is a WATCH/MULTI transaction.
+
+Exactly-once accounting: each envelope's outcome is written under its digest in the same transaction
+as its counters, so a redelivered message finds its outcome and is not counted again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import msgpack
+import redis
+
+from shared import keys
+from shared.errors import RejectReason, StateError
+from shared.federation import FederationConfig
+
+ACCEPTED = "accepted"
+REDELIVERED = "redelivered"
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateRecord:
+    """What the server keeps of one accepted update; the tensors stay in the object store."""
+
+    device: str
+    object_key: str
+    sha256: str
+    num_samples: int  # after capping at the policy's max_num_samples
+    claimed_samples: int
+    norm: float  # before clipping
+    clip_scale: float
+    train_seconds: float
+    metrics: dict[str, float]
+    accepted_at: float
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(dataclasses.asdict(self), use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> UpdateRecord:
+        return cls(**msgpack.unpackb(raw, raw=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundInfo:
+    round: int
+    status: str  # open | closing | closed | failed
+    base_version: int
+    opened_at: float
+    deadline: float
+    cohort_size: int
+    reason: str = ""
+    version: int | None = None  # published version, once closed
+    closed_at: float | None = None
+    rejected: int = 0
+
+    @classmethod
+    def from_hash(cls, round_no: int, h: dict[bytes, bytes]) -> RoundInfo:
+        s = {k.decode(): v.decode() for k, v in h.items()}
+        return cls(
+            round=round_no, status=s["status"], base_version=int(s["base_version"]),
+            opened_at=float(s["opened_at"]), deadline=float(s["deadline"]),
+            cohort_size=int(s["cohort_size"]), reason=s.get("reason", ""),
+            version=int(s["version"]) if "version" in s else None,
+            closed_at=float(s["closed_at"]) if "closed_at" in s else None,
+            rejected=int(s.get("rejected", 0)),
+        )
+
+
+class FederationState:
+    """All reads and writes of federation state; the Redis client is passed in (real or fake)."""
+
+    def __init__(self, client: redis.Redis, deadletter_maxlen: int = 100_000) -> None:
+        self.r = client
+        self.deadletter_maxlen = deadletter_maxlen
+
+    def _transaction(self, fn: Callable[[Any], Any], *watch: str) -> Any:
+        return self.r.transaction(fn, *watch, value_from_callable=True)
+
+    # --- federations -------------------------------------------------------------------------
+
+    def create(self, config: FederationConfig, devices: Iterable[str]) -> None:
+        """Register a new federation; refuses a name that exists (configs are immutable)."""
+        devices = sorted(set(devices))
+        for device in devices:
+            if not keys.valid_id(device):
+                raise StateError(f"device id {device!r} is not a valid id")
+
+        def create(pipe) -> None:
+            if pipe.exists(keys.fed_config(config.name)):
+                raise StateError(f"federation {config.name!r} already exists")
+            pipe.multi()
+            pipe.set(keys.fed_config(config.name), config.to_json())
+            pipe.hset(keys.fed_state(config.name), mapping={"status": "active", "round": 0, "version": 0})
+            if devices:
+                pipe.sadd(keys.fed_devices(config.name), *devices)
+            pipe.sadd(keys.FEDERATIONS, config.name)
+
+        self._transaction(create, keys.fed_config(config.name))
+
+    def enroll(self, fed: str, devices: Iterable[str]) -> None:
+        devices = list(devices)
+        if devices:
+            self.r.sadd(keys.fed_devices(fed), *devices)
+
+    def config(self, fed: str) -> FederationConfig | None:
+        raw = self.r.get(keys.fed_config(fed))
+        return FederationConfig.from_json(raw) if raw is not None else None
+
+    def federations(self) -> list[str]:
+        return sorted(m.decode() for m in self.r.smembers(keys.FEDERATIONS))
+
+    def status(self, fed: str) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.r.hgetall(keys.fed_state(fed)).items()}
+
+    def current_round(self, fed: str) -> int:
+        return int(self.r.hget(keys.fed_state(fed), "round") or 0)
+
+    def stats(self, fed: str | None) -> dict[str, int]:
+        key = keys.fed_stats(fed) if fed else keys.GLOBAL_STATS
+        return {k.decode(): int(v) for k, v in self.r.hgetall(key).items()}
+
+    # --- rounds --------------------------------------------------------------------------------
+
+    def open_round(self, fed: str, round_no: int, base_version: int, now: float, timeout: float) -> RoundInfo | None:
+        """Open round `round_no` for every enrolled device; a no-op (None) if it was opened before."""
+
+        def open_(pipe) -> RoundInfo | None:
+            if int(pipe.hget(keys.fed_state(fed), "round") or 0) >= round_no:
+                return None
+            cohort = pipe.smembers(keys.fed_devices(fed))
+            info = RoundInfo(round_no, "open", base_version, now, now + timeout, len(cohort))
+            pipe.multi()
+            pipe.hset(keys.round_info(fed, round_no), mapping={
+                "status": info.status, "base_version": base_version, "opened_at": repr(now),
+                "deadline": repr(info.deadline), "cohort_size": info.cohort_size,
+            })
+            if cohort:
+                pipe.sadd(keys.round_cohort(fed, round_no), *cohort)
+            pipe.hset(keys.fed_state(fed), mapping={"round": round_no, "version": base_version})
+            return info
+
+        return self._transaction(open_, keys.fed_state(fed))
+
+    def round_info(self, fed: str, round_no: int) -> RoundInfo | None:
+        h = self.r.hgetall(keys.round_info(fed, round_no))
+        return RoundInfo.from_hash(round_no, h) if h else None
+
+    def in_cohort(self, fed: str, round_no: int, device: str) -> bool:
+        return bool(self.r.sismember(keys.round_cohort(fed, round_no), device))
+
+    def has_update(self, fed: str, round_no: int, device: str) -> bool:
+        return bool(self.r.hexists(keys.round_updates(fed, round_no), device))
+
+    def updates(self, fed: str, round_no: int) -> dict[str, UpdateRecord]:
+        h = self.r.hgetall(keys.round_updates(fed, round_no))
+        return {k.decode(): UpdateRecord.from_bytes(v) for k, v in sorted(h.items())}
+
+    def begin_close(self, fed: str, round_no: int, decide: Callable[[RoundInfo, int], str]) -> tuple[str, RoundInfo]:
+        """Atomically move an open round to closing or failed, as `decide(info, n_updates)` says.
+
+        Returns (decision, info). An ingest that commits after this sees the new status and is
+        rejected as stale, so the set of updates is frozen from here on.
+        """
+        info_key, updates_key = keys.round_info(fed, round_no), keys.round_updates(fed, round_no)
+
+        def close(pipe) -> tuple[str, RoundInfo]:
+            h = pipe.hgetall(info_key)
+            if not h:
+                raise StateError(f"{fed} round {round_no} does not exist")
+            info = RoundInfo.from_hash(round_no, h)
+            if info.status != "open":
+                return info.status, info
+            decision = decide(info, pipe.hlen(updates_key))
+            pipe.multi()
+            if decision == "closing":
+                pipe.hset(info_key, "status", "closing")
+            elif decision == "failed":
+                pipe.hset(info_key, mapping={"status": "failed", "reason": "no_quorum"})
+            return decision, info
+
+        return self._transaction(close, info_key, updates_key)
+
+    def finish_round(self, fed: str, round_no: int, version: int, closed_at: float) -> None:
+        self.r.hset(keys.round_info(fed, round_no), mapping={
+            "status": "closed", "version": version, "closed_at": repr(closed_at)})
+        self.r.hset(keys.fed_state(fed), "version", version)
+
+    def complete(self, fed: str) -> None:
+        self.r.hset(keys.fed_state(fed), "status", "completed")
+
+    # --- per-message accounting ----------------------------------------------------------------
+
+    def outcome(self, digest: str) -> str | None:
+        raw = self.r.get(keys.message(digest))
+        return raw.decode() if raw is not None else None
+
+    def count_redelivery(self, fed: str | None) -> None:
+        self.r.hincrby(keys.fed_stats(fed) if fed else keys.GLOBAL_STATS, "redelivered", 1)
+
+    def accept(self, digest: str, fed: str, round_no: int, record: UpdateRecord) -> tuple[str, int, int]:
+        """Record an update once. Returns (outcome, updates in round, cohort size).
+
+        The outcome is ACCEPTED, REDELIVERED (this message was settled meanwhile) or a
+        RejectReason value when the round closed or the device already submitted.
+        """
+        msg_key, info_key = keys.message(digest), keys.round_info(fed, round_no)
+        updates_key = keys.round_updates(fed, round_no)
+
+        def accept(pipe) -> tuple[str, int, int]:
+            if pipe.exists(msg_key):
+                return REDELIVERED, 0, 0
+            status = pipe.hget(info_key, "status")
+            cohort = int(pipe.hget(info_key, "cohort_size") or 0)
+            count = pipe.hlen(updates_key)
+            if status != b"open":
+                return RejectReason.STALE_ROUND.value, count, cohort
+            if pipe.hexists(updates_key, record.device):
+                return RejectReason.ALREADY_SUBMITTED.value, count, cohort
+            pipe.multi()
+            pipe.hset(updates_key, record.device, record.to_bytes())
+            pipe.set(msg_key, ACCEPTED, ex=keys.MESSAGE_TTL_S)
+            stats = keys.fed_stats(fed)
+            pipe.hincrby(stats, "received", 1)
+            pipe.hincrby(stats, "accepted", 1)
+            return ACCEPTED, count + 1, cohort
+
+        return self._transaction(accept, msg_key, info_key, updates_key)
+
+    def reject(self, digest: str, reason: RejectReason, detail: str, now: float, fed: str | None = None,
+               round_no: int | None = None, device: str | None = None) -> bool:
+        """Count a rejection and dead-letter it once; False if the message was settled already."""
+        msg_key = keys.message(digest)
+
+        def reject(pipe) -> bool:
+            if pipe.exists(msg_key):
+                return False
+            in_round = bool(fed and round_no is not None and pipe.exists(keys.round_info(fed, round_no)))
+            pipe.multi()
+            pipe.set(msg_key, f"rejected:{reason.value}", ex=keys.MESSAGE_TTL_S)
+            stats = keys.fed_stats(fed) if fed else keys.GLOBAL_STATS
+            pipe.hincrby(stats, "received", 1)
+            pipe.hincrby(stats, "rejected", 1)
+            pipe.hincrby(stats, f"rejected:{reason.value}", 1)
+            if in_round:
+                pipe.hincrby(keys.round_info(fed, round_no), "rejected", 1)
+            pipe.xadd(keys.DEADLETTER, {
+                "reason": reason.value, "detail": detail, "federation": fed or "", "round": round_no or 0,
+                "device": device or "", "digest": digest, "at": repr(now),
+            }, maxlen=self.deadletter_maxlen, approximate=True)
+            return True
+
+        return self._transaction(reject, msg_key)
+
+    def deadletters(self, count: int = 100) -> list[dict[str, str]]:
+        entries = self.r.xrevrange(keys.DEADLETTER, count=count)
+        return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]

@@ -1,0 +1,148 @@
+"""Object storage behind one small interface: S3 (MinIO, SeaweedFS, AWS) or a local directory."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import urllib3
+
+from shared.errors import ObjectNotFound, RejectReason, Rejected, StorageUnavailable
+
+
+class ObjectStore(Protocol):
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Whole object; Rejected(OBJECT_TOO_LARGE) past max_bytes, ObjectNotFound if absent."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+
+def _too_large(key: str, size: int, max_bytes: int) -> Rejected:
+    return Rejected(RejectReason.OBJECT_TOO_LARGE, f"{key}: {size} bytes > {max_bytes}")
+
+
+class LocalObjectStore:
+    """A directory tree standing in for a bucket (the embedded default, like SQLite for Postgres)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ValueError(f"key escapes the store: {key!r}")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # write-then-rename: a reader never sees half an object
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        try:
+            with open(self._path(key), "rb") as fh:
+                data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        if max_bytes is not None and len(data) > max_bytes:
+            raise _too_large(key, len(data), max_bytes)
+        return data
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+
+class S3ObjectStore:
+    """S3 through the minio SDK; connection failures become StorageUnavailable (retried)."""
+
+    def __init__(self, client, bucket: str) -> None:  # client: minio.Minio
+        self.client = client
+        self.bucket = bucket
+
+    @classmethod
+    def connect(cls, endpoint: str, access_key: str, secret_key: str, bucket: str, secure: bool = False) -> S3ObjectStore:
+        import minio
+
+        # Short timeouts and no SDK retry loop: Celery's retry with backoff owns retrying.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5, read=60), retries=urllib3.Retry(total=0), maxsize=8
+        )
+        client = minio.Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, http_client=http)
+        return cls(client, bucket)
+
+    def ensure_bucket(self) -> None:
+        with self._errors(self.bucket):
+            if not self.client.bucket_exists(self.bucket):
+                self.client.make_bucket(self.bucket)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        with self._errors(key):
+            self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        with self._errors(key):
+            if max_bytes is not None:
+                size = self.client.stat_object(self.bucket, key).size
+                if size is not None and size > max_bytes:
+                    raise _too_large(key, size, max_bytes)
+            response = self.client.get_object(self.bucket, key)
+            try:
+                # bounded read: the object may have grown between stat and get
+                data = response.read() if max_bytes is None else response.read(max_bytes + 1)
+            finally:
+                response.close()
+                response.release_conn()
+        if max_bytes is not None and len(data) > max_bytes:
+            raise _too_large(key, len(data), max_bytes)
+        return data
+
+    def exists(self, key: str) -> bool:
+        try:
+            with self._errors(key):
+                self.client.stat_object(self.bucket, key)
+            return True
+        except ObjectNotFound:
+            return False
+
+    @contextlib.contextmanager
+    def _errors(self, key: str) -> Iterator[None]:
+        """Map minio/urllib3 failures onto our tree: missing keys are permanent, the rest transient."""
+        from minio.error import S3Error
+
+        try:
+            yield
+        except (Rejected, ObjectNotFound):
+            raise
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                raise ObjectNotFound(key) from None
+            if exc.code in ("AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId"):
+                raise  # a misconfiguration: retrying cannot help
+            raise StorageUnavailable(f"{key}: {exc.code}") from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise StorageUnavailable(f"{key}: {type(exc).__name__}: {exc}") from exc
+
+
+def open_store(settings) -> ObjectStore:
+    """The store the settings name: S3 when an endpoint is set, else a local directory."""
+    if settings.s3_endpoint:
+        store = S3ObjectStore.connect(
+            settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key,
+            settings.s3_bucket, settings.s3_secure,
+        )
+        store.ensure_bucket()
+        return store
+    return LocalObjectStore(Path(settings.data_dir) / "objects")

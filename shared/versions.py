@@ -1,0 +1,70 @@
+"""Published global adapters: an immutable PEFT directory plus manifest per version, and a pointer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from shared import keys
+from shared.adapter_spec import AdapterSpec
+from shared.safetensors_reader import parse
+from shared.storage import ObjectStore
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+MANIFEST_FILE = "manifest.json"
+
+
+def encode_weights(weights: Mapping[str, torch.Tensor]) -> bytes:
+    return save_safetensors({k: v.to(torch.float32).contiguous() for k, v in sorted(weights.items())})
+
+
+def publish(store: ObjectStore, fed: str, version: int, weights: Mapping[str, torch.Tensor],
+            spec: AdapterSpec, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write version `version` and then point `current.json` at it; returns the manifest written.
+
+    The content is a pure function of its inputs, so a redelivered close rewrites identical bytes.
+    The pointer is written last: a reader that follows it always finds a complete version.
+    """
+    blob = encode_weights(weights)
+    prefix = keys.version_prefix(fed, version)
+    manifest = dict(manifest, federation=fed, version=version, adapter_sha256=hashlib.sha256(blob).hexdigest(),
+                    num_parameters=spec.num_parameters)
+    store.put(f"{prefix}/{ADAPTER_FILE}", blob)
+    store.put(f"{prefix}/{CONFIG_FILE}", _json(spec.peft_config), "application/json")
+    store.put(f"{prefix}/{MANIFEST_FILE}", _json(manifest), "application/json")
+    store.put(keys.current_pointer(fed), _json({"version": version, "prefix": prefix}), "application/json")
+    return manifest
+
+
+def load_weights(store: ObjectStore, fed: str, version: int, spec: AdapterSpec,
+                 max_bytes: int, max_header_bytes: int) -> dict[str, torch.Tensor]:
+    blob = store.get(f"{keys.version_prefix(fed, version)}/{ADAPTER_FILE}", max_bytes)
+    return parse(blob, spec.tensors, max_header_bytes)
+
+
+def manifest(store: ObjectStore, fed: str, version: int) -> dict[str, Any]:
+    return json.loads(store.get(f"{keys.version_prefix(fed, version)}/{MANIFEST_FILE}", 16 * 1024 * 1024))
+
+
+def current_version(store: ObjectStore, fed: str) -> int:
+    return int(json.loads(store.get(keys.current_pointer(fed), 4096))["version"])
+
+
+def download(store: ObjectStore, fed: str, version: int, directory) -> None:
+    """Copy one version into a local directory that PeftModel.from_pretrained loads."""
+    from pathlib import Path
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTER_FILE, CONFIG_FILE, MANIFEST_FILE):
+        (out / name).write_bytes(store.get(f"{keys.version_prefix(fed, version)}/{name}"))
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True).encode()

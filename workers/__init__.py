@@ -1,0 +1,1 @@
+"""Celery glue: the app, thin tasks over `shared`, and the `fleettune` command."""
