@@ -45,6 +45,8 @@ class RejectReason(str, enum.Enum):
     UNEXPECTED_KEYS = "unexpected_keys"
     MISSING_KEYS = "missing_keys"
     NON_FINITE = "non_finite"
+    # our own failure on this input: dead-lettered for a person to look at, never silently dropped
+    INTERNAL_ERROR = "internal_error"
 
 
 class FleettuneError(Exception):

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import time
 from collections.abc import Callable
+
+import redis
 
 from shared import envelope as envelope_codec
 from shared import keys
 from shared.aggregation import clip_scale, update_norm
 from shared.envelope import Envelope
-from shared.errors import ObjectNotFound, RejectReason, Rejected
+from shared.errors import ObjectNotFound, RejectReason, Rejected, StorageUnavailable
 from shared.federation import FederationConfig
 from shared.safetensors_reader import parse
 from shared.settings import Settings
 from shared.state import ACCEPTED, REDELIVERED, FederationState, UpdateRecord
 from shared.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+# Failures of our services, not of the update: retry, never reject.
+TRANSIENT = (StorageUnavailable, redis.ConnectionError, redis.TimeoutError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +64,11 @@ class Ingestor:
             return self._ingest(digest, env)
         except Rejected as rej:
             return self._reject(digest, rej, env)
+        except TRANSIENT:
+            raise  # the task layer retries these with backoff
+        except Exception as exc:  # a bug must not lose the update or kill the worker
+            log.exception("ingest of %s/%s/%s failed", env.federation, env.round, env.device)
+            return self._reject(digest, Rejected(RejectReason.INTERNAL_ERROR, type(exc).__name__), env)
 
     def _config(self, fed: str) -> FederationConfig:
         if fed not in self._configs:

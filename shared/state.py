@@ -7,6 +7,7 @@ as its counters, so a redelivered message finds its outcome and is not counted a
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -183,6 +184,27 @@ class FederationState:
             return decision, info
 
         return self._transaction(close, info_key, updates_key)
+
+    def due_rounds(self, now: float) -> list[tuple[str, int]]:
+        """(federation, round) of every open round past its deadline."""
+        due = []
+        for fed in self.federations():
+            round_no = self.current_round(fed)
+            info = self.round_info(fed, round_no) if round_no else None
+            if info is not None and info.status == "open" and now >= info.deadline:
+                due.append((fed, round_no))
+        return due
+
+    def wait_settled(self, fed: str, round_no: int, timeout: float, poll: float = 0.05) -> RoundInfo:
+        """Block until the round is closed or failed (for clients and tests, never for workers)."""
+        end = time.monotonic() + timeout
+        while True:
+            info = self.round_info(fed, round_no)
+            if info is not None and info.status in ("closed", "failed"):
+                return info
+            if time.monotonic() > end:
+                raise TimeoutError(f"{fed} round {round_no} still {info.status if info else 'unopened'} after {timeout}s")
+            time.sleep(poll)
 
     def finish_round(self, fed: str, round_no: int, version: int, closed_at: float) -> None:
         self.r.hset(keys.round_info(fed, round_no), mapping={

@@ -1,0 +1,39 @@
+"""The service handles one process needs, built from Settings (or injected by tests and the demo)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import redis
+
+from shared.ingest import Ingestor
+from shared.rounds import RoundCoordinator
+from shared.settings import Settings
+from shared.state import FederationState
+from shared.storage import ObjectStore, open_store
+
+
+@dataclasses.dataclass
+class Runtime:
+    settings: Settings
+    redis: redis.Redis
+    store: ObjectStore
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Runtime:
+        if not settings.redis_url:
+            raise ValueError("FLEETTUNE_REDIS_URL is not set; only `fleettune demo` runs without Redis")
+        return cls(settings, redis.Redis.from_url(settings.redis_url), open_store(settings))
+
+    @functools.cached_property
+    def state(self) -> FederationState:
+        return FederationState(self.redis, self.settings.deadletter_maxlen)
+
+    @functools.cached_property
+    def ingestor(self) -> Ingestor:
+        return Ingestor(self.state, self.store, self.settings)
+
+    @functools.cached_property
+    def coordinator(self) -> RoundCoordinator:
+        return RoundCoordinator(self.state, self.store, self.settings)

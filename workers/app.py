@@ -1,0 +1,58 @@
+"""The Celery app: a Redis broker, at-least-once delivery, and no pickle.
+
+`celery -A workers.app worker` and `fleettune worker` both start workers from this module.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.runtime import Runtime
+from shared.settings import Settings
+
+INGEST_QUEUE = "fleettune.ingest"
+ROUNDS_QUEUE = "fleettune.rounds"  # its own queue, so a backlog of updates never delays a close
+SWEEP_INTERVAL_S = 5.0
+
+
+def make_app(settings: Settings | None = None, broker_url: str | None = None, runtime: Runtime | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    app = Celery("fleettune", broker=broker_url or settings.redis_url or "memory://", include=["workers.tasks"])
+    app.conf.update(
+        # msgpack only: no pickle can reach a worker, and envelopes arrive as raw bytes
+        task_serializer="msgpack",
+        accept_content=["msgpack"],
+        result_serializer="msgpack",
+        result_accept_content=["msgpack"],
+        task_ignore_result=True,
+        # at-least-once: a task is acked after it ran, and requeued if its worker dies;
+        # the tasks are idempotent, so a second delivery changes nothing
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=max(1, int(settings.task_time_limit_s * 0.9)),
+        # must exceed every time limit (Settings checks it), or a running task is delivered twice
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_default_queue=INGEST_QUEUE,
+        task_routes={
+            "fleettune.close_round": {"queue": ROUNDS_QUEUE},
+            "fleettune.sweep": {"queue": ROUNDS_QUEUE},
+        },
+        beat_schedule={"fleettune-sweep": {"task": "fleettune.sweep", "schedule": SWEEP_INTERVAL_S}},
+    )
+    app.fleettune_settings = settings
+    app.fleettune_runtime = runtime  # built lazily in each worker process when None
+    return app
+
+
+def runtime_of(app: Celery) -> Runtime:
+    """The app's Runtime, built on first use: in a prefork worker that is after the fork."""
+    if app.fleettune_runtime is None:
+        app.fleettune_runtime = Runtime.from_settings(app.fleettune_settings)
+    return app.fleettune_runtime
+
+
+app = make_app()

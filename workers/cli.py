@@ -1,0 +1,161 @@
+"""The `fleettune` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from shared.adapter_spec import LAYOUTS, AdapterConfig
+from shared.errors import ConfigError, FleettuneError
+from shared.federation import FederationConfig, RoundPolicy
+from shared.settings import Settings
+
+
+def _config(name: str, layout: str, kind: str, rank: int, alpha: int, targets: str, virtual_tokens: int,
+            min_updates: int, timeout: float, min_samples: int, max_rounds: int, max_grad_norm: float,
+            server_lr: float, max_num_samples: int, seed: int) -> FederationConfig:
+    return FederationConfig(
+        name=name, model=LAYOUTS[layout], base_model=layout, seed=seed,
+        adapter=AdapterConfig(kind=kind, rank=rank, alpha=alpha, num_virtual_tokens=virtual_tokens,
+                              target_modules=tuple(t.strip() for t in targets.split(",") if t.strip())),
+        policy=RoundPolicy(min_updates=min_updates, timeout_seconds=timeout, min_samples_per_client=min_samples,
+                           max_rounds=max_rounds, max_grad_norm=max_grad_norm if max_grad_norm > 0 else None,
+                           server_lr=server_lr, max_num_samples=max_num_samples),
+    )
+
+
+def federation_options(fn):
+    """The options that define a federation, shared by `federation create`, `simulate` and `demo`."""
+    options = [
+        click.option("--layout", type=click.Choice(sorted(LAYOUTS)), default="tiny-llama", show_default=True),
+        click.option("--kind", type=click.Choice(["lora", "prompt_tuning"]), default="lora", show_default=True),
+        click.option("--rank", default=8, show_default=True),
+        click.option("--alpha", default=16, show_default=True),
+        click.option("--targets", default="q_proj,k_proj,v_proj,o_proj", show_default=True),
+        click.option("--virtual-tokens", default=16, show_default=True),
+        click.option("--min-updates", default=2, show_default=True, help="quorum per round"),
+        click.option("--timeout", default=600.0, show_default=True, help="round deadline in seconds"),
+        click.option("--min-samples", default=1, show_default=True, help="min_samples_per_client"),
+        click.option("--max-rounds", default=10, show_default=True),
+        click.option("--max-grad-norm", default=1.0, show_default=True, help="L2 clip bound; 0 disables"),
+        click.option("--server-lr", default=1.0, show_default=True),
+        click.option("--max-num-samples", default=100_000, show_default=True, help="cap on a device's claim"),
+        click.option("--seed", default=0, show_default=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _federation_kwargs(kw: dict) -> dict:
+    names = ("layout", "kind", "rank", "alpha", "targets", "virtual_tokens", "min_updates", "timeout",
+             "min_samples", "max_rounds", "max_grad_norm", "server_lr", "max_num_samples", "seed")
+    return {n: kw.pop(n) for n in names}
+
+
+@click.group()
+def cli() -> None:
+    """fleettune: federated fine-tuning of LLM adapters."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--concurrency", "-c", default=2, show_default=True)
+@click.option("--beat/--no-beat", default=False, help="also run the deadline sweep (exactly one worker should)")
+@click.option("--loglevel", "-l", default="info", show_default=True)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(concurrency: int, beat: bool, loglevel: str, celery_args: tuple[str, ...]) -> None:
+    """Start a Celery worker (the same as `celery -A workers.app worker`)."""
+    from workers.app import INGEST_QUEUE, ROUNDS_QUEUE, app
+
+    if not app.fleettune_settings.redis_url:
+        raise click.UsageError("set FLEETTUNE_REDIS_URL (and FLEETTUNE_S3_*) to run a worker")
+    argv = ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", f"-Q{INGEST_QUEUE},{ROUNDS_QUEUE}"]
+    app.worker_main(argv + (["--beat"] if beat else []) + list(celery_args))
+
+
+@cli.group()
+def federation() -> None:
+    """Create and inspect federations."""
+
+
+@federation.command("create")
+@click.argument("name")
+@click.option("--devices", "num_devices", default=0, help="enroll this many synthetic device ids")
+@click.option("--device", "device_ids", multiple=True, help="enroll this device id (repeatable)")
+@federation_options
+def federation_create(name: str, num_devices: int, device_ids: tuple[str, ...], **kw) -> None:
+    """Create a federation, publish version 0 and open round 1."""
+    from shared.simulate import devices
+    from workers.app import app, runtime_of
+    from workers.tasks import schedule_deadline
+
+    config = _config(name, **_federation_kwargs(kw))
+    runtime = runtime_of(app)
+    ids = list(device_ids) + [d.device for d in devices(num_devices, config.seed)]
+    info = runtime.coordinator.start(config, ids)
+    schedule_deadline(info, name)
+    click.echo(json.dumps({"federation": name, "round": info.round, "cohort": info.cohort_size,
+                           "parameters": config.spec.num_parameters}))
+
+
+@federation.command("status")
+@click.argument("name")
+def federation_status(name: str) -> None:
+    """Print a federation's state, current round and counters as JSON."""
+    from workers.app import app, runtime_of
+
+    state = runtime_of(app).state
+    round_no = state.current_round(name)
+    info = state.round_info(name, round_no)
+    click.echo(json.dumps({"state": state.status(name), "round": info.__dict__ if info else None,
+                           "stats": state.stats(name)}, indent=2))
+
+
+@cli.command()
+@click.option("-n", "count", default=20, show_default=True)
+def deadletters(count: int) -> None:
+    """Print the newest rejected updates with their reasons."""
+    from workers.app import app, runtime_of
+
+    for entry in runtime_of(app).state.deadletters(count):
+        click.echo(json.dumps(entry))
+
+
+@cli.command()
+@click.option("--federation", "name", required=True)
+@click.option("--devices", "num_devices", default=20, show_default=True)
+@click.option("--rounds", default=3, show_default=True)
+@click.option("--round-wait", default=900.0, show_default=True, help="seconds to wait for each round to close")
+@federation_options
+def simulate(name: str, num_devices: int, rounds: int, round_wait: float, **kw) -> None:
+    """Send synthetic updates from N devices for R rounds (creates the federation if needed)."""
+    from workers.app import app, runtime_of
+    from workers.simulate import simulate as run
+
+    fed_kw = _federation_kwargs(kw)
+    run(app, runtime_of(app), _config(name, **fed_kw), num_devices, rounds, round_wait)
+
+
+@cli.command()
+@click.option("--devices", "num_devices", default=8, show_default=True)
+@click.option("--rounds", default=5, show_default=True)
+@click.option("--out", default="fleettune-demo", show_default=True, type=click.Path(file_okay=False))
+def demo(num_devices: int, rounds: int, out: str) -> None:
+    """Run a whole federation on embedded defaults: no server to start."""
+    from workers.demo import run_demo
+
+    run_demo(Settings.from_env(), num_devices=num_devices, rounds=rounds, out_dir=out)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except (ConfigError, FleettuneError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
