@@ -54,7 +54,7 @@ class Ingestor:
         digest = _digest(raw)
         settled = self.state.outcome(digest)
         if settled is not None:
-            self.state.count_redelivery(None)
+            self.state.count_redelivery()
             return IngestResult(REDELIVERED, detail=settled)
         try:
             env = envelope_codec.decode(raw, self.settings.max_envelope_bytes)

@@ -33,6 +33,8 @@ class Settings:
     task_time_limit_s: int = 300
     visibility_timeout_s: int = 600
     deadletter_maxlen: int = 100_000
+    sweep_interval_s: float = 5.0  # how often beat looks for rounds past their deadline
+    restore_interval_s: int = 10  # how often workers look for messages of dead workers to requeue
 
     def __post_init__(self) -> None:
         if self.visibility_timeout_s <= self.task_time_limit_s:
@@ -63,6 +65,13 @@ class Settings:
             except ValueError:
                 raise ConfigError(f"FLEETTUNE_{name} must be an integer, got {raw!r}") from None
 
+        def real(name: str, default: float) -> float:
+            raw = get(name)
+            try:
+                return default if raw is None else float(raw)
+            except ValueError:
+                raise ConfigError(f"FLEETTUNE_{name} must be a number, got {raw!r}") from None
+
         time_limit = integer("TASK_TIME_LIMIT", cls.task_time_limit_s)
         return cls(
             redis_url=get("REDIS_URL"),
@@ -78,4 +87,6 @@ class Settings:
             task_time_limit_s=time_limit,
             visibility_timeout_s=integer("VISIBILITY_TIMEOUT", max(2 * time_limit, time_limit + 60)),
             deadletter_maxlen=integer("DEADLETTER_MAXLEN", cls.deadletter_maxlen),
+            sweep_interval_s=real("SWEEP_INTERVAL", cls.sweep_interval_s),
+            restore_interval_s=integer("RESTORE_INTERVAL", cls.restore_interval_s),
         )

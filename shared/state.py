@@ -220,8 +220,9 @@ class FederationState:
         raw = self.r.get(keys.message(digest))
         return raw.decode() if raw is not None else None
 
-    def count_redelivery(self, fed: str | None) -> None:
-        self.r.hincrby(keys.fed_stats(fed) if fed else keys.GLOBAL_STATS, "redelivered", 1)
+    def count_redelivery(self) -> None:
+        """Redeliveries are a property of the transport, so they are counted once, globally."""
+        self.r.hincrby(keys.GLOBAL_STATS, "redelivered", 1)
 
     def accept(self, digest: str, fed: str, round_no: int, record: UpdateRecord) -> tuple[str, int, int]:
         """Record an update once. Returns (outcome, updates in round, cohort size).
@@ -234,6 +235,8 @@ class FederationState:
 
         def accept(pipe) -> tuple[str, int, int]:
             if pipe.exists(msg_key):
+                pipe.multi()
+                pipe.hincrby(keys.GLOBAL_STATS, "redelivered", 1)
                 return REDELIVERED, 0, 0
             status = pipe.hget(info_key, "status")
             cohort = int(pipe.hget(info_key, "cohort_size") or 0)
@@ -259,6 +262,8 @@ class FederationState:
 
         def reject(pipe) -> bool:
             if pipe.exists(msg_key):
+                pipe.multi()
+                pipe.hincrby(keys.GLOBAL_STATS, "redelivered", 1)
                 return False
             in_round = bool(fed and round_no is not None and pipe.exists(keys.round_info(fed, round_no)))
             pipe.multi()

@@ -12,7 +12,6 @@ from shared.settings import Settings
 
 INGEST_QUEUE = "fleettune.ingest"
 ROUNDS_QUEUE = "fleettune.rounds"  # its own queue, so a backlog of updates never delays a close
-SWEEP_INTERVAL_S = 5.0
 
 
 def make_app(settings: Settings | None = None, broker_url: str | None = None, runtime: Runtime | None = None) -> Celery:
@@ -32,8 +31,13 @@ def make_app(settings: Settings | None = None, broker_url: str | None = None, ru
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=max(1, int(settings.task_time_limit_s * 0.9)),
-        # must exceed every time limit (Settings checks it), or a running task is delivered twice
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # must exceed every time limit (Settings checks it), or a running task is delivered twice;
+        # messages held by a worker that died come back after it, found by a sweep every interval
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": settings.restore_interval_s,
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         task_default_queue=INGEST_QUEUE,
@@ -41,7 +45,10 @@ def make_app(settings: Settings | None = None, broker_url: str | None = None, ru
             "fleettune.close_round": {"queue": ROUNDS_QUEUE},
             "fleettune.sweep": {"queue": ROUNDS_QUEUE},
         },
-        beat_schedule={"fleettune-sweep": {"task": "fleettune.sweep", "schedule": SWEEP_INTERVAL_S}},
+        # Round deadlines are found by a periodic sweep, not by countdown tasks: with a Redis broker
+        # an ETA past the visibility timeout is redelivered again and again while it waits.
+        beat_schedule={"fleettune-sweep": {"task": "fleettune.sweep", "schedule": settings.sweep_interval_s}},
+        beat_scheduler="celery.beat:Scheduler",  # in memory: the default persists with shelve (pickle)
     )
     app.fleettune_settings = settings
     app.fleettune_runtime = runtime  # built lazily in each worker process when None

@@ -89,13 +89,11 @@ def federation_create(name: str, num_devices: int, device_ids: tuple[str, ...], 
     """Create a federation, publish version 0 and open round 1."""
     from shared.simulate import devices
     from workers.app import app, runtime_of
-    from workers.tasks import schedule_deadline
 
     config = _config(name, **_federation_kwargs(kw))
     runtime = runtime_of(app)
     ids = list(device_ids) + [d.device for d in devices(num_devices, config.seed)]
     info = runtime.coordinator.start(config, ids)
-    schedule_deadline(info, name)
     click.echo(json.dumps({"federation": name, "round": info.round, "cohort": info.cohort_size,
                            "parameters": config.spec.num_parameters}))
 

@@ -32,7 +32,6 @@ from shared.storage import LocalObjectStore, open_store
 from shared.submit import encode_update, submit_update
 from workers.app import INGEST_QUEUE, ROUNDS_QUEUE, make_app
 from workers.simulate import enqueuer
-from workers.tasks import schedule_deadline
 
 
 def embedded_runtime(settings: Settings, out_dir: Path) -> tuple[Runtime, str]:
@@ -65,7 +64,7 @@ def run_demo(settings: Settings, num_devices: int, rounds: int, out_dir: str | P
     rows = []
     with start_worker(app, pool="solo", perform_ping_check=False, queues=[INGEST_QUEUE, ROUNDS_QUEUE],
                       shutdown_timeout=30):
-        schedule_deadline(runtime.coordinator.start(config, [d.device for d in fleet]), fed)
+        runtime.coordinator.start(config, [d.device for d in fleet])
         for round_no in range(1, rounds + 1):
             started = time.monotonic()
             info = runtime.state.round_info(fed, round_no)
@@ -74,7 +73,7 @@ def run_demo(settings: Settings, num_devices: int, rounds: int, out_dir: str | P
                                         fleet, seed=7), total=len(fleet), desc=f"round {round_no}",
                           unit="update", leave=False):
                 pass
-            done = runtime.state.wait_settled(fed, round_no, timeout=120)
+            done = _wait_round(app, runtime, fed, round_no, timeout=120)
             manifest = versions.manifest(runtime.store, fed, done.version) if done.status == "closed" else {}
             rows.append((round_no, done.status, len(manifest.get("contributors", [])), done.rejected,
                          manifest.get("update_norms", {}).get("clipped", 0),
@@ -90,6 +89,18 @@ def run_demo(settings: Settings, num_devices: int, rounds: int, out_dir: str | P
     versions.download(runtime.store, fed, final, adapter_dir)
     _load_with_peft(config, adapter_dir)
     return adapter_dir
+
+
+def _wait_round(app, runtime: Runtime, fed: str, round_no: int, timeout: float):
+    """Wait for the round to settle, sending the deadline sweep each second as beat would."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return runtime.state.wait_settled(fed, round_no, timeout=1.0)
+        except TimeoutError:
+            if time.monotonic() > end:
+                raise
+            app.send_task("fleettune.sweep")
 
 
 def _send_hostile(runtime: Runtime, push, config: FederationConfig, device: str, round_no: int, base: int) -> None:

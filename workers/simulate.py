@@ -12,7 +12,6 @@ from shared import simulate as sim
 from shared.federation import FederationConfig
 from shared.runtime import Runtime
 from workers.app import INGEST_QUEUE
-from workers.tasks import schedule_deadline
 
 
 def enqueuer(app: Celery):
@@ -25,8 +24,7 @@ def simulate(app: Celery, runtime: Runtime, config: FederationConfig, num_device
     state = runtime.state
     fleet = sim.devices(num_devices, config.seed)
     if state.config(config.name) is None:
-        info = runtime.coordinator.start(config, [d.device for d in fleet])
-        schedule_deadline(info, config.name)
+        runtime.coordinator.start(config, [d.device for d in fleet])
     else:
         config = state.config(config.name)  # an existing federation keeps its own config
         state.enroll(config.name, [d.device for d in fleet])

@@ -10,7 +10,6 @@ from celery import Task, shared_task
 from shared.ingest import TRANSIENT
 from shared.runtime import Runtime
 from workers.app import runtime_of
-from shared.state import RoundInfo
 
 log = logging.getLogger(__name__)
 RETRY = dict(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, retry_jitter=True, max_retries=10)
@@ -22,11 +21,6 @@ class FleetTask(Task):
     @property
     def runtime(self) -> Runtime:
         return runtime_of(self.app)
-
-
-def schedule_deadline(info: RoundInfo, fed: str) -> None:
-    """Ask for a close at the round's deadline; the periodic sweep backs this up."""
-    close_round.apply_async((fed, info.round), countdown=max(0.0, info.deadline - time.time()) + 0.2)
 
 
 @shared_task(base=FleetTask, bind=True, name="fleettune.ingest", **RETRY)
@@ -45,14 +39,12 @@ def close_round(self: FleetTask, fed: str, round_no: int) -> str:
     result = self.runtime.coordinator.close(fed, round_no)
     if result.decision in ("closing", "failed"):
         log.info("%s round %s %s -> version %s", fed, round_no, result.decision, result.version)
-    if result.next_round is not None:
-        schedule_deadline(result.next_round, fed)
     return result.decision
 
 
 @shared_task(base=FleetTask, bind=True, name="fleettune.sweep", **RETRY)
 def sweep(self: FleetTask) -> int:
-    """Close every open round whose deadline passed (in case its scheduled close was lost)."""
+    """Close every open round whose deadline has passed (run by beat every sweep interval)."""
     due = self.runtime.state.due_rounds(time.time())
     for fed, round_no in due:
         close_round.delay(fed, round_no)

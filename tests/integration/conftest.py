@@ -1,0 +1,116 @@
+"""Session-wide real services: redis-server, SeaweedFS S3, and two Celery worker processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared import versions
+from shared.adapter_spec import LAYOUTS, AdapterConfig
+from shared.federation import FederationConfig, RoundPolicy
+from shared.runtime import Runtime
+from shared.settings import Settings
+from shared.submit import encode_update, submit_update
+from tests import services
+from workers.app import INGEST_QUEUE, make_app
+
+pytestmark = pytest.mark.services
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def redis_url(workdir):
+    with services.redis_server(workdir) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(workdir):
+    with services.s3_server(workdir) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def env(redis_url, s3_endpoint) -> dict[str, str]:
+    return services.service_env(redis_url, s3_endpoint, bucket="fleettune-it")
+
+
+@pytest.fixture(scope="session")
+def workers(env, workdir):
+    """Two worker processes of two pool processes each; the first also runs beat (the deadline sweep)."""
+    started = [services.Worker("w1", env, workdir, beat=True), services.Worker("w2", env, workdir)]
+    yield started
+    for w in started:
+        w.stop()
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """The test's view of a running deployment: a producer app plus direct state and store access."""
+
+    settings: Settings
+    runtime: Runtime
+    app: object
+
+    def create(self, *, devices: list[str], layout: str = "tiny-llama", **policy) -> FederationConfig:
+        config = FederationConfig(
+            name=f"it-{next(_names)}-{int(time.time() * 1000) % 10**8}", model=LAYOUTS[layout],
+            adapter=AdapterConfig(rank=8, alpha=16), base_model=layout,
+            policy=RoundPolicy(**{"min_updates": 2, "timeout_seconds": 120, "max_rounds": 5, **policy}),
+        )
+        self.runtime.coordinator.start(config, devices)
+        return config
+
+    def enqueue(self, raw: bytes) -> None:
+        self.app.send_task("fleettune.ingest", args=[raw], queue=INGEST_QUEUE)
+
+    def submit(self, config: FederationConfig, round_no: int, device: str, arrays: Mapping[str, np.ndarray] | None = None,
+               *, blob: bytes | None = None, num_samples: int = 10, base_version: int | None = None, times: int = 1):
+        if blob is None:
+            blob = encode_update(arrays)
+        if base_version is None:
+            base_version = self.runtime.state.round_info(config.name, round_no).base_version
+        enqueue = lambda raw: [self.enqueue(raw) for _ in range(times)]  # noqa: E731
+        return submit_update(self.runtime.store, enqueue, federation=config.name, round_no=round_no, device=device,
+                             blob=blob, base_version=base_version, num_samples=num_samples, train_seconds=1.5,
+                             metrics={"loss": 2.0, "steps": 4})
+
+    def wait_round(self, config: FederationConfig, round_no: int, timeout: float = 60):
+        return self.runtime.state.wait_settled(config.name, round_no, timeout)
+
+    def wait_received(self, fed: str | None, count: int, timeout: float = 60) -> dict[str, int]:
+        end = time.monotonic() + timeout
+        while True:
+            stats = self.runtime.state.stats(fed)
+            if stats.get("received", 0) >= count:
+                return stats
+            if time.monotonic() > end:
+                raise TimeoutError(f"received {stats.get('received', 0)} of {count}: {stats}")
+            time.sleep(0.05)
+
+    def version_arrays(self, config: FederationConfig, version: int) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load
+
+        return load(self.runtime.store.get(f"{versions.keys.version_prefix(config.name, version)}/{versions.ADAPTER_FILE}"))
+
+
+def make_pipeline(env: dict[str, str]) -> Pipeline:
+    settings = Settings.from_env(env)
+    runtime = Runtime.from_settings(settings)
+    return Pipeline(settings, runtime, make_app(settings))
+
+
+@pytest.fixture(scope="session")
+def pipeline(env, workers) -> Pipeline:
+    return make_pipeline(env)
