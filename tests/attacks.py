@@ -1,0 +1,110 @@
+"""Hostile safetensors files, one builder per attack, each paired with the reason it must get."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+
+from shared.errors import RejectReason
+
+
+def container(header: dict | bytes, data: bytes) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def header_of(arrays: dict[str, np.ndarray], dtype: str = "F32") -> tuple[dict, bytes]:
+    header, chunks, offset = {}, [], 0
+    for name, a in arrays.items():
+        b = np.ascontiguousarray(a).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
+        chunks.append(b)
+        offset += len(b)
+    return header, b"".join(chunks)
+
+
+def valid(arrays: dict[str, np.ndarray]) -> bytes:
+    return container(*header_of(arrays))
+
+
+def truncated(arrays):
+    return valid(arrays)[:-64]
+
+
+def header_length_past_end(arrays):
+    blob = valid(arrays)
+    return struct.pack("<Q", len(blob) + 10) + blob[8:]
+
+
+def header_length_past_cap(arrays):
+    return struct.pack("<Q", 2**40) + valid(arrays)[8:]
+
+
+def non_json_header(arrays):
+    return container(b"{this is not json" + b" " * 32, b"\x00" * 16)
+
+
+def duplicate_key_header(arrays):
+    header, data = header_of(arrays)
+    name, entry = next(iter(header.items()))
+    text = json.dumps(header)[:-1] + ", " + json.dumps(name) + ": " + json.dumps(entry) + "}"
+    return container(text.encode(), data)
+
+
+def overlapping_offsets(arrays):
+    header, data = header_of(arrays)
+    names = list(header)
+    first, second = next((a, b) for a in names for b in names
+                         if a != b and header[a]["shape"] == header[b]["shape"])
+    header[second]["data_offsets"] = list(header[first]["data_offsets"])  # both claim the same bytes
+    return container(header, data)
+
+
+def wrong_dtype(arrays):
+    header, data = header_of({k: v.astype(np.float64) for k, v in arrays.items()}, dtype="F64")
+    return container(header, data)
+
+
+def wrong_shape(arrays):
+    name = next(iter(arrays))
+    return valid(dict(arrays, **{name: arrays[name].T.copy()}))
+
+
+def extra_key(arrays):
+    return valid(dict(arrays, **{"base_model.model.lm_head.weight": np.zeros((4, 4), np.float32)}))
+
+
+def missing_key(arrays):
+    return valid(dict(list(arrays.items())[1:]))
+
+
+def nan_value(arrays):
+    name = next(iter(arrays))
+    poisoned = arrays[name].copy()
+    poisoned.flat[3] = np.nan
+    return valid(dict(arrays, **{name: poisoned}))
+
+
+def inf_value(arrays):
+    name = next(iter(arrays))
+    poisoned = arrays[name].copy()
+    poisoned.flat[0] = -np.inf
+    return valid(dict(arrays, **{name: poisoned}))
+
+
+CONTAINER_ATTACKS = {
+    truncated: RejectReason.TRUNCATED,
+    header_length_past_end: RejectReason.TRUNCATED,
+    header_length_past_cap: RejectReason.HEADER_TOO_LARGE,
+    non_json_header: RejectReason.HEADER_INVALID,
+    duplicate_key_header: RejectReason.HEADER_INVALID,
+    overlapping_offsets: RejectReason.INVALID_OFFSETS,
+    wrong_dtype: RejectReason.BAD_DTYPE,
+    wrong_shape: RejectReason.BAD_SHAPE,
+    extra_key: RejectReason.UNEXPECTED_KEYS,
+    missing_key: RejectReason.MISSING_KEYS,
+    nan_value: RejectReason.NON_FINITE,
+    inf_value: RejectReason.NON_FINITE,
+}
