@@ -116,19 +116,18 @@ class Ingestor:
 
     def _check_round(self, env: Envelope, config: FederationConfig) -> None:
         """Cheap checks before any download; the accept transaction re-checks what can change."""
-        current = self.state.current_round(env.federation)
+        current, info, selected, submitted = self.state.precheck(env.federation, env.round, env.device)
         if env.round > current:
             raise Rejected(RejectReason.FUTURE_ROUND, f"round {env.round} > current {current}")
-        info = self.state.round_info(env.federation, env.round)
         if info is None or info.status != "open":
             raise Rejected(RejectReason.STALE_ROUND, f"round {env.round} is {info.status if info else 'unknown'}")
-        if not self.state.in_cohort(env.federation, env.round, env.device):
+        if not selected:
             raise Rejected(RejectReason.NOT_SELECTED, f"{env.device} is not in round {env.round}'s cohort")
         if env.base_version != info.base_version:
             raise Rejected(RejectReason.WRONG_BASE_VERSION, f"trained from v{env.base_version}, round uses v{info.base_version}")
         if env.num_samples < config.policy.min_samples_per_client:
             raise Rejected(RejectReason.TOO_FEW_SAMPLES, f"{env.num_samples} < {config.policy.min_samples_per_client}")
-        if self.state.has_update(env.federation, env.round, env.device):
+        if submitted:
             raise Rejected(RejectReason.ALREADY_SUBMITTED, f"{env.device} already has an update in round {env.round}")
 
     def _reject(self, digest: str, rej: Rejected, env: Envelope | None) -> IngestResult:

@@ -146,15 +146,20 @@ class FederationState:
 
         return self._transaction(open_, keys.fed_state(fed))
 
+    def precheck(self, fed: str, round_no: int, device: str) -> tuple[int, RoundInfo | None, bool, bool]:
+        """(current round, round info, device in cohort, device already submitted) in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(keys.fed_state(fed), "round")
+        pipe.hgetall(keys.round_info(fed, round_no))
+        pipe.sismember(keys.round_cohort(fed, round_no), device)
+        pipe.hexists(keys.round_updates(fed, round_no), device)
+        current, info, selected, submitted = pipe.execute()
+        return (int(current or 0), RoundInfo.from_hash(round_no, info) if info else None,
+                bool(selected), bool(submitted))
+
     def round_info(self, fed: str, round_no: int) -> RoundInfo | None:
         h = self.r.hgetall(keys.round_info(fed, round_no))
         return RoundInfo.from_hash(round_no, h) if h else None
-
-    def in_cohort(self, fed: str, round_no: int, device: str) -> bool:
-        return bool(self.r.sismember(keys.round_cohort(fed, round_no), device))
-
-    def has_update(self, fed: str, round_no: int, device: str) -> bool:
-        return bool(self.r.hexists(keys.round_updates(fed, round_no), device))
 
     def updates(self, fed: str, round_no: int) -> dict[str, UpdateRecord]:
         h = self.r.hgetall(keys.round_updates(fed, round_no))

@@ -94,14 +94,14 @@ class S3ObjectStore:
 
     def get(self, key: str, max_bytes: int | None = None) -> bytes:
         with self._errors(key):
-            if max_bytes is not None:
-                size = self.client.stat_object(self.bucket, key).size
-                if size is not None and size > max_bytes:
-                    raise _too_large(key, size, max_bytes)
             response = self.client.get_object(self.bucket, key)
             try:
-                # bounded read: the object may have grown between stat and get
-                data = response.read() if max_bytes is None else response.read(max_bytes + 1)
+                # One request: the size check reads Content-Length, and urllib3 stops at that
+                # length, so an oversized object is refused without reading its body.
+                size = int(response.headers.get("Content-Length", -1))
+                if max_bytes is not None and size > max_bytes:
+                    raise _too_large(key, size, max_bytes)
+                data = response.read() if max_bytes is None or size >= 0 else response.read(max_bytes + 1)
             finally:
                 response.close()
                 response.release_conn()

@@ -144,10 +144,11 @@ def service_env(redis_url: str, s3_endpoint: str, bucket: str, **overrides: str)
 class Worker:
     """One `celery worker` process tree (main process + prefork children) in its own session."""
 
-    def __init__(self, name: str, env: dict[str, str], workdir: Path, concurrency: int = 2, beat: bool = False):
+    def __init__(self, name: str, env: dict[str, str], workdir: Path, concurrency: int = 2, beat: bool = False,
+                 pool: str = "prefork"):
         self.name = name
         self.log = workdir / f"worker-{name}.log"
-        args = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "prefork",
+        args = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", pool,
                 f"--concurrency={concurrency}", "-Q", "fleettune.ingest,fleettune.rounds", "-n", f"{name}@%h",
                 "--without-mingle", "--without-gossip", "--loglevel=info", f"--logfile={self.log}"]
         if beat:
