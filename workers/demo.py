@@ -50,6 +50,8 @@ def run_demo(settings: Settings, num_devices: int, rounds: int, out_dir: str | P
     shutil.rmtree(out, ignore_errors=True)
     runtime, broker = embedded_runtime(settings, out)
     app = make_app(settings, broker_url=broker, runtime=runtime)
+    if broker == "memory://":
+        app.conf.broker_transport_options = {"polling_interval": 0.05}  # its default idles 1 s per poll
     fed = f"demo-{int(time.time())}"
     config = FederationConfig(
         name=fed, model=LAYOUTS["tiny-llama"], adapter=AdapterConfig(rank=8, alpha=16),
