@@ -145,14 +145,19 @@ class Worker:
     """One `celery worker` process tree (main process + prefork children) in its own session."""
 
     def __init__(self, name: str, env: dict[str, str], workdir: Path, concurrency: int = 2, beat: bool = False,
-                 pool: str = "prefork"):
+                 pool: str = "prefork", via_cli: bool = False):
+        """Plain `celery -A workers.app worker`, or `fleettune worker` when via_cli."""
         self.name = name
         self.log = workdir / f"worker-{name}.log"
-        args = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", pool,
-                f"--concurrency={concurrency}", "-Q", "fleettune.ingest,fleettune.rounds", "-n", f"{name}@%h",
-                "--without-mingle", "--without-gossip", "--loglevel=info", f"--logfile={self.log}"]
-        if beat:
-            args += ["--beat", f"--schedule={workdir / ('beat-' + name)}"]
+        common = ["-P", pool, "-n", f"{name}@%h", "--without-mingle", "--without-gossip", f"--logfile={self.log}"]
+        if via_cli:
+            args = [str(Path(sys.executable).parent / "fleettune"), "worker", f"--concurrency={concurrency}",
+                    "--beat" if beat else "--no-beat", *common]
+        else:
+            args = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", f"--concurrency={concurrency}",
+                    "-Q", "fleettune.ingest,fleettune.rounds", "--loglevel=info", *common]
+            if beat:
+                args.append("--beat")
         full_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **env)
         self.proc = subprocess.Popen(args, env=full_env, stdout=subprocess.DEVNULL, stderr=(workdir / f"worker-{name}.err").open("w"),
                                      start_new_session=True, cwd=Path(__file__).resolve().parents[1])

@@ -48,8 +48,8 @@ def env(redis_url, s3_endpoint) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def workers(env, workdir):
-    """Two worker processes of two pool processes each; the first also runs beat (the deadline sweep)."""
-    started = [services.Worker("w1", env, workdir, beat=True), services.Worker("w2", env, workdir)]
+    """Two workers of two pool processes each: `fleettune worker --beat` and plain `celery worker`."""
+    started = [services.Worker("w1", env, workdir, beat=True, via_cli=True), services.Worker("w2", env, workdir)]
     yield started
     for w in started:
         w.stop()

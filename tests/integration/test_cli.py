@@ -1,0 +1,49 @@
+"""The commands users type, run as subprocesses against the real services."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared import versions
+
+pytestmark = pytest.mark.services
+FLEETTUNE = str(Path(sys.executable).parent / "fleettune")
+
+
+def _run(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([FLEETTUNE, *args], env=dict(os.environ, OMP_NUM_THREADS="1", **env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_simulate_drives_rounds_through_the_workers(env, pipeline):
+    done = _run(env, "simulate", "--federation", "sim-cli", "--devices", "6", "--rounds", "2",
+                "--min-updates", "3", "--max-rounds", "2", "--rank", "4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = pipeline.runtime.state
+    assert state.status("sim-cli") == {"status": "completed", "round": "2", "version": "2"}
+    assert state.stats("sim-cli") == {"received": 12, "accepted": 12}
+    manifest = versions.manifest(pipeline.runtime.store, "sim-cli", 2)
+    assert len(manifest["contributors"]) == 6 and manifest["num_parameters"] == 4 * 4 * 4 * (128 + 128)
+
+    status = _run(env, "federation", "status", "sim-cli")
+    assert status.returncode == 0
+    assert json.loads(status.stdout)["round"]["status"] == "closed"
+
+
+def test_federation_create_then_a_duplicate_name_is_a_clear_error(env, pipeline):
+    first = _run(env, "federation", "create", "cli-fed", "--devices", "3", "--kind", "prompt_tuning")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads(first.stdout) == {"federation": "cli-fed", "round": 1, "cohort": 3, "parameters": 16 * 128}
+    again = _run(env, "federation", "create", "cli-fed")
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_a_worker_without_redis_configured_refuses_to_start():
+    done = _run({}, "worker", timeout=60)
+    assert done.returncode != 0 and "FLEETTUNE_REDIS_URL" in done.stderr
