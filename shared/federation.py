@@ -6,8 +6,9 @@ import dataclasses
 import functools
 import json
 import math
+from typing import Literal
 
-from shared import keys
+from shared import corpora, keys
 from shared.adapter_spec import AdapterConfig, AdapterSpec, ModelDims, build_spec
 from shared.errors import ConfigError
 
@@ -41,6 +42,65 @@ class RoundPolicy:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainingStrategy:
+    """What each device does in a round (the federation's strategy config)."""
+
+    learning_rate: float = 3e-3
+    local_epochs: int = 1
+    max_grad_norm: float = 1.0  # per-step gradient clipping on the device (the server clips updates too)
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    seq_len: int = 128
+    max_steps: int = 0  # 0: no cap; otherwise at most this many steps per round
+
+    def __post_init__(self) -> None:
+        if not (self.learning_rate > 0 and self.local_epochs >= 1 and self.batch_size >= 1
+                and self.seq_len >= 8 and self.max_grad_norm > 0 and self.weight_decay >= 0):
+            raise ValueError(f"invalid training strategy: {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProfile:
+    """What a device declares when it enrolls."""
+
+    device: str
+    ram_mb: int | None = None
+    storage_mb: int | None = None
+    tier: str = "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceFilter:
+    """Devices that declare less RAM or storage than this are not selected for training."""
+
+    min_ram_mb: int = 0
+    min_storage_mb: int = 0
+
+    def admits(self, ram_mb: int | None, storage_mb: int | None) -> bool:
+        if self.min_ram_mb and (ram_mb is None or ram_mb < self.min_ram_mb):
+            return False
+        return not (self.min_storage_mb and (storage_mb is None or storage_mb < self.min_storage_mb))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    base_model: str = "tiny"  # 'tiny', 'smollm2' or a local HF directory
+    domains: tuple[str, ...] = corpora.DOMAINS
+    eval_chars: int = 12_000  # held-out characters per domain
+    seq_len: int = 128
+    general_every: int = 1  # measure forgetting every N versions
+    forgetting_threshold: float = 1.25  # general perplexity / base general perplexity
+    forgetting_action: Literal["halt", "lower_lr"] = "lower_lr"
+    lr_factor: float = 0.5  # what lower_lr multiplies the server learning rate by
+
+    def __post_init__(self) -> None:
+        if self.forgetting_action not in ("halt", "lower_lr"):
+            raise ValueError("forgetting_action must be 'halt' or 'lower_lr'")
+        if not (self.forgetting_threshold > 1.0 and 0 < self.lr_factor < 1 and self.general_every >= 1):
+            raise ValueError(f"invalid evaluation config: {self}")
+
+
+@dataclasses.dataclass(frozen=True)
 class FederationConfig:
     name: str
     model: ModelDims
@@ -48,6 +108,9 @@ class FederationConfig:
     policy: RoundPolicy = RoundPolicy()
     base_model: str = "tiny-llama"
     seed: int = 0
+    training: TrainingStrategy = TrainingStrategy()
+    device_filter: DeviceFilter = DeviceFilter()
+    evaluation: EvaluationConfig | None = None  # None: versions are published without evaluation
 
     def __post_init__(self) -> None:
         if not keys.valid_id(self.name):
@@ -64,7 +127,12 @@ class FederationConfig:
     def from_json(cls, text: str | bytes) -> FederationConfig:
         raw = json.loads(text)
         adapter = dict(raw["adapter"], target_modules=tuple(raw["adapter"]["target_modules"]))
+        evaluation = raw.get("evaluation")
         return cls(
             name=raw["name"], model=ModelDims(**raw["model"]), adapter=AdapterConfig(**adapter),
             policy=RoundPolicy(**raw["policy"]), base_model=raw["base_model"], seed=raw["seed"],
+            training=TrainingStrategy(**raw.get("training", {})),
+            device_filter=DeviceFilter(**raw.get("device_filter", {})),
+            evaluation=EvaluationConfig(**dict(evaluation, domains=tuple(evaluation["domains"])))
+            if evaluation else None,
         )

@@ -2,8 +2,10 @@
 
 Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:fed:{fed}:config          JSON FederationConfig
-    ft:fed:{fed}:state           hash: status, round, version, reason
-    ft:fed:{fed}:devices         set of enrolled device ids
+    ft:fed:{fed}:state           hash: status, round, version, reason, server_lr (guard override)
+    ft:fed:{fed}:devices         set of enrolled device ids (those the device filter admitted)
+    ft:fed:{fed}:profiles        hash device_id -> msgpack DeviceProfile (RAM, storage, tier)
+    ft:fed:{fed}:evaluations     hash version -> JSON evaluation (perplexities, forgetting ratio)
     ft:fed:{fed}:round:{r}       hash: status, base_version, opened_at, deadline, cohort, reason, ...
     ft:fed:{fed}:round:{r}:cohort   set of device ids selected for round r
     ft:fed:{fed}:round:{r}:updates  hash device_id -> msgpack UpdateRecord (HSETNX: once per device)
@@ -55,6 +57,14 @@ def fed_state(fed: str) -> str:
 
 def fed_devices(fed: str) -> str:
     return f"{PREFIX}:fed:{fed}:devices"
+
+
+def fed_profiles(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:profiles"
+
+
+def fed_evaluations(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:evaluations"
 
 
 def fed_stats(fed: str) -> str:

@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterable
 from shared import versions
 from shared.adapter_spec import initial_weights
 from shared.aggregation import StreamingFedAvg, apply_update, update_norm
+from shared.evaluation import guard
 from shared.errors import ObjectNotFound, Rejected, StateError
-from shared.federation import FederationConfig
+from shared.federation import DeviceProfile, FederationConfig
 from shared.safetensors_reader import parse
 from shared.settings import Settings
 from shared.state import FederationState, RoundInfo
@@ -48,9 +49,9 @@ class RoundCoordinator:
         self.settings = settings
         self.clock = clock
 
-    def start(self, config: FederationConfig, devices: Iterable[str]) -> RoundInfo:
-        """Create the federation, publish version 0 and open round 1."""
-        self.state.create(config, devices)
+    def start(self, config: FederationConfig, devices: Iterable[str | DeviceProfile]) -> tuple[RoundInfo, list[str]]:
+        """Create the federation, publish version 0 and open round 1; also returns refused devices."""
+        refused = self.state.create(config, devices)
         weights = initial_weights(config.spec, config.seed)
         versions.publish(self.store, config.name, 0, weights, config.spec, {
             "round": 0, "parent_version": None, "contributors": [], "total_samples": 0,
@@ -58,7 +59,7 @@ class RoundCoordinator:
         })
         info = self.state.open_round(config.name, 1, 0, self.clock(), config.policy.timeout_seconds)
         assert info is not None
-        return info
+        return info, refused
 
     def close(self, fed: str, round_no: int) -> CloseResult:
         """Close the round if it is due. Safe to call any number of times, from any worker."""
@@ -79,6 +80,8 @@ class RoundCoordinator:
         return CloseResult(CLOSING, version, self._next_round(config, round_no, version), manifest)
 
     def _next_round(self, config: FederationConfig, round_no: int, base_version: int) -> RoundInfo | None:
+        if self.state.status(config.name).get("status") == "halted":
+            return None
         if round_no >= config.policy.max_rounds:
             self.state.complete(config.name)
             return None
@@ -108,7 +111,8 @@ class RoundCoordinator:
         base = versions.load_weights(self.store, config.name, info.base_version, spec,
                                      self.settings.max_update_bytes, self.settings.max_header_bytes)
         mean = avg.mean()
-        weights = apply_update(base, mean, policy.server_lr)
+        server_lr = self.state.server_lr(config.name, policy.server_lr)  # the forgetting guard may lower it
+        weights = apply_update(base, mean, server_lr)
         kept = [records[d] for d in contributors]
         manifest = {
             "round": info.round, "parent_version": info.base_version, "contributors": contributors,
@@ -120,9 +124,35 @@ class RoundCoordinator:
                 "clipped": sum(1 for r in kept if r.clip_scale < 1.0),
             },
             "mean_delta_norm": update_norm(mean), "global_norm": update_norm(weights),
-            "server_lr": policy.server_lr, "max_grad_norm": policy.max_grad_norm,
+            "server_lr": server_lr, "max_grad_norm": policy.max_grad_norm,
             "train_seconds_mean": sum(r.train_seconds for r in kept) / len(kept),
             # no wall-clock time in here: a redone close must write byte-identical files
             "last_update_at": max(r.accepted_at for r in kept),
         }
         return versions.publish(self.store, config.name, version, weights, spec, manifest)
+
+    def evaluate(self, fed: str, version: int, evaluator) -> dict:
+        """Evaluate a published version, record it (Redis and its manifest), and apply the forgetting guard."""
+        config = self.state.config(fed)
+        if config is None or config.evaluation is None:
+            raise StateError(f"{fed} has no evaluation config")
+        done = self.state.evaluation(fed, version)
+        if done is not None:
+            return done  # a redelivered evaluate: the result stands
+        weights = versions.load_weights(self.store, fed, version, config.spec, self.settings.max_update_bytes,
+                                        self.settings.max_header_bytes)
+        result = evaluator.evaluate(weights, version)
+        action = guard(config.evaluation, result)
+        if action is not None:
+            ratio, limit = result["forgetting_ratio"], config.evaluation.forgetting_threshold
+            if action == "halt":
+                message = f"v{version}: general perplexity ratio {ratio:.3f} > {limit}: federation halted"
+                self.state.apply_guard(fed, "halt", message)
+            else:
+                lr = self.state.server_lr(fed, config.policy.server_lr) * config.evaluation.lr_factor
+                message = f"v{version}: general perplexity ratio {ratio:.3f} > {limit}: server_lr lowered to {lr:g}"
+                self.state.apply_guard(fed, "lower_lr", message, lr)
+            result["guard"] = message
+        versions.add_evaluation(self.store, fed, version, result)
+        self.state.record_evaluation(fed, version, result)
+        return result

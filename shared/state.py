@@ -7,6 +7,7 @@ as its counters, so a redelivered message finds its outcome and is not counted a
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -16,7 +17,7 @@ import redis
 
 from shared import keys
 from shared.errors import RejectReason, StateError
-from shared.federation import FederationConfig
+from shared.federation import DeviceProfile, FederationConfig
 
 ACCEPTED = "accepted"
 REDELIVERED = "redelivered"
@@ -57,6 +58,7 @@ class RoundInfo:
     version: int | None = None  # published version, once closed
     closed_at: float | None = None
     rejected: int = 0
+    guard: str = ""  # what the forgetting guard did while this round was open
 
     @classmethod
     def from_hash(cls, round_no: int, h: dict[bytes, bytes]) -> RoundInfo:
@@ -64,7 +66,7 @@ class RoundInfo:
         return cls(
             round=round_no, status=s["status"], base_version=int(s["base_version"]),
             opened_at=float(s["opened_at"]), deadline=float(s["deadline"]),
-            cohort_size=int(s["cohort_size"]), reason=s.get("reason", ""),
+            cohort_size=int(s["cohort_size"]), reason=s.get("reason", ""), guard=s.get("guard", ""),
             version=int(s["version"]) if "version" in s else None,
             closed_at=float(s["closed_at"]) if "closed_at" in s else None,
             rejected=int(s.get("rejected", 0)),
@@ -83,12 +85,15 @@ class FederationState:
 
     # --- federations -------------------------------------------------------------------------
 
-    def create(self, config: FederationConfig, devices: Iterable[str]) -> None:
-        """Register a new federation; refuses a name that exists (configs are immutable)."""
-        devices = sorted(set(devices))
-        for device in devices:
-            if not keys.valid_id(device):
-                raise StateError(f"device id {device!r} is not a valid id")
+    def create(self, config: FederationConfig, devices: Iterable[str | DeviceProfile]) -> list[str]:
+        """Register a new federation and enroll the devices its filter admits; returns the refused ones.
+
+        Refuses a federation name that exists (configs are immutable).
+        """
+        profiles = _profiles(devices)
+        admitted = sorted(d for d, p in profiles.items() if config.device_filter.admits(p.ram_mb, p.storage_mb))
+        refused = sorted(profiles.keys() - set(admitted))
+        devices = admitted
 
         def create(pipe) -> None:
             if pipe.exists(keys.fed_config(config.name)):
@@ -98,14 +103,56 @@ class FederationState:
             pipe.hset(keys.fed_state(config.name), mapping={"status": "active", "round": 0, "version": 0})
             if devices:
                 pipe.sadd(keys.fed_devices(config.name), *devices)
+                pipe.hset(keys.fed_profiles(config.name), mapping={
+                    d: msgpack.packb(dataclasses.asdict(profiles[d])) for d in devices})
             pipe.sadd(keys.FEDERATIONS, config.name)
 
         self._transaction(create, keys.fed_config(config.name))
+        return refused
 
-    def enroll(self, fed: str, devices: Iterable[str]) -> None:
-        devices = list(devices)
-        if devices:
-            self.r.sadd(keys.fed_devices(fed), *devices)
+    def enroll(self, fed: str, devices: Iterable[str | DeviceProfile]) -> list[str]:
+        """Add devices to later rounds' cohorts; returns those the federation's filter refuses."""
+        config = self.config(fed)
+        if config is None:
+            raise StateError(f"unknown federation {fed!r}")
+        profiles = _profiles(devices)
+        admitted = [d for d, p in profiles.items() if config.device_filter.admits(p.ram_mb, p.storage_mb)]
+        if admitted:
+            self.r.sadd(keys.fed_devices(fed), *admitted)
+            self.r.hset(keys.fed_profiles(fed), mapping={
+                d: msgpack.packb(dataclasses.asdict(profiles[d])) for d in admitted})
+        return sorted(profiles.keys() - set(admitted))
+
+    def enrolled(self, fed: str) -> list[str]:
+        return sorted(d.decode() for d in self.r.smembers(keys.fed_devices(fed)))
+
+    # --- evaluation and the forgetting guard -----------------------------------------------------
+
+    def record_evaluation(self, fed: str, version: int, result: dict) -> None:
+        self.r.hset(keys.fed_evaluations(fed), str(version), json.dumps(result, sort_keys=True))
+
+    def evaluation(self, fed: str, version: int) -> dict | None:
+        raw = self.r.hget(keys.fed_evaluations(fed), str(version))
+        return json.loads(raw) if raw is not None else None
+
+    def server_lr(self, fed: str, default: float) -> float:
+        raw = self.r.hget(keys.fed_state(fed), "server_lr")
+        return float(raw) if raw is not None else default
+
+    def apply_guard(self, fed: str, action: str, message: str, lr: float | None = None) -> None:
+        """Record a forgetting-guard action on the federation and on its current round."""
+        round_no = self.current_round(fed)
+        round_open = bool(round_no) and self.r.hget(keys.round_info(fed, round_no), "status") == b"open"
+        with self.r.pipeline() as pipe:
+            if action == "halt":
+                pipe.hset(keys.fed_state(fed), mapping={"status": "halted", "reason": message})
+                if round_open:
+                    pipe.hset(keys.round_info(fed, round_no), mapping={"status": "failed", "reason": "halted"})
+            else:
+                pipe.hset(keys.fed_state(fed), "server_lr", repr(lr))
+            if round_no:
+                pipe.hset(keys.round_info(fed, round_no), "guard", message)
+            pipe.execute()
 
     def config(self, fed: str) -> FederationConfig | None:
         raw = self.r.get(keys.fed_config(fed))
@@ -290,3 +337,13 @@ class FederationState:
     def deadletters(self, count: int = 100) -> list[dict[str, str]]:
         entries = self.r.xrevrange(keys.DEADLETTER, count=count)
         return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+
+
+def _profiles(devices: Iterable[str | DeviceProfile]) -> dict[str, DeviceProfile]:
+    out = {}
+    for d in devices:
+        profile = d if isinstance(d, DeviceProfile) else DeviceProfile(d)
+        if not keys.valid_id(profile.device):
+            raise StateError(f"device id {profile.device!r} is not a valid id")
+        out[profile.device] = profile
+    return out

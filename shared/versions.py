@@ -42,6 +42,12 @@ def publish(store: ObjectStore, fed: str, version: int, weights: Mapping[str, to
     return manifest
 
 
+def add_evaluation(store: ObjectStore, fed: str, version: int, evaluation: dict[str, Any]) -> None:
+    """Add the evaluation to a version's manifest; the adapter files themselves never change."""
+    key = f"{keys.version_prefix(fed, version)}/{MANIFEST_FILE}"
+    store.put(key, _json(dict(manifest(store, fed, version), evaluation=evaluation)), "application/json")
+
+
 def load_weights(store: ObjectStore, fed: str, version: int, spec: AdapterSpec,
                  max_bytes: int, max_header_bytes: int) -> dict[str, torch.Tensor]:
     blob = store.get(f"{keys.version_prefix(fed, version)}/{ADAPTER_FILE}", max_bytes)

@@ -93,9 +93,9 @@ def federation_create(name: str, num_devices: int, device_ids: tuple[str, ...], 
     config = _config(name, **_federation_kwargs(kw))
     runtime = runtime_of(app)
     ids = list(device_ids) + [d.device for d in devices(num_devices, config.seed)]
-    info = runtime.coordinator.start(config, ids)
+    info, refused = runtime.coordinator.start(config, ids)
     click.echo(json.dumps({"federation": name, "round": info.round, "cohort": info.cohort_size,
-                           "parameters": config.spec.num_parameters}))
+                           "parameters": config.spec.num_parameters, "refused": refused}))
 
 
 @federation.command("status")

@@ -39,7 +39,8 @@ def test_simulate_drives_rounds_through_the_workers(env, pipeline):
 def test_federation_create_then_a_duplicate_name_is_a_clear_error(env, pipeline):
     first = _run(env, "federation", "create", "cli-fed", "--devices", "3", "--kind", "prompt_tuning")
     assert first.returncode == 0, first.stderr[-2000:]
-    assert json.loads(first.stdout) == {"federation": "cli-fed", "round": 1, "cohort": 3, "parameters": 16 * 128}
+    assert json.loads(first.stdout) == {"federation": "cli-fed", "round": 1, "cohort": 3, "parameters": 16 * 128,
+                                          "refused": []}
     again = _run(env, "federation", "create", "cli-fed")
     assert again.returncode == 2 and "already exists" in again.stderr
 

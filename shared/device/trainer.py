@@ -1,0 +1,93 @@
+"""Local adapter training with PEFT, and the delta a device sends."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+
+import torch
+
+from shared.adapter_spec import AdapterConfig
+from shared.federation import TrainingStrategy
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    samples: int  # sequences trained on (the FedAvg weight)
+    loss: float  # mean loss over the round
+    seconds: float
+
+
+def peft_model(base: torch.nn.Module, adapter: AdapterConfig):
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    if adapter.kind == "prompt_tuning":
+        config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=adapter.num_virtual_tokens,
+                                    prompt_tuning_init=PromptTuningInit.RANDOM)
+    else:
+        config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=adapter.rank, lora_alpha=adapter.alpha,
+                            lora_dropout=adapter.dropout, target_modules=list(adapter.target_modules), bias="none")
+    return get_peft_model(base, config)
+
+
+def adapter_weights(model) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's saved key names, detached copies in float32."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().float().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_weights(model, weights: Mapping[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, dict(weights))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter keys the model does not have: {unexpected[:3]}")
+
+
+def blocks(token_ids: list[int], seq_len: int) -> torch.Tensor:
+    """Non-overlapping training sequences of seq_len tokens."""
+    n = len(token_ids) // seq_len
+    if n == 0:
+        raise ValueError(f"{len(token_ids)} tokens are fewer than one sequence of {seq_len}")
+    return torch.tensor(token_ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int) -> TrainResult:
+    """Train the adapter's parameters in place: AdamW, gradient clipping, local_epochs over data."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=strategy.learning_rate, weight_decay=strategy.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    steps, samples, total_loss, start = 0, 0, 0.0, time.perf_counter()
+    for _ in range(strategy.local_epochs):
+        order = torch.randperm(len(data), generator=gen)
+        for i in range(0, len(order), strategy.batch_size):
+            if strategy.max_steps and steps >= strategy.max_steps:
+                break
+            batch = data[order[i:i + strategy.batch_size]]
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, strategy.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            steps, samples, total_loss = steps + 1, samples + len(batch), total_loss + loss.item()
+    model.eval()
+    return TrainResult(steps, samples, total_loss / max(steps, 1), time.perf_counter() - start)
+
+
+@torch.no_grad()
+def perplexity(model, data: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean token negative log-likelihood) over the sequences in data."""
+    model.eval()
+    nll, tokens = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        batch = data[i:i + batch_size]
+        n = batch.numel() - len(batch)  # the first token of each sequence is not predicted
+        nll += model(input_ids=batch, labels=batch).loss.item() * n
+        tokens += n
+    return math.exp(nll / tokens)
