@@ -39,6 +39,13 @@ class ModelDims:
             raise ValueError(f"unknown target module {module!r}; known: {sorted(shapes)}")
         return shapes[module]
 
+    @classmethod
+    def from_hf_config(cls, config: Any) -> ModelDims:
+        """Dimensions of a loaded transformers config (Llama-architecture)."""
+        return cls(hidden=config.hidden_size, layers=config.num_hidden_layers, heads=config.num_attention_heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                   intermediate=config.intermediate_size, vocab=config.vocab_size)
+
     def llama_config(self) -> dict[str, Any]:
         """Keyword arguments for transformers.LlamaConfig of a model with these dimensions."""
         return dict(

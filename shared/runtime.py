@@ -7,6 +7,7 @@ import functools
 
 import redis
 
+from shared.federation import FederationConfig
 from shared.ingest import Ingestor
 from shared.rounds import RoundCoordinator
 from shared.settings import Settings
@@ -19,6 +20,7 @@ class Runtime:
     settings: Settings
     redis: redis.Redis
     store: ObjectStore
+    _evaluators: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -37,3 +39,12 @@ class Runtime:
     @functools.cached_property
     def coordinator(self) -> RoundCoordinator:
         return RoundCoordinator(self.state, self.store, self.settings)
+
+    def evaluator(self, config: FederationConfig):
+        """One Evaluator per (evaluation, adapter) config in this process: loading the base model is slow."""
+        from shared.evaluation import Evaluator
+
+        key = (config.evaluation, config.adapter)
+        if key not in self._evaluators:
+            self._evaluators[key] = Evaluator(config.evaluation, config.adapter)
+        return self._evaluators[key]

@@ -35,6 +35,7 @@ class Settings:
     deadletter_maxlen: int = 100_000
     sweep_interval_s: float = 5.0  # how often beat looks for rounds past their deadline
     restore_interval_s: int = 10  # how often workers look for messages of dead workers to requeue
+    torch_threads: int = 1  # per worker process: prefork already runs one process per core
 
     def __post_init__(self) -> None:
         if self.visibility_timeout_s <= self.task_time_limit_s:
@@ -89,4 +90,5 @@ class Settings:
             deadletter_maxlen=integer("DEADLETTER_MAXLEN", cls.deadletter_maxlen),
             sweep_interval_s=real("SWEEP_INTERVAL", cls.sweep_interval_s),
             restore_interval_s=integer("RESTORE_INTERVAL", cls.restore_interval_s),
+            torch_threads=integer("TORCH_THREADS", cls.torch_threads),
         )

@@ -155,7 +155,7 @@ class Worker:
                     "--beat" if beat else "--no-beat", *common]
         else:
             args = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", f"--concurrency={concurrency}",
-                    "-Q", "fleettune.ingest,fleettune.rounds", "--loglevel=info", *common]
+                    "-Q", "fleettune.ingest,fleettune.rounds,fleettune.eval", "--loglevel=info", *common]
             if beat:
                 args.append("--beat")
         full_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **env)

@@ -12,6 +12,8 @@ from shared.settings import Settings
 
 INGEST_QUEUE = "fleettune.ingest"
 ROUNDS_QUEUE = "fleettune.rounds"  # its own queue, so a backlog of updates never delays a close
+EVAL_QUEUE = "fleettune.eval"  # evaluation is slow (a forward pass over held-out text): kept apart
+QUEUES = (INGEST_QUEUE, ROUNDS_QUEUE, EVAL_QUEUE)
 
 
 def make_app(settings: Settings | None = None, broker_url: str | None = None, runtime: Runtime | None = None) -> Celery:
@@ -44,6 +46,7 @@ def make_app(settings: Settings | None = None, broker_url: str | None = None, ru
         task_routes={
             "fleettune.close_round": {"queue": ROUNDS_QUEUE},
             "fleettune.sweep": {"queue": ROUNDS_QUEUE},
+            "fleettune.evaluate": {"queue": EVAL_QUEUE},
         },
         # Round deadlines are found by a periodic sweep, not by countdown tasks: with a Redis broker
         # an ETA past the visibility timeout is redelivered again and again while it waits.

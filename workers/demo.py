@@ -1,10 +1,4 @@
-"""`fleettune demo`: a whole federation on embedded defaults.
-
-Without FLEETTUNE_REDIS_URL the broker is kombu's in-memory transport and the state store is
-fakeredis, both inside this process; without FLEETTUNE_S3_ENDPOINT the object store is a directory.
-The tasks, codec and aggregation are the ones production runs, consumed by a real Celery worker
-(solo pool, in a thread); only the transports differ.
-"""
+"""`fleettune demo`: devices that really train, on embedded defaults, through the production tasks."""
 
 from __future__ import annotations
 
@@ -15,128 +9,136 @@ import time
 from pathlib import Path
 
 import click
-import fakeredis
-import numpy as np
-import redis
 import torch
-from celery.contrib.testing.worker import start_worker
-from tqdm import tqdm
 
-from shared import keys, versions
-from shared import simulate as sim
-from shared.adapter_spec import LAYOUTS, AdapterConfig
-from shared.federation import FederationConfig, RoundPolicy
-from shared.runtime import Runtime
+from shared import versions
+from shared.adapter_spec import AdapterConfig, ModelDims
+from shared.device import memory, models, trainer
+from shared.device.fleet import FleetSpec, build_fleet, profiles
+from shared.federation import (DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig, RoundPolicy,
+                               TrainingStrategy)
 from shared.settings import Settings
-from shared.storage import LocalObjectStore, open_store
-from shared.submit import encode_update, submit_update
-from workers.app import INGEST_QUEUE, ROUNDS_QUEUE, make_app
-from workers.simulate import enqueuer
+from workers.experiment import RoundRow, embedded, run_rounds
+
+DEVICE_RAM_MB, DEVICE_STORAGE_MB = 4096, 16_000
+# Per-device text and evaluation text: a real 135M model takes seconds per step on 2 cores, so it
+# gets less of both to finish in minutes.
+SIZES = {"tiny": (24_000, 12_000)}
+LARGE_MODEL_SIZES = (4_000, 3_000)
 
 
-def embedded_runtime(settings: Settings, out_dir: Path) -> tuple[Runtime, str]:
-    """Real services where the settings name them, embedded stand-ins where they do not."""
-    if settings.redis_url:
-        client, broker = redis.Redis.from_url(settings.redis_url), settings.redis_url
-    else:
-        client, broker = fakeredis.FakeRedis(), "memory://"
-    store = open_store(settings) if settings.s3_endpoint else LocalObjectStore(out_dir / "objects")
-    return Runtime(settings, client, store), broker
+def demo_config(name: str, model_source: str, dims: ModelDims, kind: str, rounds: int, num_devices: int,
+                min_ram_mb: int, eval_chars: int) -> FederationConfig:
+    adapter = (AdapterConfig(kind="prompt_tuning", num_virtual_tokens=16) if kind == "prompt_tuning"
+               else AdapterConfig(rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
+    return FederationConfig(
+        name=name, model=dims, adapter=adapter, base_model=model_source,
+        policy=RoundPolicy(min_updates=max(2, num_devices // 2), timeout_seconds=600, max_rounds=rounds,
+                           max_grad_norm=5.0),
+        training=TrainingStrategy(learning_rate=1e-2 if kind == "prompt_tuning" else 5e-3, local_epochs=1,
+                                  batch_size=8, seq_len=128, max_grad_norm=1.0),
+        device_filter=DeviceFilter(min_ram_mb=min_ram_mb, min_storage_mb=100),
+        evaluation=EvaluationConfig(base_model=model_source, general_every=1, eval_chars=eval_chars),
+    )
 
 
-def run_demo(settings: Settings, num_devices: int, rounds: int, out_dir: str | Path) -> Path:
-    torch.set_num_threads(1)
+def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora", num_devices: int = 8,
+             rounds: int = 5, out_dir: str | Path = "fleettune-demo") -> Path:
+    torch.set_num_threads(1)  # training here and evaluation in the worker thread: one core each
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
-    runtime, broker = embedded_runtime(settings, out)
-    app = make_app(settings, broker_url=broker, runtime=runtime)
-    if broker == "memory://":
-        app.conf.broker_transport_options = {"polling_interval": 0.05}  # its default idles 1 s per poll
-    fed = f"demo-{int(time.time())}"
-    config = FederationConfig(
-        name=fed, model=LAYOUTS["tiny-llama"], adapter=AdapterConfig(rank=8, alpha=16),
-        policy=RoundPolicy(min_updates=max(2, num_devices // 2), timeout_seconds=60, max_rounds=rounds,
-                           max_grad_norm=1.0),
-    )
-    fleet = sim.devices(num_devices, seed=7)
-    push = enqueuer(app)
-    click.echo(f"fleettune demo: federation {fed}, {num_devices} devices, {rounds} rounds, "
-               f"LoRA r=8 on q/k/v/o of {config.base_model} ({config.spec.num_parameters:,} parameters)")
-    click.echo(f"broker {broker.split('@')[-1]}, store {type(runtime.store).__name__}, outputs in {out}/\n")
-    rows = []
-    with start_worker(app, pool="solo", perform_ping_check=False, queues=[INGEST_QUEUE, ROUNDS_QUEUE],
-                      shutdown_timeout=30):
-        runtime.coordinator.start(config, [d.device for d in fleet])
-        for round_no in range(1, rounds + 1):
-            started = time.monotonic()
-            info = runtime.state.round_info(fed, round_no)
-            _send_hostile(runtime, push, config, fleet[0].device, round_no, info.base_version)
-            for _ in tqdm(sim.run_round(runtime.store, push, config.spec, fed, round_no, info.base_version,
-                                        fleet, seed=7), total=len(fleet), desc=f"round {round_no}",
-                          unit="update", leave=False):
-                pass
-            done = _wait_round(app, runtime, fed, round_no, timeout=120)
-            manifest = versions.manifest(runtime.store, fed, done.version) if done.status == "closed" else {}
-            rows.append((round_no, done.status, len(manifest.get("contributors", [])), done.rejected,
-                         manifest.get("update_norms", {}).get("clipped", 0),
-                         manifest.get("mean_delta_norm", math.nan), manifest.get("global_norm", math.nan),
-                         time.monotonic() - started))
-    _print_table(rows)
-    stats = runtime.state.stats(fed)
+    out.mkdir(parents=True)
+    started = time.monotonic()
+
+    tokenizer = models.load_tokenizer(model_source)
+    base = models.load_model(model_source)
+    dims = ModelDims.from_hf_config(base.config)
+    num_params = sum(p.numel() for p in base.parameters())
+    device_chars, eval_chars = SIZES.get(model_source, LARGE_MODEL_SIZES)
+    probe = demo_config("probe", model_source, dims, kind, rounds, num_devices, 0, eval_chars)
+    budget = memory.estimate(num_params, probe.spec.num_parameters, dims, bits=32, batch=8, seq=128, act_bytes=4)
+    config = demo_config(f"demo-{int(time.time())}", model_source, dims, kind, rounds, num_devices,
+                         min_ram_mb=math.ceil(budget.total / memory.MB), eval_chars=eval_chars)
+    model = trainer.peft_model(base, config.adapter)
+    fleet = build_fleet(FleetSpec.spread(num_devices, device_chars), config, model, tokenizer)
+    devices = [device for device, _ in fleet]
+
+    click.echo(f"fleettune demo: {len(devices)} devices ({', '.join(sorted({d for _, d in fleet}))}) train "
+               f"{'LoRA r=8 on q/k/v/o' if kind == 'lora' else 'a 16-token soft prompt'} of {model_source} "
+               f"({num_params / 1e6:.2f} M parameters, {config.spec.num_parameters:,} trainable) for {rounds} rounds")
+    click.echo(f"memory budget per device: {budget.as_mb()} MB -> device filter min_ram_mb={config.device_filter.min_ram_mb}")
+    with embedded(settings, out) as (app, runtime, broker):
+        enrolled = profiles(fleet, DEVICE_RAM_MB, DEVICE_STORAGE_MB) + [
+            DeviceProfile("old-phone", ram_mb=config.device_filter.min_ram_mb // 2, storage_mb=DEVICE_STORAGE_MB)]
+        _, refused = runtime.coordinator.start(config, enrolled)
+        click.echo(f"broker {broker.split('@')[-1]}, store {type(runtime.store).__name__}; "
+                   f"refused by the device filter: {refused}\n")
+        base_eval = runtime.evaluator(config).base
+        rows = [RoundRow(0, "base", 0, 0, base_eval["heldout_mean"], base_eval["general"], math.nan, 0, 0, 0)]
+        _print_header()
+        _print_row(rows[0])
+        for row in run_rounds(app, runtime, config, devices, rounds, hostile=True):
+            rows.append(row)
+            _print_row(row)
+        final = int(runtime.state.status(config.name)["version"])
+        stats = runtime.state.stats(config.name)
+        adapter_dir = out / "final-adapter"
+        versions.download(runtime.store, config.name, final, adapter_dir)
+        dead = runtime.state.deadletters(1)
+
     click.echo(f"\ncounters: {stats}")
-    for entry in runtime.state.deadletters(3):
-        click.echo(f"dead-letter: {entry['device']} round {entry['round']}: {entry['reason']} ({entry['detail']})")
-    final = int(runtime.state.status(fed)["version"])
-    adapter_dir = out / "final-adapter"
-    versions.download(runtime.store, fed, final, adapter_dir)
-    _load_with_peft(config, adapter_dir)
+    if dead:
+        click.echo(f"last dead-letter: {dead[0]['device']} round {dead[0]['round']}: {dead[0]['reason']}")
+    share = sum(r.send_seconds for r in rows[1:]) / max(sum(r.train_seconds for r in rows[1:]), 1e-9)
+    click.echo(f"federation overhead on a device (delta + encode + upload + enqueue): {100 * share:.2f}% of local training")
+    plot = _plot(rows, out / "perplexity.png", model_source, kind)
+    click.echo(f"plot: {plot}")
+    _check_final(model_source, adapter_dir, tokenizer)
+    click.echo(f"done in {time.monotonic() - started:.0f}s")
     return adapter_dir
 
 
-def _wait_round(app, runtime: Runtime, fed: str, round_no: int, timeout: float):
-    """Wait for the round to settle, sending the deadline sweep each second as beat would."""
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            return runtime.state.wait_settled(fed, round_no, timeout=1.0)
-        except TimeoutError:
-            if time.monotonic() > end:
-                raise
-            app.send_task("fleettune.sweep")
+def _print_header() -> None:
+    click.echo(f"{'round':>5} {'status':>7} {'updates':>7} {'rejected':>8} {'held-out ppl':>12} "
+               f"{'general ppl':>11} {'adapter norm':>12} {'train s/dev':>11} {'seconds':>7}")
 
 
-def _send_hostile(runtime: Runtime, push, config: FederationConfig, device: str, round_no: int, base: int) -> None:
-    """One device first sends an update holding NaN: it must be rejected, and its retry accepted."""
-    arrays = sim.synthetic_delta(config.spec, 99, round_no, 0, 1e-3)
-    first = next(iter(arrays))
-    arrays[first][0, 0] = np.nan
-    submit_update(runtime.store, push, federation=config.name, round_no=round_no, device=device,
-                  blob=encode_update(arrays), base_version=base, num_samples=10)
-    # wait for the reject before the honest retry overwrites the object
-    deadline = time.monotonic() + 30
-    while runtime.state.stats(config.name).get("rejected", 0) < round_no and time.monotonic() < deadline:
-        time.sleep(0.02)
+def _print_row(r: RoundRow) -> None:
+    click.echo(f"{r.round:>5} {r.status:>7} {r.updates:>7} {r.rejected:>8} {r.heldout_ppl:>12.2f} "
+               f"{r.general_ppl:>11.2f} {r.adapter_norm:>12.4f} {r.train_seconds:>11.2f} {r.seconds:>7.1f}"
+               + (f"  {r.guard}" if r.guard else ""))
 
 
-def _print_table(rows: list[tuple]) -> None:
-    click.echo(f"{'round':>5} {'status':>7} {'updates':>7} {'rejected':>8} {'clipped':>7} "
-               f"{'delta norm':>10} {'adapter norm':>12} {'seconds':>7}")
-    for r, status, n, rej, clipped, delta, norm, secs in rows:
-        click.echo(f"{r:>5} {status:>7} {n:>7} {rej:>8} {clipped:>7} {delta:>10.4f} {norm:>12.4f} {secs:>7.2f}")
+def _plot(rows: list[RoundRow], path: Path, model_source: str, kind: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    x = [r.round for r in rows]
+    ax.plot(x, [r.heldout_ppl for r in rows], marker="o", label="held-out (fine-tuning domains)")
+    ax.plot(x, [r.general_ppl for r in rows], marker="s", label="general text (forgetting)")
+    ax.set_xlabel("round (0 = base model)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"fleettune demo: federated {kind} on {model_source}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
-def _load_with_peft(config: FederationConfig, adapter_dir: Path) -> None:
-    """Prove the published adapter is a real PEFT adapter: load it and compare outputs."""
+def _check_final(model_source: str, adapter_dir: Path, tokenizer) -> None:
+    """The published adapter is a real PEFT adapter: load it on a fresh base and compare outputs."""
     from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(**config.model.llama_config())).eval()
-    ids = torch.arange(16).unsqueeze(0)
+    base = models.load_model(model_source)
+    ids = tokenizer("Permission is hereby granted, free of charge, to any person", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         before = base(ids).logits
-        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-        after = model(ids).logits
+        after = PeftModel.from_pretrained(base, str(adapter_dir)).eval()(ids).logits
     sha = hashlib.sha256((adapter_dir / versions.ADAPTER_FILE).read_bytes()).hexdigest()[:12]
-    click.echo(f"\nfinal adapter {adapter_dir}/ (sha256 {sha}…) loads with PeftModel.from_pretrained; "
-               f"max |logit change| on a test input: {(after - before).abs().max():.4f}")
+    click.echo(f"final adapter {adapter_dir}/ (sha256 {sha}...) loads with PeftModel.from_pretrained; "
+               f"max |logit change| on a test input: {(after - before).abs().max():.3f}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
 from celery import Task, shared_task
+from celery.signals import worker_process_init
 
 from shared.ingest import TRANSIENT
 from shared.runtime import Runtime
@@ -13,6 +15,14 @@ from workers.app import runtime_of
 
 log = logging.getLogger(__name__)
 RETRY = dict(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, retry_jitter=True, max_retries=10)
+
+
+@worker_process_init.connect
+def _set_torch_threads(**_) -> None:
+    """A small fixed thread count per pool process; torch's default oversubscribes the cores."""
+    from workers.app import app
+
+    torch.set_num_threads(app.fleettune_settings.torch_threads)
 
 
 class FleetTask(Task):
@@ -39,7 +49,18 @@ def close_round(self: FleetTask, fed: str, round_no: int) -> str:
     result = self.runtime.coordinator.close(fed, round_no)
     if result.decision in ("closing", "failed"):
         log.info("%s round %s %s -> version %s", fed, round_no, result.decision, result.version)
+    if result.decision == "closing" and self.runtime.state.config(fed).evaluation is not None:
+        evaluate.delay(fed, result.version)
     return result.decision
+
+
+@shared_task(base=FleetTask, bind=True, name="fleettune.evaluate", **RETRY)
+def evaluate(self: FleetTask, fed: str, version: int) -> float:
+    """Held-out perplexity (and forgetting) of a newly published version."""
+    runtime = self.runtime
+    result = runtime.coordinator.evaluate(fed, version, runtime.evaluator(runtime.state.config(fed)))
+    log.info("%s v%s held-out perplexity %.2f %s", fed, version, result["heldout_mean"], result.get("guard", ""))
+    return result["heldout_mean"]
 
 
 @shared_task(base=FleetTask, bind=True, name="fleettune.sweep", **RETRY)

@@ -24,7 +24,8 @@ class RoundReport:
     steps: int
     loss: float
     train_seconds: float
-    overhead_seconds: float  # fetch + encode + upload + enqueue: what federation costs the device
+    fetch_seconds: float  # download and load the global adapter
+    send_seconds: float  # delta + encode + upload + enqueue: what sending an update costs the device
 
 
 class Device:
@@ -58,4 +59,4 @@ class Device:
                       train_seconds=result.seconds, metrics={"loss": result.loss, "steps": result.steps})
         done = time.perf_counter()
         return RoundReport(self.device_id, round_no, base_version, result.samples, result.steps, result.loss,
-                           result.seconds, (fetched - started) + (done - sent))
+                           result.seconds, fetched - started, done - sent)

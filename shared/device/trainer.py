@@ -33,6 +33,13 @@ def peft_model(base: torch.nn.Module, adapter: AdapterConfig):
     return get_peft_model(base, config)
 
 
+def release(model) -> torch.nn.Module:
+    """The base model without adapter layers, for reuse (LoRA injects layers; prompt tuning does not)."""
+    if model.peft_config[model.active_adapter].is_prompt_learning:
+        return model.get_base_model()
+    return model.unload()
+
+
 def adapter_weights(model) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's saved key names, detached copies in float32."""
     from peft import get_peft_model_state_dict

@@ -1,0 +1,178 @@
+"""Quality and cost figures for federated adapter training, each measured in one run.
+
+    python bench/quality.py fed-vs-central   # federated LoRA (non-IID) vs centralized, equal total steps
+    python bench/quality.py prompt           # prompt tuning through the same pipeline: perplexity gain
+    python bench/quality.py qlora            # QLoRA (4-bit NF4 base) vs LoRA (fp32 base): perplexity, peak RSS
+    python bench/quality.py memory           # memory calculator vs measured peak RSS (tiny; --model smollm2)
+
+Federated runs go through the real tasks on embedded services (workers/experiment.py); the
+device-side federation overhead is printed with every federated run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shared import corpora  # noqa: E402
+from shared.adapter_spec import AdapterConfig, ModelDims  # noqa: E402
+from shared.device import memory, models, trainer  # noqa: E402
+from shared.device.fleet import FleetSpec, build_fleet, pooled  # noqa: E402
+from shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+
+ROUNDS, DEVICES, CHARS = 5, 8, 24_000
+
+
+def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, source: str) -> FederationConfig:
+    return FederationConfig(
+        name=name, model=dims, adapter=adapter, base_model=source,
+        policy=RoundPolicy(min_updates=DEVICES, max_rounds=ROUNDS, max_grad_norm=5.0, timeout_seconds=900),
+        training=TrainingStrategy(learning_rate=lr, batch_size=8, seq_len=128),
+        evaluation=EvaluationConfig(base_model=source),
+    )
+
+
+def federated(source: str, adapter: AdapterConfig, lr: float) -> dict:
+    """ROUNDS rounds of DEVICES non-IID devices through the real tasks; returns the last evaluation."""
+    from workers.experiment import embedded, run_rounds
+
+    tokenizer, base = models.load_tokenizer(source), models.load_model(source)
+    config = _config(f"bench-{adapter.kind}-{int(time.time())}", ModelDims.from_hf_config(base.config), adapter, lr, source)
+    model = trainer.peft_model(base, config.adapter)
+    fleet = [d for d, _ in build_fleet(FleetSpec.spread(DEVICES, CHARS), config, model, tokenizer)]
+    with embedded(Settings(), Path(tempfile.mkdtemp(prefix="ft-bench-"))) as (app, runtime, _):
+        runtime.coordinator.start(config, [d.device_id for d in fleet])
+        base_eval = runtime.evaluator(config).base
+        rows = list(run_rounds(app, runtime, config, fleet, ROUNDS, progress=False))
+        final = runtime.state.evaluation(config.name, rows[-1].round if rows else 0)
+    train = sum(r.train_seconds for r in rows) / len(rows)
+    send = sum(r.send_seconds for r in rows) / len(rows)
+    steps = sum(max(1, -(-len(d.data) // config.training.batch_size)) for d in fleet) * len(rows)
+    return {"base": base_eval, "final": final, "rounds": [r.heldout_ppl for r in rows], "steps": steps,
+            "train_s_per_device_round": train, "send_s_per_device_round": send, "fleet": fleet,
+            "model": model, "config": config, "tokenizer": tokenizer}
+
+
+def centralized(run: dict) -> float:
+    """The same adapter trained on everyone's data pooled, for the same total number of steps."""
+    model, config = run["model"], run["config"]
+    from shared.evaluation import Evaluator
+
+    trainer.load_adapter_weights(model, {k: v for k, v in _initial(config).items()})
+    strategy = dataclasses.replace(config.training, local_epochs=10_000, max_steps=run["steps"])
+    trainer.train(model, pooled([(d, "") for d in run["fleet"]]), strategy, seed=0)
+    weights = trainer.adapter_weights(model)
+    return Evaluator(config.evaluation, config.adapter).perplexities(weights, general=True)["heldout_mean"]
+
+
+def _initial(config: FederationConfig) -> dict:
+    from shared.adapter_spec import initial_weights
+
+    return initial_weights(config.spec, config.seed)
+
+
+def fed_vs_central(args) -> None:
+    run = federated(args.model, AdapterConfig(rank=8, alpha=16), lr=args.lr)
+    central = centralized(run)
+    fed = run["final"]["heldout_mean"]
+    print(f"model {args.model}; {DEVICES} devices over {len(corpora.DOMAINS)} domains, {ROUNDS} rounds, "
+          f"{run['steps']} device steps in all")
+    print(f"base held-out perplexity        {run['base']['heldout_mean']:.2f}")
+    print(f"federated LoRA, per round       {', '.join(f'{p:.2f}' for p in run['rounds'])}")
+    print(f"centralized LoRA, same steps    {central:.2f}")
+    print(f"ratio federated / centralized = {fed / central:.3f} (goal within 5%: <= 1.05)")
+    _overhead(run)
+
+
+def prompt(args) -> None:
+    run = federated(args.model, AdapterConfig(kind="prompt_tuning", num_virtual_tokens=16), lr=args.lr)
+    b, f = run["base"]["heldout_mean"], run["final"]["heldout_mean"]
+    print(f"prompt tuning (16 virtual tokens) through the pipeline, {ROUNDS} rounds x {DEVICES} devices")
+    print(f"held-out perplexity {b:.2f} -> {f:.2f}: gain {100 * (b - f) / b:.1f}%  per round: "
+          f"{', '.join(f'{p:.2f}' for p in run['rounds'])}")
+    _overhead(run)
+
+
+def _overhead(run: dict) -> None:
+    share = run["send_s_per_device_round"] / run["train_s_per_device_round"]
+    print(f"device federation overhead (delta + encode + upload + enqueue) / local epoch = {100 * share:.2f}% (goal <= 5%)")
+
+
+def _child_train(source: str, quantize: bool, steps: int) -> dict:
+    """In a fresh process: load, train LoRA for `steps`, report held-out perplexity and peak RSS."""
+    torch.set_num_threads(2)
+    tokenizer, base = models.load_tokenizer(source), models.load_model(source, quantize_4bit=quantize)
+    if quantize:
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    adapter = AdapterConfig(rank=8, alpha=16)
+    model = trainer.peft_model(base, adapter)
+    strategy = TrainingStrategy(learning_rate=5e-3, batch_size=8, seq_len=128, local_epochs=100, max_steps=steps)
+    text = "\n\n".join(corpora.train_text(d, 40_000, seed=2) for d in corpora.DOMAINS)
+    result = trainer.train(model, trainer.blocks(tokenizer(text)["input_ids"], 128), strategy, seed=0)
+    heldout = {d: trainer.perplexity(model, trainer.blocks(tokenizer(corpora.heldout_text(d, 8000))["input_ids"], 128))
+               for d in corpora.DOMAINS}
+    peak_kib = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                        if line.startswith("VmHWM:")))
+    return {"heldout_mean": sum(heldout.values()) / len(heldout), "peak_mb": peak_kib * 1024 / 1e6,
+            "seconds": result.seconds, "steps": result.steps,
+            "params": sum(p.numel() for p in base.parameters()), "dims": dataclasses.asdict(ModelDims.from_hf_config(base.config)),
+            "adapter_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def _in_child(source: str, quantize: bool, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "child", "--model", source, "--steps", str(steps)]
+                         + (["--quantize"] if quantize else []), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def qlora(args) -> None:
+    lora, q = _in_child(args.model, False, args.steps), _in_child(args.model, True, args.steps)
+    print(f"{args.model}, LoRA r=8 q/k/v/o, {args.steps} steps of 8 x 128 tokens, one process each")
+    for name, r in (("LoRA, fp32 base ", lora), ("QLoRA, NF4 base ", q)):
+        print(f"{name} held-out perplexity {r['heldout_mean']:8.2f}  peak RSS {r['peak_mb']:7.1f} MB  {r['seconds']:.1f}s")
+    print(f"QLoRA / LoRA: perplexity {q['heldout_mean'] / lora['heldout_mean']:.3f}, peak RSS {q['peak_mb'] / lora['peak_mb']:.3f}")
+
+
+def memory_check(args) -> None:
+    r = _in_child(args.model, False, args.steps)
+    dims = ModelDims(**r["dims"])
+    est = memory.estimate(r["params"], r["adapter_params"], dims, bits=32, batch=8, seq=128, act_bytes=4)
+    total = est.total / 1e6
+    print(f"{args.model}: {r['params'] / 1e6:.2f} M parameters, {r['adapter_params']:,} trainable, batch 8 x 128, fp32")
+    print(f"estimate {est.as_mb()} MB")
+    print(f"measured peak RSS {r['peak_mb']:.1f} MB; error (estimate - measured) / measured = "
+          f"{100 * (total - r['peak_mb']) / r['peak_mb']:+.1f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["fed-vs-central", "prompt", "qlora", "memory", "child"])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--quantize", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.what == "child":
+        print(json.dumps(_child_train(args.model, args.quantize, args.steps)))
+        return
+    if args.lr is None:
+        args.lr = 3e-2 if args.what == "prompt" else 5e-3
+    {"fed-vs-central": fed_vs_central, "prompt": prompt, "qlora": qlora, "memory": memory_check}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Run a federation of real training devices through the real tasks, on embedded or real services.
+
+Used by `fleettune demo` and by the quality benchmarks: the devices train in this process (taking
+turns on one model), while a Celery worker thread ingests, aggregates and evaluates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import fakeredis
+import numpy as np
+import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from tqdm import tqdm
+
+from shared import versions
+from shared.device.client import Device
+from shared.federation import FederationConfig
+from shared.runtime import Runtime
+from shared.settings import Settings
+from shared.storage import LocalObjectStore, open_store
+from shared.submit import encode_update, submit_update
+from workers.app import QUEUES, make_app
+from workers.simulate import enqueuer
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundRow:
+    round: int
+    status: str
+    updates: int
+    rejected: int
+    heldout_ppl: float
+    general_ppl: float
+    adapter_norm: float
+    seconds: float
+    train_seconds: float  # mean per device
+    send_seconds: float  # mean per device: delta, encode, upload, enqueue
+    guard: str = ""
+
+
+@contextlib.contextmanager
+def embedded(settings: Settings, out_dir: Path) -> Iterator[tuple[Celery, Runtime, str]]:
+    """Real services where the settings name them, embedded stand-ins where they do not.
+
+    Without FLEETTUNE_REDIS_URL: kombu's in-memory broker and fakeredis, inside this process.
+    Without FLEETTUNE_S3_ENDPOINT: a local directory. Either way a real Celery worker (solo pool,
+    in a thread) consumes the production tasks.
+    """
+    if settings.redis_url:
+        client, broker = redis.Redis.from_url(settings.redis_url), settings.redis_url
+    else:
+        client, broker = fakeredis.FakeRedis(), "memory://"
+    store = open_store(settings) if settings.s3_endpoint else LocalObjectStore(out_dir / "objects")
+    runtime = Runtime(settings, client, store)
+    app = make_app(settings, broker_url=broker, runtime=runtime)
+    if broker == "memory://":
+        app.conf.broker_transport_options = {"polling_interval": 0.05}  # its default idles 1 s per poll
+    with start_worker(app, pool="solo", perform_ping_check=False, queues=list(QUEUES), shutdown_timeout=60):
+        yield app, runtime, broker
+
+
+def wait_round(app: Celery, runtime: Runtime, fed: str, round_no: int, timeout: float):
+    """Wait for the round to settle, sending the deadline sweep each second as beat would."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return runtime.state.wait_settled(fed, round_no, timeout=1.0)
+        except TimeoutError:
+            if time.monotonic() > end:
+                raise
+            app.send_task("fleettune.sweep")
+
+
+def wait_evaluation(runtime: Runtime, fed: str, version: int, timeout: float) -> dict:
+    end = time.monotonic() + timeout
+    while (result := runtime.state.evaluation(fed, version)) is None:
+        if time.monotonic() > end:
+            raise TimeoutError(f"{fed} v{version} not evaluated after {timeout}s")
+        time.sleep(0.05)
+    return result
+
+
+def send_hostile(runtime: Runtime, push, config: FederationConfig, device: str, round_no: int, base: int) -> None:
+    """A device first sends an update holding NaN: it must be rejected (and its real update accepted)."""
+    arrays = {k: np.zeros(s, np.float32) for k, s in config.spec.tensors.items()}
+    next(iter(arrays.values())).flat[0] = np.nan
+    before = runtime.state.stats(config.name).get("rejected", 0)
+    submit_update(runtime.store, push, federation=config.name, round_no=round_no, device=device,
+                  blob=encode_update(arrays), base_version=base, num_samples=10)
+    deadline = time.monotonic() + 30  # wait for the reject before the real update replaces the object
+    while runtime.state.stats(config.name).get("rejected", 0) <= before and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def run_rounds(app: Celery, runtime: Runtime, config: FederationConfig, fleet: list[Device], rounds: int,
+               hostile: bool = False, progress: bool = True, timeout: float = 300) -> Iterator[RoundRow]:
+    push = enqueuer(app)
+    fed = config.name
+    for round_no in range(1, rounds + 1):
+        info = runtime.state.round_info(fed, round_no)
+        if info is None or info.status != "open":
+            return  # halted by the forgetting guard, or the federation completed
+        started = time.monotonic()
+        if hostile:
+            send_hostile(runtime, push, config, fleet[0].device_id, round_no, info.base_version)
+        reports = []
+        for device in tqdm(fleet, desc=f"round {round_no}", unit="device", leave=False, disable=not progress):
+            reports.append(device.run_round(runtime.store, push, round_no, info.base_version, seed=round_no))
+        done = wait_round(app, runtime, fed, round_no, timeout)
+        manifest = versions.manifest(runtime.store, fed, done.version) if done.status == "closed" else {}
+        evaluation = (wait_evaluation(runtime, fed, done.version, timeout)
+                      if done.status == "closed" and config.evaluation else {})
+        yield RoundRow(
+            round_no, done.status, len(manifest.get("contributors", [])), done.rejected,
+            evaluation.get("heldout_mean", math.nan), evaluation.get("general", math.nan),
+            manifest.get("global_norm", math.nan), time.monotonic() - started,
+            sum(r.train_seconds for r in reports) / len(reports),
+            sum(r.send_seconds for r in reports) / len(reports),
+            evaluation.get("guard", ""),
+        )
