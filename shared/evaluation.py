@@ -8,6 +8,7 @@ domain) to the base model's: above 1 the adapter made the model worse at what it
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 
 import torch
@@ -48,7 +49,9 @@ class Evaluator:
         from shared.device.trainer import perplexity
 
         out = {"heldout": {d: perplexity(self.model, data) for d, data in self.heldout.items()}}
-        out["heldout_mean"] = sum(out["heldout"].values()) / len(out["heldout"])
+        # geometric mean: domains' perplexities differ by orders of magnitude, and an arithmetic
+        # mean would be the worst domain's alone
+        out["heldout_mean"] = math.exp(sum(math.log(p) for p in out["heldout"].values()) / len(out["heldout"]))
         if general:
             out["general"] = perplexity(self.model, self.general)
         return out

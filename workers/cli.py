@@ -9,15 +9,21 @@ import click
 
 from shared.adapter_spec import LAYOUTS, AdapterConfig
 from shared.errors import ConfigError, FleettuneError
-from shared.federation import FederationConfig, RoundPolicy
+from shared.federation import DeviceFilter, EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy
 from shared.settings import Settings
 
 
 def _config(name: str, layout: str, kind: str, rank: int, alpha: int, targets: str, virtual_tokens: int,
             min_updates: int, timeout: float, min_samples: int, max_rounds: int, max_grad_norm: float,
-            server_lr: float, max_num_samples: int, seed: int) -> FederationConfig:
+            server_lr: float, max_num_samples: int, seed: int, learning_rate: float, local_epochs: int,
+            batch_size: int, weight_decay: float, min_ram_mb: int, min_storage_mb: int,
+            evaluate_with: str | None) -> FederationConfig:
     return FederationConfig(
-        name=name, model=LAYOUTS[layout], base_model=layout, seed=seed,
+        name=name, model=LAYOUTS[layout], base_model=evaluate_with or layout, seed=seed,
+        training=TrainingStrategy(learning_rate=learning_rate, local_epochs=local_epochs, batch_size=batch_size,
+                                  weight_decay=weight_decay),
+        device_filter=DeviceFilter(min_ram_mb=min_ram_mb, min_storage_mb=min_storage_mb),
+        evaluation=EvaluationConfig(base_model=evaluate_with) if evaluate_with else None,
         adapter=AdapterConfig(kind=kind, rank=rank, alpha=alpha, num_virtual_tokens=virtual_tokens,
                               target_modules=tuple(t.strip() for t in targets.split(",") if t.strip())),
         policy=RoundPolicy(min_updates=min_updates, timeout_seconds=timeout, min_samples_per_client=min_samples,
@@ -43,6 +49,14 @@ def federation_options(fn):
         click.option("--server-lr", default=1.0, show_default=True),
         click.option("--max-num-samples", default=100_000, show_default=True, help="cap on a device's claim"),
         click.option("--seed", default=0, show_default=True),
+        click.option("--learning-rate", default=3e-3, show_default=True, help="devices' local learning rate"),
+        click.option("--local-epochs", default=1, show_default=True),
+        click.option("--batch-size", default=8, show_default=True),
+        click.option("--weight-decay", default=0.0, show_default=True),
+        click.option("--min-ram-mb", default=0, show_default=True, help="device filter"),
+        click.option("--min-storage-mb", default=0, show_default=True, help="device filter"),
+        click.option("--evaluate-with", default=None,
+                     help="evaluate each version on this base model ('tiny', 'smollm2' or a directory)"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -51,7 +65,9 @@ def federation_options(fn):
 
 def _federation_kwargs(kw: dict) -> dict:
     names = ("layout", "kind", "rank", "alpha", "targets", "virtual_tokens", "min_updates", "timeout",
-             "min_samples", "max_rounds", "max_grad_norm", "server_lr", "max_num_samples", "seed")
+             "min_samples", "max_rounds", "max_grad_norm", "server_lr", "max_num_samples", "seed",
+             "learning_rate", "local_epochs", "batch_size", "weight_decay", "min_ram_mb", "min_storage_mb",
+             "evaluate_with")
     return {n: kw.pop(n) for n in names}
 
 
