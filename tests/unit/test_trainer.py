@@ -1,0 +1,43 @@
+"""The device trainer on the packaged tiny Llama (a real model; no services)."""
+
+import pytest
+import torch
+
+from shared.adapter_spec import AdapterConfig, ModelDims, build_spec
+from shared.device import models, trainer
+from shared.federation import TrainingStrategy
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.load_tokenizer("tiny"), models.load_model("tiny")
+
+
+@pytest.mark.parametrize("adapter", [AdapterConfig(rank=4, alpha=8), AdapterConfig(kind="prompt_tuning", num_virtual_tokens=8)],
+                         ids=["lora", "prompt"])
+def test_weights_round_trip_and_training_lowers_the_loss(tiny, adapter):
+    tokenizer, base = tiny
+    model = trainer.peft_model(base, adapter)
+    spec = build_spec(ModelDims.from_hf_config(base.config), adapter)
+    try:
+        weights = trainer.adapter_weights(model)
+        assert {k: tuple(v.shape) for k, v in weights.items()} == spec.tensors  # PEFT's names = the protocol's
+        g = torch.Generator().manual_seed(0)
+        planted = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in weights.items()}
+        trainer.load_adapter_weights(model, planted)
+        assert all(torch.equal(trainer.adapter_weights(model)[k], planted[k]) for k in planted)
+
+        text = "Permission is hereby granted, free of charge, to any person obtaining a copy. " * 40
+        data = trainer.blocks(tokenizer(text)["input_ids"], 64)
+        before = trainer.perplexity(model, data)
+        result = trainer.train(model, data, TrainingStrategy(learning_rate=1e-2, local_epochs=3, batch_size=4,
+                                                             seq_len=64), seed=0)
+        assert result.steps > 0 and result.samples == 3 * len(data)
+        assert trainer.perplexity(model, data) < before
+    finally:
+        trainer.release(model)
+
+
+def test_blocks_refuse_text_shorter_than_one_sequence():
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        trainer.blocks([1, 2, 3], 8)
