@@ -119,17 +119,23 @@ def _child_train(source: str, quantize: bool, steps: int) -> dict:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     adapter = AdapterConfig(rank=8, alpha=16)
     model = trainer.peft_model(base, adapter)
+    load_peak_mb = _kib("VmHWM") * 1024 / 1e6
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak: measure training on its own
     strategy = TrainingStrategy(learning_rate=5e-3, batch_size=8, seq_len=128, local_epochs=100, max_steps=steps)
     text = "\n\n".join(corpora.train_text(d, 40_000, seed=2) for d in corpora.DOMAINS)
     result = trainer.train(model, trainer.blocks(tokenizer(text)["input_ids"], 128), strategy, seed=0)
     heldout = {d: trainer.perplexity(model, trainer.blocks(tokenizer(corpora.heldout_text(d, 8000))["input_ids"], 128))
                for d in corpora.DOMAINS}
-    peak_kib = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
-                        if line.startswith("VmHWM:")))
-    return {"heldout_mean": sum(heldout.values()) / len(heldout), "peak_mb": peak_kib * 1024 / 1e6,
+    return {"heldout_mean": sum(heldout.values()) / len(heldout), "peak_mb": _kib("VmHWM") * 1024 / 1e6,
+            "load_peak_mb": load_peak_mb,
             "seconds": result.seconds, "steps": result.steps,
             "params": sum(p.numel() for p in base.parameters()), "dims": dataclasses.asdict(ModelDims.from_hf_config(base.config)),
             "adapter_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def _kib(field: str) -> int:
+    return int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith(field + ":")))
 
 
 def _in_child(source: str, quantize: bool, steps: int) -> dict:
@@ -139,11 +145,16 @@ def _in_child(source: str, quantize: bool, steps: int) -> dict:
 
 
 def qlora(args) -> None:
-    lora, q = _in_child(args.model, False, args.steps), _in_child(args.model, True, args.steps)
+    source = args.model
+    if source == "smollm2":  # the 4-bit loader needs a plain checkpoint, not the GGUF file
+        source = str(models.materialize("smollm2", Path(tempfile.gettempdir()) / "fleettune-smollm2-hf"))
+    lora, q = _in_child(source, False, args.steps), _in_child(source, True, args.steps)
     print(f"{args.model}, LoRA r=8 q/k/v/o, {args.steps} steps of 8 x 128 tokens, one process each")
     for name, r in (("LoRA, fp32 base ", lora), ("QLoRA, NF4 base ", q)):
-        print(f"{name} held-out perplexity {r['heldout_mean']:8.2f}  peak RSS {r['peak_mb']:7.1f} MB  {r['seconds']:.1f}s")
-    print(f"QLoRA / LoRA: perplexity {q['heldout_mean'] / lora['heldout_mean']:.3f}, peak RSS {q['peak_mb'] / lora['peak_mb']:.3f}")
+        print(f"{name} held-out perplexity {r['heldout_mean']:8.2f}  peak RSS training {r['peak_mb']:7.1f} MB"
+              f" (loading {r['load_peak_mb']:7.1f} MB)  {r['seconds']:.1f}s")
+    print(f"QLoRA / LoRA: perplexity {q['heldout_mean'] / lora['heldout_mean']:.3f}, "
+          f"peak RSS in training {q['peak_mb'] / lora['peak_mb']:.3f}")
 
 
 def memory_check(args) -> None:
@@ -153,7 +164,7 @@ def memory_check(args) -> None:
     total = est.total / 1e6
     print(f"{args.model}: {r['params'] / 1e6:.2f} M parameters, {r['adapter_params']:,} trainable, batch 8 x 128, fp32")
     print(f"estimate {est.as_mb()} MB")
-    print(f"measured peak RSS {r['peak_mb']:.1f} MB; error (estimate - measured) / measured = "
+    print(f"measured peak RSS in training {r['peak_mb']:.1f} MB (loading {r['load_peak_mb']:.1f} MB); error (estimate - measured) / measured = "
           f"{100 * (total - r['peak_mb']) / r['peak_mb']:+.1f}%")
 
 

@@ -37,6 +37,29 @@ def resolve(source: str) -> tuple[Path, dict]:
     return path, {}
 
 
+def materialize(source: str, directory: Path) -> Path:
+    """Write `source` as a plain fp32 Hugging Face checkpoint (QLoRA's 4-bit loader needs one).
+
+    transformers will not save a GGUF-loaded model, so the weights move into a model built from
+    the same config without its quantization settings.
+    """
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    if (directory / "config.json").exists():
+        return directory
+    loaded = load_model(source)
+    config = loaded.config
+    for attr in ("quantization_config", "gguf_file"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict())
+    clean.save_pretrained(directory, safe_serialization=True)
+    load_tokenizer(source).save_pretrained(directory)
+    return directory
+
+
 def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
