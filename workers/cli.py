@@ -123,8 +123,10 @@ def federation_status(name: str) -> None:
     state = runtime_of(app).state
     round_no = state.current_round(name)
     info = state.round_info(name, round_no)
-    click.echo(json.dumps({"state": state.status(name), "round": info.__dict__ if info else None,
-                           "stats": state.stats(name)}, indent=2))
+    status = state.status(name)
+    version = int(status.get("version", 0))
+    click.echo(json.dumps({"state": status, "round": info.__dict__ if info else None, "stats": state.stats(name),
+                           "evaluation": state.evaluation(name, version)}, indent=2))
 
 
 @cli.command()
