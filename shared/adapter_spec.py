@@ -65,7 +65,7 @@ LAYOUTS: dict[str, ModelDims] = {
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
-    kind: Literal["lora", "prompt_tuning"] = "lora"
+    kind: Literal["lora", "qlora", "prompt_tuning"] = "lora"  # qlora: the same LoRA on a 4-bit NF4 base
     rank: int = 8
     alpha: int = 16
     target_modules: tuple[str, ...] = _ATTENTION
@@ -73,12 +73,17 @@ class AdapterConfig:
     num_virtual_tokens: int = 16
 
     def __post_init__(self) -> None:
-        if self.kind not in ("lora", "prompt_tuning"):
-            raise ValueError(f"adapter kind must be 'lora' or 'prompt_tuning', got {self.kind!r}")
-        if self.kind == "lora" and (self.rank <= 0 or not self.target_modules):
+        if self.kind not in ("lora", "qlora", "prompt_tuning"):
+            raise ValueError(f"adapter kind must be 'lora', 'qlora' or 'prompt_tuning', got {self.kind!r}")
+        if self.kind != "prompt_tuning" and (self.rank <= 0 or not self.target_modules):
             raise ValueError("a LoRA adapter needs rank > 0 and at least one target module")
         if self.kind == "prompt_tuning" and self.num_virtual_tokens <= 0:
             raise ValueError("prompt tuning needs num_virtual_tokens > 0")
+
+    @property
+    def quantized_base(self) -> bool:
+        """QLoRA trains full-precision LoRA factors over a 4-bit base; the update looks like LoRA's."""
+        return self.kind == "qlora"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,9 @@ class Evaluator:
 
         self.config = config
         tokenizer = models.load_tokenizer(config.base_model)
-        self.model = trainer.peft_model(models.load_model(config.base_model), adapter)
+        # evaluate on the base the devices train on: 4-bit for QLoRA
+        base = models.load_model(config.base_model, quantize_4bit=adapter.quantized_base)
+        self.model = trainer.peft_model(base, adapter)
         self._initial = trainer.adapter_weights(self.model)
 
         def encode(text: str) -> torch.Tensor:

