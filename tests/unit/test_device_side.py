@@ -68,6 +68,16 @@ def test_partitions_are_non_iid_disjoint_and_never_touch_held_out_text():
     assert corpora.heldout_text("code", 3000) == corpora.heldout_text("code", 3000)  # deterministic
 
 
+@pytest.mark.skipif(not corpora.GCIDE.exists(), reason="apt-get install dict-gcide (scripts/test.sh does)")
+def test_the_medical_domain_comes_from_labelled_dictionary_entries():
+    docs = corpora.documents("medical")
+    assert len(docs) > 3000
+    assert all(any(label in d.text for label in corpora.MEDICAL_LABELS) for d in docs[:200])
+    assert not any("[1913 Webster" in d.text or "\\" in d.text for d in docs[:200])
+    parts = corpora.partition({"medical": 2}, 8000, seed=1)
+    assert [p.domain for p in parts] == ["medical", "medical"] and all(len(p.text) == 8000 for p in parts)
+
+
 class _Evaluator:
     """Stands in for the model: the guard logic is what is tested here, real perplexity elsewhere."""
 
