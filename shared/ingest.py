@@ -39,6 +39,7 @@ class IngestResult:
     nbytes: int = 0
     train_seconds: float | None = None
     round_ready: bool = False  # every selected device has reported: close the round now
+    tier: str = "default"
 
 
 class Ingestor:
@@ -83,7 +84,7 @@ class Ingestor:
         policy = config.policy
         if env.object_key != keys.update_object(env.federation, env.round, env.device):
             raise Rejected(RejectReason.BAD_OBJECT_KEY, "key does not match federation, round and device")
-        self._check_round(env, config)
+        tier = self._check_round(env, config)
 
         try:
             blob = self.store.get(env.object_key, self.settings.max_update_bytes)
@@ -112,11 +113,12 @@ class Ingestor:
         return IngestResult(
             ACCEPTED, env.federation, env.round, env.device, norm=norm, clip_scale=scale,
             nbytes=len(blob), train_seconds=env.train_seconds, round_ready=cohort > 0 and count >= cohort,
+            tier=tier,
         )
 
-    def _check_round(self, env: Envelope, config: FederationConfig) -> None:
+    def _check_round(self, env: Envelope, config: FederationConfig) -> str:
         """Cheap checks before any download; the accept transaction re-checks what can change."""
-        current, info, selected, submitted = self.state.precheck(env.federation, env.round, env.device)
+        current, info, selected, submitted, tier = self.state.precheck(env.federation, env.round, env.device)
         if env.round > current:
             raise Rejected(RejectReason.FUTURE_ROUND, f"round {env.round} > current {current}")
         if info is None or info.status != "open":
@@ -129,6 +131,7 @@ class Ingestor:
             raise Rejected(RejectReason.TOO_FEW_SAMPLES, f"{env.num_samples} < {config.policy.min_samples_per_client}")
         if submitted:
             raise Rejected(RejectReason.ALREADY_SUBMITTED, f"{env.device} already has an update in round {env.round}")
+        return tier
 
     def _reject(self, digest: str, rej: Rejected, env: Envelope | None) -> IngestResult:
         # Count under the federation only once it is known to exist: unknown names stay unbounded.

@@ -39,6 +39,9 @@ class CloseResult:
     version: int | None = None
     next_round: RoundInfo | None = None
     manifest: dict | None = None
+    info: RoundInfo | None = None  # the round as it was when the close began
+    updates: int = 0  # accepted updates in the round
+    aggregation_seconds: float = 0.0
 
 
 class RoundCoordinator:
@@ -71,13 +74,18 @@ class RoundCoordinator:
             fed, round_no, lambda i, n: decide(i, n, config.policy.min_updates, now))
         if decision == WAIT or decision == "closed":
             return CloseResult(decision, info.version)
+        updates = len(self.state.updates(fed, round_no))
         if decision == FAILED:
-            return CloseResult(FAILED, None, self._next_round(config, round_no, info.base_version))
+            return CloseResult(FAILED, None, self._next_round(config, round_no, info.base_version), info=info,
+                               updates=updates)
         # closing: first time, or a redelivery after a worker died mid-aggregation; both redo it all.
         version = info.base_version + 1
+        started = time.perf_counter()
         manifest = self._aggregate_and_publish(config, info, version)
+        seconds = time.perf_counter() - started
         self.state.finish_round(fed, round_no, version, self.clock())
-        return CloseResult(CLOSING, version, self._next_round(config, round_no, version), manifest)
+        return CloseResult(CLOSING, version, self._next_round(config, round_no, version), manifest, info=info,
+                           updates=updates, aggregation_seconds=seconds)
 
     def _next_round(self, config: FederationConfig, round_no: int, base_version: int) -> RoundInfo | None:
         if self.state.status(config.name).get("status") == "halted":

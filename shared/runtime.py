@@ -9,6 +9,7 @@ import redis
 
 from shared.federation import FederationConfig
 from shared.ingest import Ingestor
+from shared.metrics import Metrics, process_metrics
 from shared.rounds import RoundCoordinator
 from shared.settings import Settings
 from shared.state import FederationState
@@ -39,6 +40,10 @@ class Runtime:
     @functools.cached_property
     def coordinator(self) -> RoundCoordinator:
         return RoundCoordinator(self.state, self.store, self.settings)
+
+    @functools.cached_property
+    def metrics(self) -> Metrics:
+        return process_metrics()
 
     def evaluator(self, config: FederationConfig):
         """One Evaluator per (evaluation, adapter) config in this process: loading the base model is slow."""

@@ -36,6 +36,8 @@ class Settings:
     sweep_interval_s: float = 5.0  # how often beat looks for rounds past their deadline
     restore_interval_s: int = 10  # how often workers look for messages of dead workers to requeue
     torch_threads: int = 1  # per worker process: prefork already runs one process per core
+    metrics_port: int = 0  # the worker's /metrics; 0 serves none
+    metrics_addr: str = "127.0.0.1"  # 0.0.0.0 where Prometheus scrapes from another host
 
     def __post_init__(self) -> None:
         if self.visibility_timeout_s <= self.task_time_limit_s:
@@ -91,4 +93,6 @@ class Settings:
             sweep_interval_s=real("SWEEP_INTERVAL", cls.sweep_interval_s),
             restore_interval_s=integer("RESTORE_INTERVAL", cls.restore_interval_s),
             torch_threads=integer("TORCH_THREADS", cls.torch_threads),
+            metrics_port=integer("METRICS_PORT", cls.metrics_port),
+            metrics_addr=get("METRICS_ADDR") or cls.metrics_addr,
         )

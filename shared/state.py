@@ -193,16 +193,18 @@ class FederationState:
 
         return self._transaction(open_, keys.fed_state(fed))
 
-    def precheck(self, fed: str, round_no: int, device: str) -> tuple[int, RoundInfo | None, bool, bool]:
-        """(current round, round info, device in cohort, device already submitted) in one round trip."""
+    def precheck(self, fed: str, round_no: int, device: str) -> tuple[int, RoundInfo | None, bool, bool, str]:
+        """(current round, round info, in cohort, already submitted, device tier) in one round trip."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hget(keys.fed_state(fed), "round")
         pipe.hgetall(keys.round_info(fed, round_no))
         pipe.sismember(keys.round_cohort(fed, round_no), device)
         pipe.hexists(keys.round_updates(fed, round_no), device)
-        current, info, selected, submitted = pipe.execute()
+        pipe.hget(keys.fed_profiles(fed), device)
+        current, info, selected, submitted, profile = pipe.execute()
+        tier = msgpack.unpackb(profile).get("tier", "default") if profile else "default"
         return (int(current or 0), RoundInfo.from_hash(round_no, info) if info else None,
-                bool(selected), bool(submitted))
+                bool(selected), bool(submitted), tier)
 
     def round_info(self, fed: str, round_no: int) -> RoundInfo | None:
         h = self.r.hgetall(keys.round_info(fed, round_no))

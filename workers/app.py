@@ -18,7 +18,7 @@ QUEUES = (INGEST_QUEUE, ROUNDS_QUEUE, EVAL_QUEUE)
 
 def make_app(settings: Settings | None = None, broker_url: str | None = None, runtime: Runtime | None = None) -> Celery:
     settings = settings or Settings.from_env()
-    app = Celery("fleettune", broker=broker_url or settings.redis_url or "memory://", include=["workers.tasks"])
+    app = Celery("fleettune", broker=broker_url or settings.redis_url or "memory://", include=["workers.tasks", "workers.observability"])
     app.conf.update(
         # msgpack only: no pickle can reach a worker, and envelopes arrive as raw bytes
         task_serializer="msgpack",

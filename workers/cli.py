@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 
 import click
 
@@ -80,15 +82,36 @@ def cli() -> None:
 @click.option("--concurrency", "-c", default=2, show_default=True)
 @click.option("--beat/--no-beat", default=False, help="also run the deadline sweep (exactly one worker should)")
 @click.option("--loglevel", "-l", default="info", show_default=True)
+@click.option("--metrics-port", type=int, default=None, help="serve /metrics here (FLEETTUNE_METRICS_PORT)")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(concurrency: int, beat: bool, loglevel: str, celery_args: tuple[str, ...]) -> None:
-    """Start a Celery worker (the same as `celery -A workers.app worker`)."""
+def worker(concurrency: int, beat: bool, loglevel: str, metrics_port: int | None, celery_args: tuple[str, ...]) -> None:
+    """Start a Celery worker (the same as `celery -A workers.app worker`), with /metrics if asked."""
+    if metrics_port is not None:
+        os.environ["FLEETTUNE_METRICS_PORT"] = str(metrics_port)
+    if os.environ.get("FLEETTUNE_METRICS_PORT", "0") != "0" and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # before prometheus_client is imported: every pool process then writes its samples there
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fleettune-metrics-")
     from workers.app import QUEUES, app
 
     if not app.fleettune_settings.redis_url:
         raise click.UsageError("set FLEETTUNE_REDIS_URL (and FLEETTUNE_S3_*) to run a worker")
     argv = ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", f"-Q{','.join(QUEUES)}"]
     app.worker_main(argv + (["--beat"] if beat else []) + list(celery_args))
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+def api(host: str, port: int) -> None:
+    """Serve the read-only HTTP API and its /metrics."""
+    from shared.runtime import Runtime
+    from workers.api import serve
+
+    settings = Settings.from_env()
+    if not settings.redis_url:
+        raise click.UsageError("set FLEETTUNE_REDIS_URL (and FLEETTUNE_S3_*) to run the API")
+    click.echo(f"fleettune api on http://{host}:{port}/ (GET /v1/federations, /metrics)")
+    serve(Runtime.from_settings(settings), host, port)
 
 
 @cli.group()

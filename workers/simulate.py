@@ -15,8 +15,12 @@ from workers.app import INGEST_QUEUE
 
 
 def enqueuer(app: Celery):
-    """The device's queue push: one msgpack envelope, as the only argument of the ingest task."""
-    return lambda raw: app.send_task("fleettune.ingest", args=[raw], queue=INGEST_QUEUE)
+    """The device's queue push: one msgpack envelope, as the only argument of the ingest task.
+
+    The send time rides in a header, so /metrics can tell the age of the oldest waiting message.
+    """
+    return lambda raw: app.send_task("fleettune.ingest", args=[raw], queue=INGEST_QUEUE,
+                                     headers={"fleettune_sent_at": time.time()})
 
 
 def simulate(app: Celery, runtime: Runtime, config: FederationConfig, num_devices: int, rounds: int,

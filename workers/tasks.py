@@ -36,6 +36,7 @@ class FleetTask(Task):
 @shared_task(base=FleetTask, bind=True, name="fleettune.ingest", **RETRY)
 def ingest(self: FleetTask, raw: bytes) -> str:
     result = self.runtime.ingestor.ingest(raw)
+    self.runtime.metrics.observe_ingest(result)
     if result.outcome == "rejected":
         log.info("rejected %s/%s/%s: %s %s", result.federation, result.round, result.device,
                  result.reason.value, result.detail)
@@ -47,6 +48,7 @@ def ingest(self: FleetTask, raw: bytes) -> str:
 @shared_task(base=FleetTask, bind=True, name="fleettune.close_round", **RETRY)
 def close_round(self: FleetTask, fed: str, round_no: int) -> str:
     result = self.runtime.coordinator.close(fed, round_no)
+    self.runtime.metrics.observe_close(fed, result, time.time())
     if result.decision in ("closing", "failed"):
         log.info("%s round %s %s -> version %s", fed, round_no, result.decision, result.version)
     if result.decision == "closing" and self.runtime.state.config(fed).evaluation is not None:
@@ -59,6 +61,7 @@ def evaluate(self: FleetTask, fed: str, version: int) -> float:
     """Held-out perplexity (and forgetting) of a newly published version."""
     runtime = self.runtime
     result = runtime.coordinator.evaluate(fed, version, runtime.evaluator(runtime.state.config(fed)))
+    runtime.metrics.observe_evaluation(fed, result)
     log.info("%s v%s held-out perplexity %.2f %s", fed, version, result["heldout_mean"], result.get("guard", ""))
     return result["heldout_mean"]
 

@@ -18,7 +18,8 @@ from shared.runtime import Runtime
 from shared.settings import Settings
 from shared.submit import encode_update, submit_update
 from tests import services
-from workers.app import INGEST_QUEUE, make_app
+from workers.app import make_app
+from workers.simulate import enqueuer
 
 pytestmark = pytest.mark.services
 _names = itertools.count(1)
@@ -63,17 +64,17 @@ class Pipeline:
     runtime: Runtime
     app: object
 
-    def create(self, *, devices: list[str], layout: str = "tiny-llama", **policy) -> FederationConfig:
+    def create(self, *, devices: list[str], layout: str = "tiny-llama", evaluation=None, **policy) -> FederationConfig:
         config = FederationConfig(
             name=f"it-{next(_names)}-{int(time.time() * 1000) % 10**8}", model=LAYOUTS[layout],
-            adapter=AdapterConfig(rank=8, alpha=16), base_model=layout,
+            adapter=AdapterConfig(rank=8, alpha=16), base_model=layout, evaluation=evaluation,
             policy=RoundPolicy(**{"min_updates": 2, "timeout_seconds": 120, "max_rounds": 5, **policy}),
         )
         self.runtime.coordinator.start(config, devices)
         return config
 
     def enqueue(self, raw: bytes) -> None:
-        self.app.send_task("fleettune.ingest", args=[raw], queue=INGEST_QUEUE)
+        enqueuer(self.app)(raw)
 
     def submit(self, config: FederationConfig, round_no: int, device: str, arrays: Mapping[str, np.ndarray] | None = None,
                *, blob: bytes | None = None, num_samples: int = 10, base_version: int | None = None, times: int = 1):

@@ -1,0 +1,143 @@
+"""Prometheus metrics, defined once; every metric takes the registry it is given.
+
+Labels are bounded: federation, reason (the closed RejectReason set), tier, stage, outcome, queue.
+A device id is never a label: per-device facts (training time) go into histograms.
+
+Under Celery prefork each pool process increments its own copy; prometheus-client's multiprocess
+mode (PROMETHEUS_MULTIPROC_DIR, set by `fleettune worker`) sums them when the worker's main process
+is scraped. Gauges that describe the federation, not the process, keep the most recent value.
+Redis holds the authoritative counts (FederationState.stats); these are for watching.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import redis
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+NORM_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, float("inf"))
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+@functools.cache
+def process_metrics() -> Metrics:
+    """The metrics of prometheus-client's default registry, which is itself one per process."""
+    return Metrics(REGISTRY)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        fed = ["federation"]
+        kw = {"registry": registry}
+        latest = {"multiprocess_mode": "mostrecent"}  # a federation fact: the newest write wins
+        self.received = Counter("fleettune_updates_received", "Update envelopes received (redeliveries not counted)", fed, **kw)
+        self.accepted = Counter("fleettune_updates_accepted", "Updates accepted into a round", fed, **kw)
+        self.rejected = Counter("fleettune_updates_rejected", "Updates rejected, by reason", fed + ["reason"], **kw)
+        self.redelivered = Counter("fleettune_messages_redelivered", "Messages seen again after being settled", **kw)
+        self.bytes_ingested = Counter("fleettune_bytes_ingested", "Bytes of accepted update objects", fed, **kw)
+        self.update_norm = Histogram("fleettune_update_norm", "L2 norm of accepted updates, before and after clipping",
+                                     fed + ["stage"], buckets=NORM_BUCKETS, **kw)
+        self.train_seconds = Histogram("fleettune_device_train_seconds", "Local training time reported by devices",
+                                       fed + ["tier"], buckets=SECONDS_BUCKETS, **kw)
+        self.late_updates = Counter("fleettune_late_updates", "Updates that arrived after their round closed", fed, **kw)
+        self.timed_out_devices = Counter("fleettune_devices_timed_out",
+                                         "Selected devices that had not reported when their round closed", fed, **kw)
+        self.selected_devices = Counter("fleettune_devices_selected", "Devices selected into closed rounds", fed, **kw)
+        self.rounds = Counter("fleettune_rounds", "Rounds that ended, by outcome (closed or failed)", fed + ["outcome"], **kw)
+        self.round_failures = Counter("fleettune_round_failures", "Failed rounds, by reason", fed + ["reason"], **kw)
+        self.round_seconds = Histogram("fleettune_round_duration_seconds", "From a round's opening to its close",
+                                       fed, buckets=SECONDS_BUCKETS, **kw)
+        self.aggregation_seconds = Histogram("fleettune_aggregation_seconds", "Time to aggregate and publish a round",
+                                             fed, buckets=SECONDS_BUCKETS, **kw)
+        self.current_round = Gauge("fleettune_current_round", "The round now open (or last ended)", fed, **kw, **latest)
+        self.adapter_version = Gauge("fleettune_adapter_version", "Newest published global version", fed, **kw, **latest)
+        self.adapter_norm = Gauge("fleettune_adapter_norm", "L2 norm of the newest global adapter", fed, **kw, **latest)
+        self.heldout_perplexity = Gauge("fleettune_heldout_perplexity",
+                                        "Held-out perplexity of the newest evaluated version", fed, **kw, **latest)
+        self.base_perplexity = Gauge("fleettune_base_heldout_perplexity", "Held-out perplexity of the base model",
+                                     fed, **kw, **latest)
+        self.forgetting_ratio = Gauge("fleettune_forgetting_ratio",
+                                      "General-text perplexity of base + adapter over the base model's", fed, **kw, **latest)
+
+
+    def observe_ingest(self, result) -> None:
+        """One settled envelope (an IngestResult); redeliveries change nothing."""
+        if result.outcome == "redelivered":
+            self.redelivered.inc()
+            return
+        fed = result.federation or "_unknown"
+        self.received.labels(fed).inc()
+        if result.outcome == "accepted":
+            self.accepted.labels(fed).inc()
+            self.bytes_ingested.labels(fed).inc(result.nbytes)
+            self.update_norm.labels(fed, "pre_clip").observe(result.norm)
+            self.update_norm.labels(fed, "post_clip").observe(result.norm * result.clip_scale)
+            self.train_seconds.labels(fed, result.tier).observe(result.train_seconds or 0.0)
+        else:
+            self.rejected.labels(fed, result.reason.value).inc()
+            if result.reason.value == "stale_round":
+                self.late_updates.labels(fed).inc()
+
+    def observe_close(self, fed: str, result, now: float) -> None:
+        """A round that closed or failed (a CloseResult); waits and repeats change nothing."""
+        if result.decision not in ("closing", "failed") or result.info is None:
+            return
+        info = result.info
+        outcome = "closed" if result.decision == "closing" else "failed"
+        self.rounds.labels(fed, outcome).inc()
+        self.selected_devices.labels(fed).inc(info.cohort_size)
+        self.timed_out_devices.labels(fed).inc(max(0, info.cohort_size - result.updates))
+        self.round_seconds.labels(fed).observe(max(0.0, now - info.opened_at))
+        self.current_round.labels(fed).set(result.next_round.round if result.next_round else info.round)
+        if outcome == "failed":
+            self.round_failures.labels(fed, "no_quorum").inc()
+            return
+        self.aggregation_seconds.labels(fed).observe(result.aggregation_seconds)
+        self.adapter_version.labels(fed).set(result.version)
+        self.adapter_norm.labels(fed).set(result.manifest["global_norm"])
+
+    def observe_evaluation(self, fed: str, evaluation: dict) -> None:
+        self.heldout_perplexity.labels(fed).set(evaluation["heldout_mean"])
+        self.base_perplexity.labels(fed).set(evaluation["base_heldout_mean"])
+        if "forgetting_ratio" in evaluation:
+            self.forgetting_ratio.labels(fed).set(evaluation["forgetting_ratio"])
+
+
+class QueueCollector:
+    """Queue depth and oldest-message age, read from the broker at scrape time."""
+
+    def __init__(self, client: redis.Redis, queues: tuple[str, ...], clock=time.time) -> None:
+        self.client = client
+        self.queues = queues
+        self.clock = clock
+
+    def collect(self):
+        import json
+
+        depth = GaugeMetricFamily("fleettune_queue_depth", "Messages waiting in a broker queue", labels=["queue"])
+        age = GaugeMetricFamily("fleettune_queue_oldest_age_seconds",
+                                "Age of the oldest waiting message (0 when empty)", labels=["queue"])
+        for queue in self.queues:
+            try:
+                n = self.client.llen(queue)
+                oldest = self.client.lindex(queue, -1)  # kombu pushes left and pops right
+            except redis.RedisError:
+                continue  # no broker, no sample: an absent series is what alerts should see
+            sent = None
+            if oldest is not None:
+                try:
+                    sent = float(json.loads(oldest)["headers"]["fleettune_sent_at"])
+                except (ValueError, KeyError, TypeError):
+                    sent = None
+            depth.add_metric([queue], n)
+            age.add_metric([queue], max(0.0, self.clock() - sent) if sent else 0.0)
+        yield depth
+        yield age
