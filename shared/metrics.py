@@ -3,10 +3,13 @@
 Labels are bounded: federation, reason (the closed RejectReason set), tier, stage, outcome, queue.
 A device id is never a label: per-device facts (training time) go into histograms.
 
-Under Celery prefork each pool process increments its own copy; prometheus-client's multiprocess
-mode (PROMETHEUS_MULTIPROC_DIR, set by `fleettune worker`) sums them when the worker's main process
-is scraped. Gauges that describe the federation, not the process, keep the most recent value.
-Redis holds the authoritative counts (FederationState.stats); these are for watching.
+Events (updates, rounds, timings) are counted where they happen, in the workers: under Celery
+prefork each pool process increments its own copy, and prometheus-client's multiprocess mode
+(PROMETHEUS_MULTIPROC_DIR, set by `fleettune worker`) sums them when the worker's main process is
+scraped. Facts about a federation (its version, adapter norm, perplexity) are read from Redis and
+the store at scrape time by FederationCollector, served once, by the API: a gauge set by whichever
+worker last touched it would disagree between workers. Redis holds the authoritative counts
+(FederationState.stats); the counters here are for watching.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         fed = ["federation"]
         kw = {"registry": registry}
-        latest = {"multiprocess_mode": "mostrecent"}  # a federation fact: the newest write wins
         self.received = Counter("fleettune_updates_received", "Update envelopes received (redeliveries not counted)", fed, **kw)
         self.accepted = Counter("fleettune_updates_accepted", "Updates accepted into a round", fed, **kw)
         self.rejected = Counter("fleettune_updates_rejected", "Updates rejected, by reason", fed + ["reason"], **kw)
@@ -57,15 +59,7 @@ class Metrics:
                                        fed, buckets=SECONDS_BUCKETS, **kw)
         self.aggregation_seconds = Histogram("fleettune_aggregation_seconds", "Time to aggregate and publish a round",
                                              fed, buckets=SECONDS_BUCKETS, **kw)
-        self.current_round = Gauge("fleettune_current_round", "The round now open (or last ended)", fed, **kw, **latest)
-        self.adapter_version = Gauge("fleettune_adapter_version", "Newest published global version", fed, **kw, **latest)
-        self.adapter_norm = Gauge("fleettune_adapter_norm", "L2 norm of the newest global adapter", fed, **kw, **latest)
-        self.heldout_perplexity = Gauge("fleettune_heldout_perplexity",
-                                        "Held-out perplexity of the newest evaluated version", fed, **kw, **latest)
-        self.base_perplexity = Gauge("fleettune_base_heldout_perplexity", "Held-out perplexity of the base model",
-                                     fed, **kw, **latest)
-        self.forgetting_ratio = Gauge("fleettune_forgetting_ratio",
-                                      "General-text perplexity of base + adapter over the base model's", fed, **kw, **latest)
+
 
 
     def observe_ingest(self, result) -> None:
@@ -96,19 +90,49 @@ class Metrics:
         self.selected_devices.labels(fed).inc(info.cohort_size)
         self.timed_out_devices.labels(fed).inc(max(0, info.cohort_size - result.updates))
         self.round_seconds.labels(fed).observe(max(0.0, now - info.opened_at))
-        self.current_round.labels(fed).set(result.next_round.round if result.next_round else info.round)
         if outcome == "failed":
             self.round_failures.labels(fed, "no_quorum").inc()
             return
         self.aggregation_seconds.labels(fed).observe(result.aggregation_seconds)
-        self.adapter_version.labels(fed).set(result.version)
-        self.adapter_norm.labels(fed).set(result.manifest["global_norm"])
 
-    def observe_evaluation(self, fed: str, evaluation: dict) -> None:
-        self.heldout_perplexity.labels(fed).set(evaluation["heldout_mean"])
-        self.base_perplexity.labels(fed).set(evaluation["base_heldout_mean"])
-        if "forgetting_ratio" in evaluation:
-            self.forgetting_ratio.labels(fed).set(evaluation["forgetting_ratio"])
+
+class FederationCollector:
+    """Per-federation state gauges, read at scrape time from the authoritative state."""
+
+    def __init__(self, state, store) -> None:
+        self.state = state
+        self.store = store
+        self._norms: dict[tuple[str, int], float] = {}  # versions are immutable: read each manifest once
+
+    def collect(self):
+        from shared import versions
+
+        gauges = {
+            "version": GaugeMetricFamily("fleettune_adapter_version", "Newest published global version", labels=["federation"]),
+            "round": GaugeMetricFamily("fleettune_current_round", "The round now open (or last ended)", labels=["federation"]),
+            "norm": GaugeMetricFamily("fleettune_adapter_norm", "L2 norm of the newest global adapter", labels=["federation"]),
+            "ppl": GaugeMetricFamily("fleettune_heldout_perplexity", "Held-out perplexity of the newest evaluated version",
+                                     labels=["federation"]),
+            "base": GaugeMetricFamily("fleettune_base_heldout_perplexity", "Held-out perplexity of the base model",
+                                      labels=["federation"]),
+            "forget": GaugeMetricFamily("fleettune_forgetting_ratio",
+                                        "General-text perplexity of base + adapter over the base model's", labels=["federation"]),
+        }
+        for fed in self.state.federations():
+            status = self.state.status(fed)
+            version = int(status.get("version", 0))
+            gauges["version"].add_metric([fed], version)
+            gauges["round"].add_metric([fed], int(status.get("round", 0)))
+            if (fed, version) not in self._norms:
+                self._norms[(fed, version)] = versions.manifest(self.store, fed, version)["global_norm"]
+            gauges["norm"].add_metric([fed], self._norms[(fed, version)])
+            evaluation = self.state.latest_evaluation(fed)
+            if evaluation:
+                gauges["ppl"].add_metric([fed], evaluation["heldout_mean"])
+                gauges["base"].add_metric([fed], evaluation["base_heldout_mean"])
+                if "forgetting_ratio" in evaluation:
+                    gauges["forget"].add_metric([fed], evaluation["forgetting_ratio"])
+        yield from gauges.values()
 
 
 class QueueCollector:

@@ -135,6 +135,13 @@ class FederationState:
         raw = self.r.hget(keys.fed_evaluations(fed), str(version))
         return json.loads(raw) if raw is not None else None
 
+    def latest_evaluation(self, fed: str) -> dict | None:
+        """The evaluation of the newest evaluated version (the one with general perplexity, if any)."""
+        raw = self.r.hgetall(keys.fed_evaluations(fed))
+        if not raw:
+            return None
+        return json.loads(raw[max(raw, key=int)])
+
     def server_lr(self, fed: str, default: float) -> float:
         raw = self.r.hget(keys.fed_state(fed), "server_lr")
         return float(raw) if raw is not None else default

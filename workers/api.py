@@ -1,5 +1,8 @@
 """`fleettune api`: a small read-only HTTP API over federation state, with /metrics.
 
+Its /metrics carries the federation gauges (version, adapter norm, perplexity, forgetting), read
+from Redis and the store at scrape time; the workers' carry the event counters.
+
 Routes (JSON): /healthz, /v1/federations, /v1/federations/{name},
 /v1/federations/{name}/versions/{version}, /v1/deadletters?n=20; and /metrics for Prometheus.
 It holds the server's credentials and exposes no write: devices never talk to it with admin rights.
@@ -20,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 
 from shared import versions
 from shared.errors import ObjectNotFound
+from shared.metrics import FederationCollector
 from shared.runtime import Runtime
 
 Response = tuple[str, object]
@@ -33,6 +37,7 @@ class Api:
                                 ["route", "code"], registry=self.registry)
         self.latency = Histogram("fleettune_api_request_seconds", "API request latency", ["route"],
                                  registry=self.registry)
+        self.registry.register(FederationCollector(runtime.state, runtime.store))
         self.metrics_app = make_wsgi_app(self.registry)
         self.routes: list[tuple[str, re.Pattern, Callable[..., Response]]] = [
             ("healthz", re.compile(r"^/healthz$"), self.health),

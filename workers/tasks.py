@@ -61,7 +61,6 @@ def evaluate(self: FleetTask, fed: str, version: int) -> float:
     """Held-out perplexity (and forgetting) of a newly published version."""
     runtime = self.runtime
     result = runtime.coordinator.evaluate(fed, version, runtime.evaluator(runtime.state.config(fed)))
-    runtime.metrics.observe_evaluation(fed, result)
     log.info("%s v%s held-out perplexity %.2f %s", fed, version, result["heldout_mean"], result.get("guard", ""))
     return result["heldout_mean"]
 
