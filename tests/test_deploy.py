@@ -1,0 +1,62 @@
+"""The deploy manifests pass the best validators installable here (no container engine runs here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+BIN = Path(sys.executable).parent
+
+
+def _run(*args: str, cwd: Path = DEPLOY) -> str:
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def test_prometheus_config_and_rules_pass_promtool():
+    _run("promtool", "check", "config", "prometheus/prometheus.yml")
+    _run("promtool", "check", "rules", "prometheus/rules.yml")
+
+
+def test_each_alert_fires_and_stays_quiet_when_it_should():
+    _run("promtool", "test", "rules", "rules_test.yml", cwd=DEPLOY / "prometheus")
+    tested = yaml.safe_load((DEPLOY / "prometheus" / "rules_test.yml").read_text())["tests"]
+    alerts = {r["alert"] for r in yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())["groups"][0]["rules"]}
+    fired = {t["alertname"] for test in tested for t in test["alert_rule_test"] if t["exp_alerts"]}
+    assert fired == alerts
+
+
+def test_kubernetes_prometheus_config_passes_promtool(tmp_path):
+    text = yaml.safe_load((DEPLOY / "k8s" / "prometheus-config.yaml").read_text())["data"]["prometheus.yml"]
+    config = yaml.safe_load(text)
+    config["rule_files"] = [str(DEPLOY / "prometheus" / "rules.yml")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    _run("promtool", "check", "config", str(tmp_path / "prometheus.yml"))
+
+
+def test_compose_file_matches_the_compose_spec():
+    _run(str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "compose.yaml")
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    assert {"redis", "minio", "api", "worker", "worker-beat", "prometheus", "grafana"} <= services.keys()
+    assert "noeviction" in services["redis"]["command"] and "--appendonly" in services["redis"]["command"]
+    assert sum("--beat" in s.get("command", []) for s in services.values()) == 1  # exactly one beat
+
+
+def test_kubernetes_manifests_validate_strictly():
+    _run(str(BIN / "kubernetes-validate"), "--strict", "--quiet", *sorted(str(p) for p in (DEPLOY / "k8s").glob("*.yaml")))
+
+
+def test_grafana_provisioning_points_at_the_dashboards_datasource():
+    datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    uid = datasource["datasources"][0]["uid"]
+    for path in (DEPLOY / "grafana" / "dashboards").glob("*.json"):
+        text = path.read_text()
+        assert json.loads(text)["uid"].startswith("fleettune-")
+        assert f'"uid": "{uid}"' in text
