@@ -74,7 +74,7 @@ class RoundCoordinator:
             fed, round_no, lambda i, n: decide(i, n, config.policy.min_updates, now))
         if decision == WAIT or decision == "closed":
             return CloseResult(decision, info.version)
-        updates = len(self.state.updates(fed, round_no))
+        updates = self.state.update_count(fed, round_no)  # the records themselves are read once, below
         if decision == FAILED:
             return CloseResult(FAILED, None, self._next_round(config, round_no, info.base_version), info=info,
                                updates=updates)

@@ -217,6 +217,9 @@ class FederationState:
         h = self.r.hgetall(keys.round_info(fed, round_no))
         return RoundInfo.from_hash(round_no, h) if h else None
 
+    def update_count(self, fed: str, round_no: int) -> int:
+        return int(self.r.hlen(keys.round_updates(fed, round_no)))
+
     def updates(self, fed: str, round_no: int) -> dict[str, UpdateRecord]:
         h = self.r.hgetall(keys.round_updates(fed, round_no))
         return {k.decode(): UpdateRecord.from_bytes(v) for k, v in sorted(h.items())}
