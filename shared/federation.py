@@ -71,15 +71,22 @@ class DeviceProfile:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceFilter:
-    """Devices that declare less RAM or storage than this are not selected for training."""
+    """Devices that declare less RAM or storage than this, or sit outside `groups`, do not train."""
 
     min_ram_mb: int = 0
     min_storage_mb: int = 0
+    groups: tuple[str, ...] = ()  # when set, only members of one of these device groups train
+
+    def refusal(self, ram_mb: int | None, storage_mb: int | None) -> str | None:
+        """Why a device with these capabilities is not eligible, or None when it is."""
+        if self.min_ram_mb and (ram_mb is None or ram_mb < self.min_ram_mb):
+            return f"ram_mb {ram_mb} is below the federation's min_ram_mb {self.min_ram_mb}"
+        if self.min_storage_mb and (storage_mb is None or storage_mb < self.min_storage_mb):
+            return f"storage_mb {storage_mb} is below the federation's min_storage_mb {self.min_storage_mb}"
+        return None
 
     def admits(self, ram_mb: int | None, storage_mb: int | None) -> bool:
-        if self.min_ram_mb and (ram_mb is None or ram_mb < self.min_ram_mb):
-            return False
-        return not (self.min_storage_mb and (storage_mb is None or storage_mb < self.min_storage_mb))
+        return self.refusal(ram_mb, storage_mb) is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +118,8 @@ class FederationConfig:
     training: TrainingStrategy = TrainingStrategy()
     device_filter: DeviceFilter = DeviceFilter()
     evaluation: EvaluationConfig | None = None  # None: versions are published without evaluation
+    revision: int = 0  # bumped by every change through the API; each round records the one it runs
+
 
     def __post_init__(self) -> None:
         if not keys.valid_id(self.name):
@@ -132,7 +141,16 @@ class FederationConfig:
             name=raw["name"], model=ModelDims(**raw["model"]), adapter=AdapterConfig(**adapter),
             policy=RoundPolicy(**raw["policy"]), base_model=raw["base_model"], seed=raw["seed"],
             training=TrainingStrategy(**raw.get("training", {})),
-            device_filter=DeviceFilter(**raw.get("device_filter", {})),
+            device_filter=_device_filter(raw.get("device_filter", {})),
             evaluation=EvaluationConfig(**dict(evaluation, domains=tuple(evaluation["domains"])))
             if evaluation else None,
+            revision=raw.get("revision", 0),
         )
+
+    def revised(self, **changes) -> FederationConfig:
+        """The next revision of this config with `changes` applied (validated by the constructors)."""
+        return dataclasses.replace(self, revision=self.revision + 1, **changes)
+
+
+def _device_filter(raw: dict) -> DeviceFilter:
+    return DeviceFilter(**dict(raw, groups=tuple(raw.get("groups", ()))))

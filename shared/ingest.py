@@ -49,7 +49,7 @@ class Ingestor:
         self.store = store
         self.settings = settings
         self.clock = clock
-        self._configs: dict[str, FederationConfig] = {}  # configs are immutable once created
+        self._configs: dict[tuple[str, int], FederationConfig] = {}  # each revision is immutable
 
     def ingest(self, raw: object) -> IngestResult:
         digest = _digest(raw)
@@ -71,20 +71,25 @@ class Ingestor:
             log.exception("ingest of %s/%s/%s failed", env.federation, env.round, env.device)
             return self._reject(digest, Rejected(RejectReason.INTERNAL_ERROR, type(exc).__name__), env)
 
-    def _config(self, fed: str) -> FederationConfig:
-        if fed not in self._configs:
-            config = self.state.config(fed)
+    def _config(self, fed: str, revision: int | None) -> FederationConfig:
+        """The config the round runs under (the one in force when the round is unknown)."""
+        if (fed, revision) not in self._configs:
+            config = self.state.config(fed, revision)
             if config is None:
                 raise Rejected(RejectReason.UNKNOWN_FEDERATION, fed)
-            self._configs[fed] = config
-        return self._configs[fed]
+            if revision is None:
+                return config
+            self._configs[(fed, revision)] = config
+        return self._configs[(fed, revision)]
+
+    def _known(self, fed: str) -> bool:
+        return any(name == fed for name, _ in self._configs) or self.state.config(fed) is not None
 
     def _ingest(self, digest: str, env: Envelope) -> IngestResult:
-        config = self._config(env.federation)
-        policy = config.policy
         if env.object_key != keys.update_object(env.federation, env.round, env.device):
             raise Rejected(RejectReason.BAD_OBJECT_KEY, "key does not match federation, round and device")
-        tier = self._check_round(env, config)
+        config, tier = self._check_round(env)
+        policy = config.policy
 
         try:
             blob = self.store.get(env.object_key, self.settings.max_update_bytes)
@@ -116,9 +121,10 @@ class Ingestor:
             tier=tier,
         )
 
-    def _check_round(self, env: Envelope, config: FederationConfig) -> str:
+    def _check_round(self, env: Envelope) -> tuple[FederationConfig, str]:
         """Cheap checks before any download; the accept transaction re-checks what can change."""
         current, info, selected, submitted, tier = self.state.precheck(env.federation, env.round, env.device)
+        config = self._config(env.federation, info.config_rev if info else None)
         if env.round > current:
             raise Rejected(RejectReason.FUTURE_ROUND, f"round {env.round} > current {current}")
         if info is None or info.status != "open":
@@ -131,19 +137,19 @@ class Ingestor:
             raise Rejected(RejectReason.TOO_FEW_SAMPLES, f"{env.num_samples} < {config.policy.min_samples_per_client}")
         if submitted:
             raise Rejected(RejectReason.ALREADY_SUBMITTED, f"{env.device} already has an update in round {env.round}")
-        return tier
+        return config, tier
 
     def _reject(self, digest: str, rej: Rejected, env: Envelope | None) -> IngestResult:
         # Count under the federation only once it is known to exist: unknown names stay unbounded.
-        fed = env.federation if env and env.federation in self._configs else None
-        fresh = self.state.reject(
+        fed = env.federation if env and rej.reason != RejectReason.UNKNOWN_FEDERATION and self._known(env.federation) else None
+        fresh, ready = self.state.reject(
             digest, rej.reason, rej.detail, self.clock(), fed=fed,
             round_no=env.round if env else None, device=env.device if env else None,
         )
         if not fresh:
             return IngestResult(REDELIVERED, fed)
         return IngestResult("rejected", fed, env.round if env else None, env.device if env else None,
-                            reason=rej.reason, detail=rej.detail)
+                            reason=rej.reason, detail=rej.detail, round_ready=ready)
 
 
 def _digest(raw: object) -> str:

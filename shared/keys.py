@@ -1,7 +1,9 @@
 """Every Redis key and object-store key fleettune uses, in one place.
 
 Redis (all under the `ft:` prefix; nothing expires unless noted):
-    ft:fed:{fed}:config          JSON FederationConfig
+    ft:fed:{fed}:config          JSON FederationConfig in force (its `revision` field numbers it)
+    ft:fed:{fed}:config:{rev}    JSON FederationConfig of each revision (rounds name theirs: immutable)
+    ft:fed:{fed}:config:pending  JSON FederationConfig that takes effect when the next round opens
     ft:fed:{fed}:state           hash: status, round, version, reason, server_lr (guard override)
     ft:fed:{fed}:devices         set of enrolled device ids (those the device filter admitted)
     ft:fed:{fed}:profiles        hash device_id -> msgpack DeviceProfile (RAM, storage, tier)
@@ -9,6 +11,7 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:fed:{fed}:round:{r}       hash: status, base_version, opened_at, deadline, cohort, reason, ...
     ft:fed:{fed}:round:{r}:cohort   set of device ids selected for round r
     ft:fed:{fed}:round:{r}:updates  hash device_id -> msgpack UpdateRecord (HSETNX: once per device)
+    ft:fed:{fed}:round:{r}:reported set of cohort devices with a final outcome (accepted or rejected)
     ft:fed:{fed}:stats           hash of counters: received, accepted, duplicate, rejected:{reason}
     ft:federations               set of federation names
     ft:msg:{sha256}              outcome of one envelope, so redelivery is answered, not recounted;
@@ -34,11 +37,11 @@ FEDERATIONS = f"{PREFIX}:federations"
 DEADLETTER = f"{PREFIX}:deadletter"
 
 # Ids become parts of keys and paths: no slashes, no dots-only names, bounded length.
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def valid_id(value: object) -> bool:
-    return isinstance(value, str) and bool(_ID.match(value)) and ".." not in value
+    return isinstance(value, str) and bool(_ID.fullmatch(value)) and ".." not in value
 
 
 def check_id(value: object, what: str) -> str:
@@ -49,6 +52,14 @@ def check_id(value: object, what: str) -> str:
 
 def fed_config(fed: str) -> str:
     return f"{PREFIX}:fed:{fed}:config"
+
+
+def fed_config_revision(fed: str, revision: int) -> str:
+    return f"{PREFIX}:fed:{fed}:config:{revision}"
+
+
+def fed_config_pending(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:config:pending"
 
 
 def fed_state(fed: str) -> str:
@@ -81,6 +92,15 @@ def round_cohort(fed: str, round_no: int) -> str:
 
 def round_updates(fed: str, round_no: int) -> str:
     return f"{PREFIX}:fed:{fed}:round:{round_no}:updates"
+
+
+def round_reported(fed: str, round_no: int) -> str:
+    return f"{PREFIX}:fed:{fed}:round:{round_no}:reported"
+
+
+def fed_keys_pattern(fed: str) -> str:
+    """Every Redis key of one federation (for deleting it)."""
+    return f"{PREFIX}:fed:{fed}:*"
 
 
 def message(digest: str) -> str:

@@ -21,14 +21,19 @@ from shared.storage import ObjectStore
 WAIT, CLOSING, FAILED = "wait", "closing", "failed"
 
 
-def decide(info: RoundInfo, n_updates: int, min_updates: int, now: float) -> str:
-    """Close with quorum once everyone reported or the deadline passed; fail without quorum at the deadline."""
+def decide(info: RoundInfo, n_updates: int, min_updates: int, now: float, reported: int | None = None) -> str:
+    """Close with quorum once everyone reported or the deadline passed; fail without it then.
+
+    `reported` counts selected devices with a final outcome, accepted or rejected (default: the
+    accepted ones): once all have one, nothing more can arrive, so waiting longer is pointless.
+    """
+    reported = n_updates if reported is None else reported
     quorum = n_updates >= min_updates
-    everyone = info.cohort_size > 0 and n_updates >= info.cohort_size
+    everyone = info.cohort_size > 0 and reported >= info.cohort_size
     expired = now >= info.deadline
     if quorum and (everyone or expired):
         return CLOSING
-    if expired:
+    if expired or everyone:
         return FAILED
     return WAIT
 
@@ -55,23 +60,51 @@ class RoundCoordinator:
     def start(self, config: FederationConfig, devices: Iterable[str | DeviceProfile]) -> tuple[RoundInfo, list[str]]:
         """Create the federation, publish version 0 and open round 1; also returns refused devices."""
         refused = self.state.create(config, devices)
+        return self.begin_training(config.name, config.policy.max_rounds), refused
+
+    def begin_training(self, fed: str, rounds: int) -> RoundInfo:
+        """Open the next round of `fed` and allow `rounds` rounds from it (a training session)."""
+        config = self.state.config(fed)
+        if config is None:
+            raise StateError(f"unknown federation {fed!r}")
+        status = self.state.status(fed)
+        round_no, version = int(status.get("round", 0)), int(status.get("version", 0))
+        if round_no == 0:
+            self._publish_initial(config, 0, parent=None)
+        self.state.set_status(fed, "active", last_round=round_no + rounds, reason="")
+        info = self._open(config, round_no + 1, version)
+        if info is None:
+            raise StateError(f"{fed} round {round_no + 1} was opened by someone else")
+        return info
+
+    def _publish_initial(self, config: FederationConfig, version: int, parent: int | None) -> None:
+        """A fresh adapter (as PEFT initialises one) as `version`: the start, or a change of shape."""
         weights = initial_weights(config.spec, config.seed)
-        versions.publish(self.store, config.name, 0, weights, config.spec, {
-            "round": 0, "parent_version": None, "contributors": [], "total_samples": 0,
-            "global_norm": update_norm(weights), "created_at": self.clock(),
+        versions.publish(self.store, config.name, version, weights, config.spec, {
+            "round": 0 if parent is None else None, "parent_version": parent, "contributors": [],
+            "total_samples": 0, "global_norm": update_norm(weights), "config_revision": config.revision,
+            "reinitialized": parent is not None,
         })
-        info = self.state.open_round(config.name, 1, 0, self.clock(), config.policy.timeout_seconds)
-        assert info is not None
-        return info, refused
+
+    def _open(self, config: FederationConfig, round_no: int, base_version: int) -> RoundInfo | None:
+        """Open a round under the pending config if there is one; a new adapter shape starts afresh."""
+        pending = self.state.pending_config(config.name)
+        if pending is not None and pending.spec.tensors != config.spec.tensors:
+            base_version += 1  # the old adapter cannot be loaded into the new shape
+            self._publish_initial(pending, base_version, parent=base_version - 1)
+        policy = (pending or config).policy
+        return self.state.open_round(config.name, round_no, base_version, self.clock(), policy.timeout_seconds,
+                                     config=pending)
 
     def close(self, fed: str, round_no: int) -> CloseResult:
         """Close the round if it is due. Safe to call any number of times, from any worker."""
-        config = self.state.config(fed)
+        opened = self.state.round_info(fed, round_no)
+        config = self.state.config(fed, opened.config_rev if opened else None)
         if config is None:
             raise StateError(f"unknown federation {fed!r}")
         now = self.clock()
         decision, info = self.state.begin_close(
-            fed, round_no, lambda i, n: decide(i, n, config.policy.min_updates, now))
+            fed, round_no, lambda i, n, reported: decide(i, n, config.policy.min_updates, now, reported))
         if decision == WAIT or decision == "closed":
             return CloseResult(decision, info.version)
         updates = self.state.update_count(fed, round_no)  # the records themselves are read once, below
@@ -88,13 +121,13 @@ class RoundCoordinator:
                            updates=updates, aggregation_seconds=seconds)
 
     def _next_round(self, config: FederationConfig, round_no: int, base_version: int) -> RoundInfo | None:
-        if self.state.status(config.name).get("status") == "halted":
+        status = self.state.status(config.name)
+        if status.get("status") in ("halted", "stopped"):
             return None
-        if round_no >= config.policy.max_rounds:
+        if round_no >= int(status.get("last_round", config.policy.max_rounds)):
             self.state.complete(config.name)
             return None
-        return self.state.open_round(config.name, round_no + 1, base_version, self.clock(),
-                                     config.policy.timeout_seconds)
+        return self._open(config, round_no + 1, base_version)
 
     def _aggregate_and_publish(self, config: FederationConfig, info: RoundInfo, version: int) -> dict:
         spec, policy = config.spec, config.policy
@@ -132,7 +165,7 @@ class RoundCoordinator:
                 "clipped": sum(1 for r in kept if r.clip_scale < 1.0),
             },
             "mean_delta_norm": update_norm(mean), "global_norm": update_norm(weights),
-            "server_lr": server_lr, "max_grad_norm": policy.max_grad_norm,
+            "server_lr": server_lr, "max_grad_norm": policy.max_grad_norm, "config_revision": config.revision,
             "train_seconds_mean": sum(r.train_seconds for r in kept) / len(kept),
             # no wall-clock time in here: a redone close must write byte-identical files
             "last_update_at": max(r.accepted_at for r in kept),
@@ -141,7 +174,8 @@ class RoundCoordinator:
 
     def evaluate(self, fed: str, version: int, evaluator) -> dict:
         """Evaluate a published version, record it (Redis and its manifest), and apply the forgetting guard."""
-        config = self.state.config(fed)
+        revision = versions.manifest(self.store, fed, version).get("config_revision")
+        config = self.state.config(fed, revision)
         if config is None or config.evaluation is None:
             raise StateError(f"{fed} has no evaluation config")
         done = self.state.evaluation(fed, version)

@@ -59,6 +59,7 @@ class RoundInfo:
     closed_at: float | None = None
     rejected: int = 0
     guard: str = ""  # what the forgetting guard did while this round was open
+    config_rev: int = 0  # the federation config revision this round runs under
 
     @classmethod
     def from_hash(cls, round_no: int, h: dict[bytes, bytes]) -> RoundInfo:
@@ -69,7 +70,7 @@ class RoundInfo:
             cohort_size=int(s["cohort_size"]), reason=s.get("reason", ""), guard=s.get("guard", ""),
             version=int(s["version"]) if "version" in s else None,
             closed_at=float(s["closed_at"]) if "closed_at" in s else None,
-            rejected=int(s.get("rejected", 0)),
+            rejected=int(s.get("rejected", 0)), config_rev=int(s.get("config_rev", 0)),
         )
 
 
@@ -85,10 +86,11 @@ class FederationState:
 
     # --- federations -------------------------------------------------------------------------
 
-    def create(self, config: FederationConfig, devices: Iterable[str | DeviceProfile]) -> list[str]:
+    def create(self, config: FederationConfig, devices: Iterable[str | DeviceProfile] = (),
+               status: str = "active") -> list[str]:
         """Register a new federation and enroll the devices its filter admits; returns the refused ones.
 
-        Refuses a federation name that exists (configs are immutable).
+        Refuses a federation name that exists. `status` is "idle" for one created without a session.
         """
         profiles = _profiles(devices)
         admitted = sorted(d for d, p in profiles.items() if config.device_filter.admits(p.ram_mb, p.storage_mb))
@@ -100,7 +102,8 @@ class FederationState:
                 raise StateError(f"federation {config.name!r} already exists")
             pipe.multi()
             pipe.set(keys.fed_config(config.name), config.to_json())
-            pipe.hset(keys.fed_state(config.name), mapping={"status": "active", "round": 0, "version": 0})
+            pipe.set(keys.fed_config_revision(config.name, config.revision), config.to_json())
+            pipe.hset(keys.fed_state(config.name), mapping={"status": status, "round": 0, "version": 0})
             if devices:
                 pipe.sadd(keys.fed_devices(config.name), *devices)
                 pipe.hset(keys.fed_profiles(config.name), mapping={
@@ -161,9 +164,70 @@ class FederationState:
                 pipe.hset(keys.round_info(fed, round_no), "guard", message)
             pipe.execute()
 
-    def config(self, fed: str) -> FederationConfig | None:
-        raw = self.r.get(keys.fed_config(fed))
+    def config(self, fed: str, revision: int | None = None) -> FederationConfig | None:
+        """The config in force, or the given revision of it (what a round was opened under)."""
+        key = keys.fed_config(fed) if revision is None else keys.fed_config_revision(fed, revision)
+        raw = self.r.get(key)
         return FederationConfig.from_json(raw) if raw is not None else None
+
+    def pending_config(self, fed: str) -> FederationConfig | None:
+        raw = self.r.get(keys.fed_config_pending(fed))
+        return FederationConfig.from_json(raw) if raw is not None else None
+
+    def propose_config(self, fed: str, change: Callable[[FederationConfig], FederationConfig]) -> tuple[FederationConfig, bool]:
+        """Apply `change` to the newest config (pending, else in force); (new config, applied now).
+
+        With no round running it takes effect at once; otherwise it waits, as pending, for the next
+        round to open, so a round's updates are always judged by the config it opened with.
+        """
+        def propose(pipe) -> tuple[FederationConfig, bool]:
+            raw = pipe.get(keys.fed_config_pending(fed)) or pipe.get(keys.fed_config(fed))
+            if raw is None:
+                raise StateError(f"unknown federation {fed!r}")
+            new = change(FederationConfig.from_json(raw))
+            round_no = int(pipe.hget(keys.fed_state(fed), "round") or 0)
+            running = round_no > 0 and pipe.hget(keys.round_info(fed, round_no), "status") in (b"open", b"closing")
+            pipe.multi()
+            if running:
+                pipe.set(keys.fed_config_pending(fed), new.to_json())
+            else:
+                pipe.set(keys.fed_config(fed), new.to_json())
+                pipe.set(keys.fed_config_revision(fed, new.revision), new.to_json())
+                pipe.delete(keys.fed_config_pending(fed))
+            return new, not running
+
+        return self._transaction(propose, keys.fed_config(fed), keys.fed_config_pending(fed), keys.fed_state(fed))
+
+    def set_status(self, fed: str, status: str, **fields: str | int) -> None:
+        self.r.hset(keys.fed_state(fed), mapping={"status": status, **fields})
+
+    def stop(self, fed: str, reason: str) -> bool:
+        """Stop a federation's training: its open round fails with `reason`. False if not running."""
+        def stop(pipe) -> bool:
+            if pipe.hget(keys.fed_state(fed), "status") != b"active":
+                return False
+            round_no = int(pipe.hget(keys.fed_state(fed), "round") or 0)
+            status = pipe.hget(keys.round_info(fed, round_no), "status") if round_no else None
+            pipe.multi()
+            pipe.hset(keys.fed_state(fed), mapping={"status": "stopped", "reason": reason})
+            if status == b"open":
+                pipe.hset(keys.round_info(fed, round_no), mapping={"status": "failed", "reason": reason})
+            return True
+
+        return self._transaction(stop, keys.fed_state(fed))
+
+    def delete(self, fed: str) -> bool:
+        """Forget a federation's Redis state (its published versions stay in the object store)."""
+        found = self.r.srem(keys.FEDERATIONS, fed)
+        batch = []
+        for key in self.r.scan_iter(match=keys.fed_keys_pattern(fed), count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                self.r.delete(*batch)
+                batch = []
+        if batch:
+            self.r.delete(*batch)
+        return bool(found)
 
     def federations(self) -> list[str]:
         return sorted(m.decode() for m in self.r.smembers(keys.FEDERATIONS))
@@ -180,25 +244,55 @@ class FederationState:
 
     # --- rounds --------------------------------------------------------------------------------
 
-    def open_round(self, fed: str, round_no: int, base_version: int, now: float, timeout: float) -> RoundInfo | None:
-        """Open round `round_no` for every enrolled device; a no-op (None) if it was opened before."""
+    def open_round(self, fed: str, round_no: int, base_version: int, now: float, timeout: float,
+                   config: FederationConfig | None = None) -> RoundInfo | None:
+        """Open round `round_no` for every enrolled device; a no-op (None) if it was opened before.
+
+        `config`, a pending revision, takes effect with the round in the same transaction.
+        """
 
         def open_(pipe) -> RoundInfo | None:
             if int(pipe.hget(keys.fed_state(fed), "round") or 0) >= round_no:
                 return None
             cohort = pipe.smembers(keys.fed_devices(fed))
-            info = RoundInfo(round_no, "open", base_version, now, now + timeout, len(cohort))
+            current = FederationConfig.from_json(pipe.get(keys.fed_config(fed)))
+            switch = config is not None and config.revision > current.revision
+            revision = config.revision if switch else current.revision
+            info = RoundInfo(round_no, "open", base_version, now, now + timeout, len(cohort), config_rev=revision)
             pipe.multi()
+            if switch:
+                pipe.set(keys.fed_config(fed), config.to_json())
+                pipe.set(keys.fed_config_revision(fed, config.revision), config.to_json())
+                pipe.delete(keys.fed_config_pending(fed))
             pipe.hset(keys.round_info(fed, round_no), mapping={
                 "status": info.status, "base_version": base_version, "opened_at": repr(now),
-                "deadline": repr(info.deadline), "cohort_size": info.cohort_size,
+                "deadline": repr(info.deadline), "cohort_size": info.cohort_size, "config_rev": revision,
             })
             if cohort:
                 pipe.sadd(keys.round_cohort(fed, round_no), *cohort)
             pipe.hset(keys.fed_state(fed), mapping={"round": round_no, "version": base_version})
             return info
 
-        return self._transaction(open_, keys.fed_state(fed))
+        return self._transaction(open_, keys.fed_state(fed), keys.fed_config(fed))
+
+    def join_cohort(self, fed: str, round_no: int, device: str) -> bool:
+        """Add an enrolled device that checks in while the round is open; False if it is closed."""
+        info_key, cohort_key = keys.round_info(fed, round_no), keys.round_cohort(fed, round_no)
+
+        def join(pipe) -> bool:
+            if pipe.hget(info_key, "status") != b"open":
+                return False
+            if pipe.sismember(cohort_key, device):
+                return True
+            pipe.multi()
+            pipe.sadd(cohort_key, device)
+            pipe.hincrby(info_key, "cohort_size", 1)
+            return True
+
+        return self._transaction(join, info_key, cohort_key)
+
+    def reported_count(self, fed: str, round_no: int) -> int:
+        return int(self.r.scard(keys.round_reported(fed, round_no)))
 
     def precheck(self, fed: str, round_no: int, device: str) -> tuple[int, RoundInfo | None, bool, bool, str]:
         """(current round, round info, in cohort, already submitted, device tier) in one round trip."""
@@ -224,8 +318,8 @@ class FederationState:
         h = self.r.hgetall(keys.round_updates(fed, round_no))
         return {k.decode(): UpdateRecord.from_bytes(v) for k, v in sorted(h.items())}
 
-    def begin_close(self, fed: str, round_no: int, decide: Callable[[RoundInfo, int], str]) -> tuple[str, RoundInfo]:
-        """Atomically move an open round to closing or failed, as `decide(info, n_updates)` says.
+    def begin_close(self, fed: str, round_no: int, decide: Callable[[RoundInfo, int, int], str]) -> tuple[str, RoundInfo]:
+        """Atomically move an open round to closing or failed, as `decide(info, accepted, reported)` says.
 
         Returns (decision, info). An ingest that commits after this sees the new status and is
         rejected as stale, so the set of updates is frozen from here on.
@@ -239,7 +333,7 @@ class FederationState:
             info = RoundInfo.from_hash(round_no, h)
             if info.status != "open":
                 return info.status, info
-            decision = decide(info, pipe.hlen(updates_key))
+            decision = decide(info, pipe.hlen(updates_key), pipe.scard(keys.round_reported(fed, round_no)))
             pipe.multi()
             if decision == "closing":
                 pipe.hset(info_key, "status", "closing")
@@ -289,7 +383,7 @@ class FederationState:
         self.r.hincrby(keys.GLOBAL_STATS, "redelivered", 1)
 
     def accept(self, digest: str, fed: str, round_no: int, record: UpdateRecord) -> tuple[str, int, int]:
-        """Record an update once. Returns (outcome, updates in round, cohort size).
+        """Record an update once. Returns (outcome, cohort devices reported, cohort size).
 
         The outcome is ACCEPTED, REDELIVERED (this message was settled meanwhile) or a
         RejectReason value when the round closed or the device already submitted.
@@ -304,33 +398,50 @@ class FederationState:
                 return REDELIVERED, 0, 0
             status = pipe.hget(info_key, "status")
             cohort = int(pipe.hget(info_key, "cohort_size") or 0)
-            count = pipe.hlen(updates_key)
+            reported = pipe.scard(keys.round_reported(fed, round_no))
+            count = reported
             if status != b"open":
                 return RejectReason.STALE_ROUND.value, count, cohort
             if pipe.hexists(updates_key, record.device):
                 return RejectReason.ALREADY_SUBMITTED.value, count, cohort
+            already = pipe.sismember(keys.round_reported(fed, round_no), record.device)
             pipe.multi()
             pipe.hset(updates_key, record.device, record.to_bytes())
+            pipe.sadd(keys.round_reported(fed, round_no), record.device)
             pipe.set(msg_key, ACCEPTED, ex=keys.MESSAGE_TTL_S)
             stats = keys.fed_stats(fed)
             pipe.hincrby(stats, "received", 1)
             pipe.hincrby(stats, "accepted", 1)
-            return ACCEPTED, count + 1, cohort
+            return ACCEPTED, count + (0 if already else 1), cohort
 
-        return self._transaction(accept, msg_key, info_key, updates_key)
+        return self._transaction(accept, msg_key, info_key, updates_key, keys.round_reported(fed, round_no))
 
     def reject(self, digest: str, reason: RejectReason, detail: str, now: float, fed: str | None = None,
-               round_no: int | None = None, device: str | None = None) -> bool:
-        """Count a rejection and dead-letter it once; False if the message was settled already."""
+               round_no: int | None = None, device: str | None = None) -> tuple[bool, bool]:
+        """Count a rejection and dead-letter it once: (fresh, round ready).
+
+        fresh is False if the message was settled already. A selected device whose update is refused
+        has reported for the round (its write-once object cannot be replaced), so the round need not
+        wait for it: round ready says every selected device of an open round has now reported.
+        """
         msg_key = keys.message(digest)
 
-        def reject(pipe) -> bool:
+        def reject(pipe) -> tuple[bool, bool]:
             if pipe.exists(msg_key):
                 pipe.multi()
                 pipe.hincrby(keys.GLOBAL_STATS, "redelivered", 1)
-                return False
+                return False, False
             in_round = bool(fed and round_no is not None and pipe.exists(keys.round_info(fed, round_no)))
+            reports, ready = False, False
+            if in_round and device and pipe.sismember(keys.round_cohort(fed, round_no), device):
+                reported_key = keys.round_reported(fed, round_no)
+                reports = not pipe.sismember(reported_key, device)
+                cohort = int(pipe.hget(keys.round_info(fed, round_no), "cohort_size") or 0)
+                open_ = pipe.hget(keys.round_info(fed, round_no), "status") == b"open"
+                ready = reports and open_ and cohort > 0 and pipe.scard(reported_key) + 1 >= cohort
             pipe.multi()
+            if reports:
+                pipe.sadd(keys.round_reported(fed, round_no), device)
             pipe.set(msg_key, f"rejected:{reason.value}", ex=keys.MESSAGE_TTL_S)
             stats = keys.fed_stats(fed) if fed else keys.GLOBAL_STATS
             pipe.hincrby(stats, "received", 1)
@@ -342,9 +453,10 @@ class FederationState:
                 "reason": reason.value, "detail": detail, "federation": fed or "", "round": round_no or 0,
                 "device": device or "", "digest": digest, "at": repr(now),
             }, maxlen=self.deadletter_maxlen, approximate=True)
-            return True
+            return True, ready
 
-        return self._transaction(reject, msg_key)
+        watch = [msg_key] + ([keys.round_reported(fed, round_no)] if fed and round_no is not None else [])
+        return self._transaction(reject, *watch)
 
     def deadletters(self, count: int = 100) -> list[dict[str, str]]:
         entries = self.r.xrevrange(keys.DEADLETTER, count=count)

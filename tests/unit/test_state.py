@@ -35,21 +35,31 @@ def test_a_second_message_from_the_same_device_is_refused(state):
 
 
 def test_a_rejection_is_counted_and_dead_lettered_once(state):
-    assert state.reject("m9", RejectReason.NON_FINITE, "nan", 1.0, fed="fed", round_no=1, device="a")
-    assert not state.reject("m9", RejectReason.NON_FINITE, "nan", 1.0, fed="fed", round_no=1, device="a")
+    assert state.reject("m9", RejectReason.NON_FINITE, "nan", 1.0, fed="fed", round_no=1, device="a") == (True, False)
+    assert state.reject("m9", RejectReason.NON_FINITE, "nan", 1.0, fed="fed", round_no=1, device="a") == (False, False)
     assert state.stats("fed") == {"received": 1, "rejected": 1, "rejected:non_finite": 1}
     assert [e["reason"] for e in state.deadletters()] == ["non_finite"]
     assert state.round_info("fed", 1).rejected == 1
 
 
+def test_a_refused_selected_device_has_reported_and_the_last_report_makes_the_round_ready(state):
+    assert state.accept("m1", "fed", 1, _record("a"))[1:] == (1, 3)
+    assert state.reject("m2", RejectReason.NON_FINITE, "nan", 1.0, fed="fed", round_no=1, device="b") == (True, False)
+    assert state.reject("m3", RejectReason.NOT_SELECTED, "", 1.0, fed="fed", round_no=1, device="x") == (True, False)
+    assert state.reported_count("fed", 1) == 2  # x is not in the cohort
+    assert state.reject("m4", RejectReason.NON_FINITE, "nan", 1.0, fed="fed", round_no=1, device="c") == (True, True)
+    decision, _ = state.begin_close("fed", 1, lambda info, n, reported: decide(info, n, 2, 101.0, reported))
+    assert decision == FAILED  # everyone reported, one update is below the quorum of 2: nothing more can come
+
+
 def test_closing_freezes_the_set_of_updates(state):
     for i, d in enumerate("ab"):
         state.accept(f"m{i}", "fed", 1, _record(d))
-    decision, _ = state.begin_close("fed", 1, lambda info, n: CLOSING)
+    decision, _ = state.begin_close("fed", 1, lambda info, n, reported: CLOSING)
     assert decision == CLOSING
     assert state.accept("m3", "fed", 1, _record("c"))[0] == RejectReason.STALE_ROUND.value
     assert list(state.updates("fed", 1)) == ["a", "b"]
-    assert state.begin_close("fed", 1, lambda info, n: CLOSING)[0] == "closing"  # a redelivered close resumes
+    assert state.begin_close("fed", 1, lambda info, n, reported: CLOSING)[0] == "closing"  # a redelivered close resumes
 
 
 def test_opening_a_round_twice_is_a_no_op(state):
@@ -80,3 +90,23 @@ INFO = RoundInfo(round=1, status="open", base_version=0, opened_at=0.0, deadline
 ])
 def test_decide(n, now, expected):
     assert decide(INFO, n, min_updates=2, now=now) == expected
+
+
+@pytest.mark.parametrize("accepted,reported,now,expected", [
+    (2, 3, 5.0, WAIT), (2, 4, 5.0, CLOSING), (1, 4, 5.0, FAILED), (1, 3, 5.0, WAIT),
+])
+def test_decide_counts_refused_devices_as_reported(accepted, reported, now, expected):
+    assert decide(INFO, accepted, min_updates=2, now=now, reported=reported) == expected
+
+
+def test_a_config_change_waits_for_the_next_round_and_the_round_keeps_its_own(state):
+    new, now = state.propose_config("fed", lambda c: c.revised(policy=RoundPolicy(min_updates=3)))
+    assert (new.revision, now) == (1, False)
+    assert state.config("fed").revision == 0 and state.pending_config("fed").revision == 1
+    state.r.hset("ft:fed:fed:round:1", "status", "closed")
+    info = state.open_round("fed", 2, 1, now=120.0, timeout=10.0, config=state.pending_config("fed"))
+    assert info.config_rev == 1 and state.config("fed").policy.min_updates == 3
+    assert state.pending_config("fed") is None
+    assert state.config("fed", 0).policy.min_updates == 2  # round 1's config stays readable
+    new, now = state.propose_config("fed", lambda c: c.revised(seed=5))
+    assert (new.revision, now) == (2, False)
