@@ -58,6 +58,8 @@ class ModelDims:
 LAYOUTS: dict[str, ModelDims] = {
     # the tiny pretrained Llama of the tests and demo
     "tiny-llama": ModelDims(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=384, vocab=4096),
+    # SmolLM2-135M(-Instruct), the real pretrained model installable offline
+    "smollm2-135m": ModelDims(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152),
     # a 1B-class model (Llama-3.2-1B shapes) for load and memory benchmarks
     "llama-1b": ModelDims(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256),
 }

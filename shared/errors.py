@@ -4,6 +4,7 @@
     ├── Rejected            a device's update is bad; permanent, never retried
     ├── ConfigError         a settings or federation config value is invalid
     ├── StateError          a federation or round is not in the state an operation needs
+    ├── Refusal             the control plane refuses a request (HTTP status + a named code)
     └── StorageError
         ├── ObjectNotFound      the key does not exist (permanent)
         └── StorageUnavailable  the store did not answer (transient: retry with backoff)
@@ -68,6 +69,17 @@ class ConfigError(FleettuneError, ValueError):
 
 class StateError(FleettuneError):
     """A federation or round is not in the state the operation needs."""
+
+
+class Refusal(FleettuneError):
+    """A request the control plane refuses: an HTTP status and a stable, named code."""
+
+    def __init__(self, status: int, code: str, detail: str = "", headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.status = status
+        self.code = code
+        self.detail = detail[:500]
+        self.headers = headers or {}
 
 
 class StorageError(FleettuneError):

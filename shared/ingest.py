@@ -50,6 +50,7 @@ class Ingestor:
         self.settings = settings
         self.clock = clock
         self._configs: dict[tuple[str, int], FederationConfig] = {}  # each revision is immutable
+        self._feds: set[str] = set()  # federations seen to exist
 
     def ingest(self, raw: object) -> IngestResult:
         digest = _digest(raw)
@@ -83,9 +84,13 @@ class Ingestor:
         return self._configs[(fed, revision)]
 
     def _known(self, fed: str) -> bool:
-        return any(name == fed for name, _ in self._configs) or self.state.config(fed) is not None
+        if fed not in self._feds and self.state.config(fed) is not None:
+            self._feds.add(fed)
+        return fed in self._feds
 
     def _ingest(self, digest: str, env: Envelope) -> IngestResult:
+        if not self._known(env.federation):
+            raise Rejected(RejectReason.UNKNOWN_FEDERATION, env.federation)
         if env.object_key != keys.update_object(env.federation, env.round, env.device):
             raise Rejected(RejectReason.BAD_OBJECT_KEY, "key does not match federation, round and device")
         config, tier = self._check_round(env)

@@ -18,10 +18,28 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
                                  expires after MESSAGE_TTL_S
     ft:deadletter                stream of rejected updates, capped at Settings.deadletter_maxlen
 
+Control plane (the API):
+    ft:auth:keys                 set of operator API key ids
+    ft:auth:key:{id}             hash: digest (sha256 of the secret), scope, name, created_at, revoked_at
+    ft:auth:dev:{id}             hash: digest, federation, device, created_at, revoked_at
+    ft:fed:{fed}:tokens          hash device_id -> its current device token id
+    ft:fed:{fed}:group:{name}    set of device ids (a static device group)
+    ft:fed:{fed}:groups          set of group names
+    ft:session:{id}              hash: one training session (federation, rounds, who, when, stopped)
+    ft:sessions                  sorted set of session ids by creation time
+    ft:rcv:{digest}              hash: the gateway's received-message ledger entry (envelope, received_at,
+                                 federation, device); expires after MESSAGE_TTL_S
+    ft:rate:{fed}:{device}:{window}  request counter of one device in one rate-limit window (expires)
+    ft:signing-key               the HMAC key of the local store's presigned URLs (embedded mode)
+    ft:model:{id}                hash: one registry model (kind, current version, created_at)
+    ft:model:{id}:versions       hash version -> JSON (sha256, size, formats, object key, status)
+    ft:models                    set of model ids
+
 Object store:
     updates/{fed}/{round:06d}/{device}.safetensors        written by devices
     federations/{fed}/versions/{version:06d}/...          immutable published versions
     federations/{fed}/current.json                        pointer to the current version
+    models/{model}/{version}/{filename}                   registry artifacts (immutable)
 """
 
 from __future__ import annotations
@@ -117,3 +135,53 @@ def version_prefix(fed: str, version: int) -> str:
 
 def current_pointer(fed: str) -> str:
     return f"federations/{fed}/current.json"
+
+
+API_KEYS = f"{PREFIX}:auth:keys"
+SESSIONS = f"{PREFIX}:sessions"
+SIGNING_KEY = f"{PREFIX}:signing-key"
+MODELS = f"{PREFIX}:models"
+
+
+def api_key(key_id: str) -> str:
+    return f"{PREFIX}:auth:key:{key_id}"
+
+
+def device_token(key_id: str) -> str:
+    return f"{PREFIX}:auth:dev:{key_id}"
+
+
+def fed_device_tokens(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:tokens"
+
+
+def fed_group(fed: str, group: str) -> str:
+    return f"{PREFIX}:fed:{fed}:group:{group}"
+
+
+def fed_groups(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:groups"
+
+
+def session(session_id: str) -> str:
+    return f"{PREFIX}:session:{session_id}"
+
+
+def received(digest: str) -> str:
+    return f"{PREFIX}:rcv:{digest}"
+
+
+def rate_window(fed: str, device: str, window: int) -> str:
+    return f"{PREFIX}:rate:{fed}:{device}:{window}"
+
+
+def model(model_id: str) -> str:
+    return f"{PREFIX}:model:{model_id}"
+
+
+def model_versions(model_id: str) -> str:
+    return f"{PREFIX}:model:{model_id}:versions"
+
+
+def model_object(model_id: str, version: str, filename: str) -> str:
+    return f"models/{model_id}/{version}/{filename}"

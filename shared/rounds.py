@@ -71,7 +71,7 @@ class RoundCoordinator:
         round_no, version = int(status.get("round", 0)), int(status.get("version", 0))
         if round_no == 0:
             self._publish_initial(config, 0, parent=None)
-        self.state.set_status(fed, "active", last_round=round_no + rounds, reason="")
+        self.state.set_status(fed, "active", last_round=round_no + rounds)
         info = self._open(config, round_no + 1, version)
         if info is None:
             raise StateError(f"{fed} round {round_no + 1} was opened by someone else")

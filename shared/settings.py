@@ -38,6 +38,12 @@ class Settings:
     torch_threads: int = 1  # per worker process: prefork already runs one process per core
     metrics_port: int = 0  # the worker's /metrics; 0 serves none
     metrics_addr: str = "127.0.0.1"  # 0.0.0.0 where Prometheus scrapes from another host
+    s3_public_endpoint: str | None = None  # the S3 URL devices reach, for presigning (default: s3_endpoint)
+    s3_region: str = "us-east-1"
+    device_rate_limit: int = 120  # requests a device may make per rate window (429 past it)
+    rate_window_s: int = 60
+    url_ttl_s: int = 3600  # presigned GETs live this long; a PUT lives until its round's deadline
+    multipart_threshold_bytes: int = 64 * MiB  # registry uploads above this go up in parts
 
     def __post_init__(self) -> None:
         if self.visibility_timeout_s <= self.task_time_limit_s:
@@ -47,7 +53,8 @@ class Settings:
                 f"visibility timeout ({self.visibility_timeout_s}s) must exceed the task time "
                 f"limit ({self.task_time_limit_s}s)"
             )
-        for name in ("max_update_bytes", "max_envelope_bytes", "max_header_bytes", "task_time_limit_s"):
+        for name in ("max_update_bytes", "max_envelope_bytes", "max_header_bytes", "task_time_limit_s",
+                     "device_rate_limit", "rate_window_s", "url_ttl_s", "multipart_threshold_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
 
@@ -95,4 +102,10 @@ class Settings:
             torch_threads=integer("TORCH_THREADS", cls.torch_threads),
             metrics_port=integer("METRICS_PORT", cls.metrics_port),
             metrics_addr=get("METRICS_ADDR") or cls.metrics_addr,
+            s3_public_endpoint=get("S3_PUBLIC_ENDPOINT"),
+            s3_region=get("S3_REGION") or cls.s3_region,
+            device_rate_limit=integer("DEVICE_RATE_LIMIT", cls.device_rate_limit),
+            rate_window_s=integer("RATE_WINDOW", cls.rate_window_s),
+            url_ttl_s=integer("URL_TTL", cls.url_ttl_s),
+            multipart_threshold_bytes=integer("MULTIPART_THRESHOLD", cls.multipart_threshold_bytes),
         )

@@ -199,7 +199,10 @@ class FederationState:
         return self._transaction(propose, keys.fed_config(fed), keys.fed_config_pending(fed), keys.fed_state(fed))
 
     def set_status(self, fed: str, status: str, **fields: str | int) -> None:
-        self.r.hset(keys.fed_state(fed), mapping={"status": status, **fields})
+        with self.r.pipeline() as pipe:
+            pipe.hset(keys.fed_state(fed), mapping={"status": status, **fields})
+            pipe.hdel(keys.fed_state(fed), "reason")
+            pipe.execute()
 
     def stop(self, fed: str, reason: str) -> bool:
         """Stop a federation's training: its open round fails with `reason`. False if not running."""

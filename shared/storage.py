@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +24,10 @@ class ObjectStore(Protocol):
         ...
 
     def exists(self, key: str) -> bool: ...
+
+    def digest(self, key: str) -> tuple[str, int]:
+        """(sha256 hex, size) of an object, read as a stream; ObjectNotFound if absent."""
+        ...
 
 
 def _too_large(key: str, size: int, max_bytes: int) -> Rejected:
@@ -63,6 +68,46 @@ class LocalObjectStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def path(self, key: str) -> Path:
+        """The file behind an object (the API streams it); ObjectNotFound if absent."""
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        return path
+
+    def digest(self, key: str) -> tuple[str, int]:
+        h, size = hashlib.sha256(), 0
+        try:
+            with open(self._path(key), "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        return h.hexdigest(), size
+
+    def create(self, key: str, chunks: Iterable[bytes]) -> bool:
+        """Write a new object; False, with nothing changed, when the key exists (write-once)."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            return False
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+            os.link(tmp, path)  # atomic, and fails if another writer got there first
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
 
 
 class S3ObjectStore:
@@ -116,6 +161,19 @@ class S3ObjectStore:
             return True
         except ObjectNotFound:
             return False
+
+    def digest(self, key: str) -> tuple[str, int]:
+        h, size = hashlib.sha256(), 0
+        with self._errors(key):
+            response = self.client.get_object(self.bucket, key)
+            try:
+                for chunk in response.stream(1 << 20):
+                    h.update(chunk)
+                    size += len(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+        return h.hexdigest(), size
 
     @contextlib.contextmanager
     def _errors(self, key: str) -> Iterator[None]:

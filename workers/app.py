@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from celery import Celery
 
 from shared.runtime import Runtime
@@ -66,3 +69,15 @@ def runtime_of(app: Celery) -> Runtime:
 
 
 app = make_app()
+
+
+def enqueuer(app: Celery) -> Callable[..., None]:
+    """Put one msgpack envelope on the ingest queue, as the only argument of the ingest task.
+
+    The receive time rides in a header, so /metrics can tell the age of the oldest waiting message.
+    """
+    def enqueue(raw: bytes, received_at: float | None = None) -> None:
+        app.send_task("fleettune.ingest", args=[raw], queue=INGEST_QUEUE,
+                      headers={"fleettune_sent_at": received_at if received_at is not None else time.time()})
+
+    return enqueue

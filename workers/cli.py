@@ -103,15 +103,47 @@ def worker(concurrency: int, beat: bool, loglevel: str, metrics_port: int | None
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
 def api(host: str, port: int) -> None:
-    """Serve the read-only HTTP API and its /metrics."""
+    """Serve the control plane and device gateway (FastAPI on uvicorn), its docs and /metrics."""
     from shared.runtime import Runtime
-    from workers.api import serve
+    from workers.api import create_app, serve
+    from workers.app import app as celery_app
+    from workers.app import enqueuer
 
     settings = Settings.from_env()
     if not settings.redis_url:
         raise click.UsageError("set FLEETTUNE_REDIS_URL (and FLEETTUNE_S3_*) to run the API")
-    click.echo(f"fleettune api on http://{host}:{port}/ (GET /v1/federations, /metrics)")
-    serve(Runtime.from_settings(settings), host, port)
+    click.echo(f"fleettune api on http://{host}:{port}/ (docs at /docs, OpenAPI at /openapi.json, /metrics)")
+    serve(create_app(Runtime.from_settings(settings), enqueuer(celery_app)), host, port)
+
+
+@cli.group("api-key")
+def api_key() -> None:
+    """Operator API keys, written straight to Redis (to bootstrap the first admin key)."""
+
+
+@api_key.command("create")
+@click.option("--scope", type=click.Choice(["admin", "read"]), default="admin", show_default=True)
+@click.option("--name", default="", help="who or what the key is for")
+def api_key_create(scope: str, name: str) -> None:
+    """Create a key and print it once; only its sha256 is stored."""
+    from shared.control.auth import Tokens
+    from workers.app import app, runtime_of
+
+    key_id, token = Tokens(runtime_of(app).redis).create_api_key(scope, name)
+    click.echo(token)
+    click.echo(f"key id {key_id}, scope {scope}: store it now, it is not shown again", err=True)
+
+
+@api_key.command("revoke")
+@click.argument("key_id")
+def api_key_revoke(key_id: str) -> None:
+    """Revoke a key by its id."""
+    from shared.control.auth import Tokens
+    from workers.app import app, runtime_of
+
+    if not Tokens(runtime_of(app).redis).revoke_api_key(key_id):
+        raise click.UsageError(f"no key {key_id}")
+    click.echo(f"revoked {key_id}")
 
 
 @cli.group()

@@ -11,16 +11,7 @@ from tqdm import tqdm
 from shared import simulate as sim
 from shared.federation import FederationConfig
 from shared.runtime import Runtime
-from workers.app import INGEST_QUEUE
-
-
-def enqueuer(app: Celery):
-    """The device's queue push: one msgpack envelope, as the only argument of the ingest task.
-
-    The send time rides in a header, so /metrics can tell the age of the oldest waiting message.
-    """
-    return lambda raw: app.send_task("fleettune.ingest", args=[raw], queue=INGEST_QUEUE,
-                                     headers={"fleettune_sent_at": time.time()})
+from workers.app import enqueuer
 
 
 def simulate(app: Celery, runtime: Runtime, config: FederationConfig, num_devices: int, rounds: int,

@@ -1,0 +1,179 @@
+"""The device gateway: check-in, presigned transfers, and submission of a device's claim check.
+
+A device holds only its token. The gateway decides what it may touch: its federation's current
+version (presigned GETs) and its own update key for the open round (one write-once presigned PUT).
+On submit the device id comes from the token, never from the body; the gateway stamps the receive
+time, records the message in the received-message ledger, and enqueues the envelope.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import redis
+
+from shared import keys, versions
+from shared.envelope import Envelope, decode
+from shared.errors import Refusal, Rejected
+from shared.federation import DeviceProfile, FederationConfig
+from shared.control.presign import Presigner
+from shared.settings import Settings
+from shared.state import FederationState, RoundInfo
+
+Enqueue = Callable[[bytes, float], None]  # (envelope bytes, received_at)
+
+
+@dataclasses.dataclass(frozen=True)
+class Receipt:
+    receipt: str  # the sha256 of the envelope: the same submission always gets the same receipt
+    federation: str
+    round: int
+    device: str
+    received_at: float
+    duplicate: bool = False
+
+
+class Gateway:
+    def __init__(self, state: FederationState, presigner: Presigner, settings: Settings, enqueue: Enqueue,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.state = state
+        self.r: redis.Redis = state.r
+        self.presigner = presigner
+        self.settings = settings
+        self.enqueue = enqueue
+        self.clock = clock
+
+    # --- rate limit ------------------------------------------------------------------------------
+
+    def throttle(self, fed: str, device: str) -> None:
+        """A fixed window per device; Refusal(429) with Retry-After past the limit."""
+        now = self.clock()
+        window = int(now // self.settings.rate_window_s)
+        key = keys.rate_window(fed, device, window)
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, self.settings.rate_window_s + 1)
+            count = pipe.execute()[0]
+        if count > self.settings.device_rate_limit:
+            retry = int((window + 1) * self.settings.rate_window_s - now) + 1
+            raise Refusal(429, "rate_limited", f"more than {self.settings.device_rate_limit} requests in "
+                          f"{self.settings.rate_window_s}s", headers={"Retry-After": str(retry)})
+
+    # --- check-in --------------------------------------------------------------------------------
+
+    def check_in(self, fed: str, profile: DeviceProfile, base_url: str) -> dict[str, Any]:
+        """What this device should do now: train in the open round (with its URLs), or why not."""
+        config = self._config(fed)
+        device = profile.device
+        self.r.hset(keys.fed_profiles(fed), device, msgpack.packb(dataclasses.asdict(profile)))
+        refusal = config.device_filter.refusal(profile.ram_mb, profile.storage_mb)
+        if refusal is None and config.device_filter.groups and not self._in_groups(fed, device, config):
+            refusal = f"not a member of the federation's device groups {list(config.device_filter.groups)}"
+        if refusal is not None:
+            raise Refusal(403, "ineligible", refusal)
+        status = self.state.status(fed).get("status")
+        info = self._open_round(fed)
+        if status != "active" or info is None:
+            raise Refusal(409, "no_open_round", f"federation {fed} is {status} and has no open round; check in later",
+                          headers={"Retry-After": "30"})
+        self.r.sadd(keys.fed_devices(fed), device)  # eligible now: it is selected for later rounds too
+        if not self.state.join_cohort(fed, info.round, device):
+            raise Refusal(409, "no_open_round", f"round {info.round} closed while checking in",
+                          headers={"Retry-After": "30"})
+        round_config = self.state.config(fed, info.config_rev) or config
+        prefix = keys.version_prefix(fed, info.base_version)
+        get_until = min(info.deadline, self.clock() + self.settings.url_ttl_s)
+        return {
+            "federation": fed, "device": device, "action": "train", "round": info.round,
+            "deadline": info.deadline, "base_version": info.base_version, "config_revision": info.config_rev,
+            "adapter": dataclasses.asdict(round_config.adapter), "base_model": round_config.base_model,
+            "training": dataclasses.asdict(round_config.training),
+            "min_samples": round_config.policy.min_samples_per_client,
+            "download": {name: self.presigner.get(f"{prefix}/{name}", get_until, base_url).as_dict()
+                         for name in (versions.ADAPTER_FILE, versions.CONFIG_FILE)},
+            "upload": self._upload(fed, info, device, base_url, None),
+            "max_update_bytes": self.settings.max_update_bytes,
+        }
+
+    def upload_url(self, fed: str, device: str, round_no: int, sha256: str, size: int, base_url: str) -> dict[str, Any]:
+        """A write-once PUT URL for this device's update key, bound to the update's sha256."""
+        self._config(fed)
+        if size > self.settings.max_update_bytes:
+            raise Refusal(413, "object_too_large", f"{size} bytes > {self.settings.max_update_bytes}")
+        info = self._open_round(fed)
+        if info is None or info.round != round_no:
+            raise Refusal(409, "no_open_round", f"round {round_no} is not open")
+        if not self.r.sismember(keys.round_cohort(fed, round_no), device):
+            raise Refusal(403, "not_selected", f"{device} has not checked in to round {round_no}")
+        return self._upload(fed, info, device, base_url, sha256)
+
+    def _upload(self, fed: str, info: RoundInfo, device: str, base_url: str, sha256: str | None) -> dict[str, Any]:
+        key = keys.update_object(fed, info.round, device)
+        return dict(self.presigner.put(key, info.deadline, base_url, sha256).as_dict(), key=key)
+
+    # --- submit ----------------------------------------------------------------------------------
+
+    def submit(self, fed: str, device: str, fields: dict[str, Any]) -> Receipt:
+        """Record the message as received and enqueue it once; a repeat gets the same receipt."""
+        self._config(fed)
+        env = Envelope(federation=fed, device=device, object_key=keys.update_object(fed, fields["round"], device),
+                       **fields)
+        raw = env.encode()
+        try:
+            decode(raw, self.settings.max_envelope_bytes)  # the same checks a worker makes, answered now
+        except Rejected as rej:
+            raise Refusal(422, rej.reason.value, rej.detail) from None
+        digest = hashlib.sha256(raw).hexdigest()
+        now = self.clock()
+        ledger = keys.received(digest)
+        if not self.r.hsetnx(ledger, "received_at", repr(now)):
+            seen = float(self.r.hget(ledger, "received_at") or now)
+            return Receipt(digest, fed, env.round, device, seen, duplicate=True)
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.hset(ledger, mapping={"federation": fed, "device": device, "round": env.round, "envelope": raw})
+            pipe.expire(ledger, keys.MESSAGE_TTL_S)
+            pipe.execute()
+        try:
+            self.enqueue(raw, now)
+        except Exception:
+            self.r.delete(ledger)  # not received after all: the device's retry must enqueue it
+            raise
+        return Receipt(digest, fed, env.round, device, now)
+
+    def receipt(self, fed: str, device: str, receipt_id: str) -> dict[str, Any]:
+        """The outcome of one of this device's submissions: pending, accepted or rejected (and why)."""
+        h = {k.decode(): v for k, v in self.r.hgetall(keys.received(receipt_id)).items()} if len(receipt_id) == 64 else {}
+        if not h or h["federation"].decode() != fed or h["device"].decode() != device:
+            raise Refusal(404, "unknown_receipt", "no such receipt for this device")
+        outcome = self.state.outcome(receipt_id)
+        status, reason = "pending", None
+        if outcome is not None:
+            status, _, reason = outcome.partition(":")
+        return {"receipt": receipt_id, "federation": fed, "device": device, "round": int(h["round"]),
+                "received_at": float(h["received_at"]), "status": status, "reason": reason or None}
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _config(self, fed: str) -> FederationConfig:
+        config = self.state.config(fed)
+        if config is None:
+            raise Refusal(404, "unknown_federation", f"no federation {fed!r}")
+        return config
+
+    def _open_round(self, fed: str) -> RoundInfo | None:
+        round_no = self.state.current_round(fed)
+        info = self.state.round_info(fed, round_no) if round_no else None
+        if info is None or info.status != "open" or self.clock() >= info.deadline:
+            return None
+        return info
+
+    def _in_groups(self, fed: str, device: str, config: FederationConfig) -> bool:
+        with self.r.pipeline(transaction=False) as pipe:
+            for group in config.device_filter.groups:
+                pipe.sismember(keys.fed_group(fed, group), device)
+            return any(pipe.execute())

@@ -1,0 +1,199 @@
+"""The control plane's request bodies as pydantic models: validated once, then turned into configs.
+
+Unknown fields are refused (a typo'd knob must not be silently ignored), and every number a
+client controls is bounded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from shared.adapter_spec import LAYOUTS, AdapterConfig, ModelDims
+from shared.errors import Refusal
+from shared.federation import DeviceFilter, EvaluationConfig, FederationConfig
+
+Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+Module = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ModelId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")]
+
+# Models the control plane knows the shape of, by the names people use for them.
+MODELS: dict[str, tuple[ModelDims, str]] = {
+    "tiny": (LAYOUTS["tiny-llama"], "tiny"),
+    "tiny-llama": (LAYOUTS["tiny-llama"], "tiny"),
+    "smollm2": (LAYOUTS["smollm2-135m"], "smollm2"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": (LAYOUTS["smollm2-135m"], "smollm2"),
+    "llama-1b": (LAYOUTS["llama-1b"], "llama-1b"),
+    "meta-llama/Llama-3.2-1B": (LAYOUTS["llama-1b"], "llama-1b"),
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraIn(Strict):
+    type: Literal["lora"]
+    rank: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1, le=4096)
+    target_modules: list[Module] = Field(default=["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, max_length=7)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    def to_config(self) -> AdapterConfig:
+        return AdapterConfig(kind=self.type, rank=self.rank, alpha=self.alpha,
+                             target_modules=tuple(dict.fromkeys(self.target_modules)), dropout=self.dropout)
+
+
+class QloraIn(LoraIn):
+    type: Literal["qlora"]  # type: ignore[assignment]
+    bits: Literal[4] = 4
+    quant_type: Literal["nf4"] = "nf4"
+
+
+class PromptTuningIn(Strict):
+    type: Literal["prompt_tuning"]
+    num_virtual_tokens: int = Field(16, ge=1, le=512)
+
+    def to_config(self) -> AdapterConfig:
+        return AdapterConfig(kind="prompt_tuning", num_virtual_tokens=self.num_virtual_tokens)
+
+
+AdapterIn = Annotated[LoraIn | QloraIn | PromptTuningIn, Field(discriminator="type")]
+
+
+class RoundConfigIn(Strict):
+    timeout_seconds: float | None = Field(None, gt=0, le=30 * 24 * 3600)
+    min_samples_per_client: int | None = Field(None, ge=1, le=10**9)
+    min_clients: int | None = Field(None, ge=1, le=10**6, description="quorum: updates a round needs")
+    max_rounds: int | None = Field(None, ge=1, le=100_000)
+    max_update_norm: float | None = Field(None, gt=0, le=1e6, description="server-side L2 clip of whole updates")
+    server_lr: float | None = Field(None, gt=0, le=100)
+    max_num_samples: int | None = Field(None, ge=1, le=10**9)
+
+
+class DeviceFilterIn(Strict):
+    min_ram_mb: int = Field(0, ge=0, le=10**7)
+    min_storage_mb: int = Field(0, ge=0, le=10**9)
+    groups: list[Id] = Field(default=[], max_length=16)
+
+    def to_config(self) -> DeviceFilter:
+        return DeviceFilter(self.min_ram_mb, self.min_storage_mb, tuple(self.groups))
+
+
+class StrategyParams(Strict):
+    learning_rate: float | None = Field(None, gt=0, le=10)
+    local_epochs: int | None = Field(None, ge=1, le=1000)
+    max_grad_norm: float | None = Field(None, gt=0, le=1e6, description="per-step clip on the device")
+    weight_decay: float | None = Field(None, ge=0, le=10)
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    max_steps: int | None = Field(None, ge=0, le=10**6)
+
+
+class StrategyIn(StrategyParams):
+    algorithm: Literal["fedavg"] = "fedavg"
+    round_config: RoundConfigIn | None = None
+    device_filter: DeviceFilterIn | None = None
+
+
+class EvaluationIn(Strict):
+    base_model: Literal["tiny", "smollm2"] = "tiny"
+    domains: list[Literal["literature", "legal", "code", "medical"]] = Field(
+        default=["literature", "legal", "code"], min_length=1, max_length=4)
+    eval_chars: int = Field(12_000, ge=1_000, le=1_000_000)
+
+
+class FederationIn(Strict):
+    name: Id
+    model_id: ModelId = "tiny-llama"
+    adapter: AdapterIn | None = None
+    strategy: StrategyIn | None = None
+    evaluation: EvaluationIn | None = None
+    seed: int = Field(0, ge=0, le=2**31)
+
+
+class TrainingSessionIn(Strict):
+    model_id: ModelId
+    strategy: Literal["fedavg"] = "fedavg"
+    adapter_config: AdapterIn | None = None
+    strategy_params: StrategyParams | None = None
+    round_config: RoundConfigIn | None = None
+    device_filter: DeviceFilterIn | None = None
+    federation: Id | None = Field(None, description="train this federation; a new one is created when absent")
+    evaluation: EvaluationIn | None = None
+
+
+class DeviceIn(Strict):
+    device_id: Id
+    ram_mb: int | None = Field(None, ge=0, le=10**7)
+    storage_mb: int | None = Field(None, ge=0, le=10**9)
+    tier: Id = "default"
+
+
+class CheckInIn(Strict):
+    ram_mb: int | None = Field(None, ge=0, le=10**7)
+    storage_mb: int | None = Field(None, ge=0, le=10**9)
+    tier: Id = "default"
+    group: Id | None = None
+
+
+class UploadUrlIn(Strict):
+    round: int = Field(ge=1, lt=2**53)
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    size: int = Field(ge=1, le=2**40)
+
+
+class SubmitIn(Strict):
+    round: int = Field(ge=1, lt=2**53)
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    num_samples: int = Field(ge=0, lt=2**53)
+    base_version: int = Field(ge=0, lt=2**53)
+    train_seconds: float = Field(0.0, ge=0, le=10**7)
+    metrics: dict[Annotated[str, StringConstraints(min_length=1, max_length=32)], float] = Field(
+        default={}, max_length=8)
+
+
+class GroupIn(Strict):
+    devices: list[Id] = Field(max_length=100_000)
+
+
+def resolve_model(model_id: str, registered: dict | None = None) -> tuple[ModelDims, str]:
+    """(dimensions, base model name) of a known model id, or of a registered base model."""
+    if model_id in MODELS:
+        return MODELS[model_id]
+    if registered and registered.get("dims"):
+        return ModelDims(**registered["dims"]), model_id
+    raise Refusal(422, "unknown_model", f"model_id {model_id!r} is neither a known model ({sorted(MODELS)}) "
+                  "nor a registered base model with dims")
+
+
+def apply_strategy(config: FederationConfig, params: StrategyParams | None, rounds: RoundConfigIn | None,
+                   device_filter: DeviceFilterIn | None) -> dict:
+    """The FederationConfig fields that these parts of a request change (for `config.revised`)."""
+    changes: dict = {}
+    if params is not None:
+        training = {k: v for k, v in params.model_dump(exclude={"algorithm", "round_config", "device_filter"}).items()
+                    if v is not None}
+        changes["training"] = _replace(config.training, training)
+    if rounds is not None:
+        given = {k: v for k, v in rounds.model_dump().items() if v is not None}
+        renamed = {"min_clients": "min_updates", "max_update_norm": "max_grad_norm"}
+        changes["policy"] = _replace(config.policy, {renamed.get(k, k): v for k, v in given.items()})
+    if device_filter is not None:
+        changes["device_filter"] = device_filter.to_config()
+    return changes
+
+
+def evaluation_config(evaluation: EvaluationIn | None) -> EvaluationConfig | None:
+    if evaluation is None:
+        return None
+    return EvaluationConfig(base_model=evaluation.base_model, domains=tuple(evaluation.domains),
+                            eval_chars=evaluation.eval_chars)
+
+
+def _replace(current, changes: dict):
+    try:
+        return dataclasses.replace(current, **changes)
+    except ValueError as exc:  # the config's own cross-field checks (ConfigError is a ValueError)
+        raise Refusal(422, "invalid_config", str(exc)) from None

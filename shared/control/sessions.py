@@ -1,0 +1,208 @@
+"""Federations and training sessions as the API sees them, over the round machinery in shared/.
+
+A federation is a named configuration with its enrolled devices and published versions. A training
+session runs rounds of one federation: it opens the next round and bounds how many follow.
+Lifecycle of a session: pending -> active <-> aggregating -> completed | failed | stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from collections.abc import Callable
+
+from shared import keys
+from shared.control.schemas import (FederationIn, StrategyIn, TrainingSessionIn, apply_strategy,
+                                    evaluation_config, resolve_model)
+from shared.errors import Refusal
+from shared.federation import FederationConfig
+from shared.rounds import RoundCoordinator
+from shared.state import FederationState
+
+FINAL = ("completed", "failed", "stopped")
+
+
+class Control:
+    def __init__(self, state: FederationState, coordinator: RoundCoordinator, clock: Callable[[], float] = time.time,
+                 registered_model: Callable[[str], dict | None] = lambda _: None) -> None:
+        self.state = state
+        self.r = state.r
+        self.coordinator = coordinator
+        self.clock = clock
+        self.registered_model = registered_model
+
+    # --- federations -----------------------------------------------------------------------------
+
+    def config(self, fed: str) -> FederationConfig:
+        config = self.state.config(fed)
+        if config is None:
+            raise Refusal(404, "unknown_federation", f"no federation {fed!r}")
+        return config
+
+    def create_federation(self, body: FederationIn) -> FederationConfig:
+        if self.state.config(body.name) is not None:
+            raise Refusal(409, "federation_exists", f"federation {body.name!r} exists")
+        dims, base = resolve_model(body.model_id, self.registered_model(body.model_id))
+        config = FederationConfig(name=body.name, model=dims, base_model=base, seed=body.seed,
+                                  evaluation=evaluation_config(body.evaluation))
+        if body.adapter is not None:
+            config = dataclasses.replace(config, adapter=body.adapter.to_config())
+        if body.strategy is not None:
+            config = self._with_strategy(config, body.strategy, revise=False)
+        self.state.create(config, status="idle")
+        return config
+
+    def _with_strategy(self, config: FederationConfig, strategy: StrategyIn, revise: bool = True) -> FederationConfig:
+        changes = apply_strategy(config, strategy, strategy.round_config, strategy.device_filter)
+        return config.revised(**changes) if revise else dataclasses.replace(config, **changes)
+
+    def ensure_federation(self, fed: str) -> bool:
+        """Create `fed` with defaults when a PUT names one that does not exist; True if created."""
+        if self.state.config(fed) is not None:
+            return False
+        self.create_federation(FederationIn(name=fed))
+        return True
+
+    def set_adapter(self, fed: str, adapter) -> dict:
+        return self._propose(fed, lambda c: c.revised(adapter=adapter.to_config()))
+
+    def set_strategy(self, fed: str, strategy: StrategyIn) -> dict:
+        return self._propose(fed, lambda c: self._with_strategy(c, strategy))
+
+    def _propose(self, fed: str, change) -> dict:
+        self.config(fed)
+        config, now = self.state.propose_config(fed, change)
+        current = self.state.current_round(fed)
+        # either way the first round to run under it is the next one to open
+        return {"federation": fed, "revision": config.revision, "applies_from_round": current + 1,
+                "applied": "now" if now else "when the next round opens",
+                "config": federation_view(config)}
+
+    def federations(self) -> list[dict]:
+        return [self.federation(name) for name in self.state.federations()]
+
+    def federation(self, fed: str) -> dict:
+        config = self.config(fed)
+        status = self.state.status(fed)
+        pending = self.state.pending_config(fed)
+        return {"name": fed, "status": status.get("status"), "round": int(status.get("round", 0)),
+                "version": int(status.get("version", 0)), "session": status.get("session"),
+                "config": federation_view(config), "pending_config": federation_view(pending) if pending else None,
+                "devices": len(self.state.enrolled(fed)), "stats": self.state.stats(fed)}
+
+    def delete_federation(self, fed: str, tokens) -> None:
+        self.config(fed)
+        if self.state.status(fed).get("status") == "active":
+            raise Refusal(409, "session_active", f"{fed} is training: stop its session first")
+        for device in self.r.hkeys(keys.fed_device_tokens(fed)):
+            tokens.revoke_device(fed, device.decode())
+        self.state.delete(fed)
+
+    def round(self, fed: str, round_no: int) -> dict:
+        self.config(fed)
+        info = self.state.round_info(fed, round_no)
+        if info is None:
+            raise Refusal(404, "unknown_round", f"{fed} has no round {round_no}")
+        rejected = {}
+        for entry in self.state.deadletters(10_000):
+            if entry["federation"] == fed and entry["round"] == str(round_no):
+                rejected[entry["reason"]] = rejected.get(entry["reason"], 0) + 1
+        updates = self.state.updates(fed, round_no)
+        return {"federation": fed, "round": round_no, "status": info.status, "reason": info.reason or None,
+                "base_version": info.base_version, "version": info.version, "opened_at": info.opened_at,
+                "deadline": info.deadline, "closed_at": info.closed_at, "cohort_size": info.cohort_size,
+                "config_revision": info.config_rev, "accepted": len(updates), "rejected": info.rejected,
+                "rejected_by_reason": rejected, "contributors": sorted(updates)}
+
+    # --- training sessions -----------------------------------------------------------------------
+
+    def create_session(self, body: TrainingSessionIn, created_by: str) -> dict:
+        session_id = f"ts-{secrets.token_hex(6)}"
+        fed = body.federation or session_id
+        dims, base = resolve_model(body.model_id, self.registered_model(body.model_id))
+        existing = self.state.config(fed)
+        if existing is None:
+            self.create_federation(FederationIn(name=fed, model_id=body.model_id))
+            existing = self.config(fed)
+        elif existing.model != dims:
+            raise Refusal(422, "model_mismatch", f"{fed} adapts {existing.base_model}, not {body.model_id}")
+        if self.state.status(fed).get("status") == "active":
+            raise Refusal(409, "session_active", f"{fed} already has an active training session")
+        changes = apply_strategy(existing, body.strategy_params, body.round_config, body.device_filter)
+        if body.adapter_config is not None:
+            changes["adapter"] = body.adapter_config.to_config()
+        if body.evaluation is not None:
+            changes["evaluation"] = evaluation_config(body.evaluation)
+        if changes:
+            self.state.propose_config(fed, lambda c: c.revised(**changes))  # no round runs: applies now
+        config = self.config(fed)
+        previous = self.state.status(fed).get("session")
+        if previous:
+            self.r.hset(keys.session(previous), "final_status", self._derived(previous, fed))
+        rounds = body.round_config.max_rounds if body.round_config and body.round_config.max_rounds else \
+            config.policy.max_rounds
+        first = self.state.current_round(fed) + 1
+        self.r.hset(keys.session(session_id), mapping={
+            "id": session_id, "federation": fed, "model_id": body.model_id, "algorithm": body.strategy,
+            "first_round": first, "last_round": first + rounds - 1, "created_at": repr(self.clock()),
+            "created_by": created_by})
+        self.r.zadd(keys.SESSIONS, {session_id: self.clock()})
+        self.state.r.hset(keys.fed_state(fed), "session", session_id)
+        self.coordinator.begin_training(fed, rounds)
+        return self.session(session_id)
+
+    def _record(self, session_id: str) -> dict[str, str]:
+        h = {k.decode(): v.decode() for k, v in self.r.hgetall(keys.session(session_id)).items()}
+        if not h:
+            raise Refusal(404, "unknown_session", f"no training session {session_id!r}")
+        return h
+
+    def _derived(self, session_id: str, fed: str) -> str:
+        h = self._record(session_id)
+        if "final_status" in h:
+            return h["final_status"]
+        status = self.state.status(fed)
+        fed_status = status.get("status")
+        if fed_status == "stopped":
+            return "stopped"
+        if fed_status == "halted":
+            return "failed"
+        if fed_status == "completed":
+            return "completed"
+        info = self.state.round_info(fed, int(status.get("round", 0)))
+        if info is None:
+            return "pending"
+        return "aggregating" if info.status == "closing" else "active"
+
+    def session(self, session_id: str) -> dict:
+        h = self._record(session_id)
+        fed = h["federation"]
+        status = self.state.status(fed)
+        current = int(status.get("round", 0))
+        info = self.state.round_info(fed, current)
+        return {"id": session_id, "federation": fed, "status": self._derived(session_id, fed),
+                "reason": status.get("reason") or None, "model_id": h["model_id"], "algorithm": h["algorithm"],
+                "first_round": int(h["first_round"]), "last_round": int(h["last_round"]), "current_round": current,
+                "round_status": info.status if info else None, "version": int(status.get("version", 0)),
+                "created_at": float(h["created_at"]), "created_by": h["created_by"]}
+
+    def sessions(self, limit: int = 100) -> list[dict]:
+        ids = [m.decode() for m in self.r.zrevrange(keys.SESSIONS, 0, limit - 1)]
+        return [self.session(i) for i in ids]
+
+    def stop_session(self, session_id: str, by: str) -> dict:
+        h = self._record(session_id)
+        fed = h["federation"]
+        if self._derived(session_id, fed) in FINAL:
+            raise Refusal(409, "session_ended", f"{session_id} is already {self._derived(session_id, fed)}")
+        self.state.stop(fed, f"stopped by {by}")
+        return self.session(session_id)
+
+
+def federation_view(config: FederationConfig) -> dict:
+    """A config as the API shows it."""
+    view = dataclasses.asdict(config)
+    view["adapter"]["type"] = view["adapter"].pop("kind")
+    view["adapter_parameters"] = config.spec.num_parameters
+    return view

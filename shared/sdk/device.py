@@ -1,0 +1,64 @@
+"""A device's side of the gateway: check in, download the version, upload the update, submit it.
+
+It holds one device token and the URLs the gateway hands it: no broker or storage credentials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from .http import Client, FleettuneAPIError
+
+
+class DeviceClient:
+    def __init__(self, token: str, federation: str, base_url: str | None = None, client: Client | None = None) -> None:
+        self.federation = federation
+        self.client = client or Client(token, base_url)
+
+    def _path(self, suffix: str) -> str:
+        return f"/api/v1/federations/{self.federation}{suffix}"
+
+    def check_in(self, ram_mb: int | None = None, storage_mb: int | None = None, tier: str = "default") -> dict:
+        """The round to train in, with download and upload URLs; FleettuneAPIError 403/409 says why not."""
+        return self.client.post(self._path("/check-in"), {"ram_mb": ram_mb, "storage_mb": storage_mb, "tier": tier})
+
+    def download(self, plan: dict, name: str = "adapter_model.safetensors") -> bytes:
+        return self.client.download(plan["download"][name], max_bytes=plan.get("max_update_bytes"))
+
+    def upload(self, plan: dict, blob: bytes, bind_sha256: bool = True) -> str:
+        """Upload the update to this device's write-once key; returns its sha256."""
+        sha256 = hashlib.sha256(blob).hexdigest()
+        signed = plan["upload"]
+        if bind_sha256:  # a URL that the store only honours for exactly these bytes
+            signed = self.client.post(self._path("/upload-url"),
+                                      {"round": plan["round"], "sha256": sha256, "size": len(blob)})
+        self.client.upload(signed, blob)
+        return sha256
+
+    def submit(self, plan: dict, sha256: str, num_samples: int, train_seconds: float = 0.0,
+               metrics: dict[str, float] | None = None) -> dict:
+        return self.client.post(self._path("/updates"), {
+            "round": plan["round"], "sha256": sha256, "num_samples": num_samples,
+            "base_version": plan["base_version"], "train_seconds": train_seconds, "metrics": metrics or {}})
+
+    def receipt(self, receipt: str) -> dict:
+        return self.client.get(self._path(f"/receipts/{receipt}"))
+
+    def wait_outcome(self, receipt: str, timeout: float = 60, poll: float = 0.1) -> dict:
+        end = time.monotonic() + timeout
+        while (body := self.receipt(receipt))["status"] == "pending":
+            if time.monotonic() > end:
+                raise TimeoutError(f"receipt {receipt[:12]} still pending after {timeout}s")
+            time.sleep(poll)
+        return body
+
+    def send(self, plan: dict, blob: bytes, num_samples: int, train_seconds: float = 0.0,
+             metrics: dict[str, Any] | None = None) -> dict:
+        """Upload then submit: the whole post-training half of a round."""
+        sha256 = self.upload(plan, blob)
+        return self.submit(plan, sha256, num_samples, train_seconds, metrics)
+
+
+__all__ = ["DeviceClient", "FleettuneAPIError"]

@@ -1,0 +1,104 @@
+"""Operators' handle on a federation: configure it, train it, watch its sessions and versions."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .http import Client
+
+
+class TrainingSession:
+    def __init__(self, client: Client, body: dict) -> None:
+        self.client = client
+        self.id: str = body["id"]
+        self.federation: str = body["federation"]
+        self.last: dict = body
+
+    def refresh(self) -> dict:
+        self.last = self.client.get(f"/api/v1/training-sessions/{self.id}")
+        return self.last
+
+    @property
+    def status(self) -> str:
+        return self.refresh()["status"]
+
+    def stop(self) -> dict:
+        self.last = self.client.post(f"/api/v1/training-sessions/{self.id}/stop")
+        return self.last
+
+    def wait(self, timeout: float = 3600, poll: float = 1.0, until: tuple[str, ...] = ("completed", "failed", "stopped")) -> dict:
+        """Poll until the session reaches one of `until`; TimeoutError otherwise."""
+        end = time.monotonic() + timeout
+        while (body := self.refresh())["status"] not in until:
+            if time.monotonic() > end:
+                raise TimeoutError(f"session {self.id} is {body['status']} after {timeout}s")
+            time.sleep(poll)
+        return body
+
+    def __repr__(self) -> str:
+        return f"TrainingSession({self.id!r}, federation={self.federation!r}, status={self.last.get('status')!r})"
+
+
+class Federation:
+    """`Federation(api_key=..., name=..., base_url=...).train(model=..., algorithm="fedavg", rounds=100, min_updates=10)`."""
+
+    def __init__(self, api_key: str | None = None, name: str = "", base_url: str | None = None,
+                 client: Client | None = None) -> None:
+        if not name:
+            raise ValueError("a federation needs a name")
+        self.name = name
+        self.client = client or Client(api_key, base_url)
+
+    def _path(self, suffix: str = "") -> str:
+        return f"/api/v1/federations/{self.name}{suffix}"
+
+    def create(self, model: str = "tiny-llama", **fields: Any) -> dict:
+        return self.client.post("/api/v1/federations", {"name": self.name, "model_id": model, **fields})
+
+    def get(self) -> dict:
+        return self.client.get(self._path())
+
+    def delete(self) -> None:
+        self.client.delete(self._path())
+
+    def configure_adapter(self, type: str = "lora", **fields: Any) -> dict:
+        return self.client.put(self._path("/adapter"), {"type": type, **fields})
+
+    def configure_strategy(self, algorithm: str = "fedavg", **fields: Any) -> dict:
+        return self.client.put(self._path("/strategy"), {"algorithm": algorithm, **fields})
+
+    def train(self, model: str, algorithm: str = "fedavg", rounds: int = 100, min_updates: int = 10,
+              adapter: dict | None = None, strategy_params: dict | None = None, round_config: dict | None = None,
+              device_filter: dict | None = None, evaluation: dict | None = None) -> TrainingSession:
+        """Start a training session of `rounds` rounds on this federation (created if it does not exist)."""
+        body: dict[str, Any] = {
+            "model_id": model, "strategy": algorithm, "federation": self.name,
+            "round_config": {"max_rounds": rounds, "min_clients": min_updates, **(round_config or {})},
+        }
+        for key, value in (("adapter_config", adapter), ("strategy_params", strategy_params),
+                           ("device_filter", device_filter), ("evaluation", evaluation)):
+            if value is not None:
+                body[key] = value
+        return TrainingSession(self.client, self.client.post("/api/v1/training-sessions", body))
+
+    def register_device(self, device_id: str, ram_mb: int | None = None, storage_mb: int | None = None,
+                        tier: str = "default") -> str:
+        """Enroll a device; returns its token (shown once)."""
+        return self.client.post(self._path("/devices"), {"device_id": device_id, "ram_mb": ram_mb,
+                                                         "storage_mb": storage_mb, "tier": tier})["token"]
+
+    def devices(self) -> list[dict]:
+        return self.client.get(self._path("/devices"))["devices"]
+
+    def revoke_device(self, device_id: str) -> None:
+        self.client.delete(self._path(f"/devices/{device_id}"))
+
+    def set_group(self, group: str, devices: list[str]) -> dict:
+        return self.client.put(self._path(f"/groups/{group}"), {"devices": devices})
+
+    def round(self, round_no: int) -> dict:
+        return self.client.get(self._path(f"/rounds/{round_no}"))
+
+    def versions(self) -> list[dict]:
+        return self.client.get(self._path("/versions"))["versions"]

@@ -1,0 +1,49 @@
+"""Authentication and authorisation as FastAPI dependencies: who may call which route."""
+
+from __future__ import annotations
+
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from shared.control.auth import Principal
+from shared.errors import Refusal
+from workers.api.services import Services
+
+bearer = HTTPBearer(auto_error=False, description="an operator API key (ftk_...) or a device token (ftd_...)")
+FedName = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def principal(creds: HTTPAuthorizationCredentials | None = Depends(bearer),
+              svc: Services = Depends(services)) -> Principal:
+    found = svc.tokens.authenticate(creds.credentials if creds else None)
+    if found is None:
+        raise Refusal(401, "unauthenticated", "a valid bearer token is required",
+                      headers={"WWW-Authenticate": "Bearer"})
+    return found
+
+
+def reader(who: Principal = Depends(principal)) -> Principal:
+    """Operators with a read-only or admin key."""
+    if who.scope not in ("admin", "read"):
+        raise Refusal(403, "forbidden", "this route is for operator keys")
+    return who
+
+
+def admin(who: Principal = Depends(principal)) -> Principal:
+    if who.scope != "admin":
+        raise Refusal(403, "forbidden", "this route needs an admin key")
+    return who
+
+
+def device(name: str = FedName, who: Principal = Depends(principal), svc: Services = Depends(services)) -> Principal:
+    """A device token of this federation, within its rate limit."""
+    if who.scope != "device":
+        raise Refusal(403, "forbidden", "this route is for device tokens")
+    if who.federation != name:
+        raise Refusal(403, "forbidden", "this device token belongs to another federation")
+    svc.gateway.throttle(name, who.device)
+    return who

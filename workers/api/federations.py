@@ -1,0 +1,136 @@
+"""Operator routes for federations: lifecycle, adapter and strategy, rounds, versions, devices, groups."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Response
+from fastapi.responses import JSONResponse
+
+from shared import versions
+from shared.control.auth import Principal
+from shared.control.schemas import AdapterIn, DeviceIn, FederationIn, GroupIn, StrategyIn
+from shared.errors import ObjectNotFound, Refusal
+from shared.federation import DeviceProfile
+from workers.api.deps import FedName, admin, reader, services
+from workers.api.services import Services
+
+router = APIRouter(prefix="/api/v1", tags=["federations"])
+
+
+@router.get("/federations")
+def list_federations(who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
+    return {"federations": svc.control.federations()}
+
+
+@router.post("/federations", status_code=201)
+def create_federation(body: FederationIn, who: Principal = Depends(admin), svc: Services = Depends(services)) -> dict:
+    svc.control.create_federation(body)
+    return svc.control.federation(body.name)
+
+
+@router.get("/federations/{name}")
+def get_federation(name: str = FedName, who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
+    return svc.control.federation(name)
+
+
+@router.delete("/federations/{name}", status_code=204)
+def delete_federation(name: str = FedName, who: Principal = Depends(admin), svc: Services = Depends(services)):
+    svc.control.delete_federation(name, svc.tokens)
+    return Response(status_code=204)
+
+
+def _configured(svc: Services, name: str, apply) -> JSONResponse:
+    created = svc.control.ensure_federation(name)
+    body = apply()
+    return JSONResponse(body, status_code=201 if created else 200)
+
+
+@router.put("/federations/{name}/adapter", summary="Set the adapter (applies from the next round)")
+def put_adapter(body: AdapterIn, name: str = FedName, who: Principal = Depends(admin),
+                svc: Services = Depends(services)):
+    return _configured(svc, name, lambda: svc.control.set_adapter(name, body))
+
+
+@router.put("/federations/{name}/strategy", summary="Set the strategy (applies from the next round)")
+def put_strategy(body: StrategyIn, name: str = FedName, who: Principal = Depends(admin),
+                 svc: Services = Depends(services)):
+    return _configured(svc, name, lambda: svc.control.set_strategy(name, body))
+
+
+@router.get("/federations/{name}/rounds/{round_no}")
+def get_round(round_no: int, name: str = FedName, who: Principal = Depends(reader),
+              svc: Services = Depends(services)) -> dict:
+    return svc.control.round(name, round_no)
+
+
+@router.get("/federations/{name}/versions", summary="Published adapter versions with their manifests")
+def list_versions(name: str = FedName, who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
+    svc.control.config(name)
+    newest = int(svc.runtime.state.status(name).get("version", 0))
+    found = []
+    for version in range(newest + 1):
+        try:
+            found.append(versions.manifest(svc.runtime.store, name, version))
+        except ObjectNotFound:
+            continue
+    return {"federation": name, "versions": found}
+
+
+@router.get("/federations/{name}/versions/{version}")
+def get_version(version: int, name: str = FedName, who: Principal = Depends(reader),
+                svc: Services = Depends(services)) -> dict:
+    svc.control.config(name)
+    try:
+        return versions.manifest(svc.runtime.store, name, version)
+    except ObjectNotFound:
+        raise Refusal(404, "unknown_version", f"{name} has no version {version}") from None
+
+
+@router.post("/federations/{name}/devices", status_code=201, summary="Register a device; its token is shown once")
+def register_device(body: DeviceIn, name: str = FedName, who: Principal = Depends(admin),
+                    svc: Services = Depends(services)) -> dict:
+    profile = DeviceProfile(body.device_id, ram_mb=body.ram_mb, storage_mb=body.storage_mb, tier=body.tier)
+    token = svc.devices.register(name, profile)
+    return {"federation": name, "device_id": body.device_id, "token": token}
+
+
+@router.get("/federations/{name}/devices")
+def list_devices(name: str = FedName, who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
+    return {"federation": name, "devices": svc.devices.list(name)}
+
+
+@router.delete("/federations/{name}/devices/{device_id}", status_code=204, summary="Revoke a device's token")
+def revoke_device(device_id: str, name: str = FedName, who: Principal = Depends(admin),
+                  svc: Services = Depends(services)):
+    svc.devices.revoke(name, device_id)
+    return Response(status_code=204)
+
+
+@router.get("/federations/{name}/groups")
+def list_groups(name: str = FedName, who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
+    return {"federation": name, "groups": svc.devices.groups(name)}
+
+
+@router.put("/federations/{name}/groups/{group}", summary="Set a static device group's members")
+def put_group(body: GroupIn, group: str = FedName, name: str = FedName, who: Principal = Depends(admin),
+              svc: Services = Depends(services)) -> dict:
+    svc.devices.set_group(name, group, body.devices)
+    return {"federation": name, "group": group, "devices": svc.devices.group(name, group)}
+
+
+@router.get("/federations/{name}/groups/{group}")
+def get_group(group: str = FedName, name: str = FedName, who: Principal = Depends(reader),
+              svc: Services = Depends(services)) -> dict:
+    return {"federation": name, "group": group, "devices": svc.devices.group(name, group)}
+
+
+@router.delete("/federations/{name}/groups/{group}", status_code=204)
+def delete_group(group: str = FedName, name: str = FedName, who: Principal = Depends(admin),
+                 svc: Services = Depends(services)):
+    svc.devices.delete_group(name, group)
+    return Response(status_code=204)
+
+
+@router.get("/deadletters", tags=["operations"])
+def deadletters(n: int = Query(20, ge=1, le=1000), who: Principal = Depends(reader),
+                svc: Services = Depends(services)) -> dict:
+    return {"deadletters": svc.runtime.state.deadletters(n)}

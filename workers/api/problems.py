@@ -1,0 +1,50 @@
+"""Every error as application/problem+json (RFC 9457), with a stable `code` a client can branch on."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from shared.errors import ConfigError, Refusal, StateError
+
+MEDIA_TYPE = "application/problem+json"
+TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+          409: "Conflict", 412: "Precondition Failed", 413: "Content Too Large", 422: "Unprocessable Content",
+          429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def problem(status: int, code: str, detail: str = "", headers: dict[str, str] | None = None, **extra) -> JSONResponse:
+    body = {"type": f"urn:fleettune:problem:{code}", "title": TITLES.get(status, "Error"), "status": status,
+            "code": code, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
+
+
+def _field(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p not in ("body", "query", "path", "header")) or ".".join(map(str, loc))
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(Refusal)
+    async def refused(request: Request, exc: Refusal) -> JSONResponse:
+        return problem(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": _field(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()][:20]
+        fields = ", ".join(sorted({e["field"] for e in errors}))
+        return problem(422, "invalid_request", f"invalid fields: {fields}", errors=errors)
+
+    @app.exception_handler(HTTPException)
+    async def http(request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return problem(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(ConfigError)
+    async def config(request: Request, exc: ConfigError) -> JSONResponse:
+        return problem(422, "invalid_config", str(exc))
+
+    @app.exception_handler(StateError)
+    async def state(request: Request, exc: StateError) -> JSONResponse:
+        return problem(409, "conflict", str(exc))
