@@ -45,16 +45,19 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
 
 def federated(source: str, adapter: AdapterConfig, lr: float) -> dict:
     """ROUNDS rounds of DEVICES non-IID devices through the real tasks; returns the last evaluation."""
-    from workers.experiment import embedded, run_rounds
+    from workers.experiment import embedded, enroll, gateway, run_rounds
 
     tokenizer, base = models.load_tokenizer(source), models.load_model(source)
     config = _config(f"bench-{adapter.kind}-{int(time.time())}", ModelDims.from_hf_config(base.config), adapter, lr, source)
     model = trainer.peft_model(base, config.adapter)
     fleet = [d for d, _ in build_fleet(FleetSpec.spread(DEVICES, CHARS), config, model, tokenizer)]
-    with embedded(Settings(), Path(tempfile.mkdtemp(prefix="ft-bench-"))) as (app, runtime, _):
-        runtime.coordinator.start(config, [d.device_id for d in fleet])
+    with embedded(Settings(), Path(tempfile.mkdtemp(prefix="ft-bench-"))) as (app, runtime, _), \
+            gateway(app, runtime) as (url, admin_key):
+        runtime.state.create(config, status="idle")
+        clients = enroll(url, admin_key, config.name, fleet)
+        runtime.coordinator.begin_training(config.name, ROUNDS)
         base_eval = runtime.evaluator(config).base
-        rows = list(run_rounds(app, runtime, config, fleet, ROUNDS, progress=False))
+        rows = list(run_rounds(app, runtime, config, fleet, clients, ROUNDS, progress=False))
         final = runtime.state.evaluation(config.name, rows[-1].round if rows else 0)
     train = sum(r.train_seconds for r in rows) / len(rows)
     send = sum(r.send_seconds for r in rows) / len(rows)

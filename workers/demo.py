@@ -14,11 +14,12 @@ import torch
 from shared import corpora, versions
 from shared.adapter_spec import AdapterConfig, ModelDims
 from shared.device import memory, models, trainer
-from shared.device.fleet import FleetSpec, build_fleet, profiles
-from shared.federation import (DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig, RoundPolicy,
-                               TrainingStrategy)
+from shared.device.client import Device
+from shared.device.fleet import FleetSpec, build_fleet
+from shared.federation import DeviceFilter, EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy
+from shared.sdk import FleettuneAPIError
 from shared.settings import Settings
-from workers.experiment import RoundRow, embedded, run_rounds
+from workers.experiment import RoundRow, embedded, enroll, gateway, run_rounds
 
 DEVICE_RAM_MB, DEVICE_STORAGE_MB = 4096, 16_000
 # Per-device text and evaluation text: a real 135M model takes seconds per step on 2 cores, so it
@@ -62,24 +63,34 @@ def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora",
     config = demo_config(f"demo-{int(time.time())}", model_source, dims, kind, rounds, num_devices,
                          min_ram_mb=math.ceil(budget.total / memory.MB), eval_chars=eval_chars, domains=domains)
     model = trainer.peft_model(base, config.adapter)
-    fleet = build_fleet(FleetSpec.spread(num_devices, device_chars, domains=domains), config, model, tokenizer)
+    fleet = build_fleet(FleetSpec.spread(num_devices, device_chars, domains=domains), config, model, tokenizer,
+                        ram_mb=DEVICE_RAM_MB, storage_mb=DEVICE_STORAGE_MB)
     devices = [device for device, _ in fleet]
 
     click.echo(f"fleettune demo: {len(devices)} devices ({', '.join(sorted({d for _, d in fleet}))}) train "
                f"{'a 16-token soft prompt' if kind == 'prompt_tuning' else kind + ' r=8 on q/k/v/o'} of {model_source} "
                f"({num_params / 1e6:.2f} M parameters, {config.spec.num_parameters:,} trainable) for {rounds} rounds")
     click.echo(f"memory budget per device: {budget.as_mb()} MB -> device filter min_ram_mb={config.device_filter.min_ram_mb}")
-    with embedded(settings, out) as (app, runtime, broker):
-        enrolled = profiles(fleet, DEVICE_RAM_MB, DEVICE_STORAGE_MB) + [
-            DeviceProfile("old-phone", ram_mb=config.device_filter.min_ram_mb // 2, storage_mb=DEVICE_STORAGE_MB)]
-        _, refused = runtime.coordinator.start(config, enrolled)
-        click.echo(f"broker {broker.split('@')[-1]}, store {type(runtime.store).__name__}; "
-                   f"refused by the device filter: {refused}\n")
+    with embedded(settings, out) as (app, runtime, broker), gateway(app, runtime) as (url, admin_key):
+        runtime.state.create(config, status="idle")
+        # devices and the hostile one register through the API and then speak only to the gateway
+        mallory = Device("mallory", config, model, devices[0].data, config.training, ram_mb=DEVICE_RAM_MB,
+                         storage_mb=DEVICE_STORAGE_MB)
+        old = Device("old-phone", config, model, devices[0].data, config.training,
+                     ram_mb=config.device_filter.min_ram_mb // 2, storage_mb=DEVICE_STORAGE_MB)
+        clients = enroll(url, admin_key, config.name, devices + [mallory, old])
+        runtime.coordinator.begin_training(config.name, rounds)
+        try:
+            clients["old-phone"].check_in(old.ram_mb, old.storage_mb)
+        except FleettuneAPIError as refusal:
+            click.echo(f"old-phone at check-in: {refusal.status} {refusal.code}: {refusal.detail}")
+        click.echo(f"API {url}, broker {broker.split('@')[-1]}, store {type(runtime.store).__name__}; "
+                   f"devices hold only their tokens\n")
         base_eval = runtime.evaluator(config).base
         rows = [RoundRow(0, "base", 0, 0, base_eval["heldout_mean"], base_eval["general"], math.nan, 0, 0, 0)]
         _print_header()
         _print_row(rows[0])
-        for row in run_rounds(app, runtime, config, devices, rounds, hostile=True):
+        for row in run_rounds(app, runtime, config, devices, clients, rounds, hostile=clients["mallory"]):
             rows.append(row)
             _print_row(row)
         final = int(runtime.state.status(config.name)["version"])
@@ -92,7 +103,7 @@ def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora",
     if dead:
         click.echo(f"last dead-letter: {dead[0]['device']} round {dead[0]['round']}: {dead[0]['reason']}")
     share = sum(r.send_seconds for r in rows[1:]) / max(sum(r.train_seconds for r in rows[1:]), 1e-9)
-    click.echo(f"federation overhead on a device (delta + encode + upload + enqueue): {100 * share:.2f}% of local training")
+    click.echo(f"federation overhead on a device (delta + encode + upload + submit): {100 * share:.2f}% of local training")
     plot = _plot(rows, out / "perplexity.png", model_source, kind)
     click.echo(f"plot: {plot}")
     _check_final(model_source, adapter_dir, tokenizer)

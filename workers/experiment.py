@@ -25,10 +25,10 @@ from shared.device.client import Device
 from shared.federation import FederationConfig
 from shared.runtime import Runtime
 from shared.settings import Settings
+from shared.sdk import DeviceClient, Federation
 from shared.storage import LocalObjectStore, open_store
-from shared.submit import encode_update, submit_update
-from workers.app import QUEUES, make_app
-from workers.simulate import enqueuer
+from shared.submit import encode_update
+from workers.app import QUEUES, enqueuer, make_app
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,32 +88,47 @@ def wait_evaluation(runtime: Runtime, fed: str, version: int, timeout: float) ->
     return result
 
 
-def send_hostile(runtime: Runtime, push, config: FederationConfig, device: str, round_no: int, base: int) -> None:
-    """A device first sends an update holding NaN: it must be rejected (and its real update accepted)."""
+@contextlib.contextmanager
+def gateway(app: Celery, runtime: Runtime) -> Iterator[tuple[str, str]]:
+    """The API (control plane and device gateway) in a thread of this process: (URL, an admin key)."""
+    from shared.control.auth import Tokens
+    from workers.api import create_app, serve_in_thread
+
+    with serve_in_thread(create_app(runtime, enqueuer(app))) as url:
+        yield url, Tokens(runtime.redis).create_api_key("admin", "experiment")[1]
+
+
+def enroll(url: str, admin_key: str, fed: str, devices: list[Device]) -> dict[str, DeviceClient]:
+    """Register each device through the API; returns its gateway client, holding only its token."""
+    federation = Federation(admin_key, fed, url)
+    return {d.device_id: DeviceClient(federation.register_device(d.device_id, d.ram_mb, d.storage_mb, d.tier), fed, url)
+            for d in devices}
+
+
+def send_hostile(client: DeviceClient, config: FederationConfig) -> dict:
+    """A device sends an update holding NaN through the gateway; returns its (rejected) outcome."""
     arrays = {k: np.zeros(s, np.float32) for k, s in config.spec.tensors.items()}
     next(iter(arrays.values())).flat[0] = np.nan
-    before = runtime.state.stats(config.name).get("rejected", 0)
-    submit_update(runtime.store, push, federation=config.name, round_no=round_no, device=device,
-                  blob=encode_update(arrays), base_version=base, num_samples=10)
-    deadline = time.monotonic() + 30  # wait for the reject before the real update replaces the object
-    while runtime.state.stats(config.name).get("rejected", 0) <= before and time.monotonic() < deadline:
-        time.sleep(0.02)
+    plan = client.check_in(ram_mb=1 << 20, storage_mb=1 << 20)  # it claims whatever passes the filter
+    receipt = client.send(plan, encode_update(arrays), num_samples=10)
+    return client.wait_outcome(receipt["receipt"], timeout=30)
 
 
-def run_rounds(app: Celery, runtime: Runtime, config: FederationConfig, fleet: list[Device], rounds: int,
-               hostile: bool = False, progress: bool = True, timeout: float = 300) -> Iterator[RoundRow]:
-    push = enqueuer(app)
+def run_rounds(app: Celery, runtime: Runtime, config: FederationConfig, fleet: list[Device],
+               clients: dict[str, DeviceClient], rounds: int, hostile: DeviceClient | None = None,
+               progress: bool = True, timeout: float = 300) -> Iterator[RoundRow]:
+    """Each round, every device trains and sends through the gateway (a hostile one first, if given)."""
     fed = config.name
     for round_no in range(1, rounds + 1):
         info = runtime.state.round_info(fed, round_no)
         if info is None or info.status != "open":
             return  # halted by the forgetting guard, or the federation completed
         started = time.monotonic()
-        if hostile:
-            send_hostile(runtime, push, config, fleet[0].device_id, round_no, info.base_version)
+        if hostile is not None:
+            send_hostile(hostile, config)
         reports = []
         for device in tqdm(fleet, desc=f"round {round_no}", unit="device", leave=False, disable=not progress):
-            reports.append(device.run_round(runtime.store, push, round_no, info.base_version, seed=round_no))
+            reports.append(device.run_round(clients[device.device_id], seed=round_no))
         done = wait_round(app, runtime, fed, round_no, timeout)
         manifest = versions.manifest(runtime.store, fed, done.version) if done.status == "closed" else {}
         evaluation = (wait_evaluation(runtime, fed, done.version, timeout)

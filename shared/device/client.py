@@ -1,18 +1,22 @@
-"""One device: fetch the global adapter, train on local data, upload the delta, enqueue the envelope."""
+"""One device: check in, fetch the global adapter, train on local data, upload the delta, submit it.
+
+Everything goes through the gateway (`fleettune.DeviceClient`): the device holds its token and the
+URLs it is handed, never broker or storage credentials.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 
 import torch
 
-from shared import versions
+from shared.adapter_spec import AdapterConfig, build_spec
 from shared.device import trainer
 from shared.federation import FederationConfig, TrainingStrategy
-from shared.storage import ObjectStore
-from shared.submit import encode_update, submit_update
+from shared.safetensors_reader import parse
+from shared.sdk.device import DeviceClient
+from shared.submit import encode_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,28 +28,34 @@ class RoundReport:
     steps: int
     loss: float
     train_seconds: float
-    fetch_seconds: float  # download and load the global adapter
-    send_seconds: float  # delta + encode + upload + enqueue: what sending an update costs the device
+    fetch_seconds: float  # check in, download and load the global adapter
+    send_seconds: float  # delta + encode + upload + submit: what sending an update costs the device
+    receipt: str = ""
 
 
 class Device:
     """Holds one PEFT model over a frozen base, and the device's private training sequences."""
 
     def __init__(self, device_id: str, config: FederationConfig, model, data: torch.Tensor,
-                 strategy: TrainingStrategy, max_update_bytes: int = 64 << 20, max_header_bytes: int = 1 << 20):
+                 strategy: TrainingStrategy, max_header_bytes: int = 1 << 20, ram_mb: int | None = None,
+                 storage_mb: int | None = None, tier: str = "default"):
         self.device_id = device_id
         self.config = config
         self.model = model  # a PeftModel whose adapter matches config.adapter
         self.data = data
         self.strategy = strategy
-        self.max_update_bytes = max_update_bytes
         self.max_header_bytes = max_header_bytes
+        self.ram_mb, self.storage_mb, self.tier = ram_mb, storage_mb, tier
 
-    def run_round(self, store: ObjectStore, enqueue: Callable[[bytes], None], round_no: int, base_version: int,
-                  seed: int = 0) -> RoundReport:
+    def run_round(self, gateway: DeviceClient, seed: int = 0) -> RoundReport:
         started = time.perf_counter()
-        global_weights = versions.load_weights(store, self.config.name, base_version, self.config.spec,
-                                               self.max_update_bytes, self.max_header_bytes)
+        plan = gateway.check_in(self.ram_mb, self.storage_mb, self.tier)
+        adapter = dict(plan["adapter"], target_modules=tuple(plan["adapter"]["target_modules"]))
+        spec = self.config.spec
+        if build_spec(self.config.model, AdapterConfig(**adapter)).tensors != spec.tensors:
+            raise ValueError(f"round {plan['round']} trains adapter {adapter}; this device's model has "
+                             f"{self.config.adapter}: rebuild it")
+        global_weights = parse(gateway.download(plan), spec.tensors, self.max_header_bytes)
         trainer.load_adapter_weights(self.model, global_weights)
         fetched = time.perf_counter()
 
@@ -53,10 +63,9 @@ class Device:
 
         sent = time.perf_counter()
         after = trainer.adapter_weights(self.model)
-        delta = {k: (after[k] - global_weights[k].float()).numpy() for k in self.config.spec.tensors}
-        submit_update(store, enqueue, federation=self.config.name, round_no=round_no, device=self.device_id,
-                      blob=encode_update(delta), base_version=base_version, num_samples=result.samples,
-                      train_seconds=result.seconds, metrics={"loss": result.loss, "steps": result.steps})
+        delta = {k: (after[k] - global_weights[k].float()).numpy() for k in spec.tensors}
+        receipt = gateway.send(plan, encode_update(delta), num_samples=result.samples,
+                               train_seconds=result.seconds, metrics={"loss": result.loss, "steps": result.steps})
         done = time.perf_counter()
-        return RoundReport(self.device_id, round_no, base_version, result.samples, result.steps, result.loss,
-                           result.seconds, fetched - started, done - sent)
+        return RoundReport(self.device_id, plan["round"], plan["base_version"], result.samples, result.steps,
+                           result.loss, result.seconds, fetched - started, done - sent, receipt["receipt"])

@@ -13,7 +13,7 @@ import torch
 from shared import corpora
 from shared.device import trainer
 from shared.device.client import Device
-from shared.federation import DeviceProfile, FederationConfig
+from shared.federation import FederationConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +32,14 @@ class FleetSpec:
         return cls(counts, chars_per_device, seed)
 
 
-def build_fleet(spec: FleetSpec, config: FederationConfig, model, tokenizer) -> list[tuple[Device, str]]:
-    """(Device, domain) for every partition, all sharing `model`."""
+def build_fleet(spec: FleetSpec, config: FederationConfig, model, tokenizer, ram_mb: int | None = None,
+                storage_mb: int | None = None) -> list[tuple[Device, str]]:
+    """(Device, domain) for every partition, all sharing `model`; a device's tier is its domain."""
     fleet = []
     for client in corpora.partition(spec.devices_per_domain, spec.chars_per_device, spec.seed):
         data = trainer.blocks(tokenizer(client.text)["input_ids"], config.training.seq_len)
-        fleet.append((Device(client.client, config, model, data, config.training), client.domain))
+        fleet.append((Device(client.client, config, model, data, config.training, ram_mb=ram_mb,
+                             storage_mb=storage_mb, tier=client.domain), client.domain))
     return fleet
 
 
@@ -45,7 +47,3 @@ def pooled(fleet: list[tuple[Device, str]]) -> torch.Tensor:
     """Everyone's sequences in one tensor: the centralized baseline's training set."""
     return torch.cat([device.data for device, _ in fleet])
 
-
-def profiles(fleet: list[tuple[Device, str]], ram_mb: int, storage_mb: int) -> list[DeviceProfile]:
-    return [DeviceProfile(device.device_id, ram_mb=ram_mb, storage_mb=storage_mb, tier=domain)
-            for device, domain in fleet]
