@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
-
 import numpy as np
 
 from shared.adapter_spec import AdapterSpec
-from shared.submit import encode_update, submit_update
-from shared.storage import ObjectStore
+from shared.sdk.device import DeviceClient
+from shared.submit import encode_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +33,8 @@ def synthetic_delta(spec: AdapterSpec, seed: int, round_no: int, device_index: i
             for name, shape in spec.tensors.items()}
 
 
-def run_round(store: ObjectStore, enqueue: Callable[[bytes], None], spec: AdapterSpec, federation: str,
-              round_no: int, base_version: int, fleet: list[SyntheticDevice], seed: int) -> Iterator[str]:
-    """Upload and enqueue one update per device; yields each device id as it is sent."""
-    for index, dev in enumerate(fleet):
-        blob = encode_update(synthetic_delta(spec, seed, round_no, index, dev.scale))
-        submit_update(store, enqueue, federation=federation, round_no=round_no, device=dev.device, blob=blob,
-                      base_version=base_version, num_samples=dev.num_samples, train_seconds=0.0,
-                      metrics={"loss": 0.0, "steps": 0})
-        yield dev.device
+def send_update(client: DeviceClient, spec: AdapterSpec, seed: int, index: int, dev: SyntheticDevice) -> dict:
+    """One synthetic device's round through the gateway: check in, upload, submit; returns the receipt."""
+    plan = client.check_in()
+    blob = encode_update(synthetic_delta(spec, seed, plan["round"], index, dev.scale))
+    return client.send(plan, blob, num_samples=dev.num_samples, metrics={"loss": 0.0, "steps": 0})

@@ -174,3 +174,34 @@ class Worker:
 
     def stop(self) -> None:
         _stop(self.proc, timeout=20)
+
+
+def _healthy(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+        return response.status == 200
+
+
+class Api:
+    """`fleettune api` (FastAPI under uvicorn) as its own process; restartable on the same port."""
+
+    def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None):
+        self.env, self.workdir = env, workdir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        exe = str(Path(sys.executable).parent / "fleettune")
+        err = self.workdir / f"api-{self.port}.err"
+        self.proc = subprocess.Popen([exe, "api", "--port", str(self.port)], env=dict(os.environ, **self.env),
+                                     stdout=subprocess.DEVNULL, stderr=err.open("a"), start_new_session=True)
+        _wait(lambda: _healthy(self.url), "fleettune api", 60, self.proc, err)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        _stop(self.proc)

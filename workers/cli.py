@@ -199,14 +199,18 @@ def deadletters(count: int) -> None:
 @click.option("--devices", "num_devices", default=20, show_default=True)
 @click.option("--rounds", default=3, show_default=True)
 @click.option("--round-wait", default=900.0, show_default=True, help="seconds to wait for each round to close")
+@click.option("--concurrency", default=8, show_default=True, help="devices sending at once")
+@click.option("--url", envvar="FLEETTUNE_URL", default="http://127.0.0.1:8000", show_default=True,
+              help="the API (FLEETTUNE_URL)")
+@click.option("--api-key", envvar="FLEETTUNE_API_KEY", required=True, help="an admin key (FLEETTUNE_API_KEY)")
 @federation_options
-def simulate(name: str, num_devices: int, rounds: int, round_wait: float, **kw) -> None:
-    """Send synthetic updates from N devices for R rounds (creates the federation if needed)."""
-    from workers.app import app, runtime_of
+def simulate(name: str, num_devices: int, rounds: int, round_wait: float, concurrency: int, url: str,
+             api_key: str, **kw) -> None:
+    """Synthetic devices send updates for R rounds through the API and gateway (creates the federation)."""
     from workers.simulate import simulate as run
 
     fed_kw = _federation_kwargs(kw)
-    run(app, runtime_of(app), _config(name, **fed_kw), num_devices, rounds, round_wait)
+    run(url, api_key, _config(name, **fed_kw), fed_kw["layout"], num_devices, rounds, round_wait, concurrency)
 
 
 @cli.command()

@@ -1,40 +1,79 @@
-"""`fleettune simulate`: drive rounds of synthetic devices through the real queue and store."""
+"""`fleettune simulate`: synthetic devices drive rounds through the API and the device gateway.
+
+It is a client like any other: an admin key to set the federation up and register the devices,
+then each device holds only its own token.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import click
-from celery import Celery
 from tqdm import tqdm
 
 from shared import simulate as sim
 from shared.federation import FederationConfig
-from shared.runtime import Runtime
-from workers.app import enqueuer
+from shared.sdk import DeviceClient, Federation, FleettuneAPIError
 
 
-def simulate(app: Celery, runtime: Runtime, config: FederationConfig, num_devices: int, rounds: int,
-             round_wait: float) -> None:
-    state = runtime.state
+def federation_body(config: FederationConfig, layout: str) -> dict:
+    """The POST /federations body for a config built from the CLI's federation options."""
+    adapter = dataclasses.asdict(config.adapter)
+    kind = adapter.pop("kind")
+    adapter = ({"type": kind, "num_virtual_tokens": adapter["num_virtual_tokens"]} if kind == "prompt_tuning" else
+               {"type": kind, "rank": adapter["rank"], "alpha": adapter["alpha"], "dropout": adapter["dropout"],
+                "target_modules": list(adapter["target_modules"])})
+    policy, training = config.policy, config.training
+    return {"name": config.name, "model_id": layout, "seed": config.seed, "adapter": adapter, "strategy": {
+        "algorithm": "fedavg", "learning_rate": training.learning_rate, "local_epochs": training.local_epochs,
+        "batch_size": training.batch_size, "weight_decay": training.weight_decay,
+        "round_config": {"min_clients": policy.min_updates, "timeout_seconds": policy.timeout_seconds,
+                         "min_samples_per_client": policy.min_samples_per_client, "max_rounds": policy.max_rounds,
+                         "max_update_norm": policy.max_grad_norm, "server_lr": policy.server_lr,
+                         "max_num_samples": policy.max_num_samples},
+        "device_filter": {"min_ram_mb": config.device_filter.min_ram_mb,
+                          "min_storage_mb": config.device_filter.min_storage_mb}}}
+
+
+def simulate(url: str | None, api_key: str | None, config: FederationConfig, layout: str, num_devices: int,
+             rounds: int, round_wait: float, concurrency: int = 8) -> None:
+    federation = Federation(api_key, config.name, url)
+    try:
+        federation.get()
+    except FleettuneAPIError as err:
+        if err.status != 404:
+            raise
+        federation.client.post("/api/v1/federations", federation_body(config, layout))
     fleet = sim.devices(num_devices, config.seed)
-    if state.config(config.name) is None:
-        runtime.coordinator.start(config, [d.device for d in fleet])
-    else:
-        config = state.config(config.name)  # an existing federation keeps its own config
-        state.enroll(config.name, [d.device for d in fleet])
-    push = enqueuer(app)
-    for _ in range(rounds):
-        round_no = state.current_round(config.name)
-        info = state.round_info(config.name, round_no)
-        if state.status(config.name).get("status") != "active" or info is None or info.status != "open":
-            click.echo(f"{config.name}: no open round (status {state.status(config.name)}); stopping")
-            return
-        started = time.monotonic()
-        sent = sim.run_round(runtime.store, push, config.spec, config.name, round_no, info.base_version,
-                             fleet, config.seed)
-        for _ in tqdm(sent, total=len(fleet), desc=f"round {round_no}", unit="update", leave=False):
-            pass
-        done = state.wait_settled(config.name, round_no, round_wait)
-        click.echo(f"round {round_no}: {done.status} -> version {done.version} "
-                   f"in {time.monotonic() - started:.1f}s; stats {state.stats(config.name)}")
+    clients = [DeviceClient(federation.register_device(d.device), config.name, federation.client.base_url)
+               for d in fleet]
+    session = federation.train(model=layout, rounds=rounds, min_updates=config.policy.min_updates)
+    spec = config.spec
+    with ThreadPoolExecutor(concurrency) as pool:
+        for _ in range(rounds):
+            body = session.refresh()
+            if body["status"] not in ("active", "aggregating") or body["round_status"] != "open":
+                click.echo(f"{config.name}: session {session.id} is {body['status']}; stopping")
+                break
+            round_no, started = body["current_round"], time.monotonic()
+            sends = pool.map(lambda i: sim.send_update(clients[i], spec, config.seed, i, fleet[i]), range(len(fleet)))
+            for _ in tqdm(sends, total=len(fleet), desc=f"round {round_no}", unit="update", leave=False):
+                pass
+            done = wait_round(federation, round_no, round_wait)
+            click.echo(f"round {round_no}: {done['status']} -> version {done['version']} in "
+                       f"{time.monotonic() - started:.1f}s; accepted {done['accepted']}, rejected {done['rejected']}")
+    click.echo(f"session {session.id}: {session.refresh()['status']}")
+    for client in clients:
+        client.client.close()
+
+
+def wait_round(federation: Federation, round_no: int, timeout: float, poll: float = 0.1) -> dict:
+    """Poll the API until the round is closed or failed."""
+    end = time.monotonic() + timeout
+    while (body := federation.round(round_no))["status"] not in ("closed", "failed"):
+        if time.monotonic() > end:
+            raise TimeoutError(f"round {round_no} still {body['status']} after {timeout}s")
+        time.sleep(poll)
+    return body

@@ -13,13 +13,13 @@ import pytest
 
 from shared import versions
 from shared.adapter_spec import LAYOUTS, AdapterConfig
+from shared.control.auth import Tokens
 from shared.federation import FederationConfig, RoundPolicy
 from shared.runtime import Runtime
 from shared.settings import Settings
 from shared.submit import encode_update, submit_update
 from tests import services
-from workers.app import make_app
-from workers.simulate import enqueuer
+from workers.app import enqueuer, make_app
 
 pytestmark = pytest.mark.services
 _names = itertools.count(1)
@@ -56,6 +56,14 @@ def workers(env, workdir):
         w.stop()
 
 
+@pytest.fixture(scope="session")
+def api(env, workdir):
+    """`fleettune api` as a process in front of the same Redis and S3."""
+    server = services.Api(env, workdir)
+    yield server
+    server.stop()
+
+
 @dataclasses.dataclass
 class Pipeline:
     """The test's view of a running deployment: a producer app plus direct state and store access."""
@@ -63,6 +71,8 @@ class Pipeline:
     settings: Settings
     runtime: Runtime
     app: object
+    api_url: str = ""
+    admin_key: str = ""
 
     def create(self, *, devices: list[str], layout: str = "tiny-llama", evaluation=None, **policy) -> FederationConfig:
         config = FederationConfig(
@@ -106,12 +116,13 @@ class Pipeline:
         return load(self.runtime.store.get(f"{versions.keys.version_prefix(config.name, version)}/{versions.ADAPTER_FILE}"))
 
 
-def make_pipeline(env: dict[str, str]) -> Pipeline:
+def make_pipeline(env: dict[str, str], api_url: str = "") -> Pipeline:
     settings = Settings.from_env(env)
     runtime = Runtime.from_settings(settings)
-    return Pipeline(settings, runtime, make_app(settings))
+    admin_key = Tokens(runtime.redis).create_api_key("admin", "tests")[1]
+    return Pipeline(settings, runtime, make_app(settings), api_url, admin_key)
 
 
 @pytest.fixture(scope="session")
-def pipeline(env, workers) -> Pipeline:
-    return make_pipeline(env)
+def pipeline(env, workers, api) -> Pipeline:
+    return make_pipeline(env, api.url)

@@ -21,13 +21,15 @@ def _run(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.Co
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_simulate_drives_rounds_through_the_workers(env, pipeline):
-    done = _run(env, "simulate", "--federation", "sim-cli", "--devices", "6", "--rounds", "2",
+def test_simulate_drives_rounds_through_the_gateway_and_the_workers(env, pipeline):
+    client_env = {"FLEETTUNE_URL": pipeline.api_url, "FLEETTUNE_API_KEY": pipeline.admin_key}  # no Redis, no S3
+    done = _run(client_env, "simulate", "--federation", "sim-cli", "--devices", "6", "--rounds", "2",
                 "--min-updates", "3", "--max-rounds", "2", "--rank", "4")
     assert done.returncode == 0, done.stderr[-2000:]
     state = pipeline.runtime.state
-    assert state.status("sim-cli") | {"last_round": "2"} == {"status": "completed", "round": "2", "version": "2",
-                                                              "last_round": "2"}
+    status = state.status("sim-cli")
+    assert (status["status"], status["round"], status["version"]) == ("completed", "2", "2")
+    assert f"session {status['session']}: completed" in done.stdout
     assert state.stats("sim-cli") == {"received": 12, "accepted": 12}
     manifest = versions.manifest(pipeline.runtime.store, "sim-cli", 2)
     assert len(manifest["contributors"]) == 6 and manifest["num_parameters"] == 4 * 4 * 4 * (128 + 128)

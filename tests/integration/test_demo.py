@@ -23,7 +23,7 @@ def test_the_demo_trains_federates_and_leaves_a_loadable_adapter_and_a_plot(tmp_
     heldout = [float(row[4]) for row in table]
     assert heldout[2] < heldout[0]  # federated training lowered held-out perplexity
     assert all(row[3] == "1" for row in table[1:])  # each round's NaN update was rejected
-    assert "refused by the device filter: ['old-phone']" in done.stdout
+    assert "old-phone at check-in: 403 ineligible: ram_mb" in done.stdout  # the device filter, at the gateway
     assert (out / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "final-adapter" / versions.ADAPTER_FILE).stat().st_size > 100_000
     assert "loads with PeftModel.from_pretrained" in done.stdout

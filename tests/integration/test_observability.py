@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from shared import versions
+from shared.control.auth import Tokens
 from shared.federation import EvaluationConfig
 from tests import services
 from tests.integration.conftest import make_pipeline
@@ -33,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FLEETTUNE = str(Path(sys.executable).parent / "fleettune")
 
 
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
+def _get(url: str, headers: dict[str, str] | None = None) -> str:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as response:
         return response.read().decode()
 
 
@@ -218,11 +219,12 @@ def test_the_committed_dashboards_are_what_the_code_generates():
 def test_the_api_answers_with_federation_state(observed):
     pipeline, _, run, ports = observed
     fed = run["good"].name
-    body = json.loads(_get(f"http://127.0.0.1:{ports[2]}/v1/federations/{fed}"))
-    assert body["state"]["status"] == "completed" and body["stats"]["accepted"] == 18
-    assert body["evaluation"]["heldout_mean"] > 0
-    manifest = json.loads(_get(f"http://127.0.0.1:{ports[2]}/v1/federations/{fed}/versions/3"))
-    assert manifest["version"] == 3
+    read_key = Tokens(pipeline.runtime.redis).create_api_key("read", "observability")[1]
+    auth = {"Authorization": f"Bearer {read_key}"}
+    body = json.loads(_get(f"http://127.0.0.1:{ports[2]}/api/v1/federations/{fed}", auth))
+    assert body["status"] == "completed" and body["stats"]["accepted"] == 18
+    manifest = json.loads(_get(f"http://127.0.0.1:{ports[2]}/api/v1/federations/{fed}/versions/3", auth))
+    assert manifest["version"] == 3 and manifest["evaluation"]["heldout_mean"] > 0
     with pytest.raises(urllib.error.HTTPError) as err:
-        _get(f"http://127.0.0.1:{ports[2]}/v1/federations/nope")
+        _get(f"http://127.0.0.1:{ports[2]}/api/v1/federations/nope", auth)
     assert err.value.code == 404

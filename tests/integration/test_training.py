@@ -10,6 +10,7 @@ from shared.adapter_spec import AdapterConfig, ModelDims
 from shared.device import models, trainer
 from shared.device.fleet import FleetSpec, build_fleet
 from shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy
+from workers.experiment import enroll
 
 pytestmark = pytest.mark.services
 
@@ -29,12 +30,13 @@ def _federate(pipeline, tiny, adapter: AdapterConfig, lr: float, name: str, roun
     )
     model = trainer.peft_model(base, adapter)
     fleet = [device for device, _ in build_fleet(FleetSpec.spread(3, chars_per_device=16_000), config, model, tokenizer)]
-    pipeline.runtime.coordinator.start(config, [d.device_id for d in fleet])
+    pipeline.runtime.state.create(config, status="idle")
+    clients = enroll(pipeline.api_url, pipeline.admin_key, config.name, fleet)  # devices hold only their tokens
+    pipeline.runtime.coordinator.begin_training(config.name, rounds)
     for round_no in range(1, rounds + 1):
-        base_version = pipeline.runtime.state.round_info(config.name, round_no).base_version
         for device in fleet:
-            report = device.run_round(pipeline.runtime.store, pipeline.enqueue, round_no, base_version, seed=round_no)
-            assert report.samples > 0 and report.train_seconds > 0
+            report = device.run_round(clients[device.device_id], seed=round_no)
+            assert report.round == round_no and report.samples > 0 and report.train_seconds > 0
         assert pipeline.wait_round(config, round_no, timeout=120).status == "closed"
     evaluation = _wait_evaluation(pipeline, config.name, rounds)
     base_model = trainer.release(model)  # leave the shared fixture without adapter layers
