@@ -21,7 +21,7 @@ from shared.settings import Settings
 from shared.storage import ObjectStore
 
 Kind = Literal["base", "adapter"]
-MIN_PART = 8 * 1024 * 1024  # S3 refuses parts under 5 MiB (but the last)
+MIN_PART = 5 * 1024 * 1024  # S3 refuses smaller parts (but the last)
 MAX_PARTS = 10_000
 
 

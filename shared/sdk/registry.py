@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .http import Client
+from .http import Client, FleettuneAPIError
 
 CHUNK = 1 << 20
 
@@ -42,13 +42,21 @@ class ModelRegistry:
         return self.client.post("/api/v1/models", {"model_id": model_id, "kind": kind, **fields})
 
     def upload_version_from_path(self, model_id: str, file_path: str | os.PathLike, version: str,
-                                 formats: list[str] | tuple[str, ...] = ("safetensors",), kind: str = "base",
+                                 formats: list[str] | tuple[str, ...] = ("safetensors",), kind: str | None = None,
                                  progress: bool = True) -> dict:
-        """Upload one file as an immutable version; the server checks its sha256 and size at the end."""
+        """Upload one file as an immutable version; the server checks its sha256 and size at the end.
+
+        A model that is not registered yet is created, as `kind` ("base" unless given).
+        """
         path = Path(file_path)
         size = path.stat().st_size
         sha256 = file_sha256(path)
-        self.create_model(model_id, kind)  # idempotent for a model of the same kind
+        try:
+            self.get(model_id)
+        except FleettuneAPIError as err:
+            if err.status != 404:
+                raise
+            self.create_model(model_id, kind or "base")
         plan = self.client.post(f"/api/v1/models/{model_id}/versions", {
             "version": version, "filename": path.name, "sha256": sha256, "size": size, "formats": list(formats)})
         parts = None
