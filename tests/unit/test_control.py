@@ -1,0 +1,207 @@
+"""The control plane's pure pieces on fakeredis: tokens, presigned local URLs, the gateway, sessions."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+
+from shared import keys
+from shared.control.auth import Tokens
+from shared.control.gateway import Gateway
+from shared.control.presign import LocalPresigner, S3Presigner, checksum_header
+from shared.control.schemas import LoraIn, RoundConfigIn, StrategyIn, TrainingSessionIn, apply_strategy
+from shared.control.sessions import Control
+from shared.errors import Refusal
+from shared.federation import DeviceProfile
+from shared.rounds import RoundCoordinator
+from shared.settings import Settings
+from shared.state import FederationState
+from shared.storage import LocalObjectStore
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_tokens_are_stored_only_as_digests_and_revocation_is_immediate():
+    r = fakeredis.FakeRedis()
+    tokens = Tokens(r)
+    key_id, token = tokens.create_api_key("read", "dashboards")
+    assert token.encode() not in b"".join(v for v in r.hgetall(keys.api_key(key_id)).values())
+    assert tokens.authenticate(token).scope == "read"
+    assert tokens.authenticate(token[:-1] + ("A" if token[-1] != "A" else "B")) is None
+    assert tokens.authenticate("ftk_" + "0" * 16 + "_x") is None and tokens.authenticate("garbage") is None
+    tokens.revoke_api_key(key_id)
+    assert tokens.authenticate(token) is None
+
+
+def test_a_new_device_token_replaces_the_old_one():
+    tokens = Tokens(fakeredis.FakeRedis())
+    first = tokens.create_device_token("fed", "phone")
+    second = tokens.create_device_token("fed", "phone")
+    assert tokens.authenticate(first) is None
+    who = tokens.authenticate(second)
+    assert (who.scope, who.federation, who.device) == ("device", "fed", "phone")
+    assert tokens.revoke_device("fed", "phone") and tokens.authenticate(second) is None
+
+
+def test_local_urls_refuse_tampering_and_expiry():
+    clock = Clock()
+    signer = LocalPresigner(b"k" * 32, clock)
+    put = signer.put("updates/f/000001/a.safetensors", 2000.0, "http://api", sha256="ab" * 32)
+    query = dict(p.split("=") for p in put.url.split("?")[1].split("&"))
+    grant = signer.verify("PUT", "updates/f/000001/a.safetensors", query)
+    assert grant.once and grant.sha256 == "ab" * 32
+    assert put.headers == {"If-None-Match": "*", "x-amz-checksum-sha256": checksum_header("ab" * 32)}
+    for method, key, changed in (("PUT", "updates/f/000001/b.safetensors", {}), ("GET", grant.key, {}),
+                                 ("PUT", grant.key, {"once": "0"}), ("PUT", grant.key, {"sha256": "cd" * 32}),
+                                 ("PUT", grant.key, {"expires": "9999999999"})):
+        with pytest.raises(Refusal) as refused:
+            signer.verify(method, key, dict(query, **changed))
+        assert refused.value.code == "bad_signature"
+    clock.now = 2001.0
+    with pytest.raises(Refusal, match="url_expired"):
+        signer.verify("PUT", grant.key, query)
+
+
+def test_s3_put_urls_sign_write_once_and_the_checksum():
+    signer = S3Presigner("http://127.0.0.1:9", "key", "secret", "bucket", clock=Clock())
+    put = signer.put("updates/f/000001/a.safetensors", 1600.0, sha256="00" * 32)
+    assert "if-none-match" in put.url and "x-amz-checksum-sha256" in put.url  # in X-Amz-SignedHeaders
+    assert "X-Amz-Expires=600" in put.url and put.headers["If-None-Match"] == "*"
+
+
+@pytest.fixture
+def plane(tmp_path):
+    clock = Clock()
+    state = FederationState(fakeredis.FakeRedis())
+    store = LocalObjectStore(tmp_path)
+    settings = Settings(device_rate_limit=5, rate_window_s=60)
+    sent: list[tuple[bytes, float]] = []
+    gateway = Gateway(state, LocalPresigner(b"k" * 32, clock), settings, lambda raw, at: sent.append((raw, at)), clock)
+    control = Control(state, RoundCoordinator(state, store, settings, clock), clock)
+    return state, gateway, control, sent, clock
+
+
+def _session(control: Control, fed: str, **device_filter) -> dict:
+    return control.create_session(TrainingSessionIn(
+        model_id="tiny-llama", federation=fed, adapter_config=LoraIn(type="lora", rank=4),
+        round_config=RoundConfigIn(min_clients=1, max_rounds=2, timeout_seconds=60),
+        device_filter={"min_ram_mb": 1000, **device_filter}), "tests")
+
+
+def test_a_session_opens_a_round_and_check_in_gives_the_device_its_own_urls(plane):
+    state, gateway, control, _, _ = plane
+    session = _session(control, "f")
+    assert (session["status"], session["current_round"], session["last_round"]) == ("active", 1, 2)
+    plan = gateway.check_in("f", DeviceProfile("a", ram_mb=2000), "http://api")
+    assert plan["round"] == 1 and plan["adapter"]["rank"] == 4 and plan["action"] == "train"
+    assert plan["upload"]["key"] == "updates/f/000001/a.safetensors" and "/a.safetensors?" in plan["upload"]["url"]
+    assert plan["download"]["adapter_model.safetensors"]["url"].startswith("http://api/api/v1/objects/federations/f/")
+    assert state.round_info("f", 1).cohort_size == 1  # it joined the open round
+    with pytest.raises(Refusal) as refused:
+        gateway.check_in("f", DeviceProfile("b", ram_mb=500), "http://api")
+    assert (refused.value.status, refused.value.code) == (403, "ineligible") and "min_ram_mb 1000" in refused.value.detail
+
+
+def test_group_filters_admit_only_members(plane):
+    state, gateway, control, _, _ = plane
+    _session(control, "g", groups=["canary"])
+    state.r.sadd(keys.fed_group("g", "canary"), "in")
+    assert gateway.check_in("g", DeviceProfile("in", ram_mb=2000), "u")["round"] == 1
+    with pytest.raises(Refusal, match="device groups"):
+        gateway.check_in("g", DeviceProfile("out", ram_mb=2000), "u")
+
+
+def test_submit_records_then_enqueues_once_and_a_repeat_gets_the_same_receipt(plane):
+    _, gateway, control, sent, clock = plane
+    _session(control, "f")
+    fields = {"round": 1, "sha256": "ab" * 32, "num_samples": 7, "base_version": 0, "train_seconds": 1.0,
+              "metrics": {"loss": 2.0}}
+    first = gateway.submit("f", "a", fields)
+    clock.now += 5
+    again = gateway.submit("f", "a", fields)
+    assert (again.receipt, again.received_at, again.duplicate) == (first.receipt, first.received_at, True)
+    assert len(sent) == 1 and sent[0][1] == 1000.0
+    assert gateway.receipt("f", "a", first.receipt)["status"] == "pending"
+    with pytest.raises(Refusal, match="unknown_receipt"):
+        gateway.receipt("f", "b", first.receipt)  # another device cannot read it
+
+
+def test_a_failed_enqueue_leaves_no_receipt_so_the_retry_goes_through(plane):
+    state, gateway, control, sent, _ = plane
+    _session(control, "f")
+    fields = {"round": 1, "sha256": "ab" * 32, "num_samples": 7, "base_version": 0, "train_seconds": 0.0,
+              "metrics": {}}
+    gateway.enqueue = lambda raw, at: (_ for _ in ()).throw(ConnectionError("broker down"))
+    with pytest.raises(ConnectionError):
+        gateway.submit("f", "a", fields)
+    gateway.enqueue = lambda raw, at: sent.append((raw, at))
+    assert not gateway.submit("f", "a", fields).duplicate and len(sent) == 1
+
+
+def test_devices_past_the_rate_limit_get_429_with_retry_after(plane):
+    _, gateway, _, _, clock = plane
+    for _ in range(5):
+        gateway.throttle("f", "a")
+    with pytest.raises(Refusal) as limited:
+        gateway.throttle("f", "a")
+    assert limited.value.status == 429 and int(limited.value.headers["Retry-After"]) > 0
+    gateway.throttle("f", "b")  # per device
+    clock.now += 60
+    gateway.throttle("f", "a")  # a new window
+
+
+def test_strategy_payload_maps_onto_the_config(plane):
+    _, _, control, _, _ = plane
+    _session(control, "f")
+    strategy = StrategyIn(learning_rate=1e-4, local_epochs=3, max_grad_norm=1.0, weight_decay=0.01,
+                          round_config=RoundConfigIn(timeout_seconds=900, min_samples_per_client=50),
+                          device_filter={"min_ram_mb": 6144, "min_storage_mb": 2048})
+    changes = apply_strategy(control.config("f"), strategy, strategy.round_config, strategy.device_filter)
+    assert changes["training"].learning_rate == 1e-4 and changes["training"].local_epochs == 3
+    assert changes["policy"].min_samples_per_client == 50 and changes["policy"].timeout_seconds == 900
+    assert changes["device_filter"].min_storage_mb == 2048
+    answer = control.set_strategy("f", strategy)  # a round is open: it waits for the next
+    assert answer["applies_from_round"] == 2 and answer["applied"] == "when the next round opens"
+    assert control.config("f").training.learning_rate != 1e-4
+
+
+def test_stopping_a_session_fails_its_open_round(plane):
+    state, gateway, control, _, _ = plane
+    session = _session(control, "f")
+    assert control.stop_session(session["id"], "ops")["status"] == "stopped"
+    assert state.round_info("f", 1).status == "failed"
+    with pytest.raises(Refusal, match="no_open_round"):
+        gateway.check_in("f", DeviceProfile("a", ram_mb=2000), "u")
+    with pytest.raises(Refusal, match="session_ended"):
+        control.stop_session(session["id"], "ops")
+
+
+def test_the_api_serves_local_presigned_urls_with_the_same_rules_as_s3(tmp_path):
+    import hashlib
+
+    import httpx
+
+    from shared.runtime import Runtime
+    from workers.api import create_app, serve_in_thread
+
+    runtime = Runtime(Settings(), fakeredis.FakeRedis(), LocalObjectStore(tmp_path))
+    app = create_app(runtime, lambda raw, at: None)
+    signer = app.state.services.presigner
+    blob = b"update bytes"
+    with serve_in_thread(app) as url, httpx.Client(timeout=10) as http:
+        put = signer.put("updates/f/000001/a.safetensors", 1e12, url, sha256=hashlib.sha256(blob).hexdigest())
+        assert http.put(put.url.replace("/a.safetensors", "/b.safetensors"), content=blob).status_code == 403
+        assert http.put(put.url, content=b"other bytes").status_code == 400  # bound to the sha256
+        assert http.put(put.url, content=blob).status_code == 200
+        assert http.put(put.url, content=blob).status_code == 412  # write-once
+        get = signer.get("updates/f/000001/a.safetensors", 1e12, url)
+        assert http.get(get.url).content == blob
+        assert http.get(get.url.replace("/a.safetensors", "/b.safetensors")).status_code == 403
+        expired = signer.get("updates/f/000001/a.safetensors", 1.0, url)
+        assert http.get(expired.url).json()["code"] == "url_expired"
