@@ -27,8 +27,8 @@ Control plane (the API):
     ft:fed:{fed}:groups          set of group names
     ft:session:{id}              hash: one training session (federation, rounds, who, when, stopped)
     ft:sessions                  sorted set of session ids by creation time
-    ft:rcv:{digest}              hash: the gateway's received-message ledger entry (envelope, received_at,
-                                 federation, device); expires after MESSAGE_TTL_S
+    ft:rcv:{digest}              msgpack: the gateway's received-message ledger entry (envelope,
+                                 received_at, federation, device, round); expires after MESSAGE_TTL_S
     ft:rate:{fed}:{device}:{window}  request counter of one device in one rate-limit window (expires)
     ft:signing-key               the HMAC key of the local store's presigned URLs (embedded mode)
     ft:model:{id}                hash: one registry model (kind, current version, created_at)

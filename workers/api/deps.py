@@ -13,17 +13,21 @@ bearer = HTTPBearer(auto_error=False, description="an operator API key (ftk_...)
 FedName = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def services(request: Request) -> Services:
-    return request.app.state.services
+async def services(request: Request) -> Services:
+    return request.app.state.services  # async: no I/O, so no hop to the thread pool
 
 
-def principal(creds: HTTPAuthorizationCredentials | None = Depends(bearer),
-              svc: Services = Depends(services)) -> Principal:
+def _authenticate(svc: Services, creds: HTTPAuthorizationCredentials | None) -> Principal:
     found = svc.tokens.authenticate(creds.credentials if creds else None)
     if found is None:
         raise Refusal(401, "unauthenticated", "a valid bearer token is required",
                       headers={"WWW-Authenticate": "Bearer"})
     return found
+
+
+def principal(creds: HTTPAuthorizationCredentials | None = Depends(bearer),
+              svc: Services = Depends(services)) -> Principal:
+    return _authenticate(svc, creds)
 
 
 def reader(who: Principal = Depends(principal)) -> Principal:
@@ -39,8 +43,10 @@ def admin(who: Principal = Depends(principal)) -> Principal:
     return who
 
 
-def device(name: str = FedName, who: Principal = Depends(principal), svc: Services = Depends(services)) -> Principal:
-    """A device token of this federation, within its rate limit."""
+async def device(name: str = FedName, creds: HTTPAuthorizationCredentials | None = Depends(bearer),
+           svc: Services = Depends(services)) -> Principal:
+    """A device token of this federation, within its rate limit (one thread-pool hop for all of it)."""
+    who = _authenticate(svc, creds)
     if who.scope != "device":
         raise Refusal(403, "forbidden", "this route is for device tokens")
     if who.federation != name:

@@ -1,0 +1,119 @@
+"""The gateway's submit path (HTTP, auth, rate limit, ledger, enqueue) against a direct Redis enqueue.
+
+    python bench/gateway_submit.py [--submits 3000] [--concurrency 32]
+
+Starts its own redis-server (S3 is not on the submit path) and one `fleettune api` process
+(uvicorn, one process). In one run it measures:
+  - latency, one request at a time: p50 of a direct Celery enqueue to Redis (what devices did
+    before the gateway) and of POST /updates through a real HTTP client; the difference is what
+    the gateway adds;
+  - throughput of one API process under `--concurrency` concurrent clients (httpx, async).
+Goals (issue 7): >= 500 submits/s per API process, <= 2 ms added to p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shared.control.auth import Tokens  # noqa: E402
+from shared.envelope import Envelope  # noqa: E402
+from shared.runtime import Runtime  # noqa: E402
+from shared.sdk import Federation  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+from tests import services  # noqa: E402
+from workers.app import enqueuer, make_app  # noqa: E402
+
+
+def body(i: int) -> dict:
+    return {"round": 1, "sha256": hashlib.sha256(str(i).encode()).hexdigest(), "num_samples": 10, "base_version": 0,
+            "train_seconds": 1.0, "metrics": {"loss": 2.0}}
+
+
+def p50_ms(samples: list[float]) -> float:
+    return 1000 * statistics.median(samples)
+
+
+async def flood(url: str, tokens: list[str], fed: str, total: int, concurrency: int) -> float:
+    """Submits per second with `concurrency` requests in flight, each device submitting its own."""
+    counter = iter(range(total))
+    errors = 0
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        for i in counter:
+            response = await http.post(f"/api/v1/federations/{fed}/updates", json=body(10**6 + i),
+                                       headers={"Authorization": f"Bearer {tokens[i % len(tokens)]}"})
+            errors += response.status_code != 202
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(http) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{errors} submits were not accepted")
+    return total / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--submits", type=int, default=3000)
+    parser.add_argument("--latency-samples", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--devices", type=int, default=200)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="ft-gateway-"))
+    with services.redis_server(workdir) as redis_url:
+        env = services.service_env(redis_url, "unused:1", bucket="bench", FLEETTUNE_DEVICE_RATE_LIMIT="1000000")
+        env.pop("FLEETTUNE_S3_ENDPOINT")  # the API presigns for the local store; submits never touch it
+        env["FLEETTUNE_DATA_DIR"] = str(workdir / "data")
+        settings = Settings.from_env(env)
+        runtime = Runtime.from_settings(settings)
+        api = services.Api(env, workdir)
+        try:
+            admin = Tokens(runtime.redis).create_api_key("admin", "bench")[1]
+            federation = Federation(admin, "bench", api.url)
+            federation.create(model="tiny-llama")
+            tokens = [federation.register_device(f"d{i:04d}") for i in range(args.devices)]
+
+            enqueue = enqueuer(make_app(settings))
+            direct = []
+            for i in range(args.latency_samples):
+                raw = Envelope("bench", 1, "d0000", "updates/bench/000001/d0000.safetensors",
+                               body(i)["sha256"], 10, 0).encode()
+                started = time.perf_counter()
+                enqueue(raw, time.time())
+                direct.append(time.perf_counter() - started)
+
+            gateway = []
+            with httpx.Client(base_url=api.url, timeout=30) as http:
+                for i in range(args.latency_samples):
+                    headers = {"Authorization": f"Bearer {tokens[i % len(tokens)]}"}
+                    started = time.perf_counter()
+                    response = http.post("/api/v1/federations/bench/updates", json=body(i), headers=headers)
+                    gateway.append(time.perf_counter() - started)
+                    assert response.status_code == 202, response.text
+
+            rate = asyncio.run(flood(api.url, tokens, "bench", args.submits, args.concurrency))
+        finally:
+            api.stop()
+    added = p50_ms(gateway) - p50_ms(direct)
+    print(f"p50 latency: direct enqueue {p50_ms(direct):.3f} ms, gateway submit {p50_ms(gateway):.3f} ms "
+          f"-> added {added:.3f} ms (goal <= 2)")
+    print(f"throughput of one API process, {args.concurrency} concurrent clients: {rate:.0f} submits/s "
+          f"(goal >= 500): {rate / 500:.2f}x the goal")
+
+
+if __name__ == "__main__":
+    main()
