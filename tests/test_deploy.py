@@ -44,7 +44,7 @@ def test_kubernetes_prometheus_config_passes_promtool(tmp_path):
 def test_compose_file_matches_the_compose_spec():
     _run(str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "compose.yaml")
     services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
-    assert {"redis", "minio", "api", "worker", "worker-beat", "prometheus", "grafana"} <= services.keys()
+    assert {"redis", "minio", "minio-setup", "api", "worker", "worker-beat", "prometheus", "grafana"} <= services.keys()
     assert "noeviction" in services["redis"]["command"] and "--appendonly" in services["redis"]["command"]
     assert sum("--beat" in s.get("command", []) for s in services.values()) == 1  # exactly one beat
 
@@ -60,3 +60,22 @@ def test_grafana_provisioning_points_at_the_dashboards_datasource():
         text = path.read_text()
         assert json.loads(text)["uid"].startswith("fleettune-")
         assert f'"uid": "{uid}"' in text
+
+
+def test_the_server_s3_policy_grants_only_the_bucket():
+    policy = json.loads((DEPLOY / "minio" / "server-policy.json").read_text())
+    resources = {r for statement in policy["Statement"] for r in statement["Resource"]}
+    assert resources == {"arn:aws:s3:::fleettune", "arn:aws:s3:::fleettune/*"}
+    actions = {a for statement in policy["Statement"] for a in statement["Action"]}
+    assert not any(a.startswith("admin:") or a == "s3:*" for a in actions)
+
+
+def test_redis_acl_users_agree_between_compose_and_kubernetes():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["redis"]["command"]
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "redis.yaml").read_text()))
+    k8s = docs[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    def rules(args: list[str]) -> list[str]:
+        return [w for w in args[args.index("--user"):] if not w.startswith(">")]
+
+    assert rules(compose) == rules(k8s)
