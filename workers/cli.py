@@ -96,7 +96,14 @@ def worker(concurrency: int, beat: bool, loglevel: str, metrics_port: int | None
     if not app.fleettune_settings.redis_url:
         raise click.UsageError("set FLEETTUNE_REDIS_URL (and FLEETTUNE_S3_*) to run a worker")
     argv = ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", f"-Q{','.join(QUEUES)}"]
-    app.worker_main(argv + (["--beat"] if beat else []) + list(celery_args))
+    # app.worker_main() and app.start() drop the exit code that `celery worker` returns; a worker that
+    # died of an unrecoverable error must exit non-zero so that its supervisor (compose's
+    # `restart: on-failure`, Kubernetes) starts it again. So call Celery's own command the way they do.
+    from celery.bin.celery import celery as celery_command
+
+    celery_command.params[0].default = app
+    code = celery_command.main(args=argv + (["--beat"] if beat else []) + list(celery_args), standalone_mode=False)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 @cli.command()

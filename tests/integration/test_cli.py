@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,24 @@ def test_federation_create_then_a_duplicate_name_is_a_clear_error(env, pipeline)
 def test_a_worker_without_redis_configured_refuses_to_start():
     done = _run({}, "worker", timeout=60)
     assert done.returncode != 0 and "FLEETTUNE_REDIS_URL" in done.stderr
+
+
+def test_a_worker_that_dies_of_an_unrecoverable_error_exits_non_zero_for_its_supervisor(tmp_path):
+    # a Redis user that may not read the worker's control queue: Celery's consumer fails for good
+    import shutil
+
+    from tests import services
+
+    port = services.free_port()
+    redis_proc = subprocess.Popen(
+        [shutil.which("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(tmp_path),
+         "--user", "default", "off", "--user", "w", "on", ">pw", "~ft:*", "~fleettune.*", "~_kombu.*", "~unacked*",
+         "&*", "+@all", "-@admin", "-@dangerous"], stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        time.sleep(0.5)
+        done = _run({"FLEETTUNE_REDIS_URL": f"redis://w:pw@127.0.0.1:{port}/0"}, "worker", "-c", "1",
+                    "--without-mingle", "--without-gossip", timeout=90)
+        assert "Unrecoverable error" in done.stderr + done.stdout
+        assert done.returncode != 0  # so compose's restart: on-failure and Kubernetes start it again
+    finally:
+        services._stop(redis_proc)
