@@ -267,10 +267,18 @@ def memory_cmd(model_source, params, layout, bits, rank, targets, batch, seq, ac
 
 
 def main() -> None:
+    from shared.sdk import FleettuneAPIError
+    from workers.cli_api import GROUPS
+
+    for group in GROUPS:
+        cli.add_command(group)
     try:
         cli(standalone_mode=True)
     except (ConfigError, FleettuneError) as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except FleettuneAPIError as exc:
+        click.echo(f"error: {exc.status} {exc.code}: {exc.detail}", err=True)
         sys.exit(2)
 
 

@@ -73,3 +73,25 @@ def test_a_worker_that_dies_of_an_unrecoverable_error_exits_non_zero_for_its_sup
         assert done.returncode != 0  # so compose's restart: on-failure and Kubernetes start it again
     finally:
         services._stop(redis_proc)
+
+
+def test_the_api_commands_print_tables_and_upload_with_a_progress_bar(pipeline, tmp_path):
+    client_env = {"FLEETTUNE_URL": pipeline.api_url, "FLEETTUNE_API_KEY": pipeline.admin_key}
+    assert _run(client_env, "federations", "create", "cli-api", "--adapter", '{"type": "lora", "rank": 4}').returncode == 0
+    token = _run(client_env, "devices", "register", "cli-api", "phone-1", "--ram-mb", "4096")
+    assert token.returncode == 0 and token.stdout.startswith("ftd_")
+    session = _run(client_env, "sessions", "create", "--federation", "cli-api", "--rounds", "3")
+    assert session.returncode == 0 and " active " in session.stdout
+    listed = _run(client_env, "federations", "list")
+    row = next(line.split() for line in listed.stdout.splitlines() if line.startswith("cli-api "))
+    assert row[:4] == ["cli-api", "active", "1", "0"]
+    devices = _run(client_env, "devices", "list", "cli-api").stdout
+    assert "phone-1" in devices and "4096" in devices
+    artifact = tmp_path / "adapter.safetensors"
+    artifact.write_bytes(b"\0" * 100_000)
+    upload = _run(client_env, "models", "upload", "cli-model", str(artifact), "--version", "1")
+    assert upload.returncode == 0 and " ready " in upload.stdout and "100k/100k" in upload.stderr.replace(" ", "")
+    assert "cli-model" in _run(client_env, "models", "list").stdout
+    read_key = _run(client_env, "keys", "create", "--scope", "read").stdout.strip()
+    denied = _run({"FLEETTUNE_URL": pipeline.api_url, "FLEETTUNE_API_KEY": read_key}, "keys", "list")
+    assert denied.returncode == 2 and "403 forbidden" in denied.stderr

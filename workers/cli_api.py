@@ -1,0 +1,242 @@
+"""`fleettune federations|sessions|devices|models|keys`: the API from a terminal, as tables.
+
+Each command is a thin call through the SDK; FLEETTUNE_URL and FLEETTUNE_API_KEY say where and who.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import click
+from tabulate import tabulate
+
+from shared.sdk import Client, Federation, FleettuneAPIError, ModelRegistry
+
+url_option = click.option("--url", envvar="FLEETTUNE_URL", default="http://127.0.0.1:8000", show_default=True,
+                          help="the API (FLEETTUNE_URL)")
+key_option = click.option("--api-key", envvar="FLEETTUNE_API_KEY", required=True,
+                          help="an operator key (FLEETTUNE_API_KEY)")
+
+
+def _client(ctx: click.Context) -> Client:
+    return ctx.obj["client"]
+
+
+def _group(name: str, help_text: str) -> click.Group:
+    @click.group(name, help=help_text)
+    @url_option
+    @key_option
+    @click.pass_context
+    def group(ctx: click.Context, url: str, api_key: str) -> None:
+        ctx.obj = {"client": Client(api_key, url)}
+
+    return group
+
+
+def table(rows: Iterable[dict], columns: list[str]) -> None:
+    click.echo(tabulate([[_cell(row.get(c)) for c in columns] for row in rows], headers=columns))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)[:60]
+    return "" if value is None else str(value)
+
+
+federations = _group("federations", "Federations through the API.")
+
+
+@federations.command("list")
+@click.pass_context
+def federations_list(ctx) -> None:
+    table(_client(ctx).get("/api/v1/federations")["federations"],
+          ["name", "status", "round", "version", "devices", "session"])
+
+
+@federations.command("get")
+@click.argument("name")
+@click.pass_context
+def federations_get(ctx, name: str) -> None:
+    click.echo(json.dumps(_client(ctx).get(f"/api/v1/federations/{name}"), indent=2))
+
+
+@federations.command("create")
+@click.argument("name")
+@click.option("--model", default="tiny-llama", show_default=True)
+@click.option("--adapter", "adapter_json", default=None, help='JSON, e.g. {"type": "lora", "rank": 8}')
+@click.option("--strategy", "strategy_json", default=None, help='JSON, as PUT .../strategy takes it')
+@click.pass_context
+def federations_create(ctx, name: str, model: str, adapter_json: str | None, strategy_json: str | None) -> None:
+    body = {"name": name, "model_id": model}
+    for key, raw in (("adapter", adapter_json), ("strategy", strategy_json)):
+        if raw:
+            body[key] = json.loads(raw)
+    created = _client(ctx).post("/api/v1/federations", body)
+    table([created], ["name", "status", "round", "version"])
+
+
+@federations.command("delete")
+@click.argument("name")
+@click.pass_context
+def federations_delete(ctx, name: str) -> None:
+    _client(ctx).delete(f"/api/v1/federations/{name}")
+    click.echo(f"deleted {name}")
+
+
+@federations.command("versions")
+@click.argument("name")
+@click.pass_context
+def federations_versions(ctx, name: str) -> None:
+    rows = Federation(name=name, client=_client(ctx)).versions()
+    table([dict(r, heldout=(r.get("evaluation") or {}).get("heldout_mean"), contributors=len(r["contributors"]))
+           for r in rows], ["version", "round", "parent_version", "contributors", "global_norm", "heldout"])
+
+
+sessions = _group("sessions", "Training sessions through the API.")
+SESSION_COLUMNS = ["id", "federation", "status", "current_round", "last_round", "version", "created_by"]
+
+
+@sessions.command("list")
+@click.pass_context
+def sessions_list(ctx) -> None:
+    table(_client(ctx).get("/api/v1/training-sessions")["sessions"], SESSION_COLUMNS)
+
+
+@sessions.command("create")
+@click.option("--federation", "name", required=True)
+@click.option("--model", default="tiny-llama", show_default=True)
+@click.option("--rounds", default=10, show_default=True)
+@click.option("--min-updates", default=2, show_default=True)
+@click.option("--timeout", "timeout_seconds", default=None, type=float, help="round deadline in seconds")
+@click.pass_context
+def sessions_create(ctx, name: str, model: str, rounds: int, min_updates: int, timeout_seconds: float | None) -> None:
+    extra = {"timeout_seconds": timeout_seconds} if timeout_seconds else None
+    session = Federation(name=name, client=_client(ctx)).train(model=model, rounds=rounds, min_updates=min_updates,
+                                                               round_config=extra)
+    table([session.last], SESSION_COLUMNS)
+
+
+@sessions.command("get")
+@click.argument("session_id")
+@click.pass_context
+def sessions_get(ctx, session_id: str) -> None:
+    table([_client(ctx).get(f"/api/v1/training-sessions/{session_id}")], SESSION_COLUMNS + ["round_status", "reason"])
+
+
+@sessions.command("stop")
+@click.argument("session_id")
+@click.pass_context
+def sessions_stop(ctx, session_id: str) -> None:
+    table([_client(ctx).post(f"/api/v1/training-sessions/{session_id}/stop")], SESSION_COLUMNS)
+
+
+devices = _group("devices", "Devices of a federation through the API.")
+
+
+@devices.command("list")
+@click.argument("federation")
+@click.pass_context
+def devices_list(ctx, federation: str) -> None:
+    table(Federation(name=federation, client=_client(ctx)).devices(),
+          ["device", "tier", "ram_mb", "storage_mb", "enrolled", "revoked"])
+
+
+@devices.command("register")
+@click.argument("federation")
+@click.argument("device_id")
+@click.option("--ram-mb", type=int, default=None)
+@click.option("--storage-mb", type=int, default=None)
+@click.option("--tier", default="default", show_default=True)
+@click.pass_context
+def devices_register(ctx, federation: str, device_id: str, ram_mb, storage_mb, tier: str) -> None:
+    """Print the device's token (shown once)."""
+    click.echo(Federation(name=federation, client=_client(ctx)).register_device(device_id, ram_mb, storage_mb, tier))
+
+
+@devices.command("revoke")
+@click.argument("federation")
+@click.argument("device_id")
+@click.pass_context
+def devices_revoke(ctx, federation: str, device_id: str) -> None:
+    Federation(name=federation, client=_client(ctx)).revoke_device(device_id)
+    click.echo(f"revoked {device_id}")
+
+
+models = _group("models", "The model registry through the API.")
+
+
+@models.command("list")
+@click.pass_context
+def models_list(ctx) -> None:
+    rows = ModelRegistry(client=_client(ctx)).models()
+    table([dict(m, versions=len(m["versions"])) for m in rows], ["id", "kind", "current_version", "versions", "base_model"])
+
+
+@models.command("versions")
+@click.argument("model_id")
+@click.pass_context
+def models_versions(ctx, model_id: str) -> None:
+    table(ModelRegistry(client=_client(ctx)).versions(model_id), ["version", "status", "filename", "size", "sha256", "formats"])
+
+
+@models.command("upload")
+@click.argument("model_id")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--version", required=True)
+@click.option("--format", "formats", multiple=True, default=("safetensors",), show_default=True)
+@click.option("--kind", type=click.Choice(["base", "adapter"]), default=None, help="for a new model (default base)")
+@click.pass_context
+def models_upload(ctx, model_id: str, path: str, version: str, formats: tuple[str, ...], kind: str | None) -> None:
+    """Upload a file as an immutable version, with a progress bar."""
+    done = ModelRegistry(client=_client(ctx)).upload_version_from_path(model_id, path, version, list(formats), kind)
+    table([done], ["model_id", "version", "status", "size", "sha256"])
+
+
+@models.command("download")
+@click.argument("model_id")
+@click.argument("version")
+@click.argument("dest", type=click.Path())
+@click.pass_context
+def models_download(ctx, model_id: str, version: str, dest: str) -> None:
+    click.echo(ModelRegistry(client=_client(ctx)).download(model_id, version, dest))
+
+
+@models.command("set-current")
+@click.argument("model_id")
+@click.argument("version")
+@click.pass_context
+def models_set_current(ctx, model_id: str, version: str) -> None:
+    table([ModelRegistry(client=_client(ctx)).set_current(model_id, version)], ["id", "kind", "current_version"])
+
+
+keys = _group("keys", "Operator API keys through the API (admin).")
+
+
+@keys.command("list")
+@click.pass_context
+def keys_list(ctx) -> None:
+    table(_client(ctx).get("/api/v1/keys")["keys"], ["id", "scope", "name", "created_at", "revoked"])
+
+
+@keys.command("create")
+@click.option("--scope", type=click.Choice(["admin", "read"]), default="read", show_default=True)
+@click.option("--name", default="")
+@click.pass_context
+def keys_create(ctx, scope: str, name: str) -> None:
+    """Print the new key (shown once)."""
+    click.echo(_client(ctx).post("/api/v1/keys", {"scope": scope, "name": name})["key"])
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.pass_context
+def keys_revoke(ctx, key_id: str) -> None:
+    _client(ctx).delete(f"/api/v1/keys/{key_id}")
+    click.echo(f"revoked {key_id}")
+
+
+GROUPS = (federations, sessions, devices, models, keys)
+__all__ = ["GROUPS", "FleettuneAPIError"]
