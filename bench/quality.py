@@ -109,7 +109,7 @@ def prompt(args) -> None:
 
 def _overhead(run: dict) -> None:
     share = run["send_s_per_device_round"] / run["train_s_per_device_round"]
-    print(f"device federation overhead (delta + encode + upload + enqueue) / local epoch = {100 * share:.2f}% (goal <= 5%)")
+    print(f"device federation overhead (delta + encode + upload + submit) / local epoch = {100 * share:.2f}% (goal <= 5%)")
 
 
 def _child_train(source: str, quantize: bool, steps: int) -> dict:
