@@ -99,11 +99,13 @@ class EvaluationConfig:
     forgetting_threshold: float = 1.25  # general perplexity / base general perplexity
     forgetting_action: Literal["halt", "lower_lr"] = "lower_lr"
     lr_factor: float = 0.5  # what lower_lr multiplies the server learning rate by
+    min_server_lr: float = 0.05  # lower_lr never goes below this
 
     def __post_init__(self) -> None:
         if self.forgetting_action not in ("halt", "lower_lr"):
             raise ValueError("forgetting_action must be 'halt' or 'lower_lr'")
-        if not (self.forgetting_threshold > 1.0 and 0 < self.lr_factor < 1 and self.general_every >= 1):
+        if not (self.forgetting_threshold > 1.0 and 0 < self.lr_factor < 1 and self.general_every >= 1
+                and self.min_server_lr > 0):
             raise ValueError(f"invalid evaluation config: {self}")
 
 

@@ -17,6 +17,8 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:msg:{sha256}              outcome of one envelope, so redelivery is answered, not recounted;
                                  expires after MESSAGE_TTL_S
     ft:deadletter                stream of rejected updates, capped at Settings.deadletter_maxlen
+    ft:heartbeats                hash process kind (beat) -> last time it was seen alive
+    ft:evaluations:due           sorted set "{fed}:{version}" -> publish time, until its evaluation is recorded
 
 Control plane (the API):
     ft:auth:keys                 set of operator API key ids
@@ -138,6 +140,8 @@ def current_pointer(fed: str) -> str:
 
 
 API_KEYS = f"{PREFIX}:auth:keys"
+EVALUATIONS_DUE = f"{PREFIX}:evaluations:due"
+HEARTBEATS = f"{PREFIX}:heartbeats"
 SESSIONS = f"{PREFIX}:sessions"
 SIGNING_KEY = f"{PREFIX}:signing-key"
 MODELS = f"{PREFIX}:models"

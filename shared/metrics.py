@@ -82,16 +82,16 @@ class Metrics:
 
     def observe_close(self, fed: str, result, now: float) -> None:
         """A round that closed or failed (a CloseResult); waits and repeats change nothing."""
-        if result.decision not in ("closing", "failed") or result.info is None:
+        if result.decision not in ("closed", "failed") or result.info is None:
             return
         info = result.info
-        outcome = "closed" if result.decision == "closing" else "failed"
+        outcome = result.decision
         self.rounds.labels(fed, outcome).inc()
         self.selected_devices.labels(fed).inc(info.cohort_size)
         self.timed_out_devices.labels(fed).inc(max(0, info.cohort_size - result.updates))
         self.round_seconds.labels(fed).observe(max(0.0, now - info.opened_at))
         if outcome == "failed":
-            self.round_failures.labels(fed, "no_quorum").inc()
+            self.round_failures.labels(fed, result.reason or "no_quorum").inc()
             return
         self.aggregation_seconds.labels(fed).observe(result.aggregation_seconds)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+import uuid
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from shared import versions
 from shared.adapter_spec import initial_weights
@@ -18,7 +20,13 @@ from shared.settings import Settings
 from shared.state import FederationState, RoundInfo
 from shared.storage import ObjectStore
 
+# decide(): what an open round should do now
 WAIT, CLOSING, FAILED = "wait", "closing", "failed"
+# what a close call did: closed (published a version) or failed the round now; waits; found another
+# close holding the round's lease (busy); or found it ended earlier (settled, after any repair)
+CLOSED, BUSY, SETTLED = "closed", "busy", "settled"
+UNREADABLE = "quorum_unreadable"  # accepted updates vanished or changed below the quorum
+LEASE_MARGIN_S = 30  # a close's lease: the task time limit plus this
 
 
 def decide(info: RoundInfo, n_updates: int, min_updates: int, now: float, reported: int | None = None) -> str:
@@ -40,13 +48,14 @@ def decide(info: RoundInfo, n_updates: int, min_updates: int, now: float, report
 
 @dataclasses.dataclass(frozen=True)
 class CloseResult:
-    decision: str  # wait | closing | failed | closed (already) | ...
+    decision: str  # closed | failed | wait | busy | settled
     version: int | None = None
     next_round: RoundInfo | None = None
     manifest: dict | None = None
     info: RoundInfo | None = None  # the round as it was when the close began
     updates: int = 0  # accepted updates in the round
     aggregation_seconds: float = 0.0
+    reason: str = ""  # why a round failed
 
 
 class RoundCoordinator:
@@ -87,49 +96,71 @@ class RoundCoordinator:
         })
 
     def _open(self, config: FederationConfig, round_no: int, base_version: int) -> RoundInfo | None:
-        """Open a round under the pending config if there is one; a new adapter shape starts afresh."""
+        """Open a round under the pending config if there is one."""
         pending = self.state.pending_config(config.name)
-        if pending is not None and pending.spec.tensors != config.spec.tensors:
-            base_version += 1  # the old adapter cannot be loaded into the new shape
-            self._publish_initial(pending, base_version, parent=base_version - 1)
+        base_version = self._prepare_shape(config, pending, base_version)
         policy = (pending or config).policy
         return self.state.open_round(config.name, round_no, base_version, self.clock(), policy.timeout_seconds,
                                      config=pending)
 
-    def close(self, fed: str, round_no: int) -> CloseResult:
-        """Close the round if it is due. Safe to call any number of times, from any worker."""
+    def _prepare_shape(self, config: FederationConfig, pending: FederationConfig | None, base_version: int) -> int:
+        """The next round's base version: a pending change of adapter shape starts from a fresh one."""
+        if pending is None or pending.spec.tensors == config.spec.tensors:
+            return base_version
+        self._publish_initial(pending, base_version + 1, parent=base_version)  # idempotent: same bytes
+        return base_version + 1
+
+    def close(self, fed: str, round_no: int, owner: str | None = None) -> CloseResult:
+        """Close the round if it is due. Safe to call any number of times, from any worker.
+
+        The close is a leased, resumable state machine: take the round (open -> closing, under a
+        lease for `owner`), aggregate the readable updates, publish with conditional writes, then
+        in one transaction mark the round closed, record the evaluation as due and open the next
+        round. A close that died anywhere is redone by its redelivery (same owner) or, once its
+        lease expires, by the sweep; a round that ended without its next round gets it here.
+        """
         opened = self.state.round_info(fed, round_no)
         config = self.state.config(fed, opened.config_rev if opened else None)
-        if config is None:
-            raise StateError(f"unknown federation {fed!r}")
+        if opened is None or config is None:
+            raise StateError(f"{fed!r} has no round {round_no}")
         now = self.clock()
         decision, info = self.state.begin_close(
-            fed, round_no, lambda i, n, reported: decide(i, n, config.policy.min_updates, now, reported))
-        if decision == WAIT or decision == "closed":
-            return CloseResult(decision, info.version)
+            fed, round_no, lambda i, n, reported: decide(i, n, config.policy.min_updates, now, reported),
+            owner or uuid.uuid4().hex, now, self.settings.task_time_limit_s + LEASE_MARGIN_S)
+        if decision in (WAIT, BUSY):
+            return CloseResult(decision, info=info)
+        if decision == SETTLED:  # a repair: the next round may never have been opened
+            return CloseResult(SETTLED, info.version, self._advance(config, info, info.version), info=info)
         updates = self.state.update_count(fed, round_no)  # the records themselves are read once, below
         if decision == FAILED:
-            return CloseResult(FAILED, None, self._next_round(config, round_no, info.base_version), info=info,
-                               updates=updates)
-        # closing: first time, or a redelivery after a worker died mid-aggregation; both redo it all.
+            return CloseResult(FAILED, None, self._advance(config, info, None), info=info, updates=updates,
+                               reason="no_quorum")
         version = info.base_version + 1
         started = time.perf_counter()
         manifest = self._aggregate_and_publish(config, info, version)
         seconds = time.perf_counter() - started
-        self.state.finish_round(fed, round_no, version, self.clock())
-        return CloseResult(CLOSING, version, self._next_round(config, round_no, version), manifest, info=info,
-                           updates=updates, aggregation_seconds=seconds)
+        if manifest is None:  # fewer readable, verified updates than the quorum: publish nothing
+            return CloseResult(FAILED, None, self._advance(config, info, None, failure=UNREADABLE), info=info,
+                               updates=updates, reason=UNREADABLE)
+        nxt = self._advance(config, info, version, evaluate=config.evaluation is not None)
+        return CloseResult(CLOSED, version, nxt, manifest, info=info, updates=updates, aggregation_seconds=seconds)
 
-    def _next_round(self, config: FederationConfig, round_no: int, base_version: int) -> RoundInfo | None:
-        status = self.state.status(config.name)
-        if status.get("status") in ("halted", "stopped"):
-            return None
-        if round_no >= int(status.get("last_round", config.policy.max_rounds)):
-            self.state.complete(config.name)
-            return None
-        return self._open(config, round_no + 1, base_version)
+    def _advance(self, config: FederationConfig, info: RoundInfo, version: int | None, failure: str | None = None,
+                 evaluate: bool = False) -> RoundInfo | None:
+        """Settle the round and open the next one (or complete the federation), atomically."""
+        fed = config.name
+        status = self.state.status(fed)
+        current = self.state.config(fed) or config
+        pending = self.state.pending_config(fed)
+        base = version if version is not None else info.base_version
+        last_round = int(status.get("last_round", current.policy.max_rounds))
+        if status.get("status") == "active" and int(status.get("round", 0)) == info.round < last_round:
+            base = self._prepare_shape(current, pending, base)
+        return self.state.settle_round(fed, info.round, self.clock(), base,
+                                       (pending or current).policy.timeout_seconds, version=version,
+                                       failure=failure, pending=pending, evaluate=evaluate)
 
-    def _aggregate_and_publish(self, config: FederationConfig, info: RoundInfo, version: int) -> dict:
+    def _aggregate_and_publish(self, config: FederationConfig, info: RoundInfo, version: int) -> dict | None:
         spec, policy = config.spec, config.policy
         records = self.state.updates(config.name, info.round)
         avg = StreamingFedAvg(spec.tensors)
@@ -146,8 +177,8 @@ class RoundCoordinator:
                 continue
             avg.add(parse(blob, spec.tensors, self.settings.max_header_bytes), rec.num_samples, rec.clip_scale)
             contributors.append(device)
-        if avg.count == 0:
-            raise StateError(f"{config.name} round {info.round}: no accepted update could be read back")
+        if avg.count < policy.min_updates:
+            return None  # quorum counts updates that can still be read and verified, not acceptances
 
         base = versions.load_weights(self.store, config.name, info.base_version, spec,
                                      self.settings.max_update_bytes, self.settings.max_header_bytes)
@@ -172,29 +203,43 @@ class RoundCoordinator:
         }
         return versions.publish(self.store, config.name, version, weights, spec, manifest)
 
-    def evaluate(self, fed: str, version: int, evaluator) -> dict:
-        """Evaluate a published version, record it (Redis and its manifest), and apply the forgetting guard."""
-        revision = versions.manifest(self.store, fed, version).get("config_revision")
-        config = self.state.config(fed, revision)
+    def evaluate(self, fed: str, version: int, evaluator_for: Callable[[FederationConfig], Any]) -> dict:
+        """Evaluate a published version, record it (Redis and its manifest), and apply the forgetting guard.
+
+        The guard acts once per version, whatever the number of deliveries: it is applied in the
+        same transaction that records the evaluation, and only by the first to record it.
+        """
+        manifest = versions.manifest(self.store, fed, version)
+        config = self.state.config(fed, manifest.get("config_revision"))
         if config is None or config.evaluation is None:
             raise StateError(f"{fed} has no evaluation config")
         done = self.state.evaluation(fed, version)
-        if done is not None:
-            return done  # a redelivered evaluate: the result stands
-        weights = versions.load_weights(self.store, fed, version, config.spec, self.settings.max_update_bytes,
-                                        self.settings.max_header_bytes)
-        result = evaluator.evaluate(weights, version)
-        action = guard(config.evaluation, result)
-        if action is not None:
-            ratio, limit = result["forgetting_ratio"], config.evaluation.forgetting_threshold
-            if action == "halt":
-                message = f"v{version}: general perplexity ratio {ratio:.3f} > {limit}: federation halted"
-                self.state.apply_guard(fed, "halt", message)
-            else:
-                lr = self.state.server_lr(fed, config.policy.server_lr) * config.evaluation.lr_factor
-                message = f"v{version}: general perplexity ratio {ratio:.3f} > {limit}: server_lr lowered to {lr:g}"
-                self.state.apply_guard(fed, "lower_lr", message, lr)
-            result["guard"] = message
-        versions.add_evaluation(self.store, fed, version, result)
-        self.state.record_evaluation(fed, version, result)
-        return result
+        if done is None:
+            weights = versions.load_weights(self.store, fed, version, config.spec, self.settings.max_update_bytes,
+                                            self.settings.max_header_bytes)
+            result = evaluator_for(config).evaluate(weights, version)
+            action, lr = guard(config.evaluation, result), None
+            if action is not None:
+                ratio, limit = result["forgetting_ratio"], config.evaluation.forgetting_threshold
+                if action == "halt":
+                    result["guard"] = f"v{version}: general perplexity ratio {ratio:.3f} > {limit}: federation halted"
+                else:
+                    current = self.state.server_lr(fed, config.policy.server_lr)
+                    lr = max(current * config.evaluation.lr_factor, config.evaluation.min_server_lr)
+                    result["guard"] = (f"v{version}: general perplexity ratio {ratio:.3f} > {limit}: server_lr "
+                                       f"{'lowered to' if lr < current else 'held at its floor'} {lr:g}")
+            self.state.record_evaluation(fed, version, result, (action, result["guard"]) if action else None, lr)
+            done = self.state.evaluation(fed, version)
+        if "evaluation" not in manifest:  # also completes a delivery that died after recording
+            versions.add_evaluation(self.store, fed, version, done)
+        return done
+
+    def resume(self, fed: str) -> RoundInfo:
+        """Reopen a halted or stopped federation for the rounds its session has left."""
+        status = self.state.status(fed)
+        if status.get("status") not in ("halted", "stopped"):
+            raise StateError(f"{fed} is {status.get('status')}, not halted or stopped")
+        left = int(status.get("last_round", 0)) - int(status.get("round", 0))
+        if left < 1:
+            raise StateError(f"{fed} has no rounds left in its session")
+        return self.begin_training(fed, left)

@@ -131,8 +131,39 @@ class FederationState:
 
     # --- evaluation and the forgetting guard -----------------------------------------------------
 
-    def record_evaluation(self, fed: str, version: int, result: dict) -> None:
-        self.r.hset(keys.fed_evaluations(fed), str(version), json.dumps(result, sort_keys=True))
+    def record_evaluation(self, fed: str, version: int, result: dict, guard: tuple[str, str] | None = None,
+                          lr: float | None = None) -> bool:
+        """Record a version's evaluation and act on its forgetting guard, once, in one transaction.
+
+        `guard` is (action, message): "halt" stops the federation and fails its open round;
+        "lower_lr" sets the server learning rate to `lr`. False when the version had been recorded
+        already (a redelivered or concurrent evaluation), and then nothing is changed.
+        """
+        evals = keys.fed_evaluations(fed)
+
+        def record(pipe) -> bool:
+            if pipe.hexists(evals, str(version)):
+                pipe.multi()
+                pipe.zrem(keys.EVALUATIONS_DUE, f"{fed}:{version}")
+                return False
+            round_no = int(pipe.hget(keys.fed_state(fed), "round") or 0)
+            round_open = bool(round_no) and pipe.hget(keys.round_info(fed, round_no), "status") == b"open"
+            pipe.multi()
+            pipe.hset(evals, str(version), json.dumps(result, sort_keys=True))
+            pipe.zrem(keys.EVALUATIONS_DUE, f"{fed}:{version}")
+            if guard is not None:
+                action, message = guard
+                if action == "halt":
+                    pipe.hset(keys.fed_state(fed), mapping={"status": "halted", "reason": message})
+                    if round_open:
+                        pipe.hset(keys.round_info(fed, round_no), mapping={"status": "failed", "reason": "halted"})
+                else:
+                    pipe.hset(keys.fed_state(fed), "server_lr", repr(lr))
+                if round_no:
+                    pipe.hset(keys.round_info(fed, round_no), "guard", message)
+            return True
+
+        return self._transaction(record, evals, keys.fed_state(fed))
 
     def evaluation(self, fed: str, version: int) -> dict | None:
         raw = self.r.hget(keys.fed_evaluations(fed), str(version))
@@ -148,21 +179,6 @@ class FederationState:
     def server_lr(self, fed: str, default: float) -> float:
         raw = self.r.hget(keys.fed_state(fed), "server_lr")
         return float(raw) if raw is not None else default
-
-    def apply_guard(self, fed: str, action: str, message: str, lr: float | None = None) -> None:
-        """Record a forgetting-guard action on the federation and on its current round."""
-        round_no = self.current_round(fed)
-        round_open = bool(round_no) and self.r.hget(keys.round_info(fed, round_no), "status") == b"open"
-        with self.r.pipeline() as pipe:
-            if action == "halt":
-                pipe.hset(keys.fed_state(fed), mapping={"status": "halted", "reason": message})
-                if round_open:
-                    pipe.hset(keys.round_info(fed, round_no), mapping={"status": "failed", "reason": "halted"})
-            else:
-                pipe.hset(keys.fed_state(fed), "server_lr", repr(lr))
-            if round_no:
-                pipe.hset(keys.round_info(fed, round_no), "guard", message)
-            pipe.execute()
 
     def config(self, fed: str, revision: int | None = None) -> FederationConfig | None:
         """The config in force, or the given revision of it (what a round was opened under)."""
@@ -259,24 +275,47 @@ class FederationState:
                 return None
             cohort = pipe.smembers(keys.fed_devices(fed))
             current = FederationConfig.from_json(pipe.get(keys.fed_config(fed)))
-            switch = config is not None and config.revision > current.revision
-            revision = config.revision if switch else current.revision
-            info = RoundInfo(round_no, "open", base_version, now, now + timeout, len(cohort), config_rev=revision)
             pipe.multi()
-            if switch:
-                pipe.set(keys.fed_config(fed), config.to_json())
-                pipe.set(keys.fed_config_revision(fed, config.revision), config.to_json())
-                pipe.delete(keys.fed_config_pending(fed))
-            pipe.hset(keys.round_info(fed, round_no), mapping={
-                "status": info.status, "base_version": base_version, "opened_at": repr(now),
-                "deadline": repr(info.deadline), "cohort_size": info.cohort_size, "config_rev": revision,
-            })
-            if cohort:
-                pipe.sadd(keys.round_cohort(fed, round_no), *cohort)
-            pipe.hset(keys.fed_state(fed), mapping={"round": round_no, "version": base_version})
-            return info
+            return _write_open(pipe, fed, round_no, base_version, now, timeout, cohort, current, config)
 
         return self._transaction(open_, keys.fed_state(fed), keys.fed_config(fed))
+
+    def settle_round(self, fed: str, round_no: int, now: float, next_base: int, timeout: float,
+                     version: int | None = None, failure: str | None = None,
+                     pending: FederationConfig | None = None, evaluate: bool = False) -> RoundInfo | None:
+        """End a round and open the next (or complete the federation) in one transaction.
+
+        `version`: the round closed and published it; `failure`: the round failed for this reason.
+        Neither: the round ended earlier and only the next round may be missing (a repair). Returns
+        the round it opened, or None when there is none to open (opened already, completed, halted).
+        """
+        info_key, state_key = keys.round_info(fed, round_no), keys.fed_state(fed)
+
+        def settle(pipe) -> RoundInfo | None:
+            status = pipe.hget(info_key, "status")
+            fed_state = {k.decode(): v.decode() for k, v in pipe.hgetall(state_key).items()}
+            opens = int(fed_state.get("round", 0)) == round_no and fed_state.get("status") == "active"
+            cohort = pipe.smembers(keys.fed_devices(fed)) if opens else set()
+            current = FederationConfig.from_json(pipe.get(keys.fed_config(fed)))
+            last_round = int(fed_state.get("last_round", current.policy.max_rounds))
+            pipe.multi()
+            if version is not None and status == b"closing":
+                pipe.hset(info_key, mapping={"status": "closed", "version": version, "closed_at": repr(now)})
+                pipe.hdel(info_key, "close_owner", "lease_until")
+                pipe.hset(state_key, "version", version)
+                if evaluate:
+                    pipe.zadd(keys.EVALUATIONS_DUE, {f"{fed}:{version}": now}, nx=True)
+            elif failure is not None and status in (b"open", b"closing"):
+                pipe.hset(info_key, mapping={"status": "failed", "reason": failure})
+                pipe.hdel(info_key, "close_owner", "lease_until")
+            if not opens:
+                return None
+            if round_no >= last_round:
+                pipe.hset(state_key, "status", "completed")
+                return None
+            return _write_open(pipe, fed, round_no + 1, next_base, now, timeout, cohort, current, pending)
+
+        return self._transaction(settle, info_key, state_key, keys.fed_config(fed))
 
     def join_cohort(self, fed: str, round_no: int, device: str) -> bool:
         """Add an enrolled device that checks in while the round is open; False if it is closed."""
@@ -321,40 +360,78 @@ class FederationState:
         h = self.r.hgetall(keys.round_updates(fed, round_no))
         return {k.decode(): UpdateRecord.from_bytes(v) for k, v in sorted(h.items())}
 
-    def begin_close(self, fed: str, round_no: int, decide: Callable[[RoundInfo, int, int], str]) -> tuple[str, RoundInfo]:
-        """Atomically move an open round to closing or failed, as `decide(info, accepted, reported)` says.
+    def begin_close(self, fed: str, round_no: int, decide: Callable[[RoundInfo, int, int], str], owner: str,
+                    now: float, lease_s: float) -> tuple[str, RoundInfo]:
+        """Take the round's close, as `decide(info, accepted, reported)` says, under a lease.
 
-        Returns (decision, info). An ingest that commits after this sees the new status and is
-        rejected as stale, so the set of updates is frozen from here on.
+        Returns (decision, info): "closing" (`owner` now holds the close: an open round it moved to
+        closing, its own close redelivered, or a close whose lease expired), "busy" (another
+        owner's lease is live), "failed" (no quorum: failed now), "wait", or "settled" (closed or
+        failed before). An ingest that commits after a round leaves "open" sees the new status and
+        is rejected as stale, so the set of updates is frozen from here on.
         """
         info_key, updates_key = keys.round_info(fed, round_no), keys.round_updates(fed, round_no)
+        lease = {"close_owner": owner, "lease_until": repr(now + lease_s)}
 
         def close(pipe) -> tuple[str, RoundInfo]:
             h = pipe.hgetall(info_key)
             if not h:
                 raise StateError(f"{fed} round {round_no} does not exist")
             info = RoundInfo.from_hash(round_no, h)
+            if info.status == "closing":
+                holder, until = h.get(b"close_owner", b"").decode(), float(h.get(b"lease_until", 0))
+                if holder != owner and until > now:
+                    return "busy", info
+                pipe.multi()
+                pipe.hset(info_key, mapping=lease)
+                return "closing", info
             if info.status != "open":
-                return info.status, info
+                return "settled", info
             decision = decide(info, pipe.hlen(updates_key), pipe.scard(keys.round_reported(fed, round_no)))
             pipe.multi()
             if decision == "closing":
-                pipe.hset(info_key, "status", "closing")
+                pipe.hset(info_key, mapping={"status": "closing", **lease})
             elif decision == "failed":
                 pipe.hset(info_key, mapping={"status": "failed", "reason": "no_quorum"})
             return decision, info
 
         return self._transaction(close, info_key, updates_key)
 
-    def due_rounds(self, now: float) -> list[tuple[str, int]]:
-        """(federation, round) of every open round past its deadline."""
-        due = []
+    def rounds_needing_a_close(self, now: float) -> list[tuple[str, int]]:
+        """(federation, round) of every round a close task should look at now.
+
+        An open round past its deadline; a closing round whose close lease expired (its worker
+        died, or its retries ran out); and an ended current round of an active federation, whose
+        next round was never opened (a close that died between its steps).
+        """
+        found = []
         for fed in self.federations():
-            round_no = self.current_round(fed)
+            status = self.status(fed)
+            round_no = int(status.get("round", 0))
             info = self.round_info(fed, round_no) if round_no else None
-            if info is not None and info.status == "open" and now >= info.deadline:
-                due.append((fed, round_no))
-        return due
+            if info is None:
+                continue
+            h = self.r.hget(keys.round_info(fed, round_no), "lease_until")
+            stuck = info.status == "closing" and float(h or 0) < now
+            unopened = info.status in ("closed", "failed") and status.get("status") == "active"
+            if (info.status == "open" and now >= info.deadline) or stuck or unopened:
+                found.append((fed, round_no))
+        return found
+
+    def evaluations_due(self, before: float, limit: int = 100) -> list[tuple[str, int]]:
+        """(federation, version) published before `before` and not evaluated yet."""
+        out = []
+        for member in self.r.zrangebyscore(keys.EVALUATIONS_DUE, "-inf", before, start=0, num=limit):
+            fed, _, version = member.decode().rpartition(":")
+            out.append((fed, int(version)))
+        return out
+
+    def heartbeat(self, who: str, now: float) -> None:
+        """A process saying it is alive (beat on every sweep); exported for the no-heartbeat alert."""
+        self.r.hset(keys.HEARTBEATS, who, repr(now))
+
+    def heartbeats(self) -> dict[str, float]:
+        return {k.decode(): float(v) for k, v in self.r.hgetall(keys.HEARTBEATS).items()}
 
     def wait_settled(self, fed: str, round_no: int, timeout: float, poll: float = 0.05) -> RoundInfo:
         """Block until the round is closed or failed (for clients and tests, never for workers)."""
@@ -366,14 +443,6 @@ class FederationState:
             if time.monotonic() > end:
                 raise TimeoutError(f"{fed} round {round_no} still {info.status if info else 'unopened'} after {timeout}s")
             time.sleep(poll)
-
-    def finish_round(self, fed: str, round_no: int, version: int, closed_at: float) -> None:
-        self.r.hset(keys.round_info(fed, round_no), mapping={
-            "status": "closed", "version": version, "closed_at": repr(closed_at)})
-        self.r.hset(keys.fed_state(fed), "version", version)
-
-    def complete(self, fed: str) -> None:
-        self.r.hset(keys.fed_state(fed), "status", "completed")
 
     # --- per-message accounting ----------------------------------------------------------------
 
@@ -474,3 +543,23 @@ def _profiles(devices: Iterable[str | DeviceProfile]) -> dict[str, DeviceProfile
             raise StateError(f"device id {profile.device!r} is not a valid id")
         out[profile.device] = profile
     return out
+
+
+def _write_open(pipe, fed: str, round_no: int, base_version: int, now: float, timeout: float, cohort: set,
+                current: FederationConfig, pending: FederationConfig | None) -> RoundInfo:
+    """The writes that open a round (inside a MULTI); `pending` takes effect with it if newer."""
+    switch = pending is not None and pending.revision > current.revision
+    revision = pending.revision if switch else current.revision
+    info = RoundInfo(round_no, "open", base_version, now, now + timeout, len(cohort), config_rev=revision)
+    if switch:
+        pipe.set(keys.fed_config(fed), pending.to_json())
+        pipe.set(keys.fed_config_revision(fed, pending.revision), pending.to_json())
+        pipe.delete(keys.fed_config_pending(fed))
+    pipe.hset(keys.round_info(fed, round_no), mapping={
+        "status": info.status, "base_version": base_version, "opened_at": repr(now),
+        "deadline": repr(info.deadline), "cohort_size": info.cohort_size, "config_rev": revision,
+    })
+    if cohort:
+        pipe.sadd(keys.round_cohort(fed, round_no), *cohort)
+    pipe.hset(keys.fed_state(fed), mapping={"round": round_no, "version": base_version})
+    return info

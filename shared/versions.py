@@ -12,6 +12,7 @@ from safetensors.torch import save as save_safetensors
 
 from shared import keys
 from shared.adapter_spec import AdapterSpec
+from shared.errors import ObjectNotFound, StateError
 from shared.safetensors_reader import parse
 from shared.storage import ObjectStore
 
@@ -25,21 +26,34 @@ def encode_weights(weights: Mapping[str, torch.Tensor]) -> bytes:
 
 
 def publish(store: ObjectStore, fed: str, version: int, weights: Mapping[str, torch.Tensor],
-            spec: AdapterSpec, manifest: dict[str, Any]) -> dict[str, Any]:
+            spec: AdapterSpec, fields: dict[str, Any]) -> dict[str, Any]:
     """Write version `version` and then point `current.json` at it; returns the manifest written.
 
-    The content is a pure function of its inputs, so a redelivered close rewrites identical bytes.
-    The pointer is written last: a reader that follows it always finds a complete version.
+    The content is a pure function of its inputs, so a redone close computes identical bytes and
+    leaves the version as it is; different bytes for an existing version are refused. The pointer
+    is written last and only moves forward: a reader that follows it finds a complete version.
     """
     blob = encode_weights(weights)
     prefix = keys.version_prefix(fed, version)
-    manifest = dict(manifest, federation=fed, version=version, adapter_sha256=hashlib.sha256(blob).hexdigest(),
-                    num_parameters=spec.num_parameters)
-    store.put(f"{prefix}/{ADAPTER_FILE}", blob)
-    store.put(f"{prefix}/{CONFIG_FILE}", _json(spec.peft_config), "application/json")
-    store.put(f"{prefix}/{MANIFEST_FILE}", _json(manifest), "application/json")
-    store.put(keys.current_pointer(fed), _json({"version": version, "prefix": prefix}), "application/json")
-    return manifest
+    sha256 = hashlib.sha256(blob).hexdigest()
+    written = dict(fields, federation=fed, version=version, adapter_sha256=sha256, num_parameters=spec.num_parameters)
+    try:  # conditional: a version number is never written twice with different bytes
+        existing = manifest(store, fed, version)
+    except ObjectNotFound:
+        existing = None
+    if existing is not None and existing.get("adapter_sha256") != sha256:
+        raise StateError(f"{fed} version {version} exists with other bytes; refusing to overwrite it")
+    if existing is None:
+        store.put(f"{prefix}/{ADAPTER_FILE}", blob)
+        store.put(f"{prefix}/{CONFIG_FILE}", _json(spec.peft_config), "application/json")
+        store.put(f"{prefix}/{MANIFEST_FILE}", _json(written), "application/json")  # last: the version is whole
+    try:
+        newest = current_version(store, fed)
+    except ObjectNotFound:
+        newest = -1
+    if version > newest:  # the pointer only moves forward
+        store.put(keys.current_pointer(fed), _json({"version": version, "prefix": prefix}), "application/json")
+    return existing or written  # a redone close: the version stands, its evaluation included
 
 
 def add_evaluation(store: ObjectStore, fed: str, version: int, evaluation: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from celery import Task, shared_task
 from celery.signals import worker_process_init
 
 from shared.ingest import TRANSIENT
+from shared.rounds import CLOSED, FAILED
 from shared.runtime import Runtime
 from workers.app import runtime_of
 
@@ -47,11 +48,13 @@ def ingest(self: FleetTask, raw: bytes) -> str:
 
 @shared_task(base=FleetTask, bind=True, name="fleettune.close_round", **RETRY)
 def close_round(self: FleetTask, fed: str, round_no: int) -> str:
-    result = self.runtime.coordinator.close(fed, round_no)
+    # the task id owns the close's lease: a redelivery of this message resumes at once, while any
+    # other close of the round waits for the lease to expire
+    result = self.runtime.coordinator.close(fed, round_no, owner=self.request.id)
     self.runtime.metrics.observe_close(fed, result, time.time())
-    if result.decision in ("closing", "failed"):
-        log.info("%s round %s %s -> version %s", fed, round_no, result.decision, result.version)
-    if result.decision == "closing" and self.runtime.state.config(fed).evaluation is not None:
+    if result.decision in (CLOSED, FAILED):
+        log.info("%s round %s %s -> version %s %s", fed, round_no, result.decision, result.version, result.reason)
+    if result.decision == CLOSED and result.manifest is not None and self.runtime.state.config(fed).evaluation:
         evaluate.delay(fed, result.version)
     return result.decision
 
@@ -60,15 +63,21 @@ def close_round(self: FleetTask, fed: str, round_no: int) -> str:
 def evaluate(self: FleetTask, fed: str, version: int) -> float:
     """Held-out perplexity (and forgetting) of a newly published version."""
     runtime = self.runtime
-    result = runtime.coordinator.evaluate(fed, version, runtime.evaluator(runtime.state.config(fed)))
+    result = runtime.coordinator.evaluate(fed, version, runtime.evaluator)
     log.info("%s v%s held-out perplexity %.2f %s", fed, version, result["heldout_mean"], result.get("guard", ""))
     return result["heldout_mean"]
 
 
 @shared_task(base=FleetTask, bind=True, name="fleettune.sweep", **RETRY)
 def sweep(self: FleetTask) -> int:
-    """Close every open round whose deadline has passed (run by beat every sweep interval)."""
-    due = self.runtime.state.due_rounds(time.time())
+    """Beat's repair pass: rounds past their deadline, closes whose lease expired, ended rounds
+    with no next round, and evaluations that were due long ago but never recorded."""
+    state, now = self.runtime.state, time.time()
+    state.heartbeat("beat", now)
+    due = state.rounds_needing_a_close(now)
     for fed, round_no in due:
         close_round.delay(fed, round_no)
-    return len(due)
+    lost = state.evaluations_due(before=now - 2 * self.runtime.settings.task_time_limit_s)
+    for fed, version in lost:
+        evaluate.delay(fed, version)
+    return len(due) + len(lost)

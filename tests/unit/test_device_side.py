@@ -104,14 +104,14 @@ def _closed_round(tmp_path, action: str):
 
 def test_forgetting_within_bounds_changes_nothing(tmp_path):
     state, store, coordinator = _closed_round(tmp_path, "halt")
-    result = coordinator.evaluate("f", 1, _Evaluator(1.1))
+    result = coordinator.evaluate("f", 1, lambda config: _Evaluator(1.1))
     assert "guard" not in result and state.status("f")["status"] == "active"
     assert state.evaluation("f", 1) == result
 
 
 def test_forgetting_past_the_threshold_lowers_the_server_learning_rate(tmp_path):
     state, store, coordinator = _closed_round(tmp_path, "lower_lr")
-    result = coordinator.evaluate("f", 1, _Evaluator(1.5))
+    result = coordinator.evaluate("f", 1, lambda config: _Evaluator(1.5))
     assert state.server_lr("f", 1.0) == 0.5
     assert "server_lr lowered to 0.5" in state.round_info("f", 2).guard == result["guard"]
     from shared import versions
@@ -120,7 +120,7 @@ def test_forgetting_past_the_threshold_lowers_the_server_learning_rate(tmp_path)
 
 def test_forgetting_past_the_threshold_can_halt_the_federation(tmp_path):
     state, store, coordinator = _closed_round(tmp_path, "halt")
-    coordinator.evaluate("f", 1, _Evaluator(1.5))
+    coordinator.evaluate("f", 1, lambda config: _Evaluator(1.5))
     assert state.status("f")["status"] == "halted"
     info = state.round_info("f", 2)
     assert info.status == "failed" and info.reason == "halted" and "halted" in info.guard

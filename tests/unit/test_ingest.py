@@ -51,7 +51,7 @@ def test_claims_above_the_cap_are_capped_and_the_round_closes_when_everyone_repo
 
     result = RoundCoordinator(state, store, settings).close("fed", 1)
 
-    assert result.decision == "closing" and result.version == 1 and result.next_round.round == 2
+    assert result.decision == "closed" and result.version == 1 and result.next_round.round == 2
     from safetensors.numpy import load
     got = load(store.get(f"{keys.version_prefix('fed', 1)}/{versions.ADAPTER_FILE}"))
     prev = load(store.get(f"{keys.version_prefix('fed', 0)}/{versions.ADAPTER_FILE}"))

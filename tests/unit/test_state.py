@@ -48,18 +48,19 @@ def test_a_refused_selected_device_has_reported_and_the_last_report_makes_the_ro
     assert state.reject("m3", RejectReason.NOT_SELECTED, "", 1.0, fed="fed", round_no=1, device="x") == (True, False)
     assert state.reported_count("fed", 1) == 2  # x is not in the cohort
     assert state.reject("m4", RejectReason.NON_FINITE, "nan", 1.0, fed="fed", round_no=1, device="c") == (True, True)
-    decision, _ = state.begin_close("fed", 1, lambda info, n, reported: decide(info, n, 2, 101.0, reported))
+    decision, _ = state.begin_close("fed", 1, lambda info, n, reported: decide(info, n, 2, 101.0, reported), "w",
+                                    101.0, 10)
     assert decision == FAILED  # everyone reported, one update is below the quorum of 2: nothing more can come
 
 
 def test_closing_freezes_the_set_of_updates(state):
     for i, d in enumerate("ab"):
         state.accept(f"m{i}", "fed", 1, _record(d))
-    decision, _ = state.begin_close("fed", 1, lambda info, n, reported: CLOSING)
+    decision, _ = state.begin_close("fed", 1, lambda info, n, reported: CLOSING, "w", 100.0, 10)
     assert decision == CLOSING
     assert state.accept("m3", "fed", 1, _record("c"))[0] == RejectReason.STALE_ROUND.value
     assert list(state.updates("fed", 1)) == ["a", "b"]
-    assert state.begin_close("fed", 1, lambda info, n, reported: CLOSING)[0] == "closing"  # a redelivered close resumes
+    assert state.begin_close("fed", 1, lambda info, n, reported: CLOSING, "w", 100.0, 10)[0] == "closing"  # a redelivered close resumes
 
 
 def test_opening_a_round_twice_is_a_no_op(state):
@@ -75,9 +76,26 @@ def test_federation_names_are_unique_and_device_ids_checked(state):
         state.create(FederationConfig("fed2", LAYOUTS["tiny-llama"]), ["../x"])
 
 
-def test_due_rounds_are_open_rounds_past_their_deadline(state):
-    assert state.due_rounds(now=105.0) == []
-    assert state.due_rounds(now=110.0) == [("fed", 1)]
+def test_the_sweep_finds_rounds_past_their_deadline_stuck_closes_and_missing_next_rounds(state):
+    assert state.rounds_needing_a_close(now=105.0) == []
+    assert state.rounds_needing_a_close(now=110.0) == [("fed", 1)]  # open past its deadline
+    assert state.begin_close("fed", 1, lambda *a: CLOSING, "w1", now=105.0, lease_s=10)[0] == CLOSING
+    assert state.rounds_needing_a_close(now=110.0) == []  # its close holds a live lease
+    assert state.rounds_needing_a_close(now=116.0) == [("fed", 1)]  # the lease expired: its worker died
+    state.set_status("fed", "active", last_round=5)
+    state.settle_round("fed", 1, 117.0, 1, 10.0, version=1)
+    assert state.round_info("fed", 2).status == "open"
+    state.r.hset("ft:fed:fed:state", "round", 1)  # as if the next round had never been opened
+    assert state.rounds_needing_a_close(now=118.0) == [("fed", 1)]
+
+
+def test_a_close_lease_keeps_a_second_close_out_until_it_expires(state):
+    take = lambda owner, now: state.begin_close("fed", 1, lambda *a: CLOSING, owner, now, lease_s=10)[0]  # noqa: E731
+    assert take("w1", 100.0) == CLOSING
+    assert take("w2", 101.0) == "busy"
+    assert take("w1", 102.0) == CLOSING  # its own redelivery resumes at once
+    assert take("w2", 113.0) == CLOSING  # w1's lease ran out: w2 takes the close over
+    assert take("w1", 114.0) == "busy"
 
 
 INFO = RoundInfo(round=1, status="open", base_version=0, opened_at=0.0, deadline=10.0, cohort_size=4)

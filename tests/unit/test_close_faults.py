@@ -1,0 +1,152 @@
+"""The close as a leased, resumable state machine: each step interrupted, and hostile object churn."""
+
+from __future__ import annotations
+
+import hashlib
+
+import fakeredis
+import numpy as np
+import pytest
+
+from shared import keys, versions
+from shared.adapter_spec import LAYOUTS, initial_weights
+from shared.envelope import Envelope
+from shared.errors import StateError
+from shared.federation import EvaluationConfig, FederationConfig, RoundPolicy
+from shared.ingest import Ingestor
+from shared.rounds import CLOSED, FAILED, SETTLED, UNREADABLE, RoundCoordinator
+from shared.settings import Settings
+from shared.state import FederationState
+from shared.storage import LocalObjectStore
+from shared.submit import encode_update
+from tests.reference import random_deltas
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def world(tmp_path):
+    clock = Clock()
+    state, store = FederationState(fakeredis.FakeRedis()), LocalObjectStore(tmp_path)
+    config = FederationConfig("f", LAYOUTS["tiny-llama"], policy=RoundPolicy(min_updates=2, max_rounds=3),
+                              evaluation=EvaluationConfig(forgetting_threshold=1.2, forgetting_action="lower_lr",
+                                                          min_server_lr=0.3))
+    coordinator = RoundCoordinator(state, store, Settings(task_time_limit_s=60, visibility_timeout_s=120), clock)
+    coordinator.start(config, ["a", "b", "c"])
+    return state, store, coordinator, config, clock
+
+
+def _send(world, device: str, seed: int, round_no: int = 1) -> None:
+    state, store, _, config, _ = world
+    blob = encode_update(random_deltas(config.spec.tensors, np.random.default_rng(seed), 0.01))
+    key = keys.update_object("f", round_no, device)
+    store.put(key, blob)
+    base = state.round_info("f", round_no).base_version
+    Ingestor(state, store, Settings()).ingest(
+        Envelope("f", round_no, device, key, hashlib.sha256(blob).hexdigest(), 5, base).encode())
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_close_that_dies_before_settling_is_resumed_by_its_redelivery_without_rewriting(world, monkeypatch):
+    state, store, coordinator, _, clock = world
+    for i, device in enumerate("abc"):
+        _send(world, device, i)
+    real = state.settle_round
+    monkeypatch.setattr(state, "settle_round", lambda *a, **k: (_ for _ in ()).throw(_Crash()))
+    with pytest.raises(_Crash):
+        coordinator.close("f", 1, owner="task-1")
+    assert state.round_info("f", 1).status == "closing"  # published, but not yet closed
+    versions.add_evaluation(store, "f", 1, {"heldout_mean": 9.0})  # what a fast evaluation wrote meanwhile
+    monkeypatch.setattr(state, "settle_round", real)
+
+    assert coordinator.close("f", 1, owner="task-2").decision == "busy"  # the lease is task-1's
+    result = coordinator.close("f", 1, owner="task-1")  # its redelivery resumes at once
+    assert (result.decision, result.version, result.next_round.round) == (CLOSED, 1, 2)
+    assert versions.manifest(store, "f", 1)["evaluation"] == {"heldout_mean": 9.0}  # not rewritten
+    assert state.evaluations_due(before=clock.now + 1) == [("f", 1)]
+
+
+def test_an_expired_lease_lets_the_sweep_finish_the_close(world, monkeypatch):
+    state, _, coordinator, _, clock = world
+    for i, device in enumerate("abc"):
+        _send(world, device, i)
+    monkeypatch.setattr(coordinator, "_aggregate_and_publish", lambda *a: (_ for _ in ()).throw(_Crash()))
+    with pytest.raises(_Crash):
+        coordinator.close("f", 1, owner="dead-worker")
+    monkeypatch.undo()
+    clock.now += 91  # past the task time limit plus the margin
+    assert state.rounds_needing_a_close(clock.now) == [("f", 1)]
+    assert coordinator.close("f", 1, owner="sweep").decision == CLOSED
+
+
+def test_a_round_that_ended_without_its_next_round_gets_it_on_the_next_close(world):
+    state, _, coordinator, _, _ = world
+    for i, device in enumerate("abc"):
+        _send(world, device, i)
+    assert coordinator.close("f", 1).decision == CLOSED
+    state.r.delete(keys.round_info("f", 2))
+    state.r.hset(keys.fed_state("f"), mapping={"round": 1, "version": 1})  # the close died before opening it
+    result = coordinator.close("f", 1)
+    assert (result.decision, result.next_round.round, result.next_round.base_version) == (SETTLED, 2, 1)
+
+
+def test_when_accepted_objects_vanish_below_the_quorum_the_round_fails_and_the_next_opens(world):
+    state, store, coordinator, _, clock = world
+    for i, device in enumerate("abc"):
+        _send(world, device, i)
+    for device in "ab":  # replaced or deleted after acceptance
+        store.put(keys.update_object("f", 1, device), b"not the accepted bytes")
+    result = coordinator.close("f", 1)
+    assert (result.decision, result.reason) == (FAILED, UNREADABLE)  # one readable update < quorum 2
+    assert state.round_info("f", 1).reason == UNREADABLE
+    assert state.round_info("f", 2).status == "open" and state.round_info("f", 2).base_version == 0
+    assert not store.exists(f"{keys.version_prefix('f', 1)}/{versions.MANIFEST_FILE}")  # nothing published
+
+
+def test_a_version_is_never_written_twice_with_different_bytes(world):
+    _, store, _, config, _ = world
+    other = {k: v + 1 for k, v in initial_weights(config.spec, 0).items()}
+    with pytest.raises(StateError, match="other bytes"):
+        versions.publish(store, "f", 0, other, config.spec, {})
+
+
+class _Forgetful:
+    def evaluate(self, weights, version):
+        return {"heldout_mean": 10.0, "general": 15.0, "forgetting_ratio": 1.5}
+
+
+def test_the_guard_acts_once_per_version_and_stops_at_its_floor(world):
+    state, _, coordinator, _, _ = world
+    for i, device in enumerate("abc"):
+        _send(world, device, i)
+    coordinator.close("f", 1)
+    coordinator.evaluate("f", 1, lambda config: _Forgetful())
+    coordinator.evaluate("f", 1, lambda config: _Forgetful())  # redelivered
+    assert state.server_lr("f", 1.0) == 0.5
+    for i, device in enumerate("abc"):
+        _send(world, device, 10 + i, round_no=2)
+    coordinator.close("f", 2)
+    assert "lowered to 0.3" in coordinator.evaluate("f", 2, lambda config: _Forgetful())["guard"]  # not 0.25
+    for i, device in enumerate("abc"):
+        _send(world, device, 20 + i, round_no=3)
+    coordinator.close("f", 3)
+    assert "held at its floor 0.3" in coordinator.evaluate("f", 3, lambda config: _Forgetful())["guard"]
+    assert state.server_lr("f", 1.0) == 0.3
+
+
+def test_a_halted_federation_resumes_for_the_rounds_it_has_left(world):
+    state, _, coordinator, _, _ = world
+    state.stop("f", "halted by the forgetting guard")
+    info = coordinator.resume("f")
+    assert (info.round, state.status("f")["status"], state.status("f")["last_round"]) == (2, "active", "3")
+    with pytest.raises(StateError, match="not halted"):
+        coordinator.resume("f")
