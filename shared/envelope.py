@@ -59,7 +59,8 @@ def decode(raw: Any, max_bytes: int) -> Envelope:
         raise Rejected(RejectReason.MALFORMED_ENVELOPE, f"not msgpack: {type(exc).__name__}") from None
     if not isinstance(body, dict):
         raise Rejected(RejectReason.MALFORMED_ENVELOPE, "envelope is not a map")
-    if body.get("v") != SCHEMA_VERSION:
+    version = body.get("v")
+    if not isinstance(version, int) or isinstance(version, bool) or version != SCHEMA_VERSION:  # True == 1
         raise Rejected(RejectReason.UNSUPPORTED_SCHEMA, f"schema {body.get('v')!r}, expected {SCHEMA_VERSION}")
     unknown = set(body) - _FIELDS
     if unknown:

@@ -48,6 +48,8 @@ class RejectReason(str, enum.Enum):
     NON_FINITE = "non_finite"
     # our own failure on this input: dead-lettered for a person to look at, never silently dropped
     INTERNAL_ERROR = "internal_error"
+    # not an outcome: retries ran out during an outage; the ledger re-drives the message later
+    RETRIES_EXHAUSTED = "retries_exhausted"
 
 
 class FleettuneError(Exception):

@@ -31,6 +31,8 @@ Control plane (the API):
     ft:sessions                  sorted set of session ids by creation time
     ft:rcv:{digest}              msgpack: the gateway's received-message ledger entry (envelope,
                                  received_at, federation, device, round); expires after MESSAGE_TTL_S
+    ft:received:pending          sorted set digest -> when to re-drive it if it still has no outcome
+    ft:redrives                  hash digest -> times re-driven (until settled)
     ft:rate:{fed}:{device}:{window}  request counter of one device in one rate-limit window (expires)
     ft:signing-key               the HMAC key of the local store's presigned URLs (embedded mode)
     ft:model:{id}                hash: one registry model (kind, current version, created_at)
@@ -142,6 +144,8 @@ def current_pointer(fed: str) -> str:
 API_KEYS = f"{PREFIX}:auth:keys"
 EVALUATIONS_DUE = f"{PREFIX}:evaluations:due"
 HEARTBEATS = f"{PREFIX}:heartbeats"
+RECEIVED_PENDING = f"{PREFIX}:received:pending"
+REDRIVES = f"{PREFIX}:redrives"
 SESSIONS = f"{PREFIX}:sessions"
 SIGNING_KEY = f"{PREFIX}:signing-key"
 MODELS = f"{PREFIX}:models"

@@ -9,6 +9,7 @@ import redis
 
 from shared.federation import FederationConfig
 from shared.ingest import Ingestor
+from shared.ledger import Ledger
 from shared.metrics import Metrics, process_metrics
 from shared.rounds import RoundCoordinator
 from shared.settings import Settings
@@ -43,6 +44,10 @@ class Runtime:
     @functools.cached_property
     def coordinator(self) -> RoundCoordinator:
         return RoundCoordinator(self.state, self.store, self.settings)
+
+    @functools.cached_property
+    def ledger(self) -> Ledger:
+        return Ledger(self.redis, self.settings.redrive_after_s)
 
     @functools.cached_property
     def metrics(self) -> Metrics:

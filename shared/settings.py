@@ -44,6 +44,7 @@ class Settings:
     rate_window_s: int = 60
     url_ttl_s: int = 3600  # presigned GETs live this long; a PUT lives until its round's deadline
     multipart_threshold_bytes: int = 64 * MiB  # registry uploads above this go up in parts
+    redrive_after_s: float = 60.0  # a received message with no outcome after this is enqueued again
 
     def __post_init__(self) -> None:
         if self.visibility_timeout_s <= self.task_time_limit_s:
@@ -108,4 +109,5 @@ class Settings:
             rate_window_s=integer("RATE_WINDOW", cls.rate_window_s),
             url_ttl_s=integer("URL_TTL", cls.url_ttl_s),
             multipart_threshold_bytes=integer("MULTIPART_THRESHOLD", cls.multipart_threshold_bytes),
+            redrive_after_s=real("REDRIVE_AFTER", cls.redrive_after_s),
         )

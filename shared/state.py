@@ -530,6 +530,16 @@ class FederationState:
         watch = [msg_key] + ([keys.round_reported(fed, round_no)] if fed and round_no is not None else [])
         return self._transaction(reject, *watch)
 
+    def note_retries_exhausted(self, digest: str, detail: str, now: float) -> None:
+        """An ingest gave up retrying (storage or Redis down past the budget). Not an outcome: the
+        message stays pending in the ledger, which re-drives it; this makes the event visible."""
+        with self.r.pipeline() as pipe:
+            pipe.hincrby(keys.GLOBAL_STATS, "retries_exhausted", 1)
+            pipe.xadd(keys.DEADLETTER, {"reason": RejectReason.RETRIES_EXHAUSTED.value, "detail": detail[:500],
+                                        "federation": "", "round": 0, "device": "", "digest": digest,
+                                        "at": repr(now)}, maxlen=self.deadletter_maxlen, approximate=True)
+            pipe.execute()
+
     def deadletters(self, count: int = 100) -> list[dict[str, str]]:
         entries = self.r.xrevrange(keys.DEADLETTER, count=count)
         return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]

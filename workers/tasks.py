@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -12,7 +13,7 @@ from celery.signals import worker_process_init
 from shared.ingest import TRANSIENT
 from shared.rounds import CLOSED, FAILED
 from shared.runtime import Runtime
-from workers.app import runtime_of
+from workers.app import enqueuer, runtime_of
 
 log = logging.getLogger(__name__)
 RETRY = dict(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, retry_jitter=True, max_retries=10)
@@ -34,8 +35,18 @@ class FleetTask(Task):
         return runtime_of(self.app)
 
 
-@shared_task(base=FleetTask, bind=True, name="fleettune.ingest", **RETRY)
-def ingest(self: FleetTask, raw: bytes) -> str:
+class IngestTask(FleetTask):
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        """Retries ran out (a long outage): say so in the dead letters; the ledger re-drives it later."""
+        raw = args[0] if len(args) == 1 and isinstance(args[0], bytes) else repr(args)[:200].encode()
+        self.runtime.state.note_retries_exhausted(hashlib.sha256(raw).hexdigest(), f"{type(exc).__name__}: {exc}",
+                                                  time.time())
+
+
+@shared_task(base=IngestTask, bind=True, name="fleettune.ingest", **RETRY)
+def ingest(self: FleetTask, *args, **kwargs) -> str:
+    # any arguments at all: a message of the wrong shape is dead-lettered by name, never dropped by Celery
+    raw = args[0] if len(args) == 1 and not kwargs else {"args": args, "kwargs": kwargs}
     result = self.runtime.ingestor.ingest(raw)
     self.runtime.metrics.observe_ingest(result)
     if result.outcome == "rejected":
@@ -71,7 +82,8 @@ def evaluate(self: FleetTask, fed: str, version: int) -> float:
 @shared_task(base=FleetTask, bind=True, name="fleettune.sweep", **RETRY)
 def sweep(self: FleetTask) -> int:
     """Beat's repair pass: rounds past their deadline, closes whose lease expired, ended rounds
-    with no next round, and evaluations that were due long ago but never recorded."""
+    with no next round, evaluations due long ago but never recorded, and received messages that
+    still have no outcome (re-driven from the ledger)."""
     state, now = self.runtime.state, time.time()
     state.heartbeat("beat", now)
     due = state.rounds_needing_a_close(now)
@@ -80,4 +92,7 @@ def sweep(self: FleetTask) -> int:
     lost = state.evaluations_due(before=now - 2 * self.runtime.settings.task_time_limit_s)
     for fed, version in lost:
         evaluate.delay(fed, version)
-    return len(due) + len(lost)
+    redriven, _ = self.runtime.ledger.redrive(now, enqueuer(self.app))
+    if redriven:
+        log.warning("re-drove %d received messages that had no outcome", redriven)
+    return len(due) + len(lost) + redriven

@@ -21,6 +21,7 @@ from shared import keys, versions
 from shared.envelope import Envelope, decode
 from shared.errors import Refusal, Rejected
 from shared.federation import DeviceProfile, FederationConfig
+from shared.ledger import Ledger
 from shared.control.presign import Presigner
 from shared.settings import Settings
 from shared.state import FederationState, RoundInfo
@@ -47,6 +48,7 @@ class Gateway:
         self.settings = settings
         self.enqueue = enqueue
         self.clock = clock
+        self.ledger = Ledger(state.r, settings.redrive_after_s)
 
     # --- rate limit ------------------------------------------------------------------------------
 
@@ -133,24 +135,20 @@ class Gateway:
             raise Refusal(422, rej.reason.value, rej.detail) from None
         digest = hashlib.sha256(raw).hexdigest()
         now = self.clock()
-        ledger = keys.received(digest)
-        entry = msgpack.packb({"received_at": now, "federation": fed, "device": device, "round": env.round,
-                               "envelope": raw}, use_bin_type=True)
-        # one round trip: write the entry unless it exists, and get the existing one back if it does
-        seen = self.r.set(ledger, entry, nx=True, ex=keys.MESSAGE_TTL_S, get=True)
+        entry = {"received_at": now, "federation": fed, "device": device, "round": env.round, "envelope": raw}
+        seen = self.ledger.record(digest, entry, now)
         if seen is not None:
-            return Receipt(digest, fed, env.round, device, msgpack.unpackb(seen)["received_at"], duplicate=True)
+            return Receipt(digest, fed, env.round, device, seen["received_at"], duplicate=True)
         try:
             self.enqueue(raw, now)
         except Exception:
-            self.r.delete(ledger)  # not received after all: the device's retry must enqueue it
+            self.ledger.forget(digest)  # not received after all: the device's retry must enqueue it
             raise
         return Receipt(digest, fed, env.round, device, now)
 
     def receipt(self, fed: str, device: str, receipt_id: str) -> dict[str, Any]:
         """The outcome of one of this device's submissions: pending, accepted or rejected (and why)."""
-        raw = self.r.get(keys.received(receipt_id)) if len(receipt_id) == 64 else None
-        h = msgpack.unpackb(raw) if raw is not None else {}
+        h = self.ledger.entry(receipt_id) if len(receipt_id) == 64 else None
         if not h or h["federation"] != fed or h["device"] != device:
             raise Refusal(404, "unknown_receipt", "no such receipt for this device")
         outcome = self.state.outcome(receipt_id)

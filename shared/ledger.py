@@ -1,0 +1,75 @@
+"""The received-message ledger: every envelope the gateway took, kept until it has an outcome.
+
+The Celery queue only delivers. Kombu's Redis transport can lose a message it was handing to a
+worker whose main process died (celery#7950, kombu#305), and an ingest whose retries ran out during
+a long outage leaves its message without an outcome. The ledger is the truth: the sweep re-drives
+every entry with no outcome after `redrive_after_s`, then again with backoff, until it has one.
+Re-driving is safe because ingest is idempotent by the envelope's digest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgpack
+import redis
+
+from shared import keys
+
+MAX_BACKOFF_DOUBLINGS = 6  # re-drives wait redrive_after_s x 1, 2, 4 ... 64
+
+
+class Ledger:
+    def __init__(self, client: redis.Redis, redrive_after_s: float) -> None:
+        self.r = client
+        self.redrive_after_s = redrive_after_s
+
+    def record(self, digest: str, entry: dict, now: float) -> dict | None:
+        """Write the entry unless it exists; returns the existing entry when it does. One round trip.
+
+        A duplicate's ZADD NX is harmless: a pending entry keeps its time, and a settled one is
+        dropped again by the next sweep.
+        """
+        with self.r.pipeline() as pipe:
+            pipe.set(keys.received(digest), msgpack.packb(entry, use_bin_type=True), nx=True,
+                     ex=keys.MESSAGE_TTL_S, get=True)
+            pipe.zadd(keys.RECEIVED_PENDING, {digest: now + self.redrive_after_s}, nx=True)
+            seen, _ = pipe.execute()
+        return msgpack.unpackb(seen) if seen is not None else None
+
+    def forget(self, digest: str) -> None:
+        """Undo `record` (the enqueue failed, so the device's retry must go through)."""
+        with self.r.pipeline() as pipe:
+            pipe.delete(keys.received(digest))
+            pipe.zrem(keys.RECEIVED_PENDING, digest)
+            pipe.execute()
+
+    def entry(self, digest: str) -> dict | None:
+        raw = self.r.get(keys.received(digest))
+        return msgpack.unpackb(raw) if raw is not None else None
+
+    def redrive(self, now: float, enqueue: Callable[[bytes, float], None], limit: int = 1000) -> tuple[int, int]:
+        """Re-enqueue due entries that have no outcome; drop settled ones. (re-driven, settled)."""
+        redriven = settled = 0
+        for member in self.r.zrangebyscore(keys.RECEIVED_PENDING, "-inf", now, start=0, num=limit):
+            digest = member.decode()
+            entry = self.entry(digest)
+            if entry is None or self.r.exists(keys.message(digest)):
+                with self.r.pipeline() as pipe:
+                    pipe.zrem(keys.RECEIVED_PENDING, digest)
+                    pipe.hdel(keys.REDRIVES, digest)
+                    pipe.execute()
+                settled += 1
+                continue
+            attempts = int(self.r.hincrby(keys.REDRIVES, digest, 1))
+            enqueue(entry["envelope"], entry["received_at"])
+            wait = self.redrive_after_s * 2 ** min(attempts, MAX_BACKOFF_DOUBLINGS)
+            with self.r.pipeline() as pipe:
+                pipe.zadd(keys.RECEIVED_PENDING, {digest: now + wait}, xx=True)
+                pipe.hincrby(keys.GLOBAL_STATS, "redriven", 1)
+                pipe.execute()
+            redriven += 1
+        return redriven, settled
+
+    def pending(self) -> int:
+        return int(self.r.zcard(keys.RECEIVED_PENDING))

@@ -1,0 +1,69 @@
+"""Faults that used to lose or stall work, on real Redis, S3, Celery workers and the API."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from fleettune import DeviceClient, Federation
+from shared.control.auth import Tokens
+from shared.submit import encode_update
+from tests import services
+from tests.reference import random_deltas
+
+pytestmark = pytest.mark.services
+
+
+def _eventually(predicate, timeout: float = 60, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < end, f"{what} not met in {timeout}s"
+        time.sleep(0.1)
+    return value
+
+
+def test_messages_the_broker_lost_are_redriven_from_the_ledger(redis_url, s3_endpoint, workdir):
+    env = services.service_env(redis_url.rsplit("/", 1)[0] + "/8", s3_endpoint, bucket="fleettune-ledger",
+                               FLEETTUNE_REDRIVE_AFTER="2")
+    client = redis.Redis.from_url(env["FLEETTUNE_REDIS_URL"])
+    api = services.Api(env, workdir)
+    worker = None
+    try:
+        admin = Tokens(client).create_api_key("admin", "ledger")[1]
+        federation = Federation(admin, "ledger", api.url)
+        federation.create(model="tiny-llama")
+        tokens = {d: federation.register_device(d) for d in ("a", "b", "c")}
+        federation.train(model="tiny-llama", rounds=1, min_updates=3)
+        spec = {k: tuple(v) for k, v in _spec(client).items()}
+        for i, token in enumerate(tokens.values()):
+            device = DeviceClient(token, "ledger", api.url)
+            plan = device.check_in()
+            device.send(plan, encode_update(random_deltas(spec, np.random.default_rng(i), 0.01)), num_samples=5)
+        assert client.llen("fleettune.ingest") == 3
+        client.rpop("fleettune.ingest", 2)  # the broker loses two of them, as kombu can when a worker dies
+        worker = services.Worker("ledger", env, workdir, beat=True, via_cli=True)
+        done = _eventually(lambda: federation.round(1)["status"] == "closed" and federation.round(1), what="close")
+        assert done["contributors"] == ["a", "b", "c"]
+        assert int(client.hget("ft:stats", "redriven")) == 2
+        assert int(client.hget("ft:fed:ledger:stats", "accepted")) == 3  # each counted once
+    finally:
+        if worker is not None:
+            worker.stop()
+        api.stop()
+
+
+def _spec(client: redis.Redis) -> dict:
+    from shared.federation import FederationConfig
+
+    return FederationConfig.from_json(client.get("ft:fed:ledger:config")).spec.tensors
+
+
+def test_an_ingest_message_with_the_wrong_arguments_is_dead_lettered_not_dropped(pipeline):
+    before = pipeline.runtime.state.stats(None).get("rejected:malformed_envelope", 0)
+    pipeline.app.send_task("fleettune.ingest", args=[b"one", b"two"], queue="fleettune.ingest")
+    pipeline.app.send_task("fleettune.ingest", args=[], kwargs={"raw": b"x"}, queue="fleettune.ingest")
+    _eventually(lambda: pipeline.runtime.state.stats(None).get("rejected:malformed_envelope", 0) >= before + 2,
+                what="two malformed dead letters")
