@@ -17,6 +17,7 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:msg:{sha256}              outcome of one envelope, so redelivery is answered, not recounted;
                                  expires after MESSAGE_TTL_S
     ft:deadletter                stream of rejected updates, capped at Settings.deadletter_maxlen
+    ft:beat:leader               the beat leader lease: the owner's id, expiring unless renewed
     ft:heartbeats                hash process kind (beat) -> last time it was seen alive
     ft:evaluations:due           sorted set "{fed}:{version}" -> publish time, until its evaluation is recorded
 
@@ -144,6 +145,7 @@ def current_pointer(fed: str) -> str:
 API_KEYS = f"{PREFIX}:auth:keys"
 EVALUATIONS_DUE = f"{PREFIX}:evaluations:due"
 HEARTBEATS = f"{PREFIX}:heartbeats"
+BEAT_LEADER = f"{PREFIX}:beat:leader"
 RECEIVED_PENDING = f"{PREFIX}:received:pending"
 REDRIVES = f"{PREFIX}:redrives"
 SESSIONS = f"{PREFIX}:sessions"

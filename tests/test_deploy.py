@@ -44,9 +44,10 @@ def test_kubernetes_prometheus_config_passes_promtool(tmp_path):
 def test_compose_file_matches_the_compose_spec():
     _run(str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "compose.yaml")
     services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
-    assert {"redis", "minio", "minio-setup", "api", "worker", "worker-beat", "prometheus", "grafana"} <= services.keys()
+    assert {"redis", "minio", "minio-setup", "api", "worker", "beat", "prometheus", "grafana"} <= services.keys()
     assert "noeviction" in services["redis"]["command"] and "--appendonly" in services["redis"]["command"]
-    assert sum("--beat" in s.get("command", []) for s in services.values()) == 1  # exactly one beat
+    assert not any("--beat" in s.get("command", []) for s in services.values())  # beat runs on its own
+    assert services["beat"]["command"] == ["fleettune", "beat"] and services["beat"]["deploy"]["replicas"] == 2
 
 
 def test_kubernetes_manifests_validate_strictly():

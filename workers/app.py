@@ -54,7 +54,9 @@ def make_app(settings: Settings | None = None, broker_url: str | None = None, ru
         # Round deadlines are found by a periodic sweep, not by countdown tasks: with a Redis broker
         # an ETA past the visibility timeout is redelivered again and again while it waits.
         beat_schedule={"fleettune-sweep": {"task": "fleettune.sweep", "schedule": settings.sweep_interval_s}},
-        beat_scheduler="celery.beat:Scheduler",  # in memory: the default persists with shelve (pickle)
+        # in memory (the default persists with shelve, that is pickle), sending only while it holds
+        # the leader lease: any number of beats, exactly one sends
+        beat_scheduler="workers.beat:LeaderScheduler",
     )
     app.fleettune_settings = settings
     app.fleettune_runtime = runtime  # built lazily in each worker process when None

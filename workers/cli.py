@@ -80,7 +80,8 @@ def cli() -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.option("--concurrency", "-c", default=2, show_default=True)
-@click.option("--beat/--no-beat", default=False, help="also run the deadline sweep (exactly one worker should)")
+@click.option("--beat/--no-beat", default=False,
+              help="also run beat in this worker (for one-host setups; `fleettune beat` runs it on its own)")
 @click.option("--loglevel", "-l", default="info", show_default=True)
 @click.option("--metrics-port", type=int, default=None, help="serve /metrics here (FLEETTUNE_METRICS_PORT)")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
@@ -96,14 +97,33 @@ def worker(concurrency: int, beat: bool, loglevel: str, metrics_port: int | None
     if not app.fleettune_settings.redis_url:
         raise click.UsageError("set FLEETTUNE_REDIS_URL (and FLEETTUNE_S3_*) to run a worker")
     argv = ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", f"-Q{','.join(QUEUES)}"]
-    # app.worker_main() and app.start() drop the exit code that `celery worker` returns; a worker that
-    # died of an unrecoverable error must exit non-zero so that its supervisor (compose's
-    # `restart: on-failure`, Kubernetes) starts it again. So call Celery's own command the way they do.
+    sys.exit(_celery(app, argv + (["--beat"] if beat else []) + list(celery_args)))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--loglevel", "-l", default="info", show_default=True)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def beat(loglevel: str, celery_args: tuple[str, ...]) -> None:
+    """Run beat (the deadline sweep and repairs) on its own; run two for a standby, one sends."""
+    from workers.app import app
+
+    if not app.fleettune_settings.redis_url:
+        raise click.UsageError("set FLEETTUNE_REDIS_URL to run beat")
+    sys.exit(_celery(app, ["beat", f"--loglevel={loglevel}", *celery_args]))
+
+
+def _celery(app, argv: list[str]) -> int:
+    """Run a `celery` command and return its exit code.
+
+    app.worker_main() and app.start() drop the code `celery worker` returns; a process that died of
+    an unrecoverable error must exit non-zero so that its supervisor (compose's
+    `restart: on-failure`, Kubernetes) starts it again. So call Celery's command as they do.
+    """
     from celery.bin.celery import celery as celery_command
 
     celery_command.params[0].default = app
-    code = celery_command.main(args=argv + (["--beat"] if beat else []) + list(celery_args), standalone_mode=False)
-    sys.exit(code if isinstance(code, int) else 0)
+    code = celery_command.main(args=argv, standalone_mode=False)
+    return code if isinstance(code, int) else 0
 
 
 @cli.command()

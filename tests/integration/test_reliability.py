@@ -67,3 +67,46 @@ def test_an_ingest_message_with_the_wrong_arguments_is_dead_lettered_not_dropped
     pipeline.app.send_task("fleettune.ingest", args=[], kwargs={"raw": b"x"}, queue="fleettune.ingest")
     _eventually(lambda: pipeline.runtime.state.stats(None).get("rejected:malformed_envelope", 0) >= before + 2,
                 what="two malformed dead letters")
+
+
+def _beat(env: dict[str, str], workdir, name: str):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    log = workdir / f"beat-{name}.log"
+    return subprocess.Popen([str(Path(sys.executable).parent / "fleettune"), "beat", f"--logfile={log}"],
+                            env=dict(os.environ, **env), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def test_of_two_beats_one_leads_and_the_standby_takes_over_when_it_dies(redis_url, s3_endpoint, workdir):
+    import os
+    import signal
+
+    env = services.service_env(redis_url.rsplit("/", 1)[0] + "/9", s3_endpoint, bucket="fleettune-beat")
+    client = redis.Redis.from_url(env["FLEETTUNE_REDIS_URL"])
+    worker = services.Worker("beatless", env, workdir)  # sweeps run here; the beats only send them
+    beats = [_beat(env, workdir, "one"), _beat(env, workdir, "two")]
+    try:
+        leader = _eventually(lambda: client.get("ft:beat:leader"), what="a leader").decode()
+        pids = {b.pid: b for b in beats}
+        first = pids[int(leader.split(":")[1])]
+        _eventually(lambda: client.hget("ft:heartbeats", "beat"), what="a sweep")
+        time.sleep(3)
+        assert client.get("ft:beat:leader").decode() == leader  # the standby never took it while it lived
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        killed_at = time.time()
+        new = _eventually(lambda: (h := client.get("ft:beat:leader")) and h.decode() != leader and h.decode(),
+                          timeout=30, what="a new leader")
+        assert int(new.split(":")[1]) != first.pid
+        _eventually(lambda: float(client.hget("ft:heartbeats", "beat")) > killed_at + 1, timeout=30,
+                    what="sweeps after the takeover")
+    finally:
+        for b in beats:
+            if b.poll() is None:
+                os.killpg(b.pid, signal.SIGTERM)
+                b.wait(20)
+        worker.stop()
