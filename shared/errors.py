@@ -52,6 +52,16 @@ class RejectReason(str, enum.Enum):
     RETRIES_EXHAUSTED = "retries_exhausted"
 
 
+# Rejections of the update object's own bytes. A device's update key is write-once, so after one of
+# these it has nothing else to send this round: it has reported. (After the others, such as
+# too_few_samples or object_missing, a corrected envelope or a late upload can still be accepted.)
+FINAL_FOR_THE_ROUND = frozenset({
+    RejectReason.OBJECT_TOO_LARGE, RejectReason.TRUNCATED, RejectReason.HEADER_TOO_LARGE,
+    RejectReason.HEADER_INVALID, RejectReason.INVALID_OFFSETS, RejectReason.BAD_DTYPE, RejectReason.BAD_SHAPE,
+    RejectReason.UNEXPECTED_KEYS, RejectReason.MISSING_KEYS, RejectReason.NON_FINITE,
+})
+
+
 class FleettuneError(Exception):
     """Base of every error fleettune raises on purpose."""
 

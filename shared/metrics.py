@@ -20,7 +20,9 @@ import time
 
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from shared import keys
 
 NORM_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, float("inf"))
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
@@ -99,9 +101,10 @@ class Metrics:
 class FederationCollector:
     """Per-federation state gauges, read at scrape time from the authoritative state."""
 
-    def __init__(self, state, store) -> None:
+    def __init__(self, state, store, clock=time.time) -> None:
         self.state = state
         self.store = store
+        self.clock = clock
         self._norms: dict[tuple[str, int], float] = {}  # versions are immutable: read each manifest once
 
     def collect(self):
@@ -117,12 +120,24 @@ class FederationCollector:
                                       labels=["federation"]),
             "forget": GaugeMetricFamily("fleettune_forgetting_ratio",
                                         "General-text perplexity of base + adapter over the base model's", labels=["federation"]),
+            "overdue": GaugeMetricFamily("fleettune_round_overdue_seconds",
+                                         "How long the open round is past its deadline (0 when not)", labels=["federation"]),
+            "closing": GaugeMetricFamily("fleettune_round_closing_seconds",
+                                         "How long the current round has been closing (0 when it is not)",
+                                         labels=["federation"]),
         }
+        now = self.clock()
         for fed in self.state.federations():
             status = self.state.status(fed)
             version = int(status.get("version", 0))
+            round_no = int(status.get("round", 0))
             gauges["version"].add_metric([fed], version)
-            gauges["round"].add_metric([fed], int(status.get("round", 0)))
+            gauges["round"].add_metric([fed], round_no)
+            info = self.state.round_info(fed, round_no) if round_no else None
+            overdue = max(0.0, now - info.deadline) if info and info.status == "open" else 0.0
+            closing = max(0.0, now - (info.closing_at or now)) if info and info.status == "closing" else 0.0
+            gauges["overdue"].add_metric([fed], overdue)
+            gauges["closing"].add_metric([fed], closing)
             if (fed, version) not in self._norms:
                 self._norms[(fed, version)] = versions.manifest(self.store, fed, version)["global_norm"]
             gauges["norm"].add_metric([fed], self._norms[(fed, version)])
@@ -133,6 +148,23 @@ class FederationCollector:
                 if "forgetting_ratio" in evaluation:
                     gauges["forget"].add_metric([fed], evaluation["forgetting_ratio"])
         yield from gauges.values()
+        yield from self._pipeline_health(now)
+
+    def _pipeline_health(self, now: float):
+        """Beat's heartbeat age, and the ledger's re-drives, pending messages and exhausted retries."""
+        beat = GaugeMetricFamily("fleettune_heartbeat_age_seconds", "Seconds since a process was last seen alive",
+                                 labels=["process"])
+        for process, seen in self.state.heartbeats().items():
+            beat.add_metric([process], max(0.0, now - seen))
+        yield beat
+        stats = self.state.stats(None)
+        yield CounterMetricFamily("fleettune_messages_redriven", "Received messages re-enqueued from the ledger "
+                                  "because they had no outcome (lost by the broker, or retries exhausted)",
+                                  value=stats.get("redriven", 0))
+        yield CounterMetricFamily("fleettune_ingest_retries_exhausted", "Ingests that ran out of retries in an outage",
+                                  value=stats.get("retries_exhausted", 0))
+        yield GaugeMetricFamily("fleettune_received_pending", "Received messages not yet known to have an outcome",
+                                value=self.state.r.zcard(keys.RECEIVED_PENDING))
 
 
 class QueueCollector:

@@ -16,7 +16,7 @@ import msgpack
 import redis
 
 from shared import keys
-from shared.errors import RejectReason, StateError
+from shared.errors import FINAL_FOR_THE_ROUND, RejectReason, StateError
 from shared.federation import DeviceProfile, FederationConfig
 
 ACCEPTED = "accepted"
@@ -60,6 +60,7 @@ class RoundInfo:
     rejected: int = 0
     guard: str = ""  # what the forgetting guard did while this round was open
     config_rev: int = 0  # the federation config revision this round runs under
+    closing_at: float | None = None  # when its close began
 
     @classmethod
     def from_hash(cls, round_no: int, h: dict[bytes, bytes]) -> RoundInfo:
@@ -71,6 +72,7 @@ class RoundInfo:
             version=int(s["version"]) if "version" in s else None,
             closed_at=float(s["closed_at"]) if "closed_at" in s else None,
             rejected=int(s.get("rejected", 0)), config_rev=int(s.get("config_rev", 0)),
+            closing_at=float(s["closing_at"]) if "closing_at" in s else None,
         )
 
 
@@ -390,7 +392,7 @@ class FederationState:
             decision = decide(info, pipe.hlen(updates_key), pipe.scard(keys.round_reported(fed, round_no)))
             pipe.multi()
             if decision == "closing":
-                pipe.hset(info_key, mapping={"status": "closing", **lease})
+                pipe.hset(info_key, mapping={"status": "closing", "closing_at": repr(now), **lease})
             elif decision == "failed":
                 pipe.hset(info_key, mapping={"status": "failed", "reason": "no_quorum"})
             return decision, info
@@ -492,9 +494,9 @@ class FederationState:
                round_no: int | None = None, device: str | None = None) -> tuple[bool, bool]:
         """Count a rejection and dead-letter it once: (fresh, round ready).
 
-        fresh is False if the message was settled already. A selected device whose update is refused
-        has reported for the round (its write-once object cannot be replaced), so the round need not
-        wait for it: round ready says every selected device of an open round has now reported.
+        fresh is False if the message was settled already. A selected device whose update object is
+        refused (FINAL_FOR_THE_ROUND: its write-once object cannot be replaced) has reported for the
+        round, which need not wait for it: round ready says every selected device has now reported.
         """
         msg_key = keys.message(digest)
 
@@ -505,7 +507,8 @@ class FederationState:
                 return False, False
             in_round = bool(fed and round_no is not None and pipe.exists(keys.round_info(fed, round_no)))
             reports, ready = False, False
-            if in_round and device and pipe.sismember(keys.round_cohort(fed, round_no), device):
+            final = reason in FINAL_FOR_THE_ROUND
+            if final and in_round and device and pipe.sismember(keys.round_cohort(fed, round_no), device):
                 reported_key = keys.round_reported(fed, round_no)
                 reports = not pipe.sismember(reported_key, device)
                 cohort = int(pipe.hget(keys.round_info(fed, round_no), "cohort_size") or 0)

@@ -110,13 +110,13 @@ def observed(redis_url, s3_endpoint, tmp_path_factory):
 def _run(pipeline) -> dict:
     """Three evaluated rounds with a few bad updates, and a second federation whose round fails."""
     devices = [f"obs-{i}" for i in range(6)]
-    good = pipeline.create(devices=devices, max_rounds=3, max_grad_norm=0.5, evaluation=EvaluationConfig(
-        base_model="tiny", eval_chars=3000))
+    good = pipeline.create(devices=devices + ["obs-bad"], max_rounds=3, max_grad_norm=0.5,
+                           evaluation=EvaluationConfig(base_model="tiny", eval_chars=3000))
     rng = np.random.default_rng(7)
     for round_no in (1, 2, 3):
         bad = random_deltas(good.spec.tensors, rng, 0.01)
         next(iter(bad.values())).flat[0] = np.nan
-        pipeline.submit(good, round_no, devices[0], bad)  # rejected: non_finite
+        pipeline.submit(good, round_no, "obs-bad", bad)  # rejected: non_finite (and it has reported)
         time.sleep(0.5)
         for device in devices:
             pipeline.submit(good, round_no, device, random_deltas(good.spec.tensors, rng, 0.002 * round_no),
@@ -197,7 +197,7 @@ def test_every_dashboard_query_returns_data(observed):
 def test_every_alert_signal_returns_data_and_the_rules_load(observed):
     _, prom, _, _ = observed
     rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yml").read_text())["groups"][0]["rules"]
-    assert len(rules) == 7
+    assert len(rules) == 12
     for rule in rules:
         signal = re.split(r"\s[<>]=?\s*[0-9.e+-]+\s*$", rule["expr"].strip())[0]
         assert prom.query(signal), f"{rule['alert']}: no data for {signal}"
