@@ -18,6 +18,8 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
                                  expires after MESSAGE_TTL_S
     ft:deadletter                stream of rejected updates, capped at Settings.deadletter_maxlen
     ft:beat:leader               the beat leader lease: the owner's id, expiring unless renewed
+    ft:retention                 sorted set "{fed}:{round}" -> when its update objects and per-round
+                                 sets may be deleted (published versions are kept for good)
     ft:heartbeats                hash process kind (beat) -> last time it was seen alive
     ft:evaluations:due           sorted set "{fed}:{version}" -> publish time, until its evaluation is recorded
 
@@ -131,7 +133,11 @@ def message(digest: str) -> str:
 
 
 def update_object(fed: str, round_no: int, device: str) -> str:
-    return f"updates/{fed}/{round_no:06d}/{device}.safetensors"
+    return f"{round_updates_prefix(fed, round_no)}{device}.safetensors"
+
+
+def round_updates_prefix(fed: str, round_no: int) -> str:
+    return f"updates/{fed}/{round_no:06d}/"
 
 
 def version_prefix(fed: str, version: int) -> str:
@@ -147,6 +153,7 @@ EVALUATIONS_DUE = f"{PREFIX}:evaluations:due"
 HEARTBEATS = f"{PREFIX}:heartbeats"
 BEAT_LEADER = f"{PREFIX}:beat:leader"
 RECEIVED_PENDING = f"{PREFIX}:received:pending"
+RETENTION = f"{PREFIX}:retention"
 REDRIVES = f"{PREFIX}:redrives"
 SESSIONS = f"{PREFIX}:sessions"
 SIGNING_KEY = f"{PREFIX}:signing-key"

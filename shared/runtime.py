@@ -35,7 +35,7 @@ class Runtime:
 
     @functools.cached_property
     def state(self) -> FederationState:
-        return FederationState(self.redis, self.settings.deadletter_maxlen)
+        return FederationState(self.redis, self.settings.deadletter_maxlen, self.settings.retention_s)
 
     @functools.cached_property
     def ingestor(self) -> Ingestor:

@@ -45,6 +45,7 @@ class Settings:
     url_ttl_s: int = 3600  # presigned GETs live this long; a PUT lives until its round's deadline
     multipart_threshold_bytes: int = 64 * MiB  # registry uploads above this go up in parts
     redrive_after_s: float = 60.0  # a received message with no outcome after this is enqueued again
+    retention_s: float = 7 * 86400.0  # update objects and per-round sets live this long after their round
 
     def __post_init__(self) -> None:
         if self.visibility_timeout_s <= self.task_time_limit_s:
@@ -110,4 +111,5 @@ class Settings:
             url_ttl_s=integer("URL_TTL", cls.url_ttl_s),
             multipart_threshold_bytes=integer("MULTIPART_THRESHOLD", cls.multipart_threshold_bytes),
             redrive_after_s=real("REDRIVE_AFTER", cls.redrive_after_s),
+            retention_s=real("RETENTION", cls.retention_s),
         )

@@ -79,9 +79,10 @@ class RoundInfo:
 class FederationState:
     """All reads and writes of federation state; the Redis client is passed in (real or fake)."""
 
-    def __init__(self, client: redis.Redis, deadletter_maxlen: int = 100_000) -> None:
+    def __init__(self, client: redis.Redis, deadletter_maxlen: int = 100_000, retention_s: float = 7 * 86400) -> None:
         self.r = client
         self.deadletter_maxlen = deadletter_maxlen
+        self.retention_s = retention_s
 
     def _transaction(self, fn: Callable[[Any], Any], *watch: str) -> Any:
         return self.r.transaction(fn, *watch, value_from_callable=True)
@@ -301,6 +302,8 @@ class FederationState:
             current = FederationConfig.from_json(pipe.get(keys.fed_config(fed)))
             last_round = int(fed_state.get("last_round", current.policy.max_rounds))
             pipe.multi()
+            if status in (b"open", b"closing"):  # it ends now: its updates may go after the retention
+                pipe.zadd(keys.RETENTION, {f"{fed}:{round_no}": now + self.retention_s}, nx=True)
             if version is not None and status == b"closing":
                 pipe.hset(info_key, mapping={"status": "closed", "version": version, "closed_at": repr(now)})
                 pipe.hdel(info_key, "close_owner", "lease_until")

@@ -29,6 +29,10 @@ class ObjectStore(Protocol):
         """(sha256 hex, size) of an object, read as a stream; ObjectNotFound if absent."""
         ...
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object whose key starts with `prefix` (a folder, ending in /); the count."""
+        ...
+
 
 def _too_large(key: str, size: int, max_bytes: int) -> Rejected:
     return Rejected(RejectReason.OBJECT_TOO_LARGE, f"{key}: {size} bytes > {max_bytes}")
@@ -109,6 +113,15 @@ class LocalObjectStore:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
 
+    def delete_prefix(self, prefix: str) -> int:
+        folder = self._path(prefix.rstrip("/"))
+        if not folder.is_dir():
+            return 0
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        for path in files:
+            path.unlink()
+        return len(files)
+
 
 class S3ObjectStore:
     """S3 through the minio SDK; connection failures become StorageUnavailable (retried)."""
@@ -161,6 +174,16 @@ class S3ObjectStore:
             return True
         except ObjectNotFound:
             return False
+
+    def delete_prefix(self, prefix: str) -> int:
+        from minio.deleteobjects import DeleteObject
+
+        with self._errors(prefix):
+            names = [o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]
+            errors = list(self.client.remove_objects(self.bucket, (DeleteObject(n) for n in names)))
+        if errors:
+            raise StorageUnavailable(f"{prefix}: {len(errors)} objects not deleted: {errors[0]}")
+        return len(names)
 
     def digest(self, key: str) -> tuple[str, int]:
         h, size = hashlib.sha256(), 0

@@ -10,6 +10,7 @@ import torch
 from celery import Task, shared_task
 from celery.signals import worker_process_init
 
+from shared import retention
 from shared.ingest import TRANSIENT
 from shared.rounds import CLOSED, FAILED
 from shared.runtime import Runtime
@@ -95,4 +96,7 @@ def sweep(self: FleetTask) -> int:
     redriven, _ = self.runtime.ledger.redrive(now, enqueuer(self.app))
     if redriven:
         log.warning("re-drove %d received messages that had no outcome", redriven)
+    pruned, deleted = retention.prune(state, self.runtime.store, now)
+    if pruned:
+        log.info("retention: %d rounds pruned, %d update objects deleted", pruned, deleted)
     return len(due) + len(lost) + redriven

@@ -27,7 +27,7 @@ def _eventually(predicate, timeout: float = 60, what: str = "condition"):
 
 def test_messages_the_broker_lost_are_redriven_from_the_ledger(redis_url, s3_endpoint, workdir):
     env = services.service_env(redis_url.rsplit("/", 1)[0] + "/8", s3_endpoint, bucket="fleettune-ledger",
-                               FLEETTUNE_REDRIVE_AFTER="2")
+                               FLEETTUNE_REDRIVE_AFTER="2", FLEETTUNE_RETENTION="2")
     client = redis.Redis.from_url(env["FLEETTUNE_REDIS_URL"])
     api = services.Api(env, workdir)
     worker = None
@@ -49,6 +49,15 @@ def test_messages_the_broker_lost_are_redriven_from_the_ledger(redis_url, s3_end
         assert done["contributors"] == ["a", "b", "c"]
         assert int(client.hget("ft:stats", "redriven")) == 2
         assert int(client.hget("ft:fed:ledger:stats", "accepted")) == 3  # each counted once
+
+        # retention: the round's update objects go from S3 after it; the published version stays
+        from shared.runtime import Runtime
+        from shared.settings import Settings
+
+        store = Runtime.from_settings(Settings.from_env(env)).store
+        _eventually(lambda: not store.exists("updates/ledger/000001/a.safetensors"), what="retention")
+        assert not client.exists("ft:fed:ledger:round:1:updates")
+        assert store.exists("federations/ledger/versions/000001/adapter_model.safetensors")
     finally:
         if worker is not None:
             worker.stop()

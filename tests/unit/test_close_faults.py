@@ -150,3 +150,19 @@ def test_a_halted_federation_resumes_for_the_rounds_it_has_left(world):
     assert (info.round, state.status("f")["status"], state.status("f")["last_round"]) == (2, "active", "3")
     with pytest.raises(StateError, match="not halted"):
         coordinator.resume("f")
+
+
+def test_retention_deletes_a_rounds_updates_and_sets_but_never_a_version(world):
+    from shared import retention
+
+    state, store, coordinator, _, clock = world
+    for i, device in enumerate("abc"):
+        _send(world, device, i)
+    coordinator.close("f", 1)
+    assert retention.prune(state, store, clock.now + 10) == (0, 0)  # within the retention
+    assert retention.prune(state, store, clock.now + state.retention_s + 1) == (1, 3)
+    assert not store.exists(keys.update_object("f", 1, "a"))
+    assert not state.r.exists(keys.round_updates("f", 1)) and not state.r.exists(keys.round_cohort("f", 1))
+    assert versions.manifest(store, "f", 1)["contributors"] == ["a", "b", "c"]  # published versions stay
+    assert state.round_info("f", 1).status == "closed"  # and so does the round's history
+    assert retention.prune(state, store, clock.now + state.retention_s + 1) == (0, 0)

@@ -1,0 +1,28 @@
+"""Retention: a round's update objects and per-round Redis sets go once its retention has passed.
+
+Published versions (federations/{fed}/versions/...) and each round's small info hash are kept.
+The sweep calls `prune` every interval; a round is removed from the schedule only after its
+objects and keys are gone, so an outage in the middle is finished by a later sweep.
+"""
+
+from __future__ import annotations
+
+from shared import keys
+from shared.state import FederationState
+from shared.storage import ObjectStore
+
+
+def prune(state: FederationState, store: ObjectStore, now: float, limit: int = 50) -> tuple[int, int]:
+    """Delete what is due; returns (rounds pruned, objects deleted)."""
+    rounds = objects = 0
+    for member in state.r.zrangebyscore(keys.RETENTION, "-inf", now, start=0, num=limit):
+        fed, _, round_text = member.decode().rpartition(":")
+        round_no = int(round_text)
+        objects += store.delete_prefix(keys.round_updates_prefix(fed, round_no))
+        with state.r.pipeline() as pipe:
+            pipe.delete(keys.round_updates(fed, round_no), keys.round_cohort(fed, round_no),
+                        keys.round_reported(fed, round_no))
+            pipe.zrem(keys.RETENTION, member)
+            pipe.execute()
+        rounds += 1
+    return rounds, objects
