@@ -86,6 +86,14 @@ def federations_delete(ctx, name: str) -> None:
     click.echo(f"deleted {name}")
 
 
+@federations.command("resume")
+@click.argument("name")
+@click.pass_context
+def federations_resume(ctx, name: str) -> None:
+    """Reopen a federation the forgetting guard halted (or a stopped one) for its rounds left."""
+    table([_client(ctx).post(f"/api/v1/federations/{name}/resume")], ["name", "status", "round", "version"])
+
+
 @federations.command("versions")
 @click.argument("name")
 @click.pass_context

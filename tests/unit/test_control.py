@@ -205,3 +205,23 @@ def test_the_api_serves_local_presigned_urls_with_the_same_rules_as_s3(tmp_path)
         assert http.get(get.url.replace("/a.safetensors", "/b.safetensors")).status_code == 403
         expired = signer.get("updates/f/000001/a.safetensors", 1.0, url)
         assert http.get(expired.url).json()["code"] == "url_expired"
+
+
+def test_a_stopped_federation_resumes_through_the_api(plane, tmp_path):
+    import httpx
+
+    from shared.runtime import Runtime
+    from workers.api import create_app, serve_in_thread
+
+    state, _, control, _, _ = plane
+    runtime = Runtime(Settings(), state.r, LocalObjectStore(tmp_path / "objects"))
+    session = _session(Control(state, runtime.coordinator), "r")
+    Control(state, runtime.coordinator).stop_session(session["id"], "ops")
+    app = create_app(runtime, lambda raw, at: None)
+    key = Tokens(state.r).create_api_key("admin")[1]
+    with serve_in_thread(app) as url:
+        headers = {"Authorization": f"Bearer {key}"}
+        resumed = httpx.post(f"{url}/api/v1/federations/r/resume", headers=headers)
+        assert resumed.status_code == 200 and (resumed.json()["status"], resumed.json()["round"]) == ("active", 2)
+        again = httpx.post(f"{url}/api/v1/federations/r/resume", headers=headers)
+        assert again.status_code == 409 and again.headers["content-type"] == "application/problem+json"

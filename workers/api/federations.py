@@ -44,6 +44,13 @@ def _configured(svc: Services, name: str, apply) -> JSONResponse:
     return JSONResponse(body, status_code=201 if created else 200)
 
 
+@router.post("/federations/{name}/resume", summary="Resume a halted or stopped federation for its rounds left")
+def resume_federation(name: str = FedName, who: Principal = Depends(admin), svc: Services = Depends(services)) -> dict:
+    svc.control.config(name)
+    svc.runtime.coordinator.resume(name)
+    return svc.control.federation(name)
+
+
 @router.put("/federations/{name}/adapter", summary="Set the adapter (applies from the next round)")
 def put_adapter(body: AdapterIn, name: str = FedName, who: Principal = Depends(admin),
                 svc: Services = Depends(services)):
