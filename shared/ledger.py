@@ -18,11 +18,22 @@ from shared import keys
 
 MAX_BACKOFF_DOUBLINGS = 6  # re-drives wait redrive_after_s x 1, 2, 4 ... 64
 
+# Record the entry and push the broker message, atomically; or return the entry recorded before.
+_RECORD_AND_PUSH = """
+local seen = redis.call('GET', KEYS[1])
+if seen then return seen end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[4])
+redis.call('LPUSH', KEYS[3], ARGV[5])
+return false
+"""
+
 
 class Ledger:
     def __init__(self, client: redis.Redis, redrive_after_s: float) -> None:
         self.r = client
         self.redrive_after_s = redrive_after_s
+        self._record_and_push = None  # the Lua script, registered on first use
 
     def record(self, digest: str, entry: dict, now: float) -> dict | None:
         """Write the entry unless it exists; returns the existing entry when it does. One round trip.
@@ -36,6 +47,17 @@ class Ledger:
             pipe.zadd(keys.RECEIVED_PENDING, {digest: now + self.redrive_after_s}, nx=True)
             seen, _ = pipe.execute()
         return msgpack.unpackb(seen) if seen is not None else None
+
+    def record_and_push(self, digest: str, entry: dict, now: float, queue: str, message: bytes) -> dict | None:
+        """`record`, and when the entry is new, LPUSH `message` onto the broker list `queue`, in one
+        script: the message is enqueued if and only if it was recorded. One round trip."""
+        if self._record_and_push is None:
+            self._record_and_push = self.r.register_script(_RECORD_AND_PUSH)
+        seen = self._record_and_push(
+            keys=[keys.received(digest), keys.RECEIVED_PENDING, queue],
+            args=[msgpack.packb(entry, use_bin_type=True), keys.MESSAGE_TTL_S, now + self.redrive_after_s, digest,
+                  message])
+        return msgpack.unpackb(seen) if seen else None
 
     def forget(self, digest: str) -> None:
         """Undo `record` (the enqueue failed, so the device's retry must go through)."""

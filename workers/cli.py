@@ -139,8 +139,12 @@ def api(host: str, port: int) -> None:
     settings = Settings.from_env()
     if not settings.redis_url:
         raise click.UsageError("set FLEETTUNE_REDIS_URL (and FLEETTUNE_S3_*) to run the API")
+    from workers.publish import RedisPublisher
+
     click.echo(f"fleettune api on http://{host}:{port}/ (docs at /docs, OpenAPI at /openapi.json, /metrics)")
-    serve(create_app(Runtime.from_settings(settings), enqueuer(celery_app)), host, port)
+    # the broker is the same Redis: record-and-enqueue is one script (workers/publish.py says why)
+    serve(create_app(Runtime.from_settings(settings), enqueuer(celery_app), publisher=RedisPublisher(celery_app)),
+          host, port)
 
 
 @cli.group("api-key")

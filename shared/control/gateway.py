@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import redis
@@ -29,6 +29,14 @@ from shared.state import FederationState, RoundInfo
 Enqueue = Callable[[bytes, float], None]  # (envelope bytes, received_at)
 
 
+class Publisher(Protocol):
+    """Builds the broker's message for an envelope, for a broker that is a Redis list (`queue`)."""
+
+    queue: str
+
+    def message(self, raw: bytes, sent_at: float) -> bytes: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Receipt:
     receipt: str  # the sha256 of the envelope: the same submission always gets the same receipt
@@ -41,12 +49,13 @@ class Receipt:
 
 class Gateway:
     def __init__(self, state: FederationState, presigner: Presigner, settings: Settings, enqueue: Enqueue,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, publisher: Publisher | None = None) -> None:
         self.state = state
         self.r: redis.Redis = state.r
         self.presigner = presigner
         self.settings = settings
         self.enqueue = enqueue
+        self.publisher = publisher  # with one, record and enqueue are one Redis script
         self.clock = clock
         self.ledger = Ledger(state.r, settings.redrive_after_s)
 
@@ -136,6 +145,12 @@ class Gateway:
         digest = hashlib.sha256(raw).hexdigest()
         now = self.clock()
         entry = {"received_at": now, "federation": fed, "device": device, "round": env.round, "envelope": raw}
+        if self.publisher is not None:
+            seen = self.ledger.record_and_push(digest, entry, now, self.publisher.queue,
+                                               self.publisher.message(raw, now))
+            if seen is not None:
+                return Receipt(digest, fed, env.round, device, seen["received_at"], duplicate=True)
+            return Receipt(digest, fed, env.round, device, now)
         seen = self.ledger.record(digest, entry, now)
         if seen is not None:
             return Receipt(digest, fed, env.round, device, seen["received_at"], duplicate=True)

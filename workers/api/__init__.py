@@ -18,16 +18,16 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_a
 from shared.metrics import FederationCollector
 from shared.runtime import Runtime
 from workers.api import devices, federations, models, objects, problems, sessions
-from workers.api.services import Enqueue, Services
+from workers.api.services import Enqueue, Publisher, Services
 
 __all__ = ["create_app", "serve", "serve_in_thread"]
 
 
 def create_app(runtime: Runtime, enqueue: Enqueue, registry: CollectorRegistry | None = None,
-               clock: Callable[[], float] = time.time) -> FastAPI:
+               clock: Callable[[], float] = time.time, publisher: Publisher | None = None) -> FastAPI:
     app = FastAPI(title="fleettune", version="1", summary="Federated fine-tuning of LLM adapters: control plane "
                   "and device gateway", docs_url="/docs", openapi_url="/openapi.json")
-    app.state.services = Services.build(runtime, enqueue, clock)
+    app.state.services = Services.build(runtime, enqueue, clock, publisher)
     problems.install(app)
     for module in (devices, federations, sessions, models, objects):  # the device hot path matches first
         app.include_router(module.router)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from shared import keys
 from shared.control.auth import Tokens
 from shared.control.devices import Devices
-from shared.control.gateway import Enqueue, Gateway
+from shared.control.gateway import Enqueue, Gateway, Publisher
 from shared.control.presign import LocalPresigner, Presigner, S3Presigner
 from shared.control.registry import ModelRegistry
 from shared.control.sessions import Control
@@ -29,14 +29,15 @@ class Services:
     registry: ModelRegistry
 
     @classmethod
-    def build(cls, runtime: Runtime, enqueue: Enqueue, clock: Callable[[], float] = time.time) -> Services:
+    def build(cls, runtime: Runtime, enqueue: Enqueue, clock: Callable[[], float] = time.time,
+              publisher: Publisher | None = None) -> Services:
         settings, state = runtime.settings, runtime.state
         presigner = presigner_for(runtime)
         tokens = Tokens(runtime.redis, clock)
         registry = ModelRegistry(runtime.redis, runtime.store, presigner, settings, clock)
         return cls(
             runtime=runtime, tokens=tokens, presigner=presigner,
-            gateway=Gateway(state, presigner, settings, enqueue, clock),
+            gateway=Gateway(state, presigner, settings, enqueue, clock, publisher),
             devices=Devices(state, tokens),
             control=Control(state, runtime.coordinator, clock, registered_model=registry.record),
             registry=registry,
