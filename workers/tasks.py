@@ -14,17 +14,17 @@ from shared import retention
 from shared.ingest import TRANSIENT
 from shared.rounds import CLOSED, FAILED
 from shared.runtime import Runtime
-from workers.app import enqueuer, runtime_of
+from workers.app import app, enqueuer, runtime_of
 
 log = logging.getLogger(__name__)
-RETRY = dict(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, retry_jitter=True, max_retries=10)
+_settings = app.fleettune_settings
+RETRY = dict(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=_settings.retry_backoff_max_s,
+             retry_jitter=True, max_retries=_settings.max_retries)
 
 
 @worker_process_init.connect
 def _set_torch_threads(**_) -> None:
     """A small fixed thread count per pool process; torch's default oversubscribes the cores."""
-    from workers.app import app
-
     torch.set_num_threads(app.fleettune_settings.torch_threads)
 
 

@@ -119,3 +119,125 @@ def test_of_two_beats_one_leads_and_the_standby_takes_over_when_it_dies(redis_ur
                 os.killpg(b.pid, signal.SIGTERM)
                 b.wait(20)
         worker.stop()
+
+
+def test_updates_submitted_during_an_s3_outage_past_the_retry_budget_are_redriven_and_counted_once(
+        redis_url, workdir):
+    weed = services.Weed(workdir, name="weed-outage")
+    env = services.service_env(redis_url.rsplit("/", 1)[0] + "/11", weed.endpoint, bucket="fleettune-outage",
+                               FLEETTUNE_REDRIVE_AFTER="2", FLEETTUNE_MAX_RETRIES="2", FLEETTUNE_RETRY_BACKOFF_MAX="1")
+    client = redis.Redis.from_url(env["FLEETTUNE_REDIS_URL"])
+    api = services.Api(env, workdir)
+    worker = services.Worker("outage", env, workdir, beat=True, via_cli=True)
+    try:
+        admin = Tokens(client).create_api_key("admin", "outage")[1]
+        federation = Federation(admin, "outage", api.url)
+        federation.create(model="tiny-llama")
+        tokens = {d: federation.register_device(d) for d in ("a", "b", "c")}
+        federation.train(model="tiny-llama", rounds=1, min_updates=3)
+        from shared.federation import FederationConfig
+
+        spec = FederationConfig.from_json(client.get("ft:fed:outage:config")).spec.tensors
+        plans = {}
+        for i, (device, token) in enumerate(tokens.items()):
+            plans[device] = DeviceClient(token, "outage", api.url)
+            plan = plans[device].check_in()
+            blob = encode_update(random_deltas(spec, np.random.default_rng(i), 0.01))
+            plans[device] = (plans[device], plan, plans[device].upload(plan, blob))
+        weed.kill()  # S3 goes away after the uploads, before the submissions
+        for device, (device_client, plan, sha256) in plans.items():
+            device_client.submit(plan, sha256, num_samples=5)  # the gateway does not need S3 to take them
+        _eventually(lambda: int(client.hget("ft:stats", "retries_exhausted") or 0) >= 3, timeout=60,
+                    what="ingests to give up")
+        assert federation.round(1)["status"] == "open" and federation.round(1)["accepted"] == 0
+        weed.start()
+        done = _eventually(lambda: federation.round(1)["status"] == "closed" and federation.round(1), timeout=90,
+                           what="the round to close after S3 returned")
+        assert done["contributors"] == ["a", "b", "c"]
+        assert int(client.hget("ft:stats", "redriven")) >= 3
+        assert {k.decode(): int(v) for k, v in client.hgetall("ft:fed:outage:stats").items()} == \
+            {"received": 3, "accepted": 3}
+    finally:
+        worker.stop()
+        api.stop()
+        weed.stop()
+
+
+def test_a_redis_kill_and_restart_with_aof_mid_ingest_loses_and_doubles_nothing(s3_endpoint, tmp_path_factory):
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    workdir = tmp_path_factory.mktemp("redis-restart")
+    port = services.free_port()
+    args = [shutil.which("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--maxmemory-policy", "noeviction"]
+
+    def start_redis():
+        proc = subprocess.Popen(args, stdout=(workdir / "redis.log").open("a"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        _eventually(lambda: _pings(port), timeout=20, what="redis")
+        return proc
+
+    redis_proc = start_redis()
+    env = services.service_env(f"redis://127.0.0.1:{port}/0", s3_endpoint, bucket="fleettune-restart",
+                               FLEETTUNE_REDRIVE_AFTER="3")
+    client = redis.Redis(port=port)
+    api = services.Api(env, workdir)
+    workers = [services.Worker("r1", env, workdir, beat=True, via_cli=True), services.Worker("r2", env, workdir)]
+    restarts = 0
+    try:
+        admin = Tokens(client).create_api_key("admin", "restart")[1]
+        federation = Federation(admin, "restart", api.url)
+        federation.create(model="tiny-llama")
+        devices = [f"d{i}" for i in range(6)]
+        tokens = {d: federation.register_device(d) for d in devices}
+        federation.train(model="tiny-llama", rounds=1, min_updates=6)
+        from shared.federation import FederationConfig
+
+        spec = FederationConfig.from_json(client.get("ft:fed:restart:config")).spec.tensors
+        for i, device in enumerate(devices):
+            if i == 3:
+                os.killpg(redis_proc.pid, signal.SIGKILL)  # mid-ingest: three sent, being ingested
+                redis_proc.wait()
+                redis_proc = start_redis()
+            device_client = DeviceClient(tokens[device], "restart", api.url)
+            plan = _eventually(lambda: _try(device_client.check_in), what="check-in after the restart")
+            device_client.send(plan, encode_update(random_deltas(spec, np.random.default_rng(i), 0.01)), num_samples=5)
+
+        def settled():
+            nonlocal restarts
+            for n, w in enumerate(workers):  # the supervisor: restart what died (it exits non-zero)
+                if not w.alive():
+                    workers[n] = services.Worker(f"r{n + 1}-{restarts}", env, workdir, beat=n == 0, via_cli=True)
+                    restarts += 1
+            return federation.round(1)["status"] == "closed" and federation.round(1)
+
+        done = _eventually(settled, timeout=120, what="the round to close")
+        assert done["contributors"] == devices
+        assert {k.decode(): int(v) for k, v in client.hgetall("ft:fed:restart:stats").items()} == \
+            {"received": 6, "accepted": 6}
+    finally:
+        for w in workers:
+            w.stop()
+        api.stop()
+        services._stop(redis_proc)
+
+
+def _pings(port: int) -> bool:
+    try:
+        return redis.Redis(port=port).ping()
+    except redis.ConnectionError:
+        return False
+
+
+def _try(call):
+    from fleettune import FleettuneAPIError
+
+    try:
+        return call()
+    except FleettuneAPIError as err:
+        if err.status == 503:
+            return None
+        raise

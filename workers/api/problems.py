@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -44,6 +45,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ConfigError)
     async def config(request: Request, exc: ConfigError) -> JSONResponse:
         return problem(422, "invalid_config", str(exc))
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # Redis is restarting or unreachable: the client should retry, not treat it as a bug
+        return problem(503, "unavailable", "the state store is unreachable; retry shortly", {"Retry-After": "5"})
 
     @app.exception_handler(StateError)
     async def state(request: Request, exc: StateError) -> JSONResponse:
