@@ -129,6 +129,7 @@ class S3ObjectStore:
     def __init__(self, client, bucket: str) -> None:  # client: minio.Minio
         self.client = client
         self.bucket = bucket
+        self._bucket_ready = False
 
     @classmethod
     def connect(cls, endpoint: str, access_key: str, secret_key: str, bucket: str, secure: bool = False) -> S3ObjectStore:
@@ -145,8 +146,11 @@ class S3ObjectStore:
         with self._errors(self.bucket):
             if not self.client.bucket_exists(self.bucket):
                 self.client.make_bucket(self.bucket)
+        self._bucket_ready = True
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        if not self._bucket_ready:  # the store was down when this process started
+            self.ensure_bucket()
         with self._errors(key):
             self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
 
@@ -224,6 +228,9 @@ def open_store(settings) -> ObjectStore:
             settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key,
             settings.s3_bucket, settings.s3_secure,
         )
-        store.ensure_bucket()
+        # a process must start (and record what it can in Redis) while the store is down: the
+        # bucket is then made on the first write instead
+        with contextlib.suppress(StorageUnavailable):
+            store.ensure_bucket()
         return store
     return LocalObjectStore(Path(settings.data_dir) / "objects")
