@@ -1,0 +1,18 @@
+"""Federation and round state in Redis, one class per concern, composed into FederationState.
+
+    Registry       federations, configs by revision, devices, status, counters, heartbeats
+    RoundMachine   open, join, close under a lease, settle and open the next round
+    Accounting     each message's one outcome, counters and dead letters
+    Evaluations    version evaluations and the forgetting guard, once per version
+"""
+
+from shared.state.accounting import ACCEPTED, REDELIVERED, Accounting, UpdateRecord
+from shared.state.evaluations import Evaluations
+from shared.state.registry import Registry
+from shared.state.round_machine import RoundInfo, RoundMachine
+
+__all__ = ["ACCEPTED", "REDELIVERED", "FederationState", "RoundInfo", "UpdateRecord"]
+
+
+class FederationState(Registry, RoundMachine, Accounting, Evaluations):
+    """All reads and writes of federation state; the Redis client is passed in (real or fake)."""

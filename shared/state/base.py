@@ -1,0 +1,20 @@
+"""The base of the state classes: one Redis client, and WATCH/MULTI transactions over it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+
+class StateBase:
+    """Holds the Redis client (real or fake) that every state class reads and writes."""
+
+    def __init__(self, client: redis.Redis, deadletter_maxlen: int = 100_000, retention_s: float = 7 * 86400) -> None:
+        self.r = client
+        self.deadletter_maxlen = deadletter_maxlen
+        self.retention_s = retention_s
+
+    def _transaction(self, fn: Callable[[Any], Any], *watch: str) -> Any:
+        return self.r.transaction(fn, *watch, value_from_callable=True)
