@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -80,7 +80,7 @@ class Client:
                 chunks.append(chunk)
         return b"".join(chunks)
 
-    def upload(self, signed: dict, body: bytes | Iterator[bytes], progress: Callable[[int], None] | None = None) -> httpx.Response:
+    def upload(self, signed: dict, body: bytes | Iterator[bytes]) -> httpx.Response:
         """PUT to a presigned URL with the headers it was signed with."""
         response = self.plain.request(signed.get("method", "PUT"), signed["url"], headers=signed.get("headers") or {},
                                       content=body)
@@ -88,8 +88,6 @@ class Client:
             code = {412: "already_uploaded", 403: "upload_forbidden", 400: "bad_digest"}.get(response.status_code,
                                                                                             "upload_failed")
             raise FleettuneAPIError(response.status_code, code, response.text[:300])
-        if progress is not None:
-            progress(len(body) if isinstance(body, bytes) else 0)
         return response
 
     def close(self) -> None:
