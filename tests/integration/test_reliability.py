@@ -32,12 +32,7 @@ def test_messages_the_broker_lost_are_redriven_from_the_ledger(redis_url, s3_end
     api = services.Api(env, workdir)
     worker = None
     try:
-        admin = Tokens(client).create_api_key("admin", "ledger")[1]
-        federation = Federation(admin, "ledger", api.url)
-        federation.create(model="tiny-llama")
-        tokens = {d: federation.register_device(d) for d in ("a", "b", "c")}
-        federation.train(model="tiny-llama", rounds=1, min_updates=3)
-        spec = {k: tuple(v) for k, v in _spec(client).items()}
+        federation, tokens, spec = _session(client, api.url, "ledger", ["a", "b", "c"])
         for i, token in enumerate(tokens.values()):
             device = DeviceClient(token, "ledger", api.url)
             plan = device.check_in()
@@ -64,10 +59,15 @@ def test_messages_the_broker_lost_are_redriven_from_the_ledger(redis_url, s3_end
         api.stop()
 
 
-def _spec(client: redis.Redis) -> dict:
+def _session(client: redis.Redis, api_url: str, fed: str, devices: list[str]) -> tuple[Federation, dict, dict]:
+    """A federation with these devices registered and a one-round session open: (federation, tokens, spec)."""
     from shared.federation import FederationConfig
 
-    return FederationConfig.from_json(client.get("ft:fed:ledger:config")).spec.tensors
+    federation = Federation(Tokens(client).create_api_key("admin", fed)[1], fed, api_url)
+    federation.create(model="tiny-llama")
+    tokens = {d: federation.register_device(d) for d in devices}
+    federation.train(model="tiny-llama", rounds=1, min_updates=len(devices))
+    return federation, tokens, FederationConfig.from_json(client.get(f"ft:fed:{fed}:config")).spec.tensors
 
 
 def test_an_ingest_message_with_the_wrong_arguments_is_dead_lettered_not_dropped(pipeline):
@@ -130,14 +130,7 @@ def test_updates_submitted_during_an_s3_outage_past_the_retry_budget_are_redrive
     api = services.Api(env, workdir)
     worker = services.Worker("outage", env, workdir, beat=True, via_cli=True)
     try:
-        admin = Tokens(client).create_api_key("admin", "outage")[1]
-        federation = Federation(admin, "outage", api.url)
-        federation.create(model="tiny-llama")
-        tokens = {d: federation.register_device(d) for d in ("a", "b", "c")}
-        federation.train(model="tiny-llama", rounds=1, min_updates=3)
-        from shared.federation import FederationConfig
-
-        spec = FederationConfig.from_json(client.get("ft:fed:outage:config")).spec.tensors
+        federation, tokens, spec = _session(client, api.url, "outage", ["a", "b", "c"])
         plans = {}
         for i, (device, token) in enumerate(tokens.items()):
             plans[device] = DeviceClient(token, "outage", api.url)
@@ -188,15 +181,8 @@ def test_a_redis_kill_and_restart_with_aof_mid_ingest_loses_and_doubles_nothing(
     workers = [services.Worker("r1", env, workdir, beat=True, via_cli=True), services.Worker("r2", env, workdir)]
     restarts = 0
     try:
-        admin = Tokens(client).create_api_key("admin", "restart")[1]
-        federation = Federation(admin, "restart", api.url)
-        federation.create(model="tiny-llama")
         devices = [f"d{i}" for i in range(6)]
-        tokens = {d: federation.register_device(d) for d in devices}
-        federation.train(model="tiny-llama", rounds=1, min_updates=6)
-        from shared.federation import FederationConfig
-
-        spec = FederationConfig.from_json(client.get("ft:fed:restart:config")).spec.tensors
+        federation, tokens, spec = _session(client, api.url, "restart", devices)
         for i, device in enumerate(devices):
             if i == 3:
                 os.killpg(redis_proc.pid, signal.SIGKILL)  # mid-ingest: three sent, being ingested
