@@ -137,7 +137,7 @@ class RoundCoordinator:
                                reason="no_quorum")
         version = info.base_version + 1
         started = time.perf_counter()
-        manifest = self._aggregate_and_publish(config, info, version)
+        manifest = self._aggregate_and_publish(config, self.state.round_info(fed, round_no), version)
         seconds = time.perf_counter() - started
         if manifest is None:  # fewer readable, verified updates than the quorum: publish nothing
             return CloseResult(FAILED, None, self._advance(config, info, None, failure=UNREADABLE), info=info,
@@ -183,7 +183,7 @@ class RoundCoordinator:
         base = versions.load_weights(self.store, config.name, info.base_version, spec,
                                      self.settings.max_update_bytes, self.settings.max_header_bytes)
         mean = avg.mean()
-        server_lr = self.state.server_lr(config.name, policy.server_lr)  # the forgetting guard may lower it
+        server_lr = info.server_lr or policy.server_lr  # as the guard had set it when the close began
         weights = apply_update(base, mean, server_lr)
         kept = [records[d] for d in contributors]
         manifest = {

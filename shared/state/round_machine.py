@@ -33,6 +33,7 @@ class RoundInfo:
     guard: str = ""  # what the forgetting guard did while this round was open
     config_rev: int = 0  # the federation config revision this round runs under
     closing_at: float | None = None  # when its close began
+    server_lr: float | None = None  # the guard's server learning rate, snapshotted when the close began
 
     @classmethod
     def from_hash(cls, round_no: int, h: dict[bytes, bytes]) -> RoundInfo:
@@ -45,6 +46,7 @@ class RoundInfo:
             closed_at=float(s["closed_at"]) if "closed_at" in s else None,
             rejected=int(s.get("rejected", 0)), config_rev=int(s.get("config_rev", 0)),
             closing_at=float(s["closing_at"]) if "closing_at" in s else None,
+            server_lr=float(s["server_lr"]) if "server_lr" in s else None,
         )
 
 
@@ -176,14 +178,17 @@ class RoundMachine(StateBase):
             if info.status != "open":
                 return "settled", info
             decision = decide(info, pipe.hlen(updates_key), pipe.scard(keys.round_reported(fed, round_no)))
+            guard_lr = pipe.hget(keys.fed_state(fed), "server_lr")  # set by the forgetting guard, if ever
             pipe.multi()
             if decision == "closing":
-                pipe.hset(info_key, mapping={"status": "closing", "closing_at": repr(now), **lease})
+                # the snapshot makes a redone close compute the same bytes even if the guard acts meanwhile
+                snapshot = {"server_lr": guard_lr.decode()} if guard_lr is not None else {}
+                pipe.hset(info_key, mapping={"status": "closing", "closing_at": repr(now), **lease, **snapshot})
             elif decision == "failed":
                 pipe.hset(info_key, mapping={"status": "failed", "reason": "no_quorum"})
             return decision, info
 
-        return self._transaction(close, info_key, updates_key)
+        return self._transaction(close, info_key, updates_key, keys.fed_state(fed))
 
     def rounds_needing_a_close(self, now: float) -> list[tuple[str, int]]:
         """(federation, round) of every round a close task should look at now.

@@ -166,3 +166,17 @@ def test_retention_deletes_a_rounds_updates_and_sets_but_never_a_version(world):
     assert versions.manifest(store, "f", 1)["contributors"] == ["a", "b", "c"]  # published versions stay
     assert state.round_info("f", 1).status == "closed"  # and so does the round's history
     assert retention.prune(state, store, clock.now + state.retention_s + 1) == (0, 0)
+
+
+def test_a_guard_acting_between_a_close_and_its_redo_does_not_change_the_version(world, monkeypatch):
+    state, store, coordinator, _, _ = world
+    for i, device in enumerate("abc"):
+        _send(world, device, i)
+    real = state.settle_round
+    monkeypatch.setattr(state, "settle_round", lambda *a, **k: (_ for _ in ()).throw(_Crash()))
+    with pytest.raises(_Crash):
+        coordinator.close("f", 1, owner="task-1")
+    monkeypatch.setattr(state, "settle_round", real)
+    state.r.hset(keys.fed_state("f"), "server_lr", "0.25")  # a slow evaluation of v0's guard lands now
+    assert coordinator.close("f", 1, owner="task-1").decision == CLOSED  # same bytes: no conflict
+    assert versions.manifest(store, "f", 1)["server_lr"] == 1.0  # the rate snapshotted when it began
