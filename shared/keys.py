@@ -12,6 +12,7 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:fed:{fed}:round:{r}:cohort   set of device ids selected for round r
     ft:fed:{fed}:round:{r}:updates  hash device_id -> msgpack UpdateRecord (HSETNX: once per device)
     ft:fed:{fed}:round:{r}:reported set of cohort devices with a final outcome (accepted or rejected)
+    ft:fed:{fed}:round:{r}:inflight counter: messages the gateway took on time that have no outcome yet
     ft:fed:{fed}:stats           hash of counters: received, accepted, duplicate, rejected:{reason}
     ft:federations               set of federation names
     ft:msg:{sha256}              outcome of one envelope, so redelivery is answered, not recounted;
@@ -117,6 +118,10 @@ def round_cohort(fed: str, round_no: int) -> str:
 
 def round_updates(fed: str, round_no: int) -> str:
     return f"{PREFIX}:fed:{fed}:round:{round_no}:updates"
+
+
+def round_inflight(fed: str, round_no: int) -> str:
+    return f"{PREFIX}:fed:{fed}:round:{round_no}:inflight"
 
 
 def round_reported(fed: str, round_no: int) -> str:

@@ -18,12 +18,19 @@ from shared import keys
 
 MAX_BACKOFF_DOUBLINGS = 6  # re-drives wait redrive_after_s x 1, 2, 4 ... 64
 
-# Record the entry and push the broker message, atomically; or return the entry recorded before.
+LATE = "late"  # what `record` answers for a new message received after its round's deadline
+
+# Record the entry, count it in flight for its round and push the broker message, atomically; or
+# return the entry recorded before; or refuse a new one received after the round's deadline.
 _RECORD_AND_PUSH = """
 local seen = redis.call('GET', KEYS[1])
 if seen then return seen end
+local deadline = redis.call('HGET', KEYS[4], 'deadline')
+if deadline and tonumber(ARGV[6]) > tonumber(deadline) then return 'late' end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[4])
+redis.call('INCR', KEYS[5])
+redis.call('EXPIRE', KEYS[5], ARGV[2])
 redis.call('LPUSH', KEYS[3], ARGV[5])
 return false
 """
@@ -35,28 +42,39 @@ class Ledger:
         self.redrive_after_s = redrive_after_s
         self._record_and_push = None  # the Lua script, registered on first use
 
-    def record(self, digest: str, entry: dict, now: float) -> dict | None:
-        """Write the entry unless it exists; returns the existing entry when it does. One round trip.
+    def record(self, digest: str, entry: dict, now: float) -> dict | str | None:
+        """Write the entry unless it exists: None when new, the existing entry when it does, LATE
+        when it is new and received after its round's deadline (then nothing is written).
 
         A duplicate's ZADD NX is harmless: a pending entry keeps its time, and a settled one is
         dropped again by the next sweep.
         """
+        fed, round_no = entry["federation"], entry["round"]
+        deadline = self.r.hget(keys.round_info(fed, round_no), "deadline")
+        if deadline is not None and now > float(deadline) and not self.r.exists(keys.received(digest)):
+            return LATE
         with self.r.pipeline() as pipe:
             pipe.set(keys.received(digest), msgpack.packb(entry, use_bin_type=True), nx=True,
                      ex=keys.MESSAGE_TTL_S, get=True)
             pipe.zadd(keys.RECEIVED_PENDING, {digest: now + self.redrive_after_s}, nx=True)
             seen, _ = pipe.execute()
+        if seen is None:
+            self.r.incr(keys.round_inflight(fed, round_no))
         return msgpack.unpackb(seen) if seen is not None else None
 
-    def record_and_push(self, digest: str, entry: dict, now: float, queue: str, message: bytes) -> dict | None:
-        """`record`, and when the entry is new, LPUSH `message` onto the broker list `queue`, in one
-        script: the message is enqueued if and only if it was recorded. One round trip."""
+    def record_and_push(self, digest: str, entry: dict, now: float, queue: str, message: bytes) -> dict | str | None:
+        """`record`, and when the entry is new and on time, LPUSH `message` onto the broker list
+        `queue`, in one script: the message is enqueued if and only if it was recorded."""
         if self._record_and_push is None:
             self._record_and_push = self.r.register_script(_RECORD_AND_PUSH)
+        fed, round_no = entry["federation"], entry["round"]
         seen = self._record_and_push(
-            keys=[keys.received(digest), keys.RECEIVED_PENDING, queue],
+            keys=[keys.received(digest), keys.RECEIVED_PENDING, queue, keys.round_info(fed, round_no),
+                  keys.round_inflight(fed, round_no)],
             args=[msgpack.packb(entry, use_bin_type=True), keys.MESSAGE_TTL_S, now + self.redrive_after_s, digest,
-                  message])
+                  message, repr(now)])
+        if seen == LATE.encode():
+            return LATE
         return msgpack.unpackb(seen) if seen else None
 
     def forget(self, digest: str) -> None:

@@ -21,7 +21,7 @@ def prune(state: FederationState, store: ObjectStore, now: float, limit: int = 5
         objects += store.delete_prefix(keys.round_updates_prefix(fed, round_no))
         with state.r.pipeline() as pipe:
             pipe.delete(keys.round_updates(fed, round_no), keys.round_cohort(fed, round_no),
-                        keys.round_reported(fed, round_no))
+                        keys.round_reported(fed, round_no), keys.round_inflight(fed, round_no))
             pipe.zrem(keys.RETENTION, member)
             pipe.execute()
         rounds += 1

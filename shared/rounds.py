@@ -29,16 +29,20 @@ UNREADABLE = "quorum_unreadable"  # accepted updates vanished or changed below t
 LEASE_MARGIN_S = 30  # a close's lease: the task time limit plus this
 
 
-def decide(info: RoundInfo, n_updates: int, min_updates: int, now: float, reported: int | None = None) -> str:
+def decide(info: RoundInfo, n_updates: int, min_updates: int, now: float, reported: int | None = None,
+           grace: float = 0.0) -> str:
     """Close with quorum once everyone reported or the deadline passed; fail without it then.
 
     `reported` counts selected devices with a final outcome, accepted or rejected (default: the
     accepted ones): once all have one, nothing more can arrive, so waiting longer is pointless.
+    Deadlines are judged by receive time: past the deadline, messages the gateway took on time and
+    that have no outcome yet (`info.inflight`, say a worker died holding them) are waited for, for
+    at most `grace` seconds.
     """
     reported = n_updates if reported is None else reported
     quorum = n_updates >= min_updates
     everyone = info.cohort_size > 0 and reported >= info.cohort_size
-    expired = now >= info.deadline
+    expired = now >= info.deadline and not (info.inflight > 0 and now < info.deadline + grace)
     if quorum and (everyone or expired):
         return CLOSING
     if expired or everyone:
@@ -125,7 +129,8 @@ class RoundCoordinator:
             raise StateError(f"{fed!r} has no round {round_no}")
         now = self.clock()
         decision, info = self.state.begin_close(
-            fed, round_no, lambda i, n, reported: decide(i, n, config.policy.min_updates, now, reported),
+            fed, round_no,
+            lambda i, n, reported: decide(i, n, config.policy.min_updates, now, reported, self.settings.deadline_grace_s),
             owner or uuid.uuid4().hex, now, self.settings.task_time_limit_s + LEASE_MARGIN_S)
         if decision in (WAIT, BUSY):
             return CloseResult(decision, info=info)

@@ -46,6 +46,7 @@ class Settings:
     multipart_threshold_bytes: int = 64 * MiB  # registry uploads above this go up in parts
     redrive_after_s: float = 60.0  # a received message with no outcome after this is enqueued again
     retention_s: float = 7 * 86400.0  # update objects and per-round sets live this long after their round
+    deadline_grace_s: float = 180.0  # how long a close waits past the deadline for on-time messages in flight
     max_retries: int = 10  # a task's retries through an outage of S3 or Redis, with exponential backoff ...
     retry_backoff_max_s: int = 60  # ... capped at this; past the budget the ledger re-drives the message
 
@@ -114,6 +115,7 @@ class Settings:
             multipart_threshold_bytes=integer("MULTIPART_THRESHOLD", cls.multipart_threshold_bytes),
             redrive_after_s=real("REDRIVE_AFTER", cls.redrive_after_s),
             retention_s=real("RETENTION", cls.retention_s),
+            deadline_grace_s=real("DEADLINE_GRACE", cls.deadline_grace_s),
             max_retries=integer("MAX_RETRIES", cls.max_retries),
             retry_backoff_max_s=integer("RETRY_BACKOFF_MAX", cls.retry_backoff_max_s),
         )

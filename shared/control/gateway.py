@@ -21,7 +21,7 @@ from shared import keys, versions
 from shared.envelope import Envelope, decode
 from shared.errors import Refusal, Rejected
 from shared.federation import DeviceProfile, FederationConfig
-from shared.ledger import Ledger
+from shared.ledger import LATE, Ledger
 from shared.control.presign import Presigner
 from shared.settings import Settings
 from shared.state import FederationState, RoundInfo
@@ -132,8 +132,9 @@ class Gateway:
     def submit(self, fed: str, device: str, fields: dict[str, Any]) -> Receipt:
         """Record the message as received and enqueue it once; a repeat gets the same receipt.
 
-        The caller has authenticated the device for `fed` (tokens die with their federation), so
-        the hot path is three Redis round trips: the ledger write and the enqueue's.
+        The caller has authenticated the device for `fed` (tokens die with their federation). With
+        a publisher, recording and enqueueing are one Redis script. A new submission received after
+        its round's deadline is refused as late (409); a repeat of an on-time one gets its receipt.
         """
         env = Envelope(federation=fed, device=device, object_key=keys.update_object(fed, fields["round"], device),
                        **fields)
@@ -148,12 +149,14 @@ class Gateway:
         if self.publisher is not None:
             seen = self.ledger.record_and_push(digest, entry, now, self.publisher.queue,
                                                self.publisher.message(raw, now))
-            if seen is not None:
-                return Receipt(digest, fed, env.round, device, seen["received_at"], duplicate=True)
-            return Receipt(digest, fed, env.round, device, now)
-        seen = self.ledger.record(digest, entry, now)
+        else:
+            seen = self.ledger.record(digest, entry, now)
+        if seen == LATE:
+            raise Refusal(409, "late", f"received after round {env.round}'s deadline")
         if seen is not None:
             return Receipt(digest, fed, env.round, device, seen["received_at"], duplicate=True)
+        if self.publisher is not None:
+            return Receipt(digest, fed, env.round, device, now)  # the script enqueued it
         try:
             self.enqueue(raw, now)
         except Exception:

@@ -72,7 +72,10 @@ class Accounting(StateBase):
             if pipe.hexists(updates_key, record.device):
                 return RejectReason.ALREADY_SUBMITTED.value, count, cohort
             already = pipe.sismember(keys.round_reported(fed, round_no), record.device)
+            ledgered = pipe.exists(keys.received(digest))
             pipe.multi()
+            if ledgered:  # no longer in flight: the close need not wait for it
+                pipe.decr(keys.round_inflight(fed, round_no))
             pipe.hset(updates_key, record.device, record.to_bytes())
             pipe.sadd(keys.round_reported(fed, round_no), record.device)
             pipe.set(msg_key, ACCEPTED, ex=keys.MESSAGE_TTL_S)
@@ -100,6 +103,7 @@ class Accounting(StateBase):
                 return False, False
             in_round = bool(fed and round_no is not None and pipe.exists(keys.round_info(fed, round_no)))
             reports, ready = False, False
+            ledgered = fed is not None and round_no is not None and pipe.exists(keys.received(digest))
             final = reason in FINAL_FOR_THE_ROUND
             if final and in_round and device and pipe.sismember(keys.round_cohort(fed, round_no), device):
                 reported_key = keys.round_reported(fed, round_no)
@@ -108,6 +112,8 @@ class Accounting(StateBase):
                 open_ = pipe.hget(keys.round_info(fed, round_no), "status") == b"open"
                 ready = reports and open_ and cohort > 0 and pipe.scard(reported_key) + 1 >= cohort
             pipe.multi()
+            if ledgered:
+                pipe.decr(keys.round_inflight(fed, round_no))
             if reports:
                 pipe.sadd(keys.round_reported(fed, round_no), device)
             pipe.set(msg_key, f"rejected:{reason.value}", ex=keys.MESSAGE_TTL_S)

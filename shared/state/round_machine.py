@@ -34,6 +34,7 @@ class RoundInfo:
     config_rev: int = 0  # the federation config revision this round runs under
     closing_at: float | None = None  # when its close began
     server_lr: float | None = None  # the guard's server learning rate, snapshotted when the close began
+    inflight: int = 0  # messages received on time through the gateway that have no outcome yet
 
     @classmethod
     def from_hash(cls, round_no: int, h: dict[bytes, bytes]) -> RoundInfo:
@@ -167,7 +168,8 @@ class RoundMachine(StateBase):
             h = pipe.hgetall(info_key)
             if not h:
                 raise StateError(f"{fed} round {round_no} does not exist")
-            info = RoundInfo.from_hash(round_no, h)
+            info = dataclasses.replace(RoundInfo.from_hash(round_no, h),
+                                       inflight=int(pipe.get(keys.round_inflight(fed, round_no)) or 0))
             if info.status == "closing":
                 holder, until = h.get(b"close_owner", b"").decode(), float(h.get(b"lease_until", 0))
                 if holder != owner and until > now:

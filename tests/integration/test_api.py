@@ -199,3 +199,27 @@ def test_an_api_restart_in_the_middle_of_a_session_loses_nothing(pipeline, env, 
 def _layout(rank: int) -> dict[str, tuple[int, ...]]:
     adapter = AdapterConfig(rank=rank, alpha=16, target_modules=tuple(ADAPTER["target_modules"]))
     return build_spec(LAYOUTS["tiny-llama"], adapter).tensors
+
+
+def test_a_submission_received_after_the_deadline_is_refused_as_late(pipeline):
+    fed = _name("late")
+    federation = Federation(pipeline.admin_key, fed, pipeline.api_url)
+    federation.create(model="tiny-llama", strategy={"algorithm": "fedavg", "round_config": {"timeout_seconds": 3}})
+    devices = _devices(pipeline, fed, 3)
+    federation.train(model="tiny-llama", rounds=1, min_updates=2)
+    spec = _layout(rank=8)
+    plans = {name: device.check_in(**PHONE) for name, device in devices.items()}
+    on_time = devices["phone-0"].send(plans["phone-0"], encode_update(random_deltas(spec, np.random.default_rng(0), 0.01)),
+                                      num_samples=5)
+    blob = encode_update(random_deltas(spec, np.random.default_rng(1), 0.01))
+    sha256 = devices["phone-1"].upload(plans["phone-1"], blob)
+    time.sleep(max(0.0, plans["phone-1"]["deadline"] - time.time()) + 0.3)
+    with pytest.raises(FleettuneAPIError) as late:
+        devices["phone-1"].submit(plans["phone-1"], sha256, num_samples=5)
+    assert (late.value.status, late.value.code) == (409, "late")
+    again = devices["phone-0"].submit(plans["phone-0"], _sha_of(pipeline, fed, "phone-0"), 5)
+    assert (again["receipt"], again["duplicate"]) == (on_time["receipt"], True)  # on time, so still its receipt
+
+
+def _sha_of(pipeline, fed: str, device: str) -> str:
+    return hashlib.sha256(pipeline.runtime.store.get(f"updates/{fed}/000001/{device}.safetensors")).hexdigest()

@@ -225,3 +225,30 @@ def test_a_stopped_federation_resumes_through_the_api(plane, tmp_path):
         assert resumed.status_code == 200 and (resumed.json()["status"], resumed.json()["round"]) == ("active", 2)
         again = httpx.post(f"{url}/api/v1/federations/r/resume", headers=headers)
         assert again.status_code == 409 and again.headers["content-type"] == "application/problem+json"
+
+
+def test_deadlines_are_judged_by_receive_time(plane, tmp_path):
+    import dataclasses
+
+    from shared.ingest import Ingestor
+    from shared.rounds import CLOSING, WAIT, decide
+
+    state, gateway, control, sent, clock = plane
+    _session(control, "f")  # deadline: 60 s after 1000
+    fields = {"round": 1, "sha256": "ab" * 32, "num_samples": 7, "base_version": 0, "train_seconds": 0.0,
+              "metrics": {}}
+    on_time = gateway.submit("f", "a", fields)
+    assert state.r.get(keys.round_inflight("f", 1)) == b"1"
+    clock.now = 1061.0
+    with pytest.raises(Refusal) as late:
+        gateway.submit("f", "b", fields)
+    assert (late.value.status, late.value.code) == (409, "late") and len(sent) == 1
+    assert gateway.submit("f", "a", fields).receipt == on_time.receipt  # its repeat still gets its receipt
+
+    info = dataclasses.replace(state.round_info("f", 1), inflight=1)
+    assert decide(info, 1, 1, now=1061.0, grace=180) == WAIT  # a's message is on time, still in flight
+    assert decide(info, 1, 1, now=1241.0, grace=180) == CLOSING  # the grace is bounded
+    Ingestor(state, LocalObjectStore(tmp_path), Settings()).ingest(sent[0][0])  # its outcome (object missing)
+    assert int(state.r.get(keys.round_inflight("f", 1))) == 0
+    info = dataclasses.replace(info, inflight=0)
+    assert decide(info, 1, 1, now=1061.0, grace=180) == CLOSING
