@@ -59,14 +59,15 @@ def test_messages_the_broker_lost_are_redriven_from_the_ledger(redis_url, s3_end
         api.stop()
 
 
-def _session(client: redis.Redis, api_url: str, fed: str, devices: list[str]) -> tuple[Federation, dict, dict]:
+def _session(client: redis.Redis, api_url: str, fed: str, devices: list[str],
+             model: str = "tiny-llama") -> tuple[Federation, dict, dict]:
     """A federation with these devices registered and a one-round session open: (federation, tokens, spec)."""
     from shared.federation import FederationConfig
 
     federation = Federation(Tokens(client).create_api_key("admin", fed)[1], fed, api_url)
-    federation.create(model="tiny-llama")
+    federation.create(model=model)
     tokens = {d: federation.register_device(d) for d in devices}
-    federation.train(model="tiny-llama", rounds=1, min_updates=len(devices))
+    federation.train(model=model, rounds=1, min_updates=len(devices))
     return federation, tokens, FederationConfig.from_json(client.get(f"ft:fed:{fed}:config")).spec.tensors
 
 
@@ -156,7 +157,8 @@ def test_updates_submitted_during_an_s3_outage_past_the_retry_budget_are_redrive
         weed.stop()
 
 
-def test_a_redis_kill_and_restart_with_aof_mid_ingest_loses_and_doubles_nothing(s3_endpoint, tmp_path_factory):
+@pytest.mark.parametrize("moment", ["mid-ingest", "mid-close"])
+def test_a_redis_kill_and_restart_with_aof_loses_and_doubles_nothing(moment, s3_endpoint, tmp_path_factory):
     import os
     import shutil
     import signal
@@ -174,7 +176,7 @@ def test_a_redis_kill_and_restart_with_aof_mid_ingest_loses_and_doubles_nothing(
         return proc
 
     redis_proc = start_redis()
-    env = services.service_env(f"redis://127.0.0.1:{port}/0", s3_endpoint, bucket="fleettune-restart",
+    env = services.service_env(f"redis://127.0.0.1:{port}/0", s3_endpoint, bucket=f"fleettune-restart-{moment}",
                                FLEETTUNE_REDRIVE_AFTER="3")
     client = redis.Redis(port=port)
     api = services.Api(env, workdir)
@@ -182,15 +184,25 @@ def test_a_redis_kill_and_restart_with_aof_mid_ingest_loses_and_doubles_nothing(
     restarts = 0
     try:
         devices = [f"d{i}" for i in range(6)]
-        federation, tokens, spec = _session(client, api.url, "restart", devices)
+        # mid-close: 1B-class updates (6.8 MB each), so that the close lasts long enough to be hit
+        model = "llama-1b" if moment == "mid-close" else "tiny-llama"
+        federation, tokens, spec = _session(client, api.url, "restart", devices, model=model)
         for i, device in enumerate(devices):
-            if i == 3:
-                os.killpg(redis_proc.pid, signal.SIGKILL)  # mid-ingest: three sent, being ingested
+            if i == 3 and moment == "mid-ingest":
+                os.killpg(redis_proc.pid, signal.SIGKILL)  # three sent, being ingested
                 redis_proc.wait()
                 redis_proc = start_redis()
             device_client = DeviceClient(tokens[device], "restart", api.url)
             plan = _eventually(lambda: _try(device_client.check_in), what="check-in after the restart")
-            device_client.send(plan, encode_update(random_deltas(spec, np.random.default_rng(i), 0.01)), num_samples=5)
+            device_client.send(plan, encode_update(random_deltas(spec, np.random.default_rng(i), 0.001)), num_samples=5)
+        if moment == "mid-close":
+            end = time.monotonic() + 60
+            while client.hget("ft:fed:restart:round:1", "status") != b"closing":
+                assert time.monotonic() < end, "the close never began"
+                time.sleep(0.001)
+            os.killpg(redis_proc.pid, signal.SIGKILL)  # the close is aggregating
+            redis_proc.wait()
+            redis_proc = start_redis()
 
         def settled():
             nonlocal restarts
