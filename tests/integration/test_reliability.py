@@ -122,33 +122,43 @@ def test_of_two_beats_one_leads_and_the_standby_takes_over_when_it_dies(redis_ur
         worker.stop()
 
 
-def test_updates_submitted_during_an_s3_outage_past_the_retry_budget_are_redriven_and_counted_once(
-        redis_url, workdir):
-    weed = services.Weed(workdir, name="weed-outage")
-    env = services.service_env(redis_url.rsplit("/", 1)[0] + "/11", weed.endpoint, bucket="fleettune-outage",
-                               FLEETTUNE_REDRIVE_AFTER="2", FLEETTUNE_MAX_RETRIES="2", FLEETTUNE_RETRY_BACKOFF_MAX="1")
+@pytest.mark.parametrize("budget", ["within", "past"])
+def test_updates_submitted_during_an_s3_outage_are_retried_or_redriven_and_counted_once(budget, redis_url, workdir):
+    """Within the retry budget (8 s down; 10 retries backing off to 8 s, no re-drive) the retries
+    carry the updates through; past it (2 retries, 1 s) they are dead-lettered and re-driven."""
+    weed = services.Weed(workdir, name=f"weed-outage-{budget}")
+    retries = {"within": {"FLEETTUNE_MAX_RETRIES": "10", "FLEETTUNE_RETRY_BACKOFF_MAX": "8",
+                          "FLEETTUNE_REDRIVE_AFTER": "600"},
+               "past": {"FLEETTUNE_MAX_RETRIES": "2", "FLEETTUNE_RETRY_BACKOFF_MAX": "1",
+                        "FLEETTUNE_REDRIVE_AFTER": "2"}}[budget]
+    env = services.service_env(redis_url.rsplit("/", 1)[0] + ("/11" if budget == "past" else "/13"), weed.endpoint,
+                               bucket=f"fleettune-outage-{budget}", **retries)
     client = redis.Redis.from_url(env["FLEETTUNE_REDIS_URL"])
     api = services.Api(env, workdir)
-    worker = services.Worker("outage", env, workdir, beat=True, via_cli=True)
+    worker = services.Worker(f"outage-{budget}", env, workdir, beat=True, via_cli=True)
     try:
         federation, tokens, spec = _session(client, api.url, "outage", ["a", "b", "c"])
         plans = {}
         for i, (device, token) in enumerate(tokens.items()):
-            plans[device] = DeviceClient(token, "outage", api.url)
-            plan = plans[device].check_in()
+            device_client = DeviceClient(token, "outage", api.url)
+            plan = device_client.check_in()
             blob = encode_update(random_deltas(spec, np.random.default_rng(i), 0.01))
-            plans[device] = (plans[device], plan, plans[device].upload(plan, blob))
+            plans[device] = (device_client, plan, device_client.upload(plan, blob))
         weed.kill()  # S3 goes away after the uploads, before the submissions
-        for device, (device_client, plan, sha256) in plans.items():
+        for device_client, plan, sha256 in plans.values():
             device_client.submit(plan, sha256, num_samples=5)  # the gateway does not need S3 to take them
-        _eventually(lambda: int(client.hget("ft:stats", "retries_exhausted") or 0) >= 3, timeout=60,
-                    what="ingests to give up")
+        if budget == "past":
+            _eventually(lambda: int(client.hget("ft:stats", "retries_exhausted") or 0) >= 3, timeout=60,
+                        what="ingests to give up")
+        else:
+            time.sleep(8)
         assert federation.round(1)["status"] == "open" and federation.round(1)["accepted"] == 0
         weed.start()
         done = _eventually(lambda: federation.round(1)["status"] == "closed" and federation.round(1), timeout=90,
                            what="the round to close after S3 returned")
         assert done["contributors"] == ["a", "b", "c"]
-        assert int(client.hget("ft:stats", "redriven")) >= 3
+        exhausted = int(client.hget("ft:stats", "retries_exhausted") or 0)
+        assert exhausted == 0 if budget == "within" else int(client.hget("ft:stats", "redriven")) >= 3
         assert {k.decode(): int(v) for k, v in client.hgetall("ft:fed:outage:stats").items()} == \
             {"received": 3, "accepted": 3}
     finally:
