@@ -1,4 +1,8 @@
-"""The device side of the protocol: upload the update object, then enqueue its claim check."""
+"""Encoding an update, and the server-side way in: put the object, then enqueue its claim check.
+
+Devices go through the gateway (`fleettune.DeviceClient`) and hold no credentials for this;
+`submit_update` is for processes that hold the server's credentials (tests, benchmarks, tools).
+"""
 
 from __future__ import annotations
 
