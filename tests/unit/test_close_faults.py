@@ -56,17 +56,22 @@ class _Crash(Exception):
     pass
 
 
-def test_a_close_that_dies_before_settling_is_resumed_by_its_redelivery_without_rewriting(world, monkeypatch):
-    state, store, coordinator, _, clock = world
+def _close_dies_before_settling(world, monkeypatch) -> None:
+    """Three updates in; task-1's close publishes, then dies before it settles the round."""
+    state, _, coordinator, _, _ = world
     for i, device in enumerate("abc"):
         _send(world, device, i)
-    real = state.settle_round
     monkeypatch.setattr(state, "settle_round", lambda *a, **k: (_ for _ in ()).throw(_Crash()))
     with pytest.raises(_Crash):
         coordinator.close("f", 1, owner="task-1")
+    monkeypatch.undo()
+
+
+def test_a_close_that_dies_before_settling_is_resumed_by_its_redelivery_without_rewriting(world, monkeypatch):
+    state, store, coordinator, _, clock = world
+    _close_dies_before_settling(world, monkeypatch)
     assert state.round_info("f", 1).status == "closing"  # published, but not yet closed
     versions.add_evaluation(store, "f", 1, {"heldout_mean": 9.0})  # what a fast evaluation wrote meanwhile
-    monkeypatch.setattr(state, "settle_round", real)
 
     assert coordinator.close("f", 1, owner="task-2").decision == "busy"  # the lease is task-1's
     result = coordinator.close("f", 1, owner="task-1")  # its redelivery resumes at once
@@ -170,13 +175,7 @@ def test_retention_deletes_a_rounds_updates_and_sets_but_never_a_version(world):
 
 def test_a_guard_acting_between_a_close_and_its_redo_does_not_change_the_version(world, monkeypatch):
     state, store, coordinator, _, _ = world
-    for i, device in enumerate("abc"):
-        _send(world, device, i)
-    real = state.settle_round
-    monkeypatch.setattr(state, "settle_round", lambda *a, **k: (_ for _ in ()).throw(_Crash()))
-    with pytest.raises(_Crash):
-        coordinator.close("f", 1, owner="task-1")
-    monkeypatch.setattr(state, "settle_round", real)
+    _close_dies_before_settling(world, monkeypatch)
     state.r.hset(keys.fed_state("f"), "server_lr", "0.25")  # a slow evaluation of v0's guard lands now
     assert coordinator.close("f", 1, owner="task-1").decision == CLOSED  # same bytes: no conflict
     assert versions.manifest(store, "f", 1)["server_lr"] == 1.0  # the rate snapshotted when it began
