@@ -195,9 +195,11 @@ class RoundMachine(StateBase):
     def rounds_needing_a_close(self, now: float) -> list[tuple[str, int]]:
         """(federation, round) of every round a close task should look at now.
 
-        An open round past its deadline; a closing round whose close lease expired (its worker
-        died, or its retries ran out); and an ended current round of an active federation, whose
-        next round was never opened (a close that died between its steps).
+        An open round past its deadline, or whose every selected device has reported (the close
+        its last ingest asked for may have been lost with a killed worker); a closing round whose
+        close lease expired (its worker died, or its retries ran out); and an ended current round
+        of an active federation, whose next round was never opened (a close that died between its
+        steps).
         """
         found = []
         for fed in self.federations():
@@ -209,7 +211,9 @@ class RoundMachine(StateBase):
             h = self.r.hget(keys.round_info(fed, round_no), "lease_until")
             stuck = info.status == "closing" and float(h or 0) < now
             unopened = info.status in ("closed", "failed") and status.get("status") == "active"
-            if (info.status == "open" and now >= info.deadline) or stuck or unopened:
+            ready = info.status == "open" and (
+                now >= info.deadline or 0 < info.cohort_size <= self.reported_count(fed, round_no))
+            if ready or stuck or unopened:
                 found.append((fed, round_no))
         return found
 

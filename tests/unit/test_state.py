@@ -80,6 +80,9 @@ def test_federation_names_are_unique_and_device_ids_checked(state):
 def test_the_sweep_finds_rounds_past_their_deadline_stuck_closes_and_missing_next_rounds(state):
     assert state.rounds_needing_a_close(now=105.0) == []
     assert state.rounds_needing_a_close(now=110.0) == [("fed", 1)]  # open past its deadline
+    for digest, device in (("r1", "a"), ("r2", "b"), ("r3", "c")):
+        state.accept(digest, "fed", 1, _record(device))
+    assert state.rounds_needing_a_close(now=105.0) == [("fed", 1)]  # everyone reported: its close was lost
     assert state.begin_close("fed", 1, lambda *a: CLOSING, "w1", now=105.0, lease_s=10)[0] == CLOSING
     assert state.rounds_needing_a_close(now=110.0) == []  # its close holds a live lease
     assert state.rounds_needing_a_close(now=116.0) == [("fed", 1)]  # the lease expired: its worker died
