@@ -34,7 +34,7 @@ from tests.reference import next_global, random_deltas
 
 pytestmark = pytest.mark.services
 DEVICES = [f"c{i}" for i in range(8)]
-MIN_ROUNDS, MAX_ROUNDS, MIN_KILLS = 4, 12, 20  # rounds go on until at least MIN_KILLS kills happened
+MIN_ROUNDS, MAX_ROUNDS, MIN_KILLS = 4, 24, 20  # rounds go on until at least MIN_KILLS kills happened
 CLOSE_BOUND_S = 90
 
 
