@@ -7,7 +7,8 @@ Starts its own redis-server (S3 is not on the submit path) and one `fleettune ap
   - latency, one request at a time: p50 of a direct Celery enqueue to Redis (what devices did
     before the gateway) and of POST /updates through a real HTTP client; the difference is what
     the gateway adds;
-  - throughput of one API process under `--concurrency` concurrent clients (httpx, async).
+  - throughput of one API process under `--concurrency` concurrent clients (aiohttp), and the API
+    process's CPU time per submit (from /proc), which shows whether the API or the client is the limit.
 Goals (issue 7): >= 500 submits/s per API process, <= 2 ms added to p50.
 """
 
@@ -16,12 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,24 +43,37 @@ def body(i: int) -> dict:
             "train_seconds": 1.0, "metrics": {"loss": 2.0}}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def p50_ms(samples: list[float]) -> float:
     return 1000 * statistics.median(samples)
 
 
 async def flood(url: str, tokens: list[str], fed: str, total: int, concurrency: int) -> float:
-    """Submits per second with `concurrency` requests in flight, each device submitting its own."""
+    """Submits per second with `concurrency` requests in flight, each device submitting its own.
+
+    aiohttp's client: on these 2 cores the load generator shares the machine with the API
+    process, and httpx's async client spent more CPU per request than the API it measured.
+    """
     counter = iter(range(total))
     errors = 0
+    headers = [{"Authorization": f"Bearer {token}"} for token in tokens]
 
-    async def worker(http: httpx.AsyncClient) -> None:
+    async def worker(http: aiohttp.ClientSession) -> None:
         nonlocal errors
         for i in counter:
-            response = await http.post(f"/api/v1/federations/{fed}/updates", json=body(10**6 + i),
-                                       headers={"Authorization": f"Bearer {tokens[i % len(tokens)]}"})
-            errors += response.status_code != 202
+            async with http.post(f"/api/v1/federations/{fed}/updates", json=body(10**6 + i),
+                                 headers=headers[i % len(headers)]) as response:
+                await response.read()
+                errors += response.status != 202
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(url, connector=connector) as http:
         started = time.perf_counter()
         await asyncio.gather(*(worker(http) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
@@ -105,7 +121,10 @@ def main() -> None:
                     gateway.append(time.perf_counter() - started)
                     assert response.status_code == 202, response.text
 
+            cpu0, wall0 = cpu_seconds(api.proc.pid), time.perf_counter()
             rate = asyncio.run(flood(api.url, tokens, "bench", args.submits, args.concurrency))
+            api_cpu = (cpu_seconds(api.proc.pid) - cpu0) / args.submits
+            api_busy = (cpu_seconds(api.proc.pid) - cpu0) / (time.perf_counter() - wall0)
         finally:
             api.stop()
     added = p50_ms(gateway) - p50_ms(direct)
@@ -113,6 +132,8 @@ def main() -> None:
           f"-> added {added:.3f} ms (goal <= 2)")
     print(f"throughput of one API process, {args.concurrency} concurrent clients: {rate:.0f} submits/s "
           f"(goal >= 500): {rate / 500:.2f}x the goal")
+    print(f"API process CPU per submit {1000 * api_cpu:.2f} ms, busy {100 * api_busy:.0f}% of one core "
+          f"during the flood")
 
 
 if __name__ == "__main__":
