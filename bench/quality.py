@@ -30,38 +30,62 @@ from shared.device import memory, models, trainer  # noqa: E402
 from shared.device.fleet import FleetSpec, build_fleet, pooled  # noqa: E402
 from shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy  # noqa: E402
 from shared.settings import Settings  # noqa: E402
+from shared.strategies.config import ADAPTIVE_SERVER_LR, AggregationConfig  # noqa: E402
 
 ROUNDS, DEVICES, CHARS = 5, 8, 24_000
 
 
-def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, source: str) -> FederationConfig:
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One federated configuration to measure: the aggregation preset and how rounds are cut."""
+
+    algorithm: str = "fedavg"
+    rounds: int = ROUNDS
+    max_steps: int = 0  # steps per device per round; 0: one local epoch
+    server_lr: float | None = None  # None: the preset's default
+    proximal_mu: float = 0.0
+    overrides: tuple[tuple[str, object], ...] = ()  # AggregationConfig fields
+
+    def aggregation(self) -> AggregationConfig:
+        return AggregationConfig.preset(self.algorithm, **dict(self.overrides))
+
+
+def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, source: str,
+            recipe: Recipe = Recipe()) -> FederationConfig:
+    agg = recipe.aggregation()
+    server_lr = recipe.server_lr or (ADAPTIVE_SERVER_LR if agg.adaptive else 1.0)
     return FederationConfig(
         name=name, model=dims, adapter=adapter, base_model=source,
-        policy=RoundPolicy(min_updates=DEVICES, max_rounds=ROUNDS, max_grad_norm=5.0, timeout_seconds=900),
-        training=TrainingStrategy(learning_rate=lr, batch_size=8, seq_len=128),
-        evaluation=EvaluationConfig(base_model=source),
+        policy=RoundPolicy(min_updates=DEVICES, max_rounds=recipe.rounds, max_grad_norm=5.0, timeout_seconds=900,
+                           server_lr=server_lr),
+        training=TrainingStrategy(learning_rate=lr, batch_size=8, seq_len=128, max_steps=recipe.max_steps,
+                                  proximal_mu=recipe.proximal_mu),
+        evaluation=EvaluationConfig(base_model=source, forgetting_threshold=100.0),
+        aggregation=agg,
     )
 
 
-def federated(source: str, adapter: AdapterConfig, lr: float) -> dict:
-    """ROUNDS rounds of DEVICES non-IID devices through the real tasks; returns the last evaluation."""
+def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = Recipe()) -> dict:
+    """recipe.rounds rounds of DEVICES non-IID devices through the real tasks; returns the last evaluation."""
     from workers.experiment import embedded, enroll, gateway, run_rounds
 
     tokenizer, base = models.load_tokenizer(source), models.load_model(source)
-    config = _config(f"bench-{adapter.kind}-{int(time.time())}", ModelDims.from_hf_config(base.config), adapter, lr, source)
+    config = _config(f"bench-{adapter.kind}-{int(time.time())}", ModelDims.from_hf_config(base.config), adapter, lr,
+                     source, recipe)
     model = trainer.peft_model(base, config.adapter)
     fleet = [d for d, _ in build_fleet(FleetSpec.spread(DEVICES, CHARS), config, model, tokenizer)]
     with embedded(Settings(), Path(tempfile.mkdtemp(prefix="ft-bench-"))) as (app, runtime, _), \
             gateway(app, runtime) as (url, admin_key):
         runtime.state.create(config, status="idle")
         clients = enroll(url, admin_key, config.name, fleet)
-        runtime.coordinator.begin_training(config.name, ROUNDS)
+        runtime.coordinator.begin_training(config.name, recipe.rounds)
         base_eval = runtime.evaluator(config).base
-        rows = list(run_rounds(app, runtime, config, fleet, clients, ROUNDS, progress=False))
+        rows = list(run_rounds(app, runtime, config, fleet, clients, recipe.rounds, progress=False))
         final = runtime.state.evaluation(config.name, rows[-1].round if rows else 0)
     train = sum(r.train_seconds for r in rows) / len(rows)
     send = sum(r.send_seconds for r in rows) / len(rows)
-    steps = sum(max(1, -(-len(d.data) // config.training.batch_size)) for d in fleet) * len(rows)
+    per_round = [max(1, -(-len(d.data) // config.training.batch_size)) for d in fleet]
+    steps = sum(min(n, recipe.max_steps or n) for n in per_round) * len(rows)
     return {"base": base_eval, "final": final, "rounds": [r.heldout_ppl for r in rows], "steps": steps,
             "train_s_per_device_round": train, "send_s_per_device_round": send, "fleet": fleet,
             "model": model, "config": config, "tokenizer": tokenizer}
@@ -86,16 +110,28 @@ def _initial(config: FederationConfig) -> dict:
 
 
 def fed_vs_central(args) -> None:
-    run = federated(args.model, AdapterConfig(rank=8, alpha=16), lr=args.lr)
+    recipe = Recipe(args.algorithm, args.rounds, args.max_steps, args.server_lr, args.mu,
+                    tuple((k, _number(v)) for k, v in (o.split("=", 1) for o in args.set)))
+    run = federated(args.model, AdapterConfig(rank=8, alpha=16), lr=args.lr, recipe=recipe)
     central = centralized(run)
     fed = run["final"]["heldout_mean"]
-    print(f"model {args.model}; {DEVICES} devices over {len(corpora.DOMAINS)} domains, {ROUNDS} rounds, "
-          f"{run['steps']} device steps in all")
+    print(f"model {args.model}; {DEVICES} devices over {len(corpora.DOMAINS)} domains, {recipe.rounds} rounds, "
+          f"{run['steps']} device steps in all; {recipe}")
     print(f"base held-out perplexity        {run['base']['heldout_mean']:.2f}")
     print(f"federated LoRA, per round       {', '.join(f'{p:.2f}' for p in run['rounds'])}")
     print(f"centralized LoRA, same steps    {central:.2f}")
     print(f"ratio federated / centralized = {fed / central:.3f} (goal within 5%: <= 1.05)")
     _overhead(run)
+
+
+def _number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
 
 
 def prompt(args) -> None:
@@ -178,6 +214,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--quantize", action="store_true")
+    parser.add_argument("--algorithm", default="fedavg", help="an aggregation preset (AggregationConfig.preset)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--max-steps", type=int, default=0, help="steps per device per round (0: one epoch)")
+    parser.add_argument("--server-lr", type=float, default=None)
+    parser.add_argument("--mu", type=float, default=0.0, help="FedProx proximal mu")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="an AggregationConfig field, e.g. --set lora=ffa")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "child":

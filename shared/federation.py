@@ -11,6 +11,7 @@ from typing import Literal
 from shared import corpora, keys
 from shared.adapter_spec import AdapterConfig, AdapterSpec, ModelDims, build_spec
 from shared.errors import ConfigError
+from shared.strategies.config import AggregationConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +52,13 @@ class TrainingStrategy:
     weight_decay: float = 0.0
     batch_size: int = 8
     seq_len: int = 128
-    max_steps: int = 0  # 0: no cap; otherwise at most this many steps per round
+    max_steps: int = 0  # 0: no cap; otherwise at most this many steps per round (shorter rounds)
+    proximal_mu: float = 0.0  # FedProx: the device adds mu/2 * ||w - w_global||^2 to its loss
 
     def __post_init__(self) -> None:
         if not (self.learning_rate > 0 and self.local_epochs >= 1 and self.batch_size >= 1
-                and self.seq_len >= 8 and self.max_grad_norm > 0 and self.weight_decay >= 0):
+                and self.seq_len >= 8 and self.max_grad_norm > 0 and self.weight_decay >= 0
+                and self.proximal_mu >= 0):
             raise ValueError(f"invalid training strategy: {self}")
 
 
@@ -121,15 +124,27 @@ class FederationConfig:
     device_filter: DeviceFilter = DeviceFilter()
     evaluation: EvaluationConfig | None = None  # None: versions are published without evaluation
     revision: int = 0  # bumped by every change through the API; each round records the one it runs
-
+    aggregation: AggregationConfig = AggregationConfig()
 
     def __post_init__(self) -> None:
         if not keys.valid_id(self.name):
             raise ConfigError(f"federation name {self.name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}")
+        if self.aggregation.dp and self.policy.max_grad_norm is None:
+            raise ConfigError("DP needs a clip bound: set max_grad_norm (max_update_norm in the API)")
+        if self.aggregation.lora != "naive" and self.adapter.kind == "prompt_tuning":
+            raise ConfigError(f"lora {self.aggregation.lora!r} needs a LoRA adapter, not prompt tuning")
 
     @functools.cached_property
     def spec(self) -> AdapterSpec:
         return build_spec(self.model, self.adapter, self.base_model)
+
+    @functools.cached_property
+    def update_tensors(self) -> dict[str, tuple[int, ...]]:
+        """The tensors an update carries: all of the adapter's, or under FFA-LoRA only the B factors
+        (A stays frozen at the server's seeded initialisation, so it never travels)."""
+        if self.aggregation.lora == "ffa":
+            return {k: s for k, s in self.spec.tensors.items() if not k.endswith("lora_A.weight")}
+        return self.spec.tensors
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -147,6 +162,7 @@ class FederationConfig:
             evaluation=EvaluationConfig(**dict(evaluation, domains=tuple(evaluation["domains"])))
             if evaluation else None,
             revision=raw.get("revision", 0),
+            aggregation=AggregationConfig(**raw.get("aggregation", {})),
         )
 
     def revised(self, **changes) -> FederationConfig:

@@ -102,7 +102,7 @@ class Ingestor:
             raise Rejected(RejectReason.OBJECT_MISSING, env.object_key) from None
         if hashlib.sha256(blob).hexdigest() != env.sha256:
             raise Rejected(RejectReason.SHA256_MISMATCH, "object bytes do not match the envelope")
-        tensors = parse(blob, config.spec.tensors, self.settings.max_header_bytes)
+        tensors = parse(blob, config.update_tensors, self.settings.max_header_bytes)
         norm = update_norm(tensors)
         try:
             scale = clip_scale(norm, policy.max_grad_norm)

@@ -108,6 +108,11 @@ def fed_stats(fed: str) -> str:
     return f"{PREFIX}:fed:{fed}:stats"
 
 
+def fed_secret(fed: str) -> str:
+    """32 random bytes only the server knows: seeds DP noise and cohort sampling (never sent out)."""
+    return f"{PREFIX}:fed:{fed}:secret"
+
+
 def round_info(fed: str, round_no: int) -> str:
     return f"{PREFIX}:fed:{fed}:round:{round_no}"
 

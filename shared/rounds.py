@@ -11,7 +11,7 @@ from typing import Any
 
 from shared import versions
 from shared.adapter_spec import initial_weights
-from shared.aggregation import StreamingFedAvg, apply_update, update_norm
+from shared.aggregation import update_norm
 from shared.evaluation import guard
 from shared.errors import ObjectNotFound, Rejected, StateError
 from shared.federation import DeviceProfile, FederationConfig
@@ -19,6 +19,9 @@ from shared.safetensors_reader import parse
 from shared.settings import Settings
 from shared.state import FederationState, RoundInfo
 from shared.storage import ObjectStore
+from shared.strategies import privacy
+from shared.strategies.combine import RoundAggregator
+from shared.strategies.robust import capped_weights
 
 # decide(): what an open round should do now
 WAIT, CLOSING, FAILED = "wait", "closing", "failed"
@@ -26,6 +29,7 @@ WAIT, CLOSING, FAILED = "wait", "closing", "failed"
 # close holding the round's lease (busy); or found it ended earlier (settled, after any repair)
 CLOSED, BUSY, SETTLED = "closed", "busy", "settled"
 UNREADABLE = "quorum_unreadable"  # accepted updates vanished or changed below the quorum
+PRIVACY_BUDGET = "privacy_budget_exhausted"  # why a DP federation completed early
 LEASE_MARGIN_S = 30  # a close's lease: the task time limit plus this
 
 
@@ -147,11 +151,13 @@ class RoundCoordinator:
         if manifest is None:  # fewer readable, verified updates than the quorum: publish nothing
             return CloseResult(FAILED, None, self._advance(config, info, None, failure=UNREADABLE), info=info,
                                updates=updates, reason=UNREADABLE)
-        nxt = self._advance(config, info, version, evaluate=config.evaluation is not None)
+        exhausted = (manifest.get("dp") or {}).get("budget_exhausted", False)
+        nxt = self._advance(config, info, version, evaluate=config.evaluation is not None,
+                            complete=PRIVACY_BUDGET if exhausted else None)
         return CloseResult(CLOSED, version, nxt, manifest, info=info, updates=updates, aggregation_seconds=seconds)
 
     def _advance(self, config: FederationConfig, info: RoundInfo, version: int | None, failure: str | None = None,
-                 evaluate: bool = False) -> RoundInfo | None:
+                 evaluate: bool = False, complete: str | None = None) -> RoundInfo | None:
         """Settle the round and open the next one (or complete the federation), atomically."""
         fed = config.name
         status = self.state.status(fed)
@@ -163,12 +169,15 @@ class RoundCoordinator:
             base = self._prepare_shape(current, pending, base)
         return self.state.settle_round(fed, info.round, self.clock(), base,
                                        (pending or current).policy.timeout_seconds, version=version,
-                                       failure=failure, pending=pending, evaluate=evaluate)
+                                       failure=failure, pending=pending, evaluate=evaluate, complete=complete)
 
     def _aggregate_and_publish(self, config: FederationConfig, info: RoundInfo, version: int) -> dict | None:
-        spec, policy = config.spec, config.policy
+        spec, policy, agg = config.spec, config.policy, config.aggregation
         records = self.state.updates(config.name, info.round)
-        avg = StreamingFedAvg(spec.tensors)
+        weights = dict(zip(records, capped_weights([r.num_samples for r in records.values()], agg.max_weight_ratio)))
+        base = versions.load_weights(self.store, config.name, info.base_version, spec,
+                                     self.settings.max_update_bytes, self.settings.max_header_bytes)
+        combiner = RoundAggregator(agg, base, config.update_tensors, config.adapter.rank)
         contributors, excluded = [], {}
         for device, rec in records.items():  # sorted: the same order, so the same bytes, on a redo
             try:
@@ -180,33 +189,52 @@ class RoundCoordinator:
                 # replaced after it was accepted: leave it out rather than trust unchecked bytes
                 excluded[device] = "sha256_mismatch"
                 continue
-            avg.add(parse(blob, spec.tensors, self.settings.max_header_bytes), rec.num_samples, rec.clip_scale)
+            combiner.add(parse(blob, config.update_tensors, self.settings.max_header_bytes), weights[device],
+                         rec.clip_scale)
             contributors.append(device)
-        if avg.count < policy.min_updates:
+        if combiner.count < policy.min_updates:
             return None  # quorum counts updates that can still be read and verified, not acceptances
 
-        base = versions.load_weights(self.store, config.name, info.base_version, spec,
-                                     self.settings.max_update_bytes, self.settings.max_header_bytes)
-        mean = avg.mean()
         server_lr = info.server_lr or policy.server_lr  # as the guard had set it when the close began
-        weights = apply_update(base, mean, server_lr)
+        state = versions.load_optimizer_state(self.store, config.name, info.base_version,
+                                              self.settings.max_update_bytes) if agg.optimizer != "sgd" else {}
+        privacy_fields = self._privacy(config, info) if agg.dp else None
+        result = combiner.finish(server_lr, state, policy.max_grad_norm,
+                                 privacy.noise_seed(self.state.secret(config.name), info.round) if agg.dp else 0)
         kept = [records[d] for d in contributors]
         manifest = {
             "round": info.round, "parent_version": info.base_version, "contributors": contributors,
-            "excluded": excluded, "total_samples": int(avg.total_weight),
+            "excluded": excluded, "total_samples": sum(r.num_samples for r in kept),
+            "total_weight": combiner.total_weight, "aggregation": result.fields,
             "update_norms": {
                 "pre_clip_mean": sum(r.norm for r in kept) / len(kept),
                 "pre_clip_max": max(r.norm for r in kept),
                 "post_clip_mean": sum(r.norm * r.clip_scale for r in kept) / len(kept),
                 "clipped": sum(1 for r in kept if r.clip_scale < 1.0),
             },
-            "mean_delta_norm": update_norm(mean), "global_norm": update_norm(weights),
+            "mean_delta_norm": result.mean_delta_norm, "global_norm": update_norm(result.weights),
             "server_lr": server_lr, "max_grad_norm": policy.max_grad_norm, "config_revision": config.revision,
             "train_seconds_mean": sum(r.train_seconds for r in kept) / len(kept),
             # no wall-clock time in here: a redone close must write byte-identical files
             "last_update_at": max(r.accepted_at for r in kept),
         }
-        return versions.publish(self.store, config.name, version, weights, spec, manifest)
+        if privacy_fields is not None:
+            manifest["dp"] = privacy_fields
+        return versions.publish(self.store, config.name, version, result.weights, spec, manifest,
+                                result.optimizer_state)
+
+    def _privacy(self, config: FederationConfig, info: RoundInfo) -> dict:
+        """This release's DP accounting: ε of one round and of every DP release so far, this one included."""
+        agg = config.aggregation
+        parent = versions.manifest(self.store, config.name, info.base_version).get("dp") or {}
+        releases = int(parent.get("releases", 0)) + 1
+        z, q, delta = agg.dp_noise_multiplier, agg.dp_sampling_rate, agg.dp_delta
+        return {"noise_multiplier": z, "sampling_rate": q, "delta": delta, "clip": config.policy.max_grad_norm,
+                "releases": releases, "epsilon_round": privacy.epsilon(z, q, 1, delta),
+                "epsilon": privacy.epsilon(z, q, releases, delta), "max_epsilon": agg.dp_max_epsilon,
+                # completes the federation now when one more release would pass the budget
+                "budget_exhausted": agg.dp_max_epsilon is not None
+                and privacy.epsilon(z, q, releases + 1, delta) > agg.dp_max_epsilon}
 
     def evaluate(self, fed: str, version: int, evaluator_for: Callable[[FederationConfig], Any]) -> dict:
         """Evaluate a published version, record it (Redis and its manifest), and apply the forgetting guard.
@@ -230,7 +258,8 @@ class RoundCoordinator:
                     result["guard"] = f"v{version}: general perplexity ratio {ratio:.3f} > {limit}: federation halted"
                 else:
                     current = self.state.server_lr(fed, config.policy.server_lr)
-                    lr = max(current * config.evaluation.lr_factor, config.evaluation.min_server_lr)
+                    # lowered to the floor at most; a rate already below it (FedAdam's 1e-2) is held
+                    lr = min(current, max(current * config.evaluation.lr_factor, config.evaluation.min_server_lr))
                     result["guard"] = (f"v{version}: general perplexity ratio {ratio:.3f} > {limit}: server_lr "
                                        f"{'lowered to' if lr < current else 'held at its floor'} {lr:g}")
             self.state.record_evaluation(fed, version, result, (action, result["guard"]) if action else None, lr)

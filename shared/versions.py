@@ -19,6 +19,7 @@ from shared.storage import ObjectStore
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 MANIFEST_FILE = "manifest.json"
+OPTIMIZER_FILE = "server_optimizer.safetensors"  # a stateful server optimizer's state after this version
 
 
 def encode_weights(weights: Mapping[str, torch.Tensor]) -> bytes:
@@ -26,7 +27,8 @@ def encode_weights(weights: Mapping[str, torch.Tensor]) -> bytes:
 
 
 def publish(store: ObjectStore, fed: str, version: int, weights: Mapping[str, torch.Tensor],
-            spec: AdapterSpec, fields: dict[str, Any]) -> dict[str, Any]:
+            spec: AdapterSpec, fields: dict[str, Any], optimizer_state: Mapping[str, torch.Tensor] | None = None,
+            ) -> dict[str, Any]:
     """Write version `version` and then point `current.json` at it; returns the manifest written.
 
     The content is a pure function of its inputs, so a redone close computes identical bytes and
@@ -37,6 +39,9 @@ def publish(store: ObjectStore, fed: str, version: int, weights: Mapping[str, to
     prefix = keys.version_prefix(fed, version)
     sha256 = hashlib.sha256(blob).hexdigest()
     written = dict(fields, federation=fed, version=version, adapter_sha256=sha256, num_parameters=spec.num_parameters)
+    state_blob = encode_weights(optimizer_state) if optimizer_state else None
+    if state_blob is not None:
+        written["server_optimizer_sha256"] = hashlib.sha256(state_blob).hexdigest()
     try:  # conditional: a version number is never written twice with different bytes
         existing = manifest(store, fed, version)
     except ObjectNotFound:
@@ -46,6 +51,8 @@ def publish(store: ObjectStore, fed: str, version: int, weights: Mapping[str, to
     if existing is None:
         store.put(f"{prefix}/{ADAPTER_FILE}", blob)
         store.put(f"{prefix}/{CONFIG_FILE}", _json(spec.peft_config), "application/json")
+        if state_blob is not None:
+            store.put(f"{prefix}/{OPTIMIZER_FILE}", state_blob)
         store.put(f"{prefix}/{MANIFEST_FILE}", _json(written), "application/json")  # last: the version is whole
     try:
         newest = current_version(store, fed)
@@ -66,6 +73,20 @@ def load_weights(store: ObjectStore, fed: str, version: int, spec: AdapterSpec,
                  max_bytes: int, max_header_bytes: int) -> dict[str, torch.Tensor]:
     blob = store.get(f"{keys.version_prefix(fed, version)}/{ADAPTER_FILE}", max_bytes)
     return parse(blob, spec.tensors, max_header_bytes)
+
+
+def load_optimizer_state(store: ObjectStore, fed: str, version: int, max_bytes: int) -> dict[str, torch.Tensor]:
+    """The server optimizer's state as of `version`; empty for a version that has none (v0, or
+    a stateless optimizer), which starts the optimizer afresh."""
+    expected = manifest(store, fed, version).get("server_optimizer_sha256")
+    if expected is None:
+        return {}
+    from safetensors.torch import load
+
+    blob = store.get(f"{keys.version_prefix(fed, version)}/{OPTIMIZER_FILE}", max_bytes)
+    if hashlib.sha256(blob).hexdigest() != expected:
+        raise StateError(f"{fed} version {version}: the server optimizer state does not match its manifest")
+    return load(blob)
 
 
 def manifest(store: ObjectStore, fed: str, version: int) -> dict[str, Any]:

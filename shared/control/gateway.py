@@ -104,6 +104,7 @@ class Gateway:
             "deadline": info.deadline, "base_version": info.base_version, "config_revision": info.config_rev,
             "adapter": dataclasses.asdict(round_config.adapter), "base_model": round_config.base_model,
             "training": dataclasses.asdict(round_config.training),
+            "lora_aggregation": round_config.aggregation.lora,
             "min_samples": round_config.policy.min_samples_per_client,
             "download": {name: self.presigner.get(f"{prefix}/{name}", get_until, base_url).as_dict()
                          for name in (versions.ADAPTER_FILE, versions.CONFIG_FILE)},

@@ -59,11 +59,15 @@ class Device:
         trainer.load_adapter_weights(self.model, global_weights)
         fetched = time.perf_counter()
 
-        result = trainer.train(self.model, self.data, self.strategy, seed=seed)
+        ffa = plan.get("lora_aggregation") == "ffa"  # FFA-LoRA: A stays frozen and is not sent
+        # the round's own training config: a change through the API reaches devices at the next round
+        strategy = TrainingStrategy(**plan["training"]) if "training" in plan else self.strategy
+        result = trainer.train(self.model, self.data, strategy, seed=seed, freeze_lora_a=ffa)
 
         sent = time.perf_counter()
         after = trainer.adapter_weights(self.model)
-        delta = {k: (after[k] - global_weights[k].float()).numpy() for k in spec.tensors}
+        delta = {k: (after[k] - global_weights[k].float()).numpy() for k in spec.tensors
+                 if not (ffa and k.endswith("lora_A.weight"))}
         receipt = gateway.send(plan, encode_update(delta), num_samples=result.samples,
                                train_seconds=result.seconds, metrics={"loss": result.loss, "steps": result.steps})
         done = time.perf_counter()

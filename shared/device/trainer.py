@@ -70,9 +70,25 @@ def blocks(token_ids: list[int], seq_len: int) -> torch.Tensor:
     return torch.tensor(token_ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int) -> TrainResult:
-    """Train the adapter's parameters in place: AdamW, gradient clipping, local_epochs over data."""
+def train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int, freeze_lora_a: bool = False) -> TrainResult:
+    """Train the adapter's parameters in place: AdamW, gradient clipping, local_epochs over data.
+
+    `freeze_lora_a`: FFA-LoRA, only the B factors train. `strategy.proximal_mu` > 0: FedProx, the
+    loss gets mu/2 * ||w - w_start||^2, which keeps a device near the global adapter it started from.
+    """
+    frozen = [p for n, p in model.named_parameters() if freeze_lora_a and "lora_A" in n and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return _train(model, data, strategy, seed)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if strategy.proximal_mu > 0 else None
     opt = torch.optim.AdamW(params, lr=strategy.learning_rate, weight_decay=strategy.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     model.train()
@@ -84,7 +100,10 @@ def train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int) -> T
                 break
             batch = data[order[i:i + strategy.batch_size]]
             loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
+            objective = loss
+            if anchor is not None:
+                objective = loss + strategy.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            objective.backward()
             torch.nn.utils.clip_grad_norm_(params, strategy.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Callable, Iterable
 
 import msgpack
@@ -142,6 +143,10 @@ class Registry(StateBase):
         raw = self.r.hget(keys.fed_state(fed), "server_lr")
         return float(raw) if raw is not None else default
 
+    def secret(self, fed: str) -> bytes:
+        """The federation's server-side secret, created on first use (the first writer wins)."""
+        self.r.set(keys.fed_secret(fed), secrets.token_bytes(32), nx=True)
+        return self.r.get(keys.fed_secret(fed))
 
     def heartbeat(self, who: str, now: float) -> None:
         """A process saying it is alive (beat on every sweep); exported for the no-heartbeat alert."""

@@ -71,12 +71,14 @@ class RoundMachine(StateBase):
 
     def settle_round(self, fed: str, round_no: int, now: float, next_base: int, timeout: float,
                      version: int | None = None, failure: str | None = None,
-                     pending: FederationConfig | None = None, evaluate: bool = False) -> RoundInfo | None:
+                     pending: FederationConfig | None = None, evaluate: bool = False,
+                     complete: str | None = None) -> RoundInfo | None:
         """End a round and open the next (or complete the federation) in one transaction.
 
         `version`: the round closed and published it; `failure`: the round failed for this reason.
         Neither: the round ended earlier and only the next round may be missing (a repair). Returns
         the round it opened, or None when there is none to open (opened already, completed, halted).
+        `complete`: complete the federation now, for this reason, instead of opening the next round.
         """
         info_key, state_key = keys.round_info(fed, round_no), keys.fed_state(fed)
 
@@ -101,8 +103,8 @@ class RoundMachine(StateBase):
                 pipe.hdel(info_key, "close_owner", "lease_until")
             if not opens:
                 return None
-            if round_no >= last_round:
-                pipe.hset(state_key, "status", "completed")
+            if round_no >= last_round or complete:
+                pipe.hset(state_key, mapping={"status": "completed", **({"reason": complete} if complete else {})})
                 return None
             return _write_open(pipe, fed, round_no + 1, next_base, now, timeout, cohort, current, pending)
 

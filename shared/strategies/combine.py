@@ -1,0 +1,114 @@
+"""One round's aggregation: accepted updates in, the next global adapter (and its state) out.
+
+`RoundAggregator` is fed the round's updates one at a time, each with its weight and clip scale;
+`finish` combines them under the federation's AggregationConfig and takes the server step. The
+close in `shared.rounds` does the I/O around it; nothing here touches Redis or the object store.
+
+Memory: the mean and the exact mean stream (one accumulator, or 2·cap factor columns per layer);
+the median and trimmed mean hold every update, up to `max_robust_updates`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from shared.aggregation import StreamingFedAvg, update_norm
+from shared.strategies import privacy, robust, server_optimizers
+from shared.strategies.config import AggregationConfig
+from shared.strategies.exact_lora import LowRankSum, lora_pairs
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+@dataclasses.dataclass
+class RoundResult:
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict[str, torch.Tensor]
+    mean_delta_norm: float
+    fields: dict[str, Any]  # for the version's manifest
+
+
+class RoundAggregator:
+    def __init__(self, agg: AggregationConfig, base: Tensors, update_shapes: Mapping[str, tuple[int, ...]],
+                 rank: int) -> None:
+        self.agg, self.base, self.shapes, self.rank = agg, base, dict(update_shapes), rank
+        self.count = 0
+        self.total_weight = 0.0
+        self._mean = StreamingFedAvg(self.shapes) if agg.rule == "mean" and agg.lora != "exact" else None
+        self._kept: list[dict[str, torch.Tensor]] = []
+        self._pairs = lora_pairs(self.shapes) if agg.lora == "exact" else {}
+        self._sums = {prefix: LowRankSum(self.shapes[b][0], self.shapes[a][1], agg.working_rank_factor * rank)
+                      for prefix, (b, a) in self._pairs.items()}
+        paired = self._paired = {k for pair in self._pairs.values() for k in pair}
+        others = {k: s for k, s in self.shapes.items() if k not in paired}
+        self._other = StreamingFedAvg(others) if agg.lora == "exact" and others else None  # plain mean
+
+    def add(self, update: Tensors, weight: float, clip_scale: float) -> None:
+        """One accepted update: its delta tensors, its (capped) weight and its clip factor."""
+        if self.agg.dp:
+            weight = 1.0  # DP-FedAvg: every clipped update counts the same, so C bounds each one
+        if self._mean is not None:
+            self._mean.add(update, weight, clip_scale)
+        elif self.agg.lora == "exact":
+            for prefix, (b, a) in self._pairs.items():
+                B = self.base[b].double() + clip_scale * update[b].double()
+                A = self.base[a].double() + clip_scale * update[a].double()
+                self._sums[prefix].add(B, A, weight)
+            if self._other is not None:
+                self._other.add({k: update[k] for k in self.shapes if k not in self._paired}, weight, clip_scale)
+        else:
+            if self.count >= self.agg.max_robust_updates:
+                raise ValueError(f"{self.agg.rule} holds every update: more than max_robust_updates "
+                                 f"({self.agg.max_robust_updates}) in one round")
+            self._kept.append({k: clip_scale * v.float() for k, v in update.items()})
+        self.count += 1
+        self.total_weight += weight
+
+    def finish(self, server_lr: float, state: Tensors, clip_bound: float | None = None, noise_seed: int = 0,
+               ) -> RoundResult:
+        if self.count == 0:
+            raise ValueError("aggregation of zero updates is undefined")
+        agg = self.agg
+        fields = {"algorithm": agg.algorithm, "lora": agg.lora, "rule": agg.rule, "optimizer": agg.optimizer}
+        if agg.lora == "exact":
+            weights, dropped, energy = self._exact(server_lr)
+            fields["truncation_energy_dropped"] = dropped / energy if energy > 0 else 0.0
+            delta = {k: weights[k] - self.base[k].float() for k in self.shapes}
+            return RoundResult(weights, {}, update_norm(delta), fields)
+        if agg.rule == "median":
+            delta = robust.coordinate_median(self._kept)
+        elif agg.rule == "trimmed_mean":
+            delta = robust.trimmed_mean(self._kept, agg.trim)
+        else:
+            delta = self._mean.mean()
+        if agg.dp:
+            if clip_bound is None:
+                raise ValueError("DP needs a clip bound (the round policy's max_grad_norm)")
+            std = agg.dp_noise_multiplier * clip_bound
+            total = {k: v * self.total_weight for k, v in delta.items()}
+            delta = {k: v / self.total_weight for k, v in privacy.add_noise(total, std, noise_seed).items()}
+            fields["dp_noise_std_on_sum"] = std
+        weights, new_state = server_optimizers.step(agg.optimizer, self.base, delta, state, server_lr,
+                                                    agg.beta1, agg.beta2, agg.tau)
+        return RoundResult(weights, new_state, update_norm(delta), fields)
+
+    def _exact(self, server_lr: float) -> tuple[dict[str, torch.Tensor], float, float]:
+        """(1 - η)·B_g A_g + η·Σ w_i B_i A_i / W per layer, re-factorised to the published rank."""
+        weights = {k: v.float().clone() for k, v in self.base.items()}
+        dropped = energy = 0.0
+        for prefix, (b, a) in self._pairs.items():
+            acc = self._sums[prefix]
+            acc.U *= server_lr / self.total_weight
+            if server_lr != 1.0:
+                acc.add(self.base[b].double(), self.base[a].double(), 1.0 - server_lr)
+            out = acc.factorise(self.rank)
+            weights[b], weights[a] = out.B.float().contiguous(), out.A.float().contiguous()
+            dropped, energy = dropped + out.dropped, energy + out.energy
+        if self._other is not None:
+            for k, v in self._other.mean().items():
+                weights[k] = (self.base[k].float() + server_lr * v).contiguous()
+        return weights, dropped, energy

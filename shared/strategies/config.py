@@ -1,0 +1,110 @@
+"""A federation's aggregation choices: which rules turn a round's updates into the next adapter.
+
+Four independent choices, each with its own validation:
+  - `lora`: how LoRA factors combine: `naive` (mean of A and of B), `exact` (FlexLoRA: the mean of
+    B·A, re-factorised), `ffa` (FFA-LoRA: A frozen from the server's seed, only B trains, travels
+    and is averaged, which is exact);
+  - `rule`: `mean` (weighted), `median` or `trimmed_mean` (coordinate-wise, unweighted);
+  - `optimizer`: the server step on the pseudo-gradient: `sgd` (FedAvg), `avgm`, `adam`, `yogi`,
+    `adagrad`; its learning rate is the round policy's `server_lr`;
+  - central DP: `dp_noise_multiplier` > 0 adds Gaussian noise to the clipped sum.
+
+The API's `"algorithm"` names a preset of these (ALGORITHMS); explicit fields override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from shared.errors import ConfigError
+from shared.strategies.server_optimizers import ADAPTIVE, OPTIMIZERS
+
+LORA_MODES = ("naive", "exact", "ffa")
+RULES = ("mean", "median", "trimmed_mean")
+
+# "algorithm" presets: the fields each sets. Adaptive optimizers default to the server learning
+# rate that works for LoRA in the literature (FedAdam η 1e-3..1e-2).
+ALGORITHMS: dict[str, dict[str, Any]] = {
+    "fedavg": {},
+    "fedavgm": {"optimizer": "avgm"},
+    "fedadam": {"optimizer": "adam"},
+    "fedyogi": {"optimizer": "yogi"},
+    "fedadagrad": {"optimizer": "adagrad"},
+    "fedprox": {},  # FedAvg on the server; the device adds the proximal term (TrainingStrategy.proximal_mu)
+    "flexlora": {"lora": "exact"},
+    "ffa_lora": {"lora": "ffa"},
+    "median": {"rule": "median"},
+    "trimmed_mean": {"rule": "trimmed_mean"},
+    "dp_fedavg": {"dp_noise_multiplier": 1.0},
+}
+ADAPTIVE_SERVER_LR = 1e-2
+FEDPROX_MU = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregationConfig:
+    algorithm: str = "fedavg"  # the preset it came from, for display
+    lora: str = "naive"
+    rule: str = "mean"
+    trim: int = 1  # trimmed_mean: values dropped at each end, per coordinate (needs n > 2·trim)
+    optimizer: str = "sgd"
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    max_weight_ratio: float = 2.0  # a device weighs at most this x the median claimed sample count
+    working_rank_factor: int = 4  # exact: factors kept while streaming, as a multiple of the rank
+    max_robust_updates: int = 1000  # median/trimmed mean hold every update: the most they take
+    dp_noise_multiplier: float = 0.0  # z; the noise std on the sum is z x the clip bound
+    dp_delta: float = 1e-5
+    dp_max_epsilon: float | None = None  # the federation completes before a round would exceed it
+    dp_sampling_rate: float = 1.0  # Poisson sampling of each round's cohort (q)
+
+    def __post_init__(self) -> None:
+        checks = {
+            f"algorithm must be one of {sorted(ALGORITHMS)}": self.algorithm in ALGORITHMS,
+            f"lora must be one of {LORA_MODES}": self.lora in LORA_MODES,
+            f"rule must be one of {RULES}": self.rule in RULES,
+            f"optimizer must be one of {OPTIMIZERS}": self.optimizer in OPTIMIZERS,
+            "trim must be >= 1": self.trim >= 1,
+            "beta1 must be in [0, 1)": 0 <= self.beta1 < 1,
+            "beta2 must be in [0, 1)": 0 <= self.beta2 < 1,
+            "tau must be > 0": self.tau > 0,
+            "max_weight_ratio must be >= 1": self.max_weight_ratio >= 1 and math.isfinite(self.max_weight_ratio),
+            "working_rank_factor must be >= 1": self.working_rank_factor >= 1,
+            "max_robust_updates must be >= 3": self.max_robust_updates >= 3,
+            "dp_noise_multiplier must be >= 0": self.dp_noise_multiplier >= 0 and math.isfinite(self.dp_noise_multiplier),
+            "dp_delta must be in (0, 1)": 0 < self.dp_delta < 1,
+            "dp_max_epsilon must be > 0": self.dp_max_epsilon is None or self.dp_max_epsilon > 0,
+            "dp_sampling_rate must be in (0, 1]": 0 < self.dp_sampling_rate <= 1,
+            # the median and trimmed mean are not linear: there is no exact way to combine them
+            # with a re-factorisation or with noise calibrated to a sum's sensitivity
+            "median and trimmed_mean combine only with lora 'naive' or 'ffa', without DP":
+                self.rule == "mean" or (self.lora != "exact" and not self.dp),
+            # clipping bounds each device's factor deltas, not its product B·A: the exact mean
+            # has no sensitivity the noise could be calibrated to
+            "DP needs lora 'naive' or 'ffa'": not self.dp or self.lora != "exact",
+            # the exact mean is a dense matrix re-factorised each round: there is no per-parameter
+            # pseudo-gradient for a momentum or an adaptive step to act on
+            "lora 'exact' takes the sgd server optimizer only (use ffa for adaptive ones)":
+                self.lora != "exact" or self.optimizer == "sgd",
+            "dp_max_epsilon needs dp_noise_multiplier > 0": self.dp_max_epsilon is None or self.dp,
+        }
+        failed = [message for message, ok in checks.items() if not ok]
+        if failed:
+            raise ConfigError("; ".join(failed))
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_noise_multiplier > 0
+
+    @property
+    def adaptive(self) -> bool:
+        return self.optimizer in ADAPTIVE
+
+    @classmethod
+    def preset(cls, algorithm: str, **overrides: Any) -> AggregationConfig:
+        if algorithm not in ALGORITHMS:
+            raise ConfigError(f"unknown algorithm {algorithm!r}; known: {sorted(ALGORITHMS)}")
+        return cls(algorithm=algorithm, **{**ALGORITHMS[algorithm], **overrides})
