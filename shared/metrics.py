@@ -105,7 +105,7 @@ class FederationCollector:
         self.state = state
         self.store = store
         self.clock = clock
-        self._norms: dict[tuple[str, int], float] = {}  # versions are immutable: read each manifest once
+        self._facts: dict[tuple[str, int], dict] = {}  # versions are immutable: read each manifest once
 
     def collect(self):
         from shared import versions
@@ -125,6 +125,13 @@ class FederationCollector:
             "closing": GaugeMetricFamily("fleettune_round_closing_seconds",
                                          "How long the current round has been closing (0 when it is not)",
                                          labels=["federation"]),
+            "epsilon": GaugeMetricFamily("fleettune_dp_epsilon", "Cumulative (epsilon, delta)-DP of the newest version "
+                                         "(central DP only)", labels=["federation"]),
+            "epsilon_round": GaugeMetricFamily("fleettune_dp_epsilon_round", "Epsilon of one round's release",
+                                               labels=["federation"]),
+            "dropped": GaugeMetricFamily("fleettune_truncation_energy_dropped", "Share of the exact LoRA mean's "
+                                         "energy the re-factorisation dropped (exact aggregation only)",
+                                         labels=["federation"]),
         }
         now = self.clock()
         for fed in self.state.federations():
@@ -138,9 +145,15 @@ class FederationCollector:
             closing = max(0.0, now - (info.closing_at or now)) if info and info.status == "closing" else 0.0
             gauges["overdue"].add_metric([fed], overdue)
             gauges["closing"].add_metric([fed], closing)
-            if (fed, version) not in self._norms:
-                self._norms[(fed, version)] = versions.manifest(self.store, fed, version)["global_norm"]
-            gauges["norm"].add_metric([fed], self._norms[(fed, version)])
+            if (fed, version) not in self._facts:
+                manifest = versions.manifest(self.store, fed, version)
+                self._facts[(fed, version)] = {
+                    "norm": manifest["global_norm"], "epsilon": (manifest.get("dp") or {}).get("epsilon"),
+                    "epsilon_round": (manifest.get("dp") or {}).get("epsilon_round"),
+                    "dropped": (manifest.get("aggregation") or {}).get("truncation_energy_dropped")}
+            for name, value in self._facts[(fed, version)].items():
+                if value is not None:
+                    gauges[name].add_metric([fed], value)
             evaluation = self.state.latest_evaluation(fed)
             if evaluation:
                 gauges["ppl"].add_metric([fed], evaluation["heldout_mean"])

@@ -24,6 +24,7 @@ from shared.federation import DeviceProfile, FederationConfig
 from shared.ledger import LATE, Ledger
 from shared.control.presign import Presigner
 from shared.settings import Settings
+from shared.strategies import privacy
 from shared.state import FederationState, RoundInfo
 
 Enqueue = Callable[[bytes, float], None]  # (envelope bytes, received_at)
@@ -93,10 +94,15 @@ class Gateway:
             raise Refusal(409, "no_open_round", f"federation {fed} is {status} and has no open round; check in later",
                           headers={"Retry-After": "30"})
         self.r.sadd(keys.fed_devices(fed), device)  # eligible now: it is selected for later rounds too
+        round_config = self.state.config(fed, info.config_rev) or config
+        rate = round_config.aggregation.dp_sampling_rate
+        if rate < 1.0 and not privacy.sampled(self.state.secret(fed), info.round, device, rate):
+            # Poisson sampling, which the DP accountant counts on: the server's secret decides
+            raise Refusal(409, "not_sampled", f"not sampled into round {info.round} (rate {rate:g}); check in later",
+                          headers={"Retry-After": "30"})
         if not self.state.join_cohort(fed, info.round, device):
             raise Refusal(409, "no_open_round", f"round {info.round} closed while checking in",
                           headers={"Retry-After": "30"})
-        round_config = self.state.config(fed, info.config_rev) or config
         prefix = keys.version_prefix(fed, info.base_version)
         get_until = min(info.deadline, self.clock() + self.settings.url_ttl_s)
         return {

@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from shared.adapter_spec import LAYOUTS, AdapterConfig, ModelDims
 from shared.errors import Refusal
 from shared.federation import DeviceFilter, EvaluationConfig, FederationConfig
+from shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, AggregationConfig
+
+Algorithm = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "flexlora", "ffa_lora",
+                    "median", "trimmed_mean", "dp_fedavg"]
 
 Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 Module = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -88,11 +92,41 @@ class StrategyParams(Strict):
     max_grad_norm: float | None = Field(None, gt=0, le=1e6, description="per-step clip on the device")
     weight_decay: float | None = Field(None, ge=0, le=10)
     batch_size: int | None = Field(None, ge=1, le=4096)
-    max_steps: int | None = Field(None, ge=0, le=10**6)
+    max_steps: int | None = Field(None, ge=0, le=10**6, description="steps per round; 0: local_epochs in full")
+    proximal_mu: float | None = Field(None, ge=0, le=100, description="FedProx: the device's proximal term")
+
+
+class DpIn(Strict):
+    noise_multiplier: float = Field(gt=0, le=100, description="z: noise std on the sum = z x max_update_norm")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_epsilon: float | None = Field(None, gt=0, le=1e6, description="complete before a round would pass it")
+    sampling_rate: float = Field(1.0, gt=0, le=1, description="Poisson sampling of each round's cohort")
+
+
+class AggregationIn(Strict):
+    """Overrides of the algorithm's preset (see shared/strategies/config.py)."""
+
+    lora: Literal["naive", "exact", "ffa"] | None = None
+    rule: Literal["mean", "median", "trimmed_mean"] | None = None
+    trim: int | None = Field(None, ge=1, le=10_000)
+    optimizer: Literal["sgd", "avgm", "adam", "yogi", "adagrad"] | None = None
+    beta1: float | None = Field(None, ge=0, lt=1)
+    beta2: float | None = Field(None, ge=0, lt=1)
+    tau: float | None = Field(None, gt=0, le=1)
+    max_weight_ratio: float | None = Field(None, ge=1, le=1e6)
+    working_rank_factor: int | None = Field(None, ge=1, le=64)
+    dp: DpIn | None = None
+
+    def fields(self) -> dict:
+        given = {k: v for k, v in self.model_dump(exclude={"dp"}).items() if v is not None}
+        if self.dp is not None:
+            given.update({f"dp_{k}": v for k, v in self.dp.model_dump().items()})
+        return given
 
 
 class StrategyIn(StrategyParams):
-    algorithm: Literal["fedavg"] = "fedavg"
+    algorithm: Algorithm | None = Field(None, description="an aggregation preset; absent: unchanged")
+    aggregation: AggregationIn | None = None
     round_config: RoundConfigIn | None = None
     device_filter: DeviceFilterIn | None = None
 
@@ -115,9 +149,10 @@ class FederationIn(Strict):
 
 class TrainingSessionIn(Strict):
     model_id: ModelId
-    strategy: Literal["fedavg"] = "fedavg"
+    strategy: Algorithm = "fedavg"
     adapter_config: AdapterIn | None = None
     strategy_params: StrategyParams | None = None
+    aggregation: AggregationIn | None = None
     round_config: RoundConfigIn | None = None
     device_filter: DeviceFilterIn | None = None
     federation: Id | None = Field(None, description="train this federation; a new one is created when absent")
@@ -169,17 +204,40 @@ def resolve_model(model_id: str, registered: dict | None = None) -> tuple[ModelD
 
 
 def apply_strategy(config: FederationConfig, params: StrategyParams | None, rounds: RoundConfigIn | None,
-                   device_filter: DeviceFilterIn | None) -> dict:
-    """The FederationConfig fields that these parts of a request change (for `config.revised`)."""
+                   device_filter: DeviceFilterIn | None, algorithm: str | None = None,
+                   aggregation: AggregationIn | None = None) -> dict:
+    """The FederationConfig fields that these parts of a request change (for `config.revised`).
+
+    A new `algorithm` starts from its preset; `aggregation` overrides fields of it (or of the
+    current choice). A change between plain and adaptive server optimizers also moves the server
+    learning rate to the new family's default, unless the request sets one.
+    """
     changes: dict = {}
-    if params is not None:
-        training = {k: v for k, v in params.model_dump(exclude={"algorithm", "round_config", "device_filter"}).items()
-                    if v is not None}
-        changes["training"] = _replace(config.training, training)
+    training = {k: v for k, v in params.model_dump(include=set(StrategyParams.model_fields)).items()
+                if v is not None} if params is not None else {}
+    policy = {}
     if rounds is not None:
         given = {k: v for k, v in rounds.model_dump().items() if v is not None}
         renamed = {"min_clients": "min_updates", "max_update_norm": "max_grad_norm"}
-        changes["policy"] = _replace(config.policy, {renamed.get(k, k): v for k, v in given.items()})
+        policy = {renamed.get(k, k): v for k, v in given.items()}
+    if algorithm is not None or aggregation is not None:
+        overrides = aggregation.fields() if aggregation is not None else {}
+        try:
+            if algorithm is not None and algorithm != config.aggregation.algorithm:
+                agg = AggregationConfig.preset(algorithm, **overrides)
+            else:
+                agg = dataclasses.replace(config.aggregation, **overrides)
+        except ValueError as exc:
+            raise Refusal(422, "invalid_config", str(exc)) from None
+        if agg.adaptive != config.aggregation.adaptive and "server_lr" not in policy:
+            policy["server_lr"] = ADAPTIVE_SERVER_LR if agg.adaptive else 1.0
+        if algorithm == "fedprox" and "proximal_mu" not in training:
+            training["proximal_mu"] = FEDPROX_MU
+        changes["aggregation"] = agg
+    if training:
+        changes["training"] = _replace(config.training, training)
+    if policy:
+        changes["policy"] = _replace(config.policy, policy)
     if device_filter is not None:
         changes["device_filter"] = device_filter.to_config()
     return changes

@@ -54,7 +54,8 @@ class Control:
         return config
 
     def _with_strategy(self, config: FederationConfig, strategy: StrategyIn, revise: bool = True) -> FederationConfig:
-        changes = apply_strategy(config, strategy, strategy.round_config, strategy.device_filter)
+        changes = apply_strategy(config, strategy, strategy.round_config, strategy.device_filter,
+                                 strategy.algorithm, strategy.aggregation)
         return config.revised(**changes) if revise else dataclasses.replace(config, **changes)
 
     def ensure_federation(self, fed: str) -> bool:
@@ -129,7 +130,8 @@ class Control:
             raise Refusal(422, "model_mismatch", f"{fed} adapts {existing.base_model}, not {body.model_id}")
         if self.state.status(fed).get("status") == "active":
             raise Refusal(409, "session_active", f"{fed} already has an active training session")
-        changes = apply_strategy(existing, body.strategy_params, body.round_config, body.device_filter)
+        changes = apply_strategy(existing, body.strategy_params, body.round_config, body.device_filter,
+                                 body.strategy, body.aggregation)
         if body.adapter_config is not None:
             changes["adapter"] = body.adapter_config.to_config()
         if body.evaluation is not None:
@@ -206,3 +208,4 @@ def federation_view(config: FederationConfig) -> dict:
     view["adapter"]["type"] = view["adapter"].pop("kind")
     view["adapter_parameters"] = config.spec.num_parameters
     return view
+

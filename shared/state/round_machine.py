@@ -16,6 +16,7 @@ from shared.errors import StateError
 from shared.federation import FederationConfig
 from shared.state.accounting import UpdateRecord
 from shared.state.base import StateBase
+from shared.strategies import privacy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +60,15 @@ class RoundMachine(StateBase):
         `config`, a pending revision, takes effect with the round in the same transaction.
         """
 
+        secret = self.secret(fed)
+
         def open_(pipe) -> RoundInfo | None:
             if int(pipe.hget(keys.fed_state(fed), "round") or 0) >= round_no:
                 return None
             cohort = pipe.smembers(keys.fed_devices(fed))
             current = FederationConfig.from_json(pipe.get(keys.fed_config(fed)))
             pipe.multi()
-            return _write_open(pipe, fed, round_no, base_version, now, timeout, cohort, current, config)
+            return _write_open(pipe, fed, round_no, base_version, now, timeout, cohort, current, config, secret)
 
         return self._transaction(open_, keys.fed_state(fed), keys.fed_config(fed))
 
@@ -81,6 +84,7 @@ class RoundMachine(StateBase):
         `complete`: complete the federation now, for this reason, instead of opening the next round.
         """
         info_key, state_key = keys.round_info(fed, round_no), keys.fed_state(fed)
+        secret = self.secret(fed)
 
         def settle(pipe) -> RoundInfo | None:
             status = pipe.hget(info_key, "status")
@@ -106,7 +110,7 @@ class RoundMachine(StateBase):
             if round_no >= last_round or complete:
                 pipe.hset(state_key, mapping={"status": "completed", **({"reason": complete} if complete else {})})
                 return None
-            return _write_open(pipe, fed, round_no + 1, next_base, now, timeout, cohort, current, pending)
+            return _write_open(pipe, fed, round_no + 1, next_base, now, timeout, cohort, current, pending, secret)
 
         return self._transaction(settle, info_key, state_key, keys.fed_config(fed))
 
@@ -232,10 +236,17 @@ class RoundMachine(StateBase):
 
 
 def _write_open(pipe, fed: str, round_no: int, base_version: int, now: float, timeout: float, cohort: set,
-                current: FederationConfig, pending: FederationConfig | None) -> RoundInfo:
-    """The writes that open a round (inside a MULTI); `pending` takes effect with it if newer."""
+                current: FederationConfig, pending: FederationConfig | None, secret: bytes) -> RoundInfo:
+    """The writes that open a round (inside a MULTI); `pending` takes effect with it if newer.
+
+    Under Poisson sampling (central DP) the cohort is the enrolled devices the sampling picks, the
+    same ones check-in admits.
+    """
     switch = pending is not None and pending.revision > current.revision
     revision = pending.revision if switch else current.revision
+    rate = (pending if switch else current).aggregation.dp_sampling_rate
+    if rate < 1.0:
+        cohort = {d for d in cohort if privacy.sampled(secret, round_no, d.decode() if isinstance(d, bytes) else d, rate)}
     info = RoundInfo(round_no, "open", base_version, now, now + timeout, len(cohort), config_rev=revision)
     if switch:
         pipe.set(keys.fed_config(fed), pending.to_json())
