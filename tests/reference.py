@@ -7,10 +7,10 @@ import math
 import numpy as np
 
 
-def next_global(prev: dict[str, np.ndarray], deltas: list[dict[str, np.ndarray]], samples: list[int],
-                max_grad_norm: float | None, max_num_samples: int, server_lr: float,
-                max_weight_ratio: float = 2.0) -> dict[str, np.ndarray]:
-    acc = {k: np.zeros(v.shape, dtype=np.float64) for k, v in prev.items()}
+def mean_delta(deltas: list[dict[str, np.ndarray]], samples: list[int], max_grad_norm: float | None,
+               max_num_samples: int = 100_000, max_weight_ratio: float = 2.0) -> dict[str, np.ndarray]:
+    """The clipped, weighted mean update (weights capped at max_weight_ratio x the median claim)."""
+    acc = {k: np.zeros(v.shape, dtype=np.float64) for k, v in deltas[0].items()}
     total = 0.0
     cap = max_weight_ratio * float(np.median([min(n, max_num_samples) for n in samples]))
     for delta, n in zip(deltas, samples):
@@ -20,7 +20,34 @@ def next_global(prev: dict[str, np.ndarray], deltas: list[dict[str, np.ndarray]]
         for k in acc:
             acc[k] += weight * scale * delta[k].astype(np.float64)
         total += weight
-    return {k: prev[k].astype(np.float64) + server_lr * acc[k] / total for k in prev}
+    return {k: v / total for k, v in acc.items()}
+
+
+def next_global(prev: dict[str, np.ndarray], deltas: list[dict[str, np.ndarray]], samples: list[int],
+                max_grad_norm: float | None, max_num_samples: int, server_lr: float,
+                max_weight_ratio: float = 2.0) -> dict[str, np.ndarray]:
+    mean = mean_delta(deltas, samples, max_grad_norm, max_num_samples, max_weight_ratio)
+    return {k: prev[k].astype(np.float64) + server_lr * mean[k] for k in prev}
+
+
+def server_optimizer(name: str, x: np.ndarray, deltas: list[np.ndarray], lr: float, b1: float = 0.9,
+                     b2: float = 0.99, tau: float = 1e-3) -> np.ndarray:
+    """Reddi et al. 2021, Algorithm 2, over a sequence of pseudo-gradients (v starts at tau^2)."""
+    m, v = None, np.full_like(x, tau * tau)
+    for d in deltas:
+        if name == "avgm":
+            m = d.copy() if m is None else b1 * m + d
+            x = x + lr * m
+            continue
+        m = (1 - b1) * d if m is None else b1 * m + (1 - b1) * d
+        if name == "adam":
+            v = b2 * v + (1 - b2) * d * d
+        elif name == "yogi":
+            v = v - (1 - b2) * d * d * np.sign(v - d * d)
+        else:
+            v = v + d * d
+        x = x + lr * m / (np.sqrt(v) + tau)
+    return x
 
 
 def random_deltas(spec_tensors: dict[str, tuple[int, ...]], rng: np.random.Generator, scale: float) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ from shared.strategies import privacy, robust, server_optimizers
 from shared.strategies.combine import RoundAggregator
 from shared.strategies.config import AggregationConfig
 from shared.strategies.exact_lora import LowRankSum
+from tests import reference
 
 OUT, IN, R = 12, 10, 2
 B_KEY, A_KEY = "m.lora_B.weight", "m.lora_A.weight"
@@ -120,21 +121,6 @@ def test_ffa_mean_of_b_equals_the_exact_mean_of_products():
 
 # --- server optimizers (Reddi et al. 2021, Algorithm 2) -----------------------------------------
 
-def _reference_optimizer(name, x, deltas, lr, b1=0.9, b2=0.99, tau=1e-3):
-    m, v = np.zeros_like(x), np.full_like(x, tau * tau)
-    for d in deltas:
-        if name == "avgm":
-            m = b1 * m + d if m.any() else d.copy()
-            x = x + lr * m
-            continue
-        m = b1 * m + (1 - b1) * d
-        v = {"adam": lambda: b2 * v + (1 - b2) * d * d,
-             "yogi": lambda: v - (1 - b2) * d * d * np.sign(v - d * d),
-             "adagrad": lambda: v + d * d}[name]()
-        x = x + lr * m / (np.sqrt(v) + tau)
-    return x
-
-
 @pytest.mark.parametrize("name", ["avgm", "adam", "yogi", "adagrad"])
 def test_server_optimizers_match_the_paper_over_three_rounds(name):
     rng = np.random.default_rng(6)
@@ -143,7 +129,7 @@ def test_server_optimizers_match_the_paper_over_three_rounds(name):
     weights, state = {"w": _t(x0)}, {}
     for d in deltas:
         weights, state = server_optimizers.step(name, weights, {"w": _t(d)}, state, lr=0.05)
-    np.testing.assert_allclose(weights["w"].numpy(), _reference_optimizer(name, x0, deltas, 0.05), atol=1e-5)
+    np.testing.assert_allclose(weights["w"].numpy(), reference.server_optimizer(name, x0, deltas, 0.05), atol=1e-5)
     assert int(state[server_optimizers.STEP_KEY].item()) == 3
 
 

@@ -1,0 +1,133 @@
+"""The round close under each strategy: optimizer state across worker restarts, the DP budget, FFA layouts."""
+
+from __future__ import annotations
+
+import hashlib
+
+import fakeredis
+import numpy as np
+import pytest
+
+from shared import keys, versions
+from shared.adapter_spec import LAYOUTS, initial_weights
+from shared.envelope import Envelope
+from shared.federation import FederationConfig, RoundPolicy
+from shared.ingest import Ingestor
+from shared.rounds import CLOSED, PRIVACY_BUDGET, RoundCoordinator
+from shared.settings import Settings
+from shared.state import FederationState
+from shared.storage import LocalObjectStore
+from shared.strategies import privacy
+from shared.strategies.config import AggregationConfig
+from shared.submit import encode_update
+from tests import reference
+from tests.reference import random_deltas
+
+DEVICES = ("a", "b", "c")
+
+
+def _world(tmp_path, agg: AggregationConfig, server_lr: float = 1.0, max_rounds: int = 5):
+    state, store = FederationState(fakeredis.FakeRedis()), LocalObjectStore(tmp_path)
+    config = FederationConfig("f", LAYOUTS["tiny-llama"], aggregation=agg,
+                              policy=RoundPolicy(min_updates=3, max_rounds=max_rounds, server_lr=server_lr))
+    RoundCoordinator(state, store, Settings()).start(config, DEVICES)
+    return state, store, config
+
+
+def _round(state, store, config, round_no: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Every device sends a random update through ingest; returns the deltas sent."""
+    sent = []
+    for i, device in enumerate(DEVICES):
+        delta = random_deltas(config.update_tensors, np.random.default_rng([seed, i]), 0.002)
+        blob = encode_update(delta)
+        key = keys.update_object("f", round_no, device)
+        store.put(key, blob)
+        base = state.round_info("f", round_no).base_version
+        result = Ingestor(state, store, Settings()).ingest(
+            Envelope("f", round_no, device, key, hashlib.sha256(blob).hexdigest(), 10 + i, base).encode())
+        assert result.outcome == "accepted", result
+        sent.append(delta)
+    return sent
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "avgm"])
+def test_server_optimizer_state_survives_a_worker_restart(tmp_path, optimizer):
+    state, store, config = _world(tmp_path, AggregationConfig(optimizer=optimizer), server_lr=0.01)
+    x0 = {k: v.numpy().astype(np.float64) for k, v in initial_weights(config.spec, config.seed).items()}
+    means = []
+    for round_no in (1, 2, 3):
+        sent = _round(state, store, config, round_no, seed=round_no)
+        means.append(reference.mean_delta(sent, [10, 11, 12], config.policy.max_grad_norm))
+        # a fresh coordinator each round: nothing is carried in memory from the last close
+        result = RoundCoordinator(FederationState(state.r), store, Settings()).close("f", round_no)
+        assert result.decision == CLOSED
+    assert versions.manifest(store, "f", 3)["server_optimizer_sha256"]
+    published = versions.load_weights(store, "f", 3, config.spec, 1 << 30, 1 << 20)
+    for k, x in x0.items():
+        expected = reference.server_optimizer(optimizer, x, [m[k] for m in means], 0.01)
+        np.testing.assert_allclose(published[k].numpy(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_ffa_updates_carry_b_only_and_a_stays_at_the_seeded_initialisation(tmp_path):
+    state, store, config = _world(tmp_path, AggregationConfig.preset("ffa_lora"))
+    assert all(k.endswith("lora_B.weight") for k in config.update_tensors)
+    assert 2 * sum(np.prod(s) for s in config.update_tensors.values()) == config.spec.num_parameters
+    sent = _round(state, store, config, 1, seed=1)
+    assert RoundCoordinator(state, store, Settings()).close("f", 1).decision == CLOSED
+    published = versions.load_weights(store, "f", 1, config.spec, 1 << 30, 1 << 20)
+    initial = initial_weights(config.spec, config.seed)
+    mean = reference.mean_delta(sent, [10, 11, 12], config.policy.max_grad_norm)
+    for k in config.spec.tensors:
+        if k.endswith("lora_A.weight"):
+            np.testing.assert_array_equal(published[k].numpy(), initial[k].numpy())
+        else:
+            np.testing.assert_allclose(published[k].numpy(), initial[k].numpy() + mean[k], atol=1e-7)
+
+
+def test_an_ffa_federation_rejects_an_update_that_carries_a(tmp_path):
+    state, store, config = _world(tmp_path, AggregationConfig.preset("ffa_lora"))
+    blob = encode_update(random_deltas(config.spec.tensors, np.random.default_rng(0), 0.001))
+    key = keys.update_object("f", 1, "a")
+    store.put(key, blob)
+    result = Ingestor(state, store, Settings()).ingest(
+        Envelope("f", 1, "a", key, hashlib.sha256(blob).hexdigest(), 10, 0).encode())
+    assert (result.outcome, result.reason.value) == ("rejected", "unexpected_keys")
+
+
+def test_dp_rounds_report_epsilon_and_the_federation_completes_before_passing_its_budget(tmp_path):
+    z, delta = 2.0, 1e-5
+    budget = (privacy.epsilon(z, 1.0, 2, delta) + privacy.epsilon(z, 1.0, 3, delta)) / 2  # room for 2 releases
+    agg = AggregationConfig.preset("dp_fedavg", dp_noise_multiplier=z, dp_max_epsilon=budget)
+    state, store, config = _world(tmp_path, agg)
+    coordinator = RoundCoordinator(state, store, Settings())
+    for round_no in (1, 2):
+        _round(state, store, config, round_no, seed=round_no)
+        assert coordinator.close("f", round_no).decision == CLOSED
+        dp = versions.manifest(store, "f", round_no)["dp"]
+        assert dp["releases"] == round_no
+        assert dp["epsilon"] == pytest.approx(privacy.epsilon(z, 1.0, round_no, delta))
+        assert dp["epsilon"] <= budget
+    status = state.status("f")
+    assert (status["status"], status["reason"]) == ("completed", PRIVACY_BUDGET)
+    assert state.round_info("f", 3) is None  # no round that would pass the budget was opened
+
+
+def test_dp_noise_is_deterministic_for_a_redone_close_but_secret(tmp_path):
+    agg = AggregationConfig.preset("dp_fedavg", dp_noise_multiplier=1.0)
+    state, store, config = _world(tmp_path, agg)
+    _round(state, store, config, 1, seed=1)
+    first = RoundCoordinator(state, store, Settings())._aggregate_and_publish(config, state.round_info("f", 1), 1)
+    again = RoundCoordinator(state, store, Settings())._aggregate_and_publish(config, state.round_info("f", 1), 1)
+    assert first["adapter_sha256"] == again["adapter_sha256"]  # a redo writes the same bytes
+    assert len(state.secret("f")) == 32 and state.secret("f") == state.r.get(keys.fed_secret("f"))
+
+
+def test_sampling_rate_picks_the_cohort_the_accountant_assumes(tmp_path):
+    agg = AggregationConfig.preset("dp_fedavg", dp_noise_multiplier=1.0, dp_sampling_rate=0.5)
+    state, store = FederationState(fakeredis.FakeRedis()), LocalObjectStore(tmp_path)
+    devices = [f"d{i:03d}" for i in range(200)]
+    config = FederationConfig("f", LAYOUTS["tiny-llama"], aggregation=agg, policy=RoundPolicy(min_updates=3))
+    RoundCoordinator(state, store, Settings()).start(config, devices)
+    cohort = {m.decode() for m in state.r.smembers(keys.round_cohort("f", 1))}
+    assert cohort == {d for d in devices if privacy.sampled(state.secret("f"), 1, d, 0.5)}
+    assert 70 < len(cohort) < 130
