@@ -73,6 +73,9 @@ class AdapterConfig:
     target_modules: tuple[str, ...] = _ATTENTION
     dropout: float = 0.0
     num_virtual_tokens: int = 16
+    # heterogeneous ranks: devices of a listed tier train (and download) a LoRA of that rank; the
+    # global adapter has `rank`, at least the largest. Pairs (tier, rank), sorted by tier.
+    tier_ranks: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("lora", "qlora", "prompt_tuning"):
@@ -81,6 +84,18 @@ class AdapterConfig:
             raise ValueError("a LoRA adapter needs rank > 0 and at least one target module")
         if self.kind == "prompt_tuning" and self.num_virtual_tokens <= 0:
             raise ValueError("prompt tuning needs num_virtual_tokens > 0")
+        object.__setattr__(self, "tier_ranks", tuple(sorted((str(t), int(r)) for t, r in self.tier_ranks)))
+        if self.tier_ranks and (self.kind == "prompt_tuning"
+                                or any(not 0 < r <= self.rank for _, r in self.tier_ranks)):
+            raise ValueError(f"tier ranks must be LoRA ranks in 1..rank ({self.rank}): {dict(self.tier_ranks)}")
+
+    def rank_of(self, tier: str) -> int:
+        """The LoRA rank devices of `tier` train: their tier's, or the global rank."""
+        return dict(self.tier_ranks).get(tier, self.rank)
+
+    def for_rank(self, rank: int) -> AdapterConfig:
+        """This adapter at another rank (a tier's own), without tier ranks."""
+        return dataclasses.replace(self, rank=rank, tier_ranks=())
 
     @property
     def quantized_base(self) -> bool:

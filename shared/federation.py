@@ -133,6 +133,11 @@ class FederationConfig:
             raise ConfigError("DP needs a clip bound: set max_grad_norm (max_update_norm in the API)")
         if self.aggregation.lora != "naive" and self.adapter.kind == "prompt_tuning":
             raise ConfigError(f"lora {self.aggregation.lora!r} needs a LoRA adapter, not prompt tuning")
+        if self.adapter.tier_ranks and (self.aggregation.lora == "ffa" or self.aggregation.rule != "mean"
+                                        or self.aggregation.dp or self.aggregation.optimizer != "sgd"):
+            # tiers' factors of different ranks combine by zero-padding (naive) or in product space (exact)
+            raise ConfigError("heterogeneous tier ranks need lora 'naive' or 'exact' with the mean rule, "
+                              "the sgd server optimizer and no DP")
 
     @functools.cached_property
     def spec(self) -> AdapterSpec:
@@ -142,9 +147,24 @@ class FederationConfig:
     def update_tensors(self) -> dict[str, tuple[int, ...]]:
         """The tensors an update carries: all of the adapter's, or under FFA-LoRA only the B factors
         (A stays frozen at the server's seeded initialisation, so it never travels)."""
+        return self.update_tensors_for(self.adapter.rank)
+
+    def update_tensors_for(self, rank: int) -> dict[str, tuple[int, ...]]:
+        tensors = self.spec_for(rank).tensors
         if self.aggregation.lora == "ffa":
-            return {k: s for k, s in self.spec.tensors.items() if not k.endswith("lora_A.weight")}
-        return self.spec.tensors
+            return {k: s for k, s in tensors.items() if not k.endswith("lora_A.weight")}
+        return tensors
+
+    def spec_for(self, rank: int) -> AdapterSpec:
+        """The adapter layout at `rank`: the global one, or a tier's own."""
+        if rank == self.adapter.rank:
+            return self.spec
+        return build_spec(self.model, self.adapter.for_rank(rank), self.base_model)
+
+    @property
+    def tier_ranks(self) -> dict[str, int]:
+        """Tiers that train a rank of their own (heterogeneous ranks), tier -> rank."""
+        return {t: r for t, r in self.adapter.tier_ranks if r != self.adapter.rank}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -152,7 +172,8 @@ class FederationConfig:
     @classmethod
     def from_json(cls, text: str | bytes) -> FederationConfig:
         raw = json.loads(text)
-        adapter = dict(raw["adapter"], target_modules=tuple(raw["adapter"]["target_modules"]))
+        adapter = dict(raw["adapter"], target_modules=tuple(raw["adapter"]["target_modules"]),
+                       tier_ranks=tuple(tuple(p) for p in raw["adapter"].get("tier_ranks", ())))
         evaluation = raw.get("evaluation")
         return cls(
             name=raw["name"], model=ModelDims(**raw["model"]), adapter=AdapterConfig(**adapter),

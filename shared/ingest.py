@@ -102,7 +102,8 @@ class Ingestor:
             raise Rejected(RejectReason.OBJECT_MISSING, env.object_key) from None
         if hashlib.sha256(blob).hexdigest() != env.sha256:
             raise Rejected(RejectReason.SHA256_MISMATCH, "object bytes do not match the envelope")
-        tensors = parse(blob, config.update_tensors, self.settings.max_header_bytes)
+        rank = config.tier_ranks.get(tier, 0)  # a tier of lower rank sends its own, smaller layout
+        tensors = parse(blob, config.update_tensors_for(rank or config.adapter.rank), self.settings.max_header_bytes)
         norm = update_norm(tensors)
         try:
             scale = clip_scale(norm, policy.max_grad_norm)
@@ -113,7 +114,7 @@ class Ingestor:
             device=env.device, object_key=env.object_key, sha256=env.sha256,
             num_samples=min(env.num_samples, policy.max_num_samples), claimed_samples=env.num_samples,
             norm=norm, clip_scale=scale, train_seconds=env.train_seconds, metrics=env.metrics,
-            accepted_at=self.clock(),
+            accepted_at=self.clock(), rank=rank,
         )
         outcome, count, cohort = self.state.accept(digest, env.federation, env.round, record)
         if outcome == REDELIVERED:

@@ -154,6 +154,11 @@ def version_prefix(fed: str, version: int) -> str:
     return f"federations/{fed}/versions/{version:06d}"
 
 
+def tier_prefix(fed: str, version: int, rank: int) -> str:
+    """A version's adapter at a tier's lower rank (heterogeneous ranks), beside the global one."""
+    return f"{version_prefix(fed, version)}/rank-{rank}"
+
+
 def current_pointer(fed: str) -> str:
     return f"federations/{fed}/current.json"
 

@@ -97,11 +97,14 @@ class RoundCoordinator:
     def _publish_initial(self, config: FederationConfig, version: int, parent: int | None) -> None:
         """A fresh adapter (as PEFT initialises one) as `version`: the start, or a change of shape."""
         weights = initial_weights(config.spec, config.seed)
+        tiers = {rank: ({k: weights[k][tuple(slice(0, n) for n in shape)].contiguous()
+                         for k, shape in config.spec_for(rank).tensors.items()}, config.spec_for(rank))
+                 for rank in set(config.tier_ranks.values())}  # each tier: the leading slice (B is zero)
         versions.publish(self.store, config.name, version, weights, config.spec, {
             "round": 0 if parent is None else None, "parent_version": parent, "contributors": [],
             "total_samples": 0, "global_norm": update_norm(weights), "config_revision": config.revision,
             "reinitialized": parent is not None,
-        })
+        }, tiers=tiers)
 
     def _open(self, config: FederationConfig, round_no: int, base_version: int) -> RoundInfo | None:
         """Open a round under the pending config if there is one."""
@@ -113,7 +116,7 @@ class RoundCoordinator:
 
     def _prepare_shape(self, config: FederationConfig, pending: FederationConfig | None, base_version: int) -> int:
         """The next round's base version: a pending change of adapter shape starts from a fresh one."""
-        if pending is None or pending.spec.tensors == config.spec.tensors:
+        if pending is None or (pending.spec.tensors == config.spec.tensors and pending.tier_ranks == config.tier_ranks):
             return base_version
         self._publish_initial(pending, base_version + 1, parent=base_version)  # idempotent: same bytes
         return base_version + 1
@@ -177,7 +180,12 @@ class RoundCoordinator:
         weights = dict(zip(records, capped_weights([r.num_samples for r in records.values()], agg.max_weight_ratio)))
         base = versions.load_weights(self.store, config.name, info.base_version, spec,
                                      self.settings.max_update_bytes, self.settings.max_header_bytes)
-        combiner = RoundAggregator(agg, base, config.update_tensors, config.adapter.rank)
+        tier_bases = {rank: versions.load_tier_weights(self.store, config.name, info.base_version, rank,
+                                                       config.spec_for(rank), self.settings.max_update_bytes,
+                                                       self.settings.max_header_bytes)
+                      for rank in set(config.tier_ranks.values())}
+        combiner = RoundAggregator(agg, base, config.update_tensors, config.adapter.rank, config.adapter.alpha,
+                                   tier_bases)
         contributors, excluded = [], {}
         for device, rec in records.items():  # sorted: the same order, so the same bytes, on a redo
             try:
@@ -189,8 +197,9 @@ class RoundCoordinator:
                 # replaced after it was accepted: leave it out rather than trust unchecked bytes
                 excluded[device] = "sha256_mismatch"
                 continue
-            combiner.add(parse(blob, config.update_tensors, self.settings.max_header_bytes), weights[device],
-                         rec.clip_scale)
+            layout = config.update_tensors_for(rec.rank or config.adapter.rank)
+            combiner.add(parse(blob, layout, self.settings.max_header_bytes), weights[device], rec.clip_scale,
+                         rec.rank or None)
             contributors.append(device)
         if combiner.count < policy.min_updates:
             return None  # quorum counts updates that can still be read and verified, not acceptances
@@ -221,7 +230,8 @@ class RoundCoordinator:
         if privacy_fields is not None:
             manifest["dp"] = privacy_fields
         return versions.publish(self.store, config.name, version, result.weights, spec, manifest,
-                                result.optimizer_state)
+                                result.optimizer_state,
+                                {rank: (w, config.spec_for(rank)) for rank, w in result.tiers.items()})
 
     def _privacy(self, config: FederationConfig, info: RoundInfo) -> dict:
         """This release's DP accounting: ε of one round and of every DP release so far, this one included."""

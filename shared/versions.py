@@ -28,7 +28,7 @@ def encode_weights(weights: Mapping[str, torch.Tensor]) -> bytes:
 
 def publish(store: ObjectStore, fed: str, version: int, weights: Mapping[str, torch.Tensor],
             spec: AdapterSpec, fields: dict[str, Any], optimizer_state: Mapping[str, torch.Tensor] | None = None,
-            ) -> dict[str, Any]:
+            tiers: Mapping[int, tuple[Mapping[str, torch.Tensor], AdapterSpec]] | None = None) -> dict[str, Any]:
     """Write version `version` and then point `current.json` at it; returns the manifest written.
 
     The content is a pure function of its inputs, so a redone close computes identical bytes and
@@ -42,6 +42,9 @@ def publish(store: ObjectStore, fed: str, version: int, weights: Mapping[str, to
     state_blob = encode_weights(optimizer_state) if optimizer_state else None
     if state_blob is not None:
         written["server_optimizer_sha256"] = hashlib.sha256(state_blob).hexdigest()
+    tier_blobs = {rank: (encode_weights(w), tier_spec) for rank, (w, tier_spec) in sorted((tiers or {}).items())}
+    if tier_blobs:
+        written["ranks"] = {str(rank): hashlib.sha256(blob).hexdigest() for rank, (blob, _) in tier_blobs.items()}
     try:  # conditional: a version number is never written twice with different bytes
         existing = manifest(store, fed, version)
     except ObjectNotFound:
@@ -53,6 +56,10 @@ def publish(store: ObjectStore, fed: str, version: int, weights: Mapping[str, to
         store.put(f"{prefix}/{CONFIG_FILE}", _json(spec.peft_config), "application/json")
         if state_blob is not None:
             store.put(f"{prefix}/{OPTIMIZER_FILE}", state_blob)
+        for rank, (blob, tier_spec) in tier_blobs.items():
+            store.put(f"{keys.tier_prefix(fed, version, rank)}/{ADAPTER_FILE}", blob)
+            store.put(f"{keys.tier_prefix(fed, version, rank)}/{CONFIG_FILE}", _json(tier_spec.peft_config),
+                      "application/json")
         store.put(f"{prefix}/{MANIFEST_FILE}", _json(written), "application/json")  # last: the version is whole
     try:
         newest = current_version(store, fed)
@@ -72,6 +79,18 @@ def add_evaluation(store: ObjectStore, fed: str, version: int, evaluation: dict[
 def load_weights(store: ObjectStore, fed: str, version: int, spec: AdapterSpec,
                  max_bytes: int, max_header_bytes: int) -> dict[str, torch.Tensor]:
     blob = store.get(f"{keys.version_prefix(fed, version)}/{ADAPTER_FILE}", max_bytes)
+    return parse(blob, spec.tensors, max_header_bytes)
+
+
+def load_tier_weights(store: ObjectStore, fed: str, version: int, rank: int, spec: AdapterSpec,
+                      max_bytes: int, max_header_bytes: int) -> dict[str, torch.Tensor]:
+    """A version's adapter at a tier's rank, checked against the sha256 its manifest recorded."""
+    expected = (manifest(store, fed, version).get("ranks") or {}).get(str(rank))
+    if expected is None:
+        raise ObjectNotFound(f"{fed} version {version} has no rank-{rank} adapter")
+    blob = store.get(f"{keys.tier_prefix(fed, version, rank)}/{ADAPTER_FILE}", max_bytes)
+    if hashlib.sha256(blob).hexdigest() != expected:
+        raise StateError(f"{fed} version {version}: the rank-{rank} adapter does not match its manifest")
     return parse(blob, spec.tensors, max_header_bytes)
 
 
@@ -97,14 +116,17 @@ def current_version(store: ObjectStore, fed: str) -> int:
     return int(json.loads(store.get(keys.current_pointer(fed), 4096))["version"])
 
 
-def download(store: ObjectStore, fed: str, version: int, directory) -> None:
-    """Copy one version into a local directory that PeftModel.from_pretrained loads."""
+def download(store: ObjectStore, fed: str, version: int, directory, rank: int | None = None) -> None:
+    """Copy one version into a local directory that PeftModel.from_pretrained loads; `rank`: a
+    tier's lower-rank adapter instead of the global one."""
     from pathlib import Path
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    for name in (ADAPTER_FILE, CONFIG_FILE, MANIFEST_FILE):
-        (out / name).write_bytes(store.get(f"{keys.version_prefix(fed, version)}/{name}"))
+    prefix = keys.tier_prefix(fed, version, rank) if rank else keys.version_prefix(fed, version)
+    for name in (ADAPTER_FILE, CONFIG_FILE):
+        (out / name).write_bytes(store.get(f"{prefix}/{name}"))
+    (out / MANIFEST_FILE).write_bytes(store.get(f"{keys.version_prefix(fed, version)}/{MANIFEST_FILE}"))
 
 
 def _json(obj: Any) -> bytes:

@@ -103,12 +103,14 @@ class Gateway:
         if not self.state.join_cohort(fed, info.round, device):
             raise Refusal(409, "no_open_round", f"round {info.round} closed while checking in",
                           headers={"Retry-After": "30"})
-        prefix = keys.version_prefix(fed, info.base_version)
+        rank = round_config.tier_ranks.get(profile.tier)  # a tier of lower rank trains its own adapter
+        prefix = keys.tier_prefix(fed, info.base_version, rank) if rank else keys.version_prefix(fed, info.base_version)
+        adapter = round_config.adapter.for_rank(rank) if rank else round_config.adapter
         get_until = min(info.deadline, self.clock() + self.settings.url_ttl_s)
         return {
             "federation": fed, "device": device, "action": "train", "round": info.round,
             "deadline": info.deadline, "base_version": info.base_version, "config_revision": info.config_rev,
-            "adapter": dataclasses.asdict(round_config.adapter), "base_model": round_config.base_model,
+            "adapter": dataclasses.asdict(adapter), "base_model": round_config.base_model,
             "training": dataclasses.asdict(round_config.training),
             "lora_aggregation": round_config.aggregation.lora,
             "min_samples": round_config.policy.min_samples_per_client,

@@ -51,11 +51,12 @@ class Device:
         started = time.perf_counter()
         plan = gateway.check_in(self.ram_mb, self.storage_mb, self.tier)
         adapter = dict(plan["adapter"], target_modules=tuple(plan["adapter"]["target_modules"]))
-        spec = self.config.spec
-        if build_spec(self.config.model, AdapterConfig(**adapter)).tensors != spec.tensors:
-            raise ValueError(f"round {plan['round']} trains adapter {adapter}; this device's model has "
-                             f"{self.config.adapter}: rebuild it")
-        global_weights = parse(gateway.download(plan), spec.tensors, self.max_header_bytes)
+        tensors = build_spec(self.config.model, AdapterConfig(**adapter)).tensors  # its tier's rank, if any
+        own = {k: tuple(v.shape) for k, v in trainer.adapter_weights(self.model).items()}
+        if tensors != own:
+            raise ValueError(f"round {plan['round']} trains adapter {adapter}; this device's model has another "
+                             "layout: rebuild it")
+        global_weights = parse(gateway.download(plan), tensors, self.max_header_bytes)
         trainer.load_adapter_weights(self.model, global_weights)
         fetched = time.perf_counter()
 
@@ -66,7 +67,7 @@ class Device:
 
         sent = time.perf_counter()
         after = trainer.adapter_weights(self.model)
-        delta = {k: (after[k] - global_weights[k].float()).numpy() for k in spec.tensors
+        delta = {k: (after[k] - global_weights[k].float()).numpy() for k in tensors
                  if not (ffa and k.endswith("lora_A.weight"))}
         receipt = gateway.send(plan, encode_update(delta), num_samples=result.samples,
                                train_seconds=result.seconds, metrics={"loss": result.loss, "steps": result.steps})

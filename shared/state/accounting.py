@@ -31,6 +31,7 @@ class UpdateRecord:
     train_seconds: float
     metrics: dict[str, float]
     accepted_at: float
+    rank: int = 0  # a lower-rank tier's LoRA rank; 0: the federation's global rank
 
     def to_bytes(self) -> bytes:
         return msgpack.packb(dataclasses.asdict(self), use_bin_type=True)

@@ -30,12 +30,20 @@ class RoundResult:
     optimizer_state: dict[str, torch.Tensor]
     mean_delta_norm: float
     fields: dict[str, Any]  # for the version's manifest
+    tiers: dict[int, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)  # rank -> adapter
 
 
 class RoundAggregator:
+    """Heterogeneous ranks: `tier_bases` maps each lower rank devices train to its current adapter
+    (deltas are relative to it), and `alpha` is the LoRA alpha: a rank-r adapter applies
+    (alpha / r)·B·A. Exact mode sums those products; naive mode zero-pads factors to `rank`
+    (HetLoRA's padding) and gives each tier the leading slice of the global factors."""
+
     def __init__(self, agg: AggregationConfig, base: Tensors, update_shapes: Mapping[str, tuple[int, ...]],
-                 rank: int) -> None:
+                 rank: int, alpha: float | None = None, tier_bases: Mapping[int, Tensors] | None = None) -> None:
         self.agg, self.base, self.shapes, self.rank = agg, base, dict(update_shapes), rank
+        self.alpha = float(alpha if alpha is not None else rank)  # a common scale cancels when ranks agree
+        self.tier_bases = dict(tier_bases or {})
         self.count = 0
         self.total_weight = 0.0
         self._mean = StreamingFedAvg(self.shapes) if agg.rule == "mean" and agg.lora != "exact" else None
@@ -47,17 +55,22 @@ class RoundAggregator:
         others = {k: s for k, s in self.shapes.items() if k not in paired}
         self._other = StreamingFedAvg(others) if agg.lora == "exact" and others else None  # plain mean
 
-    def add(self, update: Tensors, weight: float, clip_scale: float) -> None:
-        """One accepted update: its delta tensors, its (capped) weight and its clip factor."""
+    def add(self, update: Tensors, weight: float, clip_scale: float, rank: int | None = None) -> None:
+        """One accepted update: its delta tensors, its (capped) weight and its clip factor; `rank`
+        when its device's tier trains a lower rank than the global adapter."""
+        rank = rank or self.rank
+        if rank != self.rank and rank not in self.tier_bases:
+            raise ValueError(f"an update of rank {rank} has no tier base")
         if self.agg.dp:
             weight = 1.0  # DP-FedAvg: every clipped update counts the same, so C bounds each one
         if self._mean is not None:
-            self._mean.add(update, weight, clip_scale)
+            self._mean.add(update if rank == self.rank else _padded(update, self.shapes), weight, clip_scale)
         elif self.agg.lora == "exact":
+            base = self.base if rank == self.rank else self.tier_bases[rank]
             for prefix, (b, a) in self._pairs.items():
-                B = self.base[b].double() + clip_scale * update[b].double()
-                A = self.base[a].double() + clip_scale * update[a].double()
-                self._sums[prefix].add(B, A, weight)
+                B = base[b].double() + clip_scale * update[b].double()
+                A = base[a].double() + clip_scale * update[a].double()
+                self._sums[prefix].add(B, A, weight * self.alpha / rank)  # its (alpha / r)·B·A
             if self._other is not None:
                 self._other.add({k: update[k] for k in self.shapes if k not in self._paired}, weight, clip_scale)
         else:
@@ -78,7 +91,11 @@ class RoundAggregator:
             weights, dropped, energy = self._exact(server_lr)
             fields["truncation_energy_dropped"] = dropped / energy if energy > 0 else 0.0
             delta = {k: weights[k] - self.base[k].float() for k in self.shapes}
-            return RoundResult(weights, {}, update_norm(delta), fields)
+            tiers = {}
+            for rank in sorted(self.tier_bases):
+                tiers[rank], tier_dropped, tier_energy = self._factorised(rank)
+                fields[f"truncation_energy_dropped_rank{rank}"] = tier_dropped / tier_energy if tier_energy > 0 else 0.0
+            return RoundResult(weights, {}, update_norm(delta), fields, tiers)
         if agg.rule == "median":
             delta = robust.coordinate_median(self._kept)
         elif agg.rule == "trimmed_mean":
@@ -94,21 +111,43 @@ class RoundAggregator:
             fields["dp_noise_std_on_sum"] = std
         weights, new_state = server_optimizers.step(agg.optimizer, self.base, delta, state, server_lr,
                                                     agg.beta1, agg.beta2, agg.tau)
-        return RoundResult(weights, new_state, update_norm(delta), fields)
+        tiers = {rank: _leading(weights, self.tier_bases[rank]) for rank in sorted(self.tier_bases)}
+        return RoundResult(weights, new_state, update_norm(delta), fields, tiers)
 
     def _exact(self, server_lr: float) -> tuple[dict[str, torch.Tensor], float, float]:
-        """(1 - η)·B_g A_g + η·Σ w_i B_i A_i / W per layer, re-factorised to the published rank."""
-        weights = {k: v.float().clone() for k, v in self.base.items()}
-        dropped = energy = 0.0
+        """(1 - η)·W_g + η·Σ w_i W_i / W per layer (W = (alpha / r)·B·A), re-factorised to the rank."""
         for prefix, (b, a) in self._pairs.items():
             acc = self._sums[prefix]
             acc.U *= server_lr / self.total_weight
             if server_lr != 1.0:
-                acc.add(self.base[b].double(), self.base[a].double(), 1.0 - server_lr)
-            out = acc.factorise(self.rank)
-            weights[b], weights[a] = out.B.float().contiguous(), out.A.float().contiguous()
-            dropped, energy = dropped + out.dropped, energy + out.energy
+                acc.add(self.base[b].double(), self.base[a].double(), (1.0 - server_lr) * self.alpha / self.rank)
+        weights, dropped, energy = self._factorised(self.rank)
         if self._other is not None:
             for k, v in self._other.mean().items():
                 weights[k] = (self.base[k].float() + server_lr * v).contiguous()
         return weights, dropped, energy
+
+    def _factorised(self, rank: int) -> tuple[dict[str, torch.Tensor], float, float]:
+        """Every layer's sum as a rank-`rank` adapter (B scaled by rank / alpha), with the energy dropped."""
+        weights = {k: v.float().clone() for k, v in (self.base if rank == self.rank else self.tier_bases[rank]).items()}
+        dropped = energy = 0.0
+        for prefix, (b, a) in self._pairs.items():
+            out = self._sums[prefix].factorise(rank)
+            weights[b], weights[a] = (out.B * (rank / self.alpha)).float().contiguous(), out.A.float().contiguous()
+            dropped, energy = dropped + out.dropped, energy + out.energy
+        return weights, dropped, energy
+
+
+def _padded(update: Tensors, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A lower-rank update zero-padded to the global shapes (B's columns, A's rows)."""
+    out = {}
+    for k, v in update.items():
+        full = torch.zeros(shapes[k], dtype=v.dtype)
+        full[tuple(slice(0, n) for n in v.shape)] = v
+        out[k] = full
+    return out
+
+
+def _leading(weights: Tensors, like: Tensors) -> dict[str, torch.Tensor]:
+    """A tier's adapter as the leading slice of the global factors (zero-padding's inverse)."""
+    return {k: weights[k][tuple(slice(0, n) for n in v.shape)].contiguous() for k, v in like.items()}

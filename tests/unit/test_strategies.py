@@ -228,3 +228,55 @@ def test_incompatible_choices_are_refused_with_the_reason():
     with pytest.raises(ConfigError, match="unknown algorithm"):
         AggregationConfig.preset("krum")
     assert AggregationConfig.preset("fedadam").optimizer == "adam"
+
+
+# --- heterogeneous ranks --------------------------------------------------------------------------
+
+def _tier_updates(ranks, seed):
+    rng = np.random.default_rng(seed)
+    bases = {r: {A_KEY: rng.standard_normal((r, IN)) * 0.3, B_KEY: rng.standard_normal((OUT, r)) * 0.1} for r in ranks}
+    ups = [{A_KEY: rng.standard_normal((r, IN)) * 0.1, B_KEY: rng.standard_normal((OUT, r)) * 0.1} for r in ranks]
+    return bases, ups
+
+
+def test_exact_with_ranks_16_8_4_equals_the_dense_mean_of_scaled_products():
+    alpha, ranks, w = 16.0, [16, 8, 4, 4], [1.0, 2.0, 1.0, 3.0]
+    bases, tier_ups = _tier_updates([16, 8, 4], seed=10)
+    ups = dict(zip([16, 8, 4], tier_ups))  # one update per rank; the two rank-4 devices send the same
+    shapes = {A_KEY: (16, IN), B_KEY: (OUT, 16)}
+    combiner = RoundAggregator(AggregationConfig(lora="exact"), {k: _t(v) for k, v in bases[16].items()}, shapes,
+                               16, alpha, {r: {k: _t(v) for k, v in bases[r].items()} for r in (8, 4)})
+    for r, wi in zip(ranks, w):
+        combiner.add({k: _t(v) for k, v in ups[r].items()}, wi, 1.0, r)
+    out = combiner.finish(1.0, {})
+
+    def scaled(r, u):
+        return (alpha / r) * (bases[r][B_KEY] + u[B_KEY]) @ (bases[r][A_KEY] + u[A_KEY])
+
+    dense = sum(wi * scaled(r, ups[r]) for r, wi in zip(ranks, w)) / sum(w)
+    U, S, Vt = np.linalg.svd(dense)
+    np.testing.assert_allclose((alpha / 16) * _product(out.weights), dense, atol=1e-5)  # rank 16 >= sum's rank
+    for r in (8, 4):  # each tier: the best rank-r approximation, under its own alpha / r scale
+        tier = out.tiers[r]
+        assert tier[B_KEY].shape == (OUT, r) and tier[A_KEY].shape == (r, IN)
+        np.testing.assert_allclose((alpha / r) * _product(tier), (U[:, :r] * S[:r]) @ Vt[:r], atol=1e-5)
+
+
+def test_naive_zero_padding_averages_padded_factors_and_slices_each_tier():
+    ranks, w = [16, 8, 4], [1.0, 1.0, 2.0]
+    bases, ups = _tier_updates(ranks, seed=11)
+    shapes = {A_KEY: (16, IN), B_KEY: (OUT, 16)}
+    combiner = RoundAggregator(AggregationConfig(), {k: _t(v) for k, v in bases[16].items()}, shapes, 16, 16.0,
+                               {r: {k: _t(v) for k, v in bases[r].items()} for r in (8, 4)})
+    for r, u, wi in zip(ranks, ups, w):
+        combiner.add({k: _t(v) for k, v in u.items()}, wi, 1.0, r)
+    out = combiner.finish(1.0, {})
+    for k in SHAPES:
+        padded = [np.zeros(shapes[k]) for _ in ups]
+        for p, u in zip(padded, ups):
+            p[tuple(slice(0, n) for n in u[k].shape)] = u[k]
+        expected = bases[16][k] + sum(wi * p for wi, p in zip(w, padded)) / sum(w)
+        np.testing.assert_allclose(out.weights[k].numpy(), expected, atol=1e-6)
+        for r in (8, 4):
+            np.testing.assert_array_equal(out.tiers[r][k].numpy(),
+                                          out.weights[k].numpy()[tuple(slice(0, n) for n in bases[r][k].shape)])
