@@ -44,10 +44,17 @@ class LoraIn(Strict):
     alpha: int = Field(16, ge=1, le=4096)
     target_modules: list[Module] = Field(default=["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, max_length=7)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    tier_ranks: dict[Id, Annotated[int, Field(ge=1, le=256)]] = Field(
+        default={}, max_length=16, description="heterogeneous ranks: tier -> the LoRA rank its devices train "
+                                                "(each at most `rank`; needs lora 'naive' or 'exact')")
 
     def to_config(self) -> AdapterConfig:
-        return AdapterConfig(kind=self.type, rank=self.rank, alpha=self.alpha,
-                             target_modules=tuple(dict.fromkeys(self.target_modules)), dropout=self.dropout)
+        try:
+            return AdapterConfig(kind=self.type, rank=self.rank, alpha=self.alpha,
+                                 target_modules=tuple(dict.fromkeys(self.target_modules)), dropout=self.dropout,
+                                 tier_ranks=tuple(self.tier_ranks.items()))
+        except ValueError as exc:
+            raise Refusal(422, "invalid_config", str(exc)) from None
 
 
 class QloraIn(LoraIn):

@@ -78,3 +78,51 @@ def test_prompt_tuning_rounds_lower_held_out_perplexity(pipeline, tiny):
     _, evaluation, _ = _federate(pipeline, tiny, AdapterConfig(kind="prompt_tuning", num_virtual_tokens=16),
                                  lr=3e-2, name="train-prompt")
     assert evaluation["heldout_mean"] < evaluation["base_heldout_mean"]
+
+
+def test_exact_aggregation_with_tier_ranks_16_8_4_publishes_an_adapter_per_tier_that_loads_in_peft(pipeline, tmp_path):
+    """Heterogeneous ranks through the real pipeline: each tier trains its own rank on its own model."""
+    from peft import PeftModel
+
+    from shared.device.client import Device
+    from shared.strategies.config import AggregationConfig
+
+    tokenizer = models.load_tokenizer("tiny")
+    tiers = {"high": 16, "mid": 8, "low": 4}
+    adapter = AdapterConfig(rank=16, alpha=16, tier_ranks=tuple(tiers.items()))
+    dims = ModelDims.from_hf_config(models.load_model("tiny").config)
+    config = FederationConfig(
+        name="train-tiers", model=dims, adapter=adapter, base_model="tiny",
+        policy=RoundPolicy(min_updates=3, max_rounds=2, max_grad_norm=5.0, timeout_seconds=300),
+        training=TrainingStrategy(learning_rate=5e-3, batch_size=8, seq_len=128),
+        evaluation=EvaluationConfig(base_model="tiny", eval_chars=8000),
+        aggregation=AggregationConfig.preset("flexlora"),
+    )
+    data = [device.data for device, _ in build_fleet(FleetSpec.spread(3, chars_per_device=16_000), config,
+                                                      trainer.peft_model(models.load_model("tiny"), adapter), tokenizer)]
+    fleet = [Device(f"dev-{tier}", config, trainer.peft_model(models.load_model("tiny"), adapter.for_rank(rank)),
+                    data[i], config.training, tier=tier) for i, (tier, rank) in enumerate(tiers.items())]
+    pipeline.runtime.state.create(config, status="idle")
+    clients = enroll(pipeline.api_url, pipeline.admin_key, config.name, fleet)
+    pipeline.runtime.coordinator.begin_training(config.name, 2)
+    for round_no in (1, 2):
+        for device in fleet:
+            device.run_round(clients[device.device_id], seed=round_no)
+        assert pipeline.wait_round(config, round_no, timeout=120).status == "closed"
+    evaluation = _wait_evaluation(pipeline, config.name, 2)
+    assert evaluation["heldout_mean"] < evaluation["base_heldout_mean"]
+
+    manifest = versions.manifest(pipeline.runtime.store, config.name, 2)
+    assert manifest["aggregation"]["lora"] == "exact" and set(manifest["ranks"]) == {"8", "4"}
+    assert len(manifest["contributors"]) == 3
+    ids = tokenizer("Licensed under the Apache License", return_tensors="pt")["input_ids"]
+    for rank in (16, 8, 4):
+        directory = tmp_path / f"rank-{rank}"
+        versions.download(pipeline.runtime.store, config.name, 2, directory, rank=None if rank == 16 else rank)
+        base = models.load_model("tiny")
+        with torch.no_grad():
+            before = base(ids).logits.clone()
+            adapted = PeftModel.from_pretrained(base, str(directory)).eval()
+            assert adapted.peft_config["default"].r == rank
+            after = adapted(ids).logits
+        assert (after - before).abs().max() > 1e-4  # each tier's adapter changes its model
