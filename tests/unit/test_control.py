@@ -9,7 +9,8 @@ from shared import keys
 from shared.control.auth import Tokens
 from shared.control.gateway import Gateway
 from shared.control.presign import LocalPresigner, S3Presigner, checksum_header
-from shared.control.schemas import LoraIn, RoundConfigIn, StrategyIn, TrainingSessionIn, apply_strategy
+from shared.control.schemas import (AggregationIn, LoraIn, RoundConfigIn, StrategyIn, StrategyParams,
+                                    TrainingSessionIn, apply_strategy)
 from shared.control.sessions import Control
 from shared.errors import Refusal
 from shared.federation import DeviceProfile
@@ -169,6 +170,29 @@ def test_strategy_payload_maps_onto_the_config(plane):
     answer = control.set_strategy("f", strategy)  # a round is open: it waits for the next
     assert answer["applies_from_round"] == 2 and answer["applied"] == "when the next round opens"
     assert control.config("f").training.learning_rate != 1e-4
+
+
+def test_algorithm_presets_and_overrides_reach_the_config_with_their_server_lr(plane):
+    _, _, control, _, _ = plane
+    _session(control, "f")
+    current = control.config("f")
+    adam = apply_strategy(current, None, None, None, "fedadam", AggregationIn(beta2=0.999))
+    assert adam["aggregation"].optimizer == "adam" and adam["aggregation"].beta2 == 0.999
+    assert adam["policy"].server_lr == 1e-2  # the adaptive family's default, unless the request sets one
+    explicit = apply_strategy(current, None, RoundConfigIn(server_lr=0.003), None, "fedyogi")
+    assert explicit["policy"].server_lr == 0.003
+    prox = apply_strategy(current, StrategyParams(), None, None, "fedprox")
+    assert prox["training"].proximal_mu == 0.01
+    dp = apply_strategy(current, None, None, None, "dp_fedavg",
+                        AggregationIn(dp={"noise_multiplier": 1.2, "max_epsilon": 8, "sampling_rate": 0.1}))
+    assert (dp["aggregation"].dp_noise_multiplier, dp["aggregation"].dp_max_epsilon) == (1.2, 8)
+    with pytest.raises(Refusal, match="n > 2|trimmed_mean combine only"):
+        apply_strategy(current, None, None, None, "flexlora", AggregationIn(rule="trimmed_mean"))
+    with pytest.raises(Refusal, match="tier ranks"):
+        LoraIn(type="lora", rank=8, tier_ranks={"low": 16}).to_config()
+    answer = control.set_strategy("f", StrategyIn(algorithm="ffa_lora"))
+    assert answer["applies_from_round"] == 2
+    assert control.state.pending_config("f").aggregation.lora == "ffa"
 
 
 def test_stopping_a_session_fails_its_open_round(plane):
