@@ -91,13 +91,15 @@ def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = R
             "model": model, "config": config, "tokenizer": tokenizer}
 
 
-def centralized(run: dict) -> float:
-    """The same adapter trained on everyone's data pooled, for the same total number of steps."""
+def centralized(run: dict, lr: float | None = None) -> float:
+    """The same adapter trained on everyone's data pooled, for the same total number of steps
+    (at learning rate `lr`, by default the devices' own)."""
     model, config = run["model"], run["config"]
     from shared.evaluation import Evaluator
 
     trainer.load_adapter_weights(model, {k: v for k, v in _initial(config).items()})
-    strategy = dataclasses.replace(config.training, local_epochs=10_000, max_steps=run["steps"])
+    strategy = dataclasses.replace(config.training, local_epochs=10_000, max_steps=run["steps"], proximal_mu=0.0,
+                                   learning_rate=lr or config.training.learning_rate)
     trainer.train(model, pooled([(d, "") for d in run["fleet"]]), strategy, seed=0)
     weights = trainer.adapter_weights(model)
     return Evaluator(config.evaluation, config.adapter).perplexities(weights, general=True)["heldout_mean"]
@@ -113,13 +115,13 @@ def fed_vs_central(args) -> None:
     recipe = Recipe(args.algorithm, args.rounds, args.max_steps, args.server_lr, args.mu,
                     tuple((k, _number(v)) for k, v in (o.split("=", 1) for o in args.set)))
     run = federated(args.model, AdapterConfig(rank=8, alpha=16), lr=args.lr, recipe=recipe)
-    central = centralized(run)
+    central = centralized(run, args.central_lr)
     fed = run["final"]["heldout_mean"]
     print(f"model {args.model}; {DEVICES} devices over {len(corpora.DOMAINS)} domains, {recipe.rounds} rounds, "
           f"{run['steps']} device steps in all; {recipe}")
     print(f"base held-out perplexity        {run['base']['heldout_mean']:.2f}")
     print(f"federated LoRA, per round       {', '.join(f'{p:.2f}' for p in run['rounds'])}")
-    print(f"centralized LoRA, same steps    {central:.2f}")
+    print(f"centralized LoRA, same steps    {central:.2f} (lr {args.central_lr or args.lr:g}; devices lr {args.lr:g})")
     print(f"ratio federated / centralized = {fed / central:.3f} (goal within 5%: <= 1.05)")
     _overhead(run)
 
@@ -216,6 +218,8 @@ def main() -> None:
     parser.add_argument("--quantize", action="store_true")
     parser.add_argument("--algorithm", default="fedavg", help="an aggregation preset (AggregationConfig.preset)")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--central-lr", type=float, default=None,
+                        help="the centralized baseline's learning rate (default: the devices')")
     parser.add_argument("--max-steps", type=int, default=0, help="steps per device per round (0: one epoch)")
     parser.add_argument("--server-lr", type=float, default=None)
     parser.add_argument("--mu", type=float, default=0.0, help="FedProx proximal mu")

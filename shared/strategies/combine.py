@@ -118,7 +118,7 @@ class RoundAggregator:
         """(1 - η)·W_g + η·Σ w_i W_i / W per layer (W = (alpha / r)·B·A), re-factorised to the rank."""
         for prefix, (b, a) in self._pairs.items():
             acc = self._sums[prefix]
-            acc.U *= server_lr / self.total_weight
+            acc.scale(server_lr / self.total_weight)
             if server_lr != 1.0:
                 acc.add(self.base[b].double(), self.base[a].double(), (1.0 - server_lr) * self.alpha / self.rank)
         weights, dropped, energy = self._factorised(self.rank)

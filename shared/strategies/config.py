@@ -54,7 +54,7 @@ class AggregationConfig:
     beta2: float = 0.99
     tau: float = 1e-3
     max_weight_ratio: float = 2.0  # a device weighs at most this x the median claimed sample count
-    working_rank_factor: int = 4  # exact: factors kept while streaming, as a multiple of the rank
+    working_rank_factor: int = 2  # exact: rank kept while streaming, as a multiple of the published rank
     max_robust_updates: int = 1000  # median/trimmed mean hold every update: the most they take
     dp_noise_multiplier: float = 0.0  # z; the noise std on the sum is z x the clip bound
     dp_delta: float = 1e-5

@@ -30,24 +30,46 @@ class Factorised:
 
 
 class LowRankSum:
-    """Σ c_i B_i A_i for one layer, as stacked factors compressed to at most 2·cap columns."""
+    """Σ c_i B_i A_i for one layer, as stacked factors compressed to at most 2·cap columns.
+
+    The stack lives in preallocated buffers (no copy per update); a compression costs two thin QRs
+    of out x 2·cap and in x 2·cap, every cap / r updates, so the cost per update grows with cap:
+    the working rank trades exactness of the streaming sum for close time.
+    """
 
     def __init__(self, out_features: int, in_features: int, cap: int) -> None:
         if cap < 1:
             raise ValueError(f"working rank must be >= 1, got {cap}")
         self.cap = cap
-        self.U = torch.zeros(out_features, 0, dtype=DTYPE)
-        self.V = torch.zeros(0, in_features, dtype=DTYPE)
+        self._U = torch.zeros(out_features, 0, dtype=DTYPE)
+        self._V = torch.zeros(0, in_features, dtype=DTYPE)
+        self.k = 0  # columns in use
         self.dropped = 0.0  # energy dropped by compressions while streaming
 
+    @property
+    def U(self) -> torch.Tensor:
+        return self._U[:, :self.k]
+
+    @property
+    def V(self) -> torch.Tensor:
+        return self._V[:self.k]
+
     def add(self, B: torch.Tensor, A: torch.Tensor, coefficient: float) -> None:
-        if B.shape[0] != self.U.shape[0] or A.shape[1] != self.V.shape[1] or B.shape[1] != A.shape[0]:
+        if B.shape[0] != self._U.shape[0] or A.shape[1] != self._V.shape[1] or B.shape[1] != A.shape[0]:
             raise ValueError(f"factors {tuple(B.shape)} x {tuple(A.shape)} do not fit this layer")
-        self.U = torch.cat([self.U, coefficient * B.to(DTYPE)], dim=1)
-        self.V = torch.cat([self.V, A.to(DTYPE)], dim=0)
-        if self.U.shape[1] > 2 * self.cap:
-            self.U, self.V, dropped = _truncate(self.U, self.V, self.cap)[:3]
-            self.dropped += dropped
+        r = B.shape[1]
+        if self.k + r > self._U.shape[1]:
+            if self.k + r > 2 * self.cap and self.k > self.cap:
+                self._compress()
+            self._grow(max(2 * self.cap, self.k + r))
+        self._U[:, self.k:self.k + r] = B
+        self._U[:, self.k:self.k + r] *= coefficient
+        self._V[self.k:self.k + r] = A
+        self.k += r
+
+    def scale(self, factor: float) -> None:
+        """Multiply the whole sum by `factor`."""
+        self._U[:, :self.k] *= factor
 
     def factorise(self, rank: int) -> Factorised:
         """B (out x rank), A (rank x in) with B·A the best rank-`rank` approximation of the sum."""
@@ -57,6 +79,20 @@ class LowRankSum:
             U = torch.cat([U, torch.zeros(U.shape[0], pad, dtype=DTYPE)], dim=1)
             V = torch.cat([V, torch.zeros(pad, V.shape[1], dtype=DTYPE)], dim=0)
         return Factorised(U, V, energy + self.dropped, dropped + self.dropped)
+
+    def _compress(self) -> None:
+        U, V, dropped, _ = _truncate(self.U, self.V, self.cap)
+        self.dropped += dropped
+        self.k = U.shape[1]
+        self._U[:, :self.k], self._V[:self.k] = U, V
+
+    def _grow(self, columns: int) -> None:
+        if columns <= self._U.shape[1]:
+            return
+        U = torch.zeros(self._U.shape[0], columns, dtype=DTYPE)
+        V = torch.zeros(columns, self._V.shape[1], dtype=DTYPE)
+        U[:, :self.k], V[:self.k] = self.U, self.V
+        self._U, self._V = U, V
 
 
 def _truncate(U: torch.Tensor, V: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
