@@ -75,7 +75,7 @@ def test_exact_truncation_is_the_best_low_rank_approximation_and_reports_the_dro
 
 def test_exact_is_order_invariant_and_one_client_gives_its_own_product():
     base, ups, w = _base(), _updates(5, seed=2), [1.0, 4.0, 2.0, 2.0, 3.0]
-    agg = AggregationConfig(lora="exact")
+    agg = AggregationConfig(lora="exact", working_rank_factor=5)  # the stream keeps all 5 x rank 2
     a = _run(agg, base, ups, w)
     order = [3, 0, 4, 2, 1]
     b = _run(agg, base, [ups[i] for i in order], [w[i] for i in order])
@@ -83,6 +83,13 @@ def test_exact_is_order_invariant_and_one_client_gives_its_own_product():
     one = _run(agg, base, ups[:1], [7.0])
     np.testing.assert_allclose(_product(one.weights), (base[B_KEY] + ups[0][B_KEY]) @ (base[A_KEY] + ups[0][A_KEY]),
                                atol=1e-6)
+
+
+def test_a_working_rank_below_the_stream_reports_what_streaming_dropped():
+    base, ups, w = _base(), _updates(5, seed=2), [1.0, 4.0, 2.0, 2.0, 3.0]
+    wide = _run(AggregationConfig(lora="exact", working_rank_factor=5), base, ups, w)
+    narrow = _run(AggregationConfig(lora="exact", working_rank_factor=1), base, ups, w)
+    assert narrow.fields["truncation_energy_dropped"] > wide.fields["truncation_energy_dropped"]
 
 
 def test_streaming_compression_stays_exact_for_a_low_rank_sum_and_memory_stays_bounded():
