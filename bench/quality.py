@@ -4,6 +4,7 @@
     python bench/quality.py prompt           # prompt tuning through the same pipeline: perplexity gain
     python bench/quality.py qlora            # QLoRA (4-bit NF4 base) vs LoRA (fp32 base): perplexity, peak RSS
     python bench/quality.py memory           # memory calculator vs measured peak RSS (tiny; --model smollm2)
+    python bench/quality.py dp               # central DP's perplexity cost at epsilon 8, 3 and 1 (a population)
 
 Federated runs go through the real tasks on embedded services (workers/experiment.py); the
 device-side federation overhead is printed with every federated run.
@@ -30,6 +31,7 @@ from shared.device import memory, models, trainer  # noqa: E402
 from shared.device.fleet import FleetSpec, build_fleet, pooled  # noqa: E402
 from shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy  # noqa: E402
 from shared.settings import Settings  # noqa: E402
+from shared.strategies import privacy  # noqa: E402
 from shared.strategies.config import ADAPTIVE_SERVER_LR, AggregationConfig  # noqa: E402
 
 ROUNDS, DEVICES, CHARS = 5, 8, 24_000
@@ -51,12 +53,12 @@ class Recipe:
 
 
 def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, source: str,
-            recipe: Recipe = Recipe()) -> FederationConfig:
+            recipe: Recipe = Recipe(), clip: float = 5.0, min_updates: int = DEVICES) -> FederationConfig:
     agg = recipe.aggregation()
     server_lr = recipe.server_lr or (ADAPTIVE_SERVER_LR if agg.adaptive else 1.0)
     return FederationConfig(
         name=name, model=dims, adapter=adapter, base_model=source,
-        policy=RoundPolicy(min_updates=DEVICES, max_rounds=recipe.rounds, max_grad_norm=5.0, timeout_seconds=900,
+        policy=RoundPolicy(min_updates=min_updates, max_rounds=recipe.rounds, max_grad_norm=clip, timeout_seconds=900,
                            server_lr=server_lr),
         training=TrainingStrategy(learning_rate=lr, batch_size=8, seq_len=128, max_steps=recipe.max_steps,
                                   proximal_mu=recipe.proximal_mu),
@@ -65,15 +67,16 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
     )
 
 
-def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = Recipe()) -> dict:
+def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = Recipe(),
+              fleet_spec: FleetSpec | None = None, clip: float = 5.0) -> dict:
     """recipe.rounds rounds of DEVICES non-IID devices through the real tasks; returns the last evaluation."""
     from workers.experiment import embedded, enroll, gateway, run_rounds
 
     tokenizer, base = models.load_tokenizer(source), models.load_model(source)
     config = _config(f"bench-{adapter.kind}-{int(time.time())}", ModelDims.from_hf_config(base.config), adapter, lr,
-                     source, recipe)
+                     source, recipe, clip, min_updates=2 if fleet_spec else DEVICES)
     model = trainer.peft_model(base, config.adapter)
-    fleet = [d for d, _ in build_fleet(FleetSpec.spread(DEVICES, CHARS), config, model, tokenizer)]
+    fleet = [d for d, _ in build_fleet(fleet_spec or FleetSpec.spread(DEVICES, CHARS), config, model, tokenizer)]
     with embedded(Settings(), Path(tempfile.mkdtemp(prefix="ft-bench-"))) as (app, runtime, _), \
             gateway(app, runtime) as (url, admin_key):
         runtime.state.create(config, status="idle")
@@ -124,6 +127,36 @@ def fed_vs_central(args) -> None:
     print(f"centralized LoRA, same steps    {central:.2f} (lr {args.central_lr or args.lr:g}; devices lr {args.lr:g})")
     print(f"ratio federated / centralized = {fed / central:.3f} (goal within 5%: <= 1.05)")
     _overhead(run)
+
+
+def noise_for(epsilon: float, rate: float, rounds: int, delta: float) -> float:
+    """The smallest noise multiplier (to 1 %) whose RDP epsilon over `rounds` is at most `epsilon`."""
+    low, high = 0.3, 100.0
+    while high / low > 1.01:
+        mid = (low * high) ** 0.5
+        low, high = (low, mid) if privacy.epsilon(mid, rate, rounds, delta) <= epsilon else (mid, high)
+    return high
+
+
+def dp_cost(args) -> None:
+    """DP-FedAvg on a sampled population: held-out perplexity without noise and at epsilon 8, 3, 1."""
+    delta = 1e-5
+    fleet = FleetSpec.spread(args.population, args.chars)
+    print(f"{args.population} devices ({args.chars} chars each), Poisson sampling q = {args.rate}, "
+          f"{args.rounds} rounds of {args.max_steps or 'one epoch of'} step(s) per device, clip 1.0, delta {delta:g}")
+    rows = []
+    for target in (None, 8.0, 3.0, 1.0):
+        z = 0.0 if target is None else noise_for(target, args.rate, args.rounds, delta)
+        overrides = (("dp_sampling_rate", args.rate),) + ((("dp_noise_multiplier", z),) if z else ())
+        recipe = Recipe("dp_fedavg" if z else "fedavg", args.rounds, args.max_steps, args.server_lr, 0.0, overrides)
+        run = federated(args.model, AdapterConfig(rank=8, alpha=16), args.lr, recipe, fleet, clip=1.0)
+        eps = privacy.epsilon(z, args.rate, args.rounds, delta) if z else float("inf")
+        rows.append((target, z, eps, run["final"]["heldout_mean"], run["base"]["heldout_mean"]))
+        print(f"target eps {target}: z = {z:.3f}, eps = {eps:.2f}, held-out perplexity {rows[-1][3]:.2f} "
+              f"(base {rows[-1][4]:.2f})", flush=True)
+    clean = rows[0][3]
+    for target, z, eps, ppl, _ in rows[1:]:
+        print(f"epsilon {eps:5.2f} (z {z:.2f}): perplexity {ppl:.2f} = {ppl / clean:.3f}x the noiseless run")
 
 
 def _number(text: str):
@@ -211,7 +244,7 @@ def memory_check(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["fed-vs-central", "prompt", "qlora", "memory", "child"])
+    parser.add_argument("what", choices=["fed-vs-central", "prompt", "qlora", "memory", "dp", "child"])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--steps", type=int, default=30)
@@ -223,6 +256,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=0, help="steps per device per round (0: one epoch)")
     parser.add_argument("--server-lr", type=float, default=None)
     parser.add_argument("--mu", type=float, default=0.0, help="FedProx proximal mu")
+    parser.add_argument("--population", type=int, default=300, help="dp: devices enrolled")
+    parser.add_argument("--rate", type=float, default=0.2, help="dp: Poisson sampling rate per round")
+    parser.add_argument("--chars", type=int, default=3000, help="dp: text per device")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="an AggregationConfig field, e.g. --set lora=ffa")
     args = parser.parse_args()
@@ -232,7 +268,8 @@ def main() -> None:
         return
     if args.lr is None:
         args.lr = 3e-2 if args.what == "prompt" else 5e-3
-    {"fed-vs-central": fed_vs_central, "prompt": prompt, "qlora": qlora, "memory": memory_check}[args.what](args)
+    {"fed-vs-central": fed_vs_central, "prompt": prompt, "qlora": qlora, "memory": memory_check,
+     "dp": dp_cost}[args.what](args)
 
 
 if __name__ == "__main__":

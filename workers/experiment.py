@@ -25,7 +25,7 @@ from shared.device.client import Device
 from shared.federation import FederationConfig
 from shared.runtime import Runtime
 from shared.settings import Settings
-from shared.sdk import DeviceClient, Federation
+from shared.sdk import DeviceClient, Federation, FleettuneAPIError
 from shared.storage import LocalObjectStore, open_store
 from shared.submit import encode_update
 from workers.app import QUEUES, enqueuer, make_app
@@ -128,7 +128,11 @@ def run_rounds(app: Celery, runtime: Runtime, config: FederationConfig, fleet: l
             send_hostile(hostile, config)
         reports = []
         for device in tqdm(fleet, desc=f"round {round_no}", unit="device", leave=False, disable=not progress):
-            reports.append(device.run_round(clients[device.device_id], seed=round_no))
+            try:
+                reports.append(device.run_round(clients[device.device_id], seed=round_no))
+            except FleettuneAPIError as exc:
+                if exc.code != "not_sampled":  # Poisson sampling (central DP) left this device out
+                    raise
         done = wait_round(app, runtime, fed, round_no, timeout)
         manifest = versions.manifest(runtime.store, fed, done.version) if done.status == "closed" else {}
         evaluation = (wait_evaluation(runtime, fed, done.version, timeout)
@@ -137,7 +141,7 @@ def run_rounds(app: Celery, runtime: Runtime, config: FederationConfig, fleet: l
             round_no, done.status, len(manifest.get("contributors", [])), done.rejected,
             evaluation.get("heldout_mean", math.nan), evaluation.get("general", math.nan),
             manifest.get("global_norm", math.nan), time.monotonic() - started,
-            sum(r.train_seconds for r in reports) / len(reports),
-            sum(r.send_seconds for r in reports) / len(reports),
+            sum(r.train_seconds for r in reports) / max(len(reports), 1),
+            sum(r.send_seconds for r in reports) / max(len(reports), 1),
             evaluation.get("guard", ""),
         )
