@@ -147,7 +147,7 @@ def dp_cost(args) -> None:
     rows = []
     for target in (None, 8.0, 3.0, 1.0):
         z = 0.0 if target is None else noise_for(target, args.rate, args.rounds, delta)
-        overrides = (("dp_sampling_rate", args.rate),) + ((("dp_noise_multiplier", z),) if z else ())
+        overrides = (("sampling_rate", args.rate),) + ((("dp_noise_multiplier", z),) if z else ())
         recipe = Recipe("dp_fedavg" if z else "fedavg", args.rounds, args.max_steps, args.server_lr, 0.0, overrides)
         run = federated(args.model, AdapterConfig(rank=8, alpha=16), args.lr, recipe, fleet, clip=1.0)
         eps = privacy.epsilon(z, args.rate, args.rounds, delta) if z else float("inf")

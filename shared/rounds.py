@@ -238,7 +238,7 @@ class RoundCoordinator:
         agg = config.aggregation
         parent = versions.manifest(self.store, config.name, info.base_version).get("dp") or {}
         releases = int(parent.get("releases", 0)) + 1
-        z, q, delta = agg.dp_noise_multiplier, agg.dp_sampling_rate, agg.dp_delta
+        z, q, delta = agg.dp_noise_multiplier, agg.sampling_rate, agg.dp_delta
         return {"noise_multiplier": z, "sampling_rate": q, "delta": delta, "clip": config.policy.max_grad_norm,
                 "releases": releases, "epsilon_round": privacy.epsilon(z, q, 1, delta),
                 "epsilon": privacy.epsilon(z, q, releases, delta), "max_epsilon": agg.dp_max_epsilon,

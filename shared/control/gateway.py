@@ -95,7 +95,7 @@ class Gateway:
                           headers={"Retry-After": "30"})
         self.r.sadd(keys.fed_devices(fed), device)  # eligible now: it is selected for later rounds too
         round_config = self.state.config(fed, info.config_rev) or config
-        rate = round_config.aggregation.dp_sampling_rate
+        rate = round_config.aggregation.sampling_rate
         if rate < 1.0 and not privacy.sampled(self.state.secret(fed), info.round, device, rate):
             # Poisson sampling, which the DP accountant counts on: the server's secret decides
             raise Refusal(409, "not_sampled", f"not sampled into round {info.round} (rate {rate:g}); check in later",

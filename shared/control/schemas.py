@@ -107,7 +107,6 @@ class DpIn(Strict):
     noise_multiplier: float = Field(gt=0, le=100, description="z: noise std on the sum = z x max_update_norm")
     delta: float = Field(1e-5, gt=0, lt=1)
     max_epsilon: float | None = Field(None, gt=0, le=1e6, description="complete before a round would pass it")
-    sampling_rate: float = Field(1.0, gt=0, le=1, description="Poisson sampling of each round's cohort")
 
 
 class AggregationIn(Strict):
@@ -122,6 +121,8 @@ class AggregationIn(Strict):
     tau: float | None = Field(None, gt=0, le=1)
     max_weight_ratio: float | None = Field(None, ge=1, le=1e6)
     working_rank_factor: int | None = Field(None, ge=1, le=64)
+    sampling_rate: float | None = Field(None, gt=0, le=1, description="Poisson sampling of each round's cohort "
+                                                                      "(the DP accountant counts on it)")
     dp: DpIn | None = None
 
     def fields(self) -> dict:

@@ -244,7 +244,7 @@ def _write_open(pipe, fed: str, round_no: int, base_version: int, now: float, ti
     """
     switch = pending is not None and pending.revision > current.revision
     revision = pending.revision if switch else current.revision
-    rate = (pending if switch else current).aggregation.dp_sampling_rate
+    rate = (pending if switch else current).aggregation.sampling_rate
     if rate < 1.0:
         cohort = {d for d in cohort if privacy.sampled(secret, round_no, d.decode() if isinstance(d, bytes) else d, rate)}
     info = RoundInfo(round_no, "open", base_version, now, now + timeout, len(cohort), config_rev=revision)

@@ -59,7 +59,7 @@ class AggregationConfig:
     dp_noise_multiplier: float = 0.0  # z; the noise std on the sum is z x the clip bound
     dp_delta: float = 1e-5
     dp_max_epsilon: float | None = None  # the federation completes before a round would exceed it
-    dp_sampling_rate: float = 1.0  # Poisson sampling of each round's cohort (q)
+    sampling_rate: float = 1.0  # Poisson sampling of each round's cohort (q)
 
     def __post_init__(self) -> None:
         checks = {
@@ -77,7 +77,7 @@ class AggregationConfig:
             "dp_noise_multiplier must be >= 0": self.dp_noise_multiplier >= 0 and math.isfinite(self.dp_noise_multiplier),
             "dp_delta must be in (0, 1)": 0 < self.dp_delta < 1,
             "dp_max_epsilon must be > 0": self.dp_max_epsilon is None or self.dp_max_epsilon > 0,
-            "dp_sampling_rate must be in (0, 1]": 0 < self.dp_sampling_rate <= 1,
+            "sampling_rate must be in (0, 1]": 0 < self.sampling_rate <= 1,
             # the median and trimmed mean are not linear: there is no exact way to combine them
             # with a re-factorisation or with noise calibrated to a sum's sensitivity
             "median and trimmed_mean combine only with lora 'naive' or 'ffa', without DP":

@@ -123,7 +123,7 @@ def test_dp_noise_is_deterministic_for_a_redone_close_but_secret(tmp_path):
 
 
 def test_sampling_rate_picks_the_cohort_the_accountant_assumes(tmp_path):
-    agg = AggregationConfig.preset("dp_fedavg", dp_noise_multiplier=1.0, dp_sampling_rate=0.5)
+    agg = AggregationConfig.preset("dp_fedavg", dp_noise_multiplier=1.0, sampling_rate=0.5)
     state, store = FederationState(fakeredis.FakeRedis()), LocalObjectStore(tmp_path)
     devices = [f"d{i:03d}" for i in range(200)]
     config = FederationConfig("f", LAYOUTS["tiny-llama"], aggregation=agg, policy=RoundPolicy(min_updates=3))

@@ -184,8 +184,9 @@ def test_algorithm_presets_and_overrides_reach_the_config_with_their_server_lr(p
     prox = apply_strategy(current, StrategyParams(), None, None, "fedprox")
     assert prox["training"].proximal_mu == 0.01
     dp = apply_strategy(current, None, None, None, "dp_fedavg",
-                        AggregationIn(dp={"noise_multiplier": 1.2, "max_epsilon": 8, "sampling_rate": 0.1}))
+                        AggregationIn(sampling_rate=0.1, dp={"noise_multiplier": 1.2, "max_epsilon": 8}))
     assert (dp["aggregation"].dp_noise_multiplier, dp["aggregation"].dp_max_epsilon) == (1.2, 8)
+    assert dp["aggregation"].sampling_rate == 0.1
     with pytest.raises(Refusal, match="n > 2|trimmed_mean combine only"):
         apply_strategy(current, None, None, None, "flexlora", AggregationIn(rule="trimmed_mean"))
     with pytest.raises(Refusal, match="tier ranks"):
