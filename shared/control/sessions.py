@@ -206,6 +206,7 @@ def federation_view(config: FederationConfig) -> dict:
     """A config as the API shows it."""
     view = dataclasses.asdict(config)
     view["adapter"]["type"] = view["adapter"].pop("kind")
+    view["adapter"]["tier_ranks"] = dict(config.adapter.tier_ranks)  # as the API takes it
     view["adapter_parameters"] = config.spec.num_parameters
     return view
 

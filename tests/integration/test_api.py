@@ -19,7 +19,7 @@ from fleettune import DeviceClient, Federation, FleettuneAPIError, ModelRegistry
 from shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
 from shared.submit import encode_update
 from tests import services
-from tests.reference import next_global, random_deltas
+from tests.reference import mean_delta, next_global, random_deltas, server_optimizer
 
 pytestmark = pytest.mark.services
 _names = itertools.count(1)
@@ -72,7 +72,8 @@ def test_the_specs_three_calls_as_written_succeed_and_take_effect(pipeline):
         body = session.json()
         assert body["status"] == "active" and body["last_round"] == 100
         config = http.get(f"/api/v1/federations/{body['federation']}").json()["config"]
-    assert config["adapter"] == dict(ADAPTER, num_virtual_tokens=16, target_modules=ADAPTER["target_modules"])
+    assert config["adapter"] == dict(ADAPTER, num_virtual_tokens=16, target_modules=ADAPTER["target_modules"],
+                                     tier_ranks={})
     assert config["training"]["learning_rate"] == 1e-4 and config["training"]["local_epochs"] == 3
     assert config["policy"]["min_updates"] == 10 and config["policy"]["timeout_seconds"] == 900
     assert config["device_filter"]["min_ram_mb"] == 6144
@@ -138,6 +139,35 @@ def test_a_session_driven_only_through_the_api_matches_the_numpy_reference(pipel
     assert max(float(np.abs(published[k] - prev[k]).max()) for k in prev) <= 1e-6
     assert session.wait(timeout=30)["status"] == "completed"
     assert [v["version"] for v in federation.versions()] == [0, 1, 2]
+
+
+def test_fedadam_chosen_through_the_api_publishes_what_the_paper_computes(pipeline):
+    """The strategy PUT selects FedAdam; two rounds on real workers (whichever process closes each
+    round reads the optimizer state the last one stored) equal Reddi et al.'s update in numpy."""
+    fed = _name("adam")
+    federation = Federation(pipeline.admin_key, fed, pipeline.api_url)
+    federation.create(model="tiny-llama", adapter=ADAPTER)
+    answer = federation.configure_strategy("fedadam", round_config={"max_update_norm": 0.5})
+    assert answer["config"]["aggregation"]["optimizer"] == "adam" and answer["config"]["policy"]["server_lr"] == 0.01
+    devices = _devices(pipeline, fed, 3)
+    federation.train(model="tiny-llama", algorithm="fedadam", rounds=2, min_updates=3)
+    spec = pipeline.runtime.state.config(fed).spec.tensors
+    rng = np.random.default_rng(11)
+    x0, means = None, []
+    for round_no in (1, 2):
+        deltas = []
+        for i, device in enumerate(devices.values()):
+            plan = device.check_in(**PHONE)
+            if x0 is None:
+                x0 = {k: v.astype(np.float64) for k, v in load(device.download(plan)).items()}
+            deltas.append(random_deltas(spec, rng, 0.003 * (i + 1)))
+            device.send(plan, encode_update(deltas[-1]), num_samples=100)
+        assert _wait_round(federation, round_no)["status"] == "closed"
+        means.append(mean_delta(deltas, [100] * 3, 0.5))
+    published = load(pipeline.runtime.store.get(f"federations/{fed}/versions/000002/adapter_model.safetensors"))
+    for k in spec:
+        expected = server_optimizer("adam", x0[k], [m[k] for m in means], 0.01)
+        np.testing.assert_allclose(published[k], expected, atol=1e-6, rtol=1e-5)
 
 
 def test_the_sdk_trains_and_uploads_registry_versions_single_and_multipart(pipeline, env, workdir, tmp_path):
