@@ -32,7 +32,7 @@ from shared.device.fleet import FleetSpec, build_fleet, pooled  # noqa: E402
 from shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.strategies import privacy  # noqa: E402
-from shared.strategies.config import ADAPTIVE_SERVER_LR, AggregationConfig  # noqa: E402
+from shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, AggregationConfig  # noqa: E402
 
 ROUNDS, DEVICES, CHARS = 5, 8, 24_000
 
@@ -61,7 +61,7 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
         policy=RoundPolicy(min_updates=min_updates, max_rounds=recipe.rounds, max_grad_norm=clip, timeout_seconds=900,
                            server_lr=server_lr),
         training=TrainingStrategy(learning_rate=lr, batch_size=8, seq_len=128, max_steps=recipe.max_steps,
-                                  proximal_mu=recipe.proximal_mu),
+                                  proximal_mu=recipe.proximal_mu or (FEDPROX_MU if recipe.algorithm == "fedprox" else 0)),
         evaluation=EvaluationConfig(base_model=source, forgetting_threshold=100.0),
         aggregation=agg,
     )
