@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import hashlib
 import time
 import uuid
@@ -199,7 +200,7 @@ class RoundCoordinator:
                 continue
             layout = config.update_tensors_for(rec.rank or config.adapter.rank)
             combiner.add(parse(blob, layout, self.settings.max_header_bytes), weights[device], rec.clip_scale,
-                         rec.rank or None)
+                         rec.rank or None, _steps_times_lr(config, rec.num_samples))
             contributors.append(device)
         if combiner.count < policy.min_updates:
             return None  # quorum counts updates that can still be read and verified, not acceptances
@@ -208,8 +209,13 @@ class RoundCoordinator:
         state = versions.load_optimizer_state(self.store, config.name, info.base_version,
                                               self.settings.max_update_bytes) if agg.optimizer != "sgd" else {}
         privacy_fields = self._privacy(config, info) if agg.dp else None
+        scaffold = agg.drift_control == "scaffold"
+        control = versions.load_control(self.store, config.name, info.base_version,
+                                        self.settings.max_update_bytes) if scaffold else None
+        population = max(self.state.enrolled_count(config.name), combiner.count)
         result = combiner.finish(server_lr, state, policy.max_grad_norm,
-                                 privacy.noise_seed(self.state.secret(config.name), info.round) if agg.dp else 0)
+                                 privacy.noise_seed(self.state.secret(config.name), info.round) if agg.dp else 0,
+                                 control, combiner.count / population)
         kept = [records[d] for d in contributors]
         manifest = {
             "round": info.round, "parent_version": info.base_version, "contributors": contributors,
@@ -231,7 +237,8 @@ class RoundCoordinator:
             manifest["dp"] = privacy_fields
         return versions.publish(self.store, config.name, version, result.weights, spec, manifest,
                                 result.optimizer_state,
-                                {rank: (w, config.spec_for(rank)) for rank, w in result.tiers.items()})
+                                {rank: (w, config.spec_for(rank)) for rank, w in result.tiers.items()},
+                                result.control)
 
     def _privacy(self, config: FederationConfig, info: RoundInfo) -> dict:
         """This release's DP accounting: ε of one round and of every DP release so far, this one included."""
@@ -287,3 +294,10 @@ class RoundCoordinator:
         if left < 1:
             raise StateError(f"{fed} has no rounds left in its session")
         return self.begin_training(fed, left)
+
+
+def _steps_times_lr(config: FederationConfig, num_samples: int) -> float:
+    """K·η of a device that trained on `num_samples` sequences (epochs included) under the round's
+    strategy: SCAFFOLD turns its update into a gradient estimate with it."""
+    training = config.training
+    return max(1, math.ceil(num_samples / training.batch_size)) * training.learning_rate

@@ -20,6 +20,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 MANIFEST_FILE = "manifest.json"
 OPTIMIZER_FILE = "server_optimizer.safetensors"  # a stateful server optimizer's state after this version
+CONTROL_FILE = "scaffold_control.safetensors"  # SCAFFOLD's server control variate, which devices download
 
 
 def encode_weights(weights: Mapping[str, torch.Tensor]) -> bytes:
@@ -28,7 +29,8 @@ def encode_weights(weights: Mapping[str, torch.Tensor]) -> bytes:
 
 def publish(store: ObjectStore, fed: str, version: int, weights: Mapping[str, torch.Tensor],
             spec: AdapterSpec, fields: dict[str, Any], optimizer_state: Mapping[str, torch.Tensor] | None = None,
-            tiers: Mapping[int, tuple[Mapping[str, torch.Tensor], AdapterSpec]] | None = None) -> dict[str, Any]:
+            tiers: Mapping[int, tuple[Mapping[str, torch.Tensor], AdapterSpec]] | None = None,
+            control: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Write version `version` and then point `current.json` at it; returns the manifest written.
 
     The content is a pure function of its inputs, so a redone close computes identical bytes and
@@ -42,6 +44,9 @@ def publish(store: ObjectStore, fed: str, version: int, weights: Mapping[str, to
     state_blob = encode_weights(optimizer_state) if optimizer_state else None
     if state_blob is not None:
         written["server_optimizer_sha256"] = hashlib.sha256(state_blob).hexdigest()
+    control_blob = encode_weights(control) if control else None
+    if control_blob is not None:
+        written["scaffold_control_sha256"] = hashlib.sha256(control_blob).hexdigest()
     tier_blobs = {rank: (encode_weights(w), tier_spec) for rank, (w, tier_spec) in sorted((tiers or {}).items())}
     if tier_blobs:
         written["ranks"] = {str(rank): hashlib.sha256(blob).hexdigest() for rank, (blob, _) in tier_blobs.items()}
@@ -56,6 +61,8 @@ def publish(store: ObjectStore, fed: str, version: int, weights: Mapping[str, to
         store.put(f"{prefix}/{CONFIG_FILE}", _json(spec.peft_config), "application/json")
         if state_blob is not None:
             store.put(f"{prefix}/{OPTIMIZER_FILE}", state_blob)
+        if control_blob is not None:
+            store.put(f"{prefix}/{CONTROL_FILE}", control_blob)
         for rank, (blob, tier_spec) in tier_blobs.items():
             store.put(f"{keys.tier_prefix(fed, version, rank)}/{ADAPTER_FILE}", blob)
             store.put(f"{keys.tier_prefix(fed, version, rank)}/{CONFIG_FILE}", _json(tier_spec.peft_config),
@@ -97,14 +104,23 @@ def load_tier_weights(store: ObjectStore, fed: str, version: int, rank: int, spe
 def load_optimizer_state(store: ObjectStore, fed: str, version: int, max_bytes: int) -> dict[str, torch.Tensor]:
     """The server optimizer's state as of `version`; empty for a version that has none (v0, or
     a stateless optimizer), which starts the optimizer afresh."""
-    expected = manifest(store, fed, version).get("server_optimizer_sha256")
+    return _load_state(store, fed, version, OPTIMIZER_FILE, "server_optimizer_sha256", max_bytes)
+
+
+def load_control(store: ObjectStore, fed: str, version: int, max_bytes: int) -> dict[str, torch.Tensor]:
+    """SCAFFOLD's server control variate as of `version`; empty (zero) for a version that has none."""
+    return _load_state(store, fed, version, CONTROL_FILE, "scaffold_control_sha256", max_bytes)
+
+
+def _load_state(store: ObjectStore, fed: str, version: int, name: str, field: str, max_bytes: int):
+    expected = manifest(store, fed, version).get(field)
     if expected is None:
         return {}
     from safetensors.torch import load
 
-    blob = store.get(f"{keys.version_prefix(fed, version)}/{OPTIMIZER_FILE}", max_bytes)
+    blob = store.get(f"{keys.version_prefix(fed, version)}/{name}", max_bytes)
     if hashlib.sha256(blob).hexdigest() != expected:
-        raise StateError(f"{fed} version {version}: the server optimizer state does not match its manifest")
+        raise StateError(f"{fed} version {version}: {name} does not match its manifest")
     return load(blob)
 
 

@@ -107,15 +107,20 @@ class Gateway:
         prefix = keys.tier_prefix(fed, info.base_version, rank) if rank else keys.version_prefix(fed, info.base_version)
         adapter = round_config.adapter.for_rank(rank) if rank else round_config.adapter
         get_until = min(info.deadline, self.clock() + self.settings.url_ttl_s)
+        scaffold = {}  # SCAFFOLD's server control variate (absent before the first SCAFFOLD round: zero)
+        if round_config.aggregation.drift_control == "scaffold":
+            key = f"{keys.version_prefix(fed, info.base_version)}/{versions.CONTROL_FILE}"
+            scaffold[versions.CONTROL_FILE] = self.presigner.get(key, get_until, base_url).as_dict()
         return {
             "federation": fed, "device": device, "action": "train", "round": info.round,
             "deadline": info.deadline, "base_version": info.base_version, "config_revision": info.config_rev,
             "adapter": dataclasses.asdict(adapter), "base_model": round_config.base_model,
             "training": dataclasses.asdict(round_config.training),
             "lora_aggregation": round_config.aggregation.lora,
+            "drift_control": round_config.aggregation.drift_control,
             "min_samples": round_config.policy.min_samples_per_client,
             "download": {name: self.presigner.get(f"{prefix}/{name}", get_until, base_url).as_dict()
-                         for name in (versions.ADAPTER_FILE, versions.CONFIG_FILE)},
+                         for name in (versions.ADAPTER_FILE, versions.CONFIG_FILE)} | scaffold,
             "upload": self._upload(fed, info, device, base_url, None),
             "max_update_bytes": self.settings.max_update_bytes,
         }

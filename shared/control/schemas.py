@@ -16,8 +16,8 @@ from shared.errors import Refusal
 from shared.federation import DeviceFilter, EvaluationConfig, FederationConfig
 from shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, AggregationConfig
 
-Algorithm = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "flexlora", "ffa_lora",
-                    "median", "trimmed_mean", "dp_fedavg"]
+Algorithm = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "flexlora",
+                    "ffa_lora", "median", "trimmed_mean", "dp_fedavg"]
 
 Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 Module = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -121,6 +121,7 @@ class AggregationIn(Strict):
     tau: float | None = Field(None, gt=0, le=1)
     max_weight_ratio: float | None = Field(None, ge=1, le=1e6)
     working_rank_factor: int | None = Field(None, ge=1, le=64)
+    drift_control: Literal["none", "scaffold"] | None = None
     sampling_rate: float | None = Field(None, gt=0, le=1, description="Poisson sampling of each round's cohort "
                                                                       "(the DP accountant counts on it)")
     dp: DpIn | None = None

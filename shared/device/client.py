@@ -14,8 +14,9 @@ import torch
 from shared.adapter_spec import AdapterConfig, build_spec
 from shared.device import trainer
 from shared.federation import FederationConfig, TrainingStrategy
+from shared import versions
 from shared.safetensors_reader import parse
-from shared.sdk.device import DeviceClient
+from shared.sdk.device import DeviceClient, FleettuneAPIError
 from shared.submit import encode_update
 
 
@@ -46,6 +47,17 @@ class Device:
         self.strategy = strategy
         self.max_header_bytes = max_header_bytes
         self.ram_mb, self.storage_mb, self.tier = ram_mb, storage_mb, tier
+        self.control: dict[str, torch.Tensor] = {}  # SCAFFOLD's c_i: device state that never leaves it
+
+    def _server_control(self, gateway: DeviceClient, plan: dict, sent_keys: list[str]) -> dict[str, torch.Tensor]:
+        """SCAFFOLD's server control variate for this round: zero until a SCAFFOLD round published one."""
+        shapes = {k: tuple(v.shape) for k, v in trainer.adapter_weights(self.model).items() if k in sent_keys}
+        try:
+            return parse(gateway.download(plan, versions.CONTROL_FILE), shapes, self.max_header_bytes)
+        except FleettuneAPIError as exc:
+            if exc.status != 404:
+                raise
+            return {k: torch.zeros(s) for k, s in shapes.items()}
 
     def run_round(self, gateway: DeviceClient, seed: int = 0) -> RoundReport:
         started = time.perf_counter()
@@ -63,12 +75,18 @@ class Device:
         ffa = plan.get("lora_aggregation") == "ffa"  # FFA-LoRA: A stays frozen and is not sent
         # the round's own training config: a change through the API reaches devices at the next round
         strategy = TrainingStrategy(**plan["training"]) if "training" in plan else self.strategy
-        result = trainer.train(self.model, self.data, strategy, seed=seed, freeze_lora_a=ffa)
+        sent_keys = [k for k in tensors if not (ffa and k.endswith("lora_A.weight"))]
+        server_c = self._server_control(gateway, plan, sent_keys) if plan.get("drift_control") == "scaffold" else None
+        correction = {k: server_c[k] - self.control.get(k, 0.0) for k in sent_keys} if server_c else None
+        result = trainer.train(self.model, self.data, strategy, seed=seed, freeze_lora_a=ffa, correction=correction)
 
         sent = time.perf_counter()
         after = trainer.adapter_weights(self.model)
-        delta = {k: (after[k] - global_weights[k].float()).numpy() for k in tensors
-                 if not (ffa and k.endswith("lora_A.weight"))}
+        delta = {k: (after[k] - global_weights[k].float()).numpy() for k in sent_keys}
+        if server_c is not None:  # c_i <- c_i - c + (x - y) / (K·η), kept on the device only
+            steps_lr = max(result.steps, 1) * strategy.learning_rate
+            self.control = {k: self.control.get(k, 0.0) - server_c[k] - torch.from_numpy(delta[k]) / steps_lr
+                            for k in sent_keys}
         receipt = gateway.send(plan, encode_update(delta), num_samples=result.samples,
                                train_seconds=result.seconds, metrics={"loss": result.loss, "steps": result.steps})
         done = time.perf_counter()

@@ -70,24 +70,34 @@ def blocks(token_ids: list[int], seq_len: int) -> torch.Tensor:
     return torch.tensor(token_ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int, freeze_lora_a: bool = False) -> TrainResult:
+def train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int, freeze_lora_a: bool = False,
+          correction: Mapping[str, torch.Tensor] | None = None) -> TrainResult:
     """Train the adapter's parameters in place: AdamW, gradient clipping, local_epochs over data.
 
     `freeze_lora_a`: FFA-LoRA, only the B factors train. `strategy.proximal_mu` > 0: FedProx, the
     loss gets mu/2 * ||w - w_start||^2, which keeps a device near the global adapter it started from.
+    `correction`: SCAFFOLD's c - c_i by adapter key, added to every gradient.
     """
     frozen = [p for n, p in model.named_parameters() if freeze_lora_a and "lora_A" in n and p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
-        return _train(model, data, strategy, seed)
+        return _train(model, data, strategy, seed, correction)
     finally:
         for p in frozen:
             p.requires_grad_(True)
 
 
-def _train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int) -> TrainResult:
-    params = [p for p in model.parameters() if p.requires_grad]
+def adapter_key(parameter_name: str) -> str:
+    """A trainable LoRA parameter's name as its key in the saved adapter (PEFT drops the adapter name)."""
+    return parameter_name.replace(".default", "")
+
+
+def _train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int,
+           correction: Mapping[str, torch.Tensor] | None) -> TrainResult:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    shifts = [(p, correction[adapter_key(n)]) for n, p in named if adapter_key(n) in correction] if correction else []
     anchor = [p.detach().clone() for p in params] if strategy.proximal_mu > 0 else None
     opt = torch.optim.AdamW(params, lr=strategy.learning_rate, weight_decay=strategy.weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -104,6 +114,8 @@ def _train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int) -> 
             if anchor is not None:
                 objective = loss + strategy.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             objective.backward()
+            for p, shift in shifts:  # SCAFFOLD: g - c_i + c
+                p.grad.add_(shift)
             torch.nn.utils.clip_grad_norm_(params, strategy.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -58,6 +58,9 @@ class Registry(StateBase):
     def enrolled(self, fed: str) -> list[str]:
         return sorted(d.decode() for d in self.r.smembers(keys.fed_devices(fed)))
 
+    def enrolled_count(self, fed: str) -> int:
+        return int(self.r.scard(keys.fed_devices(fed)))
+
     def config(self, fed: str, revision: int | None = None) -> FederationConfig | None:
         """The config in force, or the given revision of it (what a round was opened under)."""
         key = keys.fed_config(fed) if revision is None else keys.fed_config_revision(fed, revision)

@@ -31,6 +31,7 @@ class RoundResult:
     mean_delta_norm: float
     fields: dict[str, Any]  # for the version's manifest
     tiers: dict[int, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)  # rank -> adapter
+    control: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # SCAFFOLD's next c
 
 
 class RoundAggregator:
@@ -44,6 +45,8 @@ class RoundAggregator:
         self.agg, self.base, self.shapes, self.rank = agg, base, dict(update_shapes), rank
         self.alpha = float(alpha if alpha is not None else rank)  # a common scale cancels when ranks agree
         self.tier_bases = dict(tier_bases or {})
+        # SCAFFOLD: the mean of each device's Δy / (K·η), its gradient estimate (see `scaffold_step`)
+        self._gradients = StreamingFedAvg(self.shapes) if agg.drift_control == "scaffold" else None
         self.count = 0
         self.total_weight = 0.0
         self._mean = StreamingFedAvg(self.shapes) if agg.rule == "mean" and agg.lora != "exact" else None
@@ -55,14 +58,20 @@ class RoundAggregator:
         others = {k: s for k, s in self.shapes.items() if k not in paired}
         self._other = StreamingFedAvg(others) if agg.lora == "exact" and others else None  # plain mean
 
-    def add(self, update: Tensors, weight: float, clip_scale: float, rank: int | None = None) -> None:
+    def add(self, update: Tensors, weight: float, clip_scale: float, rank: int | None = None,
+            local_steps_lr: float | None = None) -> None:
         """One accepted update: its delta tensors, its (capped) weight and its clip factor; `rank`
-        when its device's tier trains a lower rank than the global adapter."""
+        when its device's tier trains a lower rank than the global adapter; under SCAFFOLD,
+        K·η: the device's local steps times its learning rate."""
         rank = rank or self.rank
         if rank != self.rank and rank not in self.tier_bases:
             raise ValueError(f"an update of rank {rank} has no tier base")
         if self.agg.dp:
             weight = 1.0  # DP-FedAvg: every clipped update counts the same, so C bounds each one
+        if self._gradients is not None:
+            if not local_steps_lr or local_steps_lr <= 0:
+                raise ValueError("SCAFFOLD needs each update's local steps x learning rate")
+            self._gradients.add(update, weight, -clip_scale / local_steps_lr)
         if self._mean is not None:
             self._mean.add(update if rank == self.rank else _padded(update, self.shapes), weight, clip_scale)
         elif self.agg.lora == "exact":
@@ -82,7 +91,15 @@ class RoundAggregator:
         self.total_weight += weight
 
     def finish(self, server_lr: float, state: Tensors, clip_bound: float | None = None, noise_seed: int = 0,
-               ) -> RoundResult:
+               control: Tensors | None = None, participation: float = 1.0) -> RoundResult:
+        """Combine, then take the server step. SCAFFOLD: `control` is the current server control
+        variate c (empty: zero) and `participation` |S| / N, this round's share of the population."""
+        result = self._finish(server_lr, state, clip_bound, noise_seed)
+        if self._gradients is not None:
+            result.control = scaffold_step(control or {}, self._gradients.mean(), participation)
+        return result
+
+    def _finish(self, server_lr: float, state: Tensors, clip_bound: float | None, noise_seed: int) -> RoundResult:
         if self.count == 0:
             raise ValueError("aggregation of zero updates is undefined")
         agg = self.agg
@@ -136,6 +153,14 @@ class RoundAggregator:
             weights[b], weights[a] = (out.B * (rank / self.alpha)).float().contiguous(), out.A.float().contiguous()
             dropped, energy = dropped + out.dropped, energy + out.energy
         return weights, dropped, energy
+
+
+def scaffold_step(control: Tensors, gradients: Tensors, participation: float) -> dict[str, torch.Tensor]:
+    """SCAFFOLD's server control variate after a round (Karimireddy et al. 2020, option II):
+    each device's new c_i = c_i - c + (x - y_i) / (K·η), so the mean change of the c_i is
+    mean(g_i) - c with g_i = -Δy_i / (K·η), and c moves by |S| / N of it."""
+    return {k: (control[k].float() if k in control else torch.zeros_like(g)) * (1 - participation)
+            + participation * g for k, g in gradients.items()}
 
 
 def _padded(update: Tensors, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,8 @@ Four independent choices, each with its own validation:
   - `rule`: `mean` (weighted), `median` or `trimmed_mean` (coordinate-wise, unweighted);
   - `optimizer`: the server step on the pseudo-gradient: `sgd` (FedAvg), `avgm`, `adam`, `yogi`,
     `adagrad`; its learning rate is the round policy's `server_lr`;
-  - central DP: `dp_noise_multiplier` > 0 adds Gaussian noise to the clipped sum.
+  - central DP: `dp_noise_multiplier` > 0 adds Gaussian noise to the clipped sum;
+  - `drift_control`: `scaffold` (Karimireddy et al. 2020) adds control variates against client drift.
 
 The API's `"algorithm"` names a preset of these (ALGORITHMS); explicit fields override it.
 """
@@ -33,6 +34,7 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     "fedyogi": {"optimizer": "yogi"},
     "fedadagrad": {"optimizer": "adagrad"},
     "fedprox": {},  # FedAvg on the server; the device adds the proximal term (TrainingStrategy.proximal_mu)
+    "scaffold": {"drift_control": "scaffold"},
     "flexlora": {"lora": "exact"},
     "ffa_lora": {"lora": "ffa"},
     "median": {"rule": "median"},
@@ -60,6 +62,7 @@ class AggregationConfig:
     dp_delta: float = 1e-5
     dp_max_epsilon: float | None = None  # the federation completes before a round would exceed it
     sampling_rate: float = 1.0  # Poisson sampling of each round's cohort (q)
+    drift_control: str = "none"  # "scaffold": server and device control variates correct client drift
 
     def __post_init__(self) -> None:
         checks = {
@@ -90,6 +93,11 @@ class AggregationConfig:
             "lora 'exact' takes the sgd server optimizer only (use ffa for adaptive ones)":
                 self.lora != "exact" or self.optimizer == "sgd",
             "dp_max_epsilon needs dp_noise_multiplier > 0": self.dp_max_epsilon is None or self.dp,
+            "drift_control must be 'none' or 'scaffold'": self.drift_control in ("none", "scaffold"),
+            # the control variate is a mean of device gradients: it is linear (mean rule only),
+            # lives in factor space (not with exact), and DP's noise does not cover it
+            "scaffold needs the mean rule, lora 'naive' or 'ffa' and no DP":
+                self.drift_control == "none" or (self.rule == "mean" and self.lora != "exact" and not self.dp),
         }
         failed = [message for message, ok in checks.items() if not ok]
         if failed:

@@ -10,6 +10,7 @@ from shared.adapter_spec import AdapterConfig, ModelDims
 from shared.device import models, trainer
 from shared.device.fleet import FleetSpec, build_fleet
 from shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy
+from shared.strategies.config import AggregationConfig
 from workers.experiment import enroll
 
 pytestmark = pytest.mark.services
@@ -20,13 +21,14 @@ def tiny():
     return models.load_tokenizer("tiny"), models.load_model("tiny")
 
 
-def _federate(pipeline, tiny, adapter: AdapterConfig, lr: float, name: str, rounds: int = 3):
+def _federate(pipeline, tiny, adapter: AdapterConfig, lr: float, name: str, rounds: int = 3,
+              aggregation: AggregationConfig = AggregationConfig(), keep: list | None = None):
     tokenizer, base = tiny
     config = FederationConfig(
         name=name, model=ModelDims.from_hf_config(base.config), adapter=adapter, base_model="tiny",
         policy=RoundPolicy(min_updates=2, max_rounds=rounds, max_grad_norm=5.0, timeout_seconds=300),
         training=TrainingStrategy(learning_rate=lr, batch_size=8, seq_len=128),
-        evaluation=EvaluationConfig(base_model="tiny", eval_chars=8000),
+        evaluation=EvaluationConfig(base_model="tiny", eval_chars=8000), aggregation=aggregation,
     )
     model = trainer.peft_model(base, adapter)
     fleet = [device for device, _ in build_fleet(FleetSpec.spread(3, chars_per_device=16_000), config, model, tokenizer)]
@@ -39,6 +41,8 @@ def _federate(pipeline, tiny, adapter: AdapterConfig, lr: float, name: str, roun
             assert report.round == round_no and report.samples > 0 and report.train_seconds > 0
         assert pipeline.wait_round(config, round_no, timeout=120).status == "closed"
     evaluation = _wait_evaluation(pipeline, config.name, rounds)
+    if keep is not None:
+        keep.extend(fleet)
     base_model = trainer.release(model)  # leave the shared fixture without adapter layers
     return config, evaluation, base_model
 
@@ -126,3 +130,22 @@ def test_exact_aggregation_with_tier_ranks_16_8_4_publishes_an_adapter_per_tier_
             assert adapted.peft_config["default"].r == rank
             after = adapted(ids).logits
         assert (after - before).abs().max() > 1e-4  # each tier's adapter changes its model
+
+
+@pytest.mark.parametrize("algorithm", ["ffa_lora", "scaffold"])
+def test_ffa_and_scaffold_devices_train_through_the_pipeline(pipeline, tiny, algorithm):
+    """FFA-LoRA devices send B only; SCAFFOLD devices download the server's control variate and keep their own."""
+    fleet = []
+    config, evaluation, _ = _federate(pipeline, tiny, AdapterConfig(rank=8, alpha=16), lr=5e-3, name=f"train-{algorithm}",
+                                      rounds=2, aggregation=AggregationConfig.preset(algorithm), keep=fleet)
+    assert evaluation["heldout_mean"] < evaluation["base_heldout_mean"]
+    store = pipeline.runtime.store
+    v0 = versions.load_weights(store, config.name, 0, config.spec, 1 << 30, 1 << 20)
+    v2 = versions.load_weights(store, config.name, 2, config.spec, 1 << 30, 1 << 20)
+    if algorithm == "ffa_lora":
+        assert all(torch.equal(v2[k], v0[k]) for k in v0 if "lora_A" in k)  # A never moved
+        assert all(k.endswith("lora_B.weight") for k in config.update_tensors)
+    else:
+        control = versions.load_control(store, config.name, 2, 1 << 30)
+        assert set(control) == set(config.update_tensors) and any(float(v.abs().max()) > 0 for v in control.values())
+        assert all(set(device.control) == set(config.update_tensors) for device in fleet)  # each device's c_i

@@ -131,3 +131,17 @@ def test_sampling_rate_picks_the_cohort_the_accountant_assumes(tmp_path):
     cohort = {m.decode() for m in state.r.smembers(keys.round_cohort("f", 1))}
     assert cohort == {d for d in devices if privacy.sampled(state.secret("f"), 1, d, 0.5)}
     assert 70 < len(cohort) < 130
+
+
+def test_scaffold_publishes_the_server_control_variate_devices_download(tmp_path):
+    state, store, config = _world(tmp_path, AggregationConfig.preset("scaffold"))
+    sent = _round(state, store, config, 1, seed=3)
+    assert RoundCoordinator(state, store, Settings()).close("f", 1).decision == CLOSED
+    control = versions.load_control(store, "f", 1, 1 << 30)
+    lr, batch = config.training.learning_rate, config.training.batch_size
+    steps_lr = [max(1, -(-n // batch)) * lr for n in (10, 11, 12)]  # K from each device's sample count
+    scales = [min(1.0, config.policy.max_grad_norm / np.sqrt(sum(float((v.astype(np.float64) ** 2).sum())
+                                                                for v in d.values()))) for d in sent]
+    for k in config.update_tensors:  # every enrolled device took part: participation 1
+        g = sum(n * -s * d[k] / kl for n, d, s, kl in zip((10, 11, 12), sent, scales, steps_lr)) / 33
+        np.testing.assert_allclose(control[k].numpy(), g, atol=1e-6)

@@ -287,3 +287,25 @@ def test_naive_zero_padding_averages_padded_factors_and_slices_each_tier():
         for r in (8, 4):
             np.testing.assert_array_equal(out.tiers[r][k].numpy(),
                                           out.weights[k].numpy()[tuple(slice(0, n) for n in bases[r][k].shape)])
+
+
+# --- SCAFFOLD --------------------------------------------------------------------------------------
+
+def test_scaffold_server_control_variate_follows_option_two():
+    base, ups, w = _base(), _updates(3, seed=12), [1.0, 2.0, 1.0]
+    steps_lr = [0.5, 0.25, 1.0]  # K·η of each device
+    scales = [1.0, 0.5, 1.0]
+    c = {k: np.full(s, 0.3) for k, s in SHAPES.items()}
+    combiner = RoundAggregator(AggregationConfig.preset("scaffold"), {k: _t(v) for k, v in base.items()}, SHAPES, R)
+    for u, wi, kl, sc in zip(ups, w, steps_lr, scales):
+        combiner.add({k: _t(v) for k, v in u.items()}, wi, sc, None, kl)
+    out = combiner.finish(1.0, {}, control={k: _t(v) for k, v in c.items()}, participation=0.25)
+    for k in SHAPES:
+        g = sum(wi * (-sc * u[k] / kl) for u, wi, kl, sc in zip(ups, w, steps_lr, scales)) / sum(w)
+        np.testing.assert_allclose(out.control[k].numpy(), 0.75 * c[k] + 0.25 * g, atol=1e-6)
+        mean = sum(wi * sc * u[k] for u, wi, sc in zip(ups, w, scales)) / sum(w)
+        np.testing.assert_allclose(out.weights[k].numpy(), base[k] + mean, atol=1e-6)  # the model step is FedAvg's
+    with pytest.raises(ValueError, match="local steps"):
+        combiner.add({k: _t(v) for k, v in ups[0].items()}, 1.0, 1.0)
+    with pytest.raises(ConfigError, match="scaffold"):
+        AggregationConfig(drift_control="scaffold", lora="exact")

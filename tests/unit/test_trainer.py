@@ -41,3 +41,37 @@ def test_weights_round_trip_and_training_lowers_the_loss(tiny, adapter):
 def test_blocks_refuse_text_shorter_than_one_sequence():
     with pytest.raises(ValueError, match="fewer than one sequence"):
         trainer.blocks([1, 2, 3], 8)
+
+
+def test_ffa_freezes_a_fedprox_pulls_toward_the_start_and_scaffold_shifts_every_gradient(tiny):
+    tokenizer, base = tiny
+    model = trainer.peft_model(base, AdapterConfig(rank=4, alpha=8))
+    try:
+        text = "Permission is hereby granted, free of charge, to any person obtaining a copy. " * 40
+        data = trainer.blocks(tokenizer(text)["input_ids"], 64)
+        start = trainer.adapter_weights(model)
+
+        def trained(strategy=TrainingStrategy(learning_rate=1e-2, batch_size=4, seq_len=64, max_steps=3), **kw):
+            trainer.load_adapter_weights(model, start)
+            trainer.train(model, data, strategy, seed=0, **kw)
+            return trainer.adapter_weights(model)
+
+        def moved(weights):
+            return sum(float((weights[k] - start[k]).norm() ** 2) for k in start) ** 0.5
+
+        plain = trained()
+        ffa = trained(freeze_lora_a=True)
+        assert all(torch.equal(ffa[k], start[k]) for k in start if "lora_A" in k)
+        assert any(not torch.equal(ffa[k], start[k]) for k in start if "lora_B" in k)
+        assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # unfrozen after
+
+        prox = trained(TrainingStrategy(learning_rate=1e-2, batch_size=4, seq_len=64, max_steps=3, proximal_mu=50.0))
+        assert moved(prox) < moved(plain)
+
+        zero = trained(correction={k: torch.zeros_like(v) for k, v in start.items()})
+        assert all(torch.equal(zero[k], plain[k]) for k in start)  # c = c_i: plain training
+        push = {k: torch.full_like(v, 10.0) for k, v in start.items()}  # a large c - c_i dominates the step
+        shifted = trained(correction=push)
+        assert all(float((shifted[k] - start[k]).mean()) < 0 for k in start)  # Adam steps against +c
+    finally:
+        trainer.release(model)
