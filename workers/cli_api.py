@@ -12,6 +12,7 @@ import click
 from tabulate import tabulate
 
 from shared.sdk import Client, Federation, FleettuneAPIError, ModelRegistry
+from shared.strategies.config import ALGORITHMS
 
 url_option = click.option("--url", envvar="FLEETTUNE_URL", default="http://127.0.0.1:8000", show_default=True,
                           help="the API (FLEETTUNE_URL)")
@@ -78,6 +79,29 @@ def federations_create(ctx, name: str, model: str, adapter_json: str | None, str
     table([created], ["name", "status", "round", "version"])
 
 
+@federations.command("strategy")
+@click.argument("name")
+@click.option("--algorithm", type=click.Choice(sorted(ALGORITHMS)), default=None, help="an aggregation preset")
+@click.option("--aggregation", "aggregation_json", default=None,
+              help='JSON overrides, e.g. {"lora": "ffa", "optimizer": "adam", "dp": {"noise_multiplier": 1.0}}')
+@click.option("--json", "strategy_json", default=None, help="the whole body, as PUT .../strategy takes it")
+@click.pass_context
+def federations_strategy(ctx, name: str, algorithm: str | None, aggregation_json: str | None,
+                         strategy_json: str | None) -> None:
+    """Choose how the federation trains and aggregates; a change during a round applies from the next."""
+    body = json.loads(strategy_json) if strategy_json else {}
+    if algorithm:
+        body["algorithm"] = algorithm
+    if aggregation_json:
+        body["aggregation"] = json.loads(aggregation_json)
+    answer = _client(ctx).put(f"/api/v1/federations/{name}/strategy", body)
+    agg = answer["config"]["aggregation"]
+    table([dict(answer, **{k: agg[k] for k in ("algorithm", "lora", "rule", "optimizer", "drift_control")},
+                server_lr=answer["config"]["policy"]["server_lr"])],
+          ["federation", "revision", "applies_from_round", "algorithm", "lora", "rule", "optimizer", "drift_control",
+           "server_lr"])
+
+
 @federations.command("delete")
 @click.argument("name")
 @click.pass_context
@@ -99,8 +123,10 @@ def federations_resume(ctx, name: str) -> None:
 @click.pass_context
 def federations_versions(ctx, name: str) -> None:
     rows = Federation(name=name, client=_client(ctx)).versions()
-    table([dict(r, heldout=(r.get("evaluation") or {}).get("heldout_mean"), contributors=len(r["contributors"]))
-           for r in rows], ["version", "round", "parent_version", "contributors", "global_norm", "heldout"])
+    table([dict(r, heldout=(r.get("evaluation") or {}).get("heldout_mean"), contributors=len(r["contributors"]),
+                algorithm=(r.get("aggregation") or {}).get("algorithm"), epsilon=(r.get("dp") or {}).get("epsilon"))
+           for r in rows], ["version", "round", "parent_version", "contributors", "algorithm", "global_norm", "heldout",
+                            "epsilon"])
 
 
 sessions = _group("sessions", "Training sessions through the API.")
@@ -119,11 +145,13 @@ def sessions_list(ctx) -> None:
 @click.option("--rounds", default=10, show_default=True)
 @click.option("--min-updates", default=2, show_default=True)
 @click.option("--timeout", "timeout_seconds", default=None, type=float, help="round deadline in seconds")
+@click.option("--algorithm", type=click.Choice(sorted(ALGORITHMS)), default="fedavg", show_default=True)
 @click.pass_context
-def sessions_create(ctx, name: str, model: str, rounds: int, min_updates: int, timeout_seconds: float | None) -> None:
+def sessions_create(ctx, name: str, model: str, rounds: int, min_updates: int, timeout_seconds: float | None,
+                    algorithm: str) -> None:
     extra = {"timeout_seconds": timeout_seconds} if timeout_seconds else None
-    session = Federation(name=name, client=_client(ctx)).train(model=model, rounds=rounds, min_updates=min_updates,
-                                                               round_config=extra)
+    session = Federation(name=name, client=_client(ctx)).train(model=model, algorithm=algorithm, rounds=rounds,
+                                                               min_updates=min_updates, round_config=extra)
     table([session.last], SESSION_COLUMNS)
 
 

@@ -70,14 +70,16 @@ class Federation:
 
     def train(self, model: str, algorithm: str = "fedavg", rounds: int = 100, min_updates: int = 10,
               adapter: dict | None = None, strategy_params: dict | None = None, round_config: dict | None = None,
-              device_filter: dict | None = None, evaluation: dict | None = None) -> TrainingSession:
+              device_filter: dict | None = None, evaluation: dict | None = None,
+              aggregation: dict | None = None) -> TrainingSession:
         """Start a training session of `rounds` rounds on this federation (created if it does not exist)."""
         body: dict[str, Any] = {
             "model_id": model, "strategy": algorithm, "federation": self.name,
             "round_config": {"max_rounds": rounds, "min_clients": min_updates, **(round_config or {})},
         }
         for key, value in (("adapter_config", adapter), ("strategy_params", strategy_params),
-                           ("device_filter", device_filter), ("evaluation", evaluation)):
+                           ("device_filter", device_filter), ("evaluation", evaluation),
+                           ("aggregation", aggregation)):
             if value is not None:
                 body[key] = value
         return TrainingSession(self.client, self.client.post("/api/v1/training-sessions", body))

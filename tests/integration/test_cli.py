@@ -80,7 +80,15 @@ def test_the_api_commands_print_tables_and_upload_with_a_progress_bar(pipeline, 
     assert _run(client_env, "federations", "create", "cli-api", "--adapter", '{"type": "lora", "rank": 4}').returncode == 0
     token = _run(client_env, "devices", "register", "cli-api", "phone-1", "--ram-mb", "4096")
     assert token.returncode == 0 and token.stdout.startswith("ftd_")
-    session = _run(client_env, "sessions", "create", "--federation", "cli-api", "--rounds", "3")
+    chosen = _run(client_env, "federations", "strategy", "cli-api", "--algorithm", "fedadam",
+                  "--aggregation", '{"beta2": 0.999}')
+    assert chosen.returncode == 0, chosen.stderr[-2000:]
+    assert " fedadam " in chosen.stdout and " adam " in chosen.stdout and " 0.01" in chosen.stdout
+    refused = _run(client_env, "federations", "strategy", "cli-api", "--aggregation", '{"lora": "exact"}')
+    assert refused.returncode == 2 and "422 invalid_config" in refused.stderr  # exact takes sgd only
+    assert pipeline.runtime.state.config("cli-api").aggregation.beta2 == 0.999
+    session = _run(client_env, "sessions", "create", "--federation", "cli-api", "--rounds", "3",
+                   "--algorithm", "fedadam")
     assert session.returncode == 0 and " active " in session.stdout
     listed = _run(client_env, "federations", "list")
     row = next(line.split() for line in listed.stdout.splitlines() if line.startswith("cli-api "))
