@@ -5,6 +5,7 @@
     python bench/quality.py qlora            # QLoRA (4-bit NF4 base) vs LoRA (fp32 base): perplexity, peak RSS
     python bench/quality.py memory           # memory calculator vs measured peak RSS (tiny; --model smollm2)
     python bench/quality.py dp               # central DP's perplexity cost at epsilon 8, 3 and 1 (a population)
+    python bench/quality.py hetero           # tier ranks 16/8/4: exact aggregation vs naive zero-padding
 
 Federated runs go through the real tasks on embedded services (workers/experiment.py); the
 device-side federation overhead is printed with every federated run.
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shared import corpora  # noqa: E402
 from shared.adapter_spec import AdapterConfig, ModelDims  # noqa: E402
 from shared.device import memory, models, trainer  # noqa: E402
+from shared.device.client import Device  # noqa: E402
 from shared.device.fleet import FleetSpec, build_fleet, pooled  # noqa: E402
 from shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy  # noqa: E402
 from shared.settings import Settings  # noqa: E402
@@ -77,6 +79,12 @@ def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = R
                      source, recipe, clip, min_updates=2 if fleet_spec else DEVICES)
     model = trainer.peft_model(base, config.adapter)
     fleet = [d for d, _ in build_fleet(fleet_spec or FleetSpec.spread(DEVICES, CHARS), config, model, tokenizer)]
+    if config.tier_ranks:  # heterogeneous ranks: every domain gets one device of each tier, each tier its model
+        names = [t for t, _ in adapter.tier_ranks]
+        tier_models = {r: trainer.peft_model(models.load_model(source), adapter.for_rank(r)) for r in {r for _, r in
+                                                                                                    adapter.tier_ranks}}
+        fleet = [Device(d.device_id, config, tier_models[adapter.rank_of(names[i % len(names)])], d.data,
+                        config.training, tier=names[i % len(names)]) for i, d in enumerate(fleet)]
     with embedded(Settings(), Path(tempfile.mkdtemp(prefix="ft-bench-"))) as (app, runtime, _), \
             gateway(app, runtime) as (url, admin_key):
         runtime.state.create(config, status="idle")
@@ -85,13 +93,23 @@ def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = R
         base_eval = runtime.evaluator(config).base
         rows = list(run_rounds(app, runtime, config, fleet, clients, recipe.rounds, progress=False))
         final = runtime.state.evaluation(config.name, rows[-1].round if rows else 0)
+        tiers = {}  # each tier's own published adapter, evaluated on its own rank
+        for tier, rank in config.tier_ranks.items():
+            from shared import versions
+            from shared.evaluation import Evaluator
+
+            version = int(runtime.state.status(config.name)["version"])
+            weights = versions.load_tier_weights(runtime.store, config.name, version, rank, config.spec_for(rank),
+                                                 1 << 30, 1 << 20)
+            evaluator = Evaluator(config.evaluation, adapter.for_rank(rank))
+            tiers[tier] = evaluator.perplexities(weights, general=False)["heldout_mean"]
     train = sum(r.train_seconds for r in rows) / len(rows)
     send = sum(r.send_seconds for r in rows) / len(rows)
     per_round = [max(1, -(-len(d.data) // config.training.batch_size)) for d in fleet]
     steps = sum(min(n, recipe.max_steps or n) for n in per_round) * len(rows)
     return {"base": base_eval, "final": final, "rounds": [r.heldout_ppl for r in rows], "steps": steps,
             "train_s_per_device_round": train, "send_s_per_device_round": send, "fleet": fleet,
-            "model": model, "config": config, "tokenizer": tokenizer}
+            "model": model, "config": config, "tokenizer": tokenizer, "tiers": tiers}
 
 
 def centralized(run: dict, lr: float | None = None) -> float:
@@ -127,6 +145,19 @@ def fed_vs_central(args) -> None:
     print(f"centralized LoRA, same steps    {central:.2f} (lr {args.central_lr or args.lr:g}; devices lr {args.lr:g})")
     print(f"ratio federated / centralized = {fed / central:.3f} (goal within 5%: <= 1.05)")
     _overhead(run)
+
+
+def hetero(args) -> None:
+    """Tier ranks 16 / 8 / 4 in one federation: exact (FlexLoRA) against naive zero-padding."""
+    tiers = (("high", 16), ("mid", 8), ("low", 4))
+    adapter = AdapterConfig(rank=16, alpha=16, tier_ranks=tiers)
+    print(f"{DEVICES + 1} devices, one of each tier per domain (ranks {dict(tiers)}), {args.rounds} rounds")
+    for lora in ("naive", "exact"):
+        recipe = Recipe("fedavg", args.rounds, args.max_steps, args.server_lr, 0.0, (("lora", lora),))
+        run = federated(args.model, adapter, args.lr, recipe, FleetSpec.spread(DEVICES + 1, CHARS))
+        per_tier = ", ".join(f"{t} (rank {dict(tiers)[t]}) {p:.2f}" for t, p in sorted(run["tiers"].items()))
+        print(f"{lora:6s} global rank-16 held-out perplexity {run['final']['heldout_mean']:.2f}; "
+              f"each tier's own adapter: {per_tier}", flush=True)
 
 
 def noise_for(epsilon: float, rate: float, rounds: int, delta: float) -> float:
@@ -244,7 +275,7 @@ def memory_check(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["fed-vs-central", "prompt", "qlora", "memory", "dp", "child"])
+    parser.add_argument("what", choices=["fed-vs-central", "prompt", "qlora", "memory", "dp", "hetero", "child"])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--steps", type=int, default=30)
@@ -269,7 +300,7 @@ def main() -> None:
     if args.lr is None:
         args.lr = 3e-2 if args.what == "prompt" else 5e-3
     {"fed-vs-central": fed_vs_central, "prompt": prompt, "qlora": qlora, "memory": memory_check,
-     "dp": dp_cost}[args.what](args)
+     "dp": dp_cost, "hetero": hetero}[args.what](args)
 
 
 if __name__ == "__main__":
