@@ -49,6 +49,7 @@ class Recipe:
     server_lr: float | None = None  # None: the preset's default
     proximal_mu: float = 0.0
     overrides: tuple[tuple[str, object], ...] = ()  # AggregationConfig fields
+    clients_per_round: int = 0  # 0: every device every round
 
     def aggregation(self) -> AggregationConfig:
         return AggregationConfig.preset(self.algorithm, **dict(self.overrides))
@@ -60,11 +61,12 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
     server_lr = recipe.server_lr or (ADAPTIVE_SERVER_LR if agg.adaptive else 1.0)
     return FederationConfig(
         name=name, model=dims, adapter=adapter, base_model=source,
-        policy=RoundPolicy(min_updates=min_updates, max_rounds=recipe.rounds, max_grad_norm=clip, timeout_seconds=900,
-                           server_lr=server_lr),
+        policy=RoundPolicy(min_updates=min(min_updates, recipe.clients_per_round or min_updates),
+                           max_rounds=recipe.rounds, max_grad_norm=clip, timeout_seconds=900, server_lr=server_lr,
+                           clients_per_round=recipe.clients_per_round),
         training=TrainingStrategy(learning_rate=lr, batch_size=8, seq_len=128, max_steps=recipe.max_steps,
                                   proximal_mu=recipe.proximal_mu or (FEDPROX_MU if recipe.algorithm == "fedprox" else 0)),
-        evaluation=EvaluationConfig(base_model=source, forgetting_threshold=100.0),
+        evaluation=EvaluationConfig(base_model=source, forgetting_threshold=100.0, general_every=10**6),
         aggregation=agg,
     )
 
@@ -105,8 +107,7 @@ def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = R
             tiers[tier] = evaluator.perplexities(weights, general=False)["heldout_mean"]
     train = sum(r.train_seconds for r in rows) / len(rows)
     send = sum(r.send_seconds for r in rows) / len(rows)
-    per_round = [max(1, -(-len(d.data) // config.training.batch_size)) for d in fleet]
-    steps = sum(min(n, recipe.max_steps or n) for n in per_round) * len(rows)
+    steps = sum(r.device_steps for r in rows)  # what the devices did, so the centralized run matches it
     return {"base": base_eval, "final": final, "rounds": [r.heldout_ppl for r in rows], "steps": steps,
             "train_s_per_device_round": train, "send_s_per_device_round": send, "fleet": fleet,
             "model": model, "config": config, "tokenizer": tokenizer, "tiers": tiers}
@@ -134,7 +135,7 @@ def _initial(config: FederationConfig) -> dict:
 
 def fed_vs_central(args) -> None:
     recipe = Recipe(args.algorithm, args.rounds, args.max_steps, args.server_lr, args.mu,
-                    tuple((k, _number(v)) for k, v in (o.split("=", 1) for o in args.set)))
+                    tuple((k, _number(v)) for k, v in (o.split("=", 1) for o in args.set)), args.clients_per_round)
     run = federated(args.model, AdapterConfig(rank=8, alpha=16), lr=args.lr, recipe=recipe)
     central = centralized(run, args.central_lr)
     fed = run["final"]["heldout_mean"]
@@ -286,6 +287,7 @@ def main() -> None:
                         help="the centralized baseline's learning rate (default: the devices')")
     parser.add_argument("--max-steps", type=int, default=0, help="steps per device per round (0: one epoch)")
     parser.add_argument("--server-lr", type=float, default=None)
+    parser.add_argument("--clients-per-round", type=int, default=0, help="devices the server picks per round")
     parser.add_argument("--mu", type=float, default=0.0, help="FedProx proximal mu")
     parser.add_argument("--population", type=int, default=300, help="dp: devices enrolled")
     parser.add_argument("--rate", type=float, default=0.2, help="dp: Poisson sampling rate per round")

@@ -25,6 +25,7 @@ class RoundPolicy:
     max_grad_norm: float | None = 1.0  # L2 bound over a whole update; None disables clipping
     server_lr: float = 1.0
     max_num_samples: int = 100_000  # the most a device may claim; larger claims are capped to this
+    clients_per_round: int = 0  # 0: every enrolled device; else the server picks this many per round
 
     def __post_init__(self) -> None:
         checks = {
@@ -36,6 +37,8 @@ class RoundPolicy:
             or (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)),
             "server_lr must be > 0": self.server_lr > 0 and math.isfinite(self.server_lr),
             "max_num_samples must be >= min_samples_per_client": self.max_num_samples >= self.min_samples_per_client,
+            "clients_per_round must be 0 (all) or >= min_updates": self.clients_per_round == 0
+            or self.clients_per_round >= self.min_updates,
         }
         failed = [message for message, ok in checks.items() if not ok]
         if failed:
@@ -129,6 +132,8 @@ class FederationConfig:
     def __post_init__(self) -> None:
         if not keys.valid_id(self.name):
             raise ConfigError(f"federation name {self.name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}")
+        if self.aggregation.dp and self.policy.clients_per_round:
+            raise ConfigError("DP accounts for Poisson sampling: use sampling_rate, not clients_per_round")
         if self.aggregation.dp and self.policy.max_grad_norm is None:
             raise ConfigError("DP needs a clip bound: set max_grad_norm (max_update_norm in the API)")
         if self.aggregation.lora != "naive" and self.adapter.kind == "prompt_tuning":

@@ -44,6 +44,7 @@ class RoundRow:
     train_seconds: float  # mean per device
     send_seconds: float  # mean per device: delta, encode, upload, enqueue
     guard: str = ""
+    device_steps: int = 0  # optimizer steps all devices took this round
 
 
 @contextlib.contextmanager
@@ -143,5 +144,5 @@ def run_rounds(app: Celery, runtime: Runtime, config: FederationConfig, fleet: l
             manifest.get("global_norm", math.nan), time.monotonic() - started,
             sum(r.train_seconds for r in reports) / max(len(reports), 1),
             sum(r.send_seconds for r in reports) / max(len(reports), 1),
-            evaluation.get("guard", ""),
+            evaluation.get("guard", ""), sum(r.steps for r in reports),
         )

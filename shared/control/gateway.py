@@ -96,9 +96,11 @@ class Gateway:
         self.r.sadd(keys.fed_devices(fed), device)  # eligible now: it is selected for later rounds too
         round_config = self.state.config(fed, info.config_rev) or config
         rate = round_config.aggregation.sampling_rate
-        if rate < 1.0 and not privacy.sampled(self.state.secret(fed), info.round, device, rate):
+        picked_out = round_config.policy.clients_per_round and not self.r.sismember(
+            keys.round_cohort(fed, info.round), device)  # the round's cohort was picked when it opened
+        if picked_out or (rate < 1.0 and not privacy.sampled(self.state.secret(fed), info.round, device, rate)):
             # Poisson sampling, which the DP accountant counts on: the server's secret decides
-            raise Refusal(409, "not_sampled", f"not sampled into round {info.round} (rate {rate:g}); check in later",
+            raise Refusal(409, "not_sampled", f"not sampled into round {info.round}; check in later",
                           headers={"Retry-After": "30"})
         if not self.state.join_cohort(fed, info.round, device):
             raise Refusal(409, "no_open_round", f"round {info.round} closed while checking in",

@@ -82,6 +82,8 @@ class RoundConfigIn(Strict):
     max_update_norm: float | None = Field(None, gt=0, le=1e6, description="server-side L2 clip of whole updates")
     server_lr: float | None = Field(None, gt=0, le=100)
     max_num_samples: int | None = Field(None, ge=1, le=10**9)
+    clients_per_round: int | None = Field(None, ge=0, le=10**6, description="0: every enrolled device; else the "
+                                          "server picks this many per round (more, smaller rounds)")
 
 
 class DeviceFilterIn(Strict):

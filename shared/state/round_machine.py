@@ -244,9 +244,14 @@ def _write_open(pipe, fed: str, round_no: int, base_version: int, now: float, ti
     """
     switch = pending is not None and pending.revision > current.revision
     revision = pending.revision if switch else current.revision
-    rate = (pending if switch else current).aggregation.sampling_rate
+    effective = pending if switch else current
+    rate, per_round = effective.aggregation.sampling_rate, effective.policy.clients_per_round
+    names = {d.decode() if isinstance(d, bytes) else d for d in cohort}
     if rate < 1.0:
-        cohort = {d for d in cohort if privacy.sampled(secret, round_no, d.decode() if isinstance(d, bytes) else d, rate)}
+        names = {d for d in names if privacy.sampled(secret, round_no, d, rate)}
+    if per_round and len(names) > per_round:
+        names = set(privacy.pick(secret, round_no, names, per_round))
+    cohort = names
     info = RoundInfo(round_no, "open", base_version, now, now + timeout, len(cohort), config_rev=revision)
     if switch:
         pipe.set(keys.fed_config(fed), pending.to_json())

@@ -63,3 +63,12 @@ def sampled(secret: bytes, round_no: int, device: str, rate: float) -> bool:
         return True
     digest = hmac.new(secret, f"sample:{round_no}:{device}".encode(), hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "big") < rate * (1 << 64)
+
+
+def pick(secret: bytes, round_no: int, devices, count: int) -> list[str]:
+    """`count` devices chosen uniformly without replacement for a round (clients_per_round),
+    ranked by the server's secret so a device cannot choose its way in."""
+    def rank(device: str) -> bytes:
+        return hmac.new(secret, f"pick:{round_no}:{device}".encode(), hashlib.sha256).digest()
+
+    return sorted(devices, key=rank)[:count]

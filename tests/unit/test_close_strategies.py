@@ -145,3 +145,26 @@ def test_scaffold_publishes_the_server_control_variate_devices_download(tmp_path
     for k in config.update_tensors:  # every enrolled device took part: participation 1
         g = sum(n * -s * d[k] / kl for n, d, s, kl in zip((10, 11, 12), sent, scales, steps_lr)) / 33
         np.testing.assert_allclose(control[k].numpy(), g, atol=1e-6)
+
+
+def test_clients_per_round_picks_that_many_by_the_secret_and_check_in_turns_the_rest_away(tmp_path):
+    from shared.control.gateway import Gateway
+    from shared.control.presign import LocalPresigner
+    from shared.errors import Refusal
+    from shared.federation import DeviceProfile
+
+    state, store = FederationState(fakeredis.FakeRedis()), LocalObjectStore(tmp_path)
+    devices = [f"d{i:02d}" for i in range(10)]
+    config = FederationConfig("f", LAYOUTS["tiny-llama"], policy=RoundPolicy(min_updates=2, clients_per_round=3))
+    coordinator = RoundCoordinator(state, store, Settings())
+    coordinator.start(config, devices)
+    cohort = {m.decode() for m in state.r.smembers(keys.round_cohort("f", 1))}
+    assert cohort == set(privacy.pick(state.secret("f"), 1, devices, 3)) and state.round_info("f", 1).cohort_size == 3
+    gateway = Gateway(state, LocalPresigner(b"k" * 32), Settings(), lambda raw, at: None)
+    outsider = next(d for d in devices if d not in cohort)
+    with pytest.raises(Refusal, match="not_sampled"):
+        gateway.check_in("f", DeviceProfile(outsider), "http://api")
+    assert gateway.check_in("f", DeviceProfile(sorted(cohort)[0]), "http://api")["round"] == 1
+    assert state.round_info("f", 1).cohort_size == 3  # a picked device checking in is not counted twice
+    with pytest.raises(Exception, match="clients_per_round"):
+        RoundPolicy(min_updates=4, clients_per_round=3)
