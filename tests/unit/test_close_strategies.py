@@ -168,3 +168,28 @@ def test_clients_per_round_picks_that_many_by_the_secret_and_check_in_turns_the_
     assert state.round_info("f", 1).cohort_size == 3  # a picked device checking in is not counted twice
     with pytest.raises(Exception, match="clients_per_round"):
         RoundPolicy(min_updates=4, clients_per_round=3)
+
+
+def test_epsilon_and_dropped_energy_are_exported_as_gauges(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from shared.metrics import FederationCollector
+
+    agg = AggregationConfig.preset("dp_fedavg", dp_noise_multiplier=2.0)
+    state, store, config = _world(tmp_path, agg)
+    _round(state, store, config, 1, seed=1)
+    RoundCoordinator(state, store, Settings()).close("f", 1)
+    registry = CollectorRegistry()
+    registry.register(FederationCollector(state, store))
+    assert registry.get_sample_value("fleettune_dp_epsilon", {"federation": "f"}) == pytest.approx(
+        privacy.epsilon(2.0, 1.0, 1, 1e-5))
+    assert registry.get_sample_value("fleettune_truncation_energy_dropped", {"federation": "f"}) is None
+
+    exact_state, exact_store, exact_config = _world(tmp_path / "exact", AggregationConfig.preset("flexlora"))
+    _round(exact_state, exact_store, exact_config, 1, seed=1)
+    RoundCoordinator(exact_state, exact_store, Settings()).close("f", 1)
+    registry = CollectorRegistry()
+    registry.register(FederationCollector(exact_state, exact_store))
+    dropped = registry.get_sample_value("fleettune_truncation_energy_dropped", {"federation": "f"})
+    assert dropped == versions.manifest(exact_store, "f", 1)["aggregation"]["truncation_energy_dropped"]
+    assert 0 < dropped < 1  # three rank-8 updates re-factorised to rank 8 drop something
