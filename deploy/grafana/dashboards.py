@@ -61,6 +61,15 @@ def training_quality() -> Dashboard:
                            description="Grows slowly and plateaus; explosive growth means instability."))
         .with_panel(Stat().title("Published version").datasource(PROMETHEUS).height(8).span(12)
                     .with_target(query(f"fleettune_adapter_version{{{FED}}}", "{{federation}}").ref_id("A")))
+        .with_row(Row("Aggregation"))
+        .with_panel(series("Privacy spent: cumulative epsilon (central DP)", "none",
+                           query(f"fleettune_dp_epsilon{{{FED}}}", "{{federation}} total"),
+                           query(f"fleettune_dp_epsilon_round{{{FED}}}", "{{federation}} per round"),
+                           description="The federation completes before a round would pass its max_epsilon."))
+        .with_panel(series("Exact LoRA: energy dropped by re-factorisation", "percentunit",
+                           query(f"fleettune_truncation_energy_dropped{{{FED}}}", "{{federation}}"),
+                           description="Share of the exact mean of B·A lost to the published rank; "
+                                       "persistently high means the rank is too small."))
         .with_row(Row("Updates"))
         .with_panel(series(
             "Update norm p90, before and after clipping", "none",

@@ -17,6 +17,7 @@ from shared.control.auth import Tokens
 from shared.federation import FederationConfig, RoundPolicy
 from shared.runtime import Runtime
 from shared.settings import Settings
+from shared.strategies.config import AggregationConfig
 from shared.submit import encode_update, submit_update
 from tests import services
 from workers.app import enqueuer, make_app
@@ -74,11 +75,13 @@ class Pipeline:
     api_url: str = ""
     admin_key: str = ""
 
-    def create(self, *, devices: list[str], layout: str = "tiny-llama", evaluation=None, **policy) -> FederationConfig:
+    def create(self, *, devices: list[str], layout: str = "tiny-llama", evaluation=None,
+               aggregation: AggregationConfig = AggregationConfig(), **policy) -> FederationConfig:
         config = FederationConfig(
             name=f"it-{next(_names)}-{int(time.time() * 1000) % 10**8}", model=LAYOUTS[layout],
             adapter=AdapterConfig(rank=8, alpha=16), base_model=layout, evaluation=evaluation,
             policy=RoundPolicy(**{"min_updates": 2, "timeout_seconds": 120, "max_rounds": 5, **policy}),
+            aggregation=aggregation,
         )
         self.runtime.coordinator.start(config, devices)
         return config

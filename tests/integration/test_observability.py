@@ -25,6 +25,7 @@ import yaml
 from shared import versions
 from shared.control.auth import Tokens
 from shared.federation import EvaluationConfig
+from shared.strategies.config import AggregationConfig
 from tests import services
 from tests.integration.conftest import make_pipeline
 from tests.reference import random_deltas
@@ -123,6 +124,11 @@ def _run(pipeline) -> dict:
                             num_samples=20)
         assert pipeline.wait_round(good, round_no).status == "closed"
     pipeline.submit(good, 1, devices[1], random_deltas(good.spec.tensors, rng, 0.01), base_version=0)  # late
+    for preset in ("dp_fedavg", "flexlora"):  # what the epsilon and dropped-energy panels show
+        other = pipeline.create(devices=["s-1", "s-2"], max_rounds=1, aggregation=AggregationConfig.preset(preset))
+        for device in ("s-1", "s-2"):
+            pipeline.submit(other, 1, device, random_deltas(other.spec.tensors, rng, 0.002))
+        assert pipeline.wait_round(other, 1).status == "closed"
     failing = pipeline.create(devices=["slow-1", "slow-2", "slow-3"], min_updates=3, timeout_seconds=2, max_rounds=1)
     pipeline.submit(failing, 1, "slow-1", random_deltas(failing.spec.tensors, rng, 0.01))
     assert pipeline.wait_round(failing, 1, timeout=30).status == "failed"
