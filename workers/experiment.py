@@ -25,7 +25,7 @@ from shared.device.client import Device
 from shared.federation import FederationConfig
 from shared.runtime import Runtime
 from shared.settings import Settings
-from shared.sdk import DeviceClient, Federation, FleettuneAPIError
+from shared.sdk import DeviceClient, Federation
 from shared.storage import LocalObjectStore, open_store
 from shared.submit import encode_update
 from workers.app import QUEUES, enqueuer, make_app
@@ -128,12 +128,13 @@ def run_rounds(app: Celery, runtime: Runtime, config: FederationConfig, fleet: l
         if hostile is not None:
             send_hostile(hostile, config)
         reports = []
-        for device in tqdm(fleet, desc=f"round {round_no}", unit="device", leave=False, disable=not progress):
-            try:
-                reports.append(device.run_round(clients[device.device_id], seed=round_no))
-            except FleettuneAPIError as exc:
-                if exc.code != "not_sampled":  # Poisson sampling (central DP) left this device out
-                    raise
+        # under sampling only the round's picked devices train; the others would check in to the next round
+        round_config = runtime.state.config(fed, info.config_rev) or config
+        sampled = round_config.policy.clients_per_round or round_config.aggregation.sampling_rate < 1
+        cohort = runtime.state.cohort(fed, round_no) if sampled else None
+        picked = [d for d in fleet if d.device_id in cohort] if sampled else fleet
+        for device in tqdm(picked, desc=f"round {round_no}", unit="device", leave=False, disable=not progress):
+            reports.append(device.run_round(clients[device.device_id], seed=round_no))
         done = wait_round(app, runtime, fed, round_no, timeout)
         manifest = versions.manifest(runtime.store, fed, done.version) if done.status == "closed" else {}
         evaluation = (wait_evaluation(runtime, fed, done.version, timeout)

@@ -130,6 +130,10 @@ class RoundMachine(StateBase):
 
         return self._transaction(join, info_key, cohort_key)
 
+    def cohort(self, fed: str, round_no: int) -> set[str]:
+        """The devices selected into a round (all enrolled, or those sampling picked)."""
+        return {m.decode() for m in self.r.smembers(keys.round_cohort(fed, round_no))}
+
     def reported_count(self, fed: str, round_no: int) -> int:
         return int(self.r.scard(keys.round_reported(fed, round_no)))
 
