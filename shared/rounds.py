@@ -96,8 +96,10 @@ class RoundCoordinator:
         return info
 
     def _publish_initial(self, config: FederationConfig, version: int, parent: int | None) -> None:
-        """A fresh adapter (as PEFT initialises one) as `version`: the start, or a change of shape."""
+        """A fresh adapter (as PEFT initialises one) as `version`: the start, or a change of shape
+        (which keeps the DP ledger: the data spent before still counts)."""
         weights = initial_weights(config.spec, config.seed)
+        ledger = self._dp_ledger(config.name, parent) if parent is not None else ()
         tiers = {rank: ({k: weights[k][tuple(slice(0, n) for n in shape)].contiguous()
                          for k, shape in config.spec_for(rank).tensors.items()}, config.spec_for(rank))
                  for rank in set(config.tier_ranks.values())}  # each tier: the leading slice (B is zero)
@@ -105,6 +107,7 @@ class RoundCoordinator:
             "round": 0 if parent is None else None, "parent_version": parent, "contributors": [],
             "total_samples": 0, "global_norm": update_norm(weights), "config_revision": config.revision,
             "reinitialized": parent is not None,
+            **({"dp": {"ledger": [list(x) for x in ledger], "releases": sum(n for _, _, n in ledger)}} if ledger else {}),
         }, tiers=tiers)
 
     def _open(self, config: FederationConfig, round_no: int, base_version: int) -> RoundInfo | None:
@@ -235,23 +238,31 @@ class RoundCoordinator:
         }
         if privacy_fields is not None:
             manifest["dp"] = privacy_fields
+        elif ledger := self._dp_ledger(config.name, info.base_version):  # DP switched off: its history stays
+            manifest["dp"] = {"ledger": [list(s) for s in ledger], "releases": sum(n for _, _, n in ledger),
+                              "epsilon": privacy.ledger_epsilon(ledger, agg.dp_delta), "delta": agg.dp_delta}
         return versions.publish(self.store, config.name, version, result.weights, spec, manifest,
                                 result.optimizer_state,
                                 {rank: (w, config.spec_for(rank)) for rank, w in result.tiers.items()},
                                 result.control)
 
     def _privacy(self, config: FederationConfig, info: RoundInfo) -> dict:
-        """This release's DP accounting: ε of one round and of every DP release so far, this one included."""
+        """This release's DP accounting: ε of one round and of every DP release the federation has
+        made, this one included (the ledger travels in every manifest from the first DP release on)."""
         agg = config.aggregation
-        parent = versions.manifest(self.store, config.name, info.base_version).get("dp") or {}
-        releases = int(parent.get("releases", 0)) + 1
         z, q, delta = agg.dp_noise_multiplier, agg.sampling_rate, agg.dp_delta
+        ledger = privacy.extend(self._dp_ledger(config.name, info.base_version), z, q)
         return {"noise_multiplier": z, "sampling_rate": q, "delta": delta, "clip": config.policy.max_grad_norm,
-                "releases": releases, "epsilon_round": privacy.epsilon(z, q, 1, delta),
-                "epsilon": privacy.epsilon(z, q, releases, delta), "max_epsilon": agg.dp_max_epsilon,
+                "releases": sum(n for _, _, n in ledger), "ledger": [list(s) for s in ledger],
+                "epsilon_round": privacy.epsilon(z, q, 1, delta),
+                "epsilon": privacy.ledger_epsilon(ledger, delta), "max_epsilon": agg.dp_max_epsilon,
                 # completes the federation now when one more release would pass the budget
                 "budget_exhausted": agg.dp_max_epsilon is not None
-                and privacy.epsilon(z, q, releases + 1, delta) > agg.dp_max_epsilon}
+                and privacy.ledger_epsilon(privacy.extend(ledger, z, q), delta) > agg.dp_max_epsilon}
+
+    def _dp_ledger(self, fed: str, version: int) -> tuple:
+        """The DP releases made up to `version`, as (z, q, count) segments."""
+        return tuple(tuple(s) for s in (versions.manifest(self.store, fed, version).get("dp") or {}).get("ledger", ()))
 
     def evaluate(self, fed: str, version: int, evaluator_for: Callable[[FederationConfig], Any]) -> dict:
         """Evaluate a published version, record it (Redis and its manifest), and apply the forgetting guard.

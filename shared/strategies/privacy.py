@@ -38,22 +38,40 @@ def add_noise(total: Tensors, std: float, seed: int) -> dict[str, torch.Tensor]:
             for key in sorted(total)}
 
 
-@functools.lru_cache(maxsize=4096)
 def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float) -> float:
     """(ε, δ)-DP of `rounds` releases of the (subsampled) Gaussian mechanism, by RDP accounting."""
+    return ledger_epsilon(((noise_multiplier, sampling_rate, rounds),), delta)
+
+
+@functools.lru_cache(maxsize=4096)
+def ledger_epsilon(ledger: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """ε of every release in a federation's DP ledger: (noise multiplier, sampling rate, releases)
+    segments, composed, so a change of z or q midway is still counted honestly."""
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
 
-    if rounds <= 0:
-        return 0.0
-    if noise_multiplier <= 0:
-        return float("inf")
-    event = dp_accounting.GaussianDpEvent(noise_multiplier)
-    if sampling_rate < 1.0:
-        event = dp_accounting.PoissonSampledDpEvent(sampling_rate, event)
     accountant = RdpAccountant()
-    accountant.compose(event, rounds)
+    for noise_multiplier, sampling_rate, rounds in ledger:
+        if rounds <= 0:
+            continue
+        if noise_multiplier <= 0:
+            return float("inf")
+        event = dp_accounting.GaussianDpEvent(noise_multiplier)
+        if sampling_rate < 1.0:
+            event = dp_accounting.PoissonSampledDpEvent(sampling_rate, event)
+        accountant.compose(event, rounds)
     return float(accountant.get_epsilon(delta))
+
+
+def extend(ledger, noise_multiplier: float, sampling_rate: float) -> tuple[tuple[float, float, int], ...]:
+    """The ledger after one more release at (z, q)."""
+    segments = [tuple(s) for s in ledger]
+    if segments and segments[-1][:2] == (noise_multiplier, sampling_rate):
+        z, q, n = segments[-1]
+        segments[-1] = (z, q, n + 1)
+    else:
+        segments.append((noise_multiplier, sampling_rate, 1))
+    return tuple((float(z), float(q), int(n)) for z, q, n in segments)
 
 
 def sampled(secret: bytes, round_no: int, device: str, rate: float) -> bool:

@@ -193,3 +193,20 @@ def test_epsilon_and_dropped_energy_are_exported_as_gauges(tmp_path):
     dropped = registry.get_sample_value("fleettune_truncation_energy_dropped", {"federation": "f"})
     assert dropped == versions.manifest(exact_store, "f", 1)["aggregation"]["truncation_energy_dropped"]
     assert 0 < dropped < 1  # three rank-8 updates re-factorised to rank 8 drop something
+
+
+def test_the_dp_ledger_survives_switching_dp_off_and_on_with_another_noise(tmp_path):
+    state, store, config = _world(tmp_path, AggregationConfig.preset("dp_fedavg", dp_noise_multiplier=2.0))
+    coordinator = RoundCoordinator(state, store, Settings())
+    plan = {1: AggregationConfig(), 2: AggregationConfig.preset("dp_fedavg", dp_noise_multiplier=1.0)}
+    for round_no in (1, 2, 3):
+        _round(state, store, config, round_no, seed=round_no)
+        if round_no in plan:  # applies from the next round
+            state.propose_config("f", lambda c, agg=plan[round_no]: c.revised(aggregation=agg))
+        assert coordinator.close("f", round_no).decision == CLOSED
+    off = versions.manifest(store, "f", 2)["dp"]
+    assert off["ledger"] == [[2.0, 1.0, 1]] and off["epsilon"] == pytest.approx(privacy.epsilon(2.0, 1.0, 1, 1e-5))
+    on = versions.manifest(store, "f", 3)["dp"]
+    assert on["ledger"] == [[2.0, 1.0, 1], [1.0, 1.0, 1]] and on["releases"] == 2
+    assert on["epsilon"] == pytest.approx(privacy.ledger_epsilon(((2.0, 1.0, 1), (1.0, 1.0, 1)), 1e-5))
+    assert on["epsilon"] > privacy.epsilon(1.0, 1.0, 1, 1e-5)  # the first release still counts
