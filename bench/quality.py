@@ -72,13 +72,13 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
 
 
 def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = Recipe(),
-              fleet_spec: FleetSpec | None = None, clip: float = 5.0) -> dict:
+              fleet_spec: FleetSpec | None = None, clip: float = 5.0, min_updates: int = DEVICES) -> dict:
     """recipe.rounds rounds of DEVICES non-IID devices through the real tasks; returns the last evaluation."""
     from workers.experiment import embedded, enroll, gateway, run_rounds
 
     tokenizer, base = models.load_tokenizer(source), models.load_model(source)
     config = _config(f"bench-{adapter.kind}-{int(time.time())}", ModelDims.from_hf_config(base.config), adapter, lr,
-                     source, recipe, clip, min_updates=2 if fleet_spec else DEVICES)
+                     source, recipe, clip, min_updates)
     model = trainer.peft_model(base, config.adapter)
     fleet = [d for d, _ in build_fleet(fleet_spec or FleetSpec.spread(DEVICES, CHARS), config, model, tokenizer)]
     if config.tier_ranks:  # heterogeneous ranks: every domain gets one device of each tier, each tier its model
@@ -136,7 +136,8 @@ def _initial(config: FederationConfig) -> dict:
 def fed_vs_central(args) -> None:
     recipe = Recipe(args.algorithm, args.rounds, args.max_steps, args.server_lr, args.mu,
                     tuple((k, _number(v)) for k, v in (o.split("=", 1) for o in args.set)), args.clients_per_round)
-    run = federated(args.model, AdapterConfig(rank=8, alpha=16), lr=args.lr, recipe=recipe)
+    run = federated(args.model, AdapterConfig(rank=8, alpha=16), lr=args.lr, recipe=recipe,
+                    fleet_spec=FleetSpec.spread(DEVICES, args.chars) if args.chars else None)
     central = centralized(run, args.central_lr)
     fed = run["final"]["heldout_mean"]
     print(f"model {args.model}; {DEVICES} devices over {len(corpora.DOMAINS)} domains, {recipe.rounds} rounds, "
@@ -173,6 +174,7 @@ def noise_for(epsilon: float, rate: float, rounds: int, delta: float) -> float:
 def dp_cost(args) -> None:
     """DP-FedAvg on a sampled population: held-out perplexity without noise and at epsilon 8, 3, 1."""
     delta = 1e-5
+    args.chars = args.chars or 3000
     fleet = FleetSpec.spread(args.population, args.chars)
     print(f"{args.population} devices ({args.chars} chars each), Poisson sampling q = {args.rate}, "
           f"{args.rounds} rounds of {args.max_steps or 'one epoch of'} step(s) per device, clip 1.0, delta {delta:g}")
@@ -181,7 +183,7 @@ def dp_cost(args) -> None:
         z = 0.0 if target is None else noise_for(target, args.rate, args.rounds, delta)
         overrides = (("sampling_rate", args.rate),) + ((("dp_noise_multiplier", z),) if z else ())
         recipe = Recipe("dp_fedavg" if z else "fedavg", args.rounds, args.max_steps, args.server_lr, 0.0, overrides)
-        run = federated(args.model, AdapterConfig(rank=8, alpha=16), args.lr, recipe, fleet, clip=1.0)
+        run = federated(args.model, AdapterConfig(rank=8, alpha=16), args.lr, recipe, fleet, clip=1.0, min_updates=2)
         eps = privacy.epsilon(z, args.rate, args.rounds, delta) if z else float("inf")
         rows.append((target, z, eps, run["final"]["heldout_mean"], run["base"]["heldout_mean"]))
         print(f"target eps {target}: z = {z:.3f}, eps = {eps:.2f}, held-out perplexity {rows[-1][3]:.2f} "
@@ -291,7 +293,7 @@ def main() -> None:
     parser.add_argument("--mu", type=float, default=0.0, help="FedProx proximal mu")
     parser.add_argument("--population", type=int, default=300, help="dp: devices enrolled")
     parser.add_argument("--rate", type=float, default=0.2, help="dp: Poisson sampling rate per round")
-    parser.add_argument("--chars", type=int, default=3000, help="dp: text per device")
+    parser.add_argument("--chars", type=int, default=None, help="text per device (fed-vs-central: 24,000; dp: 3,000)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="an AggregationConfig field, e.g. --set lora=ffa")
     args = parser.parse_args()
