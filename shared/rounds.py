@@ -192,6 +192,9 @@ class RoundCoordinator:
                                    tier_bases)
         contributors, excluded = [], {}
         for device, rec in records.items():  # sorted: the same order, so the same bytes, on a redo
+            if combiner.full:  # a robust rule's memory bound: the rest wait for a later round
+                excluded[device] = "over_max_robust_updates"
+                continue
             try:
                 blob = self.store.get(rec.object_key, self.settings.max_update_bytes)
             except (ObjectNotFound, Rejected):

@@ -35,7 +35,9 @@ class RoundResult:
 
 
 class RoundAggregator:
-    """Heterogeneous ranks: `tier_bases` maps each lower rank devices train to its current adapter
+    """Folds a round's updates in one at a time, then combines them under an AggregationConfig.
+
+    Heterogeneous ranks: `tier_bases` maps each lower rank devices train to its current adapter
     (deltas are relative to it), and `alpha` is the LoRA alpha: a rank-r adapter applies
     (alpha / r)·B·A. Exact mode sums those products; naive mode zero-pads factors to `rank`
     (HetLoRA's padding) and gives each tier the leading slice of the global factors."""
@@ -57,6 +59,11 @@ class RoundAggregator:
         paired = self._paired = {k for pair in self._pairs.values() for k in pair}
         others = {k: s for k, s in self.shapes.items() if k not in paired}
         self._other = StreamingFedAvg(others) if agg.lora == "exact" and others else None  # plain mean
+
+    @property
+    def full(self) -> bool:
+        """The median and trimmed mean hold every update: true once they hold max_robust_updates."""
+        return self.agg.rule != "mean" and self.count >= self.agg.max_robust_updates
 
     def add(self, update: Tensors, weight: float, clip_scale: float, rank: int | None = None,
             local_steps_lr: float | None = None) -> None:
@@ -83,7 +90,7 @@ class RoundAggregator:
             if self._other is not None:
                 self._other.add({k: update[k] for k in self.shapes if k not in self._paired}, weight, clip_scale)
         else:
-            if self.count >= self.agg.max_robust_updates:
+            if self.full:
                 raise ValueError(f"{self.agg.rule} holds every update: more than max_robust_updates "
                                  f"({self.agg.max_robust_updates}) in one round")
             self._kept.append({k: clip_scale * v.float() for k, v in update.items()})

@@ -210,3 +210,22 @@ def test_the_dp_ledger_survives_switching_dp_off_and_on_with_another_noise(tmp_p
     assert on["ledger"] == [[2.0, 1.0, 1], [1.0, 1.0, 1]] and on["releases"] == 2
     assert on["epsilon"] == pytest.approx(privacy.ledger_epsilon(((2.0, 1.0, 1), (1.0, 1.0, 1)), 1e-5))
     assert on["epsilon"] > privacy.epsilon(1.0, 1.0, 1, 1e-5)  # the first release still counts
+
+
+def test_a_robust_rule_past_its_memory_bound_closes_with_the_first_updates_and_names_the_rest(tmp_path):
+    state, store, config = _world(tmp_path, AggregationConfig.preset("median", max_robust_updates=3))
+    _round(state, store, config, 1, seed=1)
+    for device in ("d", "e"):  # two more accepted updates than the median may hold
+        state.enroll("f", [device])
+        assert state.join_cohort("f", 1, device)
+        delta = random_deltas(config.update_tensors, np.random.default_rng(len(device)), 0.002)
+        blob = encode_update(delta)
+        key = keys.update_object("f", 1, device)
+        store.put(key, blob)
+        assert Ingestor(state, store, Settings()).ingest(
+            Envelope("f", 1, device, key, hashlib.sha256(blob).hexdigest(), 10, 0).encode()).outcome == "accepted"
+    result = RoundCoordinator(state, store, Settings()).close("f", 1)
+    assert result.decision == CLOSED
+    manifest = versions.manifest(store, "f", 1)
+    assert manifest["contributors"] == ["a", "b", "c"]
+    assert manifest["excluded"] == {"d": "over_max_robust_updates", "e": "over_max_robust_updates"}
