@@ -192,7 +192,7 @@ class RoundCoordinator:
                                    tier_bases)
         contributors, excluded = [], {}
         for device, rec in records.items():  # sorted: the same order, so the same bytes, on a redo
-            if combiner.full:  # a robust rule's memory bound: the rest wait for a later round
+            if combiner.full:  # a robust rule's memory bound: the rest are left out, named in the manifest
                 excluded[device] = "over_max_robust_updates"
                 continue
             try:
