@@ -136,8 +136,9 @@ class FederationConfig:
             raise ConfigError("DP accounts for Poisson sampling: use sampling_rate, not clients_per_round")
         if self.aggregation.dp and self.policy.max_grad_norm is None:
             raise ConfigError("DP needs a clip bound: set max_grad_norm (max_update_norm in the API)")
-        if self.aggregation.lora != "naive" and self.adapter.kind == "prompt_tuning":
-            raise ConfigError(f"lora {self.aggregation.lora!r} needs a LoRA adapter, not prompt tuning")
+        if self.adapter.kind == "prompt_tuning" and (self.aggregation.lora != "naive"
+                                                     or self.aggregation.drift_control != "none"):
+            raise ConfigError("exact, ffa and scaffold need a LoRA adapter, not prompt tuning")
         if self.adapter.tier_ranks and (self.aggregation.lora == "ffa" or self.aggregation.rule != "mean"
                                         or self.aggregation.dp or self.aggregation.optimizer != "sgd"):
             # tiers' factors of different ranks combine by zero-padding (naive) or in product space (exact)
