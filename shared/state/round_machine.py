@@ -258,6 +258,8 @@ def _write_open(pipe, fed: str, round_no: int, base_version: int, now: float, ti
     cohort = names
     info = RoundInfo(round_no, "open", base_version, now, now + timeout, len(cohort), config_rev=revision)
     if switch:
+        if pending.policy.server_lr != current.policy.server_lr:  # a guard-lowered rate was the old config's
+            pipe.hdel(keys.fed_state(fed), "server_lr")
         pipe.set(keys.fed_config(fed), pending.to_json())
         pipe.set(keys.fed_config_revision(fed, pending.revision), pending.to_json())
         pipe.delete(keys.fed_config_pending(fed))

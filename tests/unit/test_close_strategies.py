@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import fakeredis
@@ -229,3 +230,13 @@ def test_a_robust_rule_past_its_memory_bound_closes_with_the_first_updates_and_n
     manifest = versions.manifest(store, "f", 1)
     assert manifest["contributors"] == ["a", "b", "c"]
     assert manifest["excluded"] == {"d": "over_max_robust_updates", "e": "over_max_robust_updates"}
+
+
+def test_a_new_server_lr_replaces_the_rate_the_forgetting_guard_lowered(tmp_path):
+    state, store, config = _world(tmp_path, AggregationConfig())
+    state.r.hset(keys.fed_state("f"), "server_lr", "0.5")  # what the guard left for plain FedAvg
+    _round(state, store, config, 1, seed=1)
+    state.propose_config("f", lambda c: c.revised(aggregation=AggregationConfig.preset("fedadam"),
+                                                 policy=dataclasses.replace(c.policy, server_lr=0.01)))
+    RoundCoordinator(state, store, Settings()).close("f", 1)
+    assert state.server_lr("f", 0.01) == 0.01  # FedAdam does not inherit FedAvg's 0.5
