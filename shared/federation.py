@@ -11,7 +11,7 @@ from typing import Literal
 from shared import corpora, keys
 from shared.adapter_spec import AdapterConfig, AdapterSpec, ModelDims, build_spec
 from shared.errors import ConfigError
-from shared.strategies.config import AggregationConfig
+from shared.strategies.config import CONTROL_PREFIX, AggregationConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +158,9 @@ class FederationConfig:
     def update_tensors_for(self, rank: int) -> dict[str, tuple[int, ...]]:
         tensors = self.spec_for(rank).tensors
         if self.aggregation.lora == "ffa":
-            return {k: s for k, s in tensors.items() if not k.endswith("lora_A.weight")}
+            tensors = {k: s for k, s in tensors.items() if not k.endswith("lora_A.weight")}
+        if self.aggregation.drift_control == "scaffold":  # and the change of the device's control variate
+            tensors = {**tensors, **{CONTROL_PREFIX + k: s for k, s in tensors.items()}}
         return tensors
 
     def spec_for(self, rank: int) -> AdapterSpec:

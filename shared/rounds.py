@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import hashlib
 import time
 import uuid
@@ -206,7 +205,7 @@ class RoundCoordinator:
                 continue
             layout = config.update_tensors_for(rec.rank or config.adapter.rank)
             combiner.add(parse(blob, layout, self.settings.max_header_bytes), weights[device], rec.clip_scale,
-                         rec.rank or None, _steps_times_lr(config, rec.num_samples))
+                         rec.rank or None)
             contributors.append(device)
         if combiner.count < policy.min_updates:
             return None  # quorum counts updates that can still be read and verified, not acceptances
@@ -309,9 +308,3 @@ class RoundCoordinator:
             raise StateError(f"{fed} has no rounds left in its session")
         return self.begin_training(fed, left)
 
-
-def _steps_times_lr(config: FederationConfig, num_samples: int) -> float:
-    """K·η of a device that trained on `num_samples` sequences (epochs included) under the round's
-    strategy: SCAFFOLD turns its update into a gradient estimate with it."""
-    training = config.training
-    return max(1, math.ceil(num_samples / training.batch_size)) * training.learning_rate

@@ -17,6 +17,7 @@ from shared.federation import FederationConfig, TrainingStrategy
 from shared import versions
 from shared.safetensors_reader import parse
 from shared.sdk.device import DeviceClient, FleettuneAPIError
+from shared.strategies.config import CONTROL_PREFIX
 from shared.submit import encode_update
 
 
@@ -83,10 +84,11 @@ class Device:
         sent = time.perf_counter()
         after = trainer.adapter_weights(self.model)
         delta = {k: (after[k] - global_weights[k].float()).numpy() for k in sent_keys}
-        if server_c is not None:  # c_i <- c_i - c + (x - y) / (K·η), kept on the device only
-            steps_lr = max(result.steps, 1) * strategy.learning_rate
-            self.control = {k: self.control.get(k, 0.0) - server_c[k] - torch.from_numpy(delta[k]) / steps_lr
-                            for k in sent_keys}
+        if server_c is not None:  # c_i <- its mean gradient this round (kept on the device); Δc_i goes up
+            fresh = result.mean_gradients
+            for k in sent_keys:
+                delta[CONTROL_PREFIX + k] = (fresh[k] - self.control.get(k, torch.zeros_like(fresh[k]))).numpy()
+            self.control = fresh
         receipt = gateway.send(plan, encode_update(delta), num_samples=result.samples,
                                train_seconds=result.seconds, metrics={"loss": result.loss, "steps": result.steps})
         done = time.perf_counter()

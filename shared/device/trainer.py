@@ -19,6 +19,8 @@ class TrainResult:
     samples: int  # sequences trained on (the FedAvg weight)
     loss: float  # mean loss over the round
     seconds: float
+    # SCAFFOLD: the mean raw gradient of each adapter tensor over the round's steps (by adapter key)
+    mean_gradients: dict[str, torch.Tensor] | None = None
 
 
 def peft_model(base: torch.nn.Module, adapter: AdapterConfig):
@@ -76,7 +78,9 @@ def train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int, free
 
     `freeze_lora_a`: FFA-LoRA, only the B factors train. `strategy.proximal_mu` > 0: FedProx, the
     loss gets mu/2 * ||w - w_start||^2, which keeps a device near the global adapter it started from.
-    `correction`: SCAFFOLD's c - c_i by adapter key, added to every gradient.
+    `correction`: SCAFFOLD's c - c_i by adapter key, added to every gradient; the result then
+    carries the mean raw gradient, the device's next c_i (option II in gradient units, which stays
+    right under a local Adam, where (x - y) / (K·η) would not).
     """
     frozen = [p for n, p in model.named_parameters() if freeze_lora_a and "lora_A" in n and p.requires_grad]
     for p in frozen:
@@ -98,6 +102,8 @@ def _train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int,
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     shifts = [(p, correction[adapter_key(n)]) for n, p in named if adapter_key(n) in correction] if correction else []
+    sums = {adapter_key(n): torch.zeros_like(p) for n, p in named if adapter_key(n) in correction} \
+        if correction else None
     anchor = [p.detach().clone() for p in params] if strategy.proximal_mu > 0 else None
     opt = torch.optim.AdamW(params, lr=strategy.learning_rate, weight_decay=strategy.weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -114,6 +120,10 @@ def _train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int,
             if anchor is not None:
                 objective = loss + strategy.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             objective.backward()
+            if sums is not None:
+                for n, p in named:
+                    if adapter_key(n) in sums:
+                        sums[adapter_key(n)].add_(p.grad)
             for p, shift in shifts:  # SCAFFOLD: g - c_i + c
                 p.grad.add_(shift)
             torch.nn.utils.clip_grad_norm_(params, strategy.max_grad_norm)
@@ -121,7 +131,8 @@ def _train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int,
             opt.zero_grad(set_to_none=True)
             steps, samples, total_loss = steps + 1, samples + len(batch), total_loss + loss.item()
     model.eval()
-    return TrainResult(steps, samples, total_loss / max(steps, 1), time.perf_counter() - start)
+    mean_gradients = {k: v / max(steps, 1) for k, v in sums.items()} if sums is not None else None
+    return TrainResult(steps, samples, total_loss / max(steps, 1), time.perf_counter() - start, mean_gradients)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch
 
 from shared.aggregation import StreamingFedAvg, update_norm
 from shared.strategies import privacy, robust, server_optimizers
-from shared.strategies.config import AggregationConfig
+from shared.strategies.config import CONTROL_PREFIX, AggregationConfig
 from shared.strategies.exact_lora import LowRankSum, lora_pairs
 
 Tensors = Mapping[str, torch.Tensor]
@@ -44,11 +44,13 @@ class RoundAggregator:
 
     def __init__(self, agg: AggregationConfig, base: Tensors, update_shapes: Mapping[str, tuple[int, ...]],
                  rank: int, alpha: float | None = None, tier_bases: Mapping[int, Tensors] | None = None) -> None:
-        self.agg, self.base, self.shapes, self.rank = agg, base, dict(update_shapes), rank
+        controls = {k: v for k, v in update_shapes.items() if k.startswith(CONTROL_PREFIX)}
+        self.agg, self.base, self.rank = agg, base, rank
+        self.shapes = {k: v for k, v in update_shapes.items() if k not in controls}
         self.alpha = float(alpha if alpha is not None else rank)  # a common scale cancels when ranks agree
         self.tier_bases = dict(tier_bases or {})
-        # SCAFFOLD: the mean of each device's Δy / (K·η), its gradient estimate (see `scaffold_step`)
-        self._gradients = StreamingFedAvg(self.shapes) if agg.drift_control == "scaffold" else None
+        # SCAFFOLD: the mean change of the devices' control variates (see `scaffold_step`)
+        self._controls = StreamingFedAvg(controls) if agg.drift_control == "scaffold" else None
         self.count = 0
         self.total_weight = 0.0
         self._mean = StreamingFedAvg(self.shapes) if agg.rule == "mean" and agg.lora != "exact" else None
@@ -65,20 +67,18 @@ class RoundAggregator:
         """The median and trimmed mean hold every update: true once they hold max_robust_updates."""
         return self.agg.rule != "mean" and self.count >= self.agg.max_robust_updates
 
-    def add(self, update: Tensors, weight: float, clip_scale: float, rank: int | None = None,
-            local_steps_lr: float | None = None) -> None:
+    def add(self, update: Tensors, weight: float, clip_scale: float, rank: int | None = None) -> None:
         """One accepted update: its delta tensors, its (capped) weight and its clip factor; `rank`
-        when its device's tier trains a lower rank than the global adapter; under SCAFFOLD,
-        K·η: the device's local steps times its learning rate."""
+        when its device's tier trains a lower rank than the global adapter. Under SCAFFOLD it also
+        carries the change of the device's control variate (clipped together with the delta)."""
         rank = rank or self.rank
         if rank != self.rank and rank not in self.tier_bases:
             raise ValueError(f"an update of rank {rank} has no tier base")
         if self.agg.dp:
             weight = 1.0  # DP-FedAvg: every clipped update counts the same, so C bounds each one
-        if self._gradients is not None:
-            if not local_steps_lr or local_steps_lr <= 0:
-                raise ValueError("SCAFFOLD needs each update's local steps x learning rate")
-            self._gradients.add(update, weight, -clip_scale / local_steps_lr)
+        if self._controls is not None:
+            self._controls.add({k: update[k] for k in self._controls_keys()}, weight, clip_scale)
+            update = {k: v for k, v in update.items() if not k.startswith(CONTROL_PREFIX)}
         if self._mean is not None:
             self._mean.add(update if rank == self.rank else _padded(update, self.shapes), weight, clip_scale)
         elif self.agg.lora == "exact":
@@ -102,9 +102,13 @@ class RoundAggregator:
         """Combine, then take the server step. SCAFFOLD: `control` is the current server control
         variate c (empty: zero) and `participation` |S| / N, this round's share of the population."""
         result = self._finish(server_lr, state, clip_bound, noise_seed)
-        if self._gradients is not None:
-            result.control = scaffold_step(control or {}, self._gradients.mean(), participation)
+        if self._controls is not None:
+            changes = {k[len(CONTROL_PREFIX):]: v for k, v in self._controls.mean().items()}
+            result.control = scaffold_step(control or {}, changes, participation)
         return result
+
+    def _controls_keys(self) -> list[str]:
+        return [CONTROL_PREFIX + k for k in self.shapes]
 
     def _finish(self, server_lr: float, state: Tensors, clip_bound: float | None, noise_seed: int) -> RoundResult:
         if self.count == 0:
@@ -162,12 +166,11 @@ class RoundAggregator:
         return weights, dropped, energy
 
 
-def scaffold_step(control: Tensors, gradients: Tensors, participation: float) -> dict[str, torch.Tensor]:
-    """SCAFFOLD's server control variate after a round (Karimireddy et al. 2020, option II):
-    each device's new c_i = c_i - c + (x - y_i) / (K·η), so the mean change of the c_i is
-    mean(g_i) - c with g_i = -Δy_i / (K·η), and c moves by |S| / N of it."""
-    return {k: (control[k].float() if k in control else torch.zeros_like(g)) * (1 - participation)
-            + participation * g for k, g in gradients.items()}
+def scaffold_step(control: Tensors, changes: Tensors, participation: float) -> dict[str, torch.Tensor]:
+    """SCAFFOLD's server control variate after a round (Karimireddy et al. 2020):
+    c += |S| / N · mean(Δc_i), Δc_i being each participating device's change of its own c_i."""
+    return {k: ((control[k].float() if k in control else torch.zeros_like(d)) + participation * d).contiguous()
+            for k, d in changes.items()}
 
 
 def _padded(update: Tensors, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

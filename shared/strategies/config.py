@@ -42,6 +42,7 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     "dp_fedavg": {"dp_noise_multiplier": 1.0},
 }
 ADAPTIVE_SERVER_LR = 1e-2
+CONTROL_PREFIX = "scaffold."  # SCAFFOLD updates also carry Δc_i, each tensor under this prefix
 FEDPROX_MU = 0.01
 
 

@@ -147,5 +147,6 @@ def test_ffa_and_scaffold_devices_train_through_the_pipeline(pipeline, tiny, alg
         assert all(k.endswith("lora_B.weight") for k in config.update_tensors)
     else:
         control = versions.load_control(store, config.name, 2, 1 << 30)
-        assert set(control) == set(config.update_tensors) and any(float(v.abs().max()) > 0 for v in control.values())
-        assert all(set(device.control) == set(config.update_tensors) for device in fleet)  # each device's c_i
+        assert set(control) == set(config.spec.tensors) and any(float(v.abs().max()) > 0 for v in control.values())
+        assert all(set(device.control) == set(config.spec.tensors) for device in fleet)  # each device's c_i
+        assert set(config.update_tensors) == set(config.spec.tensors) | {f"scaffold.{k}" for k in config.spec.tensors}

@@ -136,16 +136,17 @@ def test_sampling_rate_picks_the_cohort_the_accountant_assumes(tmp_path):
 
 def test_scaffold_publishes_the_server_control_variate_devices_download(tmp_path):
     state, store, config = _world(tmp_path, AggregationConfig.preset("scaffold"))
+    assert set(config.update_tensors) == set(config.spec.tensors) | {f"scaffold.{k}" for k in config.spec.tensors}
     sent = _round(state, store, config, 1, seed=3)
     assert RoundCoordinator(state, store, Settings()).close("f", 1).decision == CLOSED
     control = versions.load_control(store, "f", 1, 1 << 30)
-    lr, batch = config.training.learning_rate, config.training.batch_size
-    steps_lr = [max(1, -(-n // batch)) * lr for n in (10, 11, 12)]  # K from each device's sample count
-    scales = [min(1.0, config.policy.max_grad_norm / np.sqrt(sum(float((v.astype(np.float64) ** 2).sum())
-                                                                for v in d.values()))) for d in sent]
-    for k in config.update_tensors:  # every enrolled device took part: participation 1
-        g = sum(n * -s * d[k] / kl for n, d, s, kl in zip((10, 11, 12), sent, scales, steps_lr)) / 33
-        np.testing.assert_allclose(control[k].numpy(), g, atol=1e-6)
+    mean = reference.mean_delta(sent, [10, 11, 12], config.policy.max_grad_norm)  # one clip over both parts
+    for k in config.spec.tensors:  # every enrolled device took part: participation 1, c starts at 0
+        np.testing.assert_allclose(control[k].numpy(), mean[f"scaffold.{k}"], atol=1e-6)
+    published = versions.load_weights(store, "f", 1, config.spec, 1 << 30, 1 << 20)
+    initial = initial_weights(config.spec, config.seed)
+    for k in config.spec.tensors:
+        np.testing.assert_allclose(published[k].numpy(), initial[k].numpy() + mean[k], atol=1e-6)
 
 
 def test_clients_per_round_picks_that_many_by_the_secret_and_check_in_turns_the_rest_away(tmp_path):

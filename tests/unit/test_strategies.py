@@ -291,21 +291,21 @@ def test_naive_zero_padding_averages_padded_factors_and_slices_each_tier():
 
 # --- SCAFFOLD --------------------------------------------------------------------------------------
 
-def test_scaffold_server_control_variate_follows_option_two():
+def test_scaffold_moves_the_server_control_variate_by_the_mean_device_change():
     base, ups, w = _base(), _updates(3, seed=12), [1.0, 2.0, 1.0]
-    steps_lr = [0.5, 0.25, 1.0]  # K·η of each device
+    changes = _updates(3, seed=13)  # each device's Δc_i, sent beside its delta
     scales = [1.0, 0.5, 1.0]
+    shapes = {**SHAPES, **{f"scaffold.{k}": v for k, v in SHAPES.items()}}
     c = {k: np.full(s, 0.3) for k, s in SHAPES.items()}
-    combiner = RoundAggregator(AggregationConfig.preset("scaffold"), {k: _t(v) for k, v in base.items()}, SHAPES, R)
-    for u, wi, kl, sc in zip(ups, w, steps_lr, scales):
-        combiner.add({k: _t(v) for k, v in u.items()}, wi, sc, None, kl)
+    combiner = RoundAggregator(AggregationConfig.preset("scaffold"), {k: _t(v) for k, v in base.items()}, shapes, R)
+    for u, dc, wi, sc in zip(ups, changes, w, scales):
+        combiner.add({**{k: _t(v) for k, v in u.items()}, **{f"scaffold.{k}": _t(v) for k, v in dc.items()}}, wi, sc)
     out = combiner.finish(1.0, {}, control={k: _t(v) for k, v in c.items()}, participation=0.25)
     for k in SHAPES:
-        g = sum(wi * (-sc * u[k] / kl) for u, wi, kl, sc in zip(ups, w, steps_lr, scales)) / sum(w)
-        np.testing.assert_allclose(out.control[k].numpy(), 0.75 * c[k] + 0.25 * g, atol=1e-6)
+        mean_change = sum(wi * sc * dc[k] for dc, wi, sc in zip(changes, w, scales)) / sum(w)
+        np.testing.assert_allclose(out.control[k].numpy(), c[k] + 0.25 * mean_change, atol=1e-6)
         mean = sum(wi * sc * u[k] for u, wi, sc in zip(ups, w, scales)) / sum(w)
         np.testing.assert_allclose(out.weights[k].numpy(), base[k] + mean, atol=1e-6)  # the model step is FedAvg's
-    with pytest.raises(ValueError, match="local steps"):
-        combiner.add({k: _t(v) for k, v in ups[0].items()}, 1.0, 1.0)
+    assert set(out.weights) == set(SHAPES)  # control tensors never reach the adapter
     with pytest.raises(ConfigError, match="scaffold"):
         AggregationConfig(drift_control="scaffold", lora="exact")

@@ -70,6 +70,17 @@ def test_ffa_freezes_a_fedprox_pulls_toward_the_start_and_scaffold_shifts_every_
 
         zero = trained(correction={k: torch.zeros_like(v) for k, v in start.items()})
         assert all(torch.equal(zero[k], plain[k]) for k in start)  # c = c_i: plain training
+        trainer.load_adapter_weights(model, start)
+        result = trainer.train(model, data, TrainingStrategy(learning_rate=1e-2, batch_size=4, seq_len=64, max_steps=1),
+                               seed=0, correction={k: torch.zeros_like(v) for k, v in start.items()})
+        trainer.load_adapter_weights(model, start)
+        model.train()
+        batch = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:4]]
+        model(input_ids=batch, labels=batch).loss.backward()
+        grads = {trainer.adapter_key(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
+        for k, g in result.mean_gradients.items():  # one step: the mean gradient is that step's raw gradient
+            torch.testing.assert_close(g, grads[k])
+        model.zero_grad(set_to_none=True)
         push = {k: torch.full_like(v, 10.0) for k, v in start.items()}  # a large c - c_i dominates the step
         shifted = trained(correction=push)
         assert all(float((shifted[k] - start[k]).mean()) < 0 for k in start)  # Adam steps against +c
