@@ -50,6 +50,7 @@ class Recipe:
     proximal_mu: float = 0.0
     overrides: tuple[tuple[str, object], ...] = ()  # AggregationConfig fields
     clients_per_round: int = 0  # 0: every device every round
+    local_optimizer: str = "adamw"
 
     def aggregation(self) -> AggregationConfig:
         return AggregationConfig.preset(self.algorithm, **dict(self.overrides))
@@ -65,7 +66,8 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
                            max_rounds=recipe.rounds, max_grad_norm=clip, timeout_seconds=900, server_lr=server_lr,
                            clients_per_round=recipe.clients_per_round),
         training=TrainingStrategy(learning_rate=lr, batch_size=8, seq_len=128, max_steps=recipe.max_steps,
-                                  proximal_mu=recipe.proximal_mu or (FEDPROX_MU if recipe.algorithm == "fedprox" else 0)),
+                                  proximal_mu=recipe.proximal_mu or (FEDPROX_MU if recipe.algorithm == "fedprox" else 0),
+                                  local_optimizer=recipe.local_optimizer),
         evaluation=EvaluationConfig(base_model=source, forgetting_threshold=100.0, general_every=10**6),
         aggregation=agg,
     )
@@ -121,6 +123,7 @@ def centralized(run: dict, lr: float | None = None) -> float:
 
     trainer.load_adapter_weights(model, {k: v for k, v in _initial(config).items()})
     strategy = dataclasses.replace(config.training, local_epochs=10_000, max_steps=run["steps"], proximal_mu=0.0,
+                                   local_optimizer="adamw",
                                    learning_rate=lr or config.training.learning_rate)
     trainer.train(model, pooled([(d, "") for d in run["fleet"]]), strategy, seed=0)
     weights = trainer.adapter_weights(model)
@@ -135,7 +138,8 @@ def _initial(config: FederationConfig) -> dict:
 
 def fed_vs_central(args) -> None:
     recipe = Recipe(args.algorithm, args.rounds, args.max_steps, args.server_lr, args.mu,
-                    tuple((k, _number(v)) for k, v in (o.split("=", 1) for o in args.set)), args.clients_per_round)
+                    tuple((k, _number(v)) for k, v in (o.split("=", 1) for o in args.set)), args.clients_per_round,
+                    args.local_optimizer)
     run = federated(args.model, AdapterConfig(rank=8, alpha=16), lr=args.lr, recipe=recipe,
                     fleet_spec=FleetSpec.spread(DEVICES, args.chars) if args.chars else None)
     central = centralized(run, args.central_lr)
@@ -290,6 +294,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=0, help="steps per device per round (0: one epoch)")
     parser.add_argument("--server-lr", type=float, default=None)
     parser.add_argument("--clients-per-round", type=int, default=0, help="devices the server picks per round")
+    parser.add_argument("--local-optimizer", default="adamw", choices=["adamw", "sgd"])
     parser.add_argument("--mu", type=float, default=0.0, help="FedProx proximal mu")
     parser.add_argument("--population", type=int, default=300, help="dp: devices enrolled")
     parser.add_argument("--rate", type=float, default=0.2, help="dp: Poisson sampling rate per round")

@@ -57,11 +57,14 @@ class TrainingStrategy:
     seq_len: int = 128
     max_steps: int = 0  # 0: no cap; otherwise at most this many steps per round (shorter rounds)
     proximal_mu: float = 0.0  # FedProx: the device adds mu/2 * ||w - w_global||^2 to its loss
+    # the device's optimizer: "sgd" sends lr x the mean gradient, so an adaptive server optimizer
+    # (FedAdam) sees true gradients (FedOpt's client SGD); AdamW's first steps send their signs
+    local_optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         if not (self.learning_rate > 0 and self.local_epochs >= 1 and self.batch_size >= 1
                 and self.seq_len >= 8 and self.max_grad_norm > 0 and self.weight_decay >= 0
-                and self.proximal_mu >= 0):
+                and self.proximal_mu >= 0 and self.local_optimizer in ("adamw", "sgd")):
             raise ValueError(f"invalid training strategy: {self}")
 
 

@@ -103,6 +103,8 @@ class StrategyParams(Strict):
     batch_size: int | None = Field(None, ge=1, le=4096)
     max_steps: int | None = Field(None, ge=0, le=10**6, description="steps per round; 0: local_epochs in full")
     proximal_mu: float | None = Field(None, ge=0, le=100, description="FedProx: the device's proximal term")
+    local_optimizer: Literal["adamw", "sgd"] | None = Field(
+        None, description="sgd: devices send lr x their mean gradient, for an adaptive server optimizer")
 
 
 class DpIn(Strict):

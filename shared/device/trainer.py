@@ -74,7 +74,7 @@ def blocks(token_ids: list[int], seq_len: int) -> torch.Tensor:
 
 def train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int, freeze_lora_a: bool = False,
           correction: Mapping[str, torch.Tensor] | None = None) -> TrainResult:
-    """Train the adapter's parameters in place: AdamW, gradient clipping, local_epochs over data.
+    """Train the adapter's parameters in place: AdamW (or SGD), gradient clipping, local_epochs over data.
 
     `freeze_lora_a`: FFA-LoRA, only the B factors train. `strategy.proximal_mu` > 0: FedProx, the
     loss gets mu/2 * ||w - w_start||^2, which keeps a device near the global adapter it started from.
@@ -105,7 +105,10 @@ def _train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int,
     sums = {adapter_key(n): torch.zeros_like(p) for n, p in named if adapter_key(n) in correction} \
         if correction else None
     anchor = [p.detach().clone() for p in params] if strategy.proximal_mu > 0 else None
-    opt = torch.optim.AdamW(params, lr=strategy.learning_rate, weight_decay=strategy.weight_decay)
+    if strategy.local_optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=strategy.learning_rate, weight_decay=strategy.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=strategy.learning_rate, weight_decay=strategy.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     steps, samples, total_loss, start = 0, 0, 0.0, time.perf_counter()
