@@ -31,10 +31,11 @@ def next_global(prev: dict[str, np.ndarray], deltas: list[dict[str, np.ndarray]]
 
 
 def server_optimizer(name: str, x: np.ndarray, deltas: list[np.ndarray], lr: float, b1: float = 0.9,
-                     b2: float = 0.99, tau: float = 1e-3) -> np.ndarray:
-    """Reddi et al. 2021, Algorithm 2, over a sequence of pseudo-gradients (v starts at tau^2)."""
+                     b2: float = 0.99, tau: float = 1e-3, bias_correction: bool = False) -> np.ndarray:
+    """Reddi et al. 2021, Algorithm 2, over a sequence of pseudo-gradients (v starts at tau^2);
+    with `bias_correction`, Adam's m and v are divided by (1 - beta^t) as in Kingma & Ba."""
     m, v = None, np.full_like(x, tau * tau)
-    for d in deltas:
+    for t, d in enumerate(deltas, start=1):
         if name == "avgm":
             m = d.copy() if m is None else b1 * m + d
             x = x + lr * m
@@ -46,7 +47,10 @@ def server_optimizer(name: str, x: np.ndarray, deltas: list[np.ndarray], lr: flo
             v = v - (1 - b2) * d * d * np.sign(v - d * d)
         else:
             v = v + d * d
-        x = x + lr * m / (np.sqrt(v) + tau)
+        if bias_correction:
+            x = x + lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + tau)
+        else:
+            x = x + lr * m / (np.sqrt(v) + tau)
     return x
 
 

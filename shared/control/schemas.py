@@ -123,6 +123,7 @@ class AggregationIn(Strict):
     beta1: float | None = Field(None, ge=0, lt=1)
     beta2: float | None = Field(None, ge=0, lt=1)
     tau: float | None = Field(None, gt=0, le=1)
+    bias_correction: bool | None = None
     max_weight_ratio: float | None = Field(None, ge=1, le=1e6)
     working_rank_factor: int | None = Field(None, ge=1, le=64)
     drift_control: Literal["none", "scaffold"] | None = None

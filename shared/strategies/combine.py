@@ -138,7 +138,7 @@ class RoundAggregator:
             delta = {k: v / self.total_weight for k, v in privacy.add_noise(total, std, noise_seed).items()}
             fields["dp_noise_std_on_sum"] = std
         weights, new_state = server_optimizers.step(agg.optimizer, self.base, delta, state, server_lr,
-                                                    agg.beta1, agg.beta2, agg.tau)
+                                                    agg.beta1, agg.beta2, agg.tau, agg.bias_correction)
         tiers = {rank: _leading(weights, self.tier_bases[rank]) for rank in sorted(self.tier_bases)}
         return RoundResult(weights, new_state, update_norm(delta), fields, tiers)
 

@@ -56,6 +56,7 @@ class AggregationConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    bias_correction: bool = False  # adam only: Kingma & Ba's correction of m and v (Reddi et al. omit it)
     max_weight_ratio: float = 2.0  # a device weighs at most this x the median claimed sample count
     working_rank_factor: int = 2  # exact: rank kept while streaming, as a multiple of the published rank
     max_robust_updates: int = 1000  # median/trimmed mean hold every update: the most they take

@@ -27,10 +27,13 @@ STEP_KEY = "__step__"  # the step counter, stored as a one-element tensor beside
 
 
 def step(name: str, weights: Tensors, delta: Tensors, state: Tensors, lr: float, beta1: float = 0.9,
-         beta2: float = 0.99, tau: float = 1e-3) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+         beta2: float = 0.99, tau: float = 1e-3, bias_correction: bool = False,
+         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One server step: (new weights, new state). Pure: the inputs are not modified.
 
     Only the tensors in `delta` move (FFA-LoRA sends B alone; the frozen A stays as it is).
+    `bias_correction` divides m and v by (1 - beta^t) as Kingma & Ba's Adam does (the paper's
+    FedAdam does not): without it, beta2 = 0.999 makes the first steps several times too large.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown server optimizer {name!r}; known: {OPTIMIZERS}")
@@ -59,6 +62,9 @@ def step(name: str, weights: Tensors, delta: Tensors, state: Tensors, lr: float,
             else:
                 v = v + d2
             new_state[f"m.{key}"], new_state[f"v.{key}"] = m, v
+            if bias_correction and name == "adam":
+                t = steps + 1
+                m, v = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
             move = m / (v.sqrt() + tau)
         new_weights[key] = (new_weights[key] + lr * move).contiguous()
     if name != "sgd":

@@ -140,6 +140,23 @@ def test_server_optimizers_match_the_paper_over_three_rounds(name):
     assert int(state[server_optimizers.STEP_KEY].item()) == 3
 
 
+def test_adam_with_bias_correction_matches_kingma_and_ba():
+    rng = np.random.default_rng(14)
+    x0 = rng.standard_normal((4, 3))
+    deltas = [rng.standard_normal((4, 3)) * 0.1 for _ in range(3)]
+    weights, state = {"w": _t(x0)}, {}
+    for d in deltas:
+        weights, state = server_optimizers.step("adam", weights, {"w": _t(d)}, state, 0.05, 0.9, 0.999, 1e-8, True)
+    expected = reference.server_optimizer("adam", x0, deltas, 0.05, 0.9, 0.999, 1e-8, bias_correction=True)
+    np.testing.assert_allclose(weights["w"].numpy(), expected, atol=1e-5)
+    torch_adam = torch.nn.Parameter(_t(x0).clone())  # and torch's own Adam, on the negated pseudo-gradient
+    opt = torch.optim.Adam([torch_adam], lr=0.05, betas=(0.9, 0.999), eps=1e-8)
+    for d in deltas:
+        torch_adam.grad = -_t(d)
+        opt.step()
+    np.testing.assert_allclose(weights["w"].numpy(), torch_adam.detach().numpy(), atol=1e-5)
+
+
 def test_sgd_with_one_client_is_the_identity_of_fedavg():
     base, ups = _base(), _updates(1, seed=7)
     out = _run(AggregationConfig(), base, ups, [9.0])
