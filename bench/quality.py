@@ -37,6 +37,7 @@ from shared.strategies import privacy  # noqa: E402
 from shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, AggregationConfig  # noqa: E402
 
 ROUNDS, DEVICES, CHARS = 5, 8, 24_000
+EVAL_CHARS = 12_000  # held-out characters per domain (--eval-chars)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,8 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
         training=TrainingStrategy(learning_rate=lr, batch_size=8, seq_len=128, max_steps=recipe.max_steps,
                                   proximal_mu=recipe.proximal_mu or (FEDPROX_MU if recipe.algorithm == "fedprox" else 0),
                                   local_optimizer=recipe.local_optimizer),
-        evaluation=EvaluationConfig(base_model=source, forgetting_threshold=100.0, general_every=10**6),
+        evaluation=EvaluationConfig(base_model=source, forgetting_threshold=100.0, general_every=10**6,
+                                    eval_chars=EVAL_CHARS),
         aggregation=agg,
     )
 
@@ -295,6 +297,7 @@ def main() -> None:
     parser.add_argument("--server-lr", type=float, default=None)
     parser.add_argument("--clients-per-round", type=int, default=0, help="devices the server picks per round")
     parser.add_argument("--local-optimizer", default="adamw", choices=["adamw", "sgd"])
+    parser.add_argument("--eval-chars", type=int, default=EVAL_CHARS, help="held-out characters per domain")
     parser.add_argument("--mu", type=float, default=0.0, help="FedProx proximal mu")
     parser.add_argument("--population", type=int, default=300, help="dp: devices enrolled")
     parser.add_argument("--rate", type=float, default=0.2, help="dp: Poisson sampling rate per round")
@@ -303,6 +306,8 @@ def main() -> None:
                         help="an AggregationConfig field, e.g. --set lora=ffa")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    global EVAL_CHARS
+    EVAL_CHARS = args.eval_chars
     if args.what == "child":
         print(json.dumps(_child_train(args.model, args.quantize, args.steps)))
         return
