@@ -297,7 +297,7 @@ def main() -> None:
     parser.add_argument("--server-lr", type=float, default=None)
     parser.add_argument("--clients-per-round", type=int, default=0, help="devices the server picks per round")
     parser.add_argument("--local-optimizer", default="adamw", choices=["adamw", "sgd"])
-    parser.add_argument("--eval-chars", type=int, default=EVAL_CHARS, help="held-out characters per domain")
+    parser.add_argument("--eval-chars", type=int, default=12_000, help="held-out characters per domain")
     parser.add_argument("--mu", type=float, default=0.0, help="FedProx proximal mu")
     parser.add_argument("--population", type=int, default=300, help="dp: devices enrolled")
     parser.add_argument("--rate", type=float, default=0.2, help="dp: Poisson sampling rate per round")
@@ -306,7 +306,7 @@ def main() -> None:
                         help="an AggregationConfig field, e.g. --set lora=ffa")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    global EVAL_CHARS
+    global EVAL_CHARS  # noqa: PLW0603 (one knob read deep in _config)
     EVAL_CHARS = args.eval_chars
     if args.what == "child":
         print(json.dumps(_child_train(args.model, args.quantize, args.steps)))
