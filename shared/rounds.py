@@ -179,6 +179,16 @@ class RoundCoordinator:
 
     def _aggregate_and_publish(self, config: FederationConfig, info: RoundInfo, version: int) -> dict | None:
         spec, policy, agg = config.spec, config.policy, config.aggregation
+        try:
+            published = versions.manifest(self.store, config.name, version)  # written last: the version is whole
+        except ObjectNotFound:
+            published = None
+        if published is not None and (published.get("round"), published.get("parent_version")) == (
+                info.round, info.base_version):
+            # a redone close: this round's earlier attempt published it. Keep it rather than recompute
+            # (an SVD on another thread count, or new noise, must never meet a refused overwrite)
+            versions.point_forward(self.store, config.name, version)  # that attempt may have died before
+            return published
         records = self.state.updates(config.name, info.round)
         weights = dict(zip(records, capped_weights([r.num_samples for r in records.values()], agg.max_weight_ratio)))
         base = versions.load_weights(self.store, config.name, info.base_version, spec,

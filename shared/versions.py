@@ -68,13 +68,19 @@ def publish(store: ObjectStore, fed: str, version: int, weights: Mapping[str, to
             store.put(f"{keys.tier_prefix(fed, version, rank)}/{CONFIG_FILE}", _json(tier_spec.peft_config),
                       "application/json")
         store.put(f"{prefix}/{MANIFEST_FILE}", _json(written), "application/json")  # last: the version is whole
+    point_forward(store, fed, version)
+    return existing or written  # a redone close: the version stands, its evaluation included
+
+
+def point_forward(store: ObjectStore, fed: str, version: int) -> None:
+    """Point `current.json` at `version` if it is newer than the one it names: it never moves back."""
     try:
         newest = current_version(store, fed)
     except ObjectNotFound:
         newest = -1
-    if version > newest:  # the pointer only moves forward
-        store.put(keys.current_pointer(fed), _json({"version": version, "prefix": prefix}), "application/json")
-    return existing or written  # a redone close: the version stands, its evaluation included
+    if version > newest:
+        store.put(keys.current_pointer(fed), _json({"version": version, "prefix": keys.version_prefix(fed, version)}),
+                  "application/json")
 
 
 def add_evaluation(store: ObjectStore, fed: str, version: int, evaluation: dict[str, Any]) -> None:

@@ -113,13 +113,15 @@ def test_dp_rounds_report_epsilon_and_the_federation_completes_before_passing_it
     assert state.round_info("f", 3) is None  # no round that would pass the budget was opened
 
 
-def test_dp_noise_is_deterministic_for_a_redone_close_but_secret(tmp_path):
+def test_a_redone_close_keeps_the_version_its_earlier_attempt_published(tmp_path, monkeypatch):
     agg = AggregationConfig.preset("dp_fedavg", dp_noise_multiplier=1.0)
     state, store, config = _world(tmp_path, agg)
     _round(state, store, config, 1, seed=1)
     first = RoundCoordinator(state, store, Settings())._aggregate_and_publish(config, state.round_info("f", 1), 1)
+    store.put(keys.current_pointer("f"), b'{"version": 0}')  # the first attempt died before moving the pointer
+    monkeypatch.setattr("shared.rounds.RoundAggregator", None)  # a redo must not aggregate again
     again = RoundCoordinator(state, store, Settings())._aggregate_and_publish(config, state.round_info("f", 1), 1)
-    assert first["adapter_sha256"] == again["adapter_sha256"]  # a redo writes the same bytes
+    assert again == first and versions.current_version(store, "f") == 1
     assert len(state.secret("f")) == 32 and state.secret("f") == state.r.get(keys.fed_secret("f"))
 
 
