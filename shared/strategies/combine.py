@@ -58,9 +58,9 @@ class RoundAggregator:
         self._pairs = lora_pairs(self.shapes) if agg.lora == "exact" else {}
         self._sums = {prefix: LowRankSum(self.shapes[b][0], self.shapes[a][1], agg.working_rank_factor * rank)
                       for prefix, (b, a) in self._pairs.items()}
-        paired = self._paired = {k for pair in self._pairs.values() for k in pair}
-        others = {k: s for k, s in self.shapes.items() if k not in paired}
-        self._other = StreamingFedAvg(others) if agg.lora == "exact" and others else None  # plain mean
+        unpaired = set(self.shapes) - {k for pair in self._pairs.values() for k in pair}
+        if agg.lora == "exact" and unpaired:
+            raise ValueError(f"exact aggregation needs LoRA factor pairs; {sorted(unpaired)[:3]} are not")
 
     @property
     def full(self) -> bool:
@@ -87,8 +87,6 @@ class RoundAggregator:
                 B = base[b].double() + clip_scale * update[b].double()
                 A = base[a].double() + clip_scale * update[a].double()
                 self._sums[prefix].add(B, A, weight * self.alpha / rank)  # its (alpha / r)·B·A
-            if self._other is not None:
-                self._other.add({k: update[k] for k in self.shapes if k not in self._paired}, weight, clip_scale)
         else:
             if self.full:
                 raise ValueError(f"{self.agg.rule} holds every update: more than max_robust_updates "
@@ -149,11 +147,7 @@ class RoundAggregator:
             acc.scale(server_lr / self.total_weight)
             if server_lr != 1.0:
                 acc.add(self.base[b].double(), self.base[a].double(), (1.0 - server_lr) * self.alpha / self.rank)
-        weights, dropped, energy = self._factorised(self.rank)
-        if self._other is not None:
-            for k, v in self._other.mean().items():
-                weights[k] = (self.base[k].float() + server_lr * v).contiguous()
-        return weights, dropped, energy
+        return self._factorised(self.rank)
 
     def _factorised(self, rank: int) -> tuple[dict[str, torch.Tensor], float, float]:
         """Every layer's sum as a rank-`rank` adapter (B scaled by rank / alpha), with the energy dropped."""
