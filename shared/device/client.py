@@ -50,9 +50,9 @@ class Device:
         self.ram_mb, self.storage_mb, self.tier = ram_mb, storage_mb, tier
         self.control: dict[str, torch.Tensor] = {}  # SCAFFOLD's c_i: device state that never leaves it
 
-    def _server_control(self, gateway: DeviceClient, plan: dict, sent_keys: list[str]) -> dict[str, torch.Tensor]:
+    def _server_control(self, gateway: DeviceClient, plan: dict, shapes: dict[str, tuple[int, ...]]
+                        ) -> dict[str, torch.Tensor]:
         """SCAFFOLD's server control variate for this round: zero until a SCAFFOLD round published one."""
-        shapes = {k: tuple(v.shape) for k, v in trainer.adapter_weights(self.model).items() if k in sent_keys}
         try:
             return parse(gateway.download(plan, versions.CONTROL_FILE), shapes, self.max_header_bytes)
         except FleettuneAPIError as exc:
@@ -77,7 +77,8 @@ class Device:
         # the round's own training config: a change through the API reaches devices at the next round
         strategy = TrainingStrategy(**plan["training"]) if "training" in plan else self.strategy
         sent_keys = [k for k in tensors if not (ffa and k.endswith("lora_A.weight"))]
-        server_c = self._server_control(gateway, plan, sent_keys) if plan.get("drift_control") == "scaffold" else None
+        server_c = self._server_control(gateway, plan, {k: tensors[k] for k in sent_keys}) \
+            if plan.get("drift_control") == "scaffold" else None
         correction = {k: server_c[k] - self.control.get(k, 0.0) for k in sent_keys} if server_c else None
         result = trainer.train(self.model, self.data, strategy, seed=seed, freeze_lora_a=ffa, correction=correction)
 
