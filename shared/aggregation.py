@@ -63,6 +63,18 @@ class StreamingFedAvg:
         self.total_weight += weight
         self.count += 1
 
+    def add_sum(self, sums: Tensors, weight: float, count: int) -> None:
+        """Add a pre-weighted sum (Σ weight·scale·update over `count` updates of total `weight`).
+        A correction has count 0 and may have a negative weight."""
+        if sums.keys() != self._acc.keys():
+            raise ValueError("partial sum tensors do not match the accumulator's layout")
+        if not math.isfinite(weight):
+            raise ValueError(f"weight must be finite, got {weight}")
+        for name, acc in self._acc.items():
+            acc.add_(sums[name])
+        self.total_weight += weight
+        self.count += count
+
     def mean(self) -> dict[str, torch.Tensor]:
         if self.count == 0:
             raise ValueError("FedAvg of zero updates is undefined")

@@ -16,9 +16,10 @@ from shared.aggregation import clip_scale, update_norm
 from shared.envelope import Envelope
 from shared.errors import ObjectNotFound, RejectReason, Rejected, StorageUnavailable
 from shared.federation import FederationConfig
+from shared.folding import PartialFolder
 from shared.safetensors_reader import parse
 from shared.settings import Settings
-from shared.state import ACCEPTED, REDELIVERED, FederationState, UpdateRecord
+from shared.state import ACCEPTED, REDELIVERED, FederationState, RoundInfo, UpdateRecord
 from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,9 @@ class IngestResult:
 
 class Ingestor:
     def __init__(self, state: FederationState, store: ObjectStore, settings: Settings,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, folder: PartialFolder | None = None) -> None:
         self.state = state
+        self.folder = folder  # folds accepted updates into partial sums (linear rules); None: the close reads all
         self.store = store
         self.settings = settings
         self.clock = clock
@@ -63,14 +65,17 @@ class Ingestor:
         except Rejected as rej:
             return self._reject(digest, rej, None)
         try:
-            return self._ingest(digest, env)
+            result = self._ingest(digest, env)
         except Rejected as rej:
-            return self._reject(digest, rej, env)
+            result = self._reject(digest, rej, env)
         except TRANSIENT:
             raise  # the task layer retries these with backoff
         except Exception as exc:  # a bug must not lose the update or kill the worker
             log.exception("ingest of %s/%s/%s failed", env.federation, env.round, env.device)
             return self._reject(digest, Rejected(RejectReason.INTERNAL_ERROR, type(exc).__name__), env)
+        if result.round_ready and self.folder is not None:
+            self.folder.flush(result.federation, result.round)  # the close is asked for next: commit first
+        return result
 
     def _config(self, fed: str, revision: int | None) -> FederationConfig:
         """The config the round runs under (the one in force when the round is unknown)."""
@@ -93,7 +98,7 @@ class Ingestor:
             raise Rejected(RejectReason.UNKNOWN_FEDERATION, env.federation)
         if env.object_key != keys.update_object(env.federation, env.round, env.device):
             raise Rejected(RejectReason.BAD_OBJECT_KEY, "key does not match federation, round and device")
-        config, tier = self._check_round(env)
+        config, tier, info = self._check_round(env)
         policy = config.policy
 
         try:
@@ -121,13 +126,18 @@ class Ingestor:
             return IngestResult(REDELIVERED, env.federation, env.round, env.device)
         if outcome != ACCEPTED:
             raise Rejected(RejectReason(outcome), "round closed while the update was checked")
+        if self.folder is not None and config.aggregation.folds:
+            try:
+                self.folder.fold(config, env.round, info.weight_threshold, record, tensors, count, cohort)
+            except Exception:  # accepted stands: the close reads an update no partial holds
+                log.exception("fold of %s/%s/%s failed", env.federation, env.round, env.device)
         return IngestResult(
             ACCEPTED, env.federation, env.round, env.device, norm=norm, clip_scale=scale,
             nbytes=len(blob), train_seconds=env.train_seconds, round_ready=cohort > 0 and count >= cohort,
             tier=tier,
         )
 
-    def _check_round(self, env: Envelope) -> tuple[FederationConfig, str]:
+    def _check_round(self, env: Envelope) -> tuple[FederationConfig, str, RoundInfo]:
         """Cheap checks before any download; the accept transaction re-checks what can change."""
         current, info, selected, submitted, tier = self.state.precheck(env.federation, env.round, env.device)
         config = self._config(env.federation, info.config_rev if info else None)
@@ -143,7 +153,7 @@ class Ingestor:
             raise Rejected(RejectReason.TOO_FEW_SAMPLES, f"{env.num_samples} < {config.policy.min_samples_per_client}")
         if submitted:
             raise Rejected(RejectReason.ALREADY_SUBMITTED, f"{env.device} already has an update in round {env.round}")
-        return config, tier
+        return config, tier, info
 
     def _reject(self, digest: str, rej: Rejected, env: Envelope | None) -> IngestResult:
         # Count under the federation only once it is known to exist: unknown names stay unbounded.

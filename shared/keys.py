@@ -13,6 +13,9 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:fed:{fed}:round:{r}:updates  hash device_id -> msgpack UpdateRecord (HSETNX: once per device)
     ft:fed:{fed}:round:{r}:reported set of cohort devices with a final outcome (accepted or rejected)
     ft:fed:{fed}:round:{r}:inflight counter: messages the gateway took on time that have no outcome yet
+    ft:fed:{fed}:round:{r}:claims   sorted set device_id -> its (capped) sample count, for the weight cap
+    ft:fed:{fed}:round:{r}:unfolded set of accepted devices whose update is in no committed partial yet
+    ft:fed:{fed}:round:{r}:partials hash partial slot -> msgpack entry (object key, sha256, counts, stats)
     ft:fed:{fed}:stats           hash of counters: received, accepted, duplicate, rejected:{reason}
     ft:federations               set of federation names
     ft:msg:{sha256}              outcome of one envelope, so redelivery is answered, not recounted;
@@ -45,6 +48,7 @@ Control plane (the API):
 
 Object store:
     updates/{fed}/{round:06d}/{device}.safetensors        written by devices
+    partials/{fed}/{round:06d}/{slot}-{gen:06d}.safetensors   partial sums written by ingest workers
     federations/{fed}/versions/{version:06d}/...          immutable published versions
     federations/{fed}/current.json                        pointer to the current version
     models/{model}/{version}/{filename}                   registry artifacts (immutable)
@@ -131,6 +135,26 @@ def round_inflight(fed: str, round_no: int) -> str:
 
 def round_reported(fed: str, round_no: int) -> str:
     return f"{PREFIX}:fed:{fed}:round:{round_no}:reported"
+
+
+def round_claims(fed: str, round_no: int) -> str:
+    return f"{PREFIX}:fed:{fed}:round:{round_no}:claims"
+
+
+def round_unfolded(fed: str, round_no: int) -> str:
+    return f"{PREFIX}:fed:{fed}:round:{round_no}:unfolded"
+
+
+def round_partials(fed: str, round_no: int) -> str:
+    return f"{PREFIX}:fed:{fed}:round:{round_no}:partials"
+
+
+def round_partials_prefix(fed: str, round_no: int) -> str:
+    return f"partials/{fed}/{round_no:06d}/"
+
+
+def partial_object(fed: str, round_no: int, slot: str, gen: int) -> str:
+    return f"{round_partials_prefix(fed, round_no)}{slot}-{gen:06d}.safetensors"
 
 
 def fed_keys_pattern(fed: str) -> str:

@@ -1,4 +1,5 @@
-"""Retention: a round's update objects and per-round Redis sets go once its retention has passed.
+"""Retention: a round's update objects, partial sums and per-round Redis sets go once its retention
+has passed (`Settings.retention_s` after the round ended, that is after its version published).
 
 Published versions (federations/{fed}/versions/...) and each round's small info hash are kept.
 The sweep calls `prune` every interval; a round is removed from the schedule only after its
@@ -19,9 +20,12 @@ def prune(state: FederationState, store: ObjectStore, now: float, limit: int = 5
         fed, _, round_text = member.decode().rpartition(":")
         round_no = int(round_text)
         objects += store.delete_prefix(keys.round_updates_prefix(fed, round_no))
+        objects += store.delete_prefix(keys.round_partials_prefix(fed, round_no))
         with state.r.pipeline() as pipe:
             pipe.delete(keys.round_updates(fed, round_no), keys.round_cohort(fed, round_no),
-                        keys.round_reported(fed, round_no), keys.round_inflight(fed, round_no))
+                        keys.round_reported(fed, round_no), keys.round_inflight(fed, round_no),
+                        keys.round_claims(fed, round_no), keys.round_unfolded(fed, round_no),
+                        keys.round_partials(fed, round_no))
             pipe.zrem(keys.RETENTION, member)
             pipe.execute()
         rounds += 1

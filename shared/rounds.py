@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -13,15 +13,14 @@ from shared import versions
 from shared.adapter_spec import initial_weights
 from shared.aggregation import update_norm
 from shared.evaluation import guard
-from shared.errors import ObjectNotFound, Rejected, StateError
+from shared.errors import ObjectNotFound, StateError
 from shared.federation import DeviceProfile, FederationConfig
-from shared.safetensors_reader import parse
+from shared.round_inputs import RoundReader, Unreducible
 from shared.settings import Settings
 from shared.state import FederationState, RoundInfo
 from shared.storage import ObjectStore
 from shared.strategies import privacy
 from shared.strategies.combine import RoundAggregator
-from shared.strategies.robust import capped_weights
 
 # decide(): what an open round should do now
 WAIT, CLOSING, FAILED = "wait", "closing", "failed"
@@ -31,6 +30,7 @@ CLOSED, BUSY, SETTLED = "closed", "busy", "settled"
 UNREADABLE = "quorum_unreadable"  # accepted updates vanished or changed below the quorum
 PRIVACY_BUDGET = "privacy_budget_exhausted"  # why a DP federation completed early
 LEASE_MARGIN_S = 30  # a close's lease: the task time limit plus this
+log = logging.getLogger(__name__)
 
 
 def decide(info: RoundInfo, n_updates: int, min_updates: int, now: float, reported: int | None = None,
@@ -73,6 +73,7 @@ class RoundCoordinator:
         self.store = store
         self.settings = settings
         self.clock = clock
+        self.reader = RoundReader(state, store, settings)
 
     def start(self, config: FederationConfig, devices: Iterable[str | DeviceProfile]) -> tuple[RoundInfo, list[str]]:
         """Create the federation, publish version 0 and open round 1; also returns refused devices."""
@@ -159,12 +160,14 @@ class RoundCoordinator:
                                updates=updates, reason=UNREADABLE)
         exhausted = (manifest.get("dp") or {}).get("budget_exhausted", False)
         nxt = self._advance(config, info, version, evaluate=config.evaluation is not None,
-                            complete=PRIVACY_BUDGET if exhausted else None)
+                            complete=PRIVACY_BUDGET if exhausted else None, threshold=manifest.get("weight_cap"))
         return CloseResult(CLOSED, version, nxt, manifest, info=info, updates=updates, aggregation_seconds=seconds)
 
     def _advance(self, config: FederationConfig, info: RoundInfo, version: int | None, failure: str | None = None,
-                 evaluate: bool = False, complete: str | None = None) -> RoundInfo | None:
-        """Settle the round and open the next one (or complete the federation), atomically."""
+                 evaluate: bool = False, complete: str | None = None,
+                 threshold: float | None = None) -> RoundInfo | None:
+        """Settle the round and open the next one (or complete the federation), atomically.
+        `threshold`: the next round's provisional weight cap (default: this round's)."""
         fed = config.name
         status = self.state.status(fed)
         current = self.state.config(fed) or config
@@ -175,7 +178,8 @@ class RoundCoordinator:
             base = self._prepare_shape(current, pending, base)
         return self.state.settle_round(fed, info.round, self.clock(), base,
                                        (pending or current).policy.timeout_seconds, version=version,
-                                       failure=failure, pending=pending, evaluate=evaluate, complete=complete)
+                                       failure=failure, pending=pending, evaluate=evaluate, complete=complete,
+                                       threshold=threshold if threshold is not None else info.weight_threshold)
 
     def _aggregate_and_publish(self, config: FederationConfig, info: RoundInfo, version: int) -> dict | None:
         spec, policy, agg = config.spec, config.policy, config.aggregation
@@ -189,35 +193,27 @@ class RoundCoordinator:
             # (an SVD on another thread count, or new noise, must never meet a refused overwrite)
             versions.point_forward(self.store, config.name, version)  # that attempt may have died before
             return published
-        records = self.state.updates(config.name, info.round)
-        weights = dict(zip(records, capped_weights([r.num_samples for r in records.values()], agg.max_weight_ratio)))
         base = versions.load_weights(self.store, config.name, info.base_version, spec,
                                      self.settings.max_update_bytes, self.settings.max_header_bytes)
         tier_bases = {rank: versions.load_tier_weights(self.store, config.name, info.base_version, rank,
                                                        config.spec_for(rank), self.settings.max_update_bytes,
                                                        self.settings.max_header_bytes)
                       for rank in set(config.tier_ranks.values())}
-        combiner = RoundAggregator(agg, base, config.update_tensors, config.adapter.rank, config.adapter.alpha,
+
+        def combiner() -> RoundAggregator:
+            return RoundAggregator(agg, base, config.update_tensors, config.adapter.rank, config.adapter.alpha,
                                    tier_bases)
-        contributors, excluded = [], {}
-        for device, rec in records.items():  # sorted: the same order, so the same bytes, on a redo
-            if combiner.full:  # a robust rule's memory bound: the rest are left out, named in the manifest
-                excluded[device] = "over_max_robust_updates"
-                continue
+
+        inputs = None
+        if agg.folds:
             try:
-                blob = self.store.get(rec.object_key, self.settings.max_update_bytes)
-            except (ObjectNotFound, Rejected):
-                excluded[device] = "object_missing"
-                continue
-            if hashlib.sha256(blob).hexdigest() != rec.sha256:
-                # replaced after it was accepted: leave it out rather than trust unchecked bytes
-                excluded[device] = "sha256_mismatch"
-                continue
-            layout = config.update_tensors_for(rec.rank or config.adapter.rank)
-            combiner.add(parse(blob, layout, self.settings.max_header_bytes), weights[device], rec.clip_scale,
-                         rec.rank or None)
-            contributors.append(device)
-        if combiner.count < policy.min_updates:
+                inputs = self.reader.reduce_partials(config, info, combiner())
+            except Unreducible as exc:  # a partial or a re-weighed update is unreadable: read them all
+                log.warning("%s round %s: partial sums unusable (%s); reading every update", config.name,
+                            info.round, exc)
+        inputs = inputs or self.reader.stream(config, info, combiner())
+        aggregator = inputs.aggregator
+        if aggregator.count < policy.min_updates:
             return None  # quorum counts updates that can still be read and verified, not acceptances
 
         server_lr = info.server_lr or policy.server_lr  # as the guard had set it when the close began
@@ -227,26 +223,18 @@ class RoundCoordinator:
         scaffold = agg.drift_control == "scaffold"
         control = versions.load_control(self.store, config.name, info.base_version,
                                         self.settings.max_update_bytes) if scaffold else None
-        population = max(self.state.enrolled_count(config.name), combiner.count)
-        result = combiner.finish(server_lr, state, policy.max_grad_norm,
-                                 privacy.noise_seed(self.state.secret(config.name), info.round) if agg.dp else 0,
-                                 control, combiner.count / population)
-        kept = [records[d] for d in contributors]
+        population = max(self.state.enrolled_count(config.name), aggregator.count)
+        result = aggregator.finish(server_lr, state, policy.max_grad_norm,
+                                   privacy.noise_seed(self.state.secret(config.name), info.round) if agg.dp else 0,
+                                   control, aggregator.count / population)
         manifest = {
-            "round": info.round, "parent_version": info.base_version, "contributors": contributors,
-            "excluded": excluded, "total_samples": sum(r.num_samples for r in kept),
-            "total_weight": combiner.total_weight, "aggregation": result.fields,
-            "update_norms": {
-                "pre_clip_mean": sum(r.norm for r in kept) / len(kept),
-                "pre_clip_max": max(r.norm for r in kept),
-                "post_clip_mean": sum(r.norm * r.clip_scale for r in kept) / len(kept),
-                "clipped": sum(1 for r in kept if r.clip_scale < 1.0),
-            },
+            "round": info.round, "parent_version": info.base_version, "contributors": inputs.contributors,
+            "excluded": inputs.excluded, **inputs.stats.manifest_fields(),
+            "total_weight": aggregator.total_weight, "aggregation": {**result.fields, **inputs.fields},
             "mean_delta_norm": result.mean_delta_norm, "global_norm": update_norm(result.weights),
             "server_lr": server_lr, "max_grad_norm": policy.max_grad_norm, "config_revision": config.revision,
-            "train_seconds_mean": sum(r.train_seconds for r in kept) / len(kept),
-            # no wall-clock time in here: a redone close must write byte-identical files
-            "last_update_at": max(r.accepted_at for r in kept),
+            # the next round's provisional cap for partial sums (see shared.strategies.partial)
+            "weight_cap": inputs.cap,
         }
         if privacy_fields is not None:
             manifest["dp"] = privacy_fields

@@ -8,6 +8,7 @@ import functools
 import redis
 
 from shared.federation import FederationConfig
+from shared.folding import PartialFolder
 from shared.ingest import Ingestor
 from shared.ledger import Ledger
 from shared.metrics import Metrics, process_metrics
@@ -39,7 +40,12 @@ class Runtime:
 
     @functools.cached_property
     def ingestor(self) -> Ingestor:
-        return Ingestor(self.state, self.store, self.settings)
+        return Ingestor(self.state, self.store, self.settings, folder=self.folder)
+
+    @functools.cached_property
+    def folder(self) -> PartialFolder:
+        s = self.settings
+        return PartialFolder(self.state, self.store, s.fold_batch, s.fold_tail, s.fold_idle_s)
 
     @functools.cached_property
     def coordinator(self) -> RoundCoordinator:

@@ -49,6 +49,12 @@ class Settings:
     deadline_grace_s: float = 180.0  # how long a close waits past the deadline for on-time messages in flight
     max_retries: int = 10  # a task's retries through an outage of S3 or Redis, with exponential backoff ...
     retry_backoff_max_s: int = 60  # ... capped at this; past the budget the ledger re-drives the message
+    # devices hold only write-once (If-None-Match) upload URLs, so an accepted object's bytes cannot
+    # change: the close trusts the sha256 ingest verified instead of hashing every object again
+    updates_write_once: bool = True
+    fold_batch: int = 64  # an ingest process commits its partial sum after this many updates ...
+    fold_tail: int = 32  # ... or at every update once the round is within this many devices of complete ...
+    fold_idle_s: float = 0.5  # ... or once no update arrived for this long
 
     def __post_init__(self) -> None:
         if self.visibility_timeout_s <= self.task_time_limit_s:
@@ -59,7 +65,8 @@ class Settings:
                 f"limit ({self.task_time_limit_s}s)"
             )
         for name in ("max_update_bytes", "max_envelope_bytes", "max_header_bytes", "task_time_limit_s",
-                     "device_rate_limit", "rate_window_s", "url_ttl_s", "multipart_threshold_bytes"):
+                     "device_rate_limit", "rate_window_s", "url_ttl_s", "multipart_threshold_bytes", "fold_batch",
+                     "fold_idle_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
 
@@ -118,4 +125,8 @@ class Settings:
             deadline_grace_s=real("DEADLINE_GRACE", cls.deadline_grace_s),
             max_retries=integer("MAX_RETRIES", cls.max_retries),
             retry_backoff_max_s=integer("RETRY_BACKOFF_MAX", cls.retry_backoff_max_s),
+            updates_write_once=(get("UPDATES_WRITE_ONCE") or "true").lower() in ("1", "true", "yes"),
+            fold_batch=integer("FOLD_BATCH", cls.fold_batch),
+            fold_tail=integer("FOLD_TAIL", cls.fold_tail),
+            fold_idle_s=real("FOLD_IDLE", cls.fold_idle_s),
         )

@@ -29,6 +29,10 @@ class ObjectStore(Protocol):
         """(sha256 hex, size) of an object, read as a stream; ObjectNotFound if absent."""
         ...
 
+    def delete(self, key: str) -> None:
+        """Delete one object (absent is fine)."""
+        ...
+
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object whose key starts with `prefix` (a folder, ending in /); the count."""
         ...
@@ -178,6 +182,10 @@ class S3ObjectStore:
             return True
         except ObjectNotFound:
             return False
+
+    def delete(self, key: str) -> None:
+        with self._errors(key):
+            self.client.remove_object(self.bucket, key)  # S3 answers 204 for an absent key too
 
     def delete_prefix(self, prefix: str) -> int:
         from minio.deleteobjects import DeleteObject

@@ -4,15 +4,17 @@
     RoundMachine   open, join, close under a lease, settle and open the next round
     Accounting     each message's one outcome, counters and dead letters
     Evaluations    version evaluations and the forgetting guard, once per version
+    Partials       which accepted updates are in which committed partial sum, exactly once
 """
 
 from shared.state.accounting import ACCEPTED, REDELIVERED, Accounting, UpdateRecord
 from shared.state.evaluations import Evaluations
+from shared.state.partials import Partials
 from shared.state.registry import Registry
 from shared.state.round_machine import RoundInfo, RoundMachine
 
 __all__ = ["ACCEPTED", "REDELIVERED", "FederationState", "RoundInfo", "UpdateRecord"]
 
 
-class FederationState(Registry, RoundMachine, Accounting, Evaluations):
+class FederationState(Registry, RoundMachine, Accounting, Evaluations, Partials):
     """All reads and writes of federation state; the Redis client is passed in (real or fake)."""

@@ -41,7 +41,32 @@ class UpdateRecord:
         return cls(**msgpack.unpackb(raw, raw=False))
 
 
+# KEYS: message, round info, updates, reported, received, inflight, fed stats, global stats, unfolded,
+# claims. ARGV: device, record, message TTL, sample count. Returns {outcome, reported, cohort size}.
+_ACCEPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[8], 'redelivered', 1)
+  return {'redelivered', 0, 0}
+end
+local status = redis.call('HGET', KEYS[2], 'status')
+local cohort = tonumber(redis.call('HGET', KEYS[2], 'cohort_size') or '0')
+local count = redis.call('SCARD', KEYS[4])
+if status ~= 'open' then return {'stale_round', count, cohort} end
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {'already_submitted', count, cohort} end
+if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('DECR', KEYS[6]) end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+count = count + redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('SET', KEYS[1], 'accepted', 'EX', ARGV[3])
+redis.call('HINCRBY', KEYS[7], 'received', 1)
+redis.call('HINCRBY', KEYS[7], 'accepted', 1)
+redis.call('SADD', KEYS[9], ARGV[1])
+redis.call('ZADD', KEYS[10], ARGV[4], ARGV[1])
+return {'accepted', count, cohort}
+"""
+
+
 class Accounting(StateBase):
+    _accept_script = None  # registered on first use
     def outcome(self, digest: str) -> str | None:
         raw = self.r.get(keys.message(digest))
         return raw.decode() if raw is not None else None
@@ -54,38 +79,18 @@ class Accounting(StateBase):
         """Record an update once. Returns (outcome, cohort devices reported, cohort size).
 
         The outcome is ACCEPTED, REDELIVERED (this message was settled meanwhile) or a
-        RejectReason value when the round closed or the device already submitted.
+        RejectReason value when the round closed or the device already submitted. One Lua script:
+        concurrent accepts into the same round serialise in Redis instead of retrying a WATCH.
         """
-        msg_key, info_key = keys.message(digest), keys.round_info(fed, round_no)
-        updates_key = keys.round_updates(fed, round_no)
-
-        def accept(pipe) -> tuple[str, int, int]:
-            if pipe.exists(msg_key):
-                pipe.multi()
-                pipe.hincrby(keys.GLOBAL_STATS, "redelivered", 1)
-                return REDELIVERED, 0, 0
-            status = pipe.hget(info_key, "status")
-            cohort = int(pipe.hget(info_key, "cohort_size") or 0)
-            reported = pipe.scard(keys.round_reported(fed, round_no))
-            count = reported
-            if status != b"open":
-                return RejectReason.STALE_ROUND.value, count, cohort
-            if pipe.hexists(updates_key, record.device):
-                return RejectReason.ALREADY_SUBMITTED.value, count, cohort
-            already = pipe.sismember(keys.round_reported(fed, round_no), record.device)
-            ledgered = pipe.exists(keys.received(digest))
-            pipe.multi()
-            if ledgered:  # no longer in flight: the close need not wait for it
-                pipe.decr(keys.round_inflight(fed, round_no))
-            pipe.hset(updates_key, record.device, record.to_bytes())
-            pipe.sadd(keys.round_reported(fed, round_no), record.device)
-            pipe.set(msg_key, ACCEPTED, ex=keys.MESSAGE_TTL_S)
-            stats = keys.fed_stats(fed)
-            pipe.hincrby(stats, "received", 1)
-            pipe.hincrby(stats, "accepted", 1)
-            return ACCEPTED, count + (0 if already else 1), cohort
-
-        return self._transaction(accept, msg_key, info_key, updates_key, keys.round_reported(fed, round_no))
+        if self._accept_script is None:
+            self._accept_script = self.r.register_script(_ACCEPT)
+        outcome, count, cohort = self._accept_script(
+            keys=[keys.message(digest), keys.round_info(fed, round_no), keys.round_updates(fed, round_no),
+                  keys.round_reported(fed, round_no), keys.received(digest), keys.round_inflight(fed, round_no),
+                  keys.fed_stats(fed), keys.GLOBAL_STATS, keys.round_unfolded(fed, round_no),
+                  keys.round_claims(fed, round_no)],
+            args=[record.device, record.to_bytes(), keys.MESSAGE_TTL_S, record.num_samples])
+        return outcome.decode(), int(count), int(cohort)
 
     def reject(self, digest: str, reason: RejectReason, detail: str, now: float, fed: str | None = None,
                round_no: int | None = None, device: str | None = None) -> tuple[bool, bool]:

@@ -80,7 +80,7 @@ class RoundAggregator:
             self._controls.add({k: update[k] for k in self._controls_keys()}, weight, clip_scale)
             update = {k: v for k, v in update.items() if not k.startswith(CONTROL_PREFIX)}
         if self._mean is not None:
-            self._mean.add(update if rank == self.rank else _padded(update, self.shapes), weight, clip_scale)
+            self._mean.add(update if rank == self.rank else padded(update, self.shapes), weight, clip_scale)
         elif self.agg.lora == "exact":
             base = self.base if rank == self.rank else self.tier_bases[rank]
             for prefix, (b, a) in self._pairs.items():
@@ -93,6 +93,18 @@ class RoundAggregator:
                                  f"({self.agg.max_robust_updates}) in one round")
             self._kept.append({k: clip_scale * v.float() for k, v in update.items()})
         self.count += 1
+        self.total_weight += weight
+
+    def add_sum(self, sums: Tensors, weight: float, count: int) -> None:
+        """A partial sum Σ weight·clip·update over `count` updates of total `weight`, in the global
+        shapes (lower ranks zero-padded, SCAFFOLD's control changes included): the mean rule only.
+        A correction of one update's weight has count 0 and may have a negative weight."""
+        if self._mean is None:
+            raise ValueError(f"rule {self.agg.rule!r} with lora {self.agg.lora!r} does not fold partial sums")
+        if self._controls is not None:
+            self._controls.add_sum({k: sums[k] for k in self._controls_keys()}, weight, count)
+        self._mean.add_sum({k: sums[k] for k in self.shapes}, weight, count)
+        self.count += count
         self.total_weight += weight
 
     def finish(self, server_lr: float, state: Tensors, clip_bound: float | None = None, noise_seed: int = 0,
@@ -167,10 +179,13 @@ def scaffold_step(control: Tensors, changes: Tensors, participation: float) -> d
             for k, d in changes.items()}
 
 
-def _padded(update: Tensors, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def padded(update: Tensors, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """A lower-rank update zero-padded to the global shapes (B's columns, A's rows)."""
     out = {}
     for k, v in update.items():
+        if tuple(v.shape) == tuple(shapes[k]):
+            out[k] = v
+            continue
         full = torch.zeros(shapes[k], dtype=v.dtype)
         full[tuple(slice(0, n) for n in v.shape)] = v
         out[k] = full

@@ -65,6 +65,7 @@ class AggregationConfig:
     dp_max_epsilon: float | None = None  # the federation completes before a round would exceed it
     sampling_rate: float = 1.0  # Poisson sampling of each round's cohort (q)
     drift_control: str = "none"  # "scaffold": server and device control variates correct client drift
+    incremental: bool = True  # fold linear rules into partial sums as updates arrive (see `folds`)
 
     def __post_init__(self) -> None:
         checks = {
@@ -108,6 +109,15 @@ class AggregationConfig:
     @property
     def dp(self) -> bool:
         return self.dp_noise_multiplier > 0
+
+    @property
+    def folds(self) -> bool:
+        """Whether a round's updates are folded into partial sums as they arrive, so the close
+        reduces a handful of partials instead of reading every update. Only the linear rules: the
+        weighted mean of factors (naive, FFA), with any server optimizer, central DP's sum and
+        SCAFFOLD's mean. The median, trimmed mean and the exact (re-factorised) mean are not
+        linear and keep the streaming close."""
+        return self.incremental and self.rule == "mean" and self.lora != "exact"
 
     @property
     def adaptive(self) -> bool:

@@ -1,0 +1,86 @@
+"""Which accepted updates are folded into which committed partial sum, exactly once.
+
+An accept adds the device to the round's `unfolded` set and its sample count to `claims`. A
+worker commits a partial (an object it wrote) in one script that also removes the partial's new
+members from `unfolded`, and only while the round is open: once a close has moved the round to
+closing, the committed partials and `unfolded` are frozen and disjoint, so every accepted update
+is in exactly one partial or read by the close itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+
+from shared import keys
+from shared.state.accounting import UpdateRecord
+from shared.state.base import StateBase
+
+COMMITTED, REFUSED, ALREADY = 1, 0, 2
+
+# KEYS: round info, partials, unfolded. ARGV: slot, entry, members...
+# Refused when the round is no longer open, or when a member is not unfolded (it would count twice);
+# a retried commit whose first reply was lost finds its own entry and succeeds again.
+_COMMIT = """
+if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then return 2 end
+if redis.call('HGET', KEYS[1], 'status') ~= 'open' then return 0 end
+for i = 3, #ARGV do
+  if redis.call('SISMEMBER', KEYS[3], ARGV[i]) == 0 then return -1 end
+end
+for i = 3, #ARGV do redis.call('SREM', KEYS[3], ARGV[i]) end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+class Partials(StateBase):
+    _commit_script = None
+
+    def commit_partial(self, fed: str, round_no: int, slot: str, entry: dict, members: list[str]) -> int:
+        """COMMITTED, ALREADY (this very entry was committed before) or REFUSED (the round left
+        open). Raises if a member is already folded elsewhere: that is a bug, never a retry."""
+        if self._commit_script is None:
+            self._commit_script = self.r.register_script(_COMMIT)
+        result = int(self._commit_script(
+            keys=[keys.round_info(fed, round_no), keys.round_partials(fed, round_no),
+                  keys.round_unfolded(fed, round_no)],
+            args=[slot, msgpack.packb(entry, use_bin_type=True), *members]))
+        if result < 0:
+            raise RuntimeError(f"{fed} round {round_no}: a member of partial {slot} is already folded")
+        return result
+
+    def partial_entries(self, fed: str, round_no: int) -> dict[str, dict]:
+        raw = self.r.hgetall(keys.round_partials(fed, round_no))
+        return {k.decode(): msgpack.unpackb(v, raw=False) for k, v in sorted(raw.items())}
+
+    def unfolded(self, fed: str, round_no: int) -> list[str]:
+        return sorted(m.decode() for m in self.r.smembers(keys.round_unfolded(fed, round_no)))
+
+    def records(self, fed: str, round_no: int, devices: list[str]) -> dict[str, UpdateRecord]:
+        if not devices:
+            return {}
+        values = self.r.hmget(keys.round_updates(fed, round_no), devices)
+        return {d: UpdateRecord.from_bytes(v) for d, v in zip(devices, values) if v is not None}
+
+    def median_claim(self, fed: str, round_no: int) -> float | None:
+        """The median accepted sample count (the mean of the middle two for an even count), in
+        O(log N): the claims are a sorted set."""
+        key = keys.round_claims(fed, round_no)
+        n = int(self.r.zcard(key))
+        if n == 0:
+            return None
+        lo = self.r.zrange(key, (n - 1) // 2, (n - 1) // 2, withscores=True)[0][1]
+        hi = self.r.zrange(key, n // 2, n // 2, withscores=True)[0][1]
+        return (lo + hi) / 2
+
+    def claims_between(self, fed: str, round_no: int, low: float, high: float,
+                       inclusive_high: bool = False) -> list[str]:
+        """Devices whose claim lies in (low, high), or (low, high] (`high` may be inf)."""
+        if not low < high:
+            return []
+        top = "+inf" if math.isinf(high) else (repr(high) if inclusive_high else f"({high!r}")
+        return [m.decode() for m in self.r.zrangebyscore(keys.round_claims(fed, round_no), f"({low!r}", top)]
+
+    def contributors(self, fed: str, round_no: int) -> list[str]:
+        return sorted(k.decode() for k in self.r.hkeys(keys.round_updates(fed, round_no)))

@@ -1,0 +1,159 @@
+"""Partial sums: folded as updates arrive, reduced at the close, equal to reading every update."""
+
+from __future__ import annotations
+
+import hashlib
+
+import fakeredis
+import numpy as np
+import pytest
+import torch
+
+from shared import keys, versions
+from shared.adapter_spec import LAYOUTS
+from shared.envelope import Envelope
+from shared.federation import FederationConfig, RoundPolicy
+from shared.folding import PartialFolder
+from shared.ingest import Ingestor
+from shared.rounds import CLOSED, RoundCoordinator
+from shared.settings import Settings
+from shared.state import FederationState
+from shared.state.partials import COMMITTED, REFUSED
+from shared.storage import LocalObjectStore
+from shared.strategies.config import AggregationConfig
+from shared.strategies.partial import PartialSum, final_weight, needs_correction
+from shared.submit import encode_update
+from tests.reference import random_deltas
+
+SHAPES = {"a": (3, 4), "b": (5,)}
+NOW = [1000.0]
+
+
+def _dense(updates, claims, clips, cap, uniform):
+    weights = [final_weight(n, cap, uniform) for n in claims]
+    total = sum(weights)
+    return {k: sum(w * c * u[k].double() for w, c, u in zip(weights, clips, updates)) / total for k in SHAPES}
+
+
+@pytest.mark.parametrize("threshold", [None, 50.0, 150.0, 400.0])
+@pytest.mark.parametrize("uniform", [False, True])
+def test_low_and_high_sums_with_corrections_give_the_capped_weighted_mean(threshold, uniform):
+    rng = np.random.default_rng(3)
+    updates = [{k: torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for k, s in SHAPES.items()}
+               for _ in range(30)]
+    claims = [int(n) for n in rng.integers(5, 400, 30)]
+    clips = [float(c) for c in rng.uniform(0.2, 1.0, 30)]
+    cap = 2.0 * float(np.median(claims))
+    parts = [PartialSum(SHAPES, threshold, uniform) for _ in range(3)]
+    for i, (u, n, c) in enumerate(zip(updates, claims, clips)):
+        parts[i % 3].add(u, n, c)
+    total = {k: torch.zeros(s, dtype=torch.float64) for k, s in SHAPES.items()}
+    weight = 0.0
+    for p in parts:
+        blob = p.encode()  # through the bytes, as the close reads them
+        back = PartialSum.decode(blob, SHAPES, p.metadata(), 1 << 20)
+        sums, w, _ = back.contribution(cap)
+        for k in total:
+            total[k] += sums[k].double()
+        weight += w
+    corrected = 0
+    for u, n, c in zip(updates, claims, clips):
+        dw = needs_correction(n, threshold, cap, uniform)
+        if dw:
+            corrected += 1
+            for k in total:
+                total[k] += dw * c * u[k].double()
+            weight += dw
+    expected = _dense(updates, claims, clips, cap, uniform)
+    for k in SHAPES:
+        np.testing.assert_allclose((total[k] / weight).numpy(), expected[k].numpy(), atol=1e-6)
+    if uniform or threshold is None:
+        assert corrected == (0 if uniform else sum(n > cap for n in claims))
+    else:  # only claims between the provisional and the final cap are read again
+        lo, hi = sorted((threshold, cap))
+        assert corrected == sum(lo < n <= hi or (threshold < n < cap) for n in claims if n != cap)
+
+
+def _world(tmp_path, name: str, agg: AggregationConfig, devices: list[str]):
+    state = FederationState(fakeredis.FakeRedis())
+    store = LocalObjectStore(tmp_path / name)
+    config = FederationConfig("f", LAYOUTS["tiny-llama"], aggregation=agg,
+                              policy=RoundPolicy(min_updates=2, max_rounds=3, server_lr=0.9, max_grad_norm=0.05))
+    coordinator = RoundCoordinator(state, store, Settings(), clock=lambda: NOW[0])
+    coordinator.start(config, devices + ["never-reports"])  # the round stays open until its deadline
+    return state, store, config, coordinator
+
+
+def _send(state, store, config, ingestor, round_no, device, delta, n, times=1):
+    blob = encode_update(delta)
+    key = keys.update_object("f", round_no, device)
+    if not store.exists(key):
+        store.put(key, blob)
+    base = state.round_info("f", round_no).base_version
+    raw = Envelope("f", round_no, device, key, hashlib.sha256(blob).hexdigest(), n, base).encode()
+    return [ingestor.ingest(raw).outcome for _ in range(times)]
+
+
+def _version(store, config, version):
+    return {k: v.double().numpy() for k, v in versions.load_weights(store, "f", version, config.spec, 1 << 26,
+                                                                     1 << 20).items()}
+
+
+@pytest.mark.parametrize("agg", [AggregationConfig(), AggregationConfig(optimizer="adam"),
+                                 AggregationConfig(drift_control="scaffold"), AggregationConfig(lora="ffa")],
+                         ids=["fedavg", "fedadam", "scaffold", "ffa"])
+def test_partials_equal_the_streaming_close_with_redeliveries_and_a_worker_killed_between_partials(tmp_path, agg):
+    devices = [f"d{i:02d}" for i in range(40)]
+    folded = _world(tmp_path, "folded", agg, devices)
+    streamed = _world(tmp_path, "streamed", AggregationConfig(**{**agg.__dict__, "incremental": False}), devices)
+    for round_no in (1, 2):  # round 2 folds against round 1's cap, so some updates are re-weighed
+        rng = np.random.default_rng(round_no)
+        state, store, config, coordinator = folded
+        workers = [PartialFolder(state, store, batch=4, tail=0, idle_s=60) for _ in range(3)]
+        claims = [int(n) for n in rng.integers(5, 320 + 80 * round_no, len(devices))]  # a cap that drifts
+        claims[7] = 10**5  # far above any cap
+        for i, device in enumerate(devices):
+            delta = random_deltas(config.update_tensors, np.random.default_rng([round_no, i]), 0.01)
+            folder = workers[i % 3]
+            outcomes = _send(state, store, config, Ingestor(state, store, Settings(), folder=folder), round_no,
+                             device, delta, claims[i], times=2 if i % 5 == 0 else 1)
+            assert outcomes[0] == "accepted" and all(o == "redelivered" for o in outcomes[1:])
+            s_state, s_store, s_config, _ = streamed
+            _send(s_state, s_store, s_config, Ingestor(s_state, s_store, Settings()), round_no, device, delta,
+                  claims[i])
+            if i == 30:
+                workers[2] = PartialFolder(state, store, batch=4, tail=0, idle_s=60)  # the old one died: its
+                # uncommitted folds are lost with it, and their updates stay unfolded
+        workers[0].flush()  # one worker commits what it holds; worker 1's last folds stay uncommitted
+        unfolded = len(state.unfolded("f", round_no))
+        assert state.partial_entries("f", round_no) and unfolded
+        NOW[0] += 10**6  # past the deadline
+        results = [w[3].close("f", round_no) for w in (folded, streamed)]
+        assert [r.decision for r in results] == [CLOSED, CLOSED]
+        manifest, reference = results[0].manifest, results[1].manifest
+        assert manifest["aggregation"]["partials"] >= 3
+        assert manifest["aggregation"]["read_at_close"] < len(devices) / 2
+        if round_no == 2:  # claims between round 1's cap and this one's were folded at the wrong weight
+            assert manifest["aggregation"]["read_at_close"] > unfolded
+        assert reference["aggregation"]["read_at_close"] == len(devices)
+        assert manifest["contributors"] == reference["contributors"] == devices
+        for field in ("total_samples", "update_norms", "weight_cap", "train_seconds_mean"):
+            assert manifest[field] == pytest.approx(reference[field], rel=1e-9), field
+        assert manifest["total_weight"] == pytest.approx(reference["total_weight"], rel=1e-12)
+        ours, theirs = _version(store, config, round_no), _version(streamed[1], config, round_no)
+        for k in ours:
+            np.testing.assert_allclose(ours[k], theirs[k], atol=1e-6, rtol=0)
+        # a commit after the close began is refused; the close already counted those updates
+        assert workers[1].state.commit_partial("f", round_no, "late", {"x": 1}, []) == REFUSED
+        assert state.round_info("f", round_no + 1).weight_threshold == pytest.approx(manifest["weight_cap"])
+
+
+def test_a_member_is_never_committed_in_two_partials(tmp_path):
+    state, store, config, _ = _world(tmp_path, "w", AggregationConfig(), ["a", "b"])
+    delta = random_deltas(config.update_tensors, np.random.default_rng(0), 0.01)
+    _send(state, store, config, Ingestor(state, store, Settings()), 1, "a", delta, 10)
+    assert state.commit_partial("f", 1, "s1", {"gen": 1}, ["a"]) == COMMITTED
+    assert state.commit_partial("f", 1, "s1", {"gen": 1}, ["a"]) == 2  # the same commit, retried
+    with pytest.raises(RuntimeError, match="already folded"):
+        state.commit_partial("f", 1, "s2", {"gen": 1}, ["a"])
+    assert state.unfolded("f", 1) == []
