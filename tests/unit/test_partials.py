@@ -157,3 +157,34 @@ def test_a_member_is_never_committed_in_two_partials(tmp_path):
     with pytest.raises(RuntimeError, match="already folded"):
         state.commit_partial("f", 1, "s2", {"gen": 1}, ["a"])
     assert state.unfolded("f", 1) == []
+
+
+def test_retention_deletes_updates_and_partials_of_due_rounds_and_never_a_version(tmp_path):
+    from shared import retention
+
+    devices = [f"d{i}" for i in range(6)]
+    state, store, config, coordinator = _world(tmp_path, "r", AggregationConfig(), devices)
+    folder = PartialFolder(state, store, batch=2, tail=0, idle_s=60)
+    for round_no in (1, 2):
+        for i, device in enumerate(devices):
+            delta = random_deltas(config.update_tensors, np.random.default_rng([round_no, i]), 0.01)
+            _send(state, store, config, Ingestor(state, store, Settings(), folder=folder), round_no, device, delta, 10)
+        NOW[0] += 10**6
+        assert coordinator.close("f", round_no).decision == CLOSED
+        if round_no == 1:
+            ended = NOW[0]
+    version_files = sorted(p for p in (tmp_path / "r").rglob("*") if "versions" in p.parts and p.is_file())
+    assert len(version_files) >= 9  # v0, v1, v2: adapter, config, manifest
+    assert list((tmp_path / "r" / "partials" / "f" / "000001").iterdir())
+
+    assert retention.prune(state, store, ended + state.retention_s - 1) == (0, 0)  # within the retention
+    # 6 updates and 1 partial: each commit of a slot deletes the generation it supersedes
+    assert retention.prune(state, store, ended + state.retention_s + 1) == (1, 6 + 1)
+    assert not list((tmp_path / "r" / "updates" / "f" / "000001").glob("*"))
+    assert not list((tmp_path / "r" / "partials" / "f" / "000001").glob("*"))
+    for key in (keys.round_updates, keys.round_claims, keys.round_unfolded, keys.round_partials, keys.round_cohort):
+        assert not state.r.exists(key("f", 1)), key.__name__
+    assert state.r.exists(keys.round_updates("f", 2))  # round 2 ended later: not yet due
+    assert list((tmp_path / "r" / "partials" / "f" / "000002").iterdir())
+    assert sorted(p for p in (tmp_path / "r").rglob("*") if "versions" in p.parts and p.is_file()) == version_files
+    assert versions.current_version(store, "f") == 2
