@@ -13,6 +13,8 @@ import hashlib
 import math
 import statistics
 
+import torch
+
 from shared.errors import ObjectNotFound, Rejected
 from shared.federation import FederationConfig
 from shared.safetensors_reader import parse
@@ -84,6 +86,9 @@ class RoundReader:
         median = self.state.median_claim(fed, round_no)
         cap = None if uniform or median is None else agg.max_weight_ratio * median
         stats = UpdateStats()
+        # partials and corrections add up in float64 and reach the float32 mean once
+        total = {k: torch.zeros(s, dtype=torch.float64) for k, s in config.update_tensors.items()}
+        weight, count = 0.0, 0
         entries = self.state.partial_entries(fed, round_no)
         for slot, entry in entries.items():
             try:
@@ -92,12 +97,17 @@ class RoundReader:
                 raise Unreducible(f"partial {slot}: {exc}") from None
             if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
                 raise Unreducible(f"partial {slot} does not match its sha256")
-            partial = PartialSum.decode(blob, config.update_tensors, entry, self.settings.max_header_bytes)
-            aggregator.add_sum(*partial.contribution(cap))
+            sums, w, n = PartialSum.decode(blob, config.update_tensors, entry,
+                                           self.settings.max_header_bytes).contribution(cap)
+            for k, acc in total.items():
+                acc.add_(sums[k])
+            weight, count = weight + w, count + n
             stats.merge(UpdateStats.from_dict(entry["stats"]))
 
         unfolded = self.state.unfolded(fed, round_no)
-        corrected = self._correct(config, info, aggregator, cap, set(unfolded)) if cap is not None else 0
+        corrected, dw = self._correct(config, info, total, cap, set(unfolded)) if cap is not None else (0, 0.0)
+        if count:
+            aggregator.add_sum(total, weight + dw, count)
         excluded = {}
         for device, rec in self.state.records(fed, round_no, unfolded).items():
             update = self.read_update(config, rec)
@@ -112,8 +122,8 @@ class RoundReader:
         return RoundInputs(aggregator, contributors, excluded, stats, cap,
                            {"partials": len(entries), "read_at_close": len(unfolded) + corrected})
 
-    def _correct(self, config: FederationConfig, info: RoundInfo, aggregator: RoundAggregator, cap: float,
-                 unfolded: set[str]) -> int:
+    def _correct(self, config: FederationConfig, info: RoundInfo, total: dict[str, torch.Tensor], cap: float,
+                 unfolded: set[str]) -> tuple[int, float]:
         """Re-weigh the folded updates whose claim lies between the provisional cap t and the final
         cap: those under t were folded at n_i but weigh min(n_i, cap); those over t at cap but weigh n_i."""
         fed, round_no, t = config.name, info.round, info.weight_threshold
@@ -122,7 +132,7 @@ class RoundReader:
         candidates = [d for d in self.state.claims_between(fed, round_no, lo, hi, inclusive_high=True)
                       if d not in unfolded]
         records = self.state.records(fed, round_no, candidates)
-        done = 0
+        done, weight = 0, 0.0
         for device in candidates:
             rec = records[device]
             dw = needs_correction(rec.num_samples, t, cap, False)
@@ -131,7 +141,7 @@ class RoundReader:
             update = self.read_update(config, rec)
             if isinstance(update, str):
                 raise Unreducible(f"{device}'s update, folded at a provisional weight, is {update}")
-            full = padded(update, config.update_tensors)
-            aggregator.add_sum({k: v.float() * (dw * rec.clip_scale) for k, v in full.items()}, dw, 0)
-            done += 1
-        return done
+            for k, v in padded(update, config.update_tensors).items():
+                total[k].add_(v, alpha=dw * rec.clip_scale)
+            done, weight = done + 1, weight + dw
+        return done, weight

@@ -21,6 +21,8 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F16": (torch.float16, 2),
     "BF16": (torch.bfloat16, 2),
 }
+# float64 only in files the server writes itself (partial sums): devices send the three above
+SERVER_DTYPES: dict[str, tuple[torch.dtype, int]] = {**DTYPES, "F64": (torch.float64, 8)}
 MAX_RANK = 8
 
 
@@ -47,7 +49,8 @@ def _nbytes(shape: object, itemsize: int, limit: int, name: str) -> int:
 
 
 def parse(
-    buf: bytes, expected: Mapping[str, tuple[int, ...]], max_header_bytes: int
+    buf: bytes, expected: Mapping[str, tuple[int, ...]], max_header_bytes: int,
+    dtypes: Mapping[str, tuple[torch.dtype, int]] = DTYPES,
 ) -> dict[str, torch.Tensor]:
     """Return name -> tensor views into `buf`, or raise Rejected naming what is wrong."""
     if len(buf) < 8:
@@ -76,9 +79,9 @@ def parse(
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise Rejected(RejectReason.HEADER_INVALID, f"{name[:80]}: entry needs dtype, shape, data_offsets")
-        if info["dtype"] not in DTYPES:
+        if info["dtype"] not in dtypes:
             raise Rejected(RejectReason.BAD_DTYPE, f"{name[:80]}: dtype {str(info['dtype'])[:16]}")
-        dtype, itemsize = DTYPES[info["dtype"]]
+        dtype, itemsize = dtypes[info["dtype"]]
         offsets = info["data_offsets"]
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
@@ -87,12 +90,12 @@ def parse(
         nbytes = _nbytes(info["shape"], itemsize, max(data_len, offsets[1] - offsets[0]), name[:80])
         if nbytes != offsets[1] - offsets[0]:
             raise Rejected(RejectReason.INVALID_OFFSETS, f"{name[:80]}: offsets do not match shape")
-        entries.append((offsets[0], offsets[1], name, dtype, tuple(info["shape"])))
+        entries.append((offsets[0], offsets[1], name, dtype, tuple(info["shape"]), itemsize))
 
     # Tensors must tile the data region exactly: no overlap, no gap, nothing hidden at the end.
     entries.sort()
     cursor = 0
-    for begin, end, name, _, _ in entries:
+    for begin, end, name, *_ in entries:
         if begin != cursor:
             raise Rejected(RejectReason.INVALID_OFFSETS, f"{name[:80]}: starts at {begin}, expected {cursor}")
         cursor = end
@@ -111,14 +114,12 @@ def parse(
     with warnings.catch_warnings():
         # Views into immutable bytes: we never write to them, so torch's warning is noise.
         warnings.simplefilter("ignore", UserWarning)
-        for begin, end, name, dtype, shape in entries:
+        for begin, end, name, dtype, shape, itemsize in entries:
             if shape != tuple(expected[name]):
                 raise Rejected(RejectReason.BAD_SHAPE, f"{name[:120]}: {list(shape)} != {list(expected[name])}")
-            count = (end - begin) // DTYPES_ITEMSIZE[dtype]
+            count = (end - begin) // itemsize
             flat = (torch.frombuffer(buf, dtype=dtype, count=count, offset=data_start + begin)
                     if count else torch.empty(0, dtype=dtype))
             tensors[name] = flat.view(shape)
     return tensors
 
-
-DTYPES_ITEMSIZE = {dtype: size for dtype, size in DTYPES.values()}

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from shared.safetensors_reader import parse
+from shared.safetensors_reader import SERVER_DTYPES, parse
 
 Tensors = Mapping[str, torch.Tensor]
 LOW, HIGH = "low.", "high."
@@ -95,15 +95,16 @@ class UpdateStats:
 
 
 class PartialSum:
-    """low and high sums (float32, the global shapes, control variates included) of some updates.
+    """low and high sums (the global shapes, control variates included) of some updates.
 
     `shapes` are the round's update tensors at the global rank: a lower-rank tier's update is
-    zero-padded before it is added, as the streaming mean does."""
+    zero-padded before it is added, as the streaming mean does. Sums are float64: a correction
+    subtracts most of a large folded term again, which float32 would leave visible."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], threshold: float | None, uniform: bool) -> None:
         self.shapes = dict(shapes)
         self.threshold, self.uniform = threshold, uniform
-        self.low = {k: torch.zeros(s, dtype=torch.float32) for k, s in self.shapes.items()}
+        self.low = {k: torch.zeros(s, dtype=torch.float64) for k, s in self.shapes.items()}
         self.high: dict[str, torch.Tensor] | None = None  # most rounds never need it
         self.n_low = self.n_high = 0
         self.w_low = 0.0
@@ -113,7 +114,7 @@ class PartialSum:
             raise ValueError("update tensors do not match the partial's layout")
         if not self.uniform and self.threshold is not None and claim > self.threshold:
             if self.high is None:
-                self.high = {k: torch.zeros(s, dtype=torch.float32) for k, s in self.shapes.items()}
+                self.high = {k: torch.zeros(s, dtype=torch.float64) for k, s in self.shapes.items()}
             for k, acc in self.high.items():
                 acc.add_(update[k], alpha=clip_scale)
             self.n_high += 1
@@ -155,7 +156,7 @@ class PartialSum:
         layout = {LOW + k: s for k, s in shapes.items()}
         if has_high:
             layout.update({HIGH + k: s for k, s in shapes.items()})
-        tensors = parse(blob, layout, max_header_bytes)
+        tensors = parse(blob, layout, max_header_bytes, SERVER_DTYPES)
         out = cls(shapes, meta["threshold"], bool(meta["uniform"]))
         out.low = {k: tensors[LOW + k] for k in shapes}
         out.high = {k: tensors[HIGH + k] for k in shapes} if has_high else None

@@ -101,8 +101,12 @@ def test_every_envelope_delivered_twice_gives_the_same_adapter_as_once(pipeline)
     for version in (1, 2):
         a = versions.manifest(pipeline.runtime.store, once.name, version)
         b = versions.manifest(pipeline.runtime.store, twice.name, version)
-        assert a["adapter_sha256"] == b["adapter_sha256"]
-        assert a["total_samples"] == b["total_samples"]
+        # equal to float rounding, not bit for bit: which process folded which update into which
+        # partial sum changes the order of the additions
+        x, y = pipeline.version_arrays(once, version), pipeline.version_arrays(twice, version)
+        assert max(float(np.max(np.abs(x[k] - y[k]))) for k in x) <= 1e-7
+        assert (a["contributors"], a["total_samples"], a["total_weight"]) == (
+            b["contributors"], b["total_samples"], b["total_weight"])
     assert pipeline.runtime.state.stats(twice.name)["accepted"] == 40
     assert pipeline.runtime.state.stats(twice.name)["received"] == 40
     assert pipeline.runtime.state.stats(None)["redelivered"] - before == 40
