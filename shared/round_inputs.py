@@ -76,7 +76,8 @@ class RoundReader:
             aggregator.add(update, final_weight(rec.num_samples, cap, agg.dp), rec.clip_scale, rec.rank or None)
             contributors.append(device)
             stats.add(rec)
-        return RoundInputs(aggregator, contributors, excluded, stats, cap, {"partials": 0, "read_at_close": len(records)})
+        return RoundInputs(aggregator, contributors, excluded, stats, cap,
+                           {"incremental": False, "partials": 0, "read_at_close": len(records)})
 
     def reduce_partials(self, config: FederationConfig, info: RoundInfo, aggregator: RoundAggregator) -> RoundInputs:
         """The committed partials, corrected for the round's final weight cap, plus the updates no
@@ -120,7 +121,7 @@ class RoundReader:
         if aggregator.count != len(contributors) or stats.count != len(contributors):
             raise Unreducible(f"partials hold {aggregator.count} updates, {len(contributors)} were accepted")
         return RoundInputs(aggregator, contributors, excluded, stats, cap,
-                           {"partials": len(entries), "read_at_close": len(unfolded) + corrected})
+                           {"incremental": True, "partials": len(entries), "read_at_close": len(unfolded) + corrected})
 
     def _correct(self, config: FederationConfig, info: RoundInfo, total: dict[str, torch.Tensor], cap: float,
                  unfolded: set[str]) -> tuple[int, float]:

@@ -130,6 +130,8 @@ class AggregationIn(Strict):
     sampling_rate: float | None = Field(None, gt=0, le=1, description="Poisson sampling of each round's cohort "
                                                                       "(the DP accountant counts on it)")
     dp: DpIn | None = None
+    incremental: bool | None = Field(None, description="fold updates into partial sums as they arrive (linear "
+                                                       "rules only; the others always read every update at close)")
 
     def fields(self) -> dict:
         given = {k: v for k, v in self.model_dump(exclude={"dp"}).items() if v is not None}
