@@ -44,7 +44,7 @@ class _Open:
 
 
 class PartialFolder:
-    def __init__(self, state: FederationState, store: ObjectStore, batch: int = 64, tail: int = 32,
+    def __init__(self, state: FederationState, store: ObjectStore, batch: int = 64, tail: int = 8,
                  idle_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
         self.state, self.store = state, store
         self.batch, self.tail, self.idle_s, self.clock = batch, tail, idle_s, clock

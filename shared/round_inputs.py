@@ -91,9 +91,11 @@ class RoundReader:
         total = {k: torch.zeros(s, dtype=torch.float64) for k, s in config.update_tensors.items()}
         weight, count = 0.0, 0
         entries = self.state.partial_entries(fed, round_no)
+        # a partial holds at most two float64 sums of the layout: its size follows from the layout
+        bound = 2 * 8 * sum(math.prod(s) for s in config.update_tensors.values()) + self.settings.max_header_bytes
         for slot, entry in entries.items():
             try:
-                blob = self.store.get(entry["object_key"], self.settings.max_update_bytes)
+                blob = self.store.get(entry["object_key"], bound)
             except (ObjectNotFound, Rejected) as exc:
                 raise Unreducible(f"partial {slot}: {exc}") from None
             if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
