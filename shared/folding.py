@@ -41,6 +41,7 @@ class _Open:
     pending: list[str] = dataclasses.field(default_factory=list)  # folded since the last commit
     gen: int = 0
     last_add: float = 0.0
+    unsure: int = 0  # members of a commit whose reply was lost: it may have gone through
 
 
 class PartialFolder:
@@ -89,9 +90,11 @@ class PartialFolder:
 
     def _commit(self, key: tuple[str, int], slot: _Open) -> None:
         """Write the partial and commit it; never raises (uncommitted updates are read at close)."""
+        fed, round_no = key
+        if slot.unsure and not self._settle_unsure(fed, round_no, slot):
+            return
         if not slot.pending:
             return
-        fed, round_no = key
         object_key = keys.partial_object(fed, round_no, slot.slot, slot.gen + 1)
         try:
             blob = slot.partial.encode()
@@ -101,6 +104,7 @@ class PartialFolder:
             result = self.state.commit_partial(fed, round_no, slot.slot, entry, slot.pending)
         except Exception:  # S3 or Redis away, or a bug: keep the folds and try again later
             log.exception("commit of partial %s of %s round %s failed", slot.slot, fed, round_no)
+            slot.unsure = len(slot.pending)
             return
         if result == REFUSED:  # the round is closing: its close reads these updates itself
             del self._open[key]
@@ -112,6 +116,19 @@ class PartialFolder:
                 self.store.delete(keys.partial_object(fed, round_no, slot.slot, slot.gen - 1))
             except Exception:
                 log.warning("could not delete a superseded partial of %s round %s", fed, round_no)
+
+    def _settle_unsure(self, fed: str, round_no: int, slot: _Open) -> bool:
+        """After a failed commit, learn whether it went through before committing again (a
+        member must never be offered to a second commit). False: Redis is still away."""
+        try:
+            stored = self.state.partial_entries(fed, round_no).get(slot.slot)
+        except Exception:
+            return False
+        if stored is not None and stored["gen"] == slot.gen + 1:  # it did: those members are folded
+            del slot.pending[:slot.unsure]
+            slot.gen += 1
+        slot.unsure = 0
+        return True
 
     def _start_timer(self) -> None:
         if self._timer is not None:

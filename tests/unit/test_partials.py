@@ -188,3 +188,28 @@ def test_retention_deletes_updates_and_partials_of_due_rounds_and_never_a_versio
     assert list((tmp_path / "r" / "partials" / "f" / "000002").iterdir())
     assert sorted(p for p in (tmp_path / "r").rglob("*") if "versions" in p.parts and p.is_file()) == version_files
     assert versions.current_version(store, "f") == 2
+
+
+def test_a_commit_whose_reply_was_lost_is_not_offered_twice(tmp_path, monkeypatch):
+    devices = ["a", "b", "c"]
+    state, store, config, coordinator = _world(tmp_path, "lost", AggregationConfig(), devices)
+    folder = PartialFolder(state, store, batch=2, tail=0, idle_s=60)
+    ingestor = Ingestor(state, store, Settings(), folder=folder)
+    real = state.commit_partial
+
+    def commit_then_lose_the_reply(*args, **kwargs):
+        real(*args, **kwargs)
+        raise ConnectionError("reply lost")
+
+    monkeypatch.setattr(state, "commit_partial", commit_then_lose_the_reply)
+    deltas = [random_deltas(config.update_tensors, np.random.default_rng(i), 0.01) for i in range(3)]
+    for i in (0, 1):  # the second fills the batch: its commit lands, its reply does not
+        _send(state, store, config, ingestor, 1, devices[i], deltas[i], 10)
+    monkeypatch.undo()
+    _send(state, store, config, ingestor, 1, "c", deltas[2], 10)
+    folder.flush()
+    assert state.unfolded("f", 1) == []
+    assert state.partial_entries("f", 1)[folder._open[("f", 1)].slot]["stats"]["count"] == 3
+    NOW[0] += 10**6
+    closed = coordinator.close("f", 1)
+    assert closed.manifest["aggregation"]["read_at_close"] == 0 and closed.manifest["total_weight"] == 30
