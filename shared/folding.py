@@ -55,18 +55,18 @@ class PartialFolder:
         self._lock = threading.Lock()
         self._timer: threading.Thread | None = None
 
-    def fold(self, config: FederationConfig, round_no: int, threshold: float | None, record: UpdateRecord,
-             update: Mapping[str, torch.Tensor], reported: int, cohort: int) -> None:
-        """Fold one accepted update; commit when a batch is full or the round is nearly complete."""
+    def fold(self, config: FederationConfig, round_no: int, record: UpdateRecord, update: Mapping[str, torch.Tensor],
+             weight: float, reported: int, cohort: int) -> None:
+        """Fold one accepted update at its sample weight; commit when a batch is full or the round
+        is nearly complete."""
         key = (config.name, round_no)
         with self._lock:
             slot = self._open.get(key)
             if slot is None:
                 self._serial += 1
                 shapes = config.update_tensors
-                slot = self._open[key] = _Open(f"{self._process}-{self._serial}",
-                                               PartialSum(shapes, threshold, config.aggregation.dp), UpdateStats())
-            slot.partial.add(padded(update, slot.partial.shapes), record.num_samples, record.clip_scale)
+                slot = self._open[key] = _Open(f"{self._process}-{self._serial}", PartialSum(shapes), UpdateStats())
+            slot.partial.add(padded(update, slot.partial.shapes), weight, record.clip_scale)
             slot.stats.add(record)
             slot.pending.append(record.device)
             slot.last_add = self.clock()

@@ -19,8 +19,9 @@ from shared.federation import FederationConfig
 from shared.folding import PartialFolder
 from shared.safetensors_reader import parse
 from shared.settings import Settings
-from shared.state import ACCEPTED, REDELIVERED, FederationState, RoundInfo, UpdateRecord
+from shared.state import ACCEPTED, REDELIVERED, FederationState, UpdateRecord
 from shared.storage import ObjectStore
+from shared.strategies.partial import weight, weight_cap
 
 log = logging.getLogger(__name__)
 # Failures of our services, not of the update: retry, never reject.
@@ -98,7 +99,7 @@ class Ingestor:
             raise Rejected(RejectReason.UNKNOWN_FEDERATION, env.federation)
         if env.object_key != keys.update_object(env.federation, env.round, env.device):
             raise Rejected(RejectReason.BAD_OBJECT_KEY, "key does not match federation, round and device")
-        config, tier, info = self._check_round(env)
+        config, tier = self._check_round(env)
         policy = config.policy
 
         try:
@@ -121,14 +122,16 @@ class Ingestor:
             norm=norm, clip_scale=scale, train_seconds=env.train_seconds, metrics=env.metrics,
             accepted_at=self.clock(), rank=rank,
         )
-        outcome, count, cohort = self.state.accept(digest, env.federation, env.round, record)
+        outcome, count, cohort, reference = self.state.accept(digest, env.federation, env.round, record)
         if outcome == REDELIVERED:
             return IngestResult(REDELIVERED, env.federation, env.round, env.device)
         if outcome != ACCEPTED:
             raise Rejected(RejectReason(outcome), "round closed while the update was checked")
         if self.folder is not None and config.aggregation.folds:
             try:
-                self.folder.fold(config, env.round, info.weight_threshold, record, tensors, count, cohort)
+                agg = config.aggregation
+                w = weight(record.num_samples, weight_cap(reference, agg.max_weight_ratio, agg.dp), agg.dp)
+                self.folder.fold(config, env.round, record, tensors, w, count, cohort)
             except Exception:  # accepted stands: the close reads an update no partial holds
                 log.exception("fold of %s/%s/%s failed", env.federation, env.round, env.device)
         return IngestResult(
@@ -137,7 +140,7 @@ class Ingestor:
             tier=tier,
         )
 
-    def _check_round(self, env: Envelope) -> tuple[FederationConfig, str, RoundInfo]:
+    def _check_round(self, env: Envelope) -> tuple[FederationConfig, str]:
         """Cheap checks before any download; the accept transaction re-checks what can change."""
         current, info, selected, submitted, tier = self.state.precheck(env.federation, env.round, env.device)
         config = self._config(env.federation, info.config_rev if info else None)
@@ -153,7 +156,7 @@ class Ingestor:
             raise Rejected(RejectReason.TOO_FEW_SAMPLES, f"{env.num_samples} < {config.policy.min_samples_per_client}")
         if submitted:
             raise Rejected(RejectReason.ALREADY_SUBMITTED, f"{env.device} already has an update in round {env.round}")
-        return config, tier, info
+        return config, tier
 
     def _reject(self, digest: str, rej: Rejected, env: Envelope | None) -> IngestResult:
         # Count under the federation only once it is known to exist: unknown names stay unbounded.

@@ -13,7 +13,8 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:fed:{fed}:round:{r}:updates  hash device_id -> msgpack UpdateRecord (HSETNX: once per device)
     ft:fed:{fed}:round:{r}:reported set of cohort devices with a final outcome (accepted or rejected)
     ft:fed:{fed}:round:{r}:inflight counter: messages the gateway took on time that have no outcome yet
-    ft:fed:{fed}:round:{r}:claims   sorted set device_id -> its (capped) sample count, for the weight cap
+    ft:fed:{fed}:round:{r}:claims   sorted set device_id -> its (capped) sample count: the round's median claim
+    ft:fed:{fed}:round:{r}:uncapped set of devices accepted before the round's weight cap was known
     ft:fed:{fed}:round:{r}:unfolded set of accepted devices whose update is in no committed partial yet
     ft:fed:{fed}:round:{r}:partials hash partial slot -> msgpack entry (object key, sha256, counts, stats)
     ft:fed:{fed}:stats           hash of counters: received, accepted, duplicate, rejected:{reason}
@@ -139,6 +140,10 @@ def round_reported(fed: str, round_no: int) -> str:
 
 def round_claims(fed: str, round_no: int) -> str:
     return f"{PREFIX}:fed:{fed}:round:{round_no}:claims"
+
+
+def round_uncapped(fed: str, round_no: int) -> str:
+    return f"{PREFIX}:fed:{fed}:round:{round_no}:uncapped"
 
 
 def round_unfolded(fed: str, round_no: int) -> str:

@@ -25,6 +25,7 @@ def prune(state: FederationState, store: ObjectStore, now: float, limit: int = 5
             pipe.delete(keys.round_updates(fed, round_no), keys.round_cohort(fed, round_no),
                         keys.round_reported(fed, round_no), keys.round_inflight(fed, round_no),
                         keys.round_claims(fed, round_no), keys.round_unfolded(fed, round_no),
+                        keys.round_uncapped(fed, round_no),
                         keys.round_partials(fed, round_no))
             pipe.zrem(keys.RETENTION, member)
             pipe.execute()

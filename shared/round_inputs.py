@@ -3,7 +3,8 @@ linear rules, the round's committed partial sums plus the few updates no partial
 (`reduce_partials`), whose cost does not grow with the number of updates.
 
 Both return the same `RoundInputs`, so the manifest is built one way. Both weigh an update
-min(n_i, c), c = max_weight_ratio x the median claim of the round (1 under central DP).
+min(n_i, cap), the cap fixed per round by its reference claim (see shared.strategies.partial; 1
+under central DP).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import statistics
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -22,7 +23,7 @@ from shared.settings import Settings
 from shared.state import FederationState, RoundInfo, UpdateRecord
 from shared.storage import ObjectStore
 from shared.strategies.combine import RoundAggregator, padded
-from shared.strategies.partial import PartialSum, UpdateStats, final_weight, needs_correction
+from shared.strategies.partial import PartialSum, UpdateStats, weight, weight_cap
 
 
 class Unreducible(Exception):
@@ -62,8 +63,7 @@ class RoundReader:
         """Read every accepted update, in device order (the same bytes on a redo)."""
         agg = config.aggregation
         records = self.state.updates(config.name, info.round)
-        claims = [r.num_samples for r in records.values()]
-        cap = None if agg.dp or not claims else agg.max_weight_ratio * statistics.median(claims)
+        cap = self.cap(config, info)
         contributors, excluded, stats = [], {}, UpdateStats()
         for device, rec in records.items():
             if aggregator.full:  # a robust rule's memory bound: the rest are left out, named in the manifest
@@ -73,51 +73,58 @@ class RoundReader:
             if isinstance(update, str):
                 excluded[device] = update
                 continue
-            aggregator.add(update, final_weight(rec.num_samples, cap, agg.dp), rec.clip_scale, rec.rank or None)
+            aggregator.add(update, weight(rec.num_samples, cap, agg.dp), rec.clip_scale, rec.rank or None)
             contributors.append(device)
             stats.add(rec)
         return RoundInputs(aggregator, contributors, excluded, stats, cap,
                            {"incremental": False, "partials": 0, "read_at_close": len(records)})
 
     def reduce_partials(self, config: FederationConfig, info: RoundInfo, aggregator: RoundAggregator) -> RoundInputs:
-        """The committed partials, corrected for the round's final weight cap, plus the updates no
-        partial holds. Called only once the round is closing, when both sets are frozen."""
+        """The committed partials, the few updates folded before the round's weight cap was known
+        re-weighed, and the updates no partial holds. Called only once the round is closing, when
+        the partials and the unfolded set are frozen."""
         fed, round_no, agg = config.name, info.round, config.aggregation
         uniform = agg.dp
-        median = self.state.median_claim(fed, round_no)
-        cap = None if uniform or median is None else agg.max_weight_ratio * median
+        cap = self.cap(config, info)
         stats = UpdateStats()
         # partials and corrections add up in float64 and reach the float32 mean once
         total = {k: torch.zeros(s, dtype=torch.float64) for k, s in config.update_tensors.items()}
-        weight, count = 0.0, 0
+        total_weight, count = 0.0, 0
         entries = self.state.partial_entries(fed, round_no)
-        # a partial holds at most two float64 sums of the layout: its size follows from the layout
-        bound = 2 * 8 * sum(math.prod(s) for s in config.update_tensors.values()) + self.settings.max_header_bytes
-        for slot, entry in entries.items():
+        # a partial holds one float64 sum of the layout: its size follows from the layout
+        bound = 8 * sum(math.prod(s) for s in config.update_tensors.values()) + self.settings.max_header_bytes
+
+        def fetch(item: tuple[str, dict]) -> bytes:
+            slot, entry = item
             try:
                 blob = self.store.get(entry["object_key"], bound)
             except (ObjectNotFound, Rejected) as exc:
                 raise Unreducible(f"partial {slot}: {exc}") from None
             if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
                 raise Unreducible(f"partial {slot} does not match its sha256")
-            sums, w, n = PartialSum.decode(blob, config.update_tensors, entry,
-                                           self.settings.max_header_bytes).contribution(cap)
+            return blob
+
+        # the reads overlap (S3 round trips and hashing release the GIL); the sums stay in slot order
+        with ThreadPoolExecutor(max_workers=min(8, len(entries) or 1)) as pool:
+            blobs = list(pool.map(fetch, entries.items()))
+        for blob, entry in zip(blobs, entries.values()):
+            partial = PartialSum.decode(blob, config.update_tensors, entry, self.settings.max_header_bytes)
             for k, acc in total.items():
-                acc.add_(sums[k])
-            weight, count = weight + w, count + n
+                acc.add_(partial.sum[k])
+            total_weight, count = total_weight + partial.weight, count + partial.count
             stats.merge(UpdateStats.from_dict(entry["stats"]))
 
         unfolded = self.state.unfolded(fed, round_no)
         corrected, dw = self._correct(config, info, total, cap, set(unfolded)) if cap is not None else (0, 0.0)
         if count:
-            aggregator.add_sum(total, weight + dw, count)
+            aggregator.add_sum(total, total_weight + dw, count)
         excluded = {}
         for device, rec in self.state.records(fed, round_no, unfolded).items():
             update = self.read_update(config, rec)
             if isinstance(update, str):
                 excluded[device] = update
                 continue
-            aggregator.add(update, final_weight(rec.num_samples, cap, uniform), rec.clip_scale, rec.rank or None)
+            aggregator.add(update, weight(rec.num_samples, cap, uniform), rec.clip_scale, rec.rank or None)
             stats.add(rec)
         contributors = [d for d in self.state.contributors(fed, round_no) if d not in excluded]
         if aggregator.count != len(contributors) or stats.count != len(contributors):
@@ -125,26 +132,32 @@ class RoundReader:
         return RoundInputs(aggregator, contributors, excluded, stats, cap,
                            {"incremental": True, "partials": len(entries), "read_at_close": len(unfolded) + corrected})
 
+    def cap(self, config: FederationConfig, info: RoundInfo) -> float | None:
+        """The round's weight cap: from its reference claim, or, in a round that closed before it
+        had one (fewer than REFERENCE_SAMPLE accepted), from the median of all its claims."""
+        agg = config.aggregation
+        reference = info.reference_claim
+        if reference is None:
+            reference = self.state.median_claim(config.name, info.round)
+        return weight_cap(reference, agg.max_weight_ratio, agg.dp)
+
     def _correct(self, config: FederationConfig, info: RoundInfo, total: dict[str, torch.Tensor], cap: float,
                  unfolded: set[str]) -> tuple[int, float]:
-        """Re-weigh the folded updates whose claim lies between the provisional cap t and the final
-        cap: those under t were folded at n_i but weigh min(n_i, cap); those over t at cap but weigh n_i."""
-        fed, round_no, t = config.name, info.round, info.weight_threshold
-        t_or_inf = math.inf if t is None else t
-        lo, hi = min(cap, t_or_inf), max(cap, t_or_inf)
-        candidates = [d for d in self.state.claims_between(fed, round_no, lo, hi, inclusive_high=True)
-                      if d not in unfolded]
+        """Re-weigh the folded updates accepted before the cap was known: folded at n_i, they
+        weigh min(n_i, cap). Only a first round has them, at most REFERENCE_SAMPLE - 1."""
+        fed, round_no = config.name, info.round
+        candidates = [d for d in self.state.uncapped(fed, round_no) if d not in unfolded]
         records = self.state.records(fed, round_no, candidates)
-        done, weight = 0, 0.0
+        done, dw_total = 0, 0.0
         for device in candidates:
             rec = records[device]
-            dw = needs_correction(rec.num_samples, t, cap, False)
+            dw = weight(rec.num_samples, cap, False) - rec.num_samples
             if dw == 0.0:
                 continue
             update = self.read_update(config, rec)
             if isinstance(update, str):
-                raise Unreducible(f"{device}'s update, folded at a provisional weight, is {update}")
+                raise Unreducible(f"{device}'s update, folded before the weight cap was known, is {update}")
             for k, v in padded(update, config.update_tensors).items():
                 total[k].add_(v, alpha=dw * rec.clip_scale)
-            done, weight = done + 1, weight + dw
-        return done, weight
+            done, dw_total = done + 1, dw_total + dw
+        return done, dw_total

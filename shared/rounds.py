@@ -160,14 +160,14 @@ class RoundCoordinator:
                                updates=updates, reason=UNREADABLE)
         exhausted = (manifest.get("dp") or {}).get("budget_exhausted", False)
         nxt = self._advance(config, info, version, evaluate=config.evaluation is not None,
-                            complete=PRIVACY_BUDGET if exhausted else None, threshold=manifest.get("weight_cap"))
+                            complete=PRIVACY_BUDGET if exhausted else None, reference=manifest.get("median_claim"))
         return CloseResult(CLOSED, version, nxt, manifest, info=info, updates=updates, aggregation_seconds=seconds)
 
     def _advance(self, config: FederationConfig, info: RoundInfo, version: int | None, failure: str | None = None,
                  evaluate: bool = False, complete: str | None = None,
-                 threshold: float | None = None) -> RoundInfo | None:
+                 reference: float | None = None) -> RoundInfo | None:
         """Settle the round and open the next one (or complete the federation), atomically.
-        `threshold`: the next round's provisional weight cap (default: this round's)."""
+        `reference`: the next round's reference claim (default: this round's)."""
         fed = config.name
         status = self.state.status(fed)
         current = self.state.config(fed) or config
@@ -179,7 +179,7 @@ class RoundCoordinator:
         return self.state.settle_round(fed, info.round, self.clock(), base,
                                        (pending or current).policy.timeout_seconds, version=version,
                                        failure=failure, pending=pending, evaluate=evaluate, complete=complete,
-                                       threshold=threshold if threshold is not None else info.weight_threshold)
+                                       reference=reference if reference is not None else info.reference_claim)
 
     def _aggregate_and_publish(self, config: FederationConfig, info: RoundInfo, version: int) -> dict | None:
         spec, policy, agg = config.spec, config.policy, config.aggregation
@@ -233,8 +233,8 @@ class RoundCoordinator:
             "total_weight": aggregator.total_weight, "aggregation": {**result.fields, **inputs.fields},
             "mean_delta_norm": result.mean_delta_norm, "global_norm": update_norm(result.weights),
             "server_lr": server_lr, "max_grad_norm": policy.max_grad_norm, "config_revision": config.revision,
-            # the next round's provisional cap for partial sums (see shared.strategies.partial)
-            "weight_cap": inputs.cap,
+            # the cap on sample weights this round applied, and the median claim the next round's derives from
+            "weight_cap": inputs.cap, "median_claim": self.state.median_claim(config.name, info.round),
         }
         if privacy_fields is not None:
             manifest["dp"] = privacy_fields

@@ -7,12 +7,20 @@ import math
 import numpy as np
 
 
+def median_claim(samples: list[int], max_num_samples: int = 100_000) -> float:
+    return float(np.median([min(n, max_num_samples) for n in samples]))
+
+
 def mean_delta(deltas: list[dict[str, np.ndarray]], samples: list[int], max_grad_norm: float | None,
-               max_num_samples: int = 100_000, max_weight_ratio: float = 2.0) -> dict[str, np.ndarray]:
-    """The clipped, weighted mean update (weights capped at max_weight_ratio x the median claim)."""
+               max_num_samples: int = 100_000, max_weight_ratio: float = 2.0,
+               reference_claim: float | None = None) -> dict[str, np.ndarray]:
+    """The clipped, weighted mean update. Weights are capped at max_weight_ratio x the reference
+    claim: the previous round's median claim, or (a first round of fewer than 32 updates) this one's."""
     acc = {k: np.zeros(v.shape, dtype=np.float64) for k, v in deltas[0].items()}
     total = 0.0
-    cap = max_weight_ratio * float(np.median([min(n, max_num_samples) for n in samples]))
+    if reference_claim is None:
+        reference_claim = median_claim(samples, max_num_samples)
+    cap = max_weight_ratio * reference_claim
     for delta, n in zip(deltas, samples):
         norm = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))
         scale = 1.0 if max_grad_norm is None or norm <= max_grad_norm else max_grad_norm / norm
@@ -25,8 +33,8 @@ def mean_delta(deltas: list[dict[str, np.ndarray]], samples: list[int], max_grad
 
 def next_global(prev: dict[str, np.ndarray], deltas: list[dict[str, np.ndarray]], samples: list[int],
                 max_grad_norm: float | None, max_num_samples: int, server_lr: float,
-                max_weight_ratio: float = 2.0) -> dict[str, np.ndarray]:
-    mean = mean_delta(deltas, samples, max_grad_norm, max_num_samples, max_weight_ratio)
+                max_weight_ratio: float = 2.0, reference_claim: float | None = None) -> dict[str, np.ndarray]:
+    mean = mean_delta(deltas, samples, max_grad_norm, max_num_samples, max_weight_ratio, reference_claim)
     return {k: prev[k].astype(np.float64) + server_lr * mean[k] for k in prev}
 
 

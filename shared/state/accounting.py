@@ -12,6 +12,7 @@ import msgpack
 from shared import keys
 from shared.errors import FINAL_FOR_THE_ROUND, RejectReason
 from shared.state.base import StateBase
+from shared.strategies.partial import REFERENCE_SAMPLE
 
 ACCEPTED = "accepted"
 REDELIVERED = "redelivered"
@@ -42,17 +43,20 @@ class UpdateRecord:
 
 
 # KEYS: message, round info, updates, reported, received, inflight, fed stats, global stats, unfolded,
-# claims. ARGV: device, record, message TTL, sample count. Returns {outcome, reported, cohort size}.
+# claims, uncapped. ARGV: device, record, message TTL, sample count, reference sample size.
+# Returns {outcome, reported, cohort size, reference claim or ""}. The accept that completes the
+# first REFERENCE_SAMPLE claims of a round without a reference claim fixes it (their median);
+# devices accepted before that are noted as uncapped.
 _ACCEPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HINCRBY', KEYS[8], 'redelivered', 1)
-  return {'redelivered', 0, 0}
+  return {'redelivered', 0, 0, ''}
 end
 local status = redis.call('HGET', KEYS[2], 'status')
 local cohort = tonumber(redis.call('HGET', KEYS[2], 'cohort_size') or '0')
 local count = redis.call('SCARD', KEYS[4])
-if status ~= 'open' then return {'stale_round', count, cohort} end
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {'already_submitted', count, cohort} end
+if status ~= 'open' then return {'stale_round', count, cohort, ''} end
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {'already_submitted', count, cohort, ''} end
 if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('DECR', KEYS[6]) end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 count = count + redis.call('SADD', KEYS[4], ARGV[1])
@@ -61,7 +65,20 @@ redis.call('HINCRBY', KEYS[7], 'received', 1)
 redis.call('HINCRBY', KEYS[7], 'accepted', 1)
 redis.call('SADD', KEYS[9], ARGV[1])
 redis.call('ZADD', KEYS[10], ARGV[4], ARGV[1])
-return {'accepted', count, cohort}
+local ref = redis.call('HGET', KEYS[2], 'reference_claim')
+if not ref then
+  local n = redis.call('ZCARD', KEYS[10])
+  if n >= tonumber(ARGV[5]) then
+    local lo = redis.call('ZRANGE', KEYS[10], math.floor((n - 1) / 2), math.floor((n - 1) / 2), 'WITHSCORES')
+    local hi = redis.call('ZRANGE', KEYS[10], math.floor(n / 2), math.floor(n / 2), 'WITHSCORES')
+    ref = tostring((tonumber(lo[2]) + tonumber(hi[2])) / 2)
+    redis.call('HSET', KEYS[2], 'reference_claim', ref)
+  else
+    redis.call('SADD', KEYS[11], ARGV[1])
+    ref = ''
+  end
+end
+return {'accepted', count, cohort, ref}
 """
 
 
@@ -75,8 +92,9 @@ class Accounting(StateBase):
         """Redeliveries are a property of the transport, so they are counted once, globally."""
         self.r.hincrby(keys.GLOBAL_STATS, "redelivered", 1)
 
-    def accept(self, digest: str, fed: str, round_no: int, record: UpdateRecord) -> tuple[str, int, int]:
-        """Record an update once. Returns (outcome, cohort devices reported, cohort size).
+    def accept(self, digest: str, fed: str, round_no: int, record: UpdateRecord) -> tuple[str, int, int, float | None]:
+        """Record an update once. Returns (outcome, cohort devices reported, cohort size, the
+        round's reference claim if it is known now: see shared.strategies.partial).
 
         The outcome is ACCEPTED, REDELIVERED (this message was settled meanwhile) or a
         RejectReason value when the round closed or the device already submitted. One Lua script:
@@ -84,13 +102,13 @@ class Accounting(StateBase):
         """
         if self._accept_script is None:
             self._accept_script = self.r.register_script(_ACCEPT)
-        outcome, count, cohort = self._accept_script(
+        outcome, count, cohort, reference = self._accept_script(
             keys=[keys.message(digest), keys.round_info(fed, round_no), keys.round_updates(fed, round_no),
                   keys.round_reported(fed, round_no), keys.received(digest), keys.round_inflight(fed, round_no),
                   keys.fed_stats(fed), keys.GLOBAL_STATS, keys.round_unfolded(fed, round_no),
-                  keys.round_claims(fed, round_no)],
-            args=[record.device, record.to_bytes(), keys.MESSAGE_TTL_S, record.num_samples])
-        return outcome.decode(), int(count), int(cohort)
+                  keys.round_claims(fed, round_no), keys.round_uncapped(fed, round_no)],
+            args=[record.device, record.to_bytes(), keys.MESSAGE_TTL_S, record.num_samples, REFERENCE_SAMPLE])
+        return outcome.decode(), int(count), int(cohort), float(reference) if reference else None
 
     def reject(self, digest: str, reason: RejectReason, detail: str, now: float, fed: str | None = None,
                round_no: int | None = None, device: str | None = None) -> tuple[bool, bool]:

@@ -9,8 +9,6 @@ is in exactly one partial or read by the close itself.
 
 from __future__ import annotations
 
-import math
-
 import msgpack
 
 from shared import keys
@@ -74,13 +72,9 @@ class Partials(StateBase):
         hi = self.r.zrange(key, n // 2, n // 2, withscores=True)[0][1]
         return (lo + hi) / 2
 
-    def claims_between(self, fed: str, round_no: int, low: float, high: float,
-                       inclusive_high: bool = False) -> list[str]:
-        """Devices whose claim lies in (low, high), or (low, high] (`high` may be inf)."""
-        if not low < high:
-            return []
-        top = "+inf" if math.isinf(high) else (repr(high) if inclusive_high else f"({high!r}")
-        return [m.decode() for m in self.r.zrangebyscore(keys.round_claims(fed, round_no), f"({low!r}", top)]
+    def uncapped(self, fed: str, round_no: int) -> list[str]:
+        """Devices accepted before the round's weight cap was known (a first round's first few)."""
+        return sorted(m.decode() for m in self.r.smembers(keys.round_uncapped(fed, round_no)))
 
     def contributors(self, fed: str, round_no: int) -> list[str]:
         return sorted(k.decode() for k in self.r.hkeys(keys.round_updates(fed, round_no)))

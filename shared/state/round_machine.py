@@ -36,7 +36,7 @@ class RoundInfo:
     closing_at: float | None = None  # when its close began
     server_lr: float | None = None  # the guard's server learning rate, snapshotted when the close began
     inflight: int = 0  # messages received on time through the gateway that have no outcome yet
-    weight_threshold: float | None = None  # the provisional weight cap partial sums fold against
+    reference_claim: float | None = None  # median claim its weight cap derives from (see strategies.partial)
 
     @classmethod
     def from_hash(cls, round_no: int, h: dict[bytes, bytes]) -> RoundInfo:
@@ -50,7 +50,7 @@ class RoundInfo:
             rejected=int(s.get("rejected", 0)), config_rev=int(s.get("config_rev", 0)),
             closing_at=float(s["closing_at"]) if "closing_at" in s else None,
             server_lr=float(s["server_lr"]) if "server_lr" in s else None,
-            weight_threshold=float(s["weight_threshold"]) if "weight_threshold" in s else None,
+            reference_claim=float(s["reference_claim"]) if "reference_claim" in s else None,
         )
 
 
@@ -77,14 +77,14 @@ class RoundMachine(StateBase):
     def settle_round(self, fed: str, round_no: int, now: float, next_base: int, timeout: float,
                      version: int | None = None, failure: str | None = None,
                      pending: FederationConfig | None = None, evaluate: bool = False,
-                     complete: str | None = None, threshold: float | None = None) -> RoundInfo | None:
+                     complete: str | None = None, reference: float | None = None) -> RoundInfo | None:
         """End a round and open the next (or complete the federation) in one transaction.
 
         `version`: the round closed and published it; `failure`: the round failed for this reason.
         Neither: the round ended earlier and only the next round may be missing (a repair). Returns
         the round it opened, or None when there is none to open (opened already, completed, halted).
         `complete`: complete the federation now, for this reason, instead of opening the next round.
-        `threshold`: the next round's provisional weight cap (this round's cap), for partial sums.
+        `reference`: the next round's reference claim (this round's median claim).
         """
         info_key, state_key = keys.round_info(fed, round_no), keys.fed_state(fed)
         secret = self.secret(fed)
@@ -114,7 +114,7 @@ class RoundMachine(StateBase):
                 pipe.hset(state_key, mapping={"status": "completed", **({"reason": complete} if complete else {})})
                 return None
             return _write_open(pipe, fed, round_no + 1, next_base, now, timeout, cohort, current, pending, secret,
-                               threshold)
+                               reference)
 
         return self._transaction(settle, info_key, state_key, keys.fed_config(fed))
 
@@ -245,7 +245,7 @@ class RoundMachine(StateBase):
 
 def _write_open(pipe, fed: str, round_no: int, base_version: int, now: float, timeout: float, cohort: set,
                 current: FederationConfig, pending: FederationConfig | None, secret: bytes,
-                threshold: float | None = None) -> RoundInfo:
+                reference: float | None = None) -> RoundInfo:
     """The writes that open a round (inside a MULTI); `pending` takes effect with it if newer.
 
     Under Poisson sampling (central DP) the cohort is the enrolled devices the sampling picks, the
@@ -262,7 +262,7 @@ def _write_open(pipe, fed: str, round_no: int, base_version: int, now: float, ti
         names = set(privacy.pick(secret, round_no, names, per_round))
     cohort = names
     info = RoundInfo(round_no, "open", base_version, now, now + timeout, len(cohort), config_rev=revision,
-                     weight_threshold=threshold)
+                     reference_claim=reference)
     if switch:
         if pending.policy.server_lr != current.policy.server_lr:  # a guard-lowered rate was the old config's
             pipe.hdel(keys.fed_state(fed), "server_lr")
@@ -272,7 +272,7 @@ def _write_open(pipe, fed: str, round_no: int, base_version: int, now: float, ti
     pipe.hset(keys.round_info(fed, round_no), mapping={
         "status": info.status, "base_version": base_version, "opened_at": repr(now),
         "deadline": repr(info.deadline), "cohort_size": info.cohort_size, "config_rev": revision,
-        **({"weight_threshold": repr(threshold)} if threshold is not None else {}),
+        **({"reference_claim": repr(reference)} if reference is not None else {}),
     })
     if cohort:
         pipe.sadd(keys.round_cohort(fed, round_no), *cohort)

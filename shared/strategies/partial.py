@@ -1,16 +1,12 @@
 """Partial sums of a round's updates, folded as they arrive, so a close reduces a handful of them.
 
-Only linear rules fold (AggregationConfig.folds). The one non-linear piece is the sample-weight
-cap: a weight is min(n_i, c) with c = max_weight_ratio x the median claim of the *whole* round,
-unknown until the round closes. So a partial folds against the round's provisional cap t (the
-previous round's cap; none in the first round), in two sums:
-
-    low  = Σ n_i · s_i · x_i   over updates with n_i <= t  (weight n_i, exact while n_i <= c)
-    high = Σ       s_i · x_i   over updates with n_i >  t  (weight c once c is known, exact while n_i >= c)
-
-At the close, low + c·high is exact except for updates whose claim lies between t and c; those
-few are read again and corrected by (min(n_i, c) - folded weight)·s_i·x_i (`correction`). Under
-central DP every weight is 1, so nothing depends on the cap.
+Only linear rules fold (AggregationConfig.folds). A weight is min(n_i, cap), and the cap must be
+known when an update is folded, so it is fixed per round before devices can move it:
+max_weight_ratio x the *reference claim*, the median sample count of the previous round (set when
+the round opens) or, in a federation's first round, of its first REFERENCE_SAMPLE accepted
+updates (set by the accept that completes them). The few updates folded before that (first
+round only) are folded at n_i and re-weighed at the close (`correction`), so a partial's cost
+and the close's do not grow with the round. Under central DP every weight is 1.
 """
 
 from __future__ import annotations
@@ -26,25 +22,18 @@ from safetensors.torch import save as save_safetensors
 from shared.safetensors_reader import SERVER_DTYPES, parse
 
 Tensors = Mapping[str, torch.Tensor]
-LOW, HIGH = "low.", "high."
+REFERENCE_SAMPLE = 32  # accepted updates whose median claim fixes a first round's weight cap
 
 
-def folded_weight(claim: float, threshold: float | None, cap: float, uniform: bool) -> float:
-    """The weight an update carries inside a partial once the round's cap `cap` is known."""
-    if uniform:
-        return 1.0
-    return float(claim) if threshold is None or claim <= threshold else cap
+def weight_cap(reference_claim: float | None, max_ratio: float, uniform: bool) -> float | None:
+    """The round's cap on a sample weight (None: no cap yet, or uniform weights under DP)."""
+    return None if uniform or reference_claim is None else max_ratio * reference_claim
 
 
-def final_weight(claim: float, cap: float | None, uniform: bool) -> float:
+def weight(claim: float, cap: float | None, uniform: bool) -> float:
     if uniform:
         return 1.0
     return float(claim) if cap is None else min(float(claim), cap)
-
-
-def needs_correction(claim: float, threshold: float | None, cap: float, uniform: bool) -> float:
-    """final - folded weight of one folded update (0.0: its partial already weighs it right)."""
-    return final_weight(claim, cap, uniform) - folded_weight(claim, threshold, cap, uniform)
 
 
 @dataclasses.dataclass
@@ -95,72 +84,42 @@ class UpdateStats:
 
 
 class PartialSum:
-    """low and high sums (the global shapes, control variates included) of some updates.
+    """Σ weight·clip·update over some updates, in the global shapes (control variates included).
 
-    `shapes` are the round's update tensors at the global rank: a lower-rank tier's update is
-    zero-padded before it is added, as the streaming mean does. Sums are float64: a correction
-    subtracts most of a large folded term again, which float32 would leave visible."""
+    A lower-rank tier's update is zero-padded before it is added, as the streaming mean does. The
+    sum is float64: a first round's correction subtracts most of a large folded term again, which
+    float32 would leave visible."""
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], threshold: float | None, uniform: bool) -> None:
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         self.shapes = dict(shapes)
-        self.threshold, self.uniform = threshold, uniform
-        self.low = {k: torch.zeros(s, dtype=torch.float64) for k, s in self.shapes.items()}
-        self.high: dict[str, torch.Tensor] | None = None  # most rounds never need it
-        self.n_low = self.n_high = 0
-        self.w_low = 0.0
+        self.sum = {k: torch.zeros(s, dtype=torch.float64) for k, s in self.shapes.items()}
+        self.count = 0
+        self.weight = 0.0
 
-    def add(self, update: Tensors, claim: float, clip_scale: float) -> None:
-        if update.keys() != self.low.keys():
+    def add(self, update: Tensors, weight: float, clip_scale: float) -> None:
+        if update.keys() != self.sum.keys():
             raise ValueError("update tensors do not match the partial's layout")
-        if not self.uniform and self.threshold is not None and claim > self.threshold:
-            if self.high is None:
-                self.high = {k: torch.zeros(s, dtype=torch.float64) for k, s in self.shapes.items()}
-            for k, acc in self.high.items():
-                acc.add_(update[k], alpha=clip_scale)
-            self.n_high += 1
-            return
-        weight = 1.0 if self.uniform else float(claim)
-        for k, acc in self.low.items():
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"weight must be positive and finite, got {weight}")
+        for k, acc in self.sum.items():
             acc.add_(update[k], alpha=weight * clip_scale)
-        self.n_low += 1
-        self.w_low += weight
-
-    @property
-    def count(self) -> int:
-        return self.n_low + self.n_high
-
-    def contribution(self, cap: float | None) -> tuple[dict[str, torch.Tensor], float, int]:
-        """(Σ folded weight·clip·update, Σ folded weights, count) once the round's cap is known."""
-        if not self.n_high:
-            return self.low, self.w_low, self.n_low
-        if cap is None:
-            raise ValueError("a partial with updates above its threshold needs the round's cap")
-        return ({k: v + cap * self.high[k] for k, v in self.low.items()},
-                self.w_low + cap * self.n_high, self.count)
+        self.count += 1
+        self.weight += weight
 
     def metadata(self) -> dict[str, Any]:
-        return {"n_low": self.n_low, "n_high": self.n_high, "w_low": self.w_low, "threshold": self.threshold,
-                "uniform": self.uniform}
+        return {"count": self.count, "weight": self.weight}
 
     def encode(self) -> bytes:
-        tensors = {LOW + k: v for k, v in self.low.items()}
-        if self.high is not None:
-            tensors.update({HIGH + k: v for k, v in self.high.items()})
-        return save_safetensors({k: v.contiguous() for k, v in sorted(tensors.items())})
+        return save_safetensors({k: v.contiguous() for k, v in sorted(self.sum.items())})
 
     @classmethod
     def decode(cls, blob: bytes, shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, Any],
                max_header_bytes: int) -> PartialSum:
         """A partial read back from the store, checked against the layout like any update."""
-        has_high = int(meta["n_high"]) > 0
-        layout = {LOW + k: s for k, s in shapes.items()}
-        if has_high:
-            layout.update({HIGH + k: s for k, s in shapes.items()})
-        tensors = parse(blob, layout, max_header_bytes, SERVER_DTYPES)
-        out = cls(shapes, meta["threshold"], bool(meta["uniform"]))
-        out.low = {k: tensors[LOW + k] for k in shapes}
-        out.high = {k: tensors[HIGH + k] for k in shapes} if has_high else None
-        out.n_low, out.n_high, out.w_low = int(meta["n_low"]), int(meta["n_high"]), float(meta["w_low"])
-        if not math.isfinite(out.w_low):
-            raise ValueError("a partial's weight is not finite")
+        out = cls.__new__(cls)
+        out.shapes = dict(shapes)
+        out.sum = parse(blob, shapes, max_header_bytes, SERVER_DTYPES)
+        out.count, out.weight = int(meta["count"]), float(meta["weight"])
+        if not math.isfinite(out.weight) or any(v.dtype != torch.float64 for v in out.sum.values()):
+            raise ValueError("a partial must hold float64 sums and a finite weight")
         return out

@@ -19,7 +19,7 @@ from fleettune import DeviceClient, Federation, FleettuneAPIError, ModelRegistry
 from shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
 from shared.submit import encode_update
 from tests import services
-from tests.reference import mean_delta, next_global, random_deltas, server_optimizer
+from tests.reference import mean_delta, median_claim, next_global, random_deltas, server_optimizer
 
 pytestmark = pytest.mark.services
 _names = itertools.count(1)
@@ -121,7 +121,7 @@ def test_a_session_driven_only_through_the_api_matches_the_numpy_reference(pipel
     session = federation.train(model="tiny-llama", rounds=2, min_updates=5)
     spec = pipeline.runtime.state.config(fed).spec.tensors
     rng = np.random.default_rng(7)
-    prev = None
+    prev, reference_claim = None, None
     for round_no in (1, 2):
         deltas, samples = [], []
         for i, device in enumerate(devices.values()):
@@ -134,7 +134,8 @@ def test_a_session_driven_only_through_the_api_matches_the_numpy_reference(pipel
             samples.append(int(rng.integers(10, 500)))
             device.send(plan, encode_update(deltas[-1]), num_samples=samples[-1])
         assert _wait_round(federation, round_no)["contributors"] == sorted(devices)
-        prev = next_global(prev, deltas, samples, 0.5, 300, 0.7)
+        prev = next_global(prev, deltas, samples, 0.5, 300, 0.7, reference_claim=reference_claim)
+        reference_claim = median_claim(samples, 300)  # round 2's weight cap derives from round 1's claims
     published = load(pipeline.runtime.store.get(f"federations/{fed}/versions/000002/adapter_model.safetensors"))
     assert max(float(np.abs(published[k] - prev[k]).max()) for k in prev) <= 1e-6
     assert session.wait(timeout=30)["status"] == "completed"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shared import versions
-from tests.reference import next_global, random_deltas
+from tests.reference import median_claim, next_global, random_deltas
 
 pytestmark = pytest.mark.services
 
@@ -26,7 +26,7 @@ def _round_inputs(config, round_no: int, seed: int):
 def _run_rounds(pipeline, config, rounds: int, seed: int, times: int = 1):
     """Send every device's update each round; return the reference globals per version."""
     prev = pipeline.version_arrays(config, 0)
-    expected = {}
+    expected, reference_claim = {}, None  # a round's weight cap derives from the previous round's median claim
     for round_no in range(1, rounds + 1):
         deltas, samples = _round_inputs(config, round_no, seed)
         for device, delta, n in zip(DEVICES, deltas, samples):
@@ -35,7 +35,9 @@ def _run_rounds(pipeline, config, rounds: int, seed: int, times: int = 1):
         assert info.status == "closed", info
         assert info.version == round_no
         policy = config.policy
-        prev = next_global(prev, deltas, samples, policy.max_grad_norm, policy.max_num_samples, policy.server_lr)
+        prev = next_global(prev, deltas, samples, policy.max_grad_norm, policy.max_num_samples, policy.server_lr,
+                           reference_claim=reference_claim)
+        reference_claim = median_claim(samples, policy.max_num_samples)
         expected[round_no] = prev
     return expected
 

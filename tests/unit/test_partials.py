@@ -21,7 +21,7 @@ from shared.state import FederationState
 from shared.state.partials import COMMITTED, REFUSED
 from shared.storage import LocalObjectStore
 from shared.strategies.config import AggregationConfig
-from shared.strategies.partial import PartialSum, final_weight, needs_correction
+from shared.strategies.partial import PartialSum, weight, weight_cap
 from shared.submit import encode_update
 from tests.reference import random_deltas
 
@@ -29,49 +29,28 @@ SHAPES = {"a": (3, 4), "b": (5,)}
 NOW = [1000.0]
 
 
-def _dense(updates, claims, clips, cap, uniform):
-    weights = [final_weight(n, cap, uniform) for n in claims]
-    total = sum(weights)
-    return {k: sum(w * c * u[k].double() for w, c, u in zip(weights, clips, updates)) / total for k in SHAPES}
-
-
-@pytest.mark.parametrize("threshold", [None, 50.0, 150.0, 400.0])
 @pytest.mark.parametrize("uniform", [False, True])
-def test_low_and_high_sums_with_corrections_give_the_capped_weighted_mean(threshold, uniform):
+def test_a_partial_sum_through_its_bytes_equals_the_dense_weighted_sum(uniform):
     rng = np.random.default_rng(3)
     updates = [{k: torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for k, s in SHAPES.items()}
                for _ in range(30)]
     claims = [int(n) for n in rng.integers(5, 400, 30)]
     clips = [float(c) for c in rng.uniform(0.2, 1.0, 30)]
-    cap = 2.0 * float(np.median(claims))
-    parts = [PartialSum(SHAPES, threshold, uniform) for _ in range(3)]
+    cap = weight_cap(float(np.median(claims[:8])), 2.0, uniform)
+    parts = [PartialSum(SHAPES) for _ in range(3)]
     for i, (u, n, c) in enumerate(zip(updates, claims, clips)):
-        parts[i % 3].add(u, n, c)
-    total = {k: torch.zeros(s, dtype=torch.float64) for k, s in SHAPES.items()}
-    weight = 0.0
-    for p in parts:
-        blob = p.encode()  # through the bytes, as the close reads them
-        back = PartialSum.decode(blob, SHAPES, p.metadata(), 1 << 20)
-        sums, w, _ = back.contribution(cap)
-        for k in total:
-            total[k] += sums[k].double()
-        weight += w
-    corrected = 0
-    for u, n, c in zip(updates, claims, clips):
-        dw = needs_correction(n, threshold, cap, uniform)
-        if dw:
-            corrected += 1
-            for k in total:
-                total[k] += dw * c * u[k].double()
-            weight += dw
-    expected = _dense(updates, claims, clips, cap, uniform)
+        parts[i % 3].add(u, weight(n, cap, uniform), c)
+    back = [PartialSum.decode(p.encode(), SHAPES, p.metadata(), 1 << 20) for p in parts]
+    total_weight = sum(p.weight for p in back)
+    weights = [1.0 if uniform else min(n, cap) for n in claims]
+    assert total_weight == pytest.approx(sum(weights), rel=1e-12) and sum(p.count for p in back) == 30
     for k in SHAPES:
-        np.testing.assert_allclose((total[k] / weight).numpy(), expected[k].numpy(), atol=1e-6)
-    if uniform or threshold is None:
-        assert corrected == (0 if uniform else sum(n > cap for n in claims))
-    else:  # only claims between the provisional and the final cap are read again
-        lo, hi = sorted((threshold, cap))
-        assert corrected == sum(lo < n <= hi or (threshold < n < cap) for n in claims if n != cap)
+        ours = sum(p.sum[k] for p in back) / total_weight
+        dense = sum(w * c * u[k].double() for w, c, u in zip(weights, clips, updates)) / sum(weights)
+        np.testing.assert_allclose(ours.numpy(), dense.numpy(), atol=1e-12)
+    with pytest.raises(ValueError, match="float64"):  # a partial is always the server's float64 sum
+        PartialSum.decode(encode_update({k: np.zeros(s, np.float32) for k, s in SHAPES.items()}), SHAPES,
+                          {"count": 1, "weight": 1.0}, 1 << 20)
 
 
 def _world(tmp_path, name: str, agg: AggregationConfig, devices: list[str]):
@@ -106,7 +85,7 @@ def test_partials_equal_the_streaming_close_with_redeliveries_and_a_worker_kille
     devices = [f"d{i:02d}" for i in range(40)]
     folded = _world(tmp_path, "folded", agg, devices)
     streamed = _world(tmp_path, "streamed", AggregationConfig(**{**agg.__dict__, "incremental": False}), devices)
-    for round_no in (1, 2):  # round 2 folds against round 1's cap, so some updates are re-weighed
+    for round_no in (1, 2):  # round 1 learns its cap from its first 32 updates, round 2 from round 1
         rng = np.random.default_rng(round_no)
         state, store, config, coordinator = folded
         workers = [PartialFolder(state, store, batch=4, tail=0, idle_s=60) for _ in range(3)]
@@ -133,8 +112,10 @@ def test_partials_equal_the_streaming_close_with_redeliveries_and_a_worker_kille
         manifest, reference = results[0].manifest, results[1].manifest
         assert manifest["aggregation"]["partials"] >= 3
         assert manifest["aggregation"]["read_at_close"] < len(devices) / 2
-        if round_no == 2:  # claims between round 1's cap and this one's were folded at the wrong weight
+        if round_no == 1:  # the first 31 were folded before the cap was known: those above it are re-read
             assert manifest["aggregation"]["read_at_close"] > unfolded
+        else:  # round 2's cap was fixed when it opened: only what no partial holds is read
+            assert manifest["aggregation"]["read_at_close"] == unfolded
         assert reference["aggregation"]["read_at_close"] == len(devices)
         assert manifest["contributors"] == reference["contributors"] == devices
         for field in ("total_samples", "update_norms", "weight_cap", "train_seconds_mean"):
@@ -145,7 +126,8 @@ def test_partials_equal_the_streaming_close_with_redeliveries_and_a_worker_kille
             np.testing.assert_allclose(ours[k], theirs[k], atol=1e-6, rtol=0)
         # a commit after the close began is refused; the close already counted those updates
         assert workers[1].state.commit_partial("f", round_no, "late", {"x": 1}, []) == REFUSED
-        assert state.round_info("f", round_no + 1).weight_threshold == pytest.approx(manifest["weight_cap"])
+        # the next round's cap derives from this round's median claim, fixed before anyone submits
+        assert state.round_info("f", round_no + 1).reference_claim == float(np.median(claims))
 
 
 def test_a_member_is_never_committed_in_two_partials(tmp_path):
@@ -213,3 +195,16 @@ def test_a_commit_whose_reply_was_lost_is_not_offered_twice(tmp_path, monkeypatc
     NOW[0] += 10**6
     closed = coordinator.close("f", 1)
     assert closed.manifest["aggregation"]["read_at_close"] == 0 and closed.manifest["total_weight"] == 30
+
+
+def test_the_accept_completing_the_first_32_claims_fixes_the_rounds_reference_claim(tmp_path):
+    devices = [f"d{i:02d}" for i in range(40)]
+    state, store, config, _ = _world(tmp_path, "ref", AggregationConfig(), devices)
+    claims = [7 * i % 300 + 5 for i in range(40)]
+    ingestor = Ingestor(state, store, Settings())
+    for i, device in enumerate(devices):
+        delta = random_deltas(config.update_tensors, np.random.default_rng(i), 0.01)
+        _send(state, store, config, ingestor, 1, device, delta, claims[i])
+        expected = float(np.median(claims[:32])) if i >= 31 else None
+        assert state.round_info("f", 1).reference_claim == expected
+    assert state.uncapped("f", 1) == sorted(devices[:31])  # folded before the cap was known

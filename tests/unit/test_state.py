@@ -43,7 +43,7 @@ def test_a_rejection_is_counted_and_dead_lettered_once(state):
 
 
 def test_a_refused_selected_device_has_reported_and_the_last_report_makes_the_round_ready(state):
-    assert state.accept("m1", "fed", 1, _record("a"))[1:] == (1, 3)
+    assert state.accept("m1", "fed", 1, _record("a"))[1:3] == (1, 3)
     assert state.reject("m2", RejectReason.NON_FINITE, "nan", 1.0, fed="fed", round_no=1, device="b") == (True, False)
     assert state.reject("m3", RejectReason.NON_FINITE, "", 1.0, fed="fed", round_no=1, device="x") == (True, False)
     assert state.reject("m5", RejectReason.TOO_FEW_SAMPLES, "", 1.0, fed="fed", round_no=1, device="c") == (True, False)
