@@ -1,4 +1,4 @@
-"""Robust combination rules, and sample-count weights that one device cannot dominate.
+"""Robust combination rules: the coordinate-wise median and trimmed mean.
 
 The median and the trimmed mean are coordinate-wise and unweighted (a weighted median would hand
 the outcome back to whoever claims the most samples). They are not linear, so they need every
@@ -7,23 +7,11 @@ update at once: memory is O(N · adapter), bounded by the caller.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping, Sequence
 
 import torch
 
 Tensors = Mapping[str, torch.Tensor]
-
-
-def capped_weights(claimed: Sequence[float], max_ratio: float) -> list[float]:
-    """Each weight capped at `max_ratio` x the median claim: one device claiming 100,000 samples
-    against honest hundreds counts as at most `max_ratio` honest devices."""
-    if not claimed:
-        return []
-    if max_ratio <= 0:
-        raise ValueError(f"max_ratio must be > 0, got {max_ratio}")
-    cap = max_ratio * statistics.median(claimed)
-    return [min(float(w), cap) for w in claimed]
 
 
 def _sorted(updates: Sequence[Tensors], key: str) -> torch.Tensor:

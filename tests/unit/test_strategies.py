@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import dp_accounting
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 
 from shared.errors import ConfigError
-from shared.strategies import privacy, robust, server_optimizers
+from shared.strategies import partial, privacy, robust, server_optimizers
 from shared.strategies.combine import RoundAggregator
 from shared.strategies.config import AggregationConfig
 from shared.strategies.exact_lora import LowRankSum
@@ -202,11 +204,13 @@ def test_a_gamma_scaled_malicious_update_has_bounded_influence(rule):
 
 def test_one_device_cannot_dominate_the_sample_weights():
     claims = [120, 300, 250, 100_000, 180]
-    weights = robust.capped_weights(claims, AggregationConfig().max_weight_ratio)
-    assert weights[3] == 2.0 * 250  # twice the median claim
+    cap = partial.weight_cap(statistics.median(claims), AggregationConfig().max_weight_ratio, uniform=False)
+    weights = [partial.weight(n, cap, uniform=False) for n in claims]
+    assert weights[3] == 2.0 * 250  # twice the reference (median) claim
     assert weights[3] / sum(weights) < 0.4
     assert weights[:3] == [120, 300, 250]
-    assert robust.capped_weights([100, 100, 100], 2.0) == [100, 100, 100]
+    assert [partial.weight(n, 200.0, uniform=False) for n in (100, 100)] == [100, 100]
+    assert partial.weight_cap(250.0, 2.0, uniform=True) is None and partial.weight(10**5, None, True) == 1.0
 
 
 # --- central DP -----------------------------------------------------------------------------------
