@@ -67,12 +67,12 @@ class RoundMachine(StateBase):
         def open_(pipe) -> RoundInfo | None:
             if int(pipe.hget(keys.fed_state(fed), "round") or 0) >= round_no:
                 return None
-            cohort = pipe.smembers(keys.fed_devices(fed))
             current = FederationConfig.from_json(pipe.get(keys.fed_config(fed)))
+            enrolled = _enrolled(pipe, fed, current, config)
             pipe.multi()
-            return _write_open(pipe, fed, round_no, base_version, now, timeout, cohort, current, config, secret)
+            return _write_open(pipe, fed, round_no, base_version, now, timeout, enrolled, current, config, secret)
 
-        return self._transaction(open_, keys.fed_state(fed), keys.fed_config(fed))
+        return self._transaction(open_, keys.fed_state(fed), keys.fed_config(fed), keys.fed_devices(fed))
 
     def settle_round(self, fed: str, round_no: int, now: float, next_base: int, timeout: float,
                      version: int | None = None, failure: str | None = None,
@@ -93,8 +93,8 @@ class RoundMachine(StateBase):
             status = pipe.hget(info_key, "status")
             fed_state = {k.decode(): v.decode() for k, v in pipe.hgetall(state_key).items()}
             opens = int(fed_state.get("round", 0)) == round_no and fed_state.get("status") == "active"
-            cohort = pipe.smembers(keys.fed_devices(fed)) if opens else set()
             current = FederationConfig.from_json(pipe.get(keys.fed_config(fed)))
+            enrolled = _enrolled(pipe, fed, current, pending) if opens else set()
             last_round = int(fed_state.get("last_round", current.policy.max_rounds))
             pipe.multi()
             if status in (b"open", b"closing"):  # it ends now: its updates may go after the retention
@@ -113,10 +113,10 @@ class RoundMachine(StateBase):
             if round_no >= last_round or complete:
                 pipe.hset(state_key, mapping={"status": "completed", **({"reason": complete} if complete else {})})
                 return None
-            return _write_open(pipe, fed, round_no + 1, next_base, now, timeout, cohort, current, pending, secret,
+            return _write_open(pipe, fed, round_no + 1, next_base, now, timeout, enrolled, current, pending, secret,
                                reference)
 
-        return self._transaction(settle, info_key, state_key, keys.fed_config(fed))
+        return self._transaction(settle, info_key, state_key, keys.fed_config(fed), keys.fed_devices(fed))
 
     def join_cohort(self, fed: str, round_no: int, device: str) -> bool:
         """Add an enrolled device that checks in while the round is open; False if it is closed."""
@@ -243,25 +243,44 @@ class RoundMachine(StateBase):
             time.sleep(poll)
 
 
-def _write_open(pipe, fed: str, round_no: int, base_version: int, now: float, timeout: float, cohort: set,
-                current: FederationConfig, pending: FederationConfig | None, secret: bytes,
+def _effective(current: FederationConfig, pending: FederationConfig | None) -> FederationConfig:
+    """The config a round opened now runs under: the pending revision if it is newer."""
+    return pending if pending is not None and pending.revision > current.revision else current
+
+
+def _enrolled(pipe, fed: str, current: FederationConfig, pending: FederationConfig | None) -> set[str] | int:
+    """What opening a round needs of the enrolled devices (read before the MULTI): their names when
+    the round samples a cohort, else only their number (Redis copies the set itself)."""
+    effective = _effective(current, pending)
+    if effective.aggregation.sampling_rate < 1.0 or effective.policy.clients_per_round:
+        return {d.decode() for d in pipe.smembers(keys.fed_devices(fed))}
+    return int(pipe.scard(keys.fed_devices(fed)))
+
+
+def _write_open(pipe, fed: str, round_no: int, base_version: int, now: float, timeout: float,
+                enrolled: set[str] | int, current: FederationConfig, pending: FederationConfig | None, secret: bytes,
                 reference: float | None = None) -> RoundInfo:
     """The writes that open a round (inside a MULTI); `pending` takes effect with it if newer.
 
-    Under Poisson sampling (central DP) the cohort is the enrolled devices the sampling picks, the
-    same ones check-in admits.
+    `enrolled` is the enrolled devices' names, or their number when every one is in the cohort:
+    then Redis copies the set, so opening a round of 10,000 moves no names through Python. Under
+    Poisson sampling (central DP) the cohort is the enrolled devices the sampling picks, the same
+    ones check-in admits.
     """
-    switch = pending is not None and pending.revision > current.revision
-    revision = pending.revision if switch else current.revision
-    effective = pending if switch else current
+    effective = _effective(current, pending)
+    switch = effective is not current
+    revision = effective.revision
     rate, per_round = effective.aggregation.sampling_rate, effective.policy.clients_per_round
-    names = {d.decode() if isinstance(d, bytes) else d for d in cohort}
-    if rate < 1.0:
-        names = {d for d in names if privacy.sampled(secret, round_no, d, rate)}
-    if per_round and len(names) > per_round:
-        names = set(privacy.pick(secret, round_no, names, per_round))
-    cohort = names
-    info = RoundInfo(round_no, "open", base_version, now, now + timeout, len(cohort), config_rev=revision,
+    if isinstance(enrolled, int):
+        cohort, size = None, enrolled
+    else:
+        names = set(enrolled)
+        if rate < 1.0:
+            names = {d for d in names if privacy.sampled(secret, round_no, d, rate)}
+        if per_round and len(names) > per_round:
+            names = set(privacy.pick(secret, round_no, names, per_round))
+        cohort, size = names, len(names)
+    info = RoundInfo(round_no, "open", base_version, now, now + timeout, size, config_rev=revision,
                      reference_claim=reference)
     if switch:
         if pending.policy.server_lr != current.policy.server_lr:  # a guard-lowered rate was the old config's
@@ -274,7 +293,9 @@ def _write_open(pipe, fed: str, round_no: int, base_version: int, now: float, ti
         "deadline": repr(info.deadline), "cohort_size": info.cohort_size, "config_rev": revision,
         **({"reference_claim": repr(reference)} if reference is not None else {}),
     })
-    if cohort:
+    if cohort is None:
+        pipe.sunionstore(keys.round_cohort(fed, round_no), [keys.fed_devices(fed)])
+    elif cohort:
         pipe.sadd(keys.round_cohort(fed, round_no), *cohort)
     pipe.hset(keys.fed_state(fed), mapping={"round": round_no, "version": base_version})
     return info
