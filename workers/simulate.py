@@ -47,8 +47,17 @@ def simulate(url: str | None, api_key: str | None, config: FederationConfig, lay
             raise
         federation.client.post("/api/v1/federations", federation_body(config, layout))
     fleet = sim.devices(num_devices, config.seed)
-    clients = [DeviceClient(federation.register_device(d.device), config.name, federation.client.base_url)
-               for d in fleet]
+    tokens = [federation.register_device(d.device) for d in fleet]
+    base_url = federation.client.base_url
+
+    def send(i: int) -> dict:
+        # a client per send, closed after: a simulator of 10,000 devices must not hold 10,000 connections
+        client = DeviceClient(tokens[i], config.name, base_url)
+        try:
+            return sim.send_update(client, spec, config.seed, i, fleet[i])
+        finally:
+            client.client.close()
+
     session = federation.train(model=layout, rounds=rounds, min_updates=config.policy.min_updates)
     spec = config.spec
     with ThreadPoolExecutor(concurrency) as pool:
@@ -58,15 +67,13 @@ def simulate(url: str | None, api_key: str | None, config: FederationConfig, lay
                 click.echo(f"{config.name}: session {session.id} is {body['status']}; stopping")
                 break
             round_no, started = body["current_round"], time.monotonic()
-            sends = pool.map(lambda i: sim.send_update(clients[i], spec, config.seed, i, fleet[i]), range(len(fleet)))
+            sends = pool.map(send, range(len(fleet)))
             for _ in tqdm(sends, total=len(fleet), desc=f"round {round_no}", unit="update", leave=False):
                 pass
             done = wait_round(federation, round_no, round_wait)
             click.echo(f"round {round_no}: {done['status']} -> version {done['version']} in "
                        f"{time.monotonic() - started:.1f}s; accepted {done['accepted']}, rejected {done['rejected']}")
     click.echo(f"session {session.id}: {session.refresh()['status']}")
-    for client in clients:
-        client.client.close()
 
 
 def wait_round(federation: Federation, round_no: int, timeout: float, poll: float = 0.1) -> dict:
