@@ -179,3 +179,20 @@ def test_a_guard_acting_between_a_close_and_its_redo_does_not_change_the_version
     state.r.hset(keys.fed_state("f"), "server_lr", "0.25")  # a slow evaluation of v0's guard lands now
     assert coordinator.close("f", 1, owner="task-1").decision == CLOSED  # same bytes: no conflict
     assert versions.manifest(store, "f", 1)["server_lr"] == 1.0  # the rate snapshotted when it began
+
+
+@pytest.mark.parametrize("write_once", [True, False])
+def test_the_close_rehashes_objects_only_where_they_could_change(world, write_once):
+    state, store, _, config, clock = world
+    coordinator = RoundCoordinator(state, store, Settings(task_time_limit_s=60, visibility_timeout_s=120,
+                                                          updates_write_once=write_once), clock)
+    for i, device in enumerate("abc"):
+        _send(world, device, i)
+    other = encode_update(random_deltas(config.spec.tensors, np.random.default_rng(99), 0.01))
+    store.put(keys.update_object("f", 1, "a"), other)  # valid bytes, not the accepted ones
+    clock.now += 10**6
+    manifest = coordinator.close("f", 1).manifest
+    if write_once:  # no device can do this: the digest ingest verified is trusted, nothing is hashed
+        assert manifest["contributors"] == ["a", "b", "c"] and manifest["excluded"] == {}
+    else:
+        assert manifest["contributors"] == ["b", "c"] and manifest["excluded"] == {"a": "sha256_mismatch"}
