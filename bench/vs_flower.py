@@ -82,7 +82,7 @@ def fleettune_side(n: int, shapes: dict[str, list[int]]) -> dict:
     _reset_hwm()
     start_hwm = _hwm_mib()
     started = time.perf_counter()
-    partial = PartialSum(layout, None, False)
+    partial = PartialSum(layout)
     for i in range(n):  # ingest: verify, parse, norm, clip, fold
         blob = distinct[i % DISTINCT]
         assert hashlib.sha256(blob).hexdigest() == digests[i % DISTINCT]
@@ -91,7 +91,7 @@ def fleettune_side(n: int, shapes: dict[str, list[int]]) -> dict:
     # close: the partial goes through the store's bytes, then reduce and mean
     back = PartialSum.decode(partial.encode(), layout, partial.metadata(), 1 << 20)
     aggregator = RoundAggregator(AggregationConfig(), base, layout, 8)
-    aggregator.add_sum(*back.contribution(None))
+    aggregator.add_sum(back.sum, back.weight, back.count)
     aggregator.finish(1.0, {})
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "peak_mib": _hwm_mib() - start_hwm, "bytes": len(distinct[0])}
@@ -126,8 +126,8 @@ def main() -> None:
         gb = n * ours["bytes"] / 1e9
         print(f"N={n:5d} ({gb:.1f} GB): fleettune {gb / ours['seconds']:5.2f} GB/s, peak +{ours['peak_mib']:7.0f} MiB | "
               f"Flower aggregate() {n * theirs['bytes'] / 1e9 / theirs['seconds']:5.2f} GB/s, peak "
-              f"+{theirs['peak_mib']:7.0f} MiB | throughput {theirs['seconds'] / ours['seconds']:.2f}x, "
-              f"memory {theirs['peak_mib'] / max(ours['peak_mib'], 1):.0f}x less", flush=True)
+              f"+{theirs['peak_mib']:7.0f} MiB | Flower / fleettune: time {theirs['seconds'] / ours['seconds']:.2f}x, "
+              f"peak memory {theirs['peak_mib'] / max(ours['peak_mib'], 1):.1f}x", flush=True)
 
 
 if __name__ == "__main__":
