@@ -56,9 +56,9 @@ class PartialFolder:
         self._timer: threading.Thread | None = None
 
     def fold(self, config: FederationConfig, round_no: int, record: UpdateRecord, update: Mapping[str, torch.Tensor],
-             weight: float, reported: int, cohort: int) -> None:
-        """Fold one accepted update at its sample weight; commit when a batch is full or the round
-        is nearly complete."""
+             weight: float, early: bool, reported: int, cohort: int) -> None:
+        """Fold one accepted update at its sample weight (`early`: accepted before the round's
+        weight cap was known); commit when a batch is full or the round is nearly complete."""
         key = (config.name, round_no)
         with self._lock:
             slot = self._open.get(key)
@@ -66,7 +66,7 @@ class PartialFolder:
                 self._serial += 1
                 shapes = config.update_tensors
                 slot = self._open[key] = _Open(f"{self._process}-{self._serial}", PartialSum(shapes), UpdateStats())
-            slot.partial.add(padded(update, slot.partial.shapes), weight, record.clip_scale)
+            slot.partial.add(padded(update, slot.partial.shapes), weight, record.clip_scale, early)
             slot.stats.add(record)
             slot.pending.append(record.device)
             slot.last_add = self.clock()

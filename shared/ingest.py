@@ -131,7 +131,7 @@ class Ingestor:
             try:
                 agg = config.aggregation
                 w = weight(record.num_samples, weight_cap(reference, agg.max_weight_ratio, agg.dp), agg.dp)
-                self.folder.fold(config, env.round, record, tensors, w, count, cohort)
+                self.folder.fold(config, env.round, record, tensors, w, reference is None, count, cohort)
             except Exception:  # accepted stands: the close reads an update no partial holds
                 log.exception("fold of %s/%s/%s failed", env.federation, env.round, env.device)
         return IngestResult(

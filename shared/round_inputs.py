@@ -91,8 +91,8 @@ class RoundReader:
         total = {k: torch.zeros(s, dtype=torch.float64) for k, s in config.update_tensors.items()}
         total_weight, count = 0.0, 0
         entries = self.state.partial_entries(fed, round_no)
-        # a partial holds one float64 sum of the layout: its size follows from the layout
-        bound = 8 * sum(math.prod(s) for s in config.update_tensors.values()) + self.settings.max_header_bytes
+        # a partial holds a float32 and at most one float64 sum of the layout: its size follows from it
+        bound = 12 * sum(math.prod(s) for s in config.update_tensors.values()) + self.settings.max_header_bytes
 
         def fetch(item: tuple[str, dict]) -> bytes:
             slot, entry = item
@@ -109,8 +109,7 @@ class RoundReader:
             blobs = list(pool.map(fetch, entries.items()))
         for blob, entry in zip(blobs, entries.values()):
             partial = PartialSum.decode(blob, config.update_tensors, entry, self.settings.max_header_bytes)
-            for k, acc in total.items():
-                acc.add_(partial.sum[k])
+            partial.add_to(total)
             total_weight, count = total_weight + partial.weight, count + partial.count
             stats.merge(UpdateStats.from_dict(entry["stats"]))
 

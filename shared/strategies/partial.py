@@ -23,6 +23,7 @@ from shared.safetensors_reader import SERVER_DTYPES, parse
 
 Tensors = Mapping[str, torch.Tensor]
 REFERENCE_SAMPLE = 32  # accepted updates whose median claim fixes a first round's weight cap
+SUM, EARLY = "sum.", "early."
 
 
 def weight_cap(reference_claim: float | None, max_ratio: float, uniform: bool) -> float | None:
@@ -86,40 +87,60 @@ class UpdateStats:
 class PartialSum:
     """Σ weight·clip·update over some updates, in the global shapes (control variates included).
 
-    A lower-rank tier's update is zero-padded before it is added, as the streaming mean does. The
-    sum is float64: a first round's correction subtracts most of a large folded term again, which
-    float32 would leave visible."""
+    A lower-rank tier's update is zero-padded before it is added, as the streaming mean does.
+    `sum` is float32, like the streaming mean's accumulator (and 30x faster to add into than
+    float64). Updates folded before the round's cap was known go into `early`, float64: the
+    close subtracts most of a large claim's term again, which float32 would leave visible."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         self.shapes = dict(shapes)
-        self.sum = {k: torch.zeros(s, dtype=torch.float64) for k, s in self.shapes.items()}
+        self.sum = {k: torch.zeros(s, dtype=torch.float32) for k, s in self.shapes.items()}
+        self.early: dict[str, torch.Tensor] | None = None  # a first round's first few only
         self.count = 0
         self.weight = 0.0
 
-    def add(self, update: Tensors, weight: float, clip_scale: float) -> None:
+    def add(self, update: Tensors, weight: float, clip_scale: float, early: bool = False) -> None:
         if update.keys() != self.sum.keys():
             raise ValueError("update tensors do not match the partial's layout")
         if not (weight > 0 and math.isfinite(weight)):
             raise ValueError(f"weight must be positive and finite, got {weight}")
-        for k, acc in self.sum.items():
+        if early and self.early is None:
+            self.early = {k: torch.zeros(s, dtype=torch.float64) for k, s in self.shapes.items()}
+        for k, acc in (self.early if early else self.sum).items():
             acc.add_(update[k], alpha=weight * clip_scale)
         self.count += 1
         self.weight += weight
 
+    def add_to(self, total: dict[str, torch.Tensor]) -> None:
+        """Add both sums into a float64 total."""
+        for k, acc in total.items():
+            acc.add_(self.sum[k])
+            if self.early is not None:
+                acc.add_(self.early[k])
+
     def metadata(self) -> dict[str, Any]:
-        return {"count": self.count, "weight": self.weight}
+        return {"count": self.count, "weight": self.weight, "early": self.early is not None}
 
     def encode(self) -> bytes:
-        return save_safetensors({k: v.contiguous() for k, v in sorted(self.sum.items())})
+        tensors = {SUM + k: v for k, v in self.sum.items()}
+        if self.early is not None:
+            tensors.update({EARLY + k: v for k, v in self.early.items()})
+        return save_safetensors({k: v.contiguous() for k, v in sorted(tensors.items())})
 
     @classmethod
     def decode(cls, blob: bytes, shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, Any],
                max_header_bytes: int) -> PartialSum:
         """A partial read back from the store, checked against the layout like any update."""
+        layout = {SUM + k: s for k, s in shapes.items()}
+        if meta["early"]:
+            layout.update({EARLY + k: s for k, s in shapes.items()})
+        tensors = parse(blob, layout, max_header_bytes, SERVER_DTYPES)
         out = cls.__new__(cls)
         out.shapes = dict(shapes)
-        out.sum = parse(blob, shapes, max_header_bytes, SERVER_DTYPES)
+        out.sum = {k: tensors[SUM + k] for k in shapes}
+        out.early = {k: tensors[EARLY + k] for k in shapes} if meta["early"] else None
         out.count, out.weight = int(meta["count"]), float(meta["weight"])
-        if not math.isfinite(out.weight) or any(v.dtype != torch.float64 for v in out.sum.values()):
-            raise ValueError("a partial must hold float64 sums and a finite weight")
+        if not math.isfinite(out.weight) or any(v.dtype != torch.float32 for v in out.sum.values()) or (
+                out.early is not None and any(v.dtype != torch.float64 for v in out.early.values())):
+            raise ValueError("a partial holds a float32 sum, a float64 early sum and a finite weight")
         return out

@@ -30,27 +30,37 @@ NOW = [1000.0]
 
 
 @pytest.mark.parametrize("uniform", [False, True])
-def test_a_partial_sum_through_its_bytes_equals_the_dense_weighted_sum(uniform):
+def test_a_partial_sum_through_its_bytes_with_early_updates_reweighed_equals_the_dense_mean(uniform):
     rng = np.random.default_rng(3)
     updates = [{k: torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for k, s in SHAPES.items()}
                for _ in range(30)]
     claims = [int(n) for n in rng.integers(5, 400, 30)]
+    claims[2] = 10**5  # early and far above the cap: its folded term is almost all subtracted again
     clips = [float(c) for c in rng.uniform(0.2, 1.0, 30)]
     cap = weight_cap(float(np.median(claims[:8])), 2.0, uniform)
     parts = [PartialSum(SHAPES) for _ in range(3)]
     for i, (u, n, c) in enumerate(zip(updates, claims, clips)):
-        parts[i % 3].add(u, weight(n, cap, uniform), c)
+        early = i < 7  # accepted before the cap was known: folded at its claim
+        parts[i % 3].add(u, weight(n, None if early else cap, uniform), c, early=early and not uniform)
     back = [PartialSum.decode(p.encode(), SHAPES, p.metadata(), 1 << 20) for p in parts]
-    total_weight = sum(p.weight for p in back)
+    total = {k: torch.zeros(s, dtype=torch.float64) for k, s in SHAPES.items()}
+    total_weight = 0.0
+    for p in back:
+        p.add_to(total)
+        total_weight += p.weight
+    for i in range(7):  # the close's correction of the early ones
+        dw = weight(claims[i], cap, uniform) - weight(claims[i], None, uniform)
+        for k in total:
+            total[k] += dw * clips[i] * updates[i][k].double()
+        total_weight += dw
     weights = [1.0 if uniform else min(n, cap) for n in claims]
     assert total_weight == pytest.approx(sum(weights), rel=1e-12) and sum(p.count for p in back) == 30
     for k in SHAPES:
-        ours = sum(p.sum[k] for p in back) / total_weight
         dense = sum(w * c * u[k].double() for w, c, u in zip(weights, clips, updates)) / sum(weights)
-        np.testing.assert_allclose(ours.numpy(), dense.numpy(), atol=1e-12)
-    with pytest.raises(ValueError, match="float64"):  # a partial is always the server's float64 sum
-        PartialSum.decode(encode_update({k: np.zeros(s, np.float32) for k, s in SHAPES.items()}), SHAPES,
-                          {"count": 1, "weight": 1.0}, 1 << 20)
+        np.testing.assert_allclose((total[k] / total_weight).numpy(), dense.numpy(), atol=1e-7)
+    with pytest.raises(ValueError, match="float32 sum"):  # a partial is always the server's own layout
+        PartialSum.decode(encode_update({"sum." + k: np.zeros(s, np.float64) for k, s in SHAPES.items()}), SHAPES,
+                          {"count": 1, "weight": 1.0, "early": False}, 1 << 20)
 
 
 def _world(tmp_path, name: str, agg: AggregationConfig, devices: list[str]):
