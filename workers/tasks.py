@@ -8,7 +8,7 @@ import time
 
 import torch
 from celery import Task, shared_task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from shared import retention
 from shared.ingest import TRANSIENT
@@ -26,6 +26,13 @@ RETRY = dict(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=_set
 def _set_torch_threads(**_) -> None:
     """A small fixed thread count per pool process; torch's default oversubscribes the cores."""
     torch.set_num_threads(app.fleettune_settings.torch_threads)
+
+
+@worker_process_shutdown.connect
+def _commit_partials(**_) -> None:
+    """A process stopping cleanly commits its partial sums (one killed leaves their updates to the close)."""
+    if app.fleettune_runtime is not None and "folder" in vars(app.fleettune_runtime):
+        app.fleettune_runtime.folder.flush()
 
 
 class FleetTask(Task):
