@@ -11,11 +11,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import click
+import httpx
 from tqdm import tqdm
 
 from shared import simulate as sim
 from shared.federation import FederationConfig
 from shared.sdk import DeviceClient, Federation, FleettuneAPIError
+from shared.sdk.http import Client
 
 
 def federation_body(config: FederationConfig, layout: str) -> dict:
@@ -49,14 +51,15 @@ def simulate(url: str | None, api_key: str | None, config: FederationConfig, lay
     fleet = sim.devices(num_devices, config.seed)
     tokens = [federation.register_device(d.device) for d in fleet]
     base_url = federation.client.base_url
+    # every simulated device uses the same two connection pools: 10,000 devices must not hold
+    # 20,000 sockets, nor build an SSL context each
+    limits = httpx.Limits(max_connections=2 * concurrency)
+    api_pool, store_pool = (httpx.HTTPTransport(retries=3, limits=limits) for _ in range(2))
 
     def send(i: int) -> dict:
-        # a client per send, closed after: a simulator of 10,000 devices must not hold 10,000 connections
-        client = DeviceClient(tokens[i], config.name, base_url)
-        try:
-            return sim.send_update(client, spec, config.seed, i, fleet[i])
-        finally:
-            client.client.close()
+        client = DeviceClient(tokens[i], config.name, client=Client(tokens[i], base_url, transport=api_pool,
+                                                                    plain_transport=store_pool))
+        return sim.send_update(client, spec, config.seed, i, fleet[i])
 
     session = federation.train(model=layout, rounds=rounds, min_updates=config.policy.min_updates)
     spec = config.spec
@@ -74,6 +77,8 @@ def simulate(url: str | None, api_key: str | None, config: FederationConfig, lay
             click.echo(f"round {round_no}: {done['status']} -> version {done['version']} in "
                        f"{time.monotonic() - started:.1f}s; accepted {done['accepted']}, rejected {done['rejected']}")
     click.echo(f"session {session.id}: {session.refresh()['status']}")
+    api_pool.close()
+    store_pool.close()
 
 
 def wait_round(federation: Federation, round_no: int, timeout: float, poll: float = 0.1) -> dict:

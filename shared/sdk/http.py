@@ -39,7 +39,10 @@ class Client:
     """One API connection. `api_key` is an operator key or a device token; FLEETTUNE_URL sets the URL."""
 
     def __init__(self, api_key: str | None = None, base_url: str | None = None, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None,
+                 plain_transport: httpx.BaseTransport | None = None) -> None:
+        """`transport` / `plain_transport` (for presigned URLs): connection pools to share, as a
+        load generator driving many devices does; closing this client closes them."""
         self.base_url = (base_url or os.environ.get("FLEETTUNE_URL") or DEFAULT_URL).rstrip("/")
         token = api_key or os.environ.get("FLEETTUNE_API_KEY")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -47,7 +50,7 @@ class Client:
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
                                  transport=transport or httpx.HTTPTransport(retries=3))
         # presigned URLs carry their own authority: never send the bearer token to the object store
-        self.plain = httpx.Client(timeout=timeout, transport=httpx.HTTPTransport(retries=3))
+        self.plain = httpx.Client(timeout=timeout, transport=plain_transport or httpx.HTTPTransport(retries=3))
 
     def request(self, method: str, path: str, **kwargs) -> Any:
         response = self.http.request(method, path, **kwargs)
