@@ -126,7 +126,8 @@ def main() -> None:
     print(f"updates/s, first accepted -> version published: {rate:.0f} ({total_s:.0f} s for the whole "
           f"simulate, device registration included)")
     for name, procs in hwm.items():
-        print(f"peak RSS {name}: " + ", ".join(f"{v:.0f} MiB" for v in procs.values()) + " (main, pool)")
+        print(f"peak RSS {name}: " + ", ".join(f"{v:.0f} MiB" for v in procs.values())
+              + " (the worker's main process, then its children: beat if any, the pool process)")
     print(f"Redis used_memory: {redis_before:.1f} MiB before, {redis_round:.1f} after the round "
           f"({(redis_round - redis_before) * 2**20 / max(n, 1):.0f} B per update), {redis_after:.1f} after retention")
     print(f"store (bucket objects): {bucket_before:.1f} MiB before, {bucket_round:.1f} after the round, "

@@ -20,7 +20,7 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:fed:{fed}:stats           hash of counters: received, accepted, duplicate, rejected:{reason}
     ft:federations               set of federation names
     ft:msg:{sha256}              outcome of one envelope, so redelivery is answered, not recounted;
-                                 expires after MESSAGE_TTL_S
+                                 expires after Settings.message_ttl_s (FLEETTUNE_MESSAGE_TTL)
     ft:deadletter                stream of rejected updates, capped at Settings.deadletter_maxlen
     ft:beat:leader               the beat leader lease: the owner's id, expiring unless renewed
     ft:retention                 sorted set "{fed}:{round}" -> when its update objects and per-round

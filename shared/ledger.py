@@ -37,9 +37,10 @@ return false
 
 
 class Ledger:
-    def __init__(self, client: redis.Redis, redrive_after_s: float) -> None:
+    def __init__(self, client: redis.Redis, redrive_after_s: float, message_ttl_s: int = keys.MESSAGE_TTL_S) -> None:
         self.r = client
         self.redrive_after_s = redrive_after_s
+        self.message_ttl_s = message_ttl_s  # how long an entry answers a repeated submission with its receipt
         self._record_and_push = None  # the Lua script, registered on first use
 
     def record(self, digest: str, entry: dict, now: float) -> dict | str | None:
@@ -55,7 +56,7 @@ class Ledger:
             return LATE
         with self.r.pipeline() as pipe:
             pipe.set(keys.received(digest), msgpack.packb(entry, use_bin_type=True), nx=True,
-                     ex=keys.MESSAGE_TTL_S, get=True)
+                     ex=self.message_ttl_s, get=True)
             pipe.zadd(keys.RECEIVED_PENDING, {digest: now + self.redrive_after_s}, nx=True)
             seen, _ = pipe.execute()
         if seen is None:
@@ -71,7 +72,7 @@ class Ledger:
         seen = self._record_and_push(
             keys=[keys.received(digest), keys.RECEIVED_PENDING, queue, keys.round_info(fed, round_no),
                   keys.round_inflight(fed, round_no)],
-            args=[msgpack.packb(entry, use_bin_type=True), keys.MESSAGE_TTL_S, now + self.redrive_after_s, digest,
+            args=[msgpack.packb(entry, use_bin_type=True), self.message_ttl_s, now + self.redrive_after_s, digest,
                   message, repr(now)])
         if seen == LATE.encode():
             return LATE

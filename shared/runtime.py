@@ -36,7 +36,8 @@ class Runtime:
 
     @functools.cached_property
     def state(self) -> FederationState:
-        return FederationState(self.redis, self.settings.deadletter_maxlen, self.settings.retention_s)
+        s = self.settings
+        return FederationState(self.redis, s.deadletter_maxlen, s.retention_s, s.message_ttl_s)
 
     @functools.cached_property
     def ingestor(self) -> Ingestor:
@@ -53,7 +54,7 @@ class Runtime:
 
     @functools.cached_property
     def ledger(self) -> Ledger:
-        return Ledger(self.redis, self.settings.redrive_after_s)
+        return Ledger(self.redis, self.settings.redrive_after_s, self.settings.message_ttl_s)
 
     @functools.cached_property
     def metrics(self) -> Metrics:

@@ -46,6 +46,9 @@ class Settings:
     multipart_threshold_bytes: int = 64 * MiB  # registry uploads above this go up in parts
     redrive_after_s: float = 60.0  # a received message with no outcome after this is enqueued again
     retention_s: float = 7 * 86400.0  # update objects and per-round sets live this long after their round
+    # a message's outcome and ledger entry (about 1.4 KB of Redis per message) live this long: a
+    # redelivery or a device's retry within it is answered, not counted again
+    message_ttl_s: int = 7 * 86400
     deadline_grace_s: float = 180.0  # how long a close waits past the deadline for on-time messages in flight
     max_retries: int = 10  # a task's retries through an outage of S3 or Redis, with exponential backoff ...
     retry_backoff_max_s: int = 60  # ... capped at this; past the budget the ledger re-drives the message
@@ -64,6 +67,9 @@ class Settings:
                 f"visibility timeout ({self.visibility_timeout_s}s) must exceed the task time "
                 f"limit ({self.task_time_limit_s}s)"
             )
+        if self.message_ttl_s < max(3600, 2 * self.redrive_after_s):
+            # an outcome that expired while its message can still come back would count it again
+            raise ConfigError(f"message TTL ({self.message_ttl_s}s) must be at least an hour and twice the re-drive delay")
         for name in ("max_update_bytes", "max_envelope_bytes", "max_header_bytes", "task_time_limit_s",
                      "device_rate_limit", "rate_window_s", "url_ttl_s", "multipart_threshold_bytes", "fold_batch",
                      "fold_idle_s"):
@@ -122,6 +128,7 @@ class Settings:
             multipart_threshold_bytes=integer("MULTIPART_THRESHOLD", cls.multipart_threshold_bytes),
             redrive_after_s=real("REDRIVE_AFTER", cls.redrive_after_s),
             retention_s=real("RETENTION", cls.retention_s),
+            message_ttl_s=integer("MESSAGE_TTL", cls.message_ttl_s),
             deadline_grace_s=real("DEADLINE_GRACE", cls.deadline_grace_s),
             max_retries=integer("MAX_RETRIES", cls.max_retries),
             retry_backoff_max_s=integer("RETRY_BACKOFF_MAX", cls.retry_backoff_max_s),

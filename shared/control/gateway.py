@@ -58,7 +58,7 @@ class Gateway:
         self.enqueue = enqueue
         self.publisher = publisher  # with one, record and enqueue are one Redis script
         self.clock = clock
-        self.ledger = Ledger(state.r, settings.redrive_after_s)
+        self.ledger = Ledger(state.r, settings.redrive_after_s, settings.message_ttl_s)
 
     # --- rate limit ------------------------------------------------------------------------------
 

@@ -107,7 +107,7 @@ class Accounting(StateBase):
                   keys.round_reported(fed, round_no), keys.received(digest), keys.round_inflight(fed, round_no),
                   keys.fed_stats(fed), keys.GLOBAL_STATS, keys.round_unfolded(fed, round_no),
                   keys.round_claims(fed, round_no), keys.round_uncapped(fed, round_no)],
-            args=[record.device, record.to_bytes(), keys.MESSAGE_TTL_S, record.num_samples, REFERENCE_SAMPLE])
+            args=[record.device, record.to_bytes(), self.message_ttl_s, record.num_samples, REFERENCE_SAMPLE])
         return outcome.decode(), int(count), int(cohort), float(reference) if reference else None
 
     def reject(self, digest: str, reason: RejectReason, detail: str, now: float, fed: str | None = None,
@@ -140,7 +140,7 @@ class Accounting(StateBase):
                 pipe.decr(keys.round_inflight(fed, round_no))
             if reports:
                 pipe.sadd(keys.round_reported(fed, round_no), device)
-            pipe.set(msg_key, f"rejected:{reason.value}", ex=keys.MESSAGE_TTL_S)
+            pipe.set(msg_key, f"rejected:{reason.value}", ex=self.message_ttl_s)
             stats = keys.fed_stats(fed) if fed else keys.GLOBAL_STATS
             pipe.hincrby(stats, "received", 1)
             pipe.hincrby(stats, "rejected", 1)

@@ -7,12 +7,16 @@ from typing import Any
 
 import redis
 
+from shared import keys
+
 
 class StateBase:
     """Holds the Redis client (real or fake) that every state class reads and writes."""
 
-    def __init__(self, client: redis.Redis, deadletter_maxlen: int = 100_000, retention_s: float = 7 * 86400) -> None:
+    def __init__(self, client: redis.Redis, deadletter_maxlen: int = 100_000, retention_s: float = 7 * 86400,
+                 message_ttl_s: int = keys.MESSAGE_TTL_S) -> None:
         self.r = client
+        self.message_ttl_s = message_ttl_s  # how long a message's outcome answers its redeliveries
         self.deadletter_maxlen = deadletter_maxlen
         self.retention_s = retention_s
 
