@@ -38,7 +38,7 @@ Control plane (the API):
     ft:session:{id}              hash: one training session (federation, rounds, who, when, stopped)
     ft:sessions                  sorted set of session ids by creation time
     ft:rcv:{digest}              msgpack: the gateway's received-message ledger entry (envelope,
-                                 received_at, federation, device, round); expires after MESSAGE_TTL_S
+                                 received_at, federation, device, round); expires after message_ttl_s
     ft:received:pending          sorted set digest -> when to re-drive it if it still has no outcome
     ft:redrives                  hash digest -> times re-driven (until settled)
     ft:rate:{fed}:{device}:{window}  request counter of one device in one rate-limit window (expires)
