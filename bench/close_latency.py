@@ -16,7 +16,9 @@ round afterwards.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
+import shutil
 import statistics
 import sys
 import tempfile
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--large", type=int, nargs="*", default=[100, 1000])
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="ft-close-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # the S3 data can be gigabytes
     rows = []
     with services.redis_server(workdir) as redis_url, services.s3_server(workdir) as s3:
         settings = Settings.from_env(services.service_env(redis_url, s3, bucket="bench"))

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import hashlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -90,6 +92,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=200)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="ft-gateway-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # the S3 data can be gigabytes
     with services.redis_server(workdir) as redis_url:
         env = services.service_env(redis_url, "unused:1", bucket="bench", FLEETTUNE_DEVICE_RATE_LIMIT="1000000")
         env.pop("FLEETTUNE_S3_ENDPOINT")  # the API presigns for the local store; submits never touch it

@@ -16,7 +16,9 @@ bench/close_latency.py. Goals: >= 0.6 of the raw rate per process, >= 1.6x from 
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
+import shutil
 import sys
 import tempfile
 import time
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="llama-1b")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="ft-ingest-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # the S3 data can be gigabytes
     with services.redis_server(workdir) as redis_url, services.s3_server(workdir) as s3:
         env = services.service_env(redis_url, s3, bucket="bench", FLEETTUNE_TASK_TIME_LIMIT="60",
                                    FLEETTUNE_VISIBILITY_TIMEOUT="120")

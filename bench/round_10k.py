@@ -15,10 +15,12 @@ vacuum, which is how SeaweedFS gives deleted space back).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
 import threading
 import time
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="ft-10k-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # the S3 data can be gigabytes
     with services.redis_server(workdir) as redis_url:
         weed = services.Weed(workdir)
         env = services.service_env(redis_url, weed.endpoint, bucket="bench", FLEETTUNE_TASK_TIME_LIMIT="60",
