@@ -18,9 +18,9 @@ import argparse
 import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
-import shutil
 import tempfile
 import threading
 import time
