@@ -132,6 +132,11 @@ class FederationCollector:
             "dropped": GaugeMetricFamily("fleettune_truncation_energy_dropped", "Share of the exact LoRA mean's "
                                          "energy the re-factorisation dropped (exact aggregation only)",
                                          labels=["federation"]),
+            "partials": GaugeMetricFamily("fleettune_close_partials", "Partial sums the newest version's close "
+                                          "reduced (0: it read every update)", labels=["federation"]),
+            "read": GaugeMetricFamily("fleettune_close_updates_read", "Updates the newest version's close read "
+                                      "itself (a growing share: partial commits are failing or slow)",
+                                      labels=["federation"]),
         }
         now = self.clock()
         for fed in self.state.federations():
@@ -150,7 +155,9 @@ class FederationCollector:
                 self._facts[(fed, version)] = {
                     "norm": manifest["global_norm"], "epsilon": (manifest.get("dp") or {}).get("epsilon"),
                     "epsilon_round": (manifest.get("dp") or {}).get("epsilon_round"),
-                    "dropped": (manifest.get("aggregation") or {}).get("truncation_energy_dropped")}
+                    "dropped": (manifest.get("aggregation") or {}).get("truncation_energy_dropped"),
+                    "partials": (manifest.get("aggregation") or {}).get("partials"),
+                    "read": (manifest.get("aggregation") or {}).get("read_at_close")}
             for name, value in self._facts[(fed, version)].items():
                 if value is not None:
                     gauges[name].add_metric([fed], value)

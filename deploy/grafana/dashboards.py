@@ -106,6 +106,9 @@ def pipeline_health() -> Dashboard:
         .with_panel(series("Round duration and aggregation time (p90)", "s",
                            query(f"histogram_quantile(0.9, sum by (le) (rate(fleettune_round_duration_seconds_bucket{{{FED}}}[{RATE}])))", "round"),
                            query(f"histogram_quantile(0.9, sum by (le) (rate(fleettune_aggregation_seconds_bucket{{{FED}}}[{RATE}])))", "aggregation")))
+        .with_panel(series("What the newest close read: partial sums, and updates no partial held", "short",
+                           query(f"fleettune_close_partials{{{FED}}}", "partials {{federation}}"),
+                           query(f"fleettune_close_updates_read{{{FED}}}", "updates read {{federation}}")))
     )
 
 
