@@ -18,7 +18,7 @@ from shared.ingest import Ingestor
 from shared.rounds import CLOSED, RoundCoordinator
 from shared.settings import Settings
 from shared.state import FederationState
-from shared.state.partials import COMMITTED, REFUSED
+from shared.state.partials import ALREADY, COMMITTED, REFUSED
 from shared.storage import LocalObjectStore
 from shared.strategies.config import AggregationConfig
 from shared.strategies.partial import PartialSum, weight, weight_cap
@@ -145,7 +145,7 @@ def test_a_member_is_never_committed_in_two_partials(tmp_path):
     delta = random_deltas(config.update_tensors, np.random.default_rng(0), 0.01)
     _send(state, store, config, Ingestor(state, store, Settings()), 1, "a", delta, 10)
     assert state.commit_partial("f", 1, "s1", {"gen": 1}, ["a"]) == COMMITTED
-    assert state.commit_partial("f", 1, "s1", {"gen": 1}, ["a"]) == 2  # the same commit, retried
+    assert state.commit_partial("f", 1, "s1", {"gen": 1}, ["a"]) == ALREADY  # the same commit, retried
     with pytest.raises(RuntimeError, match="already folded"):
         state.commit_partial("f", 1, "s2", {"gen": 1}, ["a"])
     assert state.unfolded("f", 1) == []
