@@ -86,12 +86,17 @@ class StateError(FleettuneError):
 class Refusal(FleettuneError):
     """A request the control plane refuses: an HTTP status and a stable, named code."""
 
-    def __init__(self, status: int, code: str, detail: str = "", headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, code: str, detail: str = "", headers: dict[str, str] | None = None,
+                 extra: dict | None = None) -> None:
         super().__init__(f"{code}: {detail}" if detail else code)
         self.status = status
         self.code = code
         self.detail = detail[:500]
         self.headers = headers or {}
+        self.extra = extra or {}  # RFC 9457 extension members (a check-in's `serve` rides on its refusal)
+
+    def with_extra(self, **extra) -> Refusal:
+        return Refusal(self.status, self.code, self.detail, self.headers, dict(self.extra, **extra))
 
 
 class StorageError(FleettuneError):

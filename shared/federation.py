@@ -76,6 +76,10 @@ class DeviceProfile:
     ram_mb: int | None = None
     storage_mb: int | None = None
     tier: str = "default"
+    os: str | None = None
+    app_version: str | None = None
+    region: str | None = None
+    accelerator: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

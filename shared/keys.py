@@ -27,6 +27,7 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
                                  sets may be deleted (published versions are kept for good)
     ft:heartbeats                hash process kind (beat) -> last time it was seen alive
     ft:evaluations:due           sorted set "{fed}:{version}" -> publish time, until its evaluation is recorded
+    ft:distill:due               sorted set "{fed}:{version}:{tier}" -> when asked, until that distillation is done
 
 Control plane (the API):
     ft:auth:keys                 set of operator API key ids
@@ -35,6 +36,13 @@ Control plane (the API):
     ft:fed:{fed}:tokens          hash device_id -> its current device token id
     ft:fed:{fed}:group:{name}    set of device ids (a static device group)
     ft:fed:{fed}:groups          set of group names
+    ft:fed:{fed}:group-specs     hash group -> msgpack GroupSpec (kind, rules, exclude); absent: static
+    ft:fed:{fed}:group:{name}:matched  set of devices a dynamic or hybrid group matched at their last check-in
+    ft:fed:{fed}:deployment      JSON: tier -> the model variant its devices run (cascading tiers)
+    ft:fed:{fed}:distilled:{tier}  sorted set of versions distilled for a tier (score: the version)
+    ft:fed:{fed}:rollouts        sorted set rollout id -> created_at
+    ft:fed:{fed}:rollout:{id}    JSON: one canary rollout (version, percentage, status, gates, history)
+    ft:fed:{fed}:rollout:{id}:reports:{version}  hash device -> msgpack: its latest quality report
     ft:session:{id}              hash: one training session (federation, rounds, who, when, stopped)
     ft:sessions                  sorted set of session ids by creation time
     ft:rcv:{digest}              msgpack: the gateway's received-message ledger entry (envelope,
@@ -51,6 +59,7 @@ Object store:
     updates/{fed}/{round:06d}/{device}.safetensors        written by devices
     partials/{fed}/{round:06d}/{slot}-{gen:06d}.safetensors   partial sums written by ingest workers
     federations/{fed}/versions/{version:06d}/...          immutable published versions
+    federations/{fed}/versions/{version:06d}/tier-{tier}/ that version distilled onto a tier's own base
     federations/{fed}/current.json                        pointer to the current version
     models/{model}/{version}/{filename}                   registry artifacts (immutable)
 """
@@ -188,12 +197,18 @@ def tier_prefix(fed: str, version: int, rank: int) -> str:
     return f"{version_prefix(fed, version)}/rank-{rank}"
 
 
+def variant_prefix(fed: str, version: int, tier: str) -> str:
+    """A version distilled for a tier that runs another base model (cascading tiers), beside the global one."""
+    return f"{version_prefix(fed, version)}/tier-{tier}"
+
+
 def current_pointer(fed: str) -> str:
     return f"federations/{fed}/current.json"
 
 
 API_KEYS = f"{PREFIX}:auth:keys"
 EVALUATIONS_DUE = f"{PREFIX}:evaluations:due"
+DISTILL_DUE = f"{PREFIX}:distill:due"
 HEARTBEATS = f"{PREFIX}:heartbeats"
 BEAT_LEADER = f"{PREFIX}:beat:leader"
 RECEIVED_PENDING = f"{PREFIX}:received:pending"
@@ -222,6 +237,34 @@ def fed_group(fed: str, group: str) -> str:
 
 def fed_groups(fed: str) -> str:
     return f"{PREFIX}:fed:{fed}:groups"
+
+
+def fed_group_specs(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:group-specs"
+
+
+def fed_group_matched(fed: str, group: str) -> str:
+    return f"{PREFIX}:fed:{fed}:group:{group}:matched"
+
+
+def fed_deployment(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:deployment"
+
+
+def fed_distilled(fed: str, tier: str) -> str:
+    return f"{PREFIX}:fed:{fed}:distilled:{tier}"
+
+
+def fed_rollouts(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:rollouts"
+
+
+def rollout(fed: str, rollout_id: str) -> str:
+    return f"{PREFIX}:fed:{fed}:rollout:{rollout_id}"
+
+
+def rollout_reports(fed: str, rollout_id: str, version: int) -> str:
+    return f"{PREFIX}:fed:{fed}:rollout:{rollout_id}:reports:{version}"
 
 
 def session(session_id: str) -> str:

@@ -107,6 +107,23 @@ def load_tier_weights(store: ObjectStore, fed: str, version: int, rank: int, spe
     return parse(blob, spec.tensors, max_header_bytes)
 
 
+def publish_variant(store: ObjectStore, fed: str, version: int, tier: str, weights: Mapping[str, torch.Tensor],
+                    spec: AdapterSpec, fields: dict[str, Any]) -> dict[str, Any]:
+    """Write a version distilled onto a tier's own base beside the version (once: redone, it stands)."""
+    prefix = keys.variant_prefix(fed, version, tier)
+    try:
+        return json.loads(store.get(f"{prefix}/{MANIFEST_FILE}", 1024 * 1024))
+    except ObjectNotFound:
+        pass
+    blob = encode_weights(weights)
+    written = dict(fields, federation=fed, version=version, tier=tier, num_parameters=spec.num_parameters,
+                   adapter_sha256=hashlib.sha256(blob).hexdigest())
+    store.put(f"{prefix}/{ADAPTER_FILE}", blob)
+    store.put(f"{prefix}/{CONFIG_FILE}", _json(spec.peft_config), "application/json")
+    store.put(f"{prefix}/{MANIFEST_FILE}", _json(written), "application/json")  # last: the variant is whole
+    return written
+
+
 def load_optimizer_state(store: ObjectStore, fed: str, version: int, max_bytes: int) -> dict[str, torch.Tensor]:
     """The server optimizer's state as of `version`; empty for a version that has none (v0, or
     a stateless optimizer), which starts the optimizer afresh."""

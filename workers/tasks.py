@@ -11,6 +11,9 @@ from celery import Task, shared_task
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from shared import retention
+from shared.control.rollouts import Rollouts
+from shared.control.tiers import Deployment
+from shared.distill import distill_version
 from shared.ingest import TRANSIENT
 from shared.rounds import CLOSED, FAILED
 from shared.runtime import Runtime
@@ -73,8 +76,13 @@ def close_round(self: FleetTask, fed: str, round_no: int) -> str:
     self.runtime.metrics.observe_close(fed, result, time.time())
     if result.decision in (CLOSED, FAILED):
         log.info("%s round %s %s -> version %s %s", fed, round_no, result.decision, result.version, result.reason)
-    if result.decision == CLOSED and result.manifest is not None and self.runtime.state.config(fed).evaluation:
-        evaluate.delay(fed, result.version)
+    if result.decision == CLOSED and result.manifest is not None:
+        if self.runtime.state.config(fed).evaluation:
+            evaluate.delay(fed, result.version)
+        deployment = Deployment(self.runtime.redis)
+        for tier in deployment.distilled_tiers(fed):  # cascading tiers: each new version, for each smaller base
+            deployment.mark_due(fed, result.version, tier, at=time.time())
+            distill.delay(fed, result.version, tier)
     return result.decision
 
 
@@ -87,11 +95,27 @@ def evaluate(self: FleetTask, fed: str, version: int) -> float:
     return result["heldout_mean"]
 
 
+@shared_task(base=FleetTask, bind=True, name="fleettune.distill", **RETRY)
+def distill(self: FleetTask, fed: str, version: int, tier: str) -> str:
+    """A published version distilled onto a smaller tier's base (shared/distill.py)."""
+    runtime, deployment = self.runtime, Deployment(self.runtime.redis)
+    variant = deployment.distilled_tiers(fed).get(tier)
+    if variant is None or runtime.state.config(fed) is None:
+        deployment.forget_due(fed, version, tier)  # the tier or federation went away meanwhile
+        return "no such tier"
+    manifest = distill_version(runtime.state, runtime.store, runtime.settings, fed, version, tier, variant)
+    deployment.record_distilled(fed, tier, version)
+    log.info("%s v%s distilled for tier %s onto %s: student loss %.3f -> %.3f", fed, version, tier,
+             variant.base_model, manifest["student_loss_first"], manifest["student_loss_last"])
+    return manifest["adapter_sha256"]
+
+
 @shared_task(base=FleetTask, bind=True, name="fleettune.sweep", **RETRY)
 def sweep(self: FleetTask) -> int:
     """Beat's repair pass: rounds past their deadline, closes whose lease expired, ended rounds
-    with no next round, evaluations due long ago but never recorded, and received messages that
-    still have no outcome (re-driven from the ledger)."""
+    with no next round, evaluations and distillations due long ago but never recorded, canary
+    steps whose time passed, and received messages that still have no outcome (re-driven from the
+    ledger)."""
     state, now = self.runtime.state, time.time()
     state.heartbeat("beat", now)
     due = state.rounds_needing_a_close(now)
@@ -100,10 +124,15 @@ def sweep(self: FleetTask) -> int:
     lost = state.evaluations_due(before=now - 2 * self.runtime.settings.task_time_limit_s)
     for fed, version in lost:
         evaluate.delay(fed, version)
+    distills = Deployment(self.runtime.redis).due(before=now - 2 * self.runtime.settings.task_time_limit_s)
+    for fed, version, tier in distills:
+        distill.delay(fed, version, tier)
+    for fed in state.federations():  # canary gates whose step time passed with no report to look
+        Rollouts(state).tick(fed)
     redriven, _ = self.runtime.ledger.redrive(now, enqueuer(self.app))
     if redriven:
         log.warning("re-drove %d received messages that had no outcome", redriven)
     pruned, deleted = retention.prune(state, self.runtime.store, now)
     if pruned:
         log.info("retention: %d rounds pruned, %d update objects deleted", pruned, deleted)
-    return len(due) + len(lost) + redriven
+    return len(due) + len(lost) + len(distills) + redriven

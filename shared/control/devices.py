@@ -1,4 +1,4 @@
-"""Devices of a federation (registered with a token, revocable) and static device groups."""
+"""Devices of a federation (registered with a token, revocable) and their groups."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import msgpack
 
 from shared import keys
 from shared.control.auth import Tokens
+from shared.control.groups import Groups, GroupSpec
 from shared.errors import Refusal
 from shared.federation import DeviceProfile
 from shared.state import FederationState
-
-MAX_GROUP_SIZE = 100_000
 
 
 class Devices:
@@ -18,6 +17,7 @@ class Devices:
         self.state = state
         self.r = state.r
         self.tokens = tokens
+        self.groups = Groups(state.r)
 
     def _require(self, fed: str) -> None:
         if self.state.config(fed) is None:
@@ -48,33 +48,20 @@ class Devices:
                             revoked=device in tokens and self.tokens.device_revoked(fed, device)))
         return out
 
-    # --- static groups ---------------------------------------------------------------------------
+    # --- groups (static, dynamic, hybrid: shared/control/groups.py) ----------------------------------
 
-    def set_group(self, fed: str, group: str, devices: list[str]) -> None:
+    def put_group(self, fed: str, group: str, spec: GroupSpec, devices: list[str]) -> dict:
         self._require(fed)
-        if len(devices) > MAX_GROUP_SIZE:
-            raise Refusal(413, "group_too_large", f"{len(devices)} devices > {MAX_GROUP_SIZE}")
-        with self.r.pipeline() as pipe:
-            pipe.delete(keys.fed_group(fed, group))
-            if devices:
-                pipe.sadd(keys.fed_group(fed, group), *devices)
-            pipe.sadd(keys.fed_groups(fed), group)
-            pipe.execute()
+        return self.groups.put(fed, group, spec, devices)
 
-    def group(self, fed: str, group: str) -> list[str]:
+    def group(self, fed: str, group: str) -> dict:
         self._require(fed)
-        if not self.r.sismember(keys.fed_groups(fed), group):
-            raise Refusal(404, "unknown_group", f"no group {group!r} in {fed}")
-        return sorted(m.decode() for m in self.r.smembers(keys.fed_group(fed, group)))
+        return self.groups.get(fed, group)
 
-    def groups(self, fed: str) -> dict[str, int]:
+    def group_sizes(self, fed: str) -> dict[str, int]:
         self._require(fed)
-        names = sorted(m.decode() for m in self.r.smembers(keys.fed_groups(fed)))
-        return {name: int(self.r.scard(keys.fed_group(fed, name))) for name in names}
+        return self.groups.sizes(fed)
 
     def delete_group(self, fed: str, group: str) -> None:
         self._require(fed)
-        if not self.r.srem(keys.fed_groups(fed), group):
-            raise Refusal(404, "unknown_group", f"no group {group!r} in {fed}")
-        self.r.delete(keys.fed_group(fed, group))
-
+        self.groups.delete(fed, group)

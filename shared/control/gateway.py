@@ -22,7 +22,10 @@ from shared.envelope import Envelope, decode
 from shared.errors import Refusal, Rejected
 from shared.federation import DeviceProfile, FederationConfig
 from shared.ledger import LATE, Ledger
+from shared.control.groups import Groups
 from shared.control.presign import Presigner
+from shared.control.rollouts import Assignment, Rollouts
+from shared.control.tiers import Deployment, Variant
 from shared.settings import Settings
 from shared.strategies import privacy
 from shared.state import FederationState, RoundInfo
@@ -59,6 +62,9 @@ class Gateway:
         self.publisher = publisher  # with one, record and enqueue are one Redis script
         self.clock = clock
         self.ledger = Ledger(state.r, settings.redrive_after_s, settings.message_ttl_s)
+        self.groups = Groups(state.r)
+        self.deployment = Deployment(state.r)
+        self.rollouts = Rollouts(state, clock)
 
     # --- rate limit ------------------------------------------------------------------------------
 
@@ -79,12 +85,52 @@ class Gateway:
     # --- check-in --------------------------------------------------------------------------------
 
     def check_in(self, fed: str, profile: DeviceProfile, base_url: str) -> dict[str, Any]:
-        """What this device should do now: train in the open round (with its URLs), or why not."""
+        """What this device should run now (`serve`), and whether to train in the open round.
+
+        Every answer carries `serve`: the base model, the adapter version (a canary's candidate or
+        the serving version) and its URLs. A tier that does not train gets it with action "infer" or
+        "api"; a training tier gets the round's plan, or a refusal (403/409) that carries `serve`.
+        """
         config = self._config(fed)
         device = profile.device
         self.r.hset(keys.fed_profiles(fed), device, msgpack.packb(dataclasses.asdict(profile)))
+        groups = self.groups.evaluate(fed, profile)  # dynamic rules, against what it declares now
+        entry, variant = self.deployment.resolve(fed, profile.tier)
+        serve = self._serve(fed, config, entry, variant, self.rollouts.assignment(fed, device, groups), base_url)
+        if variant.mode != "train":
+            return {"federation": fed, "device": device, "action": variant.mode, "tier": profile.tier,
+                    "groups": sorted(groups), "serve": serve}
+        try:
+            return dict(self._train_plan(fed, config, profile, groups, base_url), groups=sorted(groups), serve=serve)
+        except Refusal as refusal:
+            raise refusal.with_extra(serve=serve) from None
+
+    def _serve(self, fed: str, config: FederationConfig, entry: str, variant: Variant,
+               got: Assignment, base_url: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": variant.mode, "version": got.version, "previous": got.previous,
+                               "rollout": got.rollout, "arm": got.arm}
+        if variant.mode == "api":
+            return dict(out, api_url=variant.api_url, adapter=None)
+        base = variant.base_model or config.base_model
+        until = self.clock() + self.settings.url_ttl_s
+        if variant.adapter == "none":
+            return dict(out, base_model=base, adapter=None)
+        if variant.adapter == "distilled":
+            found = self.deployment.distilled_at_or_below(fed, entry, got.version)
+            if found is None:  # nothing distilled yet: the tier's base alone
+                return dict(out, base_model=base, adapter=None)
+            prefix, kind, version = keys.variant_prefix(fed, found, entry), "distilled", found
+        else:
+            prefix, kind, version = keys.version_prefix(fed, got.version), "federation", got.version
+        urls = {name: self.presigner.get(f"{prefix}/{name}", until, base_url).as_dict()
+                for name in (versions.ADAPTER_FILE, versions.CONFIG_FILE)}
+        return dict(out, base_model=base, adapter={"kind": kind, "version": version, "download": urls})
+
+    def _train_plan(self, fed: str, config: FederationConfig, profile: DeviceProfile, groups: set[str],
+                    base_url: str) -> dict[str, Any]:
+        device = profile.device
         refusal = config.device_filter.refusal(profile.ram_mb, profile.storage_mb)
-        if refusal is None and config.device_filter.groups and not self._in_groups(fed, device, config):
+        if refusal is None and config.device_filter.groups and not groups & set(config.device_filter.groups):
             refusal = f"not a member of the federation's device groups {list(config.device_filter.groups)}"
         if refusal is not None:
             raise Refusal(403, "ineligible", refusal)
@@ -180,6 +226,14 @@ class Gateway:
             raise
         return Receipt(digest, fed, env.round, device, now)
 
+    def report(self, fed: str, device: str, version: int, values: dict[str, float]) -> dict[str, Any]:
+        """A device's quality report on the version it serves, for its canary's gates."""
+        self._config(fed)
+        raw = self.r.hget(keys.fed_profiles(fed), device)
+        profile = DeviceProfile(**msgpack.unpackb(raw)) if raw else DeviceProfile(device)
+        # the groups it matched at its last check-in: a report cannot move a device between arms
+        return self.rollouts.report(fed, device, self.groups.evaluate(fed, profile), version, values)
+
     def receipt(self, fed: str, device: str, receipt_id: str) -> dict[str, Any]:
         """The outcome of one of this device's submissions: pending, accepted or rejected (and why)."""
         h = self.ledger.entry(receipt_id) if len(receipt_id) == 64 else None
@@ -206,9 +260,3 @@ class Gateway:
         if info is None or info.status != "open" or self.clock() >= info.deadline:
             return None
         return info
-
-    def _in_groups(self, fed: str, device: str, config: FederationConfig) -> bool:
-        with self.r.pipeline(transaction=False) as pipe:
-            for group in config.device_filter.groups:
-                pipe.sismember(keys.fed_group(fed, group), device)
-            return any(pipe.execute())

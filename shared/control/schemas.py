@@ -7,13 +7,15 @@ client controls is bounded.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from shared.adapter_spec import LAYOUTS, AdapterConfig, ModelDims
+from shared.control.groups import GroupSpec, Rules
 from shared.errors import Refusal
-from shared.federation import DeviceFilter, EvaluationConfig, FederationConfig
+from shared.federation import DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig
 from shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, AggregationConfig
 
 Algorithm = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "flexlora",
@@ -21,6 +23,9 @@ Algorithm = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fe
 
 Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 Module = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,31}$")]
+AppVersion = Annotated[str, StringConstraints(pattern=r"^[0-9][0-9A-Za-z.+-]{0,31}$")]
+PROFILE_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceProfile) if f.name != "device")
 ModelId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")]
 
 # Models the control plane knows the shape of, by the names people use for them.
@@ -175,18 +180,27 @@ class TrainingSessionIn(Strict):
     evaluation: EvaluationIn | None = None
 
 
-class DeviceIn(Strict):
+class Capabilities(Strict):
+    """What a device declares about itself: dynamic groups and tiers are decided from it."""
+
+    ram_mb: int | None = Field(None, ge=0, le=10**7)
+    storage_mb: int | None = Field(None, ge=0, le=10**9)
+    tier: Id = "default"
+    os: Token | None = None
+    app_version: AppVersion | None = None
+    region: Token | None = None
+    accelerator: Token | None = None
+
+    def profile(self, device: str) -> DeviceProfile:
+        return DeviceProfile(device, **self.model_dump(exclude=set(self.model_fields) - set(PROFILE_FIELDS)))
+
+
+class DeviceIn(Capabilities):
     device_id: Id
-    ram_mb: int | None = Field(None, ge=0, le=10**7)
-    storage_mb: int | None = Field(None, ge=0, le=10**9)
-    tier: Id = "default"
 
 
-class CheckInIn(Strict):
-    ram_mb: int | None = Field(None, ge=0, le=10**7)
-    storage_mb: int | None = Field(None, ge=0, le=10**9)
-    tier: Id = "default"
-    group: Id | None = None
+class CheckInIn(Capabilities):
+    group: Id | None = None  # accepted from older clients and ignored: membership is the server's to decide
 
 
 class UploadUrlIn(Strict):
@@ -205,8 +219,40 @@ class SubmitIn(Strict):
         default={}, max_length=8)
 
 
+class RulesIn(Strict):
+    """A dynamic group's rules over declared capabilities: all that are set must match."""
+
+    min_ram_mb: int | None = Field(None, ge=0, le=10**7)
+    max_ram_mb: int | None = Field(None, ge=0, le=10**7)
+    min_storage_mb: int | None = Field(None, ge=0, le=10**9)
+    max_storage_mb: int | None = Field(None, ge=0, le=10**9)
+    tier: list[Id] = Field(default=[], max_length=32)
+    os: list[Token] = Field(default=[], max_length=32)
+    region: list[Token] = Field(default=[], max_length=64)
+    accelerator: list[Token] = Field(default=[], max_length=32)
+    min_app_version: AppVersion | None = None
+    max_app_version: AppVersion | None = None
+
+    def to_rules(self) -> Rules:
+        try:
+            return Rules.from_dict(self.model_dump())
+        except ValueError as exc:  # an app version bound `packaging` cannot order
+            raise Refusal(422, "invalid_group", str(exc)) from None
+
+
 class GroupIn(Strict):
-    devices: list[Id] = Field(max_length=100_000)
+    kind: Literal["static", "dynamic", "hybrid"] | None = Field(
+        None, description="absent: static with only devices, dynamic with only rules, hybrid with both")
+    devices: list[Id] = Field(default=[], max_length=100_000)
+    rules: RulesIn | None = None
+    exclude: list[Id] = Field(default=[], max_length=10_000)
+
+    def to_spec(self) -> GroupSpec:
+        kind = self.kind or ("static" if self.rules is None else "hybrid" if self.devices else "dynamic")
+        try:
+            return GroupSpec(kind, self.rules.to_rules() if self.rules else None, tuple(self.exclude))
+        except ValueError as exc:
+            raise Refusal(422, "invalid_group", str(exc)) from None
 
 
 def resolve_model(model_id: str, registered: dict | None = None) -> tuple[ModelDims, str]:
@@ -271,3 +317,113 @@ def _replace(current, changes: dict):
         return dataclasses.replace(current, **changes)
     except ValueError as exc:  # the config's own cross-field checks (ConfigError is a ValueError)
         raise Refusal(422, "invalid_config", str(exc)) from None
+
+
+# --- cascading tiers ---------------------------------------------------------------------------------
+
+class DistillationIn(Strict):
+    kind: Literal["lora", "prompt_tuning"] = "lora"
+    rank: int = Field(8, ge=1, le=64)
+    num_virtual_tokens: int = Field(16, ge=1, le=128)
+    prompts: int = Field(32, ge=1, le=1024)
+    prompt_tokens: int = Field(24, ge=4, le=256)
+    new_tokens: int = Field(48, ge=4, le=256)
+    steps: int = Field(60, ge=1, le=10_000)
+    learning_rate: float = Field(5e-3, gt=0, le=1)
+    temperature: float = Field(0.8, gt=0, le=2)
+
+
+class VariantIn(Strict):
+    mode: Literal["train", "infer", "api"] = "train"
+    base_model: Literal["tiny", "smollm2"] | None = Field(None, description="infer tiers: the tier's own base")
+    adapter: Literal["federation", "distilled", "none"] = "federation"
+    api_url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]{1,500}$")] | None = None
+    distillation: DistillationIn = DistillationIn()
+
+
+class DeploymentIn(Strict):
+    tiers: dict[Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$")], VariantIn] = \
+        Field(max_length=16, description="tier -> what its devices run; '*' for tiers not named")
+
+    def to_variants(self) -> dict:
+        from shared.control.tiers import DEFAULT, Distillation, Variant
+
+        out = {}
+        for tier, v in self.tiers.items():
+            try:
+                out[tier] = Variant(mode=v.mode, base_model=v.base_model, adapter=v.adapter, api_url=v.api_url,
+                                    distillation=Distillation(**v.distillation.model_dump()))
+            except ValueError as exc:
+                raise Refusal(422, "invalid_deployment", f"tier {tier}: {exc}") from None
+            if tier == DEFAULT and out[tier].distilled:
+                raise Refusal(422, "invalid_deployment", "distil for named tiers, not for '*'")
+        return out
+
+
+class DistillIn(Strict):
+    version: int = Field(ge=1, lt=2**53)
+    tier: Id
+
+
+# --- canary rollouts ---------------------------------------------------------------------------------
+
+class GatesIn(Strict):
+    max_perplexity_ratio: float = Field(1.05, ge=1, le=100)
+    max_forgetting_ratio: float = Field(1.25, ge=1, le=100)
+    max_loss_increase: float = Field(0.05, ge=0, le=100)
+    max_error_rate_increase: float = Field(0.02, ge=0, le=1)
+    max_acceptance_drop: float = Field(0.05, ge=0, le=1)
+    min_reports: int = Field(10, ge=2, le=100_000)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    max_looks: int = Field(20, ge=1, le=10_000)
+
+
+class RolloutIn(Strict):
+    version: int = Field(ge=1, lt=2**53)
+    groups: list[Id] = Field(default=[], max_length=16, description="target groups; empty: every device")
+    start_percent: float = Field(10.0, gt=0, le=100)
+    step_percent: float = Field(10.0, gt=0, le=100)
+    min_step_seconds: float = Field(3600.0, ge=0, le=30 * 24 * 3600)
+    auto_advance: bool = True
+    gates: GatesIn = GatesIn()
+    start: bool = Field(False, description="start at once (the server's evaluation gate still applies)")
+
+
+class ReasonIn(Strict):
+    reason: Annotated[str, StringConstraints(max_length=500)] | None = None
+
+
+class PercentIn(Strict):
+    percent: float = Field(ge=0, le=100)
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
+Finite = dict(allow_inf_nan=False)
+
+
+class ReportIn(Strict):
+    """A device's quality report on the version it serves: every value bounded and finite."""
+
+    version: int = Field(ge=0, lt=2**53)
+    eval_loss: float | None = Field(None, ge=0, le=100, description="mean token loss on local held-out text", **Finite)
+    perplexity: float | None = Field(None, ge=1, le=1e6, description="instead of eval_loss", **Finite)
+    acceptance_rate: float | None = Field(None, ge=0, le=1, description="users accepting the model's output",
+                                          **Finite)
+    requests: int | None = Field(None, ge=0, le=10**7)
+    errors: int | None = Field(None, ge=0, le=10**7)
+
+    def values(self) -> dict[str, float]:
+        if self.eval_loss is not None and self.perplexity is not None:
+            raise Refusal(422, "invalid_report", "give eval_loss or perplexity, not both")
+        if (self.errors is None) != (self.requests is None) or (self.errors or 0) > (self.requests or 0):
+            raise Refusal(422, "invalid_report", "errors needs requests, and at most as many")
+        out = {}
+        if self.eval_loss is not None or self.perplexity is not None:
+            out["eval_loss"] = self.eval_loss if self.eval_loss is not None else math.log(self.perplexity)
+        if self.acceptance_rate is not None:
+            out["acceptance_rate"] = self.acceptance_rate
+        if self.requests:
+            out["error_rate"] = self.errors / self.requests
+        if not out:
+            raise Refusal(422, "invalid_report", "a report needs eval_loss, perplexity, acceptance_rate or requests")
+        return out

@@ -20,9 +20,35 @@ class DeviceClient:
     def _path(self, suffix: str) -> str:
         return f"/api/v1/federations/{self.federation}{suffix}"
 
-    def check_in(self, ram_mb: int | None = None, storage_mb: int | None = None, tier: str = "default") -> dict:
-        """The round to train in, with download and upload URLs; FleettuneAPIError 403/409 says why not."""
-        return self.client.post(self._path("/check-in"), {"ram_mb": ram_mb, "storage_mb": storage_mb, "tier": tier})
+    def check_in(self, ram_mb: int | None = None, storage_mb: int | None = None, tier: str = "default",
+                 **capabilities: str) -> dict:
+        """What to run (`serve`) and the round to train in, with download and upload URLs.
+
+        `capabilities`: os, app_version, region, accelerator (dynamic groups match on them). A
+        training tier with nothing to train gets FleettuneAPIError 403/409, whose `body["serve"]`
+        still says what to run.
+        """
+        return self.client.post(self._path("/check-in"),
+                                {"ram_mb": ram_mb, "storage_mb": storage_mb, "tier": tier, **capabilities})
+
+    def serving(self, **check_in: Any) -> dict:
+        """Only what to run: the `serve` part of a check-in, whether or not there is a round to train."""
+        try:
+            return self.check_in(**check_in)["serve"]
+        except FleettuneAPIError as refused:
+            if "serve" not in refused.body:
+                raise
+            return refused.body["serve"]
+
+    def download_served(self, serve: dict, name: str = "adapter_model.safetensors") -> bytes:
+        return self.client.download(serve["adapter"]["download"][name], max_bytes=64 * 1024 * 1024)
+
+    def report(self, version: int, eval_loss: float | None = None, acceptance_rate: float | None = None,
+               requests: int | None = None, errors: int | None = None, perplexity: float | None = None) -> dict:
+        """Quality of the version this device serves, for its canary's gates."""
+        body = {"version": version, "eval_loss": eval_loss, "perplexity": perplexity,
+                "acceptance_rate": acceptance_rate, "requests": requests, "errors": errors}
+        return self.client.post(self._path("/reports"), {k: v for k, v in body.items() if v is not None})
 
     def download(self, plan: dict, name: str = "adapter_model.safetensors") -> bytes:
         return self.client.download(plan["download"][name], max_bytes=plan.get("max_update_bytes"))

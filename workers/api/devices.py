@@ -1,4 +1,4 @@
-"""Device routes: check-in, a sha256-bound upload URL, submit, and the outcome of a submission."""
+"""Device routes: check-in, a sha256-bound upload URL, submit, a submission's outcome, quality reports."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from shared.control.auth import Principal
-from shared.control.schemas import CheckInIn, SubmitIn, UploadUrlIn
-from shared.federation import DeviceProfile
+from shared.control.schemas import CheckInIn, ReportIn, SubmitIn, UploadUrlIn
 from workers.api.deps import device, services
 from workers.api.services import Services
 
@@ -18,11 +17,15 @@ def _base_url(request: Request) -> str:
     return str(request.base_url)
 
 
-@router.post("/check-in", summary="Declare capabilities; get the round, download URLs and an upload URL")
+@router.post("/check-in", summary="Declare capabilities; get what to run, and the round to train in")
 def check_in(name: str, body: CheckInIn, request: Request, who: Principal = Depends(device),
              svc: Services = Depends(services)) -> dict:
-    profile = DeviceProfile(who.device, ram_mb=body.ram_mb, storage_mb=body.storage_mb, tier=body.tier)
-    return svc.gateway.check_in(name, profile, _base_url(request))
+    return svc.gateway.check_in(name, body.profile(who.device), _base_url(request))
+
+
+@router.post("/reports", summary="Report quality of the version this device serves (canary gates)")
+def report(name: str, body: ReportIn, who: Principal = Depends(device), svc: Services = Depends(services)) -> dict:
+    return svc.gateway.report(name, who.device, body.version, body.values())
 
 
 @router.post("/upload-url", summary="A write-once upload URL bound to the update's sha256")

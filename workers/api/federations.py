@@ -9,7 +9,6 @@ from shared import versions
 from shared.control.auth import Principal
 from shared.control.schemas import AdapterIn, DeviceIn, FederationIn, GroupIn, StrategyIn
 from shared.errors import ObjectNotFound, Refusal
-from shared.federation import DeviceProfile
 from workers.api.deps import FedName, admin, reader, services
 from workers.api.services import Services
 
@@ -95,8 +94,7 @@ def get_version(version: int, name: str = FedName, who: Principal = Depends(read
 @router.post("/federations/{name}/devices", status_code=201, summary="Register a device; its token is shown once")
 def register_device(body: DeviceIn, name: str = FedName, who: Principal = Depends(admin),
                     svc: Services = Depends(services)) -> dict:
-    profile = DeviceProfile(body.device_id, ram_mb=body.ram_mb, storage_mb=body.storage_mb, tier=body.tier)
-    token = svc.devices.register(name, profile)
+    token = svc.devices.register(name, body.profile(body.device_id))
     return {"federation": name, "device_id": body.device_id, "token": token}
 
 
@@ -112,22 +110,21 @@ def revoke_device(device_id: str, name: str = FedName, who: Principal = Depends(
     return Response(status_code=204)
 
 
-@router.get("/federations/{name}/groups")
+@router.get("/federations/{name}/groups", summary="Groups and their sizes (listed + matched at last check-in)")
 def list_groups(name: str = FedName, who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
-    return {"federation": name, "groups": svc.devices.groups(name)}
+    return {"federation": name, "groups": svc.devices.group_sizes(name)}
 
 
-@router.put("/federations/{name}/groups/{group}", summary="Set a static device group's members")
+@router.put("/federations/{name}/groups/{group}", summary="Create or replace a static, dynamic or hybrid group")
 def put_group(body: GroupIn, group: str = FedName, name: str = FedName, who: Principal = Depends(admin),
               svc: Services = Depends(services)) -> dict:
-    svc.devices.set_group(name, group, body.devices)
-    return {"federation": name, "group": group, "devices": svc.devices.group(name, group)}
+    return dict(svc.devices.put_group(name, group, body.to_spec(), body.devices), federation=name)
 
 
 @router.get("/federations/{name}/groups/{group}")
 def get_group(group: str = FedName, name: str = FedName, who: Principal = Depends(reader),
               svc: Services = Depends(services)) -> dict:
-    return {"federation": name, "group": group, "devices": svc.devices.group(name, group)}
+    return dict(svc.devices.group(name, group), federation=name)
 
 
 @router.delete("/federations/{name}/groups/{group}", status_code=204)

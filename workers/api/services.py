@@ -13,6 +13,8 @@ from shared.control.devices import Devices
 from shared.control.gateway import Enqueue, Gateway, Publisher
 from shared.control.presign import LocalPresigner, Presigner, S3Presigner
 from shared.control.registry import ModelRegistry
+from shared.control.rollouts import Rollouts
+from shared.control.tiers import Deployment
 from shared.control.sessions import Control
 from shared.runtime import Runtime
 from shared.storage import LocalObjectStore
@@ -27,6 +29,14 @@ class Services:
     devices: Devices
     control: Control
     registry: ModelRegistry
+
+    @property
+    def rollouts(self) -> Rollouts:
+        return self.gateway.rollouts
+
+    @property
+    def deployment(self) -> Deployment:
+        return self.gateway.deployment
 
     @classmethod
     def build(cls, runtime: Runtime, enqueue: Enqueue, clock: Callable[[], float] = time.time,
