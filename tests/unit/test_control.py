@@ -8,6 +8,7 @@ import pytest
 from shared import keys
 from shared.control.auth import Tokens
 from shared.control.gateway import Gateway
+from shared.control.groups import GroupSpec
 from shared.control.presign import LocalPresigner, S3Presigner, checksum_header
 from shared.control.schemas import (AggregationIn, LoraIn, RoundConfigIn, StrategyIn, StrategyParams,
                                     TrainingSessionIn, apply_strategy)
@@ -112,7 +113,7 @@ def test_a_session_opens_a_round_and_check_in_gives_the_device_its_own_urls(plan
 def test_group_filters_admit_only_members(plane):
     state, gateway, control, _, _ = plane
     _session(control, "g", groups=["canary"])
-    state.r.sadd(keys.fed_group("g", "canary"), "in")
+    gateway.groups.put("g", "canary", GroupSpec(), ["in"])
     assert gateway.check_in("g", DeviceProfile("in", ram_mb=2000), "u")["round"] == 1
     with pytest.raises(Refusal, match="device groups"):
         gateway.check_in("g", DeviceProfile("out", ram_mb=2000), "u")
