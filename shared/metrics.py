@@ -168,7 +168,37 @@ class FederationCollector:
                 if "forgetting_ratio" in evaluation:
                     gauges["forget"].add_metric([fed], evaluation["forgetting_ratio"])
         yield from gauges.values()
+        yield from self._rollouts()
         yield from self._pipeline_health(now)
+
+    def _rollouts(self):
+        """Each federation's newest canary rollout: its percentage, and what its devices report."""
+        import json
+
+        percent = GaugeMetricFamily("fleettune_rollout_percent", "Share of targeted devices on the candidate "
+                                    "version in the newest rollout", labels=["federation", "version", "status"])
+        reported = GaugeMetricFamily("fleettune_rollout_reported", "Mean device-reported quality per version and "
+                                     "arm at the rollout's last look", labels=["federation", "version", "arm", "metric"])
+        rollbacks = CounterMetricFamily("fleettune_rollout_rollbacks", "Rollouts rolled back, by trigger (auto: a "
+                                        "quality gate broke)", labels=["federation", "trigger"])
+        serving = GaugeMetricFamily("fleettune_serving_version", "The version devices serve outside a canary",
+                                    labels=["federation"])
+        for fed in self.state.federations():
+            stats = self.state.stats(fed)
+            for trigger in ("auto", "manual"):
+                rollbacks.add_metric([fed, trigger], stats.get(f"rollbacks:{trigger}", 0))
+            serving.add_metric([fed], int(self.state.r.hget(keys.fed_state(fed), "serving") or 0))
+            newest = self.state.r.zrevrange(keys.fed_rollouts(fed), 0, 0)
+            raw = self.state.r.get(keys.rollout(fed, newest[0].decode())) if newest else None
+            if raw is None:
+                continue
+            rec = json.loads(raw)
+            percent.add_metric([fed, str(rec["version"]), rec["status"]], rec["percent"])
+            for arm, version in (("canary", rec["version"]), ("control", rec["previous"])):
+                for metric, value in (rec["arms"].get(arm) or {}).items():
+                    if metric != "devices":
+                        reported.add_metric([fed, str(version), arm, metric], value)
+        yield from (percent, reported, rollbacks, serving)
 
     def _pipeline_health(self, now: float):
         """Beat's heartbeat age, and the ledger's re-drives, pending messages and exhausted retries."""

@@ -1,4 +1,4 @@
-"""`fleettune federations|sessions|devices|models|keys`: the API from a terminal, as tables.
+"""`fleettune federations|sessions|devices|groups|rollouts|models|keys`: the API from a terminal, as tables.
 
 Each command is a thin call through the SDK; FLEETTUNE_URL and FLEETTUNE_API_KEY say where and who.
 """
@@ -201,6 +201,117 @@ def devices_revoke(ctx, federation: str, device_id: str) -> None:
     click.echo(f"revoked {device_id}")
 
 
+groups = _group("groups", "Device groups of a federation: static, dynamic (rules) or hybrid.")
+GROUP_COLUMNS = ["group", "kind", "devices", "rules", "exclude", "matched"]
+
+
+@groups.command("list")
+@click.argument("federation")
+@click.pass_context
+def groups_list(ctx, federation: str) -> None:
+    sizes = Federation(name=federation, client=_client(ctx)).groups()
+    table([{"group": g, "size": n} for g, n in sizes.items()], ["group", "size"])
+
+
+@groups.command("get")
+@click.argument("federation")
+@click.argument("group")
+@click.pass_context
+def groups_get(ctx, federation: str, group: str) -> None:
+    table([Federation(name=federation, client=_client(ctx)).group(group)], GROUP_COLUMNS)
+
+
+@groups.command("set")
+@click.argument("federation")
+@click.argument("group")
+@click.option("--device", "devices", multiple=True, help="a listed member (repeat)")
+@click.option("--rules", "rules_json", default=None,
+              help='JSON, e.g. {"min_ram_mb": 4096, "os": ["android"], "min_app_version": "2.1"}')
+@click.option("--exclude", multiple=True, help="a device never in the group (repeat)")
+@click.pass_context
+def groups_set(ctx, federation: str, group: str, devices: tuple[str, ...], rules_json: str | None,
+               exclude: tuple[str, ...]) -> None:
+    """Create or replace a group: listed devices (static), rules (dynamic) or both (hybrid)."""
+    rules = json.loads(rules_json) if rules_json else None
+    table([Federation(name=federation, client=_client(ctx)).set_group(group, list(devices), rules,
+                                                                      exclude=list(exclude))], GROUP_COLUMNS)
+
+
+@groups.command("delete")
+@click.argument("federation")
+@click.argument("group")
+@click.pass_context
+def groups_delete(ctx, federation: str, group: str) -> None:
+    Federation(name=federation, client=_client(ctx)).delete_group(group)
+    click.echo(f"deleted {group}")
+
+
+rollouts = _group("rollouts", "Canary rollouts of published versions, and the tier deployment.")
+ROLLOUT_COLUMNS = ["id", "version", "previous", "status", "percent", "groups", "created_by"]
+
+
+@rollouts.command("create")
+@click.argument("federation")
+@click.argument("version", type=int)
+@click.option("--group", "target", multiple=True, help="a target group (repeat); none: every device")
+@click.option("--start-percent", default=10.0, show_default=True)
+@click.option("--step", "step_percent", default=10.0, show_default=True)
+@click.option("--min-step-seconds", default=3600.0, show_default=True)
+@click.option("--manual", is_flag=True, help="no automatic advance (rollback on a broken gate stays automatic)")
+@click.option("--gates", "gates_json", default=None, help='JSON, e.g. {"max_loss_increase": 0.05, "min_reports": 20}')
+@click.option("--start", is_flag=True, help="start at once (the server's evaluation gate still applies)")
+@click.pass_context
+def rollouts_create(ctx, federation: str, version: int, target, start_percent, step_percent, min_step_seconds,
+                    manual: bool, gates_json: str | None, start: bool) -> None:
+    rec = Federation(name=federation, client=_client(ctx)).rollout(
+        version, list(target), start_percent, step_percent, min_step_seconds, not manual,
+        json.loads(gates_json) if gates_json else None, start)
+    table([rec], ROLLOUT_COLUMNS)
+
+
+@rollouts.command("list")
+@click.argument("federation")
+@click.pass_context
+def rollouts_list(ctx, federation: str) -> None:
+    table(Federation(name=federation, client=_client(ctx)).rollouts(), ROLLOUT_COLUMNS)
+
+
+@rollouts.command("history")
+@click.argument("federation")
+@click.argument("rollout_id")
+@click.pass_context
+def rollouts_history(ctx, federation: str, rollout_id: str) -> None:
+    rec = Federation(name=federation, client=_client(ctx)).get_rollout(rollout_id)
+    table(rec["history"], ["at", "by", "action", "from_percent", "to_percent", "status", "reason"])
+
+
+@rollouts.command("set")
+@click.argument("federation")
+@click.argument("rollout_id")
+@click.argument("action", type=click.Choice(["start", "advance", "pause", "resume", "rollback", "promote",
+                                             "percentage"]))
+@click.option("--reason", default=None, help="recorded in the history (required with percentage)")
+@click.option("--percent", type=float, default=None, help="with percentage")
+@click.pass_context
+def rollouts_set(ctx, federation: str, rollout_id: str, action: str, reason: str | None, percent) -> None:
+    """Move a rollout: start, advance, pause, resume, rollback, promote, or set its percentage."""
+    rec = Federation(name=federation, client=_client(ctx)).rollout_action(rollout_id, action, reason, percent)
+    table([rec], ROLLOUT_COLUMNS)
+
+
+@rollouts.command("deployment")
+@click.argument("federation")
+@click.option("--json", "tiers_json", default=None,
+              help='set it: {"phone": {"mode": "train"}, "watch": {"mode": "infer", "base_model": "tiny", '
+                   '"adapter": "distilled"}}')
+@click.pass_context
+def rollouts_deployment(ctx, federation: str, tiers_json: str | None) -> None:
+    """Show (or set) which variant each device tier runs."""
+    fed = Federation(name=federation, client=_client(ctx))
+    tiers = fed.set_deployment(json.loads(tiers_json))["tiers"] if tiers_json else fed.deployment()
+    table([dict(v, tier=t) for t, v in tiers.items()], ["tier", "mode", "base_model", "adapter", "api_url"])
+
+
 models = _group("models", "The model registry through the API.")
 
 
@@ -274,5 +385,5 @@ def keys_revoke(ctx, key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
-GROUPS = (federations, sessions, devices, models, keys)
+GROUPS = (federations, sessions, devices, groups, rollouts, models, keys)
 __all__ = ["GROUPS", "FleettuneAPIError"]

@@ -126,6 +126,17 @@ def fleet() -> Dashboard:
         .with_panel(series("Late updates (after their round closed)", "ops",
                            query(f"sum by (federation) (rate(fleettune_late_updates_total{{{FED}}}[{RATE}]))", "{{federation}}")))
         .with_panel(series("Current round", "short", query(f"fleettune_current_round{{{FED}}}", "{{federation}}")))
+        .with_row(Row("Canary rollouts"))
+        .with_panel(series("Rollout percentage (newest rollout) and serving version", "short",
+                           query(f"fleettune_rollout_percent{{{FED}}}", "{{federation}} v{{version}} {{status}} %"),
+                           query(f"fleettune_serving_version{{{FED}}}", "{{federation}} serving")))
+        .with_panel(series("Device-reported evaluation loss, canary vs control", "none",
+                           query(f'fleettune_rollout_reported{{{FED},metric="eval_loss"}}',
+                                 "{{federation}} v{{version}} {{arm}}"),
+                           description="Mean over devices (each counts once) at the rollout's last look"))
+        .with_panel(series("Rollbacks (1h), by trigger", "short",
+                           query(f"sum by (federation, trigger) (increase(fleettune_rollout_rollbacks_total{{{FED}}}[1h]))",
+                                 "{{federation}} {{trigger}}")))
     )
 
 

@@ -103,7 +103,7 @@ class Gateway:
         try:
             return dict(self._train_plan(fed, config, profile, groups, base_url), groups=sorted(groups), serve=serve)
         except Refusal as refusal:
-            raise refusal.with_extra(serve=serve) from None
+            raise refusal.with_extra(serve=serve, groups=sorted(groups)) from None
 
     def _serve(self, fed: str, config: FederationConfig, entry: str, variant: Variant,
                got: Assignment, base_url: str) -> dict[str, Any]:

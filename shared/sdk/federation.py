@@ -96,8 +96,54 @@ class Federation:
     def revoke_device(self, device_id: str) -> None:
         self.client.delete(self._path(f"/devices/{device_id}"))
 
-    def set_group(self, group: str, devices: list[str]) -> dict:
-        return self.client.put(self._path(f"/groups/{group}"), {"devices": devices})
+    def set_group(self, group: str, devices: list[str] | None = None, rules: dict | None = None,
+                  kind: str | None = None, exclude: list[str] | None = None) -> dict:
+        """A static group (`devices`), a dynamic one (`rules` over declared capabilities) or both (hybrid)."""
+        body = {"devices": devices or [], "rules": rules, "kind": kind, "exclude": exclude or []}
+        return self.client.put(self._path(f"/groups/{group}"), {k: v for k, v in body.items() if v is not None})
+
+    def group(self, group: str) -> dict:
+        return self.client.get(self._path(f"/groups/{group}"))
+
+    def groups(self) -> dict[str, int]:
+        return self.client.get(self._path("/groups"))["groups"]
+
+    def delete_group(self, group: str) -> None:
+        self.client.delete(self._path(f"/groups/{group}"))
+
+    def set_deployment(self, tiers: dict[str, dict]) -> dict:
+        """tier -> {"mode": "train" | "infer" | "api", "base_model", "adapter", "api_url", "distillation"}."""
+        return self.client.put(self._path("/deployment"), {"tiers": tiers})
+
+    def deployment(self) -> dict:
+        return self.client.get(self._path("/deployment"))["tiers"]
+
+    def rollout(self, version: int, groups: list[str] | None = None, start_percent: float = 10,
+                step_percent: float = 10, min_step_seconds: float = 3600, auto_advance: bool = True,
+                gates: dict | None = None, start: bool = False) -> dict:
+        """Create a canary rollout of a published version (and start it, with `start`)."""
+        return self.client.post(self._path("/rollouts"), {
+            "version": version, "groups": groups or [], "start_percent": start_percent,
+            "step_percent": step_percent, "min_step_seconds": min_step_seconds, "auto_advance": auto_advance,
+            "gates": gates or {}, "start": start})
+
+    def rollouts(self) -> list[dict]:
+        return self.client.get(self._path("/rollouts"))["rollouts"]
+
+    def get_rollout(self, rollout_id: str) -> dict:
+        return self.client.get(self._path(f"/rollouts/{rollout_id}"))
+
+    def rollout_action(self, rollout_id: str, action: str, reason: str | None = None,
+                       percent: float | None = None) -> dict:
+        """start, advance, pause, resume, rollback, promote; or percentage (with `percent` and a reason)."""
+        if action == "percentage":
+            return self.client.post(self._path(f"/rollouts/{rollout_id}/percentage"),
+                                    {"percent": percent, "reason": reason})
+        return self.client.post(self._path(f"/rollouts/{rollout_id}/{action}"),
+                                {"reason": reason} if reason else None)
+
+    def serving(self) -> dict:
+        return self.client.get(self._path("/serving"))
 
     def round(self, round_no: int) -> dict:
         return self.client.get(self._path(f"/rounds/{round_no}"))

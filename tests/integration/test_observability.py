@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import yaml
 
-from shared import versions
+from shared import canary, versions
+from shared.control.rollouts import Rollouts
 from shared.control.auth import Tokens
 from shared.federation import EvaluationConfig
 from shared.strategies.config import AggregationConfig
@@ -137,7 +138,21 @@ def _run(pipeline) -> dict:
         assert time.monotonic() < end, "version 3 was not evaluated"
         time.sleep(0.2)
     pipeline.wait_received(good.name, 3 + 18 + 1)
+    _canary(pipeline.runtime.state, good.name)
     return {"good": good, "failing": failing}
+
+
+def _canary(state, fed: str) -> None:
+    """A rollout of version 3 to half the devices, with reports from both arms (the rollout panels)."""
+    rollouts = Rollouts(state)
+    gates = canary.Gates(max_perplexity_ratio=100, min_reports=5)  # random deltas: only the metrics matter here
+    rec = rollouts.create(fed, 3, [], 50, 10, 3600, True, gates, "tests", published=lambda v: True)
+    rollouts.start(fed, rec["id"], "tests", state.evaluation)
+    rng = np.random.default_rng(3)
+    for i in range(40):
+        got = rollouts.assignment(fed, f"user-{i}", ())
+        rollouts.report(fed, f"user-{i}", (), got.version, {"eval_loss": float(rng.normal(3.0, 0.1))})
+    assert rollouts.get(fed, rec["id"])["arms"]["canary"]["devices"] >= 5
 
 
 def test_worker_and_api_endpoints_pass_promtool(observed):
@@ -203,7 +218,7 @@ def test_every_dashboard_query_returns_data(observed):
 def test_every_alert_signal_returns_data_and_the_rules_load(observed):
     _, prom, _, _ = observed
     rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yml").read_text())["groups"][0]["rules"]
-    assert len(rules) == 12
+    assert len(rules) == 13
     for rule in rules:
         signal = re.split(r"\s[<>]=?\s*[0-9.e+-]+\s*$", rule["expr"].strip())[0]
         assert prom.query(signal), f"{rule['alert']}: no data for {signal}"
