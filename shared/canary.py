@@ -6,12 +6,16 @@ deterministic, the same at every check-in, and raising the percentage only ever 
 control to canary. A new rollout id reshuffles, so one rollout's canaries are not always the next's.
 
 Gates: each device counts once, with its latest report per version, so one chatty (or hostile)
-device is one sample. Canary and control are compared by Welch's one-sided t-test on per-device
-values against a configured margin (H0: the canary is worse by at most the margin), which allows
-for devices that differ in variance and in number, and for reports from one device being
-correlated. The gate is looked at repeatedly as reports arrive, so each look tests at
-alpha / max_looks (Bonferroni): over a whole rollout the chance of rolling back a version that is
-within its margins stays below alpha.
+device is one sample, and reports from one device being correlated does not matter. Canary and
+control are compared per metric by Welch's t-test on per-device values (the arms differ in size
+and spread) against a configured margin, in both directions:
+    - inferiority (H0: the canary is worse by at most the margin): rejected -> roll back;
+    - non-inferiority (H0: it is worse by the margin or more): rejected for every metric -> the
+      step may advance. Absence of evidence of harm is not enough to move on.
+Otherwise the rollout stays where it is and collects reports. The gate is looked at repeatedly
+as reports arrive, so each look tests at alpha / max_looks (Bonferroni): over up to max_looks
+looks, the chance of rolling back a version within its margins, or of advancing one outside
+them, each stays below alpha.
 """
 
 from __future__ import annotations
@@ -70,26 +74,31 @@ class Comparison:
     canary_mean: float
     control_mean: float
     margin: float
-    p_value: float  # of "the canary is worse by more than the margin"
-    breached: bool
+    p_worse: float  # evidence that the canary is worse than control by more than the margin
+    p_within: float  # evidence that it is not (non-inferiority)
+    breached: bool  # p_worse < the look's alpha: roll back
+    within: bool  # p_within < the look's alpha: this metric lets the rollout advance
 
     def describe(self) -> str:
         return (f"{self.metric}: canary {self.canary_mean:.4g} (n={self.canary}) vs control {self.control_mean:.4g} "
-                f"(n={self.control}), margin {self.margin:g}, p={self.p_value:.2g}")
+                f"(n={self.control}), margin {self.margin:g}, p(worse)={self.p_worse:.2g}, "
+                f"p(within)={self.p_within:.2g}")
 
 
-def worse_by_more_than(canary: Sequence[float], control: Sequence[float], margin: float, alpha: float,
-                       metric: str, higher_is_worse: bool = True) -> Comparison:
-    """Welch's one-sided test of H0: canary - control <= margin (in the metric's bad direction)."""
+def compare(canary: Sequence[float], control: Sequence[float], margin: float, alpha: float, metric: str,
+            higher_is_worse: bool = True) -> Comparison:
+    """Welch's t-tests of the canary's excess over control (in the metric's bad direction) against
+    the margin, both ways: greater (inferior: roll back) and less (non-inferior: may advance)."""
     sign = 1.0 if higher_is_worse else -1.0
     a = [sign * x - margin for x in canary]
     b = [sign * x for x in control]
-    result = stats.ttest_ind(a, b, equal_var=False, alternative="greater")
-    p = float(result.pvalue)
-    if math.isnan(p):  # no spread in either arm: the difference is exact
-        p = 0.0 if sum(a) / len(a) > sum(b) / len(b) else 1.0
+    p_worse = float(stats.ttest_ind(a, b, equal_var=False, alternative="greater").pvalue)
+    p_within = float(stats.ttest_ind(a, b, equal_var=False, alternative="less").pvalue)
+    if math.isnan(p_worse):  # no spread in either arm: the difference is exact
+        excess = sum(a) / len(a) - sum(b) / len(b)
+        p_worse, p_within = (0.0, 1.0) if excess > 0 else (1.0, 0.0)
     return Comparison(metric, len(canary), len(control), sum(canary) / len(canary), sum(control) / len(control),
-                      margin, p, p < alpha)
+                      margin, p_worse, p_within, p_worse < alpha, p_within < alpha)
 
 
 METRICS = (("eval_loss", "max_loss_increase", True), ("error_rate", "max_error_rate_increase", True),
@@ -104,8 +113,7 @@ def compare_arms(canary: Sequence[Mapping[str, float]], control: Sequence[Mappin
         a = [r[metric] for r in canary if r.get(metric) is not None]
         b = [r[metric] for r in control if r.get(metric) is not None]
         if len(a) >= gates.min_reports and len(b) >= gates.min_reports:
-            out.append(worse_by_more_than(a, b, getattr(gates, margin_field), gates.alpha_per_look, metric,
-                                          higher_is_worse))
+            out.append(compare(a, b, getattr(gates, margin_field), gates.alpha_per_look, metric, higher_is_worse))
     return out
 
 

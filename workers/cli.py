@@ -254,8 +254,13 @@ def simulate(name: str, num_devices: int, rounds: int, round_wait: float, concur
 @click.option("--domains", default="literature,legal,code", show_default=True,
               help="comma-separated; 'medical' needs apt-get install dict-gcide")
 @click.option("--out", default="fleettune-demo", show_default=True, type=click.Path(file_okay=False))
-def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: str, out: str) -> None:
+@click.option("--canary", is_flag=True, help="a good and a bad version through canary rollouts (tiny model)")
+def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: str, out: str, canary: bool) -> None:
     """Devices train real adapters on non-IID text and federate them: no server to start."""
+    if canary:
+        from workers.demo_canary import run_canary_demo
+
+        return run_canary_demo(Settings.from_env(), out_dir=out)
     from workers.demo import run_demo
 
     run_demo(Settings.from_env(), model_source=model_source, kind=kind, num_devices=num_devices, rounds=rounds,

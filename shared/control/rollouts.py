@@ -5,8 +5,8 @@ steps; the rest serve the federation's serving version (the previous one). Lifec
 pending -> active <-> paused -> completed | rolled_back. Starting needs the server's own
 evaluation of the candidate to pass; afterwards devices report quality per version through the
 gateway, and at each look the canary arm is compared with the control arm (shared/canary.py). A
-breached gate rolls the rollout back by itself; a clean step of enough reports advances it, after
-its minimum time, when `auto_advance` is on. Completing makes the candidate the serving version.
+breached gate rolls the rollout back by itself; a step whose reports show the candidate within
+every margin advances it, after its minimum time, when `auto_advance` is on. Completing makes the candidate the serving version.
 
 One rollout per federation is live (pending, active or paused) at a time. Every change is an
 optimistic transaction on the rollout's record, which keeps its history: what changed, who, why.
@@ -218,8 +218,8 @@ class Rollouts:
                           "gate breached: " + "; ".join(c.describe() for c in breached))
         step_reports = sum(1 for r in canary_reports if r["at"] >= rec["step_started_at"])
         if (rec["auto_advance"] and now - rec["step_started_at"] >= rec["min_step_seconds"]
-                and step_reports >= gates.min_reports and len(control_reports) >= gates.min_reports):
-            return _step(rec, now, AUTO, f"{step_reports} canary reports this step, no gate breached: "
+                and step_reports >= gates.min_reports and comparisons and all(c.within for c in comparisons)):
+            return _step(rec, now, AUTO, f"{step_reports} canary reports this step, within every margin: "
                          + "; ".join(c.describe() for c in comparisons))
         if self._advance_due(rec, now):
             rec["looked_step"] = rec["step_started_at"]  # the beat looks at a due step once; reports look again

@@ -1,6 +1,6 @@
 """Groups, tiers and canary rollouts through `fleettune api`, real workers, Redis, S3 and the tiny model.
 
-Versions come out of the real round pipeline: a good adapter (trained on literature) and a bad one
+Versions come out of the real round pipeline: a good adapter (trained on legal text) and a bad one
 (trained on shuffled tokens) are each one device's update. Devices check in over HTTP, download
 what the gateway tells them to serve, measure its loss on their own held-out text with the real
 model, and report it; the rollout's gates act on those reports alone.
@@ -49,16 +49,16 @@ def _publish(pipeline, config, round_no: int, weights: dict[str, torch.Tensor]) 
 
 @pytest.fixture(scope="module")
 def versions_of(pipeline, tiny):
-    """A federation with v1 good (literature) and v2 bad (shuffled tokens), both evaluated by the server."""
+    """A federation with v1 good (legal text) and v2 bad (then shuffled tokens), both evaluated by the server."""
     tokenizer, base = tiny
     config = pipeline.create(devices=["trainer"], min_updates=1, max_rounds=2, max_grad_norm=None,
                              aggregation=AggregationConfig(incremental=False),
-                             evaluation=EvaluationConfig(base_model="tiny", domains=("literature",), eval_chars=4000))
+                             evaluation=EvaluationConfig(base_model="tiny", domains=("legal",), eval_chars=4000))
     model = trainer.peft_model(base, config.adapter)
-    trainer.load_adapter_weights(model, {k: torch.from_numpy(v) for k, v in
-                                         initial_weights(config.spec, config.seed).items()})
-    text = trainer.blocks(tokenizer(corpora.train_text("literature", 60_000))["input_ids"], 64)
-    good = _train(model, text, 3e-3, 40)
+    trainer.load_adapter_weights(model, initial_weights(config.spec, config.seed))
+    # legal text, where the tiny base is weak: a real gain (about 1.2 nats) with forgetting inside the gate
+    text = trainer.blocks(tokenizer(corpora.train_text("legal", 60_000))["input_ids"], 64)
+    good = _train(model, text, 1e-3, 40)
     garbage = text.flatten()[torch.randperm(text.numel(), generator=torch.Generator().manual_seed(0))].view_as(text)
     bad = _train(model, garbage, 1e-2, 40)
     trainer.release(model)
@@ -77,8 +77,8 @@ def _fleet(pipeline, fed: str, tiny) -> ServingFleet:
     admin = Federation(pipeline.admin_key, fed, pipeline.api_url)
     clients = {f"user-{i}": DeviceClient(admin.register_device(f"user-{i}"), fed, pipeline.api_url)
                for i in range(DEVICES)}
-    heldout = trainer.blocks(tokenizer(corpora.heldout_text("literature", 120_000))["input_ids"], 64)
-    texts = {d: heldout[i % len(heldout)].unsqueeze(0) for i, d in enumerate(clients)}
+    heldout = trainer.blocks(tokenizer(corpora.heldout_text("legal", 120_000))["input_ids"], 64)
+    texts = {d: heldout[4 * i:4 * i + 4] for i, d in enumerate(clients)}  # 256 tokens each, none shared
     return ServingFleet(trainer.peft_model(base, pipeline.runtime.state.config(fed).adapter), clients, texts)
 
 
@@ -119,7 +119,7 @@ def test_dynamic_groups_are_evaluated_at_each_check_in_and_target_a_rollout(pipe
     fed = versions_of.name
     admin = Federation(pipeline.admin_key, fed, pipeline.api_url)
     body = admin.set_group("android-big", rules={"min_ram_mb": 4096, "os": ["android"], "min_app_version": "2.0"})
-    assert body["kind"] == "dynamic"
+    assert (body["group"], body["kind"]) == ("android-big", "dynamic")
     phone = DeviceClient(admin.register_device("grouped-phone"), fed, pipeline.api_url)
     small = {"ram_mb": 2048, "os": "android", "app_version": "2.3.1"}
     assert "android-big" not in _plan(phone, small)["groups"]

@@ -147,7 +147,7 @@ def _canary(state, fed: str) -> None:
     rollouts = Rollouts(state)
     gates = canary.Gates(max_perplexity_ratio=100, min_reports=5)  # random deltas: only the metrics matter here
     rec = rollouts.create(fed, 3, [], 50, 10, 3600, True, gates, "tests", published=lambda v: True)
-    rollouts.start(fed, rec["id"], "tests", state.evaluation)
+    rollouts.start(fed, rec["id"], "tests", lambda v: state.evaluation(fed, v))
     rng = np.random.default_rng(3)
     for i in range(40):
         got = rollouts.assignment(fed, f"user-{i}", ())

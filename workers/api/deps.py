@@ -10,7 +10,10 @@ from shared.errors import Refusal
 from workers.api.services import Services
 
 bearer = HTTPBearer(auto_error=False, description="an operator API key (ftk_...) or a device token (ftd_...)")
+# one Path() per parameter: FastAPI names a Path object after the parameter it first meets, so two
+# parameters sharing one would both read the first one's value
 FedName = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+GroupName = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 async def services(request: Request) -> Services:

@@ -9,7 +9,7 @@ from shared import versions
 from shared.control.auth import Principal
 from shared.control.schemas import AdapterIn, DeviceIn, FederationIn, GroupIn, StrategyIn
 from shared.errors import ObjectNotFound, Refusal
-from workers.api.deps import FedName, admin, reader, services
+from workers.api.deps import FedName, GroupName, admin, reader, services
 from workers.api.services import Services
 
 router = APIRouter(prefix="/api/v1", tags=["federations"])
@@ -116,19 +116,19 @@ def list_groups(name: str = FedName, who: Principal = Depends(reader), svc: Serv
 
 
 @router.put("/federations/{name}/groups/{group}", summary="Create or replace a static, dynamic or hybrid group")
-def put_group(body: GroupIn, group: str = FedName, name: str = FedName, who: Principal = Depends(admin),
+def put_group(body: GroupIn, group: str = GroupName, name: str = FedName, who: Principal = Depends(admin),
               svc: Services = Depends(services)) -> dict:
     return dict(svc.devices.put_group(name, group, body.to_spec(), body.devices), federation=name)
 
 
 @router.get("/federations/{name}/groups/{group}")
-def get_group(group: str = FedName, name: str = FedName, who: Principal = Depends(reader),
+def get_group(group: str = GroupName, name: str = FedName, who: Principal = Depends(reader),
               svc: Services = Depends(services)) -> dict:
     return dict(svc.devices.group(name, group), federation=name)
 
 
 @router.delete("/federations/{name}/groups/{group}", status_code=204)
-def delete_group(group: str = FedName, name: str = FedName, who: Principal = Depends(admin),
+def delete_group(group: str = GroupName, name: str = FedName, who: Principal = Depends(admin),
                  svc: Services = Depends(services)):
     svc.devices.delete_group(name, group)
     return Response(status_code=204)

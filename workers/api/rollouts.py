@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 
 from shared import canary, versions
 from shared.control.auth import Principal
@@ -12,7 +12,7 @@ from workers.api.deps import FedName, admin, reader, services
 from workers.api.services import Services
 
 router = APIRouter(prefix="/api/v1/federations/{name}", tags=["tiers and rollouts"])
-RolloutId = FedName
+RolloutId = Path(pattern=r"^ro-[0-9a-f]{1,32}$")
 
 
 def _by(who: Principal) -> str:
