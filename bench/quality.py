@@ -6,6 +6,7 @@
     python bench/quality.py memory           # memory calculator vs measured peak RSS (tiny; --model smollm2)
     python bench/quality.py dp               # central DP's perplexity cost at epsilon 8, 3 and 1 (a population)
     python bench/quality.py hetero           # tier ranks 16/8/4: exact aggregation vs naive zero-padding
+    python bench/quality.py tiers            # cascading tiers: SmolLM2 trains (tier 1), distilled onto tiny
 
 Federated runs go through the real tasks on embedded services (workers/experiment.py); the
 device-side federation overhead is printed with every federated run.
@@ -99,6 +100,10 @@ def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = R
         base_eval = runtime.evaluator(config).base
         rows = list(run_rounds(app, runtime, config, fleet, clients, recipe.rounds, progress=False))
         final = runtime.state.evaluation(config.name, rows[-1].round if rows else 0)
+        from shared import versions
+
+        newest = int(runtime.state.status(config.name)["version"])
+        weights = versions.load_weights(runtime.store, config.name, newest, config.spec, 1 << 30, 1 << 20)
         tiers = {}  # each tier's own published adapter, evaluated on its own rank
         for tier, rank in config.tier_ranks.items():
             from shared import versions
@@ -114,7 +119,7 @@ def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = R
     steps = sum(r.device_steps for r in rows)  # what the devices did, so the centralized run matches it
     return {"base": base_eval, "final": final, "rounds": [r.heldout_ppl for r in rows], "steps": steps,
             "train_s_per_device_round": train, "send_s_per_device_round": send, "fleet": fleet,
-            "model": model, "config": config, "tokenizer": tokenizer, "tiers": tiers}
+            "model": model, "config": config, "tokenizer": tokenizer, "tiers": tiers, "weights": weights}
 
 
 def centralized(run: dict, lr: float | None = None) -> float:
@@ -282,12 +287,48 @@ def memory_check(args) -> None:
           f"{100 * (total - r['peak_mb']) / r['peak_mb']:+.1f}%")
 
 
+def tiers(args) -> None:
+    """Tier 1 federates LoRA on SmolLM2; tiers 2 and 3 get it distilled onto the tiny model (LoRA and
+    a soft prompt). Each tier's held-out perplexity against its own base, and, to isolate what the
+    federation contributed, the same distillation from SmolLM2 without the federated adapter."""
+    from shared.control.tiers import Distillation
+    from shared.distill import distill, student_adapter
+    from shared.evaluation import Evaluator
+
+    lr = args.lr
+    run = federated("smollm2", AdapterConfig(rank=8, alpha=16), lr, Recipe(rounds=args.rounds),
+                    FleetSpec.spread(4, args.chars or 16_000), min_updates=4)
+    print(f"tier 1  SmolLM2 + federated LoRA ({args.rounds} rounds, 4 devices): held-out perplexity "
+          f"{run['final']['heldout_mean']:.2f} vs its base {run['base']['heldout_mean']:.2f}")
+    teacher, domains = run["model"], run["config"].evaluation.domains
+    tiny_tok = models.load_tokenizer("tiny")
+    evaluation = EvaluationConfig(base_model="tiny", eval_chars=EVAL_CHARS, forgetting_threshold=100.0)
+    for tier, kind, learning_rate in (("2", "lora", 5e-3), ("3", "prompt_tuning", 3e-2)):
+        config = Distillation(kind=kind, learning_rate=learning_rate, steps=args.steps, prompts=args.prompts)
+        results = {}
+        for label, weights in (("federated v" + str(args.rounds), run["weights"]), ("base SmolLM2", None)):
+            if weights is None:
+                with teacher.disable_adapter():
+                    done = distill(teacher, run["tokenizer"], models.load_model("tiny"), tiny_tok, config, domains)
+            else:
+                trainer.load_adapter_weights(teacher, weights)
+                done = distill(teacher, run["tokenizer"], models.load_model("tiny"), tiny_tok, config, domains)
+            evaluator = Evaluator(evaluation, student_adapter(config))
+            results[label] = evaluator.perplexities(done.weights, general=False)["heldout_mean"]
+            base = evaluator.base["heldout_mean"]
+        print(f"tier {tier}  tiny + distilled {kind}: held-out perplexity {results['federated v' + str(args.rounds)]:.2f} "
+              f"vs its base {base:.2f}; distilled from SmolLM2 without the federated adapter: "
+              f"{results['base SmolLM2']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["fed-vs-central", "prompt", "qlora", "memory", "dp", "hetero", "child"])
+    parser.add_argument("what", choices=["fed-vs-central", "prompt", "qlora", "memory", "dp", "hetero", "tiers",
+                                         "child"])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=30, help="qlora: training steps; tiers: distillation steps")
+    parser.add_argument("--prompts", type=int, default=32, help="tiers: teacher continuations to distil on")
     parser.add_argument("--quantize", action="store_true")
     parser.add_argument("--algorithm", default="fedavg", help="an aggregation preset (AggregationConfig.preset)")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
@@ -314,7 +355,7 @@ def main() -> None:
     if args.lr is None:
         args.lr = 3e-2 if args.what == "prompt" else 5e-3
     {"fed-vs-central": fed_vs_central, "prompt": prompt, "qlora": qlora, "memory": memory_check,
-     "dp": dp_cost, "hetero": hetero}[args.what](args)
+     "dp": dp_cost, "hetero": hetero, "tiers": tiers}[args.what](args)
 
 
 if __name__ == "__main__":

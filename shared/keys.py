@@ -43,6 +43,7 @@ Control plane (the API):
     ft:fed:{fed}:rollouts        sorted set rollout id -> created_at
     ft:fed:{fed}:rollout:{id}    JSON: one canary rollout (version, percentage, status, gates, history)
     ft:fed:{fed}:rollout:{id}:reports:{version}  hash device -> msgpack: its latest quality report
+    ft:fed:{fed}:rollout:{id}:events   counter of reports received (when the gates look again)
     ft:session:{id}              hash: one training session (federation, rounds, who, when, stopped)
     ft:sessions                  sorted set of session ids by creation time
     ft:rcv:{digest}              msgpack: the gateway's received-message ledger entry (envelope,
@@ -261,6 +262,10 @@ def fed_rollouts(fed: str) -> str:
 
 def rollout(fed: str, rollout_id: str) -> str:
     return f"{PREFIX}:fed:{fed}:rollout:{rollout_id}"
+
+
+def rollout_events(fed: str, rollout_id: str) -> str:
+    return f"{PREFIX}:fed:{fed}:rollout:{rollout_id}:events"
 
 
 def rollout_reports(fed: str, rollout_id: str, version: int) -> str:

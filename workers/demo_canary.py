@@ -100,7 +100,11 @@ def _canary(admin: Federation, serving: ServingFleet, version: int, label: str, 
         click.echo(f"  after {check_ins:>4} check-ins: {out['rollout_status']:<11} {out['percent']:5.1f}%")
 
     serving.check_ins = 0
-    serving.until_settled(on_change=changed)
+    try:
+        serving.until_settled(on_change=changed)
+    except TimeoutError as stuck:
+        click.echo(f"  {stuck}: {admin.get_rollout(rec['id'])['comparisons']}")
+        raise
     rec = admin.get_rollout(rec["id"])
     arms = rec["arms"]
     click.echo(f"  mean reported loss: canary {arms['canary'].get('eval_loss', float('nan')):.3f} "

@@ -177,7 +177,10 @@ class Rollouts:
         if version != got.version:
             raise Refusal(409, "not_assigned", f"{device} serves version {got.version}, not {version}")
         entry = dict(values, at=self.clock())
-        self.r.hset(keys.rollout_reports(fed, got.rollout, version), device, msgpack.packb(entry))
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.hset(keys.rollout_reports(fed, got.rollout, version), device, msgpack.packb(entry))
+            pipe.incr(keys.rollout_events(fed, got.rollout))
+            pipe.execute()
         rec = self.tick(fed)
         return {"federation": fed, "device": device, "version": version, "rollout": got.rollout, "arm": got.arm,
                 "rollout_status": rec["status"] if rec else None, "percent": rec["percent"] if rec else None}
@@ -188,8 +191,10 @@ class Rollouts:
         if rec is None or rec["status"] != "active":
             return rec
         gates = canary.Gates(**rec["gates"])
-        canary_n = self.r.hlen(keys.rollout_reports(fed, rec["id"], rec["version"]))
-        grown = canary_n - rec["looked_at_reports"] >= max(gates.min_reports, rec["looked_at_reports"] // 4)
+        # look when the reports (both arms, repeats included) have grown by half since the last
+        # look: looks grow logarithmically with the reports, which keeps them within max_looks
+        seen = self._events(fed, rec["id"])
+        grown = seen - rec["looked_at_reports"] >= max(gates.min_reports, rec["looked_at_reports"] // 2)
         if not grown and not self._advance_due(rec, self.clock()):
             return rec
         return self._mutate(fed, rec["id"], self._look)
@@ -197,6 +202,9 @@ class Rollouts:
     def _advance_due(self, rec: dict, now: float) -> bool:
         return (rec["auto_advance"] and now - rec["step_started_at"] >= rec["min_step_seconds"]
                 and rec.get("looked_step") != rec["step_started_at"])
+
+    def _events(self, fed: str, rollout_id: str) -> int:
+        return int(self.r.get(keys.rollout_events(fed, rollout_id)) or 0)
 
     def _reports(self, fed: str, rollout_id: str, version: int) -> list[dict]:
         raw = self.r.hgetall(keys.rollout_reports(fed, rollout_id, version))
@@ -209,7 +217,7 @@ class Rollouts:
         canary_reports = self._reports(fed, rec["id"], rec["version"])
         control_reports = self._reports(fed, rec["id"], rec["previous"])
         comparisons = canary.compare_arms(canary_reports, control_reports, gates)
-        rec = dict(rec, looks=rec["looks"] + 1, looked_at_reports=len(canary_reports),
+        rec = dict(rec, looks=rec["looks"] + 1, looked_at_reports=self._events(fed, rec["id"]),
                    comparisons=[dataclasses.asdict(c) for c in comparisons],
                    arms={"canary": canary.summary(canary_reports), "control": canary.summary(control_reports)})
         breached = [c for c in comparisons if c.breached]
