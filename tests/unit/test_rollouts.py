@@ -159,6 +159,19 @@ def test_a_good_version_advances_to_100_and_becomes_the_serving_version(plane):
     assert [h["to_percent"] for h in rec["history"] if h["action"] == "advance"] == [40, 70, 100]
 
 
+def test_a_step_waits_its_minimum_time_and_the_beat_advances_it_after(plane):
+    _, gateway, clock = plane
+    rec = gateway.rollouts.create("f", 1, [], 10, 30, 60, True, canary.Gates(min_reports=5), "alice",
+                                  published=lambda v: True)
+    gateway.rollouts.start("f", rec["id"], "alice", EVALS.get)
+    rng = random.Random(3)
+    _report_all(gateway, 300, lambda v, r: r.gauss(3.0 if v == 0 else 2.8, 0.1), rng)
+    assert gateway.rollouts.get("f", rec["id"])["percent"] == 10  # the evidence is in; the time is not
+    clock.now += 61
+    assert gateway.rollouts.tick("f")["percent"] == 40  # what beat's sweep does for every federation
+    assert gateway.rollouts.tick("f")["percent"] == 40  # and only once per step
+
+
 def test_noise_alone_neither_rolls_back_nor_advances(plane):
     """Equal versions: no evidence of harm, and too little to show the candidate within 0.05 nats."""
     _, gateway, clock = plane

@@ -76,7 +76,10 @@ def create_rollout(body: RolloutIn, name: str = FedName, who: Principal = Depend
     rec = svc.rollouts.create(name, body.version, body.groups, body.start_percent, body.step_percent,
                               body.min_step_seconds, body.auto_advance, gates, _by(who), _published(svc, name))
     if body.start:
-        rec = svc.rollouts.start(name, rec["id"], _by(who), lambda v: svc.runtime.state.evaluation(name, v))
+        try:
+            rec = svc.rollouts.start(name, rec["id"], _by(who), lambda v: svc.runtime.state.evaluation(name, v))
+        except Refusal as refused:  # it stays pending: say which one, to start later or roll back
+            raise refused.with_extra(rollout=rec["id"]) from None
     return rec
 
 
