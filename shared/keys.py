@@ -40,6 +40,9 @@ Control plane (the API):
     ft:fed:{fed}:group:{name}:matched  set of devices a dynamic or hybrid group matched at their last check-in
     ft:fed:{fed}:deployment      JSON: tier -> the model variant its devices run (cascading tiers)
     ft:fed:{fed}:distilled:{tier}  sorted set of versions distilled for a tier (score: the version)
+    ft:fed:{fed}:split           JSON SplitConfig (split learning: the cut, DP at the cut, bounds)
+    ft:fed:{fed}:split:state     hash: version (of the server part), steps, rejected:{reason}
+    ft:fed:{fed}:split:steps     hash device -> split steps it ran (its accountant's step count)
     ft:fed:{fed}:rollouts        sorted set rollout id -> created_at
     ft:fed:{fed}:rollout:{id}    JSON: one canary rollout (version, percentage, status, gates, history)
     ft:fed:{fed}:rollout:{id}:reports:{version}  hash device -> msgpack: its latest quality report
@@ -52,6 +55,7 @@ Control plane (the API):
     ft:redrives                  hash digest -> times re-driven (until settled)
     ft:rate:{fed}:{device}:{window}  request counter of one device in one rate-limit window (expires)
     ft:signing-key               the HMAC key of the local store's presigned URLs (embedded mode)
+    ft:split-secret              what the gateway shows the split server it forwards devices' steps to
     ft:model:{id}                hash: one registry model (kind, current version, created_at)
     ft:model:{id}:versions       hash version -> JSON (sha256, size, formats, object key, status)
     ft:models                    set of model ids
@@ -62,6 +66,7 @@ Object store:
     federations/{fed}/versions/{version:06d}/...          immutable published versions
     federations/{fed}/versions/{version:06d}/tier-{tier}/ that version distilled onto a tier's own base
     federations/{fed}/current.json                        pointer to the current version
+    federations/{fed}/split/{version:06d}/...             the split server's part, versioned on its own
     models/{model}/{version}/{filename}                   registry artifacts (immutable)
 """
 
@@ -217,6 +222,7 @@ RETENTION = f"{PREFIX}:retention"
 REDRIVES = f"{PREFIX}:redrives"
 SESSIONS = f"{PREFIX}:sessions"
 SIGNING_KEY = f"{PREFIX}:signing-key"
+SPLIT_SECRET = f"{PREFIX}:split-secret"
 MODELS = f"{PREFIX}:models"
 
 
@@ -254,6 +260,23 @@ def fed_deployment(fed: str) -> str:
 
 def fed_distilled(fed: str, tier: str) -> str:
     return f"{PREFIX}:fed:{fed}:distilled:{tier}"
+
+
+def fed_split(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:split"
+
+
+def split_state(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:split:state"
+
+
+def split_steps(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:split:steps"
+
+
+def split_prefix(fed: str, version: int) -> str:
+    """A published version of a split federation's server part (its layers' LoRA)."""
+    return f"federations/{fed}/split/{version:06d}"
 
 
 def fed_rollouts(fed: str) -> str:

@@ -1,0 +1,124 @@
+"""A device's side of split learning: its layers forward, DP at the cut, the server's gradient back.
+
+Each step Poisson-samples the device's sequences (each with probability q = batch / n, which the
+accountant counts on), runs the embeddings and layers [0, k), clips each example's activations to
+C and adds N(0, (sigma C)^2) noise before anything leaves the device, and backpropagates the
+gradient the server returns through the clip into its own LoRA. U-shaped, it also runs the top
+layers, the head and the loss on what the server sends back, so labels never leave it.
+
+Between rounds the device's part of the adapter goes through the ordinary round pipeline
+(SplitFed): the update carries its layers' delta and zeros for the server's, so FedAvg averages
+device parts only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from safetensors.torch import load
+
+from shared.device import trainer
+from shared.split import model as split_model
+from shared.split import wire
+from shared.split.config import SplitConfig
+from shared.strategies import privacy
+
+
+class Transport(Protocol):
+    def two_part(self, activations: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]: ...
+
+    def forward(self, activations: torch.Tensor) -> tuple[str, torch.Tensor]: ...
+
+    def backward(self, step_id: str, grad: torch.Tensor) -> torch.Tensor: ...
+
+
+class HttpTransport:
+    """Through the gateway, with the device's token; safetensors both ways. Counts bytes moved."""
+
+    def __init__(self, gateway, hidden: int) -> None:
+        self.gateway = gateway  # a fleettune.DeviceClient
+        self.hidden = hidden
+        self.sent = self.received = 0
+
+    def _post(self, suffix: str, tensors: dict, params: dict) -> tuple[dict, dict]:
+        blob = wire.encode(tensors)
+        body, headers = self.gateway.split_post(suffix, blob, params)
+        self.sent, self.received = self.sent + len(blob), self.received + len(body)
+        return load(body), headers  # the server's answer: trusted, and bounded by split_post
+
+    def two_part(self, activations, labels):
+        out, headers = self._post("step", {"activations": activations, "labels": labels},
+                                  {"batch": len(activations)})
+        return out["grad"], float(headers["x-loss"])
+
+    def forward(self, activations):
+        out, headers = self._post("forward", {"activations": activations}, {"batch": len(activations)})
+        return headers["x-step"], out["hidden"]
+
+    def backward(self, step_id, grad):
+        out, _ = self._post("backward", {"grad": grad}, {"step": step_id})
+        return out["grad"]
+
+
+class SplitDevice:
+    def __init__(self, transport: Transport, peft_model, data: torch.Tensor, config: SplitConfig, lr: float,
+                 seed: int = 0, batch: int = 8) -> None:
+        self.transport = transport
+        self.model = peft_model
+        self.data = data  # (n, seq_len) token ids: never leaves the device
+        self.config = config
+        num_layers = split_model.num_layers(peft_model)
+        self.device_layers = config.device_layers(num_layers)
+        self.top = range(config.server_layers(num_layers).stop, num_layers)
+        self.params = split_model.trainable(peft_model, self.device_layers)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr)
+        self.rate = min(1.0, batch / len(data))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps = 0
+        self.bytes_per_step: list[int] = []
+
+    def _sample(self) -> torch.Tensor:
+        picked = torch.nonzero(torch.rand(len(self.data), generator=self.generator) < self.rate).flatten()
+        return self.data[picked[: self.config.max_batch]]  # the cap binds with probability ~0 at these rates
+
+    def step(self) -> float | None:
+        """One batch through both sides; the loss (None for an empty Poisson draw, which is a step)."""
+        batch = self._sample()
+        self.steps += 1  # the accountant counts every draw, empty or not
+        if len(batch) == 0:
+            return None
+        self.model.train()
+        sent = split_model.privatize(split_model.bottom(self.model, batch, self.config.cut), self.config.clip,
+                                     self.config.sigma, self.generator)
+        if self.config.mode == "two_part":
+            grad, loss = self.transport.two_part(sent.detach(), batch)
+        else:
+            step_id, hidden = self.transport.forward(sent.detach())
+            hidden = hidden.detach().requires_grad_(True)
+            out = split_model.head_loss(self.model, split_model.run_layers(self.model, hidden, self.top), batch)
+            out.backward()
+            grad, loss = self.transport.backward(step_id, hidden.grad), out.item()
+        sent.backward(grad)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def epsilon(self) -> float:
+        """This device's (epsilon, delta)-DP for the examples it holds, over the steps it took."""
+        if self.config.sigma == 0:
+            return math.inf
+        return privacy.epsilon(self.config.sigma, self.rate, self.steps, self.config.delta)
+
+    def part_delta(self, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The round's update: this device's layers moved from `start`, zeros for the server's."""
+        now = trainer.adapter_weights(self.model)
+        return {k: (now[k] - v) if split_model.layer_of(k) in self.device_layers else torch.zeros_like(v)
+                for k, v in start.items()}
+
+
+def combined(device_part: dict[str, torch.Tensor], server_part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole adapter: the server's layers from its own version, every other layer the devices'."""
+    return {k: server_part.get(k, v) for k, v in device_part.items()}

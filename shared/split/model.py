@@ -1,0 +1,78 @@
+"""A decoder cut at its layers, as pure functions over one PEFT-wrapped Hugging Face causal LM.
+
+Both sides hold the same frozen base with LoRA on every layer; each trains only the LoRA of the
+layers it runs. A forward pass is the model's own, one range of layers at a time:
+    device   embeddings + layers [0, k)                    -> the split activations h_k
+    server   layers [k, m)                                   (two-part: m = L, then the head and loss)
+    device   layers [m, L) + final norm + LM head + loss     (U-shaped only: labels never leave it)
+so a split at any k with no noise computes exactly what the whole model computes.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def decoder(model):
+    """The LlamaModel-like stack (embed_tokens, layers, norm, rotary_emb) inside a PEFT causal LM."""
+    return model.get_base_model().model
+
+
+def num_layers(model) -> int:
+    return len(decoder(model).layers)
+
+
+def layer_of(name: str) -> int | None:
+    found = _LAYER.search(name)
+    return int(found.group(1)) if found else None
+
+
+def trainable(model, layers: range) -> list[torch.nn.Parameter]:
+    """The LoRA parameters of these layers: one side's share of the adapter."""
+    return [p for n, p in model.named_parameters() if p.requires_grad and layer_of(n) in layers]
+
+
+def run_layers(model, hidden: torch.Tensor, layers: range) -> torch.Tensor:
+    """Decoder layers over hidden states of full sequences (positions from 0, causal attention)."""
+    stack = decoder(model)
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    mask = create_causal_mask(config=stack.config, inputs_embeds=hidden, attention_mask=None, cache=None,
+                              position_ids=position_ids)
+    rotary = stack.rotary_emb(hidden, position_ids=position_ids)
+    for index in layers:
+        hidden = stack.layers[index](hidden, attention_mask=mask, position_embeddings=rotary,
+                                     position_ids=position_ids)
+    return hidden
+
+
+def bottom(model, input_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Embeddings and layers [0, k): the activations that cross the split."""
+    return run_layers(model, decoder(model).embed_tokens(input_ids), range(k))
+
+
+def head_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Final norm, LM head and the next-token loss, as the causal LM computes it."""
+    logits = model.get_base_model().lm_head(decoder(model).norm(hidden))
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1))
+
+
+def privatize(hidden: torch.Tensor, clip: float, sigma: float, generator: torch.Generator | None = None
+              ) -> torch.Tensor:
+    """Clip each example's activations to L2 norm `clip`, then add N(0, (sigma * clip)^2) noise.
+
+    Differentiable in `hidden` (the noise is a constant), so the gradient the server returns
+    flows back through the clip into the device's layers.
+    """
+    norms = hidden.flatten(1).norm(dim=1).clamp_min(1e-12)
+    scale = (clip / norms).clamp(max=1.0).view(-1, *([1] * (hidden.dim() - 1)))
+    clipped = hidden * scale
+    if sigma == 0:
+        return clipped
+    noise = torch.randn(hidden.shape, generator=generator, dtype=hidden.dtype) * (sigma * clip)
+    return clipped + noise

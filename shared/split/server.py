@@ -1,0 +1,125 @@
+"""The server's part of a split federation: its layers' LoRA, trained one device batch at a time.
+
+Steps are serialized (one model, one optimizer). A two-part step is one call: forward, loss,
+backward, optimizer step, and the gradient at the cut goes back. A U-shaped step is two calls: the
+forward keeps its graph under a step id until the device sends the gradient at the top of the
+server's layers; only then does the optimizer step. A device that never comes back (it
+disconnected mid-batch) leaves a pending forward that expires after `pending_ttl_s` without
+touching the weights, and each device has at most one pending forward, so state stays whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from shared.errors import Refusal
+from shared.split import model as split_model
+from shared.split.config import SplitConfig
+
+MAX_PENDING = 1024
+
+
+@dataclasses.dataclass
+class _Pending:
+    device: str
+    inputs: torch.Tensor  # the leaf the device's activations became
+    outputs: torch.Tensor  # the server layers' output, with its graph
+    at: float
+
+
+class SplitServer:
+    def __init__(self, peft_model, config: SplitConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.model = peft_model
+        self.config = config
+        self.clock = clock
+        self.layers = config.server_layers(split_model.num_layers(peft_model))
+        self.params = split_model.trainable(peft_model, self.layers)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.server_lr)
+        self.pending: dict[str, _Pending] = {}
+        self.lock = threading.Lock()
+        self.steps = 0
+        self.hidden = peft_model.config.hidden_size
+        self.vocab = peft_model.config.vocab_size
+        self.model.train()
+
+    # --- message shapes: from the config and the model, never from the message -------------------
+
+    def shapes(self, batch: int, with_labels: bool) -> dict[str, tuple[int, ...]]:
+        if not 1 <= batch <= self.config.max_batch:
+            raise Refusal(413, "batch_too_large", f"batch {batch} is not in [1, {self.config.max_batch}]")
+        shapes = {"activations": (batch, self.config.seq_len, self.hidden)}
+        if with_labels:
+            shapes["labels"] = (batch, self.config.seq_len)
+        return shapes
+
+    def grad_shape(self, step_id: str) -> dict[str, tuple[int, ...]]:
+        pending = self.pending.get(step_id)
+        if pending is None:
+            raise Refusal(409, "unknown_step", "no pending forward with this step id (expired or finished)")
+        return {"grad": tuple(pending.outputs.shape)}
+
+    # --- steps -------------------------------------------------------------------------------------
+
+    def two_part(self, activations: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The rest of the model and the loss; returns (gradient at the cut, loss) after one step."""
+        if self.config.mode != "two_part":
+            raise Refusal(409, "wrong_mode", "this federation splits U-shaped: forward, then backward")
+        with self.lock:
+            inputs = activations.detach().requires_grad_(True)
+            loss = split_model.head_loss(self.model, split_model.run_layers(self.model, inputs, self.layers), labels)
+            self._step(loss.backward)
+            return inputs.grad, loss.item()
+
+    def forward(self, device: str, activations: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """U-shaped, first half: the server's layers; their output goes back, the graph stays."""
+        if self.config.mode != "u_shaped":
+            raise Refusal(409, "wrong_mode", "this federation splits in two parts: send activations and labels")
+        with self.lock:
+            self._expire()
+            for step_id in [s for s, p in self.pending.items() if p.device == device]:
+                del self.pending[step_id]  # a device has one batch in flight: a new one supersedes it
+            if len(self.pending) >= MAX_PENDING:
+                raise Refusal(503, "split_busy", "too many forwards wait for their backward", {"Retry-After": "1"})
+            inputs = activations.detach().requires_grad_(True)
+            outputs = split_model.run_layers(self.model, inputs, self.layers)
+            step_id = secrets.token_hex(8)
+            self.pending[step_id] = _Pending(device, inputs, outputs, self.clock())
+            return step_id, outputs.detach()
+
+    def backward(self, device: str, step_id: str, grad: torch.Tensor) -> torch.Tensor:
+        """U-shaped, second half: the gradient at the server's top in, the gradient at the cut out."""
+        with self.lock:
+            self._expire()
+            pending = self.pending.get(step_id)
+            if pending is None or pending.device != device:
+                raise Refusal(409, "unknown_step", "no pending forward of this device with this step id")
+            del self.pending[step_id]
+            self._step(lambda: pending.outputs.backward(grad))
+            return pending.inputs.grad
+
+    def _step(self, backward: Callable[[], None]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.steps += 1
+
+    def _expire(self) -> None:
+        cutoff = self.clock() - self.config.pending_ttl_s
+        for step_id in [s for s, p in self.pending.items() if p.at < cutoff]:
+            del self.pending[step_id]
+
+    # --- the server part as an adapter -------------------------------------------------------------
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The LoRA tensors of the server's layers, under PEFT's saved names."""
+        from shared.device import trainer
+
+        return {k: v for k, v in trainer.adapter_weights(self.model).items()
+                if split_model.layer_of(k) in self.layers}

@@ -1,0 +1,163 @@
+"""Split learning's pure parts on the real tiny model: the cut, DP at the cut, the wire, the server."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shared.adapter_spec import AdapterConfig
+from shared.device import models, trainer
+from shared.errors import Refusal, Rejected
+from shared.split import model as split_model
+from shared.split import wire
+from shared.split.config import SplitConfig
+from shared.split.device import SplitDevice
+from shared.split.server import SplitServer
+
+
+class Local:
+    """The transport without HTTP: the device calls the server object directly."""
+
+    def __init__(self, server: SplitServer) -> None:
+        self.server = server
+
+    def two_part(self, activations, labels):
+        return self.server.two_part(activations, labels)
+
+    def forward(self, activations):
+        return self.server.forward("d", activations)
+
+    def backward(self, step_id, grad):
+        return self.server.backward("d", step_id, grad)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = trainer.peft_model(models.load_model("tiny"), AdapterConfig(rank=4, alpha=8))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero: give every LoRA weight a gradient to compare
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("mode,cut,top", [("two_part", 1, 0), ("two_part", 3, 0), ("u_shaped", 1, 1),
+                                          ("u_shaped", 2, 1), ("u_shaped", 1, 0)])
+def test_a_split_without_noise_computes_the_unsplit_loss_and_gradients(tiny, mode, cut, top):
+    model, layers = tiny, split_model.num_layers(tiny)
+    config = SplitConfig(mode=mode, cut=cut, top_layers=top, clip=1e9, sigma=0.0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
+    model.zero_grad(set_to_none=True)
+    whole = model(input_ids=ids, labels=ids).loss
+    whole.backward()
+    expected = _grads(model)
+
+    sent = split_model.privatize(split_model.bottom(model, ids, cut), config.clip, config.sigma)
+    received = sent.detach().requires_grad_(True)  # what the server gets: a leaf, no graph back
+    middle = split_model.run_layers(model, received, config.server_layers(layers))
+    if mode == "two_part":
+        loss = split_model.head_loss(model, middle, ids)
+        loss.backward()
+    else:
+        back = middle.detach().requires_grad_(True)  # what the device gets back
+        loss = split_model.head_loss(model, split_model.run_layers(model, back, range(layers - top, layers)), ids)
+        loss.backward()
+        middle.backward(back.grad)
+    sent.backward(received.grad)
+    got = _grads(model)
+    assert loss.item() == pytest.approx(whole.item(), abs=1e-5)
+    assert got.keys() == expected.keys() and len(got) == 2 * 4 * layers
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4)
+
+
+def test_dp_at_the_cut_clips_each_example_and_adds_noise_of_sigma_c():
+    hidden = torch.randn(64, 16, 8) * torch.linspace(0.1, 10, 64).view(-1, 1, 1)
+    clipped = split_model.privatize(hidden, clip=5.0, sigma=0.0)
+    norms = clipped.flatten(1).norm(dim=1)
+    assert norms.max() <= 5.0 + 1e-4
+    small = hidden.flatten(1).norm(dim=1) < 5.0
+    torch.testing.assert_close(clipped[small], hidden[small])  # under the bound: untouched
+    noisy = split_model.privatize(hidden, clip=5.0, sigma=2.0, generator=torch.Generator().manual_seed(0))
+    assert (noisy - clipped).std().item() == pytest.approx(10.0, rel=0.03)
+
+
+def test_the_devices_epsilon_is_the_accountants_own(tiny):
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    config = SplitConfig(mode="two_part", cut=1, sigma=1.1, delta=1e-5)
+    device = SplitDevice(Local(SplitServer(tiny, config)), tiny, torch.zeros(80, 64, dtype=torch.long), config,
+                         lr=1e-3, batch=8)
+    device.steps = 250
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.1)), 250)
+    accountant = RdpAccountant()
+    accountant.compose(event)
+    assert device.epsilon() == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert 0 < device.epsilon() < math.inf
+    assert SplitDevice(Local(SplitServer(tiny, SplitConfig(mode="two_part"))), tiny, torch.zeros(8, 64,
+                       dtype=torch.long), SplitConfig(mode="two_part"), 1e-3).epsilon() == math.inf
+
+
+def test_malformed_messages_are_refused_by_name():
+    shapes = {"activations": (2, 4, 8), "labels": (2, 4)}
+    good = {"activations": torch.zeros(2, 4, 8), "labels": torch.zeros(2, 4, dtype=torch.long)}
+    assert wire.decode(wire.encode(good), shapes, vocab=10)["labels"].shape == (2, 4)
+    cases = {
+        "bad_shape": dict(good, activations=torch.zeros(2, 4, 9)),
+        "non_finite": dict(good, activations=torch.full((2, 4, 8), math.nan)),
+        "bad_dtype": dict(good, activations=torch.zeros(2, 4, 8, dtype=torch.float16)),
+        "bad_label": dict(good, labels=torch.full((2, 4), 10, dtype=torch.long)),
+        "missing_keys": {"activations": good["activations"]},
+        "unexpected_keys": dict(good, extra=torch.zeros(1)),
+    }
+    for reason, tensors in cases.items():
+        with pytest.raises(Rejected) as refused:
+            wire.decode(wire.encode(tensors), shapes, vocab=10)
+        assert refused.value.reason.value == reason, reason
+    for blob, reason in ((b"\x00" * 3, "truncated"), (b"\xff" * 16, "header_too_large"),
+                         (wire.encode(good)[:-5], "truncated")):
+        with pytest.raises(Rejected) as refused:
+            wire.decode(blob, shapes, vocab=10)
+        assert refused.value.reason.value == reason
+
+
+def test_a_device_that_never_sends_its_backward_leaves_the_server_unchanged(tiny):
+    now = [0.0]
+    config = SplitConfig(mode="u_shaped", cut=1, top_layers=1, pending_ttl_s=30)
+    server = SplitServer(tiny, config, clock=lambda: now[0])
+    before = {k: v.clone() for k, v in server.weights().items()}
+    step_id, hidden = server.forward("phone", torch.randn(2, config.seq_len, server.hidden))
+    assert hidden.shape == (2, config.seq_len, server.hidden) and step_id in server.pending
+    with pytest.raises(Refusal, match="unknown_step"):  # another device cannot finish it
+        server.backward("other", step_id, torch.ones_like(hidden))
+    now[0] = 31.0
+    with pytest.raises(Refusal, match="unknown_step"):  # expired: dropped, never stepped
+        server.backward("phone", step_id, torch.ones_like(hidden))
+    assert server.steps == 0 and all(torch.equal(before[k], v) for k, v in server.weights().items())
+    with pytest.raises(Refusal, match="batch_too_large"):
+        server.shapes(config.max_batch + 1, with_labels=False)
+    with pytest.raises(Refusal, match="wrong_mode"):
+        server.two_part(torch.zeros(1, config.seq_len, server.hidden), torch.zeros(1, config.seq_len, dtype=torch.long))
+
+
+def test_split_training_in_both_modes_lowers_the_loss(tiny):
+    from shared import corpora
+
+    tokenizer = models.load_tokenizer("tiny")
+    data = trainer.blocks(tokenizer(corpora.train_text("legal", 40_000))["input_ids"], 64)
+    for mode in ("two_part", "u_shaped"):
+        model = trainer.peft_model(models.load_model("tiny"), AdapterConfig(rank=4, alpha=8))
+        config = SplitConfig(mode=mode, cut=1, top_layers=1, clip=1e4, seq_len=64, server_lr=3e-3)
+        device = SplitDevice(Local(SplitServer(model, config)), model, data, config, lr=3e-3, batch=8)
+        losses = [loss for loss in (device.step() for _ in range(40)) if loss is not None]
+        assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.3, (mode, losses[:8], losses[-8:])
