@@ -58,6 +58,8 @@ class Settings:
     fold_batch: int = 64  # an ingest process commits its partial sum after this many updates ...
     fold_tail: int = 8  # ... or at every update once the round is within this many devices of complete ...
     fold_idle_s: float = 0.5  # ... or once no update arrived for this long
+    split_url: str | None = None  # the split-learning server the gateway forwards devices' steps to
+    split_rate_limit: int = 6000  # split steps a device may send per rate window (a step per batch)
 
     def __post_init__(self) -> None:
         if self.visibility_timeout_s <= self.task_time_limit_s:
@@ -136,4 +138,6 @@ class Settings:
             fold_batch=integer("FOLD_BATCH", cls.fold_batch),
             fold_tail=integer("FOLD_TAIL", cls.fold_tail),
             fold_idle_s=real("FOLD_IDLE", cls.fold_idle_s),
+            split_url=get("SPLIT_URL"),
+            split_rate_limit=integer("SPLIT_RATE_LIMIT", cls.split_rate_limit),
         )

@@ -201,20 +201,21 @@ def _healthy(url: str) -> bool:
 
 
 class Api:
-    """`fleettune api` (FastAPI under uvicorn) as its own process; restartable on the same port."""
+    """`fleettune api` (FastAPI under uvicorn) as its own process; restartable on the same port.
+    `command="split-server"`: the split-learning server, the same way."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None):
-        self.env, self.workdir = env, workdir
+    def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None, command: str = "api"):
+        self.env, self.workdir, self.command = env, workdir, command
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.start()
 
     def start(self) -> None:
         exe = str(Path(sys.executable).parent / "fleettune")
-        err = self.workdir / f"api-{self.port}.err"
-        self.proc = subprocess.Popen([exe, "api", "--port", str(self.port)], env=dict(os.environ, **self.env),
+        err = self.workdir / f"{self.command}-{self.port}.err"
+        self.proc = subprocess.Popen([exe, self.command, "--port", str(self.port)], env=dict(os.environ, **self.env),
                                      stdout=subprocess.DEVNULL, stderr=err.open("a"), start_new_session=True)
-        _wait(lambda: _healthy(self.url), "fleettune api", 60, self.proc, err)
+        _wait(lambda: _healthy(self.url), f"fleettune {self.command}", 60, self.proc, err)
 
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)

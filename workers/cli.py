@@ -147,6 +147,26 @@ def api(host: str, port: int) -> None:
           host, port)
 
 
+@cli.command("split-server")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8100, show_default=True)
+def split_server(host: str, port: int) -> None:
+    """Serve the server's layers of split-learning federations (the API forwards devices' steps here:
+    set FLEETTUNE_SPLIT_URL on the API to this server's URL)."""
+    import torch
+
+    from shared.runtime import Runtime
+    from workers.api import serve
+    from workers.split_server import create_split_app
+
+    settings = Settings.from_env()
+    if not settings.redis_url:
+        raise click.UsageError("set FLEETTUNE_REDIS_URL (and FLEETTUNE_S3_*) to run the split server")
+    torch.set_num_threads(settings.torch_threads)
+    click.echo(f"fleettune split-server on http://{host}:{port}/")
+    serve(create_split_app(Runtime.from_settings(settings)), host, port)
+
+
 @cli.group("api-key")
 def api_key() -> None:
     """Operator API keys, written straight to Redis (to bootstrap the first admin key)."""

@@ -68,18 +68,19 @@ class Gateway:
 
     # --- rate limit ------------------------------------------------------------------------------
 
-    def throttle(self, fed: str, device: str) -> None:
-        """A fixed window per device; Refusal(429) with Retry-After past the limit."""
+    def throttle(self, fed: str, device: str, limit: int | None = None, bucket: str = "") -> None:
+        """A fixed window per device (and bucket); Refusal(429) with Retry-After past the limit."""
+        limit = limit or self.settings.device_rate_limit
         now = self.clock()
         window = int(now // self.settings.rate_window_s)
-        key = keys.rate_window(fed, device, window)
+        key = keys.rate_window(fed, f"{device}{bucket}", window)
         with self.r.pipeline(transaction=False) as pipe:
             pipe.incr(key)
             pipe.expire(key, self.settings.rate_window_s + 1)
             count = pipe.execute()[0]
-        if count > self.settings.device_rate_limit:
+        if count > limit:
             retry = int((window + 1) * self.settings.rate_window_s - now) + 1
-            raise Refusal(429, "rate_limited", f"more than {self.settings.device_rate_limit} requests in "
+            raise Refusal(429, "rate_limited", f"more than {limit} requests in "
                           f"{self.settings.rate_window_s}s", headers={"Retry-After": str(retry)})
 
     # --- check-in --------------------------------------------------------------------------------

@@ -427,3 +427,21 @@ class ReportIn(Strict):
         if not out:
             raise Refusal(422, "invalid_report", "a report needs eval_loss, perplexity, acceptance_rate or requests")
         return out
+
+
+# --- split learning ----------------------------------------------------------------------------------
+
+class SplitIn(Strict):
+    mode: Literal["two_part", "u_shaped"] = Field("u_shaped", description="two_part: the server computes the loss "
+                                                  "and sees the labels (the text); u_shaped: they stay on the device")
+    base_model: Literal["tiny", "smollm2"] = "tiny"
+    cut: int = Field(1, ge=1, le=512, description="k: the device runs the embeddings and layers [0, k)")
+    top_layers: int = Field(1, ge=0, le=512, description="u_shaped: the last layers the device also runs")
+    clip: float = Field(100.0, gt=0, le=1e6, description="C: per-example L2 bound on the activations")
+    sigma: float = Field(0.0, ge=0, le=1e3, description="noise std = sigma x C")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_batch: int = Field(32, ge=1, le=1024)
+    seq_len: int = Field(64, ge=2, le=4096)
+    server_lr: float = Field(1e-3, gt=0, le=1)
+    publish_every: int = Field(50, ge=1, le=10**6)
+    pending_ttl_s: float = Field(60.0, gt=0, le=3600)

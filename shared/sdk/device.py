@@ -9,7 +9,7 @@ import hashlib
 import time
 from typing import Any
 
-from .http import Client, FleettuneAPIError
+from .http import Client, FleettuneAPIError, raise_for_problem
 
 
 class DeviceClient:
@@ -68,6 +68,13 @@ class DeviceClient:
         return self.client.post(self._path("/updates"), {
             "round": plan["round"], "sha256": sha256, "num_samples": num_samples,
             "base_version": plan["base_version"], "train_seconds": train_seconds, "metrics": metrics or {}})
+
+    def split_post(self, action: str, blob: bytes, params: dict) -> tuple[bytes, dict[str, str]]:
+        """One split-learning message through the gateway: (the answer's bytes, its headers)."""
+        response = self.client.http.post(self._path(f"/split/{action}"), content=blob, params=params,
+                                         headers={"Content-Type": "application/vnd.safetensors"})
+        raise_for_problem(response)
+        return response.content, {k.lower(): v for k, v in response.headers.items()}
 
     def receipt(self, receipt: str) -> dict:
         return self.client.get(self._path(f"/receipts/{receipt}"))

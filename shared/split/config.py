@@ -18,6 +18,7 @@ class SplitConfig:
     # labels (for a language model, the text itself, shifted by one token). u_shaped: the last
     # `top_layers`, the head and the loss stay on the device: neither inputs nor labels leave it.
     mode: Mode = "u_shaped"
+    base_model: str = "tiny"  # what both sides load: 'tiny', 'smollm2' or a local HF directory
     cut: int = 1  # k: the device runs the embeddings and layers [0, k)
     top_layers: int = 1  # u_shaped: layers [L - top_layers, L) also run on the device
     clip: float = 100.0  # C: each example's activations are clipped to this L2 norm

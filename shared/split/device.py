@@ -122,3 +122,20 @@ class SplitDevice:
 def combined(device_part: dict[str, torch.Tensor], server_part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The whole adapter: the server's layers from its own version, every other layer the devices'."""
     return {k: server_part.get(k, v) for k, v in device_part.items()}
+
+
+def split_round(gateway, device: SplitDevice, steps: int, shapes: dict[str, tuple[int, ...]],
+                plan: dict | None = None, max_header_bytes: int = 1 << 20) -> dict:
+    """One SplitFed round: start from the global version, take `steps` split steps through the
+    split server, and send this device's part through the round pipeline. Returns the receipt."""
+    from shared.safetensors_reader import parse
+    from shared.submit import encode_update
+
+    plan = plan or gateway.check_in()
+    start = {k: v.clone() for k, v in parse(gateway.download(plan), shapes, max_header_bytes).items()}
+    trainer.load_adapter_weights(device.model, start)
+    losses = [loss for loss in (device.step() for _ in range(steps)) if loss is not None]
+    delta = {k: v.numpy() for k, v in device.part_delta(start).items()}
+    receipt = gateway.send(plan, encode_update(delta), num_samples=max(1, round(device.rate * len(device.data) * steps)),
+                           metrics={"loss": sum(losses) / max(len(losses), 1), "epsilon": min(device.epsilon(), 1e9)})
+    return receipt

@@ -11,15 +11,25 @@ bad_label), before a tensor reaches the model.
 
 from __future__ import annotations
 
+import secrets
+
 import torch
 from safetensors.torch import save
 
+from shared import keys
 from shared.errors import RejectReason, Rejected
 from shared.safetensors_reader import DTYPES, parse
 
 WIRE_DTYPES = {"F32": DTYPES["F32"], "I64": (torch.int64, 8)}
 MAX_HEADER = 4096
 MEDIA_TYPE = "application/vnd.safetensors"
+STEP_ID = r"^[0-9a-f]{16}$"  # a U-shaped forward's id, which its backward names
+
+
+def shared_secret(client) -> bytes:
+    """What the gateway shows the split server: created once in Redis, read by both."""
+    client.set(keys.SPLIT_SECRET, secrets.token_bytes(32), nx=True)
+    return client.get(keys.SPLIT_SECRET)
 
 
 def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_a
 
 from shared.metrics import FederationCollector
 from shared.runtime import Runtime
-from workers.api import devices, federations, models, objects, problems, rollouts, sessions
+from workers.api import devices, federations, models, objects, problems, rollouts, sessions, split
 from workers.api.services import Enqueue, Publisher, Services
 
 __all__ = ["create_app", "serve", "serve_in_thread"]
@@ -29,7 +29,7 @@ def create_app(runtime: Runtime, enqueue: Enqueue, registry: CollectorRegistry |
                   "and device gateway", docs_url="/docs", openapi_url="/openapi.json")
     app.state.services = Services.build(runtime, enqueue, clock, publisher)
     problems.install(app)
-    for module in (devices, federations, rollouts, sessions, models, objects):  # the device hot path matches first
+    for module in (devices, split, federations, rollouts, sessions, models, objects):  # the device hot path matches first
         app.include_router(module.router)
 
     registry = registry or CollectorRegistry()

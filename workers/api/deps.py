@@ -46,13 +46,26 @@ def admin(who: Principal = Depends(principal)) -> Principal:
     return who
 
 
-async def device(name: str = FedName, creds: HTTPAuthorizationCredentials | None = Depends(bearer),
-           svc: Services = Depends(services)) -> Principal:
-    """A device token of this federation, within its rate limit (one thread-pool hop for all of it)."""
+def _device(svc: Services, name: str, creds: HTTPAuthorizationCredentials | None) -> Principal:
     who = _authenticate(svc, creds)
     if who.scope != "device":
         raise Refusal(403, "forbidden", "this route is for device tokens")
     if who.federation != name:
         raise Refusal(403, "forbidden", "this device token belongs to another federation")
+    return who
+
+
+async def device(name: str = FedName, creds: HTTPAuthorizationCredentials | None = Depends(bearer),
+           svc: Services = Depends(services)) -> Principal:
+    """A device token of this federation, within its rate limit (one thread-pool hop for all of it)."""
+    who = _device(svc, name, creds)
     svc.gateway.throttle(name, who.device)
+    return who
+
+
+def split_device(name: str = FedName, creds: HTTPAuthorizationCredentials | None = Depends(bearer),
+                 svc: Services = Depends(services)) -> Principal:
+    """A device token of this federation, within its split-step limit (a step per batch, not per round)."""
+    who = _device(svc, name, creds)
+    svc.gateway.throttle(name, who.device, svc.runtime.settings.split_rate_limit, ":split")
     return who
