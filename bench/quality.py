@@ -173,15 +173,6 @@ def hetero(args) -> None:
               f"each tier's own adapter: {per_tier}", flush=True)
 
 
-def noise_for(epsilon: float, rate: float, rounds: int, delta: float) -> float:
-    """The smallest noise multiplier (to 1 %) whose RDP epsilon over `rounds` is at most `epsilon`."""
-    low, high = 0.3, 100.0
-    while high / low > 1.01:
-        mid = (low * high) ** 0.5
-        low, high = (low, mid) if privacy.epsilon(mid, rate, rounds, delta) <= epsilon else (mid, high)
-    return high
-
-
 def dp_cost(args) -> None:
     """DP-FedAvg on a sampled population: held-out perplexity without noise and at epsilon 8, 3, 1."""
     delta = 1e-5
@@ -191,7 +182,7 @@ def dp_cost(args) -> None:
           f"{args.rounds} rounds of {args.max_steps or 'one epoch of'} step(s) per device, clip 1.0, delta {delta:g}")
     rows = []
     for target in (None, 8.0, 3.0, 1.0):
-        z = 0.0 if target is None else noise_for(target, args.rate, args.rounds, delta)
+        z = 0.0 if target is None else privacy.noise_for(target, args.rate, args.rounds, delta)
         overrides = (("sampling_rate", args.rate),) + ((("dp_noise_multiplier", z),) if z else ())
         recipe = Recipe("dp_fedavg" if z else "fedavg", args.rounds, args.max_steps, args.server_lr, 0.0, overrides)
         run = federated(args.model, AdapterConfig(rank=8, alpha=16), args.lr, recipe, fleet, clip=1.0, min_updates=2)

@@ -1,4 +1,4 @@
-"""`fleettune federations|sessions|devices|groups|rollouts|models|keys`: the API from a terminal, as tables.
+"""`fleettune federations|sessions|devices|groups|rollouts|split|models|keys`: the API from a terminal, as tables.
 
 Each command is a thin call through the SDK; FLEETTUNE_URL and FLEETTUNE_API_KEY say where and who.
 """
@@ -312,6 +312,35 @@ def rollouts_deployment(ctx, federation: str, tiers_json: str | None) -> None:
     table([dict(v, tier=t) for t, v in tiers.items()], ["tier", "mode", "base_model", "adapter", "api_url"])
 
 
+split = _group("split", "Split learning of a federation: the cut, DP at the cut, and its devices' steps.")
+
+
+@split.command("set")
+@click.argument("federation")
+@click.option("--mode", type=click.Choice(["two_part", "u_shaped"]), default="u_shaped", show_default=True,
+              help="two_part: the server computes the loss and sees the labels (the text itself)")
+@click.option("--base-model", type=click.Choice(["tiny", "smollm2"]), default="tiny", show_default=True)
+@click.option("--cut", default=1, show_default=True, help="k: the device runs the embeddings and layers [0, k)")
+@click.option("--top-layers", default=1, show_default=True, help="u_shaped: last layers kept on the device")
+@click.option("--clip", default=100.0, show_default=True, help="C: per-example L2 bound on the activations")
+@click.option("--sigma", default=0.0, show_default=True, help="noise std = sigma x C")
+@click.option("--seq-len", default=64, show_default=True)
+@click.option("--max-batch", default=32, show_default=True)
+@click.pass_context
+def split_set(ctx, federation: str, **fields) -> None:
+    body = _client(ctx).put(f"/api/v1/federations/{federation}/split", fields)
+    table([body["config"]], list(fields))
+
+
+@split.command("status")
+@click.argument("federation")
+@click.pass_context
+def split_status(ctx, federation: str) -> None:
+    body = _client(ctx).get(f"/api/v1/federations/{federation}/split")
+    table([body], ["server_part_version", "server_steps", "rejected"])
+    table([dict(v, device=d) for d, v in body["devices"].items()], ["device", "steps"])
+
+
 models = _group("models", "The model registry through the API.")
 
 
@@ -385,5 +414,5 @@ def keys_revoke(ctx, key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
-GROUPS = (federations, sessions, devices, groups, rollouts, models, keys)
+GROUPS = (federations, sessions, devices, groups, rollouts, split, models, keys)
 __all__ = ["GROUPS", "FleettuneAPIError"]

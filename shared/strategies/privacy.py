@@ -44,6 +44,15 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
 
 
 @functools.lru_cache(maxsize=4096)
+def noise_for(epsilon_target: float, sampling_rate: float, rounds: int, delta: float) -> float:
+    """The smallest noise multiplier (to 1 %) whose RDP epsilon over `rounds` is at most the target."""
+    low, high = 0.3, 100.0
+    while high / low > 1.01:
+        mid = (low * high) ** 0.5
+        low, high = (low, mid) if epsilon(mid, sampling_rate, rounds, delta) <= epsilon_target else (mid, high)
+    return high
+
+
 def ledger_epsilon(ledger: tuple[tuple[float, float, int], ...], delta: float) -> float:
     """ε of every release in a federation's DP ledger: (noise multiplier, sampling rate, releases)
     segments, composed, so a change of z or q midway is still counted honestly."""

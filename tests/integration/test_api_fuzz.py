@@ -43,7 +43,8 @@ def test_no_generated_request_gets_a_server_error(fuzz_api, mode):
     calls, failures = 0, []
     for result in schema.get_all_operations():
         operation = result.ok()
-        as_device = any(s in operation.path for s in ("check-in", "upload-url", "updates", "receipts"))
+        as_device = any(s in operation.path for s in ("check-in", "upload-url", "updates", "receipts", "reports",
+                                                      "split/"))
         token = tokens["device" if as_device else "admin"]
         path_parameters = {"name": "fuzzed"} if as_device else None
 
@@ -53,7 +54,9 @@ def test_no_generated_request_gets_a_server_error(fuzz_api, mode):
             nonlocal calls
             response = case.call(base_url=api.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
             calls += 1
-            if response.status_code >= 500:
+            # this API runs without a split server: its honest answer to a split step is 503
+            unavailable = response.status_code == 503 and "split_unavailable" in response.text
+            if response.status_code >= 500 and not unavailable:
                 failures.append(f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:200]}")
 
         try:

@@ -1,0 +1,222 @@
+"""Split learning: quality, leakage and cost, each measured in one run.
+
+    python bench/split.py quality [--model smollm2]   # held-out perplexity: split (both modes) vs local LoRA,
+                                                     # at sigma = 0 and at the sigma that gives epsilon 8, 3, 1
+    python bench/split.py leakage [--model smollm2]  # an inversion attack's token accuracy against sigma and k
+    python bench/split.py cost [--model smollm2]     # bytes per step, and a step's time through the gateway
+                                                     # and split server (loopback) against local compute
+
+Quality runs in one process (the split server object called directly: the same code the server
+process runs, without HTTP), one device holding legal text, equal steps for every variant. The
+clip C is the median per-example activation norm at the cut, measured first (half the examples
+are clipped). Cost starts real Redis, SeaweedFS, `fleettune split-server` and `fleettune api`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shared import corpora  # noqa: E402
+from shared.adapter_spec import AdapterConfig  # noqa: E402
+from shared.device import models, trainer  # noqa: E402
+from shared.federation import TrainingStrategy  # noqa: E402
+from shared.split import model as split_model  # noqa: E402
+from shared.split.config import SplitConfig  # noqa: E402
+from shared.split.device import SplitDevice  # noqa: E402
+from shared.split.server import SplitServer  # noqa: E402
+from shared.strategies import privacy  # noqa: E402
+
+ADAPTER = AdapterConfig(rank=8, alpha=16)
+BATCH, SEQ, DELTA = 8, 64, 1e-5
+
+
+class Local:
+    def __init__(self, server: SplitServer) -> None:
+        self.server = server
+
+    def two_part(self, activations, labels):
+        return self.server.two_part(activations, labels)
+
+    def forward(self, activations):
+        return self.server.forward("bench", activations)
+
+    def backward(self, step_id, grad):
+        return self.server.backward("bench", step_id, grad)
+
+
+def _data(source: str, chars: int, heldout_chars: int):
+    tokenizer = models.load_tokenizer(source)
+    train = trainer.blocks(tokenizer(corpora.train_text("legal", chars))["input_ids"], SEQ)
+    heldout = trainer.blocks(tokenizer(corpora.heldout_text("legal", heldout_chars))["input_ids"], SEQ)
+    return train, heldout
+
+
+def _clip(source: str, train: torch.Tensor, cut: int) -> float:
+    model = trainer.peft_model(models.load_model(source), ADAPTER)
+    with torch.no_grad():
+        norms = split_model.bottom(model, train[:64], cut).flatten(1).norm(dim=1)
+    return float(norms.median())
+
+
+def _split_run(source: str, train, heldout, config: SplitConfig, steps: int, lr: float) -> float:
+    torch.manual_seed(0)
+    device_model = trainer.peft_model(models.load_model(source), ADAPTER)
+    server_model = trainer.peft_model(models.load_model(source), ADAPTER)
+    server = SplitServer(server_model, config)
+    device = SplitDevice(Local(server), device_model, train, config, lr=lr, batch=BATCH)
+    for _ in range(steps):
+        device.step()
+    whole = {k: v for k, v in trainer.adapter_weights(device_model).items()}
+    whole.update(server.weights())
+    trainer.load_adapter_weights(device_model, whole)
+    return trainer.perplexity(device_model, heldout)
+
+
+def quality(args) -> None:
+    train, heldout = _data(args.model, args.chars, 8_000)
+    rate, steps = min(1.0, BATCH / len(train)), args.steps
+    clip = _clip(args.model, train, args.cut)
+    model = trainer.peft_model(models.load_model(args.model), ADAPTER)
+    base = trainer.perplexity(model, heldout)
+    torch.manual_seed(0)
+    trainer.train(model, train, TrainingStrategy(learning_rate=args.lr, batch_size=BATCH, seq_len=SEQ,
+                                                 max_steps=steps, local_epochs=10_000), seed=0)
+    local = trainer.perplexity(model, heldout)
+    print(f"{args.model}: {len(train)} sequences of {SEQ} tokens, {steps} steps of ~{BATCH} (q={rate:.3f}), cut k="
+          f"{args.cut}, C={clip:.1f} (median activation norm), delta={DELTA}")
+    print(f"base {base:.2f}   local LoRA {local:.2f}")
+    print(f"{'epsilon':>8} {'sigma':>7} {'two-part':>9} {'U-shaped':>9}")
+    for target in (None, 8.0, 3.0, 1.0):
+        sigma = 0.0 if target is None else privacy.noise_for(target, rate, steps, DELTA)
+        row = []
+        for mode in ("two_part", "u_shaped"):
+            config = SplitConfig(mode=mode, base_model=args.model, cut=args.cut, top_layers=1, clip=clip,
+                                 sigma=sigma, delta=DELTA, max_batch=64, seq_len=SEQ, server_lr=args.lr)
+            row.append(_split_run(args.model, train, heldout, config, steps, args.lr))
+        eps = "inf" if target is None else f"{privacy.epsilon(sigma, rate, steps, DELTA):.2f}"
+        print(f"{eps:>8} {sigma:>7.3f} {row[0]:>9.2f} {row[1]:>9.2f}")
+
+
+@torch.no_grad()
+def leakage(args) -> None:
+    """Nearest-neighbour inversion: each position's activation is matched (cosine) against every
+    token's own representation at layer k (the token alone, through the attacker's copy of the
+    public base's first k layers). Reported: the share of tokens recovered exactly."""
+    train, heldout = _data(args.model, args.chars, 4_000)
+    model = trainer.peft_model(models.load_model(args.model), ADAPTER)
+    rate, steps = min(1.0, BATCH / len(train)), args.steps
+    sigmas = {"0": 0.0, **{f"{e:g}": privacy.noise_for(e, rate, steps, DELTA) for e in (8.0, 3.0, 1.0)}}
+    vocab = model.config.vocab_size
+    tokens = heldout[:8]
+    layers = [k for k in (1, 2, 4, 8) if k < split_model.num_layers(model)]
+    print(f"{args.model}: {tokens.numel()} held-out tokens, vocabulary {vocab}; sigma for epsilon 8/3/1 over "
+          f"{steps} steps at q={rate:.3f}")
+    print(f"{'k':>3} {'C':>8} " + " ".join(f"{'eps=' + e if e != '0' else 'sigma=0':>10}" for e in sigmas))
+    for k in layers:
+        templates = torch.cat([split_model.bottom(model, torch.arange(i, min(i + 4096, vocab)).view(-1, 1), k)[:, 0]
+                               for i in range(0, vocab, 4096)])
+        templates = torch.nn.functional.normalize(templates, dim=-1)
+        hidden = split_model.bottom(model, tokens, k)
+        clip = float(hidden.flatten(1).norm(dim=1).median())
+        row = []
+        for sigma in sigmas.values():
+            sent = split_model.privatize(hidden, clip, sigma, torch.Generator().manual_seed(0))
+            guess = (torch.nn.functional.normalize(sent, dim=-1) @ templates.T).argmax(-1)
+            row.append((guess == tokens).float().mean().item())
+        print(f"{k:>3} {clip:>8.1f} " + " ".join(f"{a:>10.3f}" for a in row))
+
+
+def cost(args) -> None:
+    from tests import services
+
+    work = Path(tempfile.mkdtemp(prefix="ft-split-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    with services.redis_server(work) as redis_url, services.s3_server(work) as s3:
+        env = services.service_env(redis_url, s3, bucket="split-bench")
+        split = services.Api(env, work, command="split-server")
+        api = services.Api(dict(env, FLEETTUNE_SPLIT_URL=split.url), work)
+        try:
+            _cost(args, env, api.url)
+        finally:
+            api.stop()
+            split.stop()
+
+
+def _cost(args, env: dict, api_url: str) -> None:
+    from fleettune import DeviceClient, Federation
+    from shared.control.auth import Tokens
+    from shared.runtime import Runtime
+    from shared.settings import Settings
+    from shared.split.device import HttpTransport
+
+    runtime = Runtime.from_settings(Settings.from_env(env))
+    admin_key = Tokens(runtime.redis).create_api_key("admin", "bench")[1]
+    train, _ = _data(args.model, 40_000, 1_000)
+    batch = train[:BATCH]
+    local = trainer.peft_model(models.load_model(args.model), ADAPTER)
+    opt = torch.optim.AdamW([p for p in local.parameters() if p.requires_grad], lr=1e-4)
+
+    def local_step() -> None:
+        local(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    local_s = _timed(local_step, args.repeat)
+    print(f"{args.model}: batch {BATCH} x {SEQ} tokens; local LoRA step (forward, backward, AdamW) "
+          f"{local_s * 1000:.0f} ms")
+    for mode in ("two_part", "u_shaped"):
+        name = f"split-bench-{mode.replace('_', '-')}"
+        admin = Federation(admin_key, name, api_url)
+        admin.create(model="smollm2" if args.model == "smollm2" else "tiny-llama", adapter={"type": "lora", "rank": 8})
+        admin.client.put(f"/api/v1/federations/{name}/split", {"mode": mode, "base_model": args.model, "cut": 1,
+                                                               "seq_len": SEQ, "max_batch": BATCH})
+        client = DeviceClient(admin.register_device("phone"), name, api_url)
+        model = trainer.peft_model(models.load_model(args.model), ADAPTER)
+        config = SplitConfig(mode=mode, base_model=args.model, cut=1, seq_len=SEQ, max_batch=BATCH, clip=1e6)
+        transport = HttpTransport(client, model.config.hidden_size)
+        device = SplitDevice(transport, model, batch, config, lr=1e-4, batch=BATCH)
+        device.rate = 1.0  # every sequence each step: a fixed batch, comparable with the local step
+        device.step()  # the split server loads the model on its first step
+        transport.sent = transport.received = 0
+        split_s = _timed(device.step, args.repeat)
+        up, down = transport.sent / args.repeat, transport.received / args.repeat
+        print(f"{mode}: {(up + down) / 1e6:.2f} MB per step ({up / 1e6:.2f} up, {down / 1e6:.2f} down); a step "
+              f"{split_s * 1000:.0f} ms through gateway and split server = {split_s / local_s:.2f}x local compute")
+
+
+def _timed(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["quality", "leakage", "cost"])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--cut", type=int, default=1)
+    parser.add_argument("--chars", type=int, default=120_000, help="the device's training text")
+    parser.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    {"quality": quality, "leakage": leakage, "cost": cost}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
