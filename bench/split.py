@@ -116,13 +116,15 @@ def leakage(args) -> None:
     train, heldout = _data(args.model, args.chars, 4_000)
     model = trainer.peft_model(models.load_model(args.model), ADAPTER)
     rate, steps = min(1.0, BATCH / len(train)), args.steps
-    sigmas = {"0": 0.0, **{f"{e:g}": privacy.noise_for(e, rate, steps, DELTA) for e in (8.0, 3.0, 1.0)}}
+    sigmas = {"sigma=0": 0.0, "sigma=0.003": 0.003, "sigma=0.01": 0.01, "sigma=0.03": 0.03,
+              **{f"eps={e:g}": privacy.noise_for(e, rate, steps, DELTA) for e in (8.0, 3.0, 1.0)}}
     vocab = model.config.vocab_size
     tokens = heldout[:8]
-    layers = [k for k in (1, 2, 4, 8) if k < split_model.num_layers(model)]
-    print(f"{args.model}: {tokens.numel()} held-out tokens, vocabulary {vocab}; sigma for epsilon 8/3/1 over "
-          f"{steps} steps at q={rate:.3f}")
-    print(f"{'k':>3} {'C':>8} " + " ".join(f"{'eps=' + e if e != '0' else 'sigma=0':>10}" for e in sigmas))
+    layers = [k for k in (1, 2, 3, 4, 8, 16) if k < split_model.num_layers(model)]
+    dp = ", ".join(f"{name}: sigma {value:.3f}" for name, value in sigmas.items() if name.startswith("eps"))
+    print(f"{args.model}: {tokens.numel()} held-out tokens, vocabulary {vocab}; {dp} ({steps} steps at q={rate:.3f}, "
+          f"delta {DELTA}); C = the median activation norm at the cut")
+    print(f"{'k':>3} {'C':>8} " + " ".join(f"{e:>11}" for e in sigmas))
     for k in layers:
         templates = torch.cat([split_model.bottom(model, torch.arange(i, min(i + 4096, vocab)).view(-1, 1), k)[:, 0]
                                for i in range(0, vocab, 4096)])
@@ -134,7 +136,7 @@ def leakage(args) -> None:
             sent = split_model.privatize(hidden, clip, sigma, torch.Generator().manual_seed(0))
             guess = (torch.nn.functional.normalize(sent, dim=-1) @ templates.T).argmax(-1)
             row.append((guess == tokens).float().mean().item())
-        print(f"{k:>3} {clip:>8.1f} " + " ".join(f"{a:>10.3f}" for a in row))
+        print(f"{k:>3} {clip:>8.1f} " + " ".join(f"{a:>11.3f}" for a in row))
 
 
 def cost(args) -> None:
@@ -143,7 +145,8 @@ def cost(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="ft-split-bench-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     with services.redis_server(work) as redis_url, services.s3_server(work) as s3:
-        env = services.service_env(redis_url, s3, bucket="split-bench")
+        # the split server gets the same two torch threads as the local step it is compared with
+        env = services.service_env(redis_url, s3, bucket="split-bench", FLEETTUNE_TORCH_THREADS="2")
         split = services.Api(env, work, command="split-server")
         api = services.Api(dict(env, FLEETTUNE_SPLIT_URL=split.url), work)
         try:

@@ -8,6 +8,7 @@ and the shared secret. The split server parses strictly and answers; its problem
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import httpx
@@ -57,7 +58,7 @@ def split_status(name: str = FedName, who: Principal = Depends(reader), svc: Ser
     r = svc.runtime.redis
     state = {k.decode(): int(v) for k, v in r.hgetall(keys.split_state(name)).items()}
     steps = {k.decode(): int(v) for k, v in r.hgetall(keys.split_steps(name)).items()}
-    return {"federation": name, "config": config.__dict__, "server_part_version": state.get("version", 0),
+    return {"federation": name, "config": dataclasses.asdict(config), "server_part_version": state.get("version", 0),
             "server_steps": state.get("steps", 0),
             "rejected": {k.split(":", 1)[1]: v for k, v in state.items() if k.startswith("rejected:")},
             "devices": {d: {"steps": n} for d, n in sorted(steps.items())},
