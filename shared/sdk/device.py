@@ -32,7 +32,8 @@ class DeviceClient:
                                 {"ram_mb": ram_mb, "storage_mb": storage_mb, "tier": tier, **capabilities})
 
     def serving(self, **check_in: Any) -> dict:
-        """Only what to run: the `serve` part of a check-in, whether or not there is a round to train."""
+        """Only what to run: the `serve` part of a check-in, whether or not there is a round to train.
+        It is a check-in: a training tier with an open round to join joins it."""
         try:
             return self.check_in(**check_in)["serve"]
         except FleettuneAPIError as refused:
