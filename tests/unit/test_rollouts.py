@@ -73,7 +73,8 @@ def test_check_ins_assign_the_same_version_every_time(plane):
             served.setdefault(f"d{i}", set()).add((serve["version"], serve["arm"]))
     assert all(len(v) == 1 for v in served.values())
     canaries = [d for d, v in served.items() if v == {(1, "canary")}]
-    assert 20 < len(canaries) < 60 and all(v in ({(1, "canary")}, {(0, "control")}) for v in served.values())
+    # 20 % of 200 is 40 +- 5.7 (binomial); the rollout id is random, so allow 5 standard deviations
+    assert 12 <= len(canaries) <= 68 and all(v in ({(1, "canary")}, {(0, "control")}) for v in served.values())
     assert rec["status"] == "active" and rec["percent"] == 20
 
 
