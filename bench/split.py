@@ -33,26 +33,12 @@ from shared.device import models, trainer  # noqa: E402
 from shared.federation import TrainingStrategy  # noqa: E402
 from shared.split import model as split_model  # noqa: E402
 from shared.split.config import SplitConfig  # noqa: E402
-from shared.split.device import SplitDevice  # noqa: E402
+from shared.split.device import LocalTransport, SplitDevice  # noqa: E402
 from shared.split.server import SplitServer  # noqa: E402
 from shared.strategies import privacy  # noqa: E402
 
 ADAPTER = AdapterConfig(rank=8, alpha=16)
 BATCH, SEQ, DELTA = 8, 64, 1e-5
-
-
-class Local:
-    def __init__(self, server: SplitServer) -> None:
-        self.server = server
-
-    def two_part(self, activations, labels):
-        return self.server.two_part(activations, labels)
-
-    def forward(self, activations):
-        return self.server.forward("bench", activations)
-
-    def backward(self, step_id, grad):
-        return self.server.backward("bench", step_id, grad)
 
 
 def _data(source: str, chars: int, heldout_chars: int):
@@ -74,7 +60,7 @@ def _split_run(source: str, train, heldout, config: SplitConfig, steps: int, lr:
     device_model = trainer.peft_model(models.load_model(source), ADAPTER)
     server_model = trainer.peft_model(models.load_model(source), ADAPTER)
     server = SplitServer(server_model, config)
-    device = SplitDevice(Local(server), device_model, train, config, lr=lr, batch=BATCH)
+    device = SplitDevice(LocalTransport(server), device_model, train, config, lr=lr, batch=BATCH)
     for _ in range(steps):
         device.step()
     whole = {k: v for k, v in trainer.adapter_weights(device_model).items()}

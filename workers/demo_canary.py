@@ -31,7 +31,8 @@ from workers.experiment import embedded, enroll, gateway, run_rounds, wait_evalu
 GATES = {"min_reports": 5}  # the rest at their defaults: margins 0.05 nats, alpha 0.05 over 20 looks
 
 
-def run_canary_demo(settings: Settings, trainers: int = 6, users: int = 120, out_dir: str | Path = "fleettune-demo") -> None:
+def run_canary_demo(settings: Settings, trainers: int = 6, users: int = 120,
+                    out_dir: str | Path = "fleettune-demo") -> None:
     torch.set_num_threads(1)
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)

@@ -6,7 +6,8 @@ pending -> active <-> paused -> completed | rolled_back. Starting needs the serv
 evaluation of the candidate to pass; afterwards devices report quality per version through the
 gateway, and at each look the canary arm is compared with the control arm (shared/canary.py). A
 breached gate rolls the rollout back by itself; a step whose reports show the candidate within
-every margin advances it, after its minimum time, when `auto_advance` is on. Completing makes the candidate the serving version.
+every margin advances it, after its minimum time, when `auto_advance` is on. Completing makes the
+candidate the serving version.
 
 One rollout per federation is live (pending, active or paused) at a time. Every change is an
 optimistic transaction on the rollout's record, which keeps its history: what changed, who, why.

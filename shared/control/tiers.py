@@ -79,7 +79,8 @@ class Deployment:
         raw = self.r.get(keys.fed_deployment(fed))
         if raw is None:
             return {}
-        return {t: Variant(**dict(v, distillation=Distillation(**v["distillation"]))) for t, v in json.loads(raw).items()}
+        tiers = json.loads(raw)
+        return {t: Variant(**dict(v, distillation=Distillation(**v["distillation"]))) for t, v in tiers.items()}
 
     def resolve(self, fed: str, tier: str) -> tuple[str, Variant]:
         """(the deployment entry that applies to this tier, its variant)."""

@@ -34,6 +34,23 @@ class Transport(Protocol):
     def backward(self, step_id: str, grad: torch.Tensor) -> torch.Tensor: ...
 
 
+class LocalTransport:
+    """The server object called in-process, without HTTP: the same steps (benchmarks, tests)."""
+
+    def __init__(self, server, device: str = "local") -> None:
+        self.server = server  # a shared.split.server.SplitServer
+        self.device = device
+
+    def two_part(self, activations, labels):
+        return self.server.two_part(activations, labels)
+
+    def forward(self, activations):
+        return self.server.forward(self.device, activations)
+
+    def backward(self, step_id, grad):
+        return self.server.backward(self.device, step_id, grad)
+
+
 class HttpTransport:
     """Through the gateway, with the device's token; safetensors both ways. Counts bytes moved."""
 
@@ -136,6 +153,7 @@ def split_round(gateway, device: SplitDevice, steps: int, shapes: dict[str, tupl
     trainer.load_adapter_weights(device.model, start)
     losses = [loss for loss in (device.step() for _ in range(steps)) if loss is not None]
     delta = {k: v.numpy() for k, v in device.part_delta(start).items()}
-    receipt = gateway.send(plan, encode_update(delta), num_samples=max(1, round(device.rate * len(device.data) * steps)),
+    samples = max(1, round(device.rate * len(device.data) * steps))  # expected sequences seen
+    receipt = gateway.send(plan, encode_update(delta), num_samples=samples,
                            metrics={"loss": sum(losses) / max(len(losses), 1), "epsilon": min(device.epsilon(), 1e9)})
     return receipt

@@ -13,24 +13,8 @@ from shared.errors import Refusal, Rejected
 from shared.split import model as split_model
 from shared.split import wire
 from shared.split.config import SplitConfig
-from shared.split.device import SplitDevice
+from shared.split.device import LocalTransport, SplitDevice
 from shared.split.server import SplitServer
-
-
-class Local:
-    """The transport without HTTP: the device calls the server object directly."""
-
-    def __init__(self, server: SplitServer) -> None:
-        self.server = server
-
-    def two_part(self, activations, labels):
-        return self.server.two_part(activations, labels)
-
-    def forward(self, activations):
-        return self.server.forward("d", activations)
-
-    def backward(self, step_id, grad):
-        return self.server.backward("d", step_id, grad)
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +79,8 @@ def test_the_devices_epsilon_is_the_accountants_own(tiny):
     from dp_accounting.rdp import RdpAccountant
 
     config = SplitConfig(mode="two_part", cut=1, sigma=1.1, delta=1e-5)
-    device = SplitDevice(Local(SplitServer(tiny, config)), tiny, torch.zeros(80, 64, dtype=torch.long), config,
-                         lr=1e-3, batch=8)
+    data = torch.zeros(80, 64, dtype=torch.long)
+    device = SplitDevice(LocalTransport(SplitServer(tiny, config)), tiny, data, config, lr=1e-3, batch=8)
     device.steps = 250
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.1)), 250)
@@ -104,7 +88,7 @@ def test_the_devices_epsilon_is_the_accountants_own(tiny):
     accountant.compose(event)
     assert device.epsilon() == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
     assert 0 < device.epsilon() < math.inf
-    assert SplitDevice(Local(SplitServer(tiny, SplitConfig(mode="two_part"))), tiny, torch.zeros(8, 64,
+    assert SplitDevice(LocalTransport(SplitServer(tiny, SplitConfig(mode="two_part"))), tiny, torch.zeros(8, 64,
                        dtype=torch.long), SplitConfig(mode="two_part"), 1e-3).epsilon() == math.inf
 
 
@@ -158,6 +142,6 @@ def test_split_training_in_both_modes_lowers_the_loss(tiny):
     for mode in ("two_part", "u_shaped"):
         model = trainer.peft_model(models.load_model("tiny"), AdapterConfig(rank=4, alpha=8))
         config = SplitConfig(mode=mode, cut=1, top_layers=1, clip=1e4, seq_len=64, server_lr=3e-3)
-        device = SplitDevice(Local(SplitServer(model, config)), model, data, config, lr=3e-3, batch=8)
+        device = SplitDevice(LocalTransport(SplitServer(model, config)), model, data, config, lr=3e-3, batch=8)
         losses = [loss for loss in (device.step() for _ in range(40)) if loss is not None]
         assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.3, (mode, losses[:8], losses[-8:])
