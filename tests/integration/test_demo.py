@@ -27,3 +27,15 @@ def test_the_demo_trains_federates_and_leaves_a_loadable_adapter_and_a_plot(tmp_
     assert (out / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "final-adapter" / versions.ADAPTER_FILE).stat().st_size > 100_000
     assert "loads with PeftModel.from_pretrained" in done.stdout
+
+
+def test_the_canary_demo_advances_the_good_version_and_rolls_the_bad_one_back(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETTUNE_")}
+    done = subprocess.run([str(Path(sys.executable).parent / "fleettune"), "demo", "--canary", "--out",
+                           str(tmp_path / "canary")], env=env, capture_output=True, text=True, timeout=600)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    good, bad = done.stdout.split("(the bad version)")
+    assert "completed   100.0%" in good and "409 server_gate_failed" in good
+    assert "rolled_back   0.0%" in bad and "rollback by auto: gate breached: eval_loss" in bad
+    assert done.stdout.rstrip().splitlines()[-1].startswith("serving version now: 2;")
