@@ -69,6 +69,8 @@ def serving(name: str = FedName, who: Principal = Depends(reader), svc: Services
 def create_rollout(body: RolloutIn, name: str = FedName, who: Principal = Depends(admin),
                    svc: Services = Depends(services)) -> dict:
     svc.control.config(name)
+    for group in body.groups:  # a target that does not exist would reach nobody: say so
+        svc.devices.groups.spec(name, group)
     try:
         gates = canary.Gates(**body.gates.model_dump())
     except ValueError as exc:
