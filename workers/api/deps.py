@@ -10,8 +10,8 @@ from shared.errors import Refusal
 from workers.api.services import Services
 
 bearer = HTTPBearer(auto_error=False, description="an operator API key (ftk_...) or a device token (ftd_...)")
-# one Path() per parameter: FastAPI names a Path object after the parameter it first meets, so two
-# parameters sharing one would both read the first one's value
+# one Path() object per parameter: two route parameters that shared one both read the same value
+# (PUT .../groups/{group} made a group named after its federation)
 FedName = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 GroupName = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
