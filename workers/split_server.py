@@ -131,13 +131,11 @@ def create_split_app(runtime: Runtime) -> FastAPI:
 def _maybe_publish(runtime: Runtime, fed: str, server: SplitServer) -> None:
     if server.steps % server.config.publish_every:
         return
-    from shared.split.parts import peft_config
-
     with server.lock:
         weights = {k: v.clone() for k, v in server.weights().items()}
     fed_config = runtime.state.config(fed)
     version = parts.publish(runtime.redis, runtime.store, fed, weights,
-                            peft_config(server.config, fed_config.adapter, server.layers),
+                            parts.peft_config(server.config, fed_config.adapter, server.layers),
                             {"steps": server.steps, "layers": list(server.layers), "mode": server.config.mode,
                              "cut": server.config.cut, "sigma": server.config.sigma, "clip": server.config.clip})
     log.info("%s: published split server part %s after %s steps", fed, version, server.steps)
