@@ -14,10 +14,10 @@ import time
 import numpy as np
 import torch
 
-from shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
-from shared.aggregation import StreamingFedAvg
-from shared.safetensors_reader import parse
-from shared.submit import encode_update
+from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
+from fleettune.shared.aggregation import StreamingFedAvg
+from fleettune.shared.safetensors_reader import parse
+from fleettune.shared.submit import encode_update
 
 
 def main() -> None:

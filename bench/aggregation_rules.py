@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec, initial_weights  # noqa: E402
-from shared.strategies.combine import RoundAggregator  # noqa: E402
-from shared.strategies.config import AggregationConfig  # noqa: E402
+from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec, initial_weights  # noqa: E402
+from fleettune.shared.strategies.combine import RoundAggregator  # noqa: E402
+from fleettune.shared.strategies.config import AggregationConfig  # noqa: E402
 
 RULES = {
     "fedavg": AggregationConfig(),

@@ -32,14 +32,14 @@ def measure(n: int) -> dict:
     import numpy as np
     import torch
 
-    from shared import keys
-    from shared.adapter_spec import LAYOUTS
-    from shared.federation import FederationConfig, RoundPolicy
-    from shared.rounds import RoundCoordinator
-    from shared.settings import Settings
-    from shared.state import FederationState, UpdateRecord
-    from shared.storage import LocalObjectStore
-    from shared.submit import encode_update
+    from fleettune.shared import keys
+    from fleettune.shared.adapter_spec import LAYOUTS
+    from fleettune.shared.federation import FederationConfig, RoundPolicy
+    from fleettune.shared.rounds import RoundCoordinator
+    from fleettune.shared.settings import Settings
+    from fleettune.shared.state import FederationState, UpdateRecord
+    from fleettune.shared.storage import LocalObjectStore
+    from fleettune.shared.submit import encode_update
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="ft-rss-"))

@@ -29,17 +29,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared import keys, versions  # noqa: E402
-from shared.adapter_spec import LAYOUTS, initial_weights  # noqa: E402
-from shared.envelope import Envelope  # noqa: E402
-from shared.federation import FederationConfig, RoundPolicy  # noqa: E402
-from shared.folding import PartialFolder  # noqa: E402
-from shared.ingest import Ingestor  # noqa: E402
-from shared.round_inputs import RoundReader  # noqa: E402
-from shared.runtime import Runtime  # noqa: E402
-from shared.settings import Settings  # noqa: E402
-from shared.strategies.combine import RoundAggregator  # noqa: E402
-from shared.submit import encode_update  # noqa: E402
+from fleettune.shared import keys, versions  # noqa: E402
+from fleettune.shared.adapter_spec import LAYOUTS, initial_weights  # noqa: E402
+from fleettune.shared.envelope import Envelope  # noqa: E402
+from fleettune.shared.federation import FederationConfig, RoundPolicy  # noqa: E402
+from fleettune.shared.folding import PartialFolder  # noqa: E402
+from fleettune.shared.ingest import Ingestor  # noqa: E402
+from fleettune.shared.round_inputs import RoundReader  # noqa: E402
+from fleettune.shared.runtime import Runtime  # noqa: E402
+from fleettune.shared.settings import Settings  # noqa: E402
+from fleettune.shared.strategies.combine import RoundAggregator  # noqa: E402
+from fleettune.shared.submit import encode_update  # noqa: E402
 from tests import services  # noqa: E402
 
 

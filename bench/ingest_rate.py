@@ -29,15 +29,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared import keys  # noqa: E402
-from shared.adapter_spec import LAYOUTS  # noqa: E402
-from shared.envelope import Envelope  # noqa: E402
-from shared.federation import FederationConfig, RoundPolicy  # noqa: E402
-from shared.runtime import Runtime  # noqa: E402
-from shared.settings import Settings  # noqa: E402
-from shared.submit import encode_update  # noqa: E402
+from fleettune.shared import keys  # noqa: E402
+from fleettune.shared.adapter_spec import LAYOUTS  # noqa: E402
+from fleettune.shared.envelope import Envelope  # noqa: E402
+from fleettune.shared.federation import FederationConfig, RoundPolicy  # noqa: E402
+from fleettune.shared.runtime import Runtime  # noqa: E402
+from fleettune.shared.settings import Settings  # noqa: E402
+from fleettune.shared.submit import encode_update  # noqa: E402
 from tests import services  # noqa: E402
-from workers.app import INGEST_QUEUE, make_app  # noqa: E402
+from fleettune.workers.app import INGEST_QUEUE, make_app  # noqa: E402
 
 
 def prepare(runtime: Runtime, name: str, layout: str, n: int) -> tuple[list[bytes], int]:

@@ -27,15 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared import corpora  # noqa: E402
-from shared.adapter_spec import AdapterConfig, ModelDims  # noqa: E402
-from shared.device import memory, models, trainer  # noqa: E402
-from shared.device.client import Device  # noqa: E402
-from shared.device.fleet import FleetSpec, build_fleet, pooled  # noqa: E402
-from shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy  # noqa: E402
-from shared.settings import Settings  # noqa: E402
-from shared.strategies import privacy  # noqa: E402
-from shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, AggregationConfig  # noqa: E402
+from fleettune.shared import corpora  # noqa: E402
+from fleettune.shared.adapter_spec import AdapterConfig, ModelDims  # noqa: E402
+from fleettune.shared.device import memory, models, trainer  # noqa: E402
+from fleettune.shared.device.client import Device  # noqa: E402
+from fleettune.shared.device.fleet import FleetSpec, build_fleet, pooled  # noqa: E402
+from fleettune.shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy  # noqa: E402
+from fleettune.shared.settings import Settings  # noqa: E402
+from fleettune.shared.strategies import privacy  # noqa: E402
+from fleettune.shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, AggregationConfig  # noqa: E402
 
 ROUNDS, DEVICES, CHARS = 5, 8, 24_000
 EVAL_CHARS = 12_000  # held-out characters per domain (--eval-chars)
@@ -79,7 +79,7 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
 def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = Recipe(),
               fleet_spec: FleetSpec | None = None, clip: float = 5.0, min_updates: int = DEVICES) -> dict:
     """recipe.rounds rounds of DEVICES non-IID devices through the real tasks; returns the last evaluation."""
-    from workers.experiment import embedded, enroll, gateway, run_rounds
+    from fleettune.workers.experiment import embedded, enroll, gateway, run_rounds
 
     tokenizer, base = models.load_tokenizer(source), models.load_model(source)
     config = _config(f"bench-{adapter.kind}-{int(time.time())}", ModelDims.from_hf_config(base.config), adapter, lr,
@@ -100,14 +100,14 @@ def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = R
         base_eval = runtime.evaluator(config).base
         rows = list(run_rounds(app, runtime, config, fleet, clients, recipe.rounds, progress=False))
         final = runtime.state.evaluation(config.name, rows[-1].round if rows else 0)
-        from shared import versions
+        from fleettune.shared import versions
 
         newest = int(runtime.state.status(config.name)["version"])
         weights = versions.load_weights(runtime.store, config.name, newest, config.spec, 1 << 30, 1 << 20)
         tiers = {}  # each tier's own published adapter, evaluated on its own rank
         for tier, rank in config.tier_ranks.items():
-            from shared import versions
-            from shared.evaluation import Evaluator
+            from fleettune.shared import versions
+            from fleettune.shared.evaluation import Evaluator
 
             version = int(runtime.state.status(config.name)["version"])
             weights = versions.load_tier_weights(runtime.store, config.name, version, rank, config.spec_for(rank),
@@ -126,7 +126,7 @@ def centralized(run: dict, lr: float | None = None) -> float:
     """The same adapter trained on everyone's data pooled, for the same total number of steps
     (at learning rate `lr`, by default the devices' own)."""
     model, config = run["model"], run["config"]
-    from shared.evaluation import Evaluator
+    from fleettune.shared.evaluation import Evaluator
 
     trainer.load_adapter_weights(model, {k: v for k, v in _initial(config).items()})
     strategy = dataclasses.replace(config.training, local_epochs=10_000, max_steps=run["steps"], proximal_mu=0.0,
@@ -138,7 +138,7 @@ def centralized(run: dict, lr: float | None = None) -> float:
 
 
 def _initial(config: FederationConfig) -> dict:
-    from shared.adapter_spec import initial_weights
+    from fleettune.shared.adapter_spec import initial_weights
 
     return initial_weights(config.spec, config.seed)
 
@@ -282,9 +282,9 @@ def tiers(args) -> None:
     """Tier 1 federates LoRA on SmolLM2; tiers 2 and 3 get it distilled onto the tiny model (LoRA and
     a soft prompt). Each tier's held-out perplexity against its own base, and, to isolate what the
     federation contributed, the same distillation from SmolLM2 without the federated adapter."""
-    from shared.control.tiers import Distillation
-    from shared.distill import distill, student_adapter
-    from shared.evaluation import Evaluator
+    from fleettune.shared.control.tiers import Distillation
+    from fleettune.shared.distill import distill, student_adapter
+    from fleettune.shared.evaluation import Evaluator
 
     lr = args.lr
     run = federated("smollm2", AdapterConfig(rank=8, alpha=16), lr, Recipe(rounds=args.rounds),

@@ -29,10 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared import keys  # noqa: E402
-from shared.control.auth import Tokens  # noqa: E402
-from shared.runtime import Runtime  # noqa: E402
-from shared.settings import Settings  # noqa: E402
+from fleettune.shared import keys  # noqa: E402
+from fleettune.shared.control.auth import Tokens  # noqa: E402
+from fleettune.shared.runtime import Runtime  # noqa: E402
+from fleettune.shared.settings import Settings  # noqa: E402
 from tests import services  # noqa: E402
 
 RETENTION_S = 20

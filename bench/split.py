@@ -27,15 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared import corpora  # noqa: E402
-from shared.adapter_spec import AdapterConfig  # noqa: E402
-from shared.device import models, trainer  # noqa: E402
-from shared.federation import TrainingStrategy  # noqa: E402
-from shared.split import model as split_model  # noqa: E402
-from shared.split.config import SplitConfig  # noqa: E402
-from shared.split.device import LocalTransport, SplitDevice  # noqa: E402
-from shared.split.server import SplitServer  # noqa: E402
-from shared.strategies import privacy  # noqa: E402
+from fleettune.shared import corpora  # noqa: E402
+from fleettune.shared.adapter_spec import AdapterConfig  # noqa: E402
+from fleettune.shared.device import models, trainer  # noqa: E402
+from fleettune.shared.federation import TrainingStrategy  # noqa: E402
+from fleettune.shared.split import model as split_model  # noqa: E402
+from fleettune.shared.split.config import SplitConfig  # noqa: E402
+from fleettune.shared.split.device import LocalTransport, SplitDevice  # noqa: E402
+from fleettune.shared.split.server import SplitServer  # noqa: E402
+from fleettune.shared.strategies import privacy  # noqa: E402
 
 ADAPTER = AdapterConfig(rank=8, alpha=16)
 BATCH, SEQ, DELTA = 8, 64, 1e-5
@@ -144,10 +144,10 @@ def cost(args) -> None:
 
 def _cost(args, env: dict, api_url: str) -> None:
     from fleettune import DeviceClient, Federation
-    from shared.control.auth import Tokens
-    from shared.runtime import Runtime
-    from shared.settings import Settings
-    from shared.split.device import HttpTransport
+    from fleettune.shared.control.auth import Tokens
+    from fleettune.shared.runtime import Runtime
+    from fleettune.shared.settings import Settings
+    from fleettune.shared.split.device import HttpTransport
 
     runtime = Runtime.from_settings(Settings.from_env(env))
     admin_key = Tokens(runtime.redis).create_api_key("admin", "bench")[1]

@@ -19,9 +19,9 @@ from collections.abc import Mapping
 
 import torch
 
-from shared import corpora
-from shared.adapter_spec import AdapterConfig
-from shared.control.tiers import Distillation, Variant
+from fleettune.shared import corpora
+from fleettune.shared.adapter_spec import AdapterConfig
+from fleettune.shared.control.tiers import Distillation, Variant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +108,7 @@ def train_student(student, tokenizer, pairs: list[tuple[str, str]], config: Dist
 def distill(teacher, teacher_tokenizer, student_base, student_tokenizer, config: Distillation,
             domains: tuple[str, ...], seed: int = 0) -> Distilled:
     """Distil the teacher (a base with the published adapter loaded) onto a fresh student adapter."""
-    from shared.device import trainer
+    from fleettune.shared.device import trainer
 
     pairs = teacher_text(teacher, teacher_tokenizer, prompts(domains, config.prompts, seed), config, seed)
     adapter = student_adapter(config)
@@ -121,7 +121,7 @@ def distill(teacher, teacher_tokenizer, student_base, student_tokenizer, config:
 
 def teacher_with(base, adapter: AdapterConfig, weights: Mapping[str, torch.Tensor]):
     """The tier-1 model a version describes: its base with the version's adapter loaded."""
-    from shared.device import trainer
+    from fleettune.shared.device import trainer
 
     model = trainer.peft_model(base, adapter)
     trainer.load_adapter_weights(model, weights)
@@ -130,9 +130,9 @@ def teacher_with(base, adapter: AdapterConfig, weights: Mapping[str, torch.Tenso
 
 def distill_version(state, store, settings, fed: str, version: int, tier: str, variant: Variant) -> dict:
     """Distil published `version` for `tier` and publish it beside the version; returns its manifest."""
-    from shared import versions
-    from shared.adapter_spec import ModelDims, build_spec
-    from shared.device import models
+    from fleettune.shared import versions
+    from fleettune.shared.adapter_spec import ModelDims, build_spec
+    from fleettune.shared.device import models
 
     config = state.config(fed)
     teacher_source = config.evaluation.base_model if config.evaluation else config.base_model

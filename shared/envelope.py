@@ -9,8 +9,8 @@ from typing import Any
 
 import msgpack
 
-from shared import keys
-from shared.errors import RejectReason, Rejected
+from fleettune.shared import keys
+from fleettune.shared.errors import RejectReason, Rejected
 
 SCHEMA_VERSION = 1
 MAX_METRICS = 8

@@ -13,16 +13,16 @@ from collections.abc import Mapping
 
 import torch
 
-from shared import corpora
-from shared.adapter_spec import AdapterConfig
-from shared.federation import EvaluationConfig
+from fleettune.shared import corpora
+from fleettune.shared.adapter_spec import AdapterConfig
+from fleettune.shared.federation import EvaluationConfig
 
 
 class Evaluator:
     """Loads the base model and tokenised held-out sets once; evaluates any adapter weights."""
 
     def __init__(self, config: EvaluationConfig, adapter: AdapterConfig) -> None:
-        from shared.device import models, trainer
+        from fleettune.shared.device import models, trainer
 
         self.config = config
         tokenizer = models.load_tokenizer(config.base_model)
@@ -39,7 +39,7 @@ class Evaluator:
 
     def perplexities(self, weights: Mapping[str, torch.Tensor] | None, general: bool) -> dict:
         """Per-domain held-out perplexity (and general perplexity) with the adapter; None = base model."""
-        from shared.device import trainer
+        from fleettune.shared.device import trainer
 
         if weights is None:
             with self.model.disable_adapter():
@@ -48,7 +48,7 @@ class Evaluator:
         return self._measure(general)
 
     def _measure(self, general: bool) -> dict:
-        from shared.device.trainer import perplexity
+        from fleettune.shared.device.trainer import perplexity
 
         out = {"heldout": {d: perplexity(self.model, data) for d, data in self.heldout.items()}}
         # geometric mean: domains' perplexities differ by orders of magnitude, and an arithmetic

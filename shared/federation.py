@@ -8,10 +8,10 @@ import json
 import math
 from typing import Literal
 
-from shared import corpora, keys
-from shared.adapter_spec import AdapterConfig, AdapterSpec, ModelDims, build_spec
-from shared.errors import ConfigError
-from shared.strategies.config import CONTROL_PREFIX, AggregationConfig
+from fleettune.shared import corpora, keys
+from fleettune.shared.adapter_spec import AdapterConfig, AdapterSpec, ModelDims, build_spec
+from fleettune.shared.errors import ConfigError
+from fleettune.shared.strategies.config import CONTROL_PREFIX, AggregationConfig
 
 
 @dataclasses.dataclass(frozen=True)

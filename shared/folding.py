@@ -22,13 +22,13 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from shared import keys
-from shared.federation import FederationConfig
-from shared.state import FederationState, UpdateRecord
-from shared.state.partials import REFUSED
-from shared.storage import ObjectStore
-from shared.strategies.combine import padded
-from shared.strategies.partial import PartialSum, UpdateStats
+from fleettune.shared import keys
+from fleettune.shared.federation import FederationConfig
+from fleettune.shared.state import FederationState, UpdateRecord
+from fleettune.shared.state.partials import REFUSED
+from fleettune.shared.storage import ObjectStore
+from fleettune.shared.strategies.combine import padded
+from fleettune.shared.strategies.partial import PartialSum, UpdateStats
 
 log = logging.getLogger(__name__)
 

@@ -10,18 +10,18 @@ from collections.abc import Callable
 
 import redis
 
-from shared import envelope as envelope_codec
-from shared import keys
-from shared.aggregation import clip_scale, update_norm
-from shared.envelope import Envelope
-from shared.errors import ObjectNotFound, RejectReason, Rejected, StorageUnavailable
-from shared.federation import FederationConfig
-from shared.folding import PartialFolder
-from shared.safetensors_reader import parse
-from shared.settings import Settings
-from shared.state import ACCEPTED, REDELIVERED, FederationState, UpdateRecord
-from shared.storage import ObjectStore
-from shared.strategies.partial import weight, weight_cap
+from fleettune.shared import envelope as envelope_codec
+from fleettune.shared import keys
+from fleettune.shared.aggregation import clip_scale, update_norm
+from fleettune.shared.envelope import Envelope
+from fleettune.shared.errors import ObjectNotFound, RejectReason, Rejected, StorageUnavailable
+from fleettune.shared.federation import FederationConfig
+from fleettune.shared.folding import PartialFolder
+from fleettune.shared.safetensors_reader import parse
+from fleettune.shared.settings import Settings
+from fleettune.shared.state import ACCEPTED, REDELIVERED, FederationState, UpdateRecord
+from fleettune.shared.storage import ObjectStore
+from fleettune.shared.strategies.partial import weight, weight_cap
 
 log = logging.getLogger(__name__)
 # Failures of our services, not of the update: retry, never reject.

@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import re
 
-from shared.errors import RejectReason, Rejected
+from fleettune.shared.errors import RejectReason, Rejected
 
 PREFIX = "ft"
 MESSAGE_TTL_S = 7 * 24 * 3600

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import msgpack
 import redis
 
-from shared import keys
+from fleettune.shared import keys
 
 MAX_BACKOFF_DOUBLINGS = 6  # re-drives wait redrive_after_s x 1, 2, 4 ... 64
 

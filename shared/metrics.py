@@ -22,7 +22,7 @@ import redis
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from shared import keys
+from fleettune.shared import keys
 
 NORM_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, float("inf"))
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
@@ -108,7 +108,7 @@ class FederationCollector:
         self._facts: dict[tuple[str, int], dict] = {}  # versions are immutable: read each manifest once
 
     def collect(self):
-        from shared import versions
+        from fleettune.shared import versions
 
         gauges = {
             "version": GaugeMetricFamily("fleettune_adapter_version", "Newest published global version", labels=["federation"]),

@@ -8,9 +8,9 @@ objects and keys are gone, so an outage in the middle is finished by a later swe
 
 from __future__ import annotations
 
-from shared import keys
-from shared.state import FederationState
-from shared.storage import ObjectStore
+from fleettune.shared import keys
+from fleettune.shared.state import FederationState
+from fleettune.shared.storage import ObjectStore
 
 
 def prune(state: FederationState, store: ObjectStore, now: float, limit: int = 50) -> tuple[int, int]:

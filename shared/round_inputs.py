@@ -16,14 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from shared.errors import ObjectNotFound, Rejected
-from shared.federation import FederationConfig
-from shared.safetensors_reader import parse
-from shared.settings import Settings
-from shared.state import FederationState, RoundInfo, UpdateRecord
-from shared.storage import ObjectStore
-from shared.strategies.combine import RoundAggregator, padded
-from shared.strategies.partial import PartialSum, UpdateStats, weight, weight_cap
+from fleettune.shared.errors import ObjectNotFound, Rejected
+from fleettune.shared.federation import FederationConfig
+from fleettune.shared.safetensors_reader import parse
+from fleettune.shared.settings import Settings
+from fleettune.shared.state import FederationState, RoundInfo, UpdateRecord
+from fleettune.shared.storage import ObjectStore
+from fleettune.shared.strategies.combine import RoundAggregator, padded
+from fleettune.shared.strategies.partial import PartialSum, UpdateStats, weight, weight_cap
 
 
 class Unreducible(Exception):

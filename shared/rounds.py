@@ -9,18 +9,18 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from shared import versions
-from shared.adapter_spec import initial_weights
-from shared.aggregation import update_norm
-from shared.evaluation import guard
-from shared.errors import ObjectNotFound, StateError
-from shared.federation import DeviceProfile, FederationConfig
-from shared.round_inputs import RoundReader, Unreducible
-from shared.settings import Settings
-from shared.state import FederationState, RoundInfo
-from shared.storage import ObjectStore
-from shared.strategies import privacy
-from shared.strategies.combine import RoundAggregator
+from fleettune.shared import versions
+from fleettune.shared.adapter_spec import initial_weights
+from fleettune.shared.aggregation import update_norm
+from fleettune.shared.evaluation import guard
+from fleettune.shared.errors import ObjectNotFound, StateError
+from fleettune.shared.federation import DeviceProfile, FederationConfig
+from fleettune.shared.round_inputs import RoundReader, Unreducible
+from fleettune.shared.settings import Settings
+from fleettune.shared.state import FederationState, RoundInfo
+from fleettune.shared.storage import ObjectStore
+from fleettune.shared.strategies import privacy
+from fleettune.shared.strategies.combine import RoundAggregator
 
 # decide(): what an open round should do now
 WAIT, CLOSING, FAILED = "wait", "closing", "failed"

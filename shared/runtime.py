@@ -7,15 +7,15 @@ import functools
 
 import redis
 
-from shared.federation import FederationConfig
-from shared.folding import PartialFolder
-from shared.ingest import Ingestor
-from shared.ledger import Ledger
-from shared.metrics import Metrics, process_metrics
-from shared.rounds import RoundCoordinator
-from shared.settings import Settings
-from shared.state import FederationState
-from shared.storage import ObjectStore, open_store
+from fleettune.shared.federation import FederationConfig
+from fleettune.shared.folding import PartialFolder
+from fleettune.shared.ingest import Ingestor
+from fleettune.shared.ledger import Ledger
+from fleettune.shared.metrics import Metrics, process_metrics
+from fleettune.shared.rounds import RoundCoordinator
+from fleettune.shared.settings import Settings
+from fleettune.shared.state import FederationState
+from fleettune.shared.storage import ObjectStore, open_store
 
 
 @dataclasses.dataclass
@@ -62,7 +62,7 @@ class Runtime:
 
     def evaluator(self, config: FederationConfig):
         """One Evaluator per (evaluation, adapter) config in this process: loading the base model is slow."""
-        from shared.evaluation import Evaluator
+        from fleettune.shared.evaluation import Evaluator
 
         key = (config.evaluation, config.adapter)
         if key not in self._evaluators:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from shared.errors import RejectReason, Rejected
+from fleettune.shared.errors import RejectReason, Rejected
 
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F32": (torch.float32, 4),

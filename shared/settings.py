@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from shared.errors import ConfigError
+from fleettune.shared.errors import ConfigError
 
 MiB = 1024 * 1024
 

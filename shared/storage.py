@@ -13,7 +13,7 @@ from typing import Protocol
 
 import urllib3
 
-from shared.errors import ObjectNotFound, RejectReason, Rejected, StorageUnavailable
+from fleettune.shared.errors import ObjectNotFound, RejectReason, Rejected, StorageUnavailable
 
 
 class ObjectStore(Protocol):

@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from safetensors.numpy import save
 
-from shared import keys
-from shared.envelope import Envelope
-from shared.storage import ObjectStore
+from fleettune.shared import keys
+from fleettune.shared.envelope import Envelope
+from fleettune.shared.storage import ObjectStore
 
 
 def encode_update(arrays: Mapping[str, np.ndarray]) -> bytes:

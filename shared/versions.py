@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from shared import keys
-from shared.adapter_spec import AdapterSpec
-from shared.errors import ObjectNotFound, StateError
-from shared.safetensors_reader import parse
-from shared.storage import ObjectStore
+from fleettune.shared import keys
+from fleettune.shared.adapter_spec import AdapterSpec
+from fleettune.shared.errors import ObjectNotFound, StateError
+from fleettune.shared.safetensors_reader import parse
+from fleettune.shared.storage import ObjectStore
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"

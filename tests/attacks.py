@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 
-from shared.errors import RejectReason
+from fleettune.shared.errors import RejectReason
 
 
 def container(header: dict | bytes, data: bytes) -> bytes:

@@ -120,7 +120,7 @@ class Weed:
              "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"],
             stdout=log.open("a"), stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.workdir,
         )
-        from shared.storage import S3ObjectStore
+        from fleettune.shared.storage import S3ObjectStore
 
         def bucket_ready() -> bool:
             S3ObjectStore.connect(self.endpoint, S3_KEY, S3_SECRET, "fleettune-probe").ensure_bucket()
@@ -162,22 +162,23 @@ class Worker:
     """One `celery worker` process tree (main process + prefork children) in its own session."""
 
     def __init__(self, name: str, env: dict[str, str], workdir: Path, concurrency: int = 2, beat: bool = False,
-                 pool: str = "prefork", via_cli: bool = False):
-        """Plain `celery -A workers.app worker`, or `fleettune worker` when via_cli."""
+                 pool: str = "prefork", via_cli: bool = False, bin_dir: Path | None = None, cwd: Path | None = None):
+        """Plain `celery -A fleettune.workers.app worker`, or `fleettune worker` when via_cli (from `bin_dir`:
+        another environment's, such as a venv the wheel was installed into)."""
         self.name = name
         self.log = workdir / f"worker-{name}.log"
         common = ["-P", pool, "-n", f"{name}@%h", "--without-mingle", "--without-gossip", f"--logfile={self.log}"]
         if via_cli:
-            args = [str(Path(sys.executable).parent / "fleettune"), "worker", f"--concurrency={concurrency}",
+            args = [str((bin_dir or Path(sys.executable).parent) / "fleettune"), "worker", f"--concurrency={concurrency}",
                     "--beat" if beat else "--no-beat", *common]
         else:
-            args = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", f"--concurrency={concurrency}",
+            args = [sys.executable, "-m", "celery", "-A", "fleettune.workers.app", "worker", f"--concurrency={concurrency}",
                     "-Q", "fleettune.ingest,fleettune.rounds,fleettune.eval", "--loglevel=info", *common]
             if beat:
                 args.append("--beat")
         full_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **env)
         self.proc = subprocess.Popen(args, env=full_env, stdout=subprocess.DEVNULL, stderr=(workdir / f"worker-{name}.err").open("w"),
-                                     start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+                                     start_new_session=True, cwd=cwd or Path(__file__).resolve().parents[1])
         _wait(lambda: self.log.exists() and " ready." in self.log.read_text(), f"worker {name}", 60, self.proc,
               workdir / f"worker-{name}.err")
 
@@ -204,17 +205,19 @@ class Api:
     """`fleettune api` (FastAPI under uvicorn) as its own process; restartable on the same port.
     `command="split-server"`: the split-learning server, the same way."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None, command: str = "api"):
+    def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None, command: str = "api",
+                 bin_dir: Path | None = None, cwd: Path | None = None):
         self.env, self.workdir, self.command = env, workdir, command
+        self.bin_dir, self.cwd = bin_dir or Path(sys.executable).parent, cwd
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.start()
 
     def start(self) -> None:
-        exe = str(Path(sys.executable).parent / "fleettune")
         err = self.workdir / f"{self.command}-{self.port}.err"
-        self.proc = subprocess.Popen([exe, self.command, "--port", str(self.port)], env=dict(os.environ, **self.env),
-                                     stdout=subprocess.DEVNULL, stderr=err.open("a"), start_new_session=True)
+        self.proc = subprocess.Popen([str(self.bin_dir / "fleettune"), self.command, "--port", str(self.port)],
+                                     env=dict(os.environ, **self.env), stdout=subprocess.DEVNULL, stderr=err.open("a"),
+                                     start_new_session=True, cwd=self.cwd)
         _wait(lambda: _healthy(self.url), f"fleettune {self.command}", 60, self.proc, err)
 
     def kill(self) -> None:

@@ -1,6 +1,6 @@
 """The Celery app: a Redis broker, at-least-once delivery, and no pickle.
 
-`celery -A workers.app worker` and `fleettune worker` both start workers from this module.
+`celery -A fleettune.workers.app worker` and `fleettune worker` both start workers from this module.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from celery import Celery
 
-from shared.runtime import Runtime
-from shared.settings import Settings
+from fleettune.shared.runtime import Runtime
+from fleettune.shared.settings import Settings
 
 INGEST_QUEUE = "fleettune.ingest"
 ROUNDS_QUEUE = "fleettune.rounds"  # its own queue, so a backlog of updates never delays a close
@@ -21,7 +21,7 @@ QUEUES = (INGEST_QUEUE, ROUNDS_QUEUE, EVAL_QUEUE)
 
 def make_app(settings: Settings | None = None, broker_url: str | None = None, runtime: Runtime | None = None) -> Celery:
     settings = settings or Settings.from_env()
-    app = Celery("fleettune", broker=broker_url or settings.redis_url or "memory://", include=["workers.tasks", "workers.observability"])
+    app = Celery("fleettune", broker=broker_url or settings.redis_url or "memory://", include=["fleettune.workers.tasks", "fleettune.workers.observability"])
     app.conf.update(
         # msgpack only: no pickle can reach a worker, and envelopes arrive as raw bytes
         task_serializer="msgpack",
@@ -56,7 +56,7 @@ def make_app(settings: Settings | None = None, broker_url: str | None = None, ru
         beat_schedule={"fleettune-sweep": {"task": "fleettune.sweep", "schedule": settings.sweep_interval_s}},
         # in memory (the default persists with shelve, that is pickle), sending only while it holds
         # the leader lease: any number of beats, exactly one sends
-        beat_scheduler="workers.beat:LeaderScheduler",
+        beat_scheduler="fleettune.workers.beat:LeaderScheduler",
     )
     app.fleettune_settings = settings
     app.fleettune_runtime = runtime  # built lazily in each worker process when None

@@ -13,8 +13,8 @@ import uuid
 
 from celery.beat import Scheduler
 
-from shared import keys
-from shared.lease import Lease
+from fleettune.shared import keys
+from fleettune.shared.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class LeaderScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        from workers.app import runtime_of
+        from fleettune.workers.app import runtime_of
 
         settings = self.app.fleettune_settings
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

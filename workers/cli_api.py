@@ -11,8 +11,8 @@ from collections.abc import Iterable
 import click
 from tabulate import tabulate
 
-from shared.sdk import Client, Federation, FleettuneAPIError, ModelRegistry
-from shared.strategies.config import ALGORITHMS
+from fleettune import Client, Federation, FleettuneAPIError, ModelRegistry
+from fleettune.shared.strategies.config import ALGORITHMS
 
 url_option = click.option("--url", envvar="FLEETTUNE_URL", default="http://127.0.0.1:8000", show_default=True,
                           help="the API (FLEETTUNE_URL)")

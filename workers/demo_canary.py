@@ -17,16 +17,16 @@ from pathlib import Path
 import click
 import torch
 
-from shared import corpora
-from shared.adapter_spec import ModelDims
-from shared.device import models, trainer
-from shared.device.client import Device
-from shared.device.fleet import FleetSpec, build_fleet
-from shared.device.serving import ServingFleet
-from shared.sdk import DeviceClient, Federation, FleettuneAPIError
-from shared.settings import Settings
-from workers.demo import DEVICE_RAM_MB, DEVICE_STORAGE_MB, demo_config
-from workers.experiment import embedded, enroll, gateway, run_rounds, wait_evaluation, wait_round
+from fleettune.shared import corpora
+from fleettune.shared.adapter_spec import ModelDims
+from fleettune.shared.device import models, trainer
+from fleettune.shared.device.client import Device
+from fleettune.shared.device.fleet import FleetSpec, build_fleet
+from fleettune.shared.device.serving import ServingFleet
+from fleettune import DeviceClient, Federation, FleettuneAPIError
+from fleettune.shared.settings import Settings
+from fleettune.workers.demo import DEVICE_RAM_MB, DEVICE_STORAGE_MB, demo_config
+from fleettune.workers.experiment import embedded, enroll, gateway, run_rounds, wait_evaluation, wait_round
 
 GATES = {"min_reports": 5}  # the rest at their defaults: margins 0.05 nats, alpha 0.05 over 20 looks
 

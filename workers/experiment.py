@@ -20,15 +20,15 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from tqdm import tqdm
 
-from shared import versions
-from shared.device.client import Device
-from shared.federation import FederationConfig
-from shared.runtime import Runtime
-from shared.settings import Settings
-from shared.sdk import DeviceClient, Federation
-from shared.storage import LocalObjectStore, open_store
-from shared.submit import encode_update
-from workers.app import QUEUES, enqueuer, make_app
+from fleettune.shared import versions
+from fleettune.shared.device.client import Device
+from fleettune.shared.federation import FederationConfig
+from fleettune.shared.runtime import Runtime
+from fleettune.shared.settings import Settings
+from fleettune import DeviceClient, Federation
+from fleettune.shared.storage import LocalObjectStore, open_store
+from fleettune.shared.submit import encode_update
+from fleettune.workers.app import QUEUES, enqueuer, make_app
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +92,8 @@ def wait_evaluation(runtime: Runtime, fed: str, version: int, timeout: float) ->
 @contextlib.contextmanager
 def gateway(app: Celery, runtime: Runtime) -> Iterator[tuple[str, str]]:
     """The API (control plane and device gateway) in a thread of this process: (URL, an admin key)."""
-    from shared.control.auth import Tokens
-    from workers.api import create_app, serve_in_thread
+    from fleettune.shared.control.auth import Tokens
+    from fleettune.workers.api import create_app, serve_in_thread
 
     with serve_in_thread(create_app(runtime, enqueuer(app))) as url:
         yield url, Tokens(runtime.redis).create_api_key("admin", "experiment")[1]

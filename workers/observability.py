@@ -10,7 +10,7 @@ from celery.signals import worker_init, worker_process_shutdown
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client import multiprocess as prom_multiprocess
 
-from shared.metrics import QueueCollector, multiprocess
+from fleettune.shared.metrics import QueueCollector, multiprocess
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 @worker_init.connect
 def serve_metrics(sender=None, **_) -> None:
     """Start /metrics in the main process, before the pool forks (so no child inherits the socket)."""
-    from workers.app import QUEUES
+    from fleettune.workers.app import QUEUES
 
     app = sender.app
     settings = app.fleettune_settings

@@ -14,10 +14,10 @@ import click
 import httpx
 from tqdm import tqdm
 
-from shared import simulate as sim
-from shared.federation import FederationConfig
-from shared.sdk import DeviceClient, Federation, FleettuneAPIError
-from shared.sdk.http import Client
+from fleettune.shared import simulate as sim
+from fleettune.shared.federation import FederationConfig
+from fleettune import DeviceClient, Federation, FleettuneAPIError
+from fleettune.http import Client
 
 
 def federation_body(config: FederationConfig, layout: str) -> dict:

@@ -16,15 +16,15 @@ import threading
 from fastapi import FastAPI, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from shared import keys
-from shared.device import models, trainer
-from shared.errors import Refusal, Rejected
-from shared.runtime import Runtime
-from shared.split import config as split_config
-from shared.split import parts, wire
-from shared.split.wire import STEP_ID, shared_secret
-from shared.split.server import SplitServer
-from workers.api import problems
+from fleettune.shared import keys
+from fleettune.shared.device import models, trainer
+from fleettune.shared.errors import Refusal, Rejected
+from fleettune.shared.runtime import Runtime
+from fleettune.shared.split import config as split_config
+from fleettune.shared.split import parts, wire
+from fleettune.shared.split.wire import STEP_ID, shared_secret
+from fleettune.shared.split.server import SplitServer
+from fleettune.workers.api import problems
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ import torch
 from celery import Task, shared_task
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from shared import retention
-from shared.control.rollouts import Rollouts
-from shared.control.tiers import Deployment
-from shared.distill import distill_version
-from shared.ingest import TRANSIENT
-from shared.rounds import CLOSED, FAILED
-from shared.runtime import Runtime
-from workers.app import app, enqueuer, runtime_of
+from fleettune.shared import retention
+from fleettune.shared.control.rollouts import Rollouts
+from fleettune.shared.control.tiers import Deployment
+from fleettune.shared.distill import distill_version
+from fleettune.shared.ingest import TRANSIENT
+from fleettune.shared.rounds import CLOSED, FAILED
+from fleettune.shared.runtime import Runtime
+from fleettune.workers.app import app, enqueuer, runtime_of
 
 log = logging.getLogger(__name__)
 _settings = app.fleettune_settings

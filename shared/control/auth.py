@@ -17,7 +17,7 @@ from typing import Literal
 
 import redis
 
-from shared import keys
+from fleettune.shared import keys
 
 Scope = Literal["admin", "read", "device"]
 OPERATOR_SCOPES = ("admin", "read")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import msgpack
 
-from shared import keys
-from shared.control.auth import Tokens
-from shared.control.groups import Groups, GroupSpec
-from shared.errors import Refusal
-from shared.federation import DeviceProfile
-from shared.state import FederationState
+from fleettune.shared import keys
+from fleettune.shared.control.auth import Tokens
+from fleettune.shared.control.groups import Groups, GroupSpec
+from fleettune.shared.errors import Refusal
+from fleettune.shared.federation import DeviceProfile
+from fleettune.shared.state import FederationState
 
 
 class Devices:

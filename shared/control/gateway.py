@@ -17,18 +17,18 @@ from typing import Any, Protocol
 import msgpack
 import redis
 
-from shared import keys, versions
-from shared.envelope import Envelope, decode
-from shared.errors import Refusal, Rejected
-from shared.federation import DeviceProfile, FederationConfig
-from shared.ledger import LATE, Ledger
-from shared.control.groups import Groups
-from shared.control.presign import Presigner
-from shared.control.rollouts import Assignment, Rollouts
-from shared.control.tiers import Deployment, Variant
-from shared.settings import Settings
-from shared.strategies import privacy
-from shared.state import FederationState, RoundInfo
+from fleettune.shared import keys, versions
+from fleettune.shared.envelope import Envelope, decode
+from fleettune.shared.errors import Refusal, Rejected
+from fleettune.shared.federation import DeviceProfile, FederationConfig
+from fleettune.shared.ledger import LATE, Ledger
+from fleettune.shared.control.groups import Groups
+from fleettune.shared.control.presign import Presigner
+from fleettune.shared.control.rollouts import Assignment, Rollouts
+from fleettune.shared.control.tiers import Deployment, Variant
+from fleettune.shared.settings import Settings
+from fleettune.shared.strategies import privacy
+from fleettune.shared.state import FederationState, RoundInfo
 
 Enqueue = Callable[[bytes, float], None]  # (envelope bytes, received_at)
 

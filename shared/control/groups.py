@@ -14,9 +14,9 @@ from typing import Literal
 import msgpack
 from packaging.version import InvalidVersion, Version
 
-from shared import keys
-from shared.errors import Refusal
-from shared.federation import DeviceProfile
+from fleettune.shared import keys
+from fleettune.shared.errors import Refusal
+from fleettune.shared.federation import DeviceProfile
 
 Kind = Literal["static", "dynamic", "hybrid"]
 MAX_GROUPS = 64  # groups are evaluated at every check-in: bounded per federation

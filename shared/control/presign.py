@@ -19,7 +19,7 @@ import time
 import urllib.parse
 from typing import Protocol
 
-from shared.errors import Refusal
+from fleettune.shared.errors import Refusal
 
 LOCAL_ROUTE = "/api/v1/objects/"
 

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from shared import keys
-from shared.control.presign import Presigner, S3Presigner
-from shared.errors import ObjectNotFound, Refusal
-from shared.settings import Settings
-from shared.storage import ObjectStore
+from fleettune.shared import keys
+from fleettune.shared.control.presign import Presigner, S3Presigner
+from fleettune.shared.errors import ObjectNotFound, Refusal
+from fleettune.shared.settings import Settings
+from fleettune.shared.storage import ObjectStore
 
 Kind = Literal["base", "adapter"]
 MIN_PART = 5 * 1024 * 1024  # S3 refuses smaller parts (but the last)

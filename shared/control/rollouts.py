@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterable
 import msgpack
 import redis
 
-from shared import canary, keys
-from shared.errors import Refusal
-from shared.state import FederationState
+from fleettune.shared import canary, keys
+from fleettune.shared.errors import Refusal
+from fleettune.shared.state import FederationState
 
 LIVE = ("pending", "active", "paused")
 MAX_HISTORY = 1000

@@ -12,11 +12,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from shared.adapter_spec import LAYOUTS, AdapterConfig, ModelDims
-from shared.control.groups import GroupSpec, Rules
-from shared.errors import Refusal
-from shared.federation import DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig
-from shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, AggregationConfig
+from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, ModelDims
+from fleettune.shared.control.groups import GroupSpec, Rules
+from fleettune.shared.errors import Refusal
+from fleettune.shared.federation import DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig
+from fleettune.shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, AggregationConfig
 
 Algorithm = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "flexlora",
                     "ffa_lora", "median", "trimmed_mean", "dp_fedavg"]
@@ -346,7 +346,7 @@ class DeploymentIn(Strict):
         Field(max_length=16, description="tier -> what its devices run; '*' for tiers not named")
 
     def to_variants(self) -> dict:
-        from shared.control.tiers import DEFAULT, Distillation, Variant
+        from fleettune.shared.control.tiers import DEFAULT, Distillation, Variant
 
         out = {}
         for tier, v in self.tiers.items():

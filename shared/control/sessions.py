@@ -12,13 +12,13 @@ import secrets
 import time
 from collections.abc import Callable
 
-from shared import keys
-from shared.control.schemas import (FederationIn, StrategyIn, TrainingSessionIn, apply_strategy,
+from fleettune.shared import keys
+from fleettune.shared.control.schemas import (FederationIn, StrategyIn, TrainingSessionIn, apply_strategy,
                                     evaluation_config, resolve_model)
-from shared.errors import Refusal
-from shared.federation import FederationConfig
-from shared.rounds import RoundCoordinator
-from shared.state import FederationState
+from fleettune.shared.errors import Refusal
+from fleettune.shared.federation import FederationConfig
+from fleettune.shared.rounds import RoundCoordinator
+from fleettune.shared.state import FederationState
 
 FINAL = ("completed", "failed", "stopped")
 

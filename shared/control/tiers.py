@@ -16,8 +16,8 @@ import dataclasses
 import json
 from typing import Literal
 
-from shared import keys
-from shared.errors import Refusal
+from fleettune.shared import keys
+from fleettune.shared.errors import Refusal
 
 Mode = Literal["train", "infer", "api"]
 DEFAULT = "*"

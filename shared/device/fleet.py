@@ -10,10 +10,10 @@ import dataclasses
 
 import torch
 
-from shared import corpora
-from shared.device import trainer
-from shared.device.client import Device
-from shared.federation import FederationConfig
+from fleettune.shared import corpora
+from fleettune.shared.device import trainer
+from fleettune.shared.device.client import Device
+from fleettune.shared.federation import FederationConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load
 
-from shared.device import trainer
-from shared.sdk import DeviceClient
+from fleettune.shared.device import trainer
+from fleettune import DeviceClient
 
 
 class ServingFleet:

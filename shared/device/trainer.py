@@ -9,8 +9,8 @@ from collections.abc import Mapping
 
 import torch
 
-from shared.adapter_spec import AdapterConfig
-from shared.federation import TrainingStrategy
+from fleettune.shared.adapter_spec import AdapterConfig
+from fleettune.shared.federation import TrainingStrategy
 
 
 @dataclasses.dataclass(frozen=True)

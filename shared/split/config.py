@@ -7,7 +7,7 @@ import json
 import math
 from typing import Literal
 
-from shared import keys
+from fleettune.shared import keys
 
 Mode = Literal["two_part", "u_shaped"]
 

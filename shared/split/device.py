@@ -19,11 +19,11 @@ from typing import Protocol
 import torch
 from safetensors.torch import load
 
-from shared.device import trainer
-from shared.split import model as split_model
-from shared.split import wire
-from shared.split.config import SplitConfig
-from shared.strategies import privacy
+from fleettune.shared.device import trainer
+from fleettune.shared.split import model as split_model
+from fleettune.shared.split import wire
+from fleettune.shared.split.config import SplitConfig
+from fleettune.shared.strategies import privacy
 
 
 class Transport(Protocol):
@@ -145,8 +145,8 @@ def split_round(gateway, device: SplitDevice, steps: int, shapes: dict[str, tupl
                 plan: dict | None = None, max_header_bytes: int = 1 << 20) -> dict:
     """One SplitFed round: start from the global version, take `steps` split steps through the
     split server, and send this device's part through the round pipeline. Returns the receipt."""
-    from shared.safetensors_reader import parse
-    from shared.submit import encode_update
+    from fleettune.shared.safetensors_reader import parse
+    from fleettune.shared.submit import encode_update
 
     plan = plan or gateway.check_in()
     start = {k: v.clone() for k, v in parse(gateway.download(plan), shapes, max_header_bytes).items()}

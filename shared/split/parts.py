@@ -14,10 +14,10 @@ from collections.abc import Mapping
 
 import torch
 
-from shared import keys, versions
-from shared.errors import StateError
-from shared.safetensors_reader import parse
-from shared.split.config import SplitConfig
+from fleettune.shared import keys, versions
+from fleettune.shared.errors import StateError
+from fleettune.shared.safetensors_reader import parse
+from fleettune.shared.split.config import SplitConfig
 
 
 def peft_config(config: SplitConfig, adapter, layers: range) -> dict:

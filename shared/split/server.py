@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 import torch
 
-from shared.errors import Refusal
-from shared.split import model as split_model
-from shared.split.config import SplitConfig
+from fleettune.shared.errors import Refusal
+from fleettune.shared.split import model as split_model
+from fleettune.shared.split.config import SplitConfig
 
 MAX_PENDING = 1024
 
@@ -119,7 +119,7 @@ class SplitServer:
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The LoRA tensors of the server's layers, under PEFT's saved names."""
-        from shared.device import trainer
+        from fleettune.shared.device import trainer
 
         return {k: v for k, v in trainer.adapter_weights(self.model).items()
                 if split_model.layer_of(k) in self.layers}

@@ -16,9 +16,9 @@ import secrets
 import torch
 from safetensors.torch import save
 
-from shared import keys
-from shared.errors import RejectReason, Rejected
-from shared.safetensors_reader import DTYPES, parse
+from fleettune.shared import keys
+from fleettune.shared.errors import RejectReason, Rejected
+from fleettune.shared.safetensors_reader import DTYPES, parse
 
 WIRE_DTYPES = {"F32": DTYPES["F32"], "I64": (torch.int64, 8)}
 MAX_HEADER = 4096

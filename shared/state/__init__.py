@@ -7,11 +7,11 @@
     Partials       which accepted updates are in which committed partial sum, exactly once
 """
 
-from shared.state.accounting import ACCEPTED, REDELIVERED, Accounting, UpdateRecord
-from shared.state.evaluations import Evaluations
-from shared.state.partials import Partials
-from shared.state.registry import Registry
-from shared.state.round_machine import RoundInfo, RoundMachine
+from fleettune.shared.state.accounting import ACCEPTED, REDELIVERED, Accounting, UpdateRecord
+from fleettune.shared.state.evaluations import Evaluations
+from fleettune.shared.state.partials import Partials
+from fleettune.shared.state.registry import Registry
+from fleettune.shared.state.round_machine import RoundInfo, RoundMachine
 
 __all__ = ["ACCEPTED", "REDELIVERED", "FederationState", "RoundInfo", "UpdateRecord"]
 

@@ -9,10 +9,10 @@ import dataclasses
 
 import msgpack
 
-from shared import keys
-from shared.errors import FINAL_FOR_THE_ROUND, RejectReason
-from shared.state.base import StateBase
-from shared.strategies.partial import REFERENCE_SAMPLE
+from fleettune.shared import keys
+from fleettune.shared.errors import FINAL_FOR_THE_ROUND, RejectReason
+from fleettune.shared.state.base import StateBase
+from fleettune.shared.strategies.partial import REFERENCE_SAMPLE
 
 ACCEPTED = "accepted"
 REDELIVERED = "redelivered"

@@ -7,7 +7,7 @@ from typing import Any
 
 import redis
 
-from shared import keys
+from fleettune.shared import keys
 
 
 class StateBase:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from shared import keys
-from shared.state.base import StateBase
+from fleettune.shared import keys
+from fleettune.shared.state.base import StateBase
 
 
 class Evaluations(StateBase):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import msgpack
 
-from shared import keys
-from shared.state.accounting import UpdateRecord
-from shared.state.base import StateBase
+from fleettune.shared import keys
+from fleettune.shared.state.accounting import UpdateRecord
+from fleettune.shared.state.base import StateBase
 
 COMMITTED, REFUSED, ALREADY = 1, 0, 2
 

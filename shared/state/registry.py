@@ -8,10 +8,10 @@ from collections.abc import Callable, Iterable
 
 import msgpack
 
-from shared import keys
-from shared.errors import StateError
-from shared.federation import DeviceProfile, FederationConfig
-from shared.state.base import StateBase
+from fleettune.shared import keys
+from fleettune.shared.errors import StateError
+from fleettune.shared.federation import DeviceProfile, FederationConfig
+from fleettune.shared.state.base import StateBase
 
 
 class Registry(StateBase):

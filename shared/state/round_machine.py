@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 import msgpack
 
-from shared import keys
-from shared.errors import StateError
-from shared.federation import FederationConfig
-from shared.state.accounting import UpdateRecord
-from shared.state.base import StateBase
-from shared.strategies import privacy
+from fleettune.shared import keys
+from fleettune.shared.errors import StateError
+from fleettune.shared.federation import FederationConfig
+from fleettune.shared.state.accounting import UpdateRecord
+from fleettune.shared.state.base import StateBase
+from fleettune.shared.strategies import privacy
 
 
 @dataclasses.dataclass(frozen=True)

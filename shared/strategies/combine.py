@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from shared.aggregation import StreamingFedAvg, update_norm
-from shared.strategies import privacy, robust, server_optimizers
-from shared.strategies.config import CONTROL_PREFIX, AggregationConfig
-from shared.strategies.exact_lora import LowRankSum, lora_pairs
+from fleettune.shared.aggregation import StreamingFedAvg, update_norm
+from fleettune.shared.strategies import privacy, robust, server_optimizers
+from fleettune.shared.strategies.config import CONTROL_PREFIX, AggregationConfig
+from fleettune.shared.strategies.exact_lora import LowRankSum, lora_pairs
 
 Tensors = Mapping[str, torch.Tensor]
 

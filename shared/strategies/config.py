@@ -19,8 +19,8 @@ import dataclasses
 import math
 from typing import Any
 
-from shared.errors import ConfigError
-from shared.strategies.server_optimizers import ADAPTIVE, OPTIMIZERS
+from fleettune.shared.errors import ConfigError
+from fleettune.shared.strategies.server_optimizers import ADAPTIVE, OPTIMIZERS
 
 LORA_MODES = ("naive", "exact", "ffa")
 RULES = ("mean", "median", "trimmed_mean")

@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared import versions
-from shared.adapter_spec import LAYOUTS, AdapterConfig
-from shared.control.auth import Tokens
-from shared.federation import FederationConfig, RoundPolicy
-from shared.runtime import Runtime
-from shared.settings import Settings
-from shared.strategies.config import AggregationConfig
-from shared.submit import encode_update, submit_update
+from fleettune.shared import versions
+from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig
+from fleettune.shared.control.auth import Tokens
+from fleettune.shared.federation import FederationConfig, RoundPolicy
+from fleettune.shared.runtime import Runtime
+from fleettune.shared.settings import Settings
+from fleettune.shared.strategies.config import AggregationConfig
+from fleettune.shared.submit import encode_update, submit_update
 from tests import services
-from workers.app import enqueuer, make_app
+from fleettune.workers.app import enqueuer, make_app
 
 pytestmark = pytest.mark.services
 _names = itertools.count(1)

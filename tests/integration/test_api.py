@@ -16,8 +16,8 @@ import pytest
 from safetensors.numpy import load
 
 from fleettune import DeviceClient, Federation, FleettuneAPIError, ModelRegistry
-from shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
-from shared.submit import encode_update
+from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
+from fleettune.shared.submit import encode_update
 from tests import services
 from tests.reference import mean_delta, median_claim, next_global, random_deltas, server_optimizer
 

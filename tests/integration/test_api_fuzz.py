@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
 from fleettune import Federation
-from shared.control.auth import Tokens
+from fleettune.shared.control.auth import Tokens
 from tests import services
 
 pytestmark = pytest.mark.services

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from fleettune import DeviceClient, Federation, FleettuneAPIError
-from shared import corpora
-from shared.adapter_spec import initial_weights
-from shared.device import models, trainer
-from shared.device.serving import ServingFleet
-from shared.federation import EvaluationConfig, TrainingStrategy
-from shared.strategies.config import AggregationConfig
+from fleettune.shared import corpora
+from fleettune.shared.adapter_spec import initial_weights
+from fleettune.shared.device import models, trainer
+from fleettune.shared.device.serving import ServingFleet
+from fleettune.shared.federation import EvaluationConfig, TrainingStrategy
+from fleettune.shared.strategies.config import AggregationConfig
 
 pytestmark = pytest.mark.services
 DEVICES = 150
@@ -144,7 +144,7 @@ def _plan(client: DeviceClient, capabilities: dict) -> dict:
 def test_each_tier_gets_its_variant_and_tier_2s_distilled_adapter_loads_on_its_base(pipeline, tiny, tmp_path):
     from peft import PeftModel
 
-    from shared import keys, versions
+    from fleettune.shared import keys, versions
     from tests.reference import random_deltas
 
     config = pipeline.create(devices=["t1"], min_updates=1, max_rounds=1, max_grad_norm=None,

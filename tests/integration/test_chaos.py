@@ -24,12 +24,12 @@ import redis
 from safetensors.numpy import load
 
 from fleettune import DeviceClient, Federation
-from shared import versions
-from shared.control.auth import Tokens
-from shared.federation import FederationConfig
-from shared.runtime import Runtime
-from shared.settings import Settings
-from shared.submit import encode_update
+from fleettune.shared import versions
+from fleettune.shared.control.auth import Tokens
+from fleettune.shared.federation import FederationConfig
+from fleettune.shared.runtime import Runtime
+from fleettune.shared.settings import Settings
+from fleettune.shared.submit import encode_update
 from tests import services
 from tests.reference import median_claim, next_global, random_deltas
 

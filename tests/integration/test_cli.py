@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import versions
+from fleettune.shared import versions
 
 pytestmark = pytest.mark.services
 FLEETTUNE = str(Path(sys.executable).parent / "fleettune")

@@ -9,9 +9,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from shared import keys
-from shared.envelope import Envelope
-from shared.errors import RejectReason
+from fleettune.shared import keys
+from fleettune.shared.envelope import Envelope
+from fleettune.shared.errors import RejectReason
 from tests import attacks
 from tests.reference import random_deltas
 

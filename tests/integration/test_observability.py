@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import yaml
 
-from shared import canary, versions
-from shared.control.rollouts import Rollouts
-from shared.control.auth import Tokens
-from shared.federation import EvaluationConfig
-from shared.strategies.config import AggregationConfig
+from fleettune.shared import canary, versions
+from fleettune.shared.control.rollouts import Rollouts
+from fleettune.shared.control.auth import Tokens
+from fleettune.shared.federation import EvaluationConfig
+from fleettune.shared.strategies.config import AggregationConfig
 from tests import services
 from tests.integration.conftest import make_pipeline
 from tests.reference import random_deltas

@@ -11,9 +11,9 @@ import msgpack
 import pytest
 import redis
 
-from shared.settings import Settings
-from workers.app import enqueuer, make_app
-from workers.publish import RedisPublisher
+from fleettune.shared.settings import Settings
+from fleettune.workers.app import enqueuer, make_app
+from fleettune.workers.publish import RedisPublisher
 
 pytestmark = pytest.mark.services
 IDS = {"id", "root_id", "origin"}  # per message or per process

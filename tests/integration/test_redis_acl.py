@@ -17,8 +17,8 @@ import redis
 import yaml
 
 from fleettune import DeviceClient, Federation
-from shared.control.auth import Tokens
-from shared.submit import encode_update
+from fleettune.shared.control.auth import Tokens
+from fleettune.shared.submit import encode_update
 from tests import services
 from tests.reference import random_deltas
 

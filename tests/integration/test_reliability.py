@@ -9,8 +9,8 @@ import pytest
 import redis
 
 from fleettune import DeviceClient, Federation
-from shared.control.auth import Tokens
-from shared.submit import encode_update
+from fleettune.shared.control.auth import Tokens
+from fleettune.shared.submit import encode_update
 from tests import services
 from tests.reference import random_deltas
 
@@ -46,8 +46,8 @@ def test_messages_the_broker_lost_are_redriven_from_the_ledger(redis_url, s3_end
         assert int(client.hget("ft:fed:ledger:stats", "accepted")) == 3  # each counted once
 
         # retention: the round's update objects go from S3 after it; the published version stays
-        from shared.runtime import Runtime
-        from shared.settings import Settings
+        from fleettune.shared.runtime import Runtime
+        from fleettune.shared.settings import Settings
 
         store = Runtime.from_settings(Settings.from_env(env)).store
         _eventually(lambda: not store.exists("updates/ledger/000001/a.safetensors"), what="retention")
@@ -62,7 +62,7 @@ def test_messages_the_broker_lost_are_redriven_from_the_ledger(redis_url, s3_end
 def _session(client: redis.Redis, api_url: str, fed: str, devices: list[str],
              model: str = "tiny-llama") -> tuple[Federation, dict, dict]:
     """A federation with these devices registered and a one-round session open: (federation, tokens, spec)."""
-    from shared.federation import FederationConfig
+    from fleettune.shared.federation import FederationConfig
 
     federation = Federation(Tokens(client).create_api_key("admin", fed)[1], fed, api_url)
     federation.create(model=model)

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from shared import versions
-from shared.round_inputs import RoundReader
-from shared.strategies.combine import RoundAggregator
+from fleettune.shared import versions
+from fleettune.shared.round_inputs import RoundReader
+from fleettune.shared.strategies.combine import RoundAggregator
 from tests import services
 from tests.integration.conftest import make_pipeline
 from tests.reference import next_global, random_deltas

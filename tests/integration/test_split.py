@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from fleettune import DeviceClient, Federation
-from shared import corpora, keys, versions
-from shared.adapter_spec import AdapterConfig, build_spec
-from shared.device import models, trainer
-from shared.split import model as split_model
-from shared.split import parts, wire
-from shared.split.config import SplitConfig
-from shared.split.device import HttpTransport, SplitDevice, combined, split_round
+from fleettune.shared import corpora, keys, versions
+from fleettune.shared.adapter_spec import AdapterConfig, build_spec
+from fleettune.shared.device import models, trainer
+from fleettune.shared.split import model as split_model
+from fleettune.shared.split import parts, wire
+from fleettune.shared.split.config import SplitConfig
+from fleettune.shared.split.device import HttpTransport, SplitDevice, combined, split_round
 from tests import services
 
 pytestmark = pytest.mark.services

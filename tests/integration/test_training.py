@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared import versions
-from shared.adapter_spec import AdapterConfig, ModelDims
-from shared.device import models, trainer
-from shared.device.fleet import FleetSpec, build_fleet
-from shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy
-from shared.strategies.config import AggregationConfig
-from workers.experiment import enroll
+from fleettune.shared import versions
+from fleettune.shared.adapter_spec import AdapterConfig, ModelDims
+from fleettune.shared.device import models, trainer
+from fleettune.shared.device.fleet import FleetSpec, build_fleet
+from fleettune.shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy
+from fleettune.shared.strategies.config import AggregationConfig
+from fleettune.workers.experiment import enroll
 
 pytestmark = pytest.mark.services
 
@@ -88,8 +88,8 @@ def test_exact_aggregation_with_tier_ranks_16_8_4_publishes_an_adapter_per_tier_
     """Heterogeneous ranks through the real pipeline: each tier trains its own rank on its own model."""
     from peft import PeftModel
 
-    from shared.device.client import Device
-    from shared.strategies.config import AggregationConfig
+    from fleettune.shared.device.client import Device
+    from fleettune.shared.strategies.config import AggregationConfig
 
     tokenizer = models.load_tokenizer("tiny")
     tiers = {"high": 16, "mid": 8, "low": 4}

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from fleettune import DeviceClient, Federation
-from shared.control.auth import Tokens
-from shared.submit import encode_update
+from fleettune.shared.control.auth import Tokens
+from fleettune.shared.submit import encode_update
 from tests.reference import random_deltas
 
 pytestmark = pytest.mark.services

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.aggregation import StreamingFedAvg, apply_update, clip_scale, fedavg, update_norm
+from fleettune.shared.aggregation import StreamingFedAvg, apply_update, clip_scale, fedavg, update_norm
 
 SHAPES = {"a": (3, 4), "b": (5,)}
 

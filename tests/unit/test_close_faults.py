@@ -8,17 +8,17 @@ import fakeredis
 import numpy as np
 import pytest
 
-from shared import keys, versions
-from shared.adapter_spec import LAYOUTS, initial_weights
-from shared.envelope import Envelope
-from shared.errors import StateError
-from shared.federation import EvaluationConfig, FederationConfig, RoundPolicy
-from shared.ingest import Ingestor
-from shared.rounds import CLOSED, FAILED, SETTLED, UNREADABLE, RoundCoordinator
-from shared.settings import Settings
-from shared.state import FederationState
-from shared.storage import LocalObjectStore
-from shared.submit import encode_update
+from fleettune.shared import keys, versions
+from fleettune.shared.adapter_spec import LAYOUTS, initial_weights
+from fleettune.shared.envelope import Envelope
+from fleettune.shared.errors import StateError
+from fleettune.shared.federation import EvaluationConfig, FederationConfig, RoundPolicy
+from fleettune.shared.ingest import Ingestor
+from fleettune.shared.rounds import CLOSED, FAILED, SETTLED, UNREADABLE, RoundCoordinator
+from fleettune.shared.settings import Settings
+from fleettune.shared.state import FederationState
+from fleettune.shared.storage import LocalObjectStore
+from fleettune.shared.submit import encode_update
 from tests.reference import random_deltas
 
 
@@ -158,7 +158,7 @@ def test_a_halted_federation_resumes_for_the_rounds_it_has_left(world):
 
 
 def test_retention_deletes_a_rounds_updates_and_sets_but_never_a_version(world):
-    from shared import retention
+    from fleettune.shared import retention
 
     state, store, coordinator, _, clock = world
     for i, device in enumerate("abc"):

@@ -9,18 +9,18 @@ import fakeredis
 import numpy as np
 import pytest
 
-from shared import keys, versions
-from shared.adapter_spec import LAYOUTS, initial_weights
-from shared.envelope import Envelope
-from shared.federation import FederationConfig, RoundPolicy
-from shared.ingest import Ingestor
-from shared.rounds import CLOSED, PRIVACY_BUDGET, RoundCoordinator
-from shared.settings import Settings
-from shared.state import FederationState
-from shared.storage import LocalObjectStore
-from shared.strategies import privacy
-from shared.strategies.config import AggregationConfig
-from shared.submit import encode_update
+from fleettune.shared import keys, versions
+from fleettune.shared.adapter_spec import LAYOUTS, initial_weights
+from fleettune.shared.envelope import Envelope
+from fleettune.shared.federation import FederationConfig, RoundPolicy
+from fleettune.shared.ingest import Ingestor
+from fleettune.shared.rounds import CLOSED, PRIVACY_BUDGET, RoundCoordinator
+from fleettune.shared.settings import Settings
+from fleettune.shared.state import FederationState
+from fleettune.shared.storage import LocalObjectStore
+from fleettune.shared.strategies import privacy
+from fleettune.shared.strategies.config import AggregationConfig
+from fleettune.shared.submit import encode_update
 from tests import reference
 from tests.reference import random_deltas
 
@@ -119,7 +119,7 @@ def test_a_redone_close_keeps_the_version_its_earlier_attempt_published(tmp_path
     _round(state, store, config, 1, seed=1)
     first = RoundCoordinator(state, store, Settings())._aggregate_and_publish(config, state.round_info("f", 1), 1)
     store.put(keys.current_pointer("f"), b'{"version": 0}')  # the first attempt died before moving the pointer
-    monkeypatch.setattr("shared.rounds.RoundAggregator", None)  # a redo must not aggregate again
+    monkeypatch.setattr("fleettune.shared.rounds.RoundAggregator", None)  # a redo must not aggregate again
     again = RoundCoordinator(state, store, Settings())._aggregate_and_publish(config, state.round_info("f", 1), 1)
     assert again == first and versions.current_version(store, "f") == 1
     assert len(state.secret("f")) == 32 and state.secret("f") == state.r.get(keys.fed_secret("f"))
@@ -152,10 +152,10 @@ def test_scaffold_publishes_the_server_control_variate_devices_download(tmp_path
 
 
 def test_clients_per_round_picks_that_many_by_the_secret_and_check_in_turns_the_rest_away(tmp_path):
-    from shared.control.gateway import Gateway
-    from shared.control.presign import LocalPresigner
-    from shared.errors import Refusal
-    from shared.federation import DeviceProfile
+    from fleettune.shared.control.gateway import Gateway
+    from fleettune.shared.control.presign import LocalPresigner
+    from fleettune.shared.errors import Refusal
+    from fleettune.shared.federation import DeviceProfile
 
     state, store = FederationState(fakeredis.FakeRedis()), LocalObjectStore(tmp_path)
     devices = [f"d{i:02d}" for i in range(10)]
@@ -177,7 +177,7 @@ def test_clients_per_round_picks_that_many_by_the_secret_and_check_in_turns_the_
 def test_epsilon_and_dropped_energy_are_exported_as_gauges(tmp_path):
     from prometheus_client import CollectorRegistry
 
-    from shared.metrics import FederationCollector
+    from fleettune.shared.metrics import FederationCollector
 
     agg = AggregationConfig.preset("dp_fedavg", dp_noise_multiplier=2.0)
     state, store, config = _world(tmp_path, agg)

@@ -5,20 +5,20 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from shared import keys
-from shared.control.auth import Tokens
-from shared.control.gateway import Gateway
-from shared.control.groups import GroupSpec
-from shared.control.presign import LocalPresigner, S3Presigner, checksum_header
-from shared.control.schemas import (AggregationIn, LoraIn, RoundConfigIn, StrategyIn, StrategyParams,
+from fleettune.shared import keys
+from fleettune.shared.control.auth import Tokens
+from fleettune.shared.control.gateway import Gateway
+from fleettune.shared.control.groups import GroupSpec
+from fleettune.shared.control.presign import LocalPresigner, S3Presigner, checksum_header
+from fleettune.shared.control.schemas import (AggregationIn, LoraIn, RoundConfigIn, StrategyIn, StrategyParams,
                                     TrainingSessionIn, apply_strategy)
-from shared.control.sessions import Control
-from shared.errors import Refusal
-from shared.federation import DeviceProfile
-from shared.rounds import RoundCoordinator
-from shared.settings import Settings
-from shared.state import FederationState
-from shared.storage import LocalObjectStore
+from fleettune.shared.control.sessions import Control
+from fleettune.shared.errors import Refusal
+from fleettune.shared.federation import DeviceProfile
+from fleettune.shared.rounds import RoundCoordinator
+from fleettune.shared.settings import Settings
+from fleettune.shared.state import FederationState
+from fleettune.shared.storage import LocalObjectStore
 
 
 class Clock:
@@ -213,8 +213,8 @@ def test_the_api_serves_local_presigned_urls_with_the_same_rules_as_s3(tmp_path)
 
     import httpx
 
-    from shared.runtime import Runtime
-    from workers.api import create_app, serve_in_thread
+    from fleettune.shared.runtime import Runtime
+    from fleettune.workers.api import create_app, serve_in_thread
 
     runtime = Runtime(Settings(), fakeredis.FakeRedis(), LocalObjectStore(tmp_path))
     app = create_app(runtime, lambda raw, at: None)
@@ -236,8 +236,8 @@ def test_the_api_serves_local_presigned_urls_with_the_same_rules_as_s3(tmp_path)
 def test_a_stopped_federation_resumes_through_the_api(plane, tmp_path):
     import httpx
 
-    from shared.runtime import Runtime
-    from workers.api import create_app, serve_in_thread
+    from fleettune.shared.runtime import Runtime
+    from fleettune.workers.api import create_app, serve_in_thread
 
     state, _, control, _, _ = plane
     runtime = Runtime(Settings(), state.r, LocalObjectStore(tmp_path / "objects"))
@@ -256,8 +256,8 @@ def test_a_stopped_federation_resumes_through_the_api(plane, tmp_path):
 def test_deadlines_are_judged_by_receive_time(plane, tmp_path):
     import dataclasses
 
-    from shared.ingest import Ingestor
-    from shared.rounds import CLOSING, WAIT, decide
+    from fleettune.shared.ingest import Ingestor
+    from fleettune.shared.rounds import CLOSING, WAIT, decide
 
     state, gateway, control, sent, clock = plane
     _session(control, "f")  # deadline: 60 s after 1000

@@ -6,18 +6,18 @@ import fakeredis
 import numpy as np
 import pytest
 
-from shared import corpora, keys
-from shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
-from shared.device import memory
-from shared.envelope import Envelope
-from shared.errors import RejectReason
-from shared.federation import DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig, RoundPolicy
-from shared.ingest import Ingestor
-from shared.rounds import RoundCoordinator
-from shared.settings import Settings
-from shared.state import FederationState
-from shared.storage import LocalObjectStore
-from shared.submit import encode_update
+from fleettune.shared import corpora, keys
+from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
+from fleettune.shared.device import memory
+from fleettune.shared.envelope import Envelope
+from fleettune.shared.errors import RejectReason
+from fleettune.shared.federation import DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig, RoundPolicy
+from fleettune.shared.ingest import Ingestor
+from fleettune.shared.rounds import RoundCoordinator
+from fleettune.shared.settings import Settings
+from fleettune.shared.state import FederationState
+from fleettune.shared.storage import LocalObjectStore
+from fleettune.shared.submit import encode_update
 from tests.reference import random_deltas
 
 
@@ -114,7 +114,7 @@ def test_forgetting_past_the_threshold_lowers_the_server_learning_rate(tmp_path)
     result = coordinator.evaluate("f", 1, lambda config: _Evaluator(1.5))
     assert state.server_lr("f", 1.0) == 0.5
     assert "server_lr lowered to 0.5" in state.round_info("f", 2).guard == result["guard"]
-    from shared import versions
+    from fleettune.shared import versions
     assert versions.manifest(store, "f", 1)["evaluation"]["forgetting_ratio"] == 1.5
 
 

@@ -4,9 +4,9 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from shared import keys
-from shared.envelope import Envelope, decode
-from shared.errors import Rejected, RejectReason
+from fleettune.shared import keys
+from fleettune.shared.envelope import Envelope, decode
+from fleettune.shared.errors import Rejected, RejectReason
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "envelope_v1.msgpack"
 EXPECTED = Envelope(

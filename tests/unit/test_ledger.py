@@ -4,10 +4,10 @@ import fakeredis
 import msgpack
 import pytest
 
-from shared import keys
-from shared.envelope import decode
-from shared.errors import RejectReason, Rejected
-from shared.ledger import Ledger
+from fleettune.shared import keys
+from fleettune.shared.envelope import decode
+from fleettune.shared.errors import RejectReason, Rejected
+from fleettune.shared.ledger import Ledger
 
 
 def _entry(raw: bytes, at: float) -> dict:

@@ -7,18 +7,18 @@ import random
 import fakeredis
 import pytest
 
-from shared import canary, keys
-from shared.control.gateway import Gateway
-from shared.control.groups import GroupSpec, Rules
-from shared.control.presign import LocalPresigner
-from shared.control.rollouts import Rollouts
-from shared.control.schemas import GroupIn, ReportIn
-from shared.control.tiers import Deployment, Variant
-from shared.errors import Refusal
-from shared.adapter_spec import LAYOUTS
-from shared.federation import DeviceProfile, FederationConfig
-from shared.settings import Settings
-from shared.state import FederationState
+from fleettune.shared import canary, keys
+from fleettune.shared.control.gateway import Gateway
+from fleettune.shared.control.groups import GroupSpec, Rules
+from fleettune.shared.control.presign import LocalPresigner
+from fleettune.shared.control.rollouts import Rollouts
+from fleettune.shared.control.schemas import GroupIn, ReportIn
+from fleettune.shared.control.tiers import Deployment, Variant
+from fleettune.shared.errors import Refusal
+from fleettune.shared.adapter_spec import LAYOUTS
+from fleettune.shared.federation import DeviceProfile, FederationConfig
+from fleettune.shared.settings import Settings
+from fleettune.shared.state import FederationState
 from tests.unit.test_control import Clock
 
 EVALS = {0: None, 1: {"heldout_mean": 20.0, "base_heldout_mean": 21.0, "forgetting_ratio": 1.01},

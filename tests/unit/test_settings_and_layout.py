@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
-from shared.errors import ConfigError
-from shared.federation import FederationConfig, RoundPolicy
-from shared.settings import Settings
+from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
+from fleettune.shared.errors import ConfigError
+from fleettune.shared.federation import FederationConfig, RoundPolicy
+from fleettune.shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,25 +54,39 @@ def test_federation_config_round_trips_through_json():
 
 
 def _imports(path: Path) -> set[str]:
+    """Every module a file imports, by its full dotted name."""
     tree = ast.parse(path.read_text())
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
     return names
 
 
+def _under(names: set[str], *prefixes: str) -> set[str]:
+    return {n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)}
+
+
 def test_shared_never_imports_celery_or_workers():
-    offenders = {p.name: _imports(p) & {"celery", "kombu", "workers"} for p in (ROOT / "shared").glob("*.py")}
+    offenders = {str(p): _under(_imports(p), "celery", "kombu", "fleettune.workers", "workers")
+                 for p in (ROOT / "shared").rglob("*.py")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_sdk_speaks_only_http():
+    """The SDK (installed as `fleettune`) needs no server code: a device or operator installs it alone."""
+    offenders = {str(p): _under(_imports(p), "fleettune.shared", "fleettune.workers", "shared", "workers", "redis",
+                                "celery", "torch")
+                 for p in (ROOT / "shared" / "sdk").rglob("*.py")}
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
 def test_nothing_uses_pickle_or_unsafe_torch_load():
-    for path in list((ROOT / "shared").glob("*.py")) + list((ROOT / "workers").glob("*.py")):
+    for path in list((ROOT / "shared").rglob("*.py")) + list((ROOT / "workers").rglob("*.py")):
         text = path.read_text()
-        assert "pickle" not in _imports(path), path
+        assert not _under(_imports(path), "pickle", "cloudpickle", "dill"), path
         assert "torch.load(" not in text or "weights_only=True" in text, path
 
 

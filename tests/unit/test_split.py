@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from shared.adapter_spec import AdapterConfig
-from shared.device import models, trainer
-from shared.errors import Refusal, Rejected
-from shared.split import model as split_model
-from shared.split import wire
-from shared.split.config import SplitConfig
-from shared.split.device import LocalTransport, SplitDevice
-from shared.split.server import SplitServer
+from fleettune.shared.adapter_spec import AdapterConfig
+from fleettune.shared.device import models, trainer
+from fleettune.shared.errors import Refusal, Rejected
+from fleettune.shared.split import model as split_model
+from fleettune.shared.split import wire
+from fleettune.shared.split.config import SplitConfig
+from fleettune.shared.split.device import LocalTransport, SplitDevice
+from fleettune.shared.split.server import SplitServer
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_a_device_that_never_sends_its_backward_leaves_the_server_unchanged(tiny
 
 
 def test_split_training_in_both_modes_lowers_the_loss(tiny):
-    from shared import corpora
+    from fleettune.shared import corpora
 
     tokenizer = models.load_tokenizer("tiny")
     data = trainer.blocks(tokenizer(corpora.train_text("legal", 40_000))["input_ids"], 64)

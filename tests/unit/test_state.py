@@ -3,11 +3,11 @@
 import fakeredis
 import pytest
 
-from shared.adapter_spec import LAYOUTS
-from shared.errors import RejectReason, StateError
-from shared.federation import FederationConfig, RoundPolicy
-from shared.rounds import CLOSING, FAILED, WAIT, decide
-from shared.state import ACCEPTED, REDELIVERED, FederationState, RoundInfo, UpdateRecord
+from fleettune.shared.adapter_spec import LAYOUTS
+from fleettune.shared.errors import RejectReason, StateError
+from fleettune.shared.federation import FederationConfig, RoundPolicy
+from fleettune.shared.rounds import CLOSING, FAILED, WAIT, decide
+from fleettune.shared.state import ACCEPTED, REDELIVERED, FederationState, RoundInfo, UpdateRecord
 
 
 @pytest.fixture

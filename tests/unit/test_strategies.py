@@ -10,11 +10,11 @@ import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant
 
-from shared.errors import ConfigError
-from shared.strategies import partial, privacy, robust, server_optimizers
-from shared.strategies.combine import RoundAggregator
-from shared.strategies.config import AggregationConfig
-from shared.strategies.exact_lora import LowRankSum
+from fleettune.shared.errors import ConfigError
+from fleettune.shared.strategies import partial, privacy, robust, server_optimizers
+from fleettune.shared.strategies.combine import RoundAggregator
+from fleettune.shared.strategies.config import AggregationConfig
+from fleettune.shared.strategies.exact_lora import LowRankSum
 from tests import reference
 
 OUT, IN, R = 12, 10, 2

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from shared.adapter_spec import AdapterConfig, ModelDims, build_spec
-from shared.device import models, trainer
-from shared.federation import TrainingStrategy
+from fleettune.shared.adapter_spec import AdapterConfig, ModelDims, build_spec
+from fleettune.shared.device import models, trainer
+from fleettune.shared.federation import TrainingStrategy
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app
 
-from shared.metrics import FederationCollector
-from shared.runtime import Runtime
-from workers.api import devices, federations, models, objects, problems, rollouts, sessions, split
-from workers.api.services import Enqueue, Publisher, Services
+from fleettune.shared.metrics import FederationCollector
+from fleettune.shared.runtime import Runtime
+from fleettune.workers.api import devices, federations, models, objects, problems, rollouts, sessions, split
+from fleettune.workers.api.services import Enqueue, Publisher, Services
 
 __all__ = ["create_app", "serve", "serve_in_thread"]
 

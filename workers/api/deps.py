@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from shared.control.auth import Principal
-from shared.errors import Refusal
-from workers.api.services import Services
+from fleettune.shared.control.auth import Principal
+from fleettune.shared.errors import Refusal
+from fleettune.workers.api.services import Services
 
 bearer = HTTPBearer(auto_error=False, description="an operator API key (ftk_...) or a device token (ftd_...)")
 # one Path() object per parameter: two route parameters that shared one both read the same value

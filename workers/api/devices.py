@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from shared.control.auth import Principal
-from shared.control.schemas import CheckInIn, ReportIn, SubmitIn, UploadUrlIn
-from workers.api.deps import device, services
-from workers.api.services import Services
+from fleettune.shared.control.auth import Principal
+from fleettune.shared.control.schemas import CheckInIn, ReportIn, SubmitIn, UploadUrlIn
+from fleettune.workers.api.deps import device, services
+from fleettune.workers.api.services import Services
 
 router = APIRouter(prefix="/api/v1/federations/{name}", tags=["device gateway"])
 

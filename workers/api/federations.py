@@ -5,12 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import JSONResponse
 
-from shared import versions
-from shared.control.auth import Principal
-from shared.control.schemas import AdapterIn, DeviceIn, FederationIn, GroupIn, StrategyIn
-from shared.errors import ObjectNotFound, Refusal
-from workers.api.deps import FedName, GroupName, admin, reader, services
-from workers.api.services import Services
+from fleettune.shared import versions
+from fleettune.shared.control.auth import Principal
+from fleettune.shared.control.schemas import AdapterIn, DeviceIn, FederationIn, GroupIn, StrategyIn
+from fleettune.shared.errors import ObjectNotFound, Refusal
+from fleettune.workers.api.deps import FedName, GroupName, admin, reader, services
+from fleettune.workers.api.services import Services
 
 router = APIRouter(prefix="/api/v1", tags=["federations"])
 

@@ -7,11 +7,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field, StringConstraints
 
-from shared.adapter_spec import ModelDims
-from shared.control.auth import Principal
-from shared.control.schemas import Strict
-from workers.api.deps import admin, reader, services
-from workers.api.services import Services
+from fleettune.shared.adapter_spec import ModelDims
+from fleettune.shared.control.auth import Principal
+from fleettune.shared.control.schemas import Strict
+from fleettune.workers.api.deps import admin, reader, services
+from fleettune.workers.api.services import Services
 
 router = APIRouter(prefix="/api/v1/models", tags=["model registry"])
 Version = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")]

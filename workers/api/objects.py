@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 
-from shared.errors import ObjectNotFound, Refusal
-from workers.api.deps import services
-from workers.api.services import Services
+from fleettune.shared.errors import ObjectNotFound, Refusal
+from fleettune.workers.api.deps import services
+from fleettune.workers.api.services import Services
 
 router = APIRouter(tags=["local object store"], include_in_schema=False)
 MODEL_MAX_BYTES = 1 << 40

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Path, Query
 
-from shared import canary, versions
-from shared.control.auth import Principal
-from shared.control.schemas import DeploymentIn, DistillIn, PercentIn, ReasonIn, RolloutIn
-from shared.errors import ObjectNotFound, Refusal
-from workers.api.deps import FedName, admin, reader, services
-from workers.api.services import Services
+from fleettune.shared import canary, versions
+from fleettune.shared.control.auth import Principal
+from fleettune.shared.control.schemas import DeploymentIn, DistillIn, PercentIn, ReasonIn, RolloutIn
+from fleettune.shared.errors import ObjectNotFound, Refusal
+from fleettune.workers.api.deps import FedName, admin, reader, services
+from fleettune.workers.api.services import Services
 
 router = APIRouter(prefix="/api/v1/federations/{name}", tags=["tiers and rollouts"])
 RolloutId = Path(pattern=r"^ro-[0-9a-f]{1,32}$")

@@ -7,17 +7,17 @@ import secrets
 import time
 from collections.abc import Callable
 
-from shared import keys
-from shared.control.auth import Tokens
-from shared.control.devices import Devices
-from shared.control.gateway import Enqueue, Gateway, Publisher
-from shared.control.presign import LocalPresigner, Presigner, S3Presigner
-from shared.control.registry import ModelRegistry
-from shared.control.rollouts import Rollouts
-from shared.control.tiers import Deployment
-from shared.control.sessions import Control
-from shared.runtime import Runtime
-from shared.storage import LocalObjectStore
+from fleettune.shared import keys
+from fleettune.shared.control.auth import Tokens
+from fleettune.shared.control.devices import Devices
+from fleettune.shared.control.gateway import Enqueue, Gateway, Publisher
+from fleettune.shared.control.presign import LocalPresigner, Presigner, S3Presigner
+from fleettune.shared.control.registry import ModelRegistry
+from fleettune.shared.control.rollouts import Rollouts
+from fleettune.shared.control.tiers import Deployment
+from fleettune.shared.control.sessions import Control
+from fleettune.shared.runtime import Runtime
+from fleettune.shared.storage import LocalObjectStore
 
 
 @dataclasses.dataclass

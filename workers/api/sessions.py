@@ -7,11 +7,11 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import Field
 
-from shared.control.auth import Principal
-from shared.control.schemas import Strict, TrainingSessionIn
-from shared.errors import Refusal
-from workers.api.deps import admin, reader, services
-from workers.api.services import Services
+from fleettune.shared.control.auth import Principal
+from fleettune.shared.control.schemas import Strict, TrainingSessionIn
+from fleettune.shared.errors import Refusal
+from fleettune.workers.api.deps import admin, reader, services
+from fleettune.workers.api.services import Services
 
 router = APIRouter(prefix="/api/v1", tags=["training sessions"])
 

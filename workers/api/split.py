@@ -14,16 +14,16 @@ from typing import Literal
 import httpx
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from shared import keys
-from shared.control.auth import Principal
-from shared.control.schemas import SplitIn
-from shared.errors import Refusal
-from shared.split import config as split_config
-from shared.split import wire
-from shared.split.wire import STEP_ID, shared_secret
-from shared.split.config import SplitConfig
-from workers.api.deps import FedName, admin, reader, services, split_device
-from workers.api.services import Services
+from fleettune.shared import keys
+from fleettune.shared.control.auth import Principal
+from fleettune.shared.control.schemas import SplitIn
+from fleettune.shared.errors import Refusal
+from fleettune.shared.split import config as split_config
+from fleettune.shared.split import wire
+from fleettune.shared.split.wire import STEP_ID, shared_secret
+from fleettune.shared.split.config import SplitConfig
+from fleettune.workers.api.deps import FedName, admin, reader, services, split_device
+from fleettune.workers.api.services import Services
 
 router = APIRouter(prefix="/api/v1/federations/{name}/split", tags=["split learning"])
 PASSED = ("x-loss", "x-step")
