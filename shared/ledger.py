@@ -42,6 +42,7 @@ class Ledger:
         self.redrive_after_s = redrive_after_s
         self.message_ttl_s = message_ttl_s  # how long an entry answers a repeated submission with its receipt
         self._record_and_push = None  # the Lua script, registered on first use
+        self._async_scripts: dict[int, object] = {}  # the same script on each redis.asyncio client
 
     def record(self, digest: str, entry: dict, now: float) -> dict | str | None:
         """Write the entry unless it exists: None when new, the existing entry when it does, LATE
@@ -68,15 +69,22 @@ class Ledger:
         `queue`, in one script: the message is enqueued if and only if it was recorded."""
         if self._record_and_push is None:
             self._record_and_push = self.r.register_script(_RECORD_AND_PUSH)
+        return _seen(self._record_and_push(**self._push_call(digest, entry, now, queue, message)))
+
+    async def record_and_push_async(self, client, digest: str, entry: dict, now: float, queue: str,
+                                    message: bytes) -> dict | str | None:
+        """`record_and_push` over a redis.asyncio client (its script object is kept per client)."""
+        script = self._async_scripts.get(id(client))
+        if script is None:
+            script = self._async_scripts[id(client)] = client.register_script(_RECORD_AND_PUSH)
+        return _seen(await script(**self._push_call(digest, entry, now, queue, message)))
+
+    def _push_call(self, digest: str, entry: dict, now: float, queue: str, message: bytes) -> dict:
         fed, round_no = entry["federation"], entry["round"]
-        seen = self._record_and_push(
-            keys=[keys.received(digest), keys.RECEIVED_PENDING, queue, keys.round_info(fed, round_no),
-                  keys.round_inflight(fed, round_no)],
-            args=[msgpack.packb(entry, use_bin_type=True), self.message_ttl_s, now + self.redrive_after_s, digest,
-                  message, repr(now)])
-        if seen == LATE.encode():
-            return LATE
-        return msgpack.unpackb(seen) if seen else None
+        return {"keys": [keys.received(digest), keys.RECEIVED_PENDING, queue, keys.round_info(fed, round_no),
+                         keys.round_inflight(fed, round_no)],
+                "args": [msgpack.packb(entry, use_bin_type=True), self.message_ttl_s, now + self.redrive_after_s,
+                         digest, message, repr(now)]}
 
     def forget(self, digest: str) -> None:
         """Undo `record` (the enqueue failed, so the device's retry must go through)."""
@@ -114,3 +122,9 @@ class Ledger:
 
     def pending(self) -> int:
         return int(self.r.zcard(keys.RECEIVED_PENDING))
+
+
+def _seen(reply) -> dict | str | None:
+    if reply == LATE.encode():
+        return LATE
+    return msgpack.unpackb(reply) if reply else None

@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from fleettune.shared import keys
+from fleettune.shared.errors import ObjectNotFound, StorageUnavailable
 
 NORM_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, float("inf"))
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
@@ -108,8 +109,6 @@ class FederationCollector:
         self._facts: dict[tuple[str, int], dict] = {}  # versions are immutable: read each manifest once
 
     def collect(self):
-        from fleettune.shared import versions
-
         gauges = {
             "version": GaugeMetricFamily("fleettune_adapter_version", "Newest published global version", labels=["federation"]),
             "round": GaugeMetricFamily("fleettune_current_round", "The round now open (or last ended)", labels=["federation"]),
@@ -150,15 +149,7 @@ class FederationCollector:
             closing = max(0.0, now - (info.closing_at or now)) if info and info.status == "closing" else 0.0
             gauges["overdue"].add_metric([fed], overdue)
             gauges["closing"].add_metric([fed], closing)
-            if (fed, version) not in self._facts:
-                manifest = versions.manifest(self.store, fed, version)
-                self._facts[(fed, version)] = {
-                    "norm": manifest["global_norm"], "epsilon": (manifest.get("dp") or {}).get("epsilon"),
-                    "epsilon_round": (manifest.get("dp") or {}).get("epsilon_round"),
-                    "dropped": (manifest.get("aggregation") or {}).get("truncation_energy_dropped"),
-                    "partials": (manifest.get("aggregation") or {}).get("partials"),
-                    "read": (manifest.get("aggregation") or {}).get("read_at_close")}
-            for name, value in self._facts[(fed, version)].items():
+            for name, value in self._version_facts(fed, version).items():
                 if value is not None:
                     gauges[name].add_metric([fed], value)
             evaluation = self.state.latest_evaluation(fed)
@@ -170,6 +161,23 @@ class FederationCollector:
         yield from gauges.values()
         yield from self._rollouts()
         yield from self._pipeline_health(now)
+
+    def _version_facts(self, fed: str, version: int) -> dict:
+        """Gauges read from a version's manifest, cached per version (manifests never change);
+        none for a federation never trained, or while S3 is unreachable: a scrape never fails on them."""
+        from fleettune.shared import versions
+
+        if (fed, version) not in self._facts:
+            try:
+                manifest = versions.manifest(self.store, fed, version)
+            except (ObjectNotFound, StorageUnavailable):
+                return {}
+            agg, dp = manifest.get("aggregation") or {}, manifest.get("dp") or {}
+            self._facts[(fed, version)] = {
+                "norm": manifest["global_norm"], "epsilon": dp.get("epsilon"), "epsilon_round": dp.get("epsilon_round"),
+                "dropped": agg.get("truncation_energy_dropped"), "partials": agg.get("partials"),
+                "read": agg.get("read_at_close")}
+        return self._facts[(fed, version)]
 
     def _rollouts(self):
         """Each federation's newest canary rollout: its percentage, and what its devices report."""

@@ -60,6 +60,10 @@ class Settings:
     fold_idle_s: float = 0.5  # ... or once no update arrived for this long
     split_url: str | None = None  # the split-learning server the gateway forwards devices' steps to
     split_rate_limit: int = 6000  # split steps a device may send per rate window (a step per batch)
+    # request bodies, bounded while they stream in (413 past the bound; nothing is read before auth)
+    max_device_body_bytes: int = 16 * 1024  # check-in, upload-url, submit, reports: JSON of a few fields
+    max_operator_body_bytes: int = 1 * MiB  # every other JSON route
+    max_model_bytes: int = 8 * 1024 * MiB  # the largest model registry version (a declared size above: 413)
 
     def __post_init__(self) -> None:
         if self.visibility_timeout_s <= self.task_time_limit_s:
@@ -74,7 +78,7 @@ class Settings:
             raise ConfigError(f"message TTL ({self.message_ttl_s}s) must be at least an hour and twice the re-drive delay")
         for name in ("max_update_bytes", "max_envelope_bytes", "max_header_bytes", "task_time_limit_s",
                      "device_rate_limit", "rate_window_s", "url_ttl_s", "multipart_threshold_bytes", "fold_batch",
-                     "fold_idle_s"):
+                     "fold_idle_s", "max_device_body_bytes", "max_operator_body_bytes", "max_model_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
 
@@ -114,6 +118,9 @@ class Settings:
             max_update_bytes=integer("MAX_UPDATE_BYTES", cls.max_update_bytes),
             max_envelope_bytes=integer("MAX_ENVELOPE_BYTES", cls.max_envelope_bytes),
             max_header_bytes=integer("MAX_HEADER_BYTES", cls.max_header_bytes),
+            max_device_body_bytes=integer("MAX_DEVICE_BODY_BYTES", cls.max_device_body_bytes),
+            max_operator_body_bytes=integer("MAX_OPERATOR_BODY_BYTES", cls.max_operator_body_bytes),
+            max_model_bytes=integer("MAX_MODEL_BYTES", cls.max_model_bytes),
             task_time_limit_s=time_limit,
             visibility_timeout_s=integer("VISIBILITY_TIMEOUT", max(2 * time_limit, time_limit + 60)),
             deadletter_maxlen=integer("DEADLETTER_MAXLEN", cls.deadletter_maxlen),

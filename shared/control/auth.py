@@ -100,18 +100,44 @@ class Tokens:
 
     def authenticate(self, token: str | None) -> Principal | None:
         """The principal a bearer token stands for, or None (unknown, malformed or revoked)."""
-        if not token or len(token) > 128:
-            return None
-        parts = token.split("_", 2)  # url-safe secrets may hold "_" themselves
-        if len(parts) != 3 or parts[0] not in _PREFIXES:
-            return None
-        prefix, key_id, secret = parts[0], parts[1], parts[2]
-        if len(key_id) != 16 or not all(c in "0123456789abcdef" for c in key_id):
-            return None
-        record = self.r.hgetall(keys.api_key(key_id) if prefix == "ftk" else keys.device_token(key_id))
-        h = {k.decode(): v.decode() for k, v in record.items()}
-        if not h or "revoked_at" in h or not hmac.compare_digest(h["digest"], _digest(secret)):
-            return None
-        if prefix == "ftk":
-            return Principal(h["scope"], key_id, h.get("name", ""))  # type: ignore[arg-type]
-        return Principal("device", key_id, h["device"], federation=h["federation"], device=h["device"])
+        parsed = parse_token(token)
+        return None if parsed is None else principal_of(parsed, self.r.hgetall(parsed.record_key))
+
+    async def authenticate_async(self, client, token: str | None) -> Principal | None:
+        """`authenticate` over a redis.asyncio client: the API's event loop never waits on Redis."""
+        parsed = parse_token(token)
+        return None if parsed is None else principal_of(parsed, await client.hgetall(parsed.record_key))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedToken:
+    prefix: str
+    key_id: str
+    secret: str
+
+    @property
+    def record_key(self) -> str:
+        return keys.api_key(self.key_id) if self.prefix == "ftk" else keys.device_token(self.key_id)
+
+
+def parse_token(token: str | None) -> ParsedToken | None:
+    """The parts of a well-formed token (`ftk_<16 hex>_<secret>` or `ftd_...`), or None."""
+    if not token or len(token) > 128:
+        return None
+    parts = token.split("_", 2)  # url-safe secrets may hold "_" themselves
+    if len(parts) != 3 or parts[0] not in _PREFIXES:
+        return None
+    prefix, key_id, secret = parts
+    if len(key_id) != 16 or not all(c in "0123456789abcdef" for c in key_id):
+        return None
+    return ParsedToken(prefix, key_id, secret)
+
+
+def principal_of(parsed: ParsedToken, record: dict[bytes, bytes]) -> Principal | None:
+    """The principal a stored record grants this token: None if absent, revoked or the secret differs."""
+    h = {k.decode(): v.decode() for k, v in record.items()}
+    if not h or "revoked_at" in h or not hmac.compare_digest(h["digest"], _digest(parsed.secret)):
+        return None
+    if parsed.prefix == "ftk":
+        return Principal(h["scope"], parsed.key_id, h.get("name", ""))  # type: ignore[arg-type]
+    return Principal("device", parsed.key_id, h["device"], federation=h["federation"], device=h["device"])

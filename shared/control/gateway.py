@@ -70,18 +70,33 @@ class Gateway:
 
     def throttle(self, fed: str, device: str, limit: int | None = None, bucket: str = "") -> None:
         """A fixed window per device (and bucket); Refusal(429) with Retry-After past the limit."""
-        limit = limit or self.settings.device_rate_limit
-        now = self.clock()
-        window = int(now // self.settings.rate_window_s)
-        key = keys.rate_window(fed, f"{device}{bucket}", window)
+        key, ttl, now = self._rate_window(fed, device, bucket)
         with self.r.pipeline(transaction=False) as pipe:
             pipe.incr(key)
-            pipe.expire(key, self.settings.rate_window_s + 1)
+            pipe.expire(key, ttl)
             count = pipe.execute()[0]
+        self._within_rate(count, limit or self.settings.device_rate_limit, now)
+
+    async def throttle_async(self, client, fed: str, device: str, limit: int | None = None, bucket: str = "") -> None:
+        """`throttle` over a redis.asyncio client."""
+        key, ttl, now = self._rate_window(fed, device, bucket)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, ttl)
+            count = (await pipe.execute())[0]
+        self._within_rate(count, limit or self.settings.device_rate_limit, now)
+
+    def _rate_window(self, fed: str, device: str, bucket: str) -> tuple[str, int, float]:
+        now = self.clock()
+        window = int(now // self.settings.rate_window_s)
+        return keys.rate_window(fed, f"{device}{bucket}", window), self.settings.rate_window_s + 1, now
+
+    def _within_rate(self, count: int, limit: int, now: float) -> None:
         if count > limit:
-            retry = int((window + 1) * self.settings.rate_window_s - now) + 1
-            raise Refusal(429, "rate_limited", f"more than {limit} requests in "
-                          f"{self.settings.rate_window_s}s", headers={"Retry-After": str(retry)})
+            window_s = self.settings.rate_window_s
+            retry = int((now // window_s + 1) * window_s - now) + 1
+            raise Refusal(429, "rate_limited", f"more than {limit} requests in {window_s}s",
+                          headers={"Retry-After": str(retry)})
 
     # --- check-in --------------------------------------------------------------------------------
 
@@ -170,12 +185,15 @@ class Gateway:
             "min_samples": round_config.policy.min_samples_per_client,
             "download": {name: self.presigner.get(f"{prefix}/{name}", get_until, base_url).as_dict()
                          for name in (versions.ADAPTER_FILE, versions.CONFIG_FILE)} | scaffold,
-            "upload": self._upload(fed, info, device, base_url, None),
+            # no URL yet: a store bounds an upload's size only when its URL signs it, so the device asks
+            # upload-url for one with the update's sha256 and size once it has trained
+            "upload": {"key": keys.update_object(fed, info.round, device),
+                       "url_from": f"/api/v1/federations/{fed}/upload-url"},
             "max_update_bytes": self.settings.max_update_bytes,
         }
 
     def upload_url(self, fed: str, device: str, round_no: int, sha256: str, size: int, base_url: str) -> dict[str, Any]:
-        """A write-once PUT URL for this device's update key, bound to the update's sha256."""
+        """A write-once PUT URL for this device's update key, bound to the update's sha256 and size."""
         self._config(fed)
         if size > self.settings.max_update_bytes:
             raise Refusal(413, "object_too_large", f"{size} bytes > {self.settings.max_update_bytes}")
@@ -184,11 +202,8 @@ class Gateway:
             raise Refusal(409, "no_open_round", f"round {round_no} is not open")
         if not self.r.sismember(keys.round_cohort(fed, round_no), device):
             raise Refusal(403, "not_selected", f"{device} has not checked in to round {round_no}")
-        return self._upload(fed, info, device, base_url, sha256)
-
-    def _upload(self, fed: str, info: RoundInfo, device: str, base_url: str, sha256: str | None) -> dict[str, Any]:
         key = keys.update_object(fed, info.round, device)
-        return dict(self.presigner.put(key, info.deadline, base_url, sha256).as_dict(), key=key)
+        return dict(self.presigner.put(key, info.deadline, base_url, sha256, size).as_dict(), key=key)
 
     # --- submit ----------------------------------------------------------------------------------
 
@@ -199,6 +214,32 @@ class Gateway:
         a publisher, recording and enqueueing are one Redis script. A new submission received after
         its round's deadline is refused as late (409); a repeat of an on-time one gets its receipt.
         """
+        env, raw, digest, entry = self._received(fed, device, fields)
+        now = entry["received_at"]
+        if self.publisher is not None:
+            seen = self.ledger.record_and_push(digest, entry, now, self.publisher.queue,
+                                               self.publisher.message(raw, now))
+            return self._receipt_for(seen, digest, env, now)
+        receipt = self._receipt_for(self.ledger.record(digest, entry, now), digest, env, now)
+        if not receipt.duplicate:
+            try:
+                self.enqueue(raw, now)
+            except Exception:
+                self.ledger.forget(digest)  # not received after all: the device's retry must enqueue it
+                raise
+        return receipt
+
+    async def submit_async(self, client, fed: str, device: str, fields: dict[str, Any]) -> Receipt:
+        """`submit` as one Redis script over a redis.asyncio client (needs a publisher)."""
+        assert self.publisher is not None
+        env, raw, digest, entry = self._received(fed, device, fields)
+        now = entry["received_at"]
+        seen = await self.ledger.record_and_push_async(client, digest, entry, now, self.publisher.queue,
+                                                       self.publisher.message(raw, now))
+        return self._receipt_for(seen, digest, env, now)
+
+    def _received(self, fed: str, device: str, fields: dict[str, Any]) -> tuple[Envelope, bytes, str, dict]:
+        """The envelope (checked as a worker would check it), its bytes, digest and ledger entry."""
         env = Envelope(federation=fed, device=device, object_key=keys.update_object(fed, fields["round"], device),
                        **fields)
         raw = env.encode()
@@ -206,26 +247,17 @@ class Gateway:
             decode(raw, self.settings.max_envelope_bytes)  # the same checks a worker makes, answered now
         except Rejected as rej:
             raise Refusal(422, rej.reason.value, rej.detail) from None
-        digest = hashlib.sha256(raw).hexdigest()
-        now = self.clock()
-        entry = {"received_at": now, "federation": fed, "device": device, "round": env.round, "envelope": raw}
-        if self.publisher is not None:
-            seen = self.ledger.record_and_push(digest, entry, now, self.publisher.queue,
-                                               self.publisher.message(raw, now))
-        else:
-            seen = self.ledger.record(digest, entry, now)
+        entry = {"received_at": self.clock(), "federation": fed, "device": device, "round": env.round,
+                 "envelope": raw}
+        return env, raw, hashlib.sha256(raw).hexdigest(), entry
+
+    @staticmethod
+    def _receipt_for(seen: dict | str | None, digest: str, env: Envelope, now: float) -> Receipt:
         if seen == LATE:
             raise Refusal(409, "late", f"received after round {env.round}'s deadline")
         if seen is not None:
-            return Receipt(digest, fed, env.round, device, seen["received_at"], duplicate=True)
-        if self.publisher is not None:
-            return Receipt(digest, fed, env.round, device, now)  # the script enqueued it
-        try:
-            self.enqueue(raw, now)
-        except Exception:
-            self.ledger.forget(digest)  # not received after all: the device's retry must enqueue it
-            raise
-        return Receipt(digest, fed, env.round, device, now)
+            return Receipt(digest, env.federation, env.round, env.device, seen["received_at"], duplicate=True)
+        return Receipt(digest, env.federation, env.round, env.device, now)
 
     def report(self, fed: str, device: str, version: int, values: dict[str, float]) -> dict[str, Any]:
         """A device's quality report on the version it serves, for its canary's gates."""

@@ -1,9 +1,10 @@
 """Presigned URLs: how a device reads and writes exactly the objects it is handed, and nothing else.
 
 S3 (MinIO, SeaweedFS, AWS): botocore signs the URL. A PUT URL signs `If-None-Match: *`, so the
-object is written once, and, when the digest is known, `x-amz-checksum-sha256`, so the store
-refuses any other bytes; a device that drops or changes either header gets 403. (minio-py's
-presigner signs only `host`, which would let a device overwrite its object.)
+object is written once, `x-amz-checksum-sha256`, so the store refuses any other bytes, and
+`Content-Length`, so the store itself refuses a body of any other size; a device that drops or
+changes any of them gets 403. (minio-py's presigner signs only `host`, which would let a device
+overwrite its object; a URL without a signed length lets it store any size until retention.)
 
 The local store (embedded mode) has no server of its own: the API serves its objects, and the URL
 carries the same constraints in signed query parameters, checked with HMAC-SHA256.
@@ -45,7 +46,7 @@ def checksum_header(sha256_hex: str) -> str:
 class Presigner(Protocol):
     def get(self, key: str, expires_at: float, base_url: str) -> SignedRequest: ...
 
-    def put(self, key: str, expires_at: float, base_url: str, sha256: str | None = None) -> SignedRequest: ...
+    def put(self, key: str, expires_at: float, base_url: str, sha256: str, size: int) -> SignedRequest: ...
 
 
 def _seconds(expires_at: float, now: float) -> int:
@@ -75,11 +76,11 @@ class S3Presigner:
     def start_multipart(self, key: str) -> str:
         return self.api.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
 
-    def put_part(self, key: str, upload_id: str, part_number: int, expires_at: float) -> SignedRequest:
+    def put_part(self, key: str, upload_id: str, part_number: int, size: int, expires_at: float) -> SignedRequest:
         url = self.client.generate_presigned_url(
-            "upload_part", Params={"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": part_number},
-            ExpiresIn=_seconds(expires_at, self.clock()))
-        return SignedRequest(url, "PUT", {}, expires_at)
+            "upload_part", Params={"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": part_number,
+                                   "ContentLength": size}, ExpiresIn=_seconds(expires_at, self.clock()))
+        return SignedRequest(url, "PUT", {"Content-Length": str(size)}, expires_at)
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> None:
         self.api.complete_multipart_upload(
@@ -91,11 +92,11 @@ class S3Presigner:
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=_seconds(expires_at, self.clock()))
         return SignedRequest(url, "GET", {}, expires_at)
 
-    def put(self, key: str, expires_at: float, base_url: str = "", sha256: str | None = None) -> SignedRequest:
-        params = {"Bucket": self.bucket, "Key": key, "IfNoneMatch": "*"}
-        headers = {"If-None-Match": "*"}
-        if sha256 is not None:
-            params["ChecksumSHA256"] = headers["x-amz-checksum-sha256"] = checksum_header(sha256)
+    def put(self, key: str, expires_at: float, base_url: str, sha256: str, size: int) -> SignedRequest:
+        checksum = checksum_header(sha256)
+        params = {"Bucket": self.bucket, "Key": key, "IfNoneMatch": "*", "ChecksumSHA256": checksum,
+                  "ContentLength": size}
+        headers = {"If-None-Match": "*", "x-amz-checksum-sha256": checksum, "Content-Length": str(size)}
         url = self.client.generate_presigned_url("put_object", Params=params,
                                                  ExpiresIn=_seconds(expires_at, self.clock()))
         return SignedRequest(url, "PUT", headers, expires_at)
@@ -109,6 +110,7 @@ class LocalGrant:
     key: str
     once: bool
     sha256: str | None
+    size: int | None  # a PUT's exact body size
 
 
 class LocalPresigner:
@@ -118,35 +120,35 @@ class LocalPresigner:
         self.signing_key = signing_key
         self.clock = clock
 
-    def _sign(self, method: str, key: str, expires: int, once: bool, sha256: str) -> str:
-        message = f"{method}\n{key}\n{expires}\n{int(once)}\n{sha256}".encode()
+    def _sign(self, method: str, key: str, expires: int, once: bool, sha256: str, size: str) -> str:
+        message = f"{method}\n{key}\n{expires}\n{int(once)}\n{sha256}\n{size}".encode()
         return hmac.new(self.signing_key, message, hashlib.sha256).hexdigest()
 
-    def _url(self, base_url: str, method: str, key: str, expires_at: float, once: bool, sha256: str | None) -> str:
-        expires = int(expires_at)
-        query = {"expires": expires, "once": int(once), "sha256": sha256 or "",
-                 "signature": self._sign(method, key, expires, once, sha256 or "")}
+    def _url(self, base_url: str, method: str, key: str, expires_at: float, once: bool, sha256: str | None,
+             size: int | None) -> str:
+        expires, size_text = int(expires_at), "" if size is None else str(size)
+        query = {"expires": expires, "once": int(once), "sha256": sha256 or "", "size": size_text,
+                 "signature": self._sign(method, key, expires, once, sha256 or "", size_text)}
         return f"{base_url.rstrip('/')}{LOCAL_ROUTE}{urllib.parse.quote(key)}?{urllib.parse.urlencode(query)}"
 
     def get(self, key: str, expires_at: float, base_url: str) -> SignedRequest:
-        return SignedRequest(self._url(base_url, "GET", key, expires_at, False, None), "GET", {}, expires_at)
+        return SignedRequest(self._url(base_url, "GET", key, expires_at, False, None, None), "GET", {}, expires_at)
 
-    def put(self, key: str, expires_at: float, base_url: str, sha256: str | None = None) -> SignedRequest:
-        headers = {"If-None-Match": "*"}
-        if sha256 is not None:
-            headers["x-amz-checksum-sha256"] = checksum_header(sha256)
-        return SignedRequest(self._url(base_url, "PUT", key, expires_at, True, sha256), "PUT", headers, expires_at)
+    def put(self, key: str, expires_at: float, base_url: str, sha256: str, size: int) -> SignedRequest:
+        headers = {"If-None-Match": "*", "x-amz-checksum-sha256": checksum_header(sha256), "Content-Length": str(size)}
+        return SignedRequest(self._url(base_url, "PUT", key, expires_at, True, sha256, size), "PUT", headers,
+                             expires_at)
 
     def verify(self, method: str, key: str, query: dict[str, str]) -> LocalGrant:
         """The grant a request's query carries; Refusal(403) when it is forged, altered or expired."""
         try:
-            expires, once, sha256, signature = (int(query["expires"]), query["once"] == "1", query["sha256"],
-                                                query["signature"])
+            expires, once, sha256, size, signature = (int(query["expires"]), query["once"] == "1", query["sha256"],
+                                                      query.get("size", ""), query["signature"])
         except (KeyError, ValueError):
             raise Refusal(403, "bad_signature", "the URL is not a presigned URL") from None
-        expected = self._sign(method, key, expires, once, sha256)
+        expected = self._sign(method, key, expires, once, sha256, size)
         if not hmac.compare_digest(expected, signature):
             raise Refusal(403, "bad_signature", "the signature does not match this method and key")
         if self.clock() > expires:
             raise Refusal(403, "url_expired", "the presigned URL has expired")
-        return LocalGrant(method, key, once, sha256 or None)
+        return LocalGrant(method, key, once, sha256 or None, int(size) if size else None)

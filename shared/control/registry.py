@@ -87,6 +87,9 @@ class ModelRegistry:
                      formats: list[str], base_url: str) -> dict[str, Any]:
         """Declare a version and get where to upload it; repeating a pending declaration resumes it."""
         self.model(model_id)
+        if size > self.settings.max_model_bytes:
+            raise Refusal(413, "model_too_large", f"{size} bytes is over the registry's limit of "
+                          f"{self.settings.max_model_bytes} (FLEETTUNE_MAX_MODEL_BYTES)")
         key = keys.model_object(model_id, version, filename)
         multipart = isinstance(self.presigner, S3Presigner) and size > self.settings.multipart_threshold_bytes
         record = {"model_id": model_id, "version": version, "filename": filename, "sha256": sha256, "size": size,
@@ -99,7 +102,7 @@ class ModelRegistry:
             record = existing
         expires_at = self.clock() + self.settings.url_ttl_s
         if not multipart:
-            put = self.presigner.put(key, expires_at, base_url, sha256)
+            put = self.presigner.put(key, expires_at, base_url, sha256, size)
             return {"version": record, "upload": dict(put.as_dict(), key=key), "parts": None}
         part_size = max(MIN_PART, self.settings.multipart_threshold_bytes, math.ceil(size / MAX_PARTS))
         upload_id = record.get("upload_id") or self.presigner.start_multipart(key)
@@ -107,9 +110,10 @@ class ModelRegistry:
             record["upload_id"] = upload_id
             self.r.hset(keys.model_versions(model_id), version, json.dumps(record))
         count = math.ceil(size / part_size)
-        parts = [dict(self.presigner.put_part(key, upload_id, n, expires_at).as_dict(), part_number=n,
-                      offset=(n - 1) * part_size, length=min(part_size, size - (n - 1) * part_size))
-                 for n in range(1, count + 1)]
+        lengths = [min(part_size, size - (n - 1) * part_size) for n in range(1, count + 1)]
+        parts = [dict(self.presigner.put_part(key, upload_id, n, length, expires_at).as_dict(), part_number=n,
+                      offset=(n - 1) * part_size, length=length)
+                 for n, length in enumerate(lengths, start=1)]
         return {"version": record, "upload": None, "parts": parts, "part_size": part_size}
 
     def complete_upload(self, model_id: str, version: str, parts: list[tuple[int, str]] | None) -> dict:

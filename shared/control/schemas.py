@@ -40,7 +40,8 @@ MODELS: dict[str, tuple[ModelDims, str]] = {
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no string-to-number or bool-to-int coercion, as the protocol calls such values malformed
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class LoraIn(Strict):

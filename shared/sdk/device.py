@@ -54,13 +54,13 @@ class DeviceClient:
     def download(self, plan: dict, name: str = "adapter_model.safetensors") -> bytes:
         return self.client.download(plan["download"][name], max_bytes=plan.get("max_update_bytes"))
 
-    def upload(self, plan: dict, blob: bytes, bind_sha256: bool = True) -> str:
-        """Upload the update to this device's write-once key; returns its sha256."""
+    def upload(self, plan: dict, blob: bytes) -> str:
+        """Upload the update to this device's write-once key; returns its sha256.
+
+        The URL comes from upload-url, bound to these bytes: the store refuses any other body."""
         sha256 = hashlib.sha256(blob).hexdigest()
-        signed = plan["upload"]
-        if bind_sha256:  # a URL that the store only honours for exactly these bytes
-            signed = self.client.post(self._path("/upload-url"),
-                                      {"round": plan["round"], "sha256": sha256, "size": len(blob)})
+        signed = self.client.post(self._path("/upload-url"), {"round": plan["round"], "sha256": sha256,
+                                                              "size": len(blob)})
         self.client.upload(signed, blob)
         return sha256
 

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import time
 import zipfile
 from pathlib import Path
@@ -61,7 +60,8 @@ def installed(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                check=True, capture_output=True, text=True).stdout.strip())
-    (site / "project-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    dependencies = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    (site / "project-dependencies.pth").write_text("\n".join(dependencies) + "\n")
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                    check=True, capture_output=True)
     return venv / "bin"

@@ -53,13 +53,15 @@ def _wait_http(url: str, timeout: float = 60) -> None:
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, targets: dict[str, list[str]]) -> None:
+    def __init__(self, workdir: Path, targets: dict[str, list[str]], credentials: dict[str, Path] | None = None) -> None:
         exe = shutil.which("prometheus")
         assert exe, "prometheus is not installed (apt-get install prometheus; scripts/test.sh does)"
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(ROOT / "deploy" / "prometheus" / "rules.yml")],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": t}]} for job, t in targets.items()],
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": t}],
+                                **({"authorization": {"credentials_file": str(credentials[job])}}
+                                   if job in (credentials or {}) else {})} for job, t in targets.items()],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.port = services.free_port()
@@ -95,13 +97,15 @@ def observed(redis_url, s3_endpoint, tmp_path_factory):
     api = subprocess.Popen([FLEETTUNE, "api", "--port", str(ports[2])], env=dict(os.environ, **env),
                            stdout=subprocess.DEVNULL, stderr=(workdir / "api.err").open("w"), start_new_session=True)
     _wait_http(f"http://127.0.0.1:{ports[2]}/healthz")
-    prometheus = Prometheus(workdir, {"workers": [f"127.0.0.1:{p}" for p in ports[:2]],
-                                      "api": [f"127.0.0.1:{ports[2]}"]})
     pipeline = make_pipeline(env)
+    key_file = workdir / "metrics-key"  # the API's /metrics takes an operator key, as deploy/prometheus does
+    key_file.write_text(Tokens(pipeline.runtime.redis).create_api_key("read", "prometheus")[1])
+    prometheus = Prometheus(workdir, {"workers": [f"127.0.0.1:{p}" for p in ports[:2]],
+                                      "api": [f"127.0.0.1:{ports[2]}"]}, credentials={"api": key_file})
     try:
         run = _run(pipeline)
         time.sleep(4)  # a few more scrapes after the last change
-        yield pipeline, prometheus, run, ports
+        yield pipeline, prometheus, run, ports, {"Authorization": f"Bearer {key_file.read_text()}"}
     finally:
         prometheus.stop()
         services._stop(api)
@@ -156,17 +160,17 @@ def _canary(state, fed: str) -> None:
 
 
 def test_worker_and_api_endpoints_pass_promtool(observed):
-    _, _, _, ports = observed
+    _, _, _, ports, auth = observed
     for port in ports:
-        text = _get(f"http://127.0.0.1:{port}/metrics")
+        text = _get(f"http://127.0.0.1:{port}/metrics", auth if port == ports[2] else None)
         check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
     assert "fleettune_updates_accepted_total" in _get(f"http://127.0.0.1:{ports[0]}/metrics")
-    assert "fleettune_api_requests_total" in _get(f"http://127.0.0.1:{ports[2]}/metrics")
+    assert "fleettune_api_requests_total" in _get(f"http://127.0.0.1:{ports[2]}/metrics", auth)
 
 
 def test_counters_summed_across_pool_processes_agree_with_the_pipelines_accounting(observed):
-    pipeline, prom, run, _ = observed
+    pipeline, prom, run, _, _ = observed
     fed = run["good"].name
     stats = pipeline.runtime.state.stats(fed)
     accepted = prom.value(f'sum(fleettune_updates_accepted_total{{federation="{fed}"}})')
@@ -179,7 +183,7 @@ def test_counters_summed_across_pool_processes_agree_with_the_pipelines_accounti
 
 
 def test_adapter_norm_perplexity_and_training_time_are_the_recorded_values(observed):
-    pipeline, prom, run, _ = observed
+    pipeline, prom, run, _, _ = observed
     fed = run["good"].name
     manifest = versions.manifest(pipeline.runtime.store, fed, 3)
     evaluation = pipeline.runtime.state.evaluation(fed, 3)
@@ -205,7 +209,7 @@ def _dashboard_expressions() -> list[str]:
 
 
 def test_every_dashboard_query_returns_data(observed):
-    _, prom, _, _ = observed
+    _, prom, _, _, _ = observed
     expressions = _dashboard_expressions()
     assert len(expressions) >= 20
     empty = [e for e in expressions
@@ -216,7 +220,7 @@ def test_every_dashboard_query_returns_data(observed):
 
 
 def test_every_alert_signal_returns_data_and_the_rules_load(observed):
-    _, prom, _, _ = observed
+    _, prom, _, _, _ = observed
     rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yml").read_text())["groups"][0]["rules"]
     assert len(rules) == 13
     for rule in rules:
@@ -238,7 +242,7 @@ def test_the_committed_dashboards_are_what_the_code_generates():
 
 
 def test_the_api_answers_with_federation_state(observed):
-    pipeline, _, run, ports = observed
+    pipeline, _, run, ports, _ = observed
     fed = run["good"].name
     read_key = Tokens(pipeline.runtime.redis).create_api_key("read", "observability")[1]
     auth = {"Authorization": f"Bearer {read_key}"}

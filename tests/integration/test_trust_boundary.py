@@ -6,6 +6,7 @@ matrix over every route the served OpenAPI lists.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import urllib.parse
@@ -49,22 +50,46 @@ def _client(pipeline, fleet, device: str) -> DeviceClient:
     return DeviceClient(fleet["tokens"][device], fed, pipeline.api_url)
 
 
+def _upload_url(client: DeviceClient, fed: str, plan: dict, blob: bytes, size: int | None = None) -> dict:
+    return client.client.post(f"/api/v1/federations/{fed}/upload-url", {
+        "round": plan["round"], "sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob) if size is None else size})
+
+
 def test_a_presigned_put_writes_only_its_own_key_and_only_once(pipeline, fleet):
     alice = _client(pipeline, fleet, "alice")
     plan = alice.check_in(**PHONE)
-    url = plan["upload"]["url"]
+    assert "url" not in plan["upload"]  # no URL before the device declares its bytes: a store bounds only signed sizes
     spec = pipeline.runtime.state.config(fleet["first"]).spec.tensors
     blob = encode_update(random_deltas(spec, np.random.default_rng(0), 0.01))
-    headers = plan["upload"]["headers"]
+    signed = _upload_url(alice, fleet["first"], plan, blob)
+    url, headers = signed["url"], signed["headers"]
     with httpx.Client(timeout=30) as http:
         other = url.replace("/alice.safetensors", "/bob.safetensors")
         assert http.put(other, content=blob, headers=headers).status_code == 403  # the signature names one key
         versions = re.sub(r"/updates/[^?]+", f"/federations/{fleet['first']}/versions/000001/adapter_model.safetensors", url)
         assert http.put(versions, content=blob, headers=headers).status_code == 403
-        assert http.put(url, content=blob).status_code == 403  # dropping the signed If-None-Match
+        assert http.put(url, content=blob, headers={k: v for k, v in headers.items() if k != "If-None-Match"}
+                        ).status_code == 403  # dropping the signed If-None-Match
         assert http.put(url, content=blob, headers=headers).status_code == 200
-        assert http.put(url, content=b"overwrite", headers=headers).status_code == 412  # write-once
-    assert pipeline.runtime.store.get(plan["upload"]["key"]) == blob
+        assert http.put(url, content=blob, headers=headers).status_code == 412  # write-once
+    assert pipeline.runtime.store.get(signed["key"]) == blob == pipeline.runtime.store.get(plan["upload"]["key"])
+
+
+def test_the_store_itself_refuses_a_body_of_another_size_than_the_signed_one(pipeline, fleet):
+    bob = _client(pipeline, fleet, "bob")
+    plan = bob.check_in(**PHONE)
+    limit = pipeline.settings.max_update_bytes
+    oversize = bob.client.http.post(f"/api/v1/federations/{fleet['first']}/upload-url", json={
+        "round": plan["round"], "sha256": "0" * 64, "size": limit + 1})
+    assert (oversize.status_code, oversize.json()["code"]) == (413, "object_too_large")
+    blob = b"\0" * 1000
+    understated = _upload_url(bob, fleet["first"], plan, blob, size=100)  # declares 100, sends 1000
+    overstated = _upload_url(bob, fleet["first"], plan, blob[:100], size=1000)
+    with httpx.Client(timeout=30) as http:
+        for signed, body in ((understated, blob), (overstated, blob[:100])):
+            sent = {k: v for k, v in signed["headers"].items() if k != "Content-Length"}  # the true length goes out
+            assert http.put(signed["url"], content=body, headers=sent).status_code == 403  # S3: the signed length
+    assert not pipeline.runtime.store.exists(understated["key"])
 
 
 def test_a_sha256_bound_url_refuses_other_bytes(pipeline, fleet):
@@ -72,8 +97,6 @@ def test_a_sha256_bound_url_refuses_other_bytes(pipeline, fleet):
     plan = bob.check_in(**PHONE)
     spec = pipeline.runtime.state.config(fleet["first"]).spec.tensors
     blob = encode_update(random_deltas(spec, np.random.default_rng(1), 0.01))
-    import hashlib
-
     signed = bob.client.post(f"/api/v1/federations/{fleet['first']}/upload-url",
                              {"round": plan["round"], "sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)})
     with httpx.Client(timeout=30) as http:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.parse
+
 import fakeredis
 import pytest
 
@@ -54,13 +56,15 @@ def test_a_new_device_token_replaces_the_old_one():
 def test_local_urls_refuse_tampering_and_expiry():
     clock = Clock()
     signer = LocalPresigner(b"k" * 32, clock)
-    put = signer.put("updates/f/000001/a.safetensors", 2000.0, "http://api", sha256="ab" * 32)
+    put = signer.put("updates/f/000001/a.safetensors", 2000.0, "http://api", sha256="ab" * 32, size=100)
     query = dict(p.split("=") for p in put.url.split("?")[1].split("&"))
     grant = signer.verify("PUT", "updates/f/000001/a.safetensors", query)
-    assert grant.once and grant.sha256 == "ab" * 32
-    assert put.headers == {"If-None-Match": "*", "x-amz-checksum-sha256": checksum_header("ab" * 32)}
+    assert grant.once and grant.sha256 == "ab" * 32 and grant.size == 100
+    assert put.headers == {"If-None-Match": "*", "x-amz-checksum-sha256": checksum_header("ab" * 32),
+                           "Content-Length": "100"}
     for method, key, changed in (("PUT", "updates/f/000001/b.safetensors", {}), ("GET", grant.key, {}),
                                  ("PUT", grant.key, {"once": "0"}), ("PUT", grant.key, {"sha256": "cd" * 32}),
+                                 ("PUT", grant.key, {"size": "101"}), ("PUT", grant.key, {"size": ""}),
                                  ("PUT", grant.key, {"expires": "9999999999"})):
         with pytest.raises(Refusal) as refused:
             signer.verify(method, key, dict(query, **changed))
@@ -70,10 +74,12 @@ def test_local_urls_refuse_tampering_and_expiry():
         signer.verify("PUT", grant.key, query)
 
 
-def test_s3_put_urls_sign_write_once_and_the_checksum():
+def test_s3_put_urls_sign_write_once_the_checksum_and_the_length():
     signer = S3Presigner("http://127.0.0.1:9", "key", "secret", "bucket", clock=Clock())
-    put = signer.put("updates/f/000001/a.safetensors", 1600.0, sha256="00" * 32)
-    assert "if-none-match" in put.url and "x-amz-checksum-sha256" in put.url  # in X-Amz-SignedHeaders
+    put = signer.put("updates/f/000001/a.safetensors", 1600.0, "", sha256="00" * 32, size=7)
+    signed = urllib.parse.parse_qs(urllib.parse.urlsplit(put.url).query)["X-Amz-SignedHeaders"][0].split(";")
+    assert {"if-none-match", "x-amz-checksum-sha256", "content-length"} <= set(signed)
+    assert put.headers["Content-Length"] == "7"
     assert "X-Amz-Expires=600" in put.url and put.headers["If-None-Match"] == "*"
 
 
@@ -102,7 +108,9 @@ def test_a_session_opens_a_round_and_check_in_gives_the_device_its_own_urls(plan
     assert (session["status"], session["current_round"], session["last_round"]) == ("active", 1, 2)
     plan = gateway.check_in("f", DeviceProfile("a", ram_mb=2000), "http://api")
     assert plan["round"] == 1 and plan["adapter"]["rank"] == 4 and plan["action"] == "train"
-    assert plan["upload"]["key"] == "updates/f/000001/a.safetensors" and "/a.safetensors?" in plan["upload"]["url"]
+    assert plan["upload"] == {"key": "updates/f/000001/a.safetensors", "url_from": "/api/v1/federations/f/upload-url"}
+    signed = gateway.upload_url("f", "a", 1, "ab" * 32, 100, "http://api")
+    assert signed["key"] == plan["upload"]["key"] and "/a.safetensors?" in signed["url"]
     assert plan["download"]["adapter_model.safetensors"]["url"].startswith("http://api/api/v1/objects/federations/f/")
     assert state.round_info("f", 1).cohort_size == 1  # it joined the open round
     with pytest.raises(Refusal) as refused:
@@ -221,9 +229,12 @@ def test_the_api_serves_local_presigned_urls_with_the_same_rules_as_s3(tmp_path)
     signer = app.state.services.presigner
     blob = b"update bytes"
     with serve_in_thread(app) as url, httpx.Client(timeout=10) as http:
-        put = signer.put("updates/f/000001/a.safetensors", 1e12, url, sha256=hashlib.sha256(blob).hexdigest())
+        put = signer.put("updates/f/000001/a.safetensors", 1e12, url, sha256=hashlib.sha256(blob).hexdigest(),
+                         size=len(blob))
         assert http.put(put.url.replace("/a.safetensors", "/b.safetensors"), content=blob).status_code == 403
-        assert http.put(put.url, content=b"other bytes").status_code == 400  # bound to the sha256
+        assert http.put(put.url, content=b"other bytes!").status_code == 400  # bound to the sha256
+        assert http.put(put.url, content=blob + b"more").status_code == 403  # and to the size, as S3 does
+        assert http.put(put.url, content=blob[:-1]).status_code == 403
         assert http.put(put.url, content=blob).status_code == 200
         assert http.put(put.url, content=blob).status_code == 412  # write-once
         get = signer.get("updates/f/000001/a.safetensors", 1e12, url)

@@ -13,11 +13,13 @@ import time
 from collections.abc import Callable, Iterator
 
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from fleettune.shared.metrics import FederationCollector
 from fleettune.shared.runtime import Runtime
 from fleettune.workers.api import devices, federations, models, objects, problems, rollouts, sessions, split
+from fleettune.workers.api.edge import Edge
 from fleettune.workers.api.services import Enqueue, Publisher, Services
 
 __all__ = ["create_app", "serve", "serve_in_thread"]
@@ -37,8 +39,13 @@ def create_app(runtime: Runtime, enqueue: Enqueue, registry: CollectorRegistry |
     requests = Counter("fleettune_api_requests", "API requests by route and status", ["route", "code"],
                        registry=registry)
     latency = Histogram("fleettune_api_request_seconds", "API request latency", ["route"], registry=registry)
-    app.mount("/metrics", make_asgi_app(registry))
 
+    @app.get("/metrics", tags=["operations"], include_in_schema=False)
+    def metrics() -> Response:
+        """For operator keys (the edge checks): the collector reads Redis, so this runs in the thread pool."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(Edge, services=app.state.services)  # runs inside _Measure: refusals are counted too
     app.add_middleware(_Measure, requests=requests, latency=latency)
 
     @app.get("/healthz", tags=["operations"])

@@ -36,7 +36,7 @@ def upload_url(name: str, body: UploadUrlIn, request: Request, who: Principal = 
 
 @router.post("/updates", status_code=202, summary="Submit the claim check of an uploaded update")
 async def submit(name: str, body: SubmitIn, who: Principal = Depends(device), svc: Services = Depends(services)):
-    receipt = svc.gateway.submit(name, who.device, body.model_dump())
+    receipt = await svc.submit(name, who.device, body.model_dump())
     payload = {"receipt": receipt.receipt, "federation": name, "round": receipt.round, "device": receipt.device,
                "received_at": receipt.received_at, "duplicate": receipt.duplicate,
                "status_url": f"/api/v1/federations/{name}/receipts/{receipt.receipt}"}

@@ -1,6 +1,7 @@
 """The local object store's presigned URLs, served by the API (embedded mode has no S3 server).
 
-It enforces what S3 enforces for the same URL: the signature, expiry, write-once and the sha256.
+It enforces what S3 enforces for the same URL: the signature, expiry, write-once, the exact size
+(the signed Content-Length) and the sha256.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from fleettune.workers.api.deps import services
 from fleettune.workers.api.services import Services
 
 router = APIRouter(tags=["local object store"], include_in_schema=False)
-MODEL_MAX_BYTES = 1 << 40
 
 
 def _grant(svc: Services, method: str, key: str, request: Request):
@@ -42,7 +42,10 @@ async def put_object(key: str, request: Request, svc: Services = Depends(service
     store = svc.runtime.store
     if grant.once and store.exists(key):
         raise Refusal(412, "precondition_failed", "the object exists and this URL writes it once")
-    limit = svc.runtime.settings.max_update_bytes if key.startswith("updates/") else MODEL_MAX_BYTES
+    limit = grant.size if grant.size is not None else svc.runtime.settings.max_update_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared != str(limit) and grant.size is not None:
+        raise Refusal(403, "bad_signature", f"this URL is signed for a body of exactly {grant.size} bytes")
     digest, size = hashlib.sha256(), 0
     with tempfile.TemporaryFile() as spool:
         async for chunk in request.stream():
@@ -51,6 +54,8 @@ async def put_object(key: str, request: Request, svc: Services = Depends(service
                 raise Refusal(413, "object_too_large", f"more than {limit} bytes")
             digest.update(chunk)
             spool.write(chunk)
+        if grant.size is not None and size != grant.size:
+            raise Refusal(403, "bad_signature", f"this URL is signed for a body of exactly {grant.size} bytes")
         if grant.sha256 is not None and digest.hexdigest() != grant.sha256:
             raise Refusal(400, "bad_digest", "the body does not match the sha256 this URL is bound to")
         spool.seek(0)

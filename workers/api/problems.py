@@ -8,7 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from fleettune.shared.errors import ConfigError, Refusal, StateError
+from fleettune.shared.errors import ConfigError, Refusal, StateError, StorageUnavailable
 
 MEDIA_TYPE = "application/problem+json"
 TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
@@ -39,7 +39,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http(request: Request, exc: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
         return problem(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(ConfigError)
@@ -51,6 +51,10 @@ def install(app: FastAPI) -> None:
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         # Redis is restarting or unreachable: the client should retry, not treat it as a bug
         return problem(503, "unavailable", "the state store is unreachable; retry shortly", {"Retry-After": "5"})
+
+    @app.exception_handler(StorageUnavailable)
+    async def storage(request: Request, exc: Exception) -> JSONResponse:
+        return problem(503, "unavailable", "the object store is unreachable; retry shortly", {"Retry-After": "5"})
 
     @app.exception_handler(StateError)
     async def state(request: Request, exc: StateError) -> JSONResponse:

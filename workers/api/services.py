@@ -7,10 +7,12 @@ import secrets
 import time
 from collections.abc import Callable
 
+from starlette.concurrency import run_in_threadpool
+
 from fleettune.shared import keys
 from fleettune.shared.control.auth import Tokens
 from fleettune.shared.control.devices import Devices
-from fleettune.shared.control.gateway import Enqueue, Gateway, Publisher
+from fleettune.shared.control.gateway import Enqueue, Gateway, Publisher, Receipt
 from fleettune.shared.control.presign import LocalPresigner, Presigner, S3Presigner
 from fleettune.shared.control.registry import ModelRegistry
 from fleettune.shared.control.rollouts import Rollouts
@@ -29,6 +31,30 @@ class Services:
     devices: Devices
     control: Control
     registry: ModelRegistry
+
+    _aredis: object = dataclasses.field(default=None, repr=False)
+
+    @property
+    def aredis(self):
+        """A redis.asyncio client for the hot paths (auth, rate limit, submit); None in embedded mode,
+        where state is fakeredis and those calls go to the thread pool instead."""
+        url = self.runtime.settings.redis_url
+        if self._aredis is None and url:
+            import redis.asyncio
+
+            self._aredis = redis.asyncio.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5,
+                                                        health_check_interval=30)
+        return self._aredis
+
+    async def throttle(self, fed: str, device: str, limit: int | None = None, bucket: str = "") -> None:
+        if self.aredis is not None:
+            return await self.gateway.throttle_async(self.aredis, fed, device, limit, bucket)
+        await run_in_threadpool(self.gateway.throttle, fed, device, limit, bucket)
+
+    async def submit(self, fed: str, device: str, fields: dict) -> Receipt:
+        if self.aredis is not None and self.gateway.publisher is not None:
+            return await self.gateway.submit_async(self.aredis, fed, device, fields)
+        return await run_in_threadpool(self.gateway.submit, fed, device, fields)
 
     @property
     def rollouts(self) -> Rollouts:
