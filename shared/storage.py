@@ -9,7 +9,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import urllib3
 
@@ -29,6 +29,10 @@ class ObjectStore(Protocol):
         """(sha256 hex, size) of an object, read as a stream; ObjectNotFound if absent."""
         ...
 
+    def open(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        """The object as a stream to `read(n)` from; ObjectNotFound if absent."""
+        ...
+
     def delete(self, key: str) -> None:
         """Delete one object (absent is fine)."""
         ...
@@ -36,6 +40,14 @@ class ObjectStore(Protocol):
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object whose key starts with `prefix` (a folder, ending in /); the count."""
         ...
+
+
+def _digest(fh: BinaryIO) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    while chunk := fh.read(1 << 20):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
 
 
 def _too_large(key: str, size: int, max_bytes: int) -> Rejected:
@@ -85,15 +97,17 @@ class LocalObjectStore:
         return path
 
     def digest(self, key: str) -> tuple[str, int]:
-        h, size = hashlib.sha256(), 0
+        with self.open(key) as fh:
+            return _digest(fh)
+
+    @contextlib.contextmanager
+    def open(self, key: str) -> Iterator[BinaryIO]:
         try:
-            with open(self._path(key), "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    h.update(chunk)
-                    size += len(chunk)
+            fh = open(self._path(key), "rb")
         except FileNotFoundError:
             raise ObjectNotFound(key) from None
-        return h.hexdigest(), size
+        with fh:
+            yield fh
 
     def create(self, key: str, chunks: Iterable[bytes]) -> bool:
         """Write a new object; False, with nothing changed, when the key exists (write-once)."""
@@ -198,17 +212,18 @@ class S3ObjectStore:
         return len(names)
 
     def digest(self, key: str) -> tuple[str, int]:
-        h, size = hashlib.sha256(), 0
+        with self.open(key) as fh:
+            return _digest(fh)
+
+    @contextlib.contextmanager
+    def open(self, key: str) -> Iterator[BinaryIO]:
         with self._errors(key):
             response = self.client.get_object(self.bucket, key)
             try:
-                for chunk in response.stream(1 << 20):
-                    h.update(chunk)
-                    size += len(chunk)
+                yield response  # urllib3's response: read(n) streams the body
             finally:
                 response.close()
                 response.release_conn()
-        return h.hexdigest(), size
 
     @contextlib.contextmanager
     def _errors(self, key: str) -> Iterator[None]:

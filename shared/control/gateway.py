@@ -53,13 +53,15 @@ class Receipt:
 
 class Gateway:
     def __init__(self, state: FederationState, presigner: Presigner, settings: Settings, enqueue: Enqueue,
-                 clock: Callable[[], float] = time.time, publisher: Publisher | None = None) -> None:
+                 clock: Callable[[], float] = time.time, publisher: Publisher | None = None,
+                 base_download: Callable[[str, str], dict | None] = lambda ref, base_url: None) -> None:
         self.state = state
         self.r: redis.Redis = state.r
         self.presigner = presigner
         self.settings = settings
         self.enqueue = enqueue
         self.publisher = publisher  # with one, record and enqueue are one Redis script
+        self.base_download = base_download  # a registered base (id@version) by presigned URL; None: built in
         self.clock = clock
         self.ledger = Ledger(state.r, settings.redrive_after_s, settings.message_ttl_s)
         self.groups = Groups(state.r)
@@ -129,6 +131,7 @@ class Gateway:
             return dict(out, api_url=variant.api_url, adapter=None)
         base = variant.base_model or config.base_model
         until = self.clock() + self.settings.url_ttl_s
+        out["base_download"] = self.base_download(base, base_url)
         if variant.adapter == "none":
             return dict(out, base_model=base, adapter=None)
         if variant.adapter == "distilled":
@@ -179,6 +182,7 @@ class Gateway:
             "federation": fed, "device": device, "action": "train", "round": info.round,
             "deadline": info.deadline, "base_version": info.base_version, "config_revision": info.config_rev,
             "adapter": dataclasses.asdict(adapter), "base_model": round_config.base_model,
+            "base_download": self.base_download(round_config.base_model, base_url),
             "training": dataclasses.asdict(round_config.training),
             "lora_aggregation": round_config.aggregation.lora,
             "drift_control": round_config.aggregation.drift_control,

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from fleettune.shared import keys
+from fleettune.shared.control import model_files
 from fleettune.shared.control.presign import Presigner, S3Presigner
 from fleettune.shared.errors import ObjectNotFound, Refusal
 from fleettune.shared.settings import Settings
@@ -53,11 +54,17 @@ class ModelRegistry:
         return self.model(model_id)
 
     def record(self, model_id: str) -> dict | None:
+        """The model's record; `facts` are its current version's (dimensions, trainable or why not)."""
         h = {k.decode(): v.decode() for k, v in self.r.hgetall(keys.model(model_id)).items()}
         if not h or "kind" not in h:
             return None
         if "dims" in h:
             h["dims"] = json.loads(h["dims"])
+        if "current" in h:
+            facts = self.version(model_id, h["current"]).get("facts")
+            if facts:
+                h["facts"] = dict(facts, version=h["current"])
+                h["dims"] = facts["dims"] or h.get("dims")
         return h
 
     def model(self, model_id: str) -> dict:
@@ -117,7 +124,12 @@ class ModelRegistry:
         return {"version": record, "upload": None, "parts": parts, "part_size": part_size}
 
     def complete_upload(self, model_id: str, version: str, parts: list[tuple[int, str]] | None) -> dict:
-        """Check the uploaded bytes against the declaration and make the version ready (immutable)."""
+        """Check the uploaded bytes against the declaration and make the version ready (immutable).
+
+        A base model's file is inspected in the same pass as its digest (model_files): its
+        dimensions and whether devices can train on it go into the version; a malformed file is
+        refused (422 invalid_model) and removed with its declaration. The first ready base version
+        becomes the model's current one."""
         record = self.version(model_id, version)
         if record["status"] == "ready":
             return record
@@ -125,17 +137,52 @@ class ModelRegistry:
             if not parts:
                 raise Refusal(422, "parts_required", "a multipart upload completes with its parts' ETags")
             self.presigner.complete_multipart(record["key"], record["upload_id"], parts)  # type: ignore[attr-defined]
+        kind = self.model(model_id)["kind"]
+        facts, invalid = None, None
         try:
-            sha256, size = self.store.digest(record["key"])
+            with self.store.open(record["key"]) as raw:
+                reader = model_files.HashingReader(raw)
+                if kind == "base":
+                    try:
+                        facts = model_files.inspect(record["filename"], reader, record["size"])
+                    except model_files.InvalidModel as exc:
+                        invalid = str(exc)
+                reader.drain()
         except ObjectNotFound:
             raise Refusal(409, "upload_missing", "nothing has been uploaded for this version") from None
+        sha256, size = reader.sha256.hexdigest(), reader.size
         if (sha256, size) != (record["sha256"], record["size"]):
             raise Refusal(422, "digest_mismatch", f"uploaded {size} bytes with sha256 {sha256[:12]}..., "
                           f"declared {record['size']} and {record['sha256'][:12]}...")
+        if invalid is not None:
+            self._discard(model_id, version, record["key"])
+            raise Refusal(422, "invalid_model", f"{record['filename']}: {invalid}")
         record = dict(record, status="ready", completed_at=self.clock())
+        if facts is not None:
+            record["facts"] = facts.as_dict()
         record.pop("upload_id", None)
         self.r.hset(keys.model_versions(model_id), version, json.dumps(record))
+        if kind == "base":
+            self.r.hsetnx(keys.model(model_id), "current", version)
         return record
+
+    def _discard(self, model_id: str, version: str, key: str) -> None:
+        """Remove a refused version, and its model too when nothing else was ever registered under it."""
+        self.store.delete(key)
+        self.r.hdel(keys.model_versions(model_id), version)
+        if not self.r.hlen(keys.model_versions(model_id)) and not self.r.hexists(keys.model(model_id), "dims"):
+            self.r.delete(keys.model(model_id))
+            self.r.srem(keys.MODELS, model_id)
+
+    def base_download(self, ref: str, base_url: str) -> dict | None:
+        """The presigned download of a registered base `id@version` (None for a built-in base)."""
+        model_id, at, version = ref.partition("@")
+        if not at:
+            return None
+        record = self.version(model_id, version)
+        get = self.presigner.get(record["key"], self.clock() + self.settings.url_ttl_s, base_url)
+        return dict(get.as_dict(), sha256=record["sha256"], size=record["size"], filename=record["filename"],
+                    format=(record.get("facts") or {}).get("format"))
 
     def set_current(self, model_id: str, version: str) -> dict:
         if self.version(model_id, version)["status"] != "ready":

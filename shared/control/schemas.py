@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, ModelDims
 from fleettune.shared.control.groups import GroupSpec, Rules
+from fleettune.shared.control.model_files import TRAINABLE_HINT
 from fleettune.shared.errors import Refusal
 from fleettune.shared.federation import DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig
 from fleettune.shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, AggregationConfig
@@ -257,13 +258,24 @@ class GroupIn(Strict):
 
 
 def resolve_model(model_id: str, registered: dict | None = None) -> tuple[ModelDims, str]:
-    """(dimensions, base model name) of a known model id, or of a registered base model."""
+    """(dimensions, base model reference) of a known model id, or of a registered base model.
+
+    A registered base trains on its current version, pinned as `id@version`: devices fetch exactly
+    those bytes from the registry, whatever becomes current later."""
     if model_id in MODELS:
         return MODELS[model_id]
+    if registered and registered.get("facts"):
+        facts = registered["facts"]
+        if not facts["trainable"]:
+            raise Refusal(422, "model_not_trainable", f"{model_id} version {facts['version']} cannot be trained: "
+                          f"{facts['why_not']}")
+        return ModelDims(**facts["dims"]), f"{model_id}@{facts['version']}"
     if registered and registered.get("dims"):
         return ModelDims(**registered["dims"]), model_id
+    if registered:
+        raise Refusal(422, "model_not_trainable", f"{model_id} has no ready version yet: {TRAINABLE_HINT}")
     raise Refusal(422, "unknown_model", f"model_id {model_id!r} is neither a known model ({sorted(MODELS)}) "
-                  "nor a registered base model with dims")
+                  f"nor a registered base model: register one ({TRAINABLE_HINT})")
 
 
 def apply_strategy(config: FederationConfig, params: StrategyParams | None, rounds: RoundConfigIn | None,

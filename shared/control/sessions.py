@@ -25,8 +25,10 @@ FINAL = ("completed", "failed", "stopped")
 
 class Control:
     def __init__(self, state: FederationState, coordinator: RoundCoordinator, clock: Callable[[], float] = time.time,
-                 registered_model: Callable[[str], dict | None] = lambda _: None) -> None:
+                 registered_model: Callable[[str], dict | None] = lambda _: None,
+                 max_update_bytes: int = 64 * 1024 * 1024) -> None:
         self.state = state
+        self.max_update_bytes = max_update_bytes
         self.r = state.r
         self.coordinator = coordinator
         self.clock = clock
@@ -50,6 +52,7 @@ class Control:
             config = dataclasses.replace(config, adapter=body.adapter.to_config())
         if body.strategy is not None:
             config = self._with_strategy(config, body.strategy, revise=False)
+        self._check_fits(config)
         self.state.create(config, status="idle")
         return config
 
@@ -57,6 +60,14 @@ class Control:
         changes = apply_strategy(config, strategy, strategy.round_config, strategy.device_filter,
                                  strategy.algorithm, strategy.aggregation)
         return config.revised(**changes) if revise else dataclasses.replace(config, **changes)
+
+    def _check_fits(self, config: FederationConfig) -> None:
+        """An adapter whose every update would be refused for its size is refused now, by name."""
+        size = 4 * config.spec.num_parameters  # float32, the smallest dtype the server accepts for it
+        if size > self.max_update_bytes:
+            raise Refusal(422, "adapter_too_large", f"one update of this adapter is {size} bytes "
+                          f"({config.spec.num_parameters} float32 parameters), over the {self.max_update_bytes}-byte "
+                          "limit on updates (FLEETTUNE_MAX_UPDATE_BYTES): lower the rank or target fewer modules")
 
     def ensure_federation(self, fed: str) -> bool:
         """Create `fed` with defaults when a PUT names one that does not exist; True if created."""
@@ -72,7 +83,7 @@ class Control:
         return self._propose(fed, lambda c: self._with_strategy(c, strategy))
 
     def _propose(self, fed: str, change) -> dict:
-        self.config(fed)
+        self._check_fits(change(self.state.pending_config(fed) or self.config(fed)))
         config, now = self.state.propose_config(fed, change)
         current = self.state.current_round(fed)
         # either way the first round to run under it is the next one to open
@@ -126,8 +137,12 @@ class Control:
         if existing is None:
             self.create_federation(FederationIn(name=fed, model_id=body.model_id))
             existing = self.config(fed)
-        elif existing.model != dims:
-            raise Refusal(422, "model_mismatch", f"{fed} adapts {existing.base_model}, not {body.model_id}")
+        elif (existing.model, existing.base_model) != (dims, base):
+            if self.state.current_round(fed):  # its versions adapt the old base: they cannot move
+                raise Refusal(422, "model_mismatch", f"{fed} adapts {existing.base_model}, not {body.model_id}")
+            # never trained (created by a PUT of its adapter or strategy): the session names its model
+            self.state.propose_config(fed, lambda c: c.revised(model=dims, base_model=base))
+            existing = self.config(fed)
         if self.state.status(fed).get("status") == "active":
             raise Refusal(409, "session_active", f"{fed} already has an active training session")
         changes = apply_strategy(existing, body.strategy_params, body.round_config, body.device_filter,
@@ -137,6 +152,7 @@ class Control:
         if body.evaluation is not None:
             changes["evaluation"] = evaluation_config(body.evaluation)
         if changes:
+            self._check_fits(existing.revised(**changes))
             self.state.propose_config(fed, lambda c: c.revised(**changes))  # no round runs: applies now
         config = self.config(fed)
         previous = self.state.status(fed).get("session")

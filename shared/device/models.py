@@ -89,3 +89,47 @@ def load_model(source: str, quantize_4bit: bool = False) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def fetch_registered(download: dict, cache_dir: Path, fetch) -> Path:
+    """A registered base model (a check-in's `base_download`) as a local Hugging Face directory.
+
+    `fetch(signed, max_bytes) -> bytes` is the device's presigned GET (DeviceClient.client.download).
+    The bytes must have the sha256 the registry verified; the directory is cached by that digest, so
+    a device downloads each base version once. A tar archive is unpacked with tarfile's `data` filter
+    (no links, no paths outside the folder); a safetensors file with its config (and tokenizer) in
+    the metadata becomes model.safetensors beside config.json (and tokenizer.json).
+    """
+    import hashlib
+    import io
+    import json
+    import shutil
+    import struct
+    import tarfile
+
+    target = Path(cache_dir) / download["sha256"]
+    if (target / "config.json").exists():
+        return target
+    blob = fetch(download, download["size"])
+    if hashlib.sha256(blob).hexdigest() != download["sha256"]:
+        raise ValueError("the base model's bytes do not match the sha256 the registry verified")
+    outer = partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    if download["filename"].lower().endswith((".tar", ".tar.gz", ".tgz")):
+        with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+            tar.extractall(partial, filter="data")
+        inner = [p for p in partial.iterdir()]
+        if len(inner) == 1 and inner[0].is_dir():  # the folder itself was archived
+            partial = inner[0]
+    else:
+        (length,) = struct.unpack("<Q", blob[:8])
+        metadata = json.loads(blob[8:8 + length]).get("__metadata__", {})
+        (partial / "model.safetensors").write_bytes(blob)
+        for key, name in (("config", "config.json"), ("tokenizer", "tokenizer.json"),
+                          ("tokenizer_config", "tokenizer_config.json")):
+            if key in metadata:
+                (partial / name).write_text(metadata[key])
+    partial.rename(target)
+    shutil.rmtree(outer, ignore_errors=True)  # what is left of it once its one folder moved
+    return target

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import tarfile
 import time
 
 import httpx
@@ -17,6 +18,7 @@ from safetensors.numpy import load
 
 from fleettune import DeviceClient, Federation, FleettuneAPIError, ModelRegistry
 from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
+from fleettune.shared.device.models import TINY
 from fleettune.shared.submit import encode_update
 from tests import services
 from tests.reference import mean_delta, median_claim, next_global, random_deltas, server_optimizer
@@ -178,9 +180,13 @@ def test_the_sdk_trains_and_uploads_registry_versions_single_and_multipart(pipel
     assert session.status == "active" and session.federation == fed
     assert session.stop()["status"] == "stopped"
 
-    small, large = tmp_path / "adapter.safetensors", tmp_path / "base.safetensors"
+    small, large = tmp_path / "adapter.safetensors", tmp_path / "base.tar"
     small.write_bytes(np.random.default_rng(1).bytes(300_000))
-    large.write_bytes(np.random.default_rng(2).bytes(12 * 1024 * 1024))
+    padding = tmp_path / "README.bin"  # a real model directory, padded past the part size: three parts
+    padding.write_bytes(np.random.default_rng(2).bytes(12 * 1024 * 1024))
+    with tarfile.open(large, "w") as tar:
+        for file in [*sorted(TINY.iterdir()), padding]:
+            tar.add(file, arcname=f"tiny/{file.name}")
     parts_api = services.Api(dict(env, FLEETTUNE_MULTIPART_THRESHOLD=str(1024 * 1024)), workdir)
     try:
         registry = ModelRegistry(api_key=pipeline.admin_key, base_url=parts_api.url)

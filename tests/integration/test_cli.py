@@ -97,7 +97,7 @@ def test_the_api_commands_print_tables_and_upload_with_a_progress_bar(pipeline, 
     assert "phone-1" in devices and "4096" in devices
     artifact = tmp_path / "adapter.safetensors"
     artifact.write_bytes(b"\0" * 100_000)
-    upload = _run(client_env, "models", "upload", "cli-model", str(artifact), "--version", "1")
+    upload = _run(client_env, "models", "upload", "cli-model", str(artifact), "--version", "1", "--kind", "adapter")
     assert upload.returncode == 0 and " ready " in upload.stdout and "100k/100k" in upload.stderr.replace(" ", "")
     assert "cli-model" in _run(client_env, "models", "list").stdout
     read_key = _run(client_env, "keys", "create", "--scope", "read").stdout.strip()
