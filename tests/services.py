@@ -226,3 +226,47 @@ class Api:
 
     def stop(self) -> None:
         _stop(self.proc)
+
+
+class DelayingProxy:
+    """A TCP proxy on a free port that holds, for `delay` seconds, any client bytes containing `marker`:
+    one slow call on one connection, while every other connection passes at once."""
+
+    def __init__(self, upstream_port: int, marker: bytes, delay: float) -> None:
+        import threading
+
+        self.marker, self.delay, self.upstream_port = marker, delay, upstream_port
+        self.held = threading.Event()  # set once a marked call has been held
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.stopped:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, outbound: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if outbound and self.marker in data:
+                    self.held.set()
+                    time.sleep(self.delay)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.stopped = True
+        self.server.close()

@@ -121,3 +121,43 @@ def test_the_gateway_json_is_strict(pipeline):
     for field, value in (("ram_mb", "8192"), ("ram_mb", True)):
         answer = device.client.http.post(f"/api/v1/federations/{fed}/check-in", json={field: value})
         assert answer.status_code == 422 and field in answer.json()["detail"], answer.text
+
+
+def test_one_request_held_in_a_slow_redis_call_stalls_no_other(env, workdir, redis_url, pipeline):
+    """The event loop never waits on Redis: a device whose rate-limit call is held 3 s by a proxy in
+    front of Redis does not delay 50 submits of another device on the same API process."""
+    import hashlib
+    import threading
+
+    from fleettune.shared.adapter_spec import LAYOUTS
+    from fleettune.shared.federation import FederationConfig, RoundPolicy
+    from tests import services
+
+    fed = _name("loop")
+    config = FederationConfig(fed, LAYOUTS["tiny-llama"], policy=RoundPolicy(min_updates=1000, timeout_seconds=600))
+    pipeline.runtime.coordinator.start(config, ["slowpoke", "quick"])
+    tokens = Tokens(pipeline.runtime.redis)
+    slow, quick = (tokens.create_device_token(fed, d) for d in ("slowpoke", "quick"))
+    proxy = services.DelayingProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]), b"slowpoke", delay=3.0)
+    api = services.Api(dict(env, FLEETTUNE_REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0"), workdir)
+    finished: dict[str, float] = {}
+    try:
+        def held() -> None:  # its rate-limit key names the device: that one Redis call is held
+            httpx.get(f"{api.url}/api/v1/federations/{fed}/receipts/{'0' * 64}",
+                      headers={"Authorization": f"Bearer {slow}"}, timeout=60)
+            finished["slow"] = time.monotonic()
+
+        thread = threading.Thread(target=held)
+        thread.start()
+        assert proxy.held.wait(30)
+        with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {quick}"}, timeout=60) as http:
+            codes = [http.post(f"/api/v1/federations/{fed}/updates", json={
+                "round": 1, "sha256": hashlib.sha256(str(i).encode()).hexdigest(), "num_samples": 10,
+                "base_version": 0}).status_code for i in range(50)]
+        finished["quick"] = time.monotonic()
+        thread.join(60)
+    finally:
+        api.stop()
+        proxy.close()
+    assert codes == [202] * 50
+    assert finished["quick"] < finished["slow"]  # the 50 were answered while the slow call was still held
