@@ -206,8 +206,8 @@ class Api:
     `command="split-server"`: the split-learning server, the same way."""
 
     def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None, command: str = "api",
-                 bin_dir: Path | None = None, cwd: Path | None = None):
-        self.env, self.workdir, self.command = env, workdir, command
+                 bin_dir: Path | None = None, cwd: Path | None = None, args: tuple[str, ...] = ()):
+        self.env, self.workdir, self.command, self.args = env, workdir, command, args
         self.bin_dir, self.cwd = bin_dir or Path(sys.executable).parent, cwd
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -215,7 +215,8 @@ class Api:
 
     def start(self) -> None:
         err = self.workdir / f"{self.command}-{self.port}.err"
-        self.proc = subprocess.Popen([str(self.bin_dir / "fleettune"), self.command, "--port", str(self.port)],
+        self.proc = subprocess.Popen([str(self.bin_dir / "fleettune"), self.command, "--port", str(self.port),
+                                      *self.args],
                                      env=dict(os.environ, **self.env), stdout=subprocess.DEVNULL, stderr=err.open("a"),
                                      start_new_session=True, cwd=self.cwd)
         _wait(lambda: _healthy(self.url), f"fleettune {self.command}", 60, self.proc, err)

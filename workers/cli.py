@@ -129,22 +129,20 @@ def _celery(app, argv: list[str]) -> int:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
-def api(host: str, port: int) -> None:
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="API processes on this port (uvicorn); /metrics sums their counters")
+def api(host: str, port: int, workers: int) -> None:
     """Serve the control plane and device gateway (FastAPI on uvicorn), its docs and /metrics."""
-    from fleettune.shared.runtime import Runtime
-    from fleettune.workers.api import create_app, serve
-    from fleettune.workers.app import app as celery_app
-    from fleettune.workers.app import enqueuer
+    from fleettune.workers.api import app_from_env, serve
 
-    settings = Settings.from_env()
-    if not settings.redis_url:
+    if not Settings.from_env().redis_url:
         raise click.UsageError("set FLEETTUNE_REDIS_URL (and FLEETTUNE_S3_*) to run the API")
-    from fleettune.workers.publish import RedisPublisher
-
     click.echo(f"fleettune api on http://{host}:{port}/ (docs at /docs, OpenAPI at /openapi.json, /metrics)")
-    # the broker is the same Redis: record-and-enqueue is one script (workers/publish.py says why)
-    serve(create_app(Runtime.from_settings(settings), enqueuer(celery_app), publisher=RedisPublisher(celery_app)),
-          host, port)
+    if workers == 1:
+        return serve(app_from_env(), host, port)
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fleettune-api-metrics-")
+    serve("fleettune.workers.api:app_from_env", host, port, workers)
 
 
 @cli.command("split-server")

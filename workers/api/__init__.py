@@ -16,13 +16,15 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from fleettune.shared.metrics import FederationCollector
+from prometheus_client import multiprocess as prom_multiprocess
+
+from fleettune.shared.metrics import FederationCollector, multiprocess
 from fleettune.shared.runtime import Runtime
 from fleettune.workers.api import devices, federations, models, objects, problems, rollouts, sessions, split
 from fleettune.workers.api.edge import Edge
 from fleettune.workers.api.services import Enqueue, Publisher, Services
 
-__all__ = ["create_app", "serve", "serve_in_thread"]
+__all__ = ["app_from_env", "create_app", "serve", "serve_in_thread"]
 
 
 def create_app(runtime: Runtime, enqueue: Enqueue, registry: CollectorRegistry | None = None,
@@ -36,9 +38,13 @@ def create_app(runtime: Runtime, enqueue: Enqueue, registry: CollectorRegistry |
 
     registry = registry or CollectorRegistry()
     registry.register(FederationCollector(runtime.state, runtime.store))
+    own = registry
+    if multiprocess():  # `fleettune api --workers N`: each process counts into files, a scrape sums them all
+        prom_multiprocess.MultiProcessCollector(registry)
+        own = None
     requests = Counter("fleettune_api_requests", "API requests by route and status", ["route", "code"],
-                       registry=registry)
-    latency = Histogram("fleettune_api_request_seconds", "API request latency", ["route"], registry=registry)
+                       registry=own)
+    latency = Histogram("fleettune_api_request_seconds", "API request latency", ["route"], registry=own)
 
     @app.get("/metrics", tags=["operations"], include_in_schema=False)
     def metrics() -> Response:
@@ -82,10 +88,24 @@ class _Measure:
             self.latency.labels(route).observe(time.perf_counter() - started)
 
 
-def serve(app: FastAPI, host: str, port: int) -> None:
+def app_from_env() -> FastAPI:
+    """The API as `fleettune api` runs it, from FLEETTUNE_* (uvicorn's factory for `--workers N`)."""
+    from fleettune.shared.settings import Settings
+    from fleettune.workers.app import app as celery_app
+    from fleettune.workers.app import enqueuer
+    from fleettune.workers.publish import RedisPublisher
+
+    settings = Settings.from_env()
+    # the broker is the same Redis: record-and-enqueue is one script (workers/publish.py says why)
+    return create_app(Runtime.from_settings(settings), enqueuer(celery_app), publisher=RedisPublisher(celery_app))
+
+
+def serve(app: FastAPI | str, host: str, port: int, workers: int = 1) -> None:
+    """Serve `app`, or with `workers` > 1 the factory at that import path in as many processes."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, workers=workers,
+                factory=isinstance(app, str))
 
 
 @contextlib.contextmanager
