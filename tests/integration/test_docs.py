@@ -47,8 +47,8 @@ def test_the_docs_site_builds_strictly(tmp_path):
 
 @pytest.fixture(scope="module")
 def docs_api(redis_url, s3_endpoint, workdir):
-    """An API of its own (Redis database 6, its own bucket): the snippets' names are the docs' own."""
-    env = services.service_env(redis_url.rsplit("/", 1)[0] + "/6", s3_endpoint, bucket="fleettune-docs")
+    """An API of its own (Redis database 11, its own bucket): the snippets' names are the docs' own."""
+    env = services.service_env(redis_url.rsplit("/", 1)[0] + "/11", s3_endpoint, bucket="fleettune-docs")
     api = services.Api(env, workdir)
     key = Tokens(Runtime.from_settings(Settings.from_env(env)).redis).create_api_key("admin", "docs")[1]
     yield api.url, key
