@@ -15,6 +15,7 @@ import msgpack
 import redis
 
 from fleettune.shared import keys
+from fleettune.shared.lua import AsyncLua
 
 MAX_BACKOFF_DOUBLINGS = 6  # re-drives wait redrive_after_s x 1, 2, 4 ... 64
 
@@ -34,6 +35,7 @@ redis.call('EXPIRE', KEYS[5], ARGV[2])
 redis.call('LPUSH', KEYS[3], ARGV[5])
 return false
 """
+_RECORD_AND_PUSH_ASYNC = AsyncLua(_RECORD_AND_PUSH)  # the gateway's hot path (redis.asyncio)
 
 
 class Ledger:
@@ -42,7 +44,6 @@ class Ledger:
         self.redrive_after_s = redrive_after_s
         self.message_ttl_s = message_ttl_s  # how long an entry answers a repeated submission with its receipt
         self._record_and_push = None  # the Lua script, registered on first use
-        self._async_scripts: dict[int, object] = {}  # the same script on each redis.asyncio client
 
     def record(self, digest: str, entry: dict, now: float) -> dict | str | None:
         """Write the entry unless it exists: None when new, the existing entry when it does, LATE
@@ -73,11 +74,8 @@ class Ledger:
 
     async def record_and_push_async(self, client, digest: str, entry: dict, now: float, queue: str,
                                     message: bytes) -> dict | str | None:
-        """`record_and_push` over a redis.asyncio client (its script object is kept per client)."""
-        script = self._async_scripts.get(id(client))
-        if script is None:
-            script = self._async_scripts[id(client)] = client.register_script(_RECORD_AND_PUSH)
-        return _seen(await script(**self._push_call(digest, entry, now, queue, message)))
+        """`record_and_push` over a redis.asyncio client."""
+        return _seen(await _RECORD_AND_PUSH_ASYNC(client, **self._push_call(digest, entry, now, queue, message)))
 
     def _push_call(self, digest: str, entry: dict, now: float, queue: str, message: bytes) -> dict:
         fed, round_no = entry["federation"], entry["round"]

@@ -18,6 +18,7 @@ from typing import Literal
 import redis
 
 from fleettune.shared import keys
+from fleettune.shared.lua import AsyncLua
 
 Scope = Literal["admin", "read", "device"]
 OPERATOR_SCOPES = ("admin", "read")
@@ -42,6 +43,25 @@ def _digest(secret: str) -> str:
 def _new(prefix: str) -> tuple[str, str, str]:
     key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
     return key_id, secret, f"{prefix}_{key_id}_{secret}"
+
+
+# A token's record, and (ARGV[3] == 1) the request counted in its rate window only if the token's
+# digest matches and it is not revoked: a stranger who knows a key id cannot spend its device's budget.
+_AUTHENTICATE_AND_COUNT = AsyncLua("""
+local h = redis.call('HGETALL', KEYS[1])
+local count = 0
+if #h > 0 and ARGV[3] == '1' then
+  local digest, revoked = nil, false
+  for i = 1, #h, 2 do
+    if h[i] == 'digest' then digest = h[i + 1] elseif h[i] == 'revoked_at' then revoked = true end
+  end
+  if digest == ARGV[1] and not revoked then
+    count = redis.call('INCR', KEYS[2])
+    if count == 1 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+  end
+end
+return {h, count}
+""")
 
 
 class Tokens:
@@ -103,10 +123,18 @@ class Tokens:
         parsed = parse_token(token)
         return None if parsed is None else principal_of(parsed, self.r.hgetall(parsed.record_key))
 
-    async def authenticate_async(self, client, token: str | None) -> Principal | None:
-        """`authenticate` over a redis.asyncio client: the API's event loop never waits on Redis."""
+    async def authenticate_async(self, client, token: str | None, rate_key: str | None = None,
+                                 rate_ttl: int = 0) -> tuple[Principal | None, int]:
+        """`authenticate` over a redis.asyncio client (the API's event loop never waits on Redis), and
+        when `rate_key` is given, count this request in it if the token is valid: one round trip for
+        both. Returns (principal or None, the count; 0 when not counted)."""
         parsed = parse_token(token)
-        return None if parsed is None else principal_of(parsed, await client.hgetall(parsed.record_key))
+        if parsed is None:
+            return None, 0
+        record, count = await _AUTHENTICATE_AND_COUNT(client, [parsed.record_key, rate_key or parsed.record_key],
+                                                      [_digest(parsed.secret), rate_ttl, int(rate_key is not None)])
+        who = principal_of(parsed, dict(zip(record[::2], record[1::2])))
+        return who, int(count) if who is not None else 0
 
 
 @dataclasses.dataclass(frozen=True)

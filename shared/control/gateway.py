@@ -70,30 +70,22 @@ class Gateway:
 
     # --- rate limit ------------------------------------------------------------------------------
 
-    def throttle(self, fed: str, device: str, limit: int | None = None, bucket: str = "") -> None:
-        """A fixed window per device (and bucket); Refusal(429) with Retry-After past the limit."""
-        key, ttl, now = self._rate_window(fed, device, bucket)
+    def throttle(self, fed: str, subject: str, limit: int | None = None, bucket: str = "") -> None:
+        """A fixed window per token (one per device) and bucket; Refusal(429) with Retry-After past the limit."""
+        key, ttl, now = self.rate_window(fed, subject, bucket)
         with self.r.pipeline(transaction=False) as pipe:
             pipe.incr(key)
             pipe.expire(key, ttl)
             count = pipe.execute()[0]
-        self._within_rate(count, limit or self.settings.device_rate_limit, now)
+        self.within_rate(count, limit or self.settings.device_rate_limit, now)
 
-    async def throttle_async(self, client, fed: str, device: str, limit: int | None = None, bucket: str = "") -> None:
-        """`throttle` over a redis.asyncio client."""
-        key, ttl, now = self._rate_window(fed, device, bucket)
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, ttl)
-            count = (await pipe.execute())[0]
-        self._within_rate(count, limit or self.settings.device_rate_limit, now)
-
-    def _rate_window(self, fed: str, device: str, bucket: str) -> tuple[str, int, float]:
+    def rate_window(self, fed: str, subject: str, bucket: str = "") -> tuple[str, int, float]:
+        """(the window's key, its TTL, now) for one token's requests in one bucket."""
         now = self.clock()
         window = int(now // self.settings.rate_window_s)
-        return keys.rate_window(fed, f"{device}{bucket}", window), self.settings.rate_window_s + 1, now
+        return keys.rate_window(fed, f"{subject}{bucket}", window), self.settings.rate_window_s + 1, now
 
-    def _within_rate(self, count: int, limit: int, now: float) -> None:
+    def within_rate(self, count: int, limit: int, now: float) -> None:
         if count > limit:
             window_s = self.settings.rate_window_s
             retry = int((now // window_s + 1) * window_s - now) + 1

@@ -124,8 +124,8 @@ def test_the_gateway_json_is_strict(pipeline):
 
 
 def test_one_request_held_in_a_slow_redis_call_stalls_no_other(env, workdir, redis_url, pipeline):
-    """The event loop never waits on Redis: a device whose rate-limit call is held 3 s by a proxy in
-    front of Redis does not delay 50 submits of another device on the same API process."""
+    """The event loop never waits on Redis: a device whose submit's Redis script is held 3 s by a proxy
+    in front of Redis does not delay 50 submits of another device on the same API process."""
     import hashlib
     import threading
 
@@ -142,10 +142,10 @@ def test_one_request_held_in_a_slow_redis_call_stalls_no_other(env, workdir, red
     api = services.Api(dict(env, FLEETTUNE_REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0"), workdir)
     finished: dict[str, float] = {}
     try:
-        def held() -> None:  # its rate-limit key names the device: that one Redis call is held
-            httpx.get(f"{api.url}/api/v1/federations/{fed}/receipts/{'0' * 64}",
-                      headers={"Authorization": f"Bearer {slow}"}, timeout=60)
-            finished["slow"] = time.monotonic()
+        def held() -> None:  # its ledger entry names the device: that one Redis call is held
+            answer = httpx.post(f"{api.url}/api/v1/federations/{fed}/updates", headers={"Authorization": f"Bearer {slow}"},
+                                json={"round": 1, "sha256": "f" * 64, "num_samples": 10, "base_version": 0}, timeout=60)
+            finished["slow"], finished["slow_code"] = time.monotonic(), answer.status_code
 
         thread = threading.Thread(target=held)
         thread.start()
@@ -159,5 +159,36 @@ def test_one_request_held_in_a_slow_redis_call_stalls_no_other(env, workdir, red
     finally:
         api.stop()
         proxy.close()
-    assert codes == [202] * 50
+    assert codes == [202] * 50 and finished["slow_code"] == 202
     assert finished["quick"] < finished["slow"]  # the 50 were answered while the slow call was still held
+
+
+def test_the_rate_limit_counts_a_tokens_requests_and_no_strangers(env, workdir, pipeline):
+    """Submits and check-ins share one window per token; a forged token naming the same key id is
+    refused without spending that device's budget; an operator key cannot submit."""
+    from fleettune.shared.adapter_spec import LAYOUTS
+    from fleettune.shared.federation import FederationConfig, RoundPolicy
+    from tests import services
+
+    fed = _name("rate")
+    config = FederationConfig(fed, LAYOUTS["tiny-llama"], policy=RoundPolicy(min_updates=1000, timeout_seconds=600))
+    pipeline.runtime.coordinator.start(config, ["phone"])
+    token = Tokens(pipeline.runtime.redis).create_device_token(fed, "phone")
+    forged = token.rsplit("_", 1)[0] + "_" + "x" * 43  # the same key id, another secret
+    api = services.Api(dict(env, FLEETTUNE_DEVICE_RATE_LIMIT="5", FLEETTUNE_RATE_WINDOW="3600"), workdir)
+    try:
+        with httpx.Client(base_url=api.url, timeout=30) as http:
+            submit = lambda i, key: http.post(  # noqa: E731
+                f"/api/v1/federations/{fed}/updates", headers={"Authorization": f"Bearer {key}"},
+                json={"round": 1, "sha256": f"{i:064x}", "num_samples": 10, "base_version": 0})
+            assert [submit(i, forged).status_code for i in range(10)] == [401] * 10
+            assert submit(0, pipeline.admin_key).status_code == 403
+            codes = [submit(i, token).status_code for i in range(4)]
+            codes.append(http.post(f"/api/v1/federations/{fed}/check-in", headers={"Authorization": f"Bearer {token}"},
+                                   json={"ram_mb": 8192}).status_code)
+            refused = submit(99, token)
+        assert codes == [202, 202, 202, 202, 200]
+        assert (refused.status_code, refused.json()["code"]) == (429, "rate_limited")
+        assert int(refused.headers["Retry-After"]) > 0
+    finally:
+        api.stop()

@@ -21,6 +21,7 @@ from prometheus_client import multiprocess as prom_multiprocess
 from fleettune.shared.metrics import FederationCollector, multiprocess
 from fleettune.shared.runtime import Runtime
 from fleettune.workers.api import devices, federations, models, objects, problems, rollouts, sessions, split
+from fleettune.workers.api.deps import documented_security
 from fleettune.workers.api.edge import Edge
 from fleettune.workers.api.services import Enqueue, Publisher, Services
 
@@ -53,6 +54,9 @@ def create_app(runtime: Runtime, enqueue: Enqueue, registry: CollectorRegistry |
 
     app.add_middleware(Edge, services=app.state.services)  # runs inside _Measure: refusals are counted too
     app.add_middleware(_Measure, requests=requests, latency=latency)
+
+    openapi = app.openapi
+    app.openapi = lambda: app.openapi_schema or documented_security(openapi())  # type: ignore[method-assign]
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from fastapi import Depends, Path, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from fleettune.shared.control.auth import Principal
 from fleettune.shared.errors import Refusal
 from fleettune.workers.api.services import Services
 
-bearer = HTTPBearer(auto_error=False, description="an operator API key (ftk_...) or a device token (ftd_...)")
+BEARER = {"type": "http", "scheme": "bearer",
+          "description": "an operator API key (ftk_...) or a device token (ftd_...)"}
 # one Path() object per parameter: two route parameters that shared one both read the same value
 # (PUT .../groups/{group} made a group named after its federation)
 FedName = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -20,15 +21,25 @@ async def services(request: Request) -> Services:
     return request.app.state.services  # async: no I/O, so no hop to the thread pool
 
 
-async def principal(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
-    """Who is calling, as the edge authenticated them before the body was read (see edge.py).
-
-    `creds` only documents the scheme in the OpenAPI; the edge has checked the same header."""
+async def principal(request: Request) -> Principal:
+    """Who is calling, as the edge authenticated them before the body was read (see edge.py; the
+    OpenAPI documents the bearer scheme on every route that needs it: see documented_security)."""
     who = getattr(request.state, "principal", None)
     if who is None:
         raise Refusal(401, "unauthenticated", "a valid bearer token is required",
                       headers={"WWW-Authenticate": "Bearer"})
     return who
+
+
+def documented_security(schema: dict) -> dict:
+    """The OpenAPI with the bearer scheme on every route the edge authenticates (not run per request:
+    a FastAPI security dependency would parse the header again on the hot path)."""
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = BEARER
+    for path, operations in schema.get("paths", {}).items():
+        if path.startswith("/api/v1/") and not path.startswith("/api/v1/objects/"):
+            for operation in operations.values():
+                operation["security"] = [{"bearer": []}]
+    return schema
 
 
 async def reader(who: Principal = Depends(principal)) -> Principal:
@@ -52,17 +63,22 @@ def _device(who: Principal, name: str) -> Principal:
     return who
 
 
-async def device(name: str = FedName, who: Principal = Depends(principal),
+async def device(request: Request, name: str = FedName, who: Principal = Depends(principal),
                  svc: Services = Depends(services)) -> Principal:
-    """A device token of this federation, within its rate limit (redis.asyncio: the loop never blocks)."""
-    _device(who, name)
-    await svc.throttle(name, who.device)
-    return who
+    """A device token of this federation, within its rate limit."""
+    return await _within_rate(request, svc, _device(who, name), name, svc.runtime.settings.device_rate_limit, "")
 
 
-async def split_device(name: str = FedName, who: Principal = Depends(principal),
+async def split_device(request: Request, name: str = FedName, who: Principal = Depends(principal),
                        svc: Services = Depends(services)) -> Principal:
     """A device token of this federation, within its split-step limit (a step per batch, not per round)."""
-    _device(who, name)
-    await svc.throttle(name, who.device, svc.runtime.settings.split_rate_limit, ":split")
+    return await _within_rate(request, svc, _device(who, name), name, svc.runtime.settings.split_rate_limit, ":split")
+
+
+async def _within_rate(request: Request, svc: Services, who: Principal, name: str, limit: int, bucket: str) -> Principal:
+    counted = getattr(request.state, "rate", None)  # the edge counted it with the token's lookup
+    if counted is not None:
+        svc.gateway.within_rate(*counted)
+    else:  # embedded mode (fakeredis): count it now, in the thread pool
+        await run_in_threadpool(svc.gateway.throttle, name, who.key_id, limit, bucket)
     return who

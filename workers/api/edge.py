@@ -19,7 +19,8 @@ import re
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from fleettune.shared.control.auth import OPERATOR_SCOPES, Principal
+from fleettune.shared.control.auth import OPERATOR_SCOPES, Principal, parse_token
+from fleettune.workers.api import submit_path
 from fleettune.workers.api.problems import MEDIA_TYPE, TITLES
 from fleettune.workers.api.services import Services
 
@@ -33,6 +34,15 @@ SPLIT_STEP = re.compile(r"^/api/v1/federations/[^/]+/split/[a-z_]+$")
 class Edge:
     def __init__(self, app, services: Services) -> None:
         self.app, self.svc = app, services
+
+    def _rate(self, path: str) -> tuple[str, str, int] | None:
+        """(federation, bucket, limit) of a device route's rate window; None for other routes."""
+        settings = self.svc.runtime.settings
+        if DEVICE.match(path):
+            return path.split("/")[4], "", settings.device_rate_limit
+        if SPLIT_STEP.match(path):  # a step per batch, not per round: a bucket and limit of its own
+            return path.split("/")[4], ":split", settings.split_rate_limit
+        return None
 
     def _limit(self, path: str) -> int:
         settings = self.svc.runtime.settings
@@ -49,7 +59,7 @@ class Edge:
             return await self.app(scope, receive, send)
         path = scope["path"]
         if not (PUBLIC.match(path) or path.startswith(OBJECTS)):
-            who = await self._authenticate(scope)
+            who = await self._authenticate(scope, path)
             if who is None:
                 return await _problem(send, 401, "unauthenticated", "a valid bearer token is required",
                                       {"www-authenticate": "Bearer"})
@@ -61,16 +71,30 @@ class Edge:
         if declared is not None and declared > limit:
             return await _problem(send, 413, "body_too_large", f"the body is {declared} bytes; this route takes at "
                                   f"most {limit}", {"connection": "close"})
+        if (fed := submit_path.federation(scope)) is not None:  # the devices' hot path, as plain ASGI
+            scope["endpoint"] = submit_path.submit  # its metrics label
+            return await submit_path.submit(self.svc, fed, scope["state"]["principal"], scope,
+                                            _bounded(receive, limit), send)
         await self.app(scope, _bounded(receive, limit), send)
 
-    async def _authenticate(self, scope) -> Principal | None:
+    async def _authenticate(self, scope, path: str) -> Principal | None:
+        """The token's principal; on a device route with redis.asyncio, the request is counted in the
+        token's rate window by the same Redis script (`scope["state"]["rate"]`, judged by deps.device)."""
         token = _bearer(scope)
         if token is None:
             return None
         tokens, client = self.svc.tokens, self.svc.aredis
-        if client is not None:
-            return await tokens.authenticate_async(client, token)
-        return await run_in_threadpool(tokens.authenticate, token)
+        if client is None:
+            return await run_in_threadpool(tokens.authenticate, token)
+        rate = self._rate(path)
+        parsed = parse_token(token)
+        if rate is None or parsed is None:
+            return (await tokens.authenticate_async(client, token))[0]
+        fed, bucket, limit = rate
+        key, ttl, now = self.svc.gateway.rate_window(fed, parsed.key_id, bucket)
+        who, count = await tokens.authenticate_async(client, token, key, ttl)
+        scope.setdefault("state", {})["rate"] = (count, limit, now)
+        return who
 
 
 def _header(scope, name: bytes) -> bytes | None:

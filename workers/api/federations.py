@@ -9,10 +9,11 @@ from fleettune.shared import versions
 from fleettune.shared.control.auth import Principal
 from fleettune.shared.control.schemas import AdapterIn, DeviceIn, FederationIn, GroupIn, StrategyIn
 from fleettune.shared.errors import ObjectNotFound, Refusal
+from fleettune.workers.api import problems
 from fleettune.workers.api.deps import FedName, GroupName, admin, reader, services
 from fleettune.workers.api.services import Services
 
-router = APIRouter(prefix="/api/v1", tags=["federations"])
+router = APIRouter(prefix="/api/v1", tags=["federations"], responses=problems.OPERATOR)
 
 
 @router.get("/federations")

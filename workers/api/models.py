@@ -10,10 +10,11 @@ from pydantic import Field, StringConstraints
 from fleettune.shared.adapter_spec import ModelDims
 from fleettune.shared.control.auth import Principal
 from fleettune.shared.control.schemas import Strict
+from fleettune.workers.api import problems
 from fleettune.workers.api.deps import admin, reader, services
 from fleettune.workers.api.services import Services
 
-router = APIRouter(prefix="/api/v1/models", tags=["model registry"])
+router = APIRouter(prefix="/api/v1/models", tags=["model registry"], responses=problems.OPERATOR)
 Version = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")]
 FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -16,6 +17,34 @@ TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not F
           429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
+class Problem(BaseModel):
+    """An error (RFC 9457): branch on `code`; a route's own problems may add members (e.g. `serve`)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str
+
+
+_MEANING = {401: "no valid bearer token (checked before the body is read)", 403: "the token's scope or federation "
+            "does not allow this", 404: "no such resource", 409: "the resource's state does not allow it now",
+            413: "the body is over this route's bound", 422: "a field is invalid (strict JSON: named in `detail`)",
+            429: "over the device's rate limit (Retry-After)", 503: "Redis or S3 is unreachable: retry (Retry-After)"}
+
+
+def documented(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for these statuses: each a problem+json document."""
+    return {status: {"model": Problem, "description": _MEANING[status],
+                     "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+            for status in statuses}
+
+
+OPERATOR = documented(401, 403, 404, 409, 413, 422, 503)
+DEVICE = documented(401, 403, 404, 409, 413, 422, 429, 503)
+
+
 def problem(status: int, code: str, detail: str = "", headers: dict[str, str] | None = None, **extra) -> JSONResponse:
     body = {"type": f"urn:fleettune:problem:{code}", "title": TITLES.get(status, "Error"), "status": status,
             "code": code, "detail": detail, **extra}
@@ -26,6 +55,13 @@ def _field(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if p not in ("body", "query", "path", "header")) or ".".join(map(str, loc))
 
 
+def invalid_request(errors: list[dict]) -> JSONResponse:
+    """422 naming each invalid field (pydantic's errors, from FastAPI or from a model validated directly)."""
+    listed = [{"field": _field(tuple(e["loc"])) or "body", "message": e["msg"]} for e in errors][:20]
+    fields = ", ".join(sorted({e["field"] for e in listed}))
+    return problem(422, "invalid_request", f"invalid fields: {fields}", errors=listed)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(Refusal)
     async def refused(request: Request, exc: Refusal) -> JSONResponse:
@@ -33,9 +69,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": _field(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()][:20]
-        fields = ", ".join(sorted({e["field"] for e in errors}))
-        return problem(422, "invalid_request", f"invalid fields: {fields}", errors=errors)
+        return invalid_request(exc.errors())
 
     @app.exception_handler(HTTPException)
     async def http(request: Request, exc: HTTPException) -> JSONResponse:

@@ -8,10 +8,11 @@ from fleettune.shared import canary, versions
 from fleettune.shared.control.auth import Principal
 from fleettune.shared.control.schemas import DeploymentIn, DistillIn, PercentIn, ReasonIn, RolloutIn
 from fleettune.shared.errors import ObjectNotFound, Refusal
+from fleettune.workers.api import problems
 from fleettune.workers.api.deps import FedName, admin, reader, services
 from fleettune.workers.api.services import Services
 
-router = APIRouter(prefix="/api/v1/federations/{name}", tags=["tiers and rollouts"])
+router = APIRouter(prefix="/api/v1/federations/{name}", tags=["tiers and rollouts"], responses=problems.OPERATOR)
 RolloutId = Path(pattern=r"^ro-[0-9a-f]{1,32}$")
 
 

@@ -42,14 +42,8 @@ class Services:
         if self._aredis is None and url:
             import redis.asyncio
 
-            self._aredis = redis.asyncio.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5,
-                                                        health_check_interval=30)
+            self._aredis = redis.asyncio.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
         return self._aredis
-
-    async def throttle(self, fed: str, device: str, limit: int | None = None, bucket: str = "") -> None:
-        if self.aredis is not None:
-            return await self.gateway.throttle_async(self.aredis, fed, device, limit, bucket)
-        await run_in_threadpool(self.gateway.throttle, fed, device, limit, bucket)
 
     async def submit(self, fed: str, device: str, fields: dict) -> Receipt:
         if self.aredis is not None and self.gateway.publisher is not None:

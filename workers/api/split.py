@@ -22,10 +22,11 @@ from fleettune.shared.split import config as split_config
 from fleettune.shared.split import wire
 from fleettune.shared.split.wire import STEP_ID, shared_secret
 from fleettune.shared.split.config import SplitConfig
+from fleettune.workers.api import problems
 from fleettune.workers.api.deps import FedName, admin, reader, services, split_device
 from fleettune.workers.api.services import Services
 
-router = APIRouter(prefix="/api/v1/federations/{name}/split", tags=["split learning"])
+router = APIRouter(prefix="/api/v1/federations/{name}/split", tags=["split learning"], responses=problems.DEVICE)
 PASSED = ("x-loss", "x-step")
 
 
