@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Annotated, Literal
+import types
+import typing
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, ModelDims
 from fleettune.shared.control.groups import GroupSpec, Rules
@@ -22,7 +24,14 @@ from fleettune.shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, A
 Algorithm = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "flexlora",
                     "ffa_lora", "median", "trimmed_mean", "dp_fedavg"]
 
-Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+
+
+def keys_match(**constraints) -> dict:
+    """A dict field's key rule as JSON Schema `propertyNames` (pydantic writes `patternProperties`,
+    which leaves other keys allowed): the schema then says what validation enforces."""
+    return {"propertyNames": constraints}
 Module = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,31}$")]
 AppVersion = Annotated[str, StringConstraints(pattern=r"^[0-9][0-9A-Za-z.+-]{0,31}$")]
@@ -44,6 +53,39 @@ class Strict(BaseModel):
     # strict: no string-to-number or bool-to-int coercion, as the protocol calls such values malformed
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_numbers(cls, data: Any) -> Any:
+        """JSON has one number type: 5.0 is the integer 5, as JSON Schema says; 5.5, "5" and true are not."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: _integral(v, fields[k].annotation) if k in fields else v for k, v in data.items()}
+
+
+def _integral(value: Any, annotation: Any) -> Any:
+    """`value` with integral floats made ints wherever `annotation` takes an int (in unions and containers)."""
+    if isinstance(value, float) and value.is_integer() and _takes(annotation, int):
+        return int(value)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _integral(value, args[0])
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return {k: _integral(v, args[1]) for k, v in value.items()}
+    if origin is list and isinstance(value, list) and args:
+        return [_integral(v, args[0]) for v in value]
+    return value
+
+
+def _takes(annotation: Any, kind: type) -> bool:
+    if annotation is kind:
+        return True
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _takes(typing.get_args(annotation)[0], kind)
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and any(
+        _takes(a, kind) for a in typing.get_args(annotation))
+
 
 class LoraIn(Strict):
     type: Literal["lora"]
@@ -52,7 +94,7 @@ class LoraIn(Strict):
     target_modules: list[Module] = Field(default=["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, max_length=7)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     tier_ranks: dict[Id, Annotated[int, Field(ge=1, le=256)]] = Field(
-        default={}, max_length=16, description="heterogeneous ranks: tier -> the LoRA rank its devices train "
+        default={}, max_length=16, json_schema_extra=keys_match(pattern=ID_PATTERN), description="heterogeneous ranks: tier -> the LoRA rank its devices train "
                                                 "(each at most `rank`; needs lora 'naive' or 'exact')")
 
     def to_config(self) -> AdapterConfig:
@@ -218,7 +260,7 @@ class SubmitIn(Strict):
     base_version: int = Field(ge=0, lt=2**53)
     train_seconds: float = Field(0.0, ge=0, le=10**7)
     metrics: dict[Annotated[str, StringConstraints(min_length=1, max_length=32)], float] = Field(
-        default={}, max_length=8)
+        default={}, max_length=8, json_schema_extra=keys_match(minLength=1, maxLength=32))
 
 
 class RulesIn(Strict):
@@ -350,13 +392,18 @@ class VariantIn(Strict):
     mode: Literal["train", "infer", "api"] = "train"
     base_model: Literal["tiny", "smollm2"] | None = Field(None, description="infer tiers: the tier's own base")
     adapter: Literal["federation", "distilled", "none"] = "federation"
-    api_url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]{1,500}$")] | None = None
+    # visible ASCII only: \s differs between JSON Schema (ECMA) and the validator (Rust) at U+0085
+    api_url: Annotated[str, StringConstraints(pattern=r"^https?://[!-~]{1,500}$")] | None = None
     distillation: DistillationIn = DistillationIn()
 
 
+TIER_KEY = r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
+
+
 class DeploymentIn(Strict):
-    tiers: dict[Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$")], VariantIn] = \
-        Field(max_length=16, description="tier -> what its devices run; '*' for tiers not named")
+    tiers: dict[Annotated[str, StringConstraints(pattern=TIER_KEY)], VariantIn] = Field(
+        max_length=16, description="tier -> what its devices run; '*' for tiers not named",
+        json_schema_extra=keys_match(pattern=TIER_KEY))
 
     def to_variants(self) -> dict:
         from fleettune.shared.control.tiers import DEFAULT, Distillation, Variant
@@ -416,6 +463,11 @@ Finite = dict(allow_inf_nan=False)
 
 class ReportIn(Strict):
     """A device's quality report on the version it serves: every value bounded and finite."""
+
+    # at least one measure: the rule values() enforces, said in the schema too
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+        for name in ("eval_loss", "perplexity", "acceptance_rate", "requests")]})
 
     version: int = Field(ge=0, lt=2**53)
     eval_loss: float | None = Field(None, ge=0, le=100, description="mean token loss on local held-out text", **Finite)

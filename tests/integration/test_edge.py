@@ -114,10 +114,12 @@ def test_the_gateway_json_is_strict(pipeline):
     federation.train(model="tiny-llama", rounds=1, min_updates=1)
     plan = device.check_in(ram_mb=8192, storage_mb=4096)
     good = {"round": plan["round"], "sha256": "a" * 64, "num_samples": 12, "base_version": 0}
-    for field, value in (("round", True), ("num_samples", "12"), ("base_version", 0.0), ("sha256", 7)):
+    for field, value in (("round", True), ("num_samples", "12"), ("base_version", 0.5), ("sha256", 7)):
         answer = device.client.http.post(f"/api/v1/federations/{fed}/updates", json=dict(good, **{field: value}))
         assert answer.status_code == 422, (field, answer.text)
         assert field in answer.json()["detail"]
+    integral = device.client.http.post(f"/api/v1/federations/{fed}/updates", json=dict(good, num_samples=12.0))
+    assert integral.status_code == 202  # JSON has one number type: 12.0 is the integer 12, as JSON Schema says
     for field, value in (("ram_mb", "8192"), ("ram_mb", True)):
         answer = device.client.http.post(f"/api/v1/federations/{fed}/check-in", json={field: value})
         assert answer.status_code == 422 and field in answer.json()["detail"], answer.text

@@ -17,6 +17,30 @@ FedName = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 GroupName = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+_DECLARED: dict[int, frozenset[str]] = {}  # route -> the query parameters it declares
+
+
+async def known_query(request: Request) -> None:
+    """Refuse query parameters a route does not declare (422), as bodies refuse unknown fields."""
+    route = request.scope.get("route")
+    if route is None or not request.query_params:
+        return
+    declared = _DECLARED.get(id(route))
+    if declared is None:
+        declared = _DECLARED[id(route)] = frozenset(_query_names(route.dependant))
+    unknown = sorted(set(request.query_params) - declared)
+    if unknown:
+        raise Refusal(422, "invalid_request", f"unknown query parameters: {', '.join(unknown)[:200]}")
+
+
+def _query_names(dependant) -> set[str]:
+    """The query parameters a route and its dependencies declare."""
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
 async def services(request: Request) -> Services:
     return request.app.state.services  # async: no I/O, so no hop to the thread pool
 

@@ -8,10 +8,11 @@ from fastapi.responses import JSONResponse
 from fleettune.shared.control.auth import Principal
 from fleettune.shared.control.schemas import CheckInIn, ReportIn, SubmitIn, UploadUrlIn
 from fleettune.workers.api import problems
-from fleettune.workers.api.deps import device, services
+from fleettune.workers.api.deps import device, known_query, services
 from fleettune.workers.api.services import Services
 
-router = APIRouter(prefix="/api/v1/federations/{name}", tags=["device gateway"], responses=problems.DEVICE)
+router = APIRouter(prefix="/api/v1/federations/{name}", tags=["device gateway"], responses=problems.DEVICE,
+                   dependencies=[Depends(known_query)])
 
 
 def _base_url(request: Request) -> str:

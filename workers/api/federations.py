@@ -10,10 +10,11 @@ from fleettune.shared.control.auth import Principal
 from fleettune.shared.control.schemas import AdapterIn, DeviceIn, FederationIn, GroupIn, StrategyIn
 from fleettune.shared.errors import ObjectNotFound, Refusal
 from fleettune.workers.api import problems
-from fleettune.workers.api.deps import FedName, GroupName, admin, reader, services
+from fleettune.workers.api.deps import FedName, GroupName, admin, known_query, reader, services
 from fleettune.workers.api.services import Services
 
-router = APIRouter(prefix="/api/v1", tags=["federations"], responses=problems.OPERATOR)
+router = APIRouter(prefix="/api/v1", tags=["federations"], responses=problems.OPERATOR,
+                   dependencies=[Depends(known_query)])
 
 
 @router.get("/federations")
@@ -51,13 +52,15 @@ def resume_federation(name: str = FedName, who: Principal = Depends(admin), svc:
     return svc.control.federation(name)
 
 
-@router.put("/federations/{name}/adapter", summary="Set the adapter (applies from the next round)")
+@router.put("/federations/{name}/adapter", summary="Set the adapter (applies from the next round)",
+            responses={201: {"description": "the federation did not exist: created with this adapter"}})
 def put_adapter(body: AdapterIn, name: str = FedName, who: Principal = Depends(admin),
                 svc: Services = Depends(services)):
     return _configured(svc, name, lambda: svc.control.set_adapter(name, body))
 
 
-@router.put("/federations/{name}/strategy", summary="Set the strategy (applies from the next round)")
+@router.put("/federations/{name}/strategy", summary="Set the strategy (applies from the next round)",
+            responses={201: {"description": "the federation did not exist: created with this strategy"}})
 def put_strategy(body: StrategyIn, name: str = FedName, who: Principal = Depends(admin),
                  svc: Services = Depends(services)):
     return _configured(svc, name, lambda: svc.control.set_strategy(name, body))

@@ -11,10 +11,11 @@ from fleettune.shared.adapter_spec import ModelDims
 from fleettune.shared.control.auth import Principal
 from fleettune.shared.control.schemas import Strict
 from fleettune.workers.api import problems
-from fleettune.workers.api.deps import admin, reader, services
+from fleettune.workers.api.deps import admin, known_query, reader, services
 from fleettune.workers.api.services import Services
 
-router = APIRouter(prefix="/api/v1/models", tags=["model registry"], responses=problems.OPERATOR)
+router = APIRouter(prefix="/api/v1/models", tags=["model registry"], responses=problems.OPERATOR,
+                   dependencies=[Depends(known_query)])
 Version = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")]
 FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]

@@ -28,7 +28,7 @@ class Problem(BaseModel):
     detail: str
 
 
-_MEANING = {401: "no valid bearer token (checked before the body is read)", 403: "the token's scope or federation "
+_MEANING = {400: "the HTTP request itself is malformed (answered by the server before any route)", 401: "no valid bearer token (checked before the body is read)", 403: "the token's scope or federation "
             "does not allow this", 404: "no such resource", 409: "the resource's state does not allow it now",
             413: "the body is over this route's bound", 422: "a field is invalid (strict JSON: named in `detail`)",
             429: "over the device's rate limit (Retry-After)", 503: "Redis or S3 is unreachable: retry (Retry-After)"}
@@ -41,8 +41,8 @@ def documented(*statuses: int) -> dict[int | str, dict]:
             for status in statuses}
 
 
-OPERATOR = documented(401, 403, 404, 409, 413, 422, 503)
-DEVICE = documented(401, 403, 404, 409, 413, 422, 429, 503)
+OPERATOR = documented(400, 401, 403, 404, 409, 413, 422, 503)
+DEVICE = documented(400, 401, 403, 404, 409, 413, 422, 429, 503)
 
 
 def problem(status: int, code: str, detail: str = "", headers: dict[str, str] | None = None, **extra) -> JSONResponse:

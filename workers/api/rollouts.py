@@ -9,10 +9,11 @@ from fleettune.shared.control.auth import Principal
 from fleettune.shared.control.schemas import DeploymentIn, DistillIn, PercentIn, ReasonIn, RolloutIn
 from fleettune.shared.errors import ObjectNotFound, Refusal
 from fleettune.workers.api import problems
-from fleettune.workers.api.deps import FedName, admin, reader, services
+from fleettune.workers.api.deps import FedName, admin, known_query, reader, services
 from fleettune.workers.api.services import Services
 
-router = APIRouter(prefix="/api/v1/federations/{name}", tags=["tiers and rollouts"], responses=problems.OPERATOR)
+router = APIRouter(prefix="/api/v1/federations/{name}", tags=["tiers and rollouts"], responses=problems.OPERATOR,
+                   dependencies=[Depends(known_query)])
 RolloutId = Path(pattern=r"^ro-[0-9a-f]{1,32}$")
 
 

@@ -11,10 +11,11 @@ from fleettune.shared.control.auth import Principal
 from fleettune.shared.control.schemas import Strict, TrainingSessionIn
 from fleettune.shared.errors import Refusal
 from fleettune.workers.api import problems
-from fleettune.workers.api.deps import admin, reader, services
+from fleettune.workers.api.deps import admin, known_query, reader, services
 from fleettune.workers.api.services import Services
 
-router = APIRouter(prefix="/api/v1", tags=["training sessions"], responses=problems.OPERATOR)
+router = APIRouter(prefix="/api/v1", tags=["training sessions"], responses=problems.OPERATOR,
+                   dependencies=[Depends(known_query)])
 
 
 @router.post("/training-sessions", status_code=201)

@@ -23,10 +23,11 @@ from fleettune.shared.split import wire
 from fleettune.shared.split.wire import STEP_ID, shared_secret
 from fleettune.shared.split.config import SplitConfig
 from fleettune.workers.api import problems
-from fleettune.workers.api.deps import FedName, admin, reader, services, split_device
+from fleettune.workers.api.deps import FedName, admin, known_query, reader, services, split_device
 from fleettune.workers.api.services import Services
 
-router = APIRouter(prefix="/api/v1/federations/{name}/split", tags=["split learning"], responses=problems.DEVICE)
+router = APIRouter(prefix="/api/v1/federations/{name}/split", tags=["split learning"], responses=problems.DEVICE,
+                   dependencies=[Depends(known_query)])
 PASSED = ("x-loss", "x-step")
 
 
