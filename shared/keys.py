@@ -53,7 +53,7 @@ Control plane (the API):
                                  received_at, federation, device, round); expires after message_ttl_s
     ft:received:pending          sorted set digest -> when to re-drive it if it still has no outcome
     ft:redrives                  hash digest -> times re-driven (until settled)
-    ft:rate:{fed}:{device}:{window}  request counter of one device in one rate-limit window (expires)
+    ft:rate:{token}{bucket}:{window}  request counter of one device token in one rate-limit window (expires)
     ft:signing-key               the HMAC key of the local store's presigned URLs (embedded mode)
     ft:split-secret              what the gateway shows the split server it forwards devices' steps to
     ft:model:{id}                hash: one registry model (kind, current version, created_at)
@@ -303,8 +303,9 @@ def received(digest: str) -> str:
     return f"{PREFIX}:rcv:{digest}"
 
 
-def rate_window(fed: str, device: str, window: int) -> str:
-    return f"{PREFIX}:rate:{fed}:{device}:{window}"
+def rate_window(token_id: str, window: int) -> str:
+    """One token's requests in one window (a token belongs to one device of one federation)."""
+    return f"{PREFIX}:rate:{token_id}:{window}"
 
 
 def model(model_id: str) -> str:

@@ -70,20 +70,21 @@ class Gateway:
 
     # --- rate limit ------------------------------------------------------------------------------
 
-    def throttle(self, fed: str, subject: str, limit: int | None = None, bucket: str = "") -> None:
+    def throttle(self, token_id: str, limit: int | None = None, bucket: str = "") -> None:
         """A fixed window per token (one per device) and bucket; Refusal(429) with Retry-After past the limit."""
-        key, ttl, now = self.rate_window(fed, subject, bucket)
+        key, ttl, now = self.rate_window(token_id, bucket)
         with self.r.pipeline(transaction=False) as pipe:
             pipe.incr(key)
             pipe.expire(key, ttl)
             count = pipe.execute()[0]
         self.within_rate(count, limit or self.settings.device_rate_limit, now)
 
-    def rate_window(self, fed: str, subject: str, bucket: str = "") -> tuple[str, int, float]:
-        """(the window's key, its TTL, now) for one token's requests in one bucket."""
+    def rate_window(self, token_id: str, bucket: str = "") -> tuple[str, int, float]:
+        """(the window's key, its TTL, now) for one token's requests in one bucket. Keyed by the token
+        alone: nothing a request's path says (a federation's name) can open a window of its own."""
         now = self.clock()
         window = int(now // self.settings.rate_window_s)
-        return keys.rate_window(fed, f"{subject}{bucket}", window), self.settings.rate_window_s + 1, now
+        return keys.rate_window(f"{token_id}{bucket}", window), self.settings.rate_window_s + 1, now
 
     def within_rate(self, count: int, limit: int, now: float) -> None:
         if count > limit:

@@ -166,8 +166,9 @@ def test_one_request_held_in_a_slow_redis_call_stalls_no_other(env, workdir, red
 
 
 def test_the_rate_limit_counts_a_tokens_requests_and_no_strangers(env, workdir, pipeline):
-    """Submits and check-ins share one window per token; a forged token naming the same key id is
-    refused without spending that device's budget; an operator key cannot submit."""
+    """Submits and check-ins share one window per token, whatever federation the path names; a forged
+    token naming the same key id is refused without spending that device's budget; an operator key
+    cannot submit."""
     from fleettune.shared.adapter_spec import LAYOUTS
     from fleettune.shared.federation import FederationConfig, RoundPolicy
     from tests import services
@@ -185,11 +186,12 @@ def test_the_rate_limit_counts_a_tokens_requests_and_no_strangers(env, workdir, 
                 json={"round": 1, "sha256": f"{i:064x}", "num_samples": 10, "base_version": 0})
             assert [submit(i, forged).status_code for i in range(10)] == [401] * 10
             assert submit(0, pipeline.admin_key).status_code == 403
-            codes = [submit(i, token).status_code for i in range(4)]
-            codes.append(http.post(f"/api/v1/federations/{fed}/check-in", headers={"Authorization": f"Bearer {token}"},
-                                   json={"ram_mb": 8192}).status_code)
+            codes = [submit(i, token).status_code for i in range(3)]
+            for name in (f"{fed}-elsewhere", fed):  # a path naming another federation opens no window of its own
+                codes.append(http.post(f"/api/v1/federations/{name}/check-in", json={"ram_mb": 8192},
+                                       headers={"Authorization": f"Bearer {token}"}).status_code)
             refused = submit(99, token)
-        assert codes == [202, 202, 202, 202, 200]
+        assert codes == [202, 202, 202, 403, 200]
         assert (refused.status_code, refused.json()["code"]) == (429, "rate_limited")
         assert int(refused.headers["Retry-After"]) > 0
     finally:

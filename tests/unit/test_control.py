@@ -157,13 +157,14 @@ def test_a_failed_enqueue_leaves_no_receipt_so_the_retry_goes_through(plane):
 def test_devices_past_the_rate_limit_get_429_with_retry_after(plane):
     _, gateway, _, _, clock = plane
     for _ in range(5):
-        gateway.throttle("f", "a")
+        gateway.throttle("token-a")
     with pytest.raises(Refusal) as limited:
-        gateway.throttle("f", "a")
+        gateway.throttle("token-a")
     assert limited.value.status == 429 and int(limited.value.headers["Retry-After"]) > 0
-    gateway.throttle("f", "b")  # per device
+    gateway.throttle("token-b")  # per token (one per device)
+    gateway.throttle("token-a", bucket=":split")  # split steps have a window of their own
     clock.now += 60
-    gateway.throttle("f", "a")  # a new window
+    gateway.throttle("token-a")  # a new window
 
 
 def test_strategy_payload_maps_onto_the_config(plane):

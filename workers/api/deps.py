@@ -90,19 +90,19 @@ def _device(who: Principal, name: str) -> Principal:
 async def device(request: Request, name: str = FedName, who: Principal = Depends(principal),
                  svc: Services = Depends(services)) -> Principal:
     """A device token of this federation, within its rate limit."""
-    return await _within_rate(request, svc, _device(who, name), name, svc.runtime.settings.device_rate_limit, "")
+    return await _within_rate(request, svc, _device(who, name), svc.runtime.settings.device_rate_limit, "")
 
 
 async def split_device(request: Request, name: str = FedName, who: Principal = Depends(principal),
                        svc: Services = Depends(services)) -> Principal:
     """A device token of this federation, within its split-step limit (a step per batch, not per round)."""
-    return await _within_rate(request, svc, _device(who, name), name, svc.runtime.settings.split_rate_limit, ":split")
+    return await _within_rate(request, svc, _device(who, name), svc.runtime.settings.split_rate_limit, ":split")
 
 
-async def _within_rate(request: Request, svc: Services, who: Principal, name: str, limit: int, bucket: str) -> Principal:
+async def _within_rate(request: Request, svc: Services, who: Principal, limit: int, bucket: str) -> Principal:
     counted = getattr(request.state, "rate", None)  # the edge counted it with the token's lookup
     if counted is not None:
         svc.gateway.within_rate(*counted)
     else:  # embedded mode (fakeredis): count it now, in the thread pool
-        await run_in_threadpool(svc.gateway.throttle, name, who.key_id, limit, bucket)
+        await run_in_threadpool(svc.gateway.throttle, who.key_id, limit, bucket)
     return who

@@ -35,13 +35,13 @@ class Edge:
     def __init__(self, app, services: Services) -> None:
         self.app, self.svc = app, services
 
-    def _rate(self, path: str) -> tuple[str, str, int] | None:
-        """(federation, bucket, limit) of a device route's rate window; None for other routes."""
+    def _rate(self, path: str) -> tuple[str, int] | None:
+        """(bucket, limit) of a device route's rate window; None for other routes."""
         settings = self.svc.runtime.settings
         if DEVICE.match(path):
-            return path.split("/")[4], "", settings.device_rate_limit
+            return "", settings.device_rate_limit
         if SPLIT_STEP.match(path):  # a step per batch, not per round: a bucket and limit of its own
-            return path.split("/")[4], ":split", settings.split_rate_limit
+            return ":split", settings.split_rate_limit
         return None
 
     def _limit(self, path: str) -> int:
@@ -90,8 +90,8 @@ class Edge:
         parsed = parse_token(token)
         if rate is None or parsed is None:
             return (await tokens.authenticate_async(client, token))[0]
-        fed, bucket, limit = rate
-        key, ttl, now = self.svc.gateway.rate_window(fed, parsed.key_id, bucket)
+        bucket, limit = rate
+        key, ttl, now = self.svc.gateway.rate_window(parsed.key_id, bucket)
         who, count = await tokens.authenticate_async(client, token, key, ttl)
         scope.setdefault("state", {})["rate"] = (count, limit, now)
         return who
