@@ -138,7 +138,8 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         if not keys.valid_id(self.name):
-            raise ConfigError(f"federation name {self.name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}")
+            raise ConfigError(f"federation name {self.name!r} must match {keys.ID_PATTERN} "
+                              f"(at most {keys.ID_MAX_LENGTH} characters)")
         if self.aggregation.dp and self.policy.clients_per_round:
             raise ConfigError("DP accounts for Poisson sampling: use sampling_rate, not clients_per_round")
         if self.aggregation.dp and self.policy.max_grad_norm is None:

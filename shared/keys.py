@@ -82,12 +82,17 @@ GLOBAL_STATS = f"{PREFIX}:stats"  # counters for envelopes that name no parseabl
 FEDERATIONS = f"{PREFIX}:federations"
 DEADLETTER = f"{PREFIX}:deadletter"
 
-# Ids become parts of keys and paths: no slashes, no dots-only names, bounded length.
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# The id rule, written once (federations, devices, groups, tiers, model paths): ids become parts of
+# Redis keys and object paths, so no slashes, no "..", an alphanumeric first character, at most 64
+# characters. No lookahead, so JSON Schema (ECMA), pydantic (Rust) and `re` read it alike.
+ID_MAX_LENGTH = 64
+ID_RULE = r"[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*\.?"
+ID_PATTERN = f"^{ID_RULE}$"
+_ID = re.compile(ID_RULE)
 
 
 def valid_id(value: object) -> bool:
-    return isinstance(value, str) and bool(_ID.fullmatch(value)) and ".." not in value
+    return isinstance(value, str) and len(value) <= ID_MAX_LENGTH and bool(_ID.fullmatch(value))
 
 
 def check_id(value: object, what: str) -> str:
@@ -215,8 +220,10 @@ def current_pointer(fed: str) -> str:
 API_KEYS = f"{PREFIX}:auth:keys"
 EVALUATIONS_DUE = f"{PREFIX}:evaluations:due"
 DISTILL_DUE = f"{PREFIX}:distill:due"
+STARTS_DUE = f"{PREFIX}:starts:due"  # federations whose requested start (v0, next round) no worker has done yet
 HEARTBEATS = f"{PREFIX}:heartbeats"
 BEAT_LEADER = f"{PREFIX}:beat:leader"
+REDRIVE_LOCK = f"{PREFIX}:redrive:lock"  # one ledger re-drive at a time, whichever worker sweeps
 RECEIVED_PENDING = f"{PREFIX}:received:pending"
 RETENTION = f"{PREFIX}:retention"
 REDRIVES = f"{PREFIX}:redrives"

@@ -3,13 +3,14 @@
 The Celery queue only delivers. Kombu's Redis transport can lose a message it was handing to a
 worker whose main process died (celery#7950, kombu#305), and an ingest whose retries ran out during
 a long outage leaves its message without an outcome. The ledger is the truth: the sweep re-drives
-every entry with no outcome after `redrive_after_s`, then again with backoff, until it has one.
+every entry with no outcome after `redrive_after_s` that is neither waiting in the queue nor held by
+a worker, then again with backoff, until it has one.
 Re-driving is safe because ingest is idempotent by the envelope's digest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import msgpack
 import redis
@@ -95,8 +96,15 @@ class Ledger:
         raw = self.r.get(keys.received(digest))
         return msgpack.unpackb(raw) if raw is not None else None
 
-    def redrive(self, now: float, enqueue: Callable[[bytes, float], None], limit: int = 1000) -> tuple[int, int]:
-        """Re-enqueue due entries that have no outcome; drop settled ones. (re-driven, settled)."""
+    def redrive(self, now: float, enqueue: Callable[[bytes, float], None], limit: int = 1000,
+                held: Collection[str] = frozenset(), queued_since: float | None = None) -> tuple[int, int]:
+        """Re-enqueue due entries that have no outcome; drop settled ones. (re-driven, settled).
+
+        Only lost messages are re-driven, or a backlog would multiply itself: an entry a worker
+        holds (`held`: digests delivered and not acknowledged) or one received at or after
+        `queued_since` (the oldest message still waiting: the queue is FIFO, so it waits behind
+        that one) is looked at again later, and that look is not counted as an attempt.
+        """
         redriven = settled = 0
         for member in self.r.zrangebyscore(keys.RECEIVED_PENDING, "-inf", now, start=0, num=limit):
             digest = member.decode()
@@ -107,6 +115,9 @@ class Ledger:
                     pipe.hdel(keys.REDRIVES, digest)
                     pipe.execute()
                 settled += 1
+                continue
+            if digest in held or (queued_since is not None and entry["received_at"] >= queued_since):
+                self.r.zadd(keys.RECEIVED_PENDING, {digest: now + self.redrive_after_s}, xx=True)
                 continue
             attempts = int(self.r.hincrby(keys.REDRIVES, digest, 1))
             enqueue(entry["envelope"], entry["received_at"])

@@ -22,7 +22,7 @@ import redis
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from fleettune.shared import keys
+from fleettune.shared import broker, keys
 from fleettune.shared.errors import ObjectNotFound, StorageUnavailable
 
 NORM_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, float("inf"))
@@ -234,23 +234,15 @@ class QueueCollector:
         self.clock = clock
 
     def collect(self):
-        import json
-
         depth = GaugeMetricFamily("fleettune_queue_depth", "Messages waiting in a broker queue", labels=["queue"])
         age = GaugeMetricFamily("fleettune_queue_oldest_age_seconds",
                                 "Age of the oldest waiting message (0 when empty)", labels=["queue"])
         for queue in self.queues:
             try:
                 n = self.client.llen(queue)
-                oldest = self.client.lindex(queue, -1)  # kombu pushes left and pops right
+                sent = broker.oldest_sent_at(self.client, queue)
             except redis.RedisError:
                 continue  # no broker, no sample: an absent series is what alerts should see
-            sent = None
-            if oldest is not None:
-                try:
-                    sent = float(json.loads(oldest)["headers"]["fleettune_sent_at"])
-                except (ValueError, KeyError, TypeError):
-                    sent = None
             depth.add_metric([queue], n)
             age.add_metric([queue], max(0.0, self.clock() - sent) if sent else 0.0)
         yield depth

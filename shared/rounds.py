@@ -95,6 +95,28 @@ class RoundCoordinator:
             raise StateError(f"{fed} round {round_no + 1} was opened by someone else")
         return info
 
+    def start_requested(self, fed: str) -> RoundInfo | None:
+        """Do the start the API recorded (State.request_start): publish v0 if the federation never
+        trained, open its next round. Idempotent: a start already done, or overtaken by a stop, is
+        only cleared; two workers racing here open the round once."""
+        request = self.state.start_request(fed)
+        if request is None:
+            self.state.start_done(fed)  # the federation was deleted, or another worker finished
+            return None
+        first, rounds = request
+        status = self.state.status(fed)
+        if status.get("status") != "active" or int(status.get("round", 0)) >= first:
+            self.state.start_done(fed)
+            return None
+        try:
+            info = self.begin_training(fed, rounds)
+        except StateError:
+            if self.state.current_round(fed) < first:
+                raise
+            info = self.state.round_info(fed, first)  # opened by the worker we raced
+        self.state.start_done(fed)
+        return info
+
     def _publish_initial(self, config: FederationConfig, version: int, parent: int | None) -> None:
         """A fresh adapter (as PEFT initialises one) as `version`: the start, or a change of shape
         (which keeps the DP ledger: the data spent before still counts)."""
@@ -296,13 +318,18 @@ class RoundCoordinator:
             versions.add_evaluation(self.store, fed, version, done)
         return done
 
-    def resume(self, fed: str) -> RoundInfo:
-        """Reopen a halted or stopped federation for the rounds its session has left."""
+    def resume(self, fed: str) -> RoundInfo | None:
+        """Reopen a halted or stopped federation for the rounds its session has left, here."""
+        self.request_resume(fed)
+        return self.start_requested(fed)
+
+    def request_resume(self, fed: str) -> None:
+        """Record the resume of a halted or stopped federation; a worker opens its round."""
         status = self.state.status(fed)
         if status.get("status") not in ("halted", "stopped"):
             raise StateError(f"{fed} is {status.get('status')}, not halted or stopped")
         left = int(status.get("last_round", 0)) - int(status.get("round", 0))
         if left < 1:
             raise StateError(f"{fed} has no rounds left in its session")
-        return self.begin_training(fed, left)
+        self.state.request_start(fed, left, self.clock())
 

@@ -12,6 +12,7 @@ from celery import Celery
 
 from fleettune.shared.runtime import Runtime
 from fleettune.shared.settings import Settings
+from fleettune.workers.beat import BeatKeeper
 
 INGEST_QUEUE = "fleettune.ingest"
 ROUNDS_QUEUE = "fleettune.rounds"  # its own queue, so a backlog of updates never delays a close
@@ -48,6 +49,7 @@ def make_app(settings: Settings | None = None, broker_url: str | None = None, ru
         task_default_queue=INGEST_QUEUE,
         task_routes={
             "fleettune.close_round": {"queue": ROUNDS_QUEUE},
+            "fleettune.start": {"queue": ROUNDS_QUEUE},
             "fleettune.sweep": {"queue": ROUNDS_QUEUE},
             "fleettune.evaluate": {"queue": EVAL_QUEUE},
         },
@@ -58,6 +60,7 @@ def make_app(settings: Settings | None = None, broker_url: str | None = None, ru
         # the leader lease: any number of beats, exactly one sends
         beat_scheduler="fleettune.workers.beat:LeaderScheduler",
     )
+    app.steps["worker"].add(BeatKeeper)  # a `--beat` worker's beat is restarted if it dies
     app.fleettune_settings = settings
     app.fleettune_runtime = runtime  # built lazily in each worker process when None
     return app
@@ -83,3 +86,11 @@ def enqueuer(app: Celery) -> Callable[..., None]:
                       headers={"fleettune_sent_at": received_at if received_at is not None else time.time()})
 
     return enqueue
+
+
+def starter(app: Celery) -> Callable[[str], None]:
+    """Have a worker do the start the API recorded for a federation (task fleettune.start)."""
+    def begin(fed: str) -> None:
+        app.send_task("fleettune.start", args=[fed])
+
+    return begin

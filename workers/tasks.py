@@ -5,22 +5,26 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 
 import torch
 from celery import Task, shared_task
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from fleettune.shared import retention
+from fleettune.shared import broker, keys, retention
 from fleettune.shared.control.rollouts import Rollouts
 from fleettune.shared.control.tiers import Deployment
 from fleettune.shared.distill import distill_version
 from fleettune.shared.ingest import TRANSIENT
+from fleettune.shared.lease import Lease
 from fleettune.shared.rounds import CLOSED, FAILED
 from fleettune.shared.runtime import Runtime
-from fleettune.workers.app import app, enqueuer, runtime_of
+from fleettune.workers.app import INGEST_QUEUE, app, enqueuer, runtime_of
 
 log = logging.getLogger(__name__)
 _settings = app.fleettune_settings
+REDRIVE_LOCK_S = 60  # lapses by itself if the sweep holding it dies
+START_GRACE_S = 30  # a start not done this long after the API recorded it is sent again
 RETRY = dict(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=_settings.retry_backoff_max_s,
              retry_jitter=True, max_retries=_settings.max_retries)
 
@@ -68,6 +72,15 @@ def ingest(self: FleetTask, *args, **kwargs) -> str:
     return result.outcome
 
 
+@shared_task(base=FleetTask, bind=True, name="fleettune.start", **RETRY)
+def start(self: FleetTask, fed: str) -> int:
+    """A start the API recorded (a training session, a resume): v0 if needed, then the round opens."""
+    info = self.runtime.coordinator.start_requested(fed)
+    if info is not None:
+        log.info("%s round %s opened on version %s", fed, info.round, info.base_version)
+    return info.round if info is not None else 0
+
+
 @shared_task(base=FleetTask, bind=True, name="fleettune.close_round", **RETRY)
 def close_round(self: FleetTask, fed: str, round_no: int) -> str:
     # the task id owns the close's lease: a redelivery of this message resumes at once, while any
@@ -112,12 +125,15 @@ def distill(self: FleetTask, fed: str, version: int, tier: str) -> str:
 
 @shared_task(base=FleetTask, bind=True, name="fleettune.sweep", **RETRY)
 def sweep(self: FleetTask) -> int:
-    """Beat's repair pass: rounds past their deadline, closes whose lease expired, ended rounds
-    with no next round, evaluations and distillations due long ago but never recorded, canary
-    steps whose time passed, and received messages that still have no outcome (re-driven from the
-    ledger)."""
+    """Beat's repair pass: starts no worker did, rounds past their deadline, closes whose lease
+    expired, ended rounds with no next round, evaluations and distillations due long ago but never
+    recorded, canary steps whose time passed, and received messages that were lost (re-driven from
+    the ledger)."""
     state, now = self.runtime.state, time.time()
     state.heartbeat("beat", now)
+    starts = state.starts_due(before=now - START_GRACE_S)  # recorded by the API; the task was lost
+    for fed in starts:
+        start.delay(fed)
     due = state.rounds_needing_a_close(now)
     for fed, round_no in due:
         close_round.delay(fed, round_no)
@@ -129,10 +145,23 @@ def sweep(self: FleetTask) -> int:
         distill.delay(fed, version, tier)
     for fed in state.federations():  # canary gates whose step time passed with no report to look
         Rollouts(state).tick(fed)
-    redriven, _ = self.runtime.ledger.redrive(now, enqueuer(self.app))
+    redriven = _redrive(self.runtime, enqueuer(self.app), now)
     if redriven:
         log.warning("re-drove %d received messages that had no outcome", redriven)
     pruned, deleted = retention.prune(state, self.runtime.store, now)
     if pruned:
         log.info("retention: %d rounds pruned, %d update objects deleted", pruned, deleted)
-    return len(due) + len(lost) + len(distills) + redriven
+    return len(starts) + len(due) + len(lost) + len(distills) + redriven
+
+
+def _redrive(runtime: Runtime, enqueue, now: float) -> int:
+    """Re-drive lost messages only (neither waiting in the ingest queue nor held by a live worker),
+    one sweep at a time: two overlapping sweeps would each re-drive the same entries."""
+    lock = Lease(runtime.redis, keys.REDRIVE_LOCK, uuid.uuid4().hex, REDRIVE_LOCK_S)
+    if not lock.hold():
+        return 0
+    try:
+        return runtime.ledger.redrive(now, enqueue, held=broker.held_digests(runtime.redis),
+                                      queued_since=broker.oldest_sent_at(runtime.redis, INGEST_QUEUE))[0]
+    finally:
+        lock.release()

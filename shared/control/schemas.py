@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from fleettune.shared import keys
 from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, ModelDims
 from fleettune.shared.control.groups import GroupSpec, Rules
 from fleettune.shared.control.model_files import TRAINABLE_HINT
@@ -24,8 +25,7 @@ from fleettune.shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, A
 Algorithm = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "flexlora",
                     "ffa_lora", "median", "trimmed_mean", "dp_fedavg"]
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+Id = Annotated[str, StringConstraints(max_length=keys.ID_MAX_LENGTH, pattern=keys.ID_PATTERN)]
 
 
 def keys_match(**constraints) -> dict:
@@ -94,7 +94,7 @@ class LoraIn(Strict):
     target_modules: list[Module] = Field(default=["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, max_length=7)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     tier_ranks: dict[Id, Annotated[int, Field(ge=1, le=256)]] = Field(
-        default={}, max_length=16, json_schema_extra=keys_match(pattern=ID_PATTERN), description="heterogeneous ranks: tier -> the LoRA rank its devices train "
+        default={}, max_length=16, json_schema_extra=keys_match(maxLength=keys.ID_MAX_LENGTH, pattern=keys.ID_PATTERN), description="heterogeneous ranks: tier -> the LoRA rank its devices train "
                                                 "(each at most `rank`; needs lora 'naive' or 'exact')")
 
     def to_config(self) -> AdapterConfig:
@@ -236,7 +236,7 @@ class Capabilities(Strict):
     accelerator: Token | None = None
 
     def profile(self, device: str) -> DeviceProfile:
-        return DeviceProfile(device, **self.model_dump(exclude=set(self.model_fields) - set(PROFILE_FIELDS)))
+        return DeviceProfile(device, **self.model_dump(exclude=set(type(self).model_fields) - set(PROFILE_FIELDS)))
 
 
 class DeviceIn(Capabilities):
@@ -397,13 +397,13 @@ class VariantIn(Strict):
     distillation: DistillationIn = DistillationIn()
 
 
-TIER_KEY = r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
+TIER_KEY = rf"^(\*|{keys.ID_RULE})$"
 
 
 class DeploymentIn(Strict):
-    tiers: dict[Annotated[str, StringConstraints(pattern=TIER_KEY)], VariantIn] = Field(
+    tiers: dict[Annotated[str, StringConstraints(max_length=keys.ID_MAX_LENGTH, pattern=TIER_KEY)], VariantIn] = Field(
         max_length=16, description="tier -> what its devices run; '*' for tiers not named",
-        json_schema_extra=keys_match(pattern=TIER_KEY))
+        json_schema_extra=keys_match(maxLength=keys.ID_MAX_LENGTH, pattern=TIER_KEY))
 
     def to_variants(self) -> dict:
         from fleettune.shared.control.tiers import DEFAULT, Distillation, Variant

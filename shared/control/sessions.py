@@ -26,8 +26,11 @@ FINAL = ("completed", "failed", "stopped")
 class Control:
     def __init__(self, state: FederationState, coordinator: RoundCoordinator, clock: Callable[[], float] = time.time,
                  registered_model: Callable[[str], dict | None] = lambda _: None,
-                 max_update_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_update_bytes: int = 64 * 1024 * 1024, begin: Callable[[str], object] | None = None) -> None:
         self.state = state
+        # how a recorded start gets done: a Celery task in `fleettune api` (v0 is as large as the
+        # adapter: never built in the API process), here and now where there is no worker
+        self.begin = begin or coordinator.start_requested
         self.max_update_bytes = max_update_bytes
         self.r = state.r
         self.coordinator = coordinator
@@ -167,8 +170,15 @@ class Control:
             "created_by": created_by})
         self.r.zadd(keys.SESSIONS, {session_id: self.clock()})
         self.state.r.hset(keys.fed_state(fed), "session", session_id)
-        self.coordinator.begin_training(fed, rounds)
+        self.state.request_start(fed, rounds, self.clock())
+        self.begin(fed)
         return self.session(session_id)
+
+    def resume(self, fed: str) -> dict:
+        self.config(fed)
+        self.coordinator.request_resume(fed)
+        self.begin(fed)
+        return self.federation(fed)
 
     def _record(self, session_id: str) -> dict[str, str]:
         h = {k.decode(): v.decode() for k, v in self.r.hgetall(keys.session(session_id)).items()}
@@ -188,6 +198,8 @@ class Control:
             return "failed"
         if fed_status == "completed":
             return "completed"
+        if self.state.start_request(fed):
+            return "pending"  # recorded; no worker has opened its round yet
         info = self.state.round_info(fed, int(status.get("round", 0)))
         if info is None:
             return "pending"

@@ -71,8 +71,12 @@ class Federation:
     def train(self, model: str, algorithm: str = "fedavg", rounds: int = 100, min_updates: int = 10,
               adapter: dict | None = None, strategy_params: dict | None = None, round_config: dict | None = None,
               device_filter: dict | None = None, evaluation: dict | None = None,
-              aggregation: dict | None = None) -> TrainingSession:
-        """Start a training session of `rounds` rounds on this federation (created if it does not exist)."""
+              aggregation: dict | None = None, wait_started: float | None = 120) -> TrainingSession:
+        """Start a training session of `rounds` rounds on this federation (created if it does not exist).
+
+        A worker publishes the first version and opens the round; this waits up to `wait_started`
+        seconds for that (None: return at once, while the session is still "pending").
+        """
         body: dict[str, Any] = {
             "model_id": model, "strategy": algorithm, "federation": self.name,
             "round_config": {"max_rounds": rounds, "min_clients": min_updates, **(round_config or {})},
@@ -82,7 +86,14 @@ class Federation:
                            ("aggregation", aggregation)):
             if value is not None:
                 body[key] = value
-        return TrainingSession(self.client, self.client.post("/api/v1/training-sessions", body))
+        session = TrainingSession(self.client, self.client.post("/api/v1/training-sessions", body))
+        if wait_started is not None and session.last["status"] == "pending":
+            try:
+                session.wait(wait_started, poll=0.2, until=("active", "aggregating", "completed", "failed", "stopped"))
+            except TimeoutError:
+                raise TimeoutError(f"session {session.id} is still pending after {wait_started}s: "
+                                   "no worker opened its round (is a `fleettune worker` running?)") from None
+        return session
 
     def register_device(self, device_id: str, ram_mb: int | None = None, storage_mb: int | None = None,
                         tier: str = "default") -> str:

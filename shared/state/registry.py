@@ -129,6 +129,43 @@ class Registry(StateBase):
             self.r.delete(*batch)
         return bool(found)
 
+    # --- starts: the API records one, a worker does it (publishing v0 allocates the whole adapter) ---
+
+    def request_start(self, fed: str, rounds: int, now: float) -> int:
+        """Record that `fed` trains `rounds` more rounds from its next one; returns that round.
+
+        The federation shows as active at once; a worker opens the round (see RoundCoordinator.
+        start_requested) and the sweep re-sends a start no worker took.
+        """
+        def request(pipe) -> int:
+            first = int(pipe.hget(keys.fed_state(fed), "round") or 0) + 1
+            pipe.multi()
+            pipe.hset(keys.fed_state(fed), mapping={"status": "active", "last_round": first + rounds - 1,
+                                                    "starting": f"{first}:{rounds}"})
+            pipe.hdel(keys.fed_state(fed), "reason")
+            pipe.zadd(keys.STARTS_DUE, {fed: now})
+            return first
+
+        return self._transaction(request, keys.fed_state(fed))
+
+    def start_request(self, fed: str) -> tuple[int, int] | None:
+        """(first round, rounds) of the start no worker has done yet, if any."""
+        raw = self.r.hget(keys.fed_state(fed), "starting")
+        if raw is None:
+            return None
+        first, _, rounds = raw.decode().partition(":")
+        return int(first), int(rounds)
+
+    def start_done(self, fed: str) -> None:
+        with self.r.pipeline() as pipe:
+            pipe.hdel(keys.fed_state(fed), "starting")
+            pipe.zrem(keys.STARTS_DUE, fed)
+            pipe.execute()
+
+    def starts_due(self, before: float, limit: int = 100) -> list[str]:
+        """Federations whose start was requested before `before` and is not done."""
+        return [m.decode() for m in self.r.zrangebyscore(keys.STARTS_DUE, "-inf", before, start=0, num=limit)]
+
     def federations(self) -> list[str]:
         return sorted(m.decode() for m in self.r.smembers(keys.FEDERATIONS))
 

@@ -72,7 +72,12 @@ def test_the_specs_three_calls_as_written_succeed_and_take_effect(pipeline):
         session = http.post("/api/v1/training-sessions", json=SESSION)
         assert session.status_code == 201, session.text
         body = session.json()
-        assert body["status"] == "active" and body["last_round"] == 100
+        assert body["status"] == "pending" and body["last_round"] == 100  # a worker publishes v0, opens round 1
+        end = time.monotonic() + 60
+        while (now := http.get(f"/api/v1/training-sessions/{body['id']}").json())["status"] == "pending":
+            assert time.monotonic() < end, "no worker opened the session's first round"
+            time.sleep(0.05)
+        assert now["status"] == "active" and now["current_round"] == 1 and now["version"] == 0
         config = http.get(f"/api/v1/federations/{body['federation']}").json()["config"]
     assert config["adapter"] == dict(ADAPTER, num_virtual_tokens=16, target_modules=ADAPTER["target_modules"],
                                      tier_ranks={})

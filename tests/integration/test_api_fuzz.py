@@ -27,6 +27,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from fleettune import Federation
 from fleettune.shared.control.auth import Tokens
+from fleettune.shared.runtime import Runtime
+from fleettune.shared.settings import Settings
 from tests import services
 
 pytestmark = pytest.mark.services
@@ -41,7 +43,9 @@ def fuzz_api(redis_url, s3_endpoint, workdir):
     federation = Federation(admin, "fuzzed", api.url)
     federation.create(model="tiny-llama")
     device = federation.register_device("fuzzer", ram_mb=4096, storage_mb=4096)
-    federation.train(model="tiny-llama", rounds=1000, min_updates=1000)
+    federation.train(model="tiny-llama", rounds=1000, min_updates=1000, wait_started=None)
+    # no worker serves this database: the start a worker would do (v0, round 1), done here
+    Runtime.from_settings(Settings.from_env(env)).coordinator.start_requested("fuzzed")
     yield api, {"admin": admin, "device": device}
     api.stop()
 

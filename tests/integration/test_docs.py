@@ -50,8 +50,11 @@ def docs_api(redis_url, s3_endpoint, workdir):
     """An API of its own (Redis database 11, its own bucket): the snippets' names are the docs' own."""
     env = services.service_env(redis_url.rsplit("/", 1)[0] + "/11", s3_endpoint, bucket="fleettune-docs")
     api = services.Api(env, workdir)
+    worker = services.Worker("docs", env, workdir, concurrency=1)  # as operating.md deploys: a session's
+    # start (v0, round 1) and every close are a worker's
     key = Tokens(Runtime.from_settings(Settings.from_env(env)).redis).create_api_key("admin", "docs")[1]
     yield api.url, key
+    worker.stop()
     api.stop()
 
 

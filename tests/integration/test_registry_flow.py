@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper
 from safetensors.numpy import load_file, save
 
-from fleettune import DeviceClient, Federation, FleettuneAPIError, ModelRegistry
+from fleettune import DeviceClient, Federation, FleettuneAPIError, ModelRegistry, TrainingSession
 from fleettune.shared.adapter_spec import ModelDims
 from fleettune.shared.device import models, trainer
 from fleettune.shared.device.client import Device
@@ -89,7 +89,10 @@ curl -sf -X POST $FLEETTUNE_URL/api/v1/training-sessions -H "Authorization: Bear
         assert done.returncode == 0, call + done.stdout + done.stderr
         answers.append(json.loads(done.stdout))
     session = answers[-1]
-    assert (session["status"], session["model_id"]) == ("active", "domain-llm-v1")
+    # answered at once: a worker publishes v0 on the registered base and opens round 1
+    assert (session["status"], session["model_id"]) == ("pending", "domain-llm-v1")
+    started = TrainingSession(Federation(pipeline.admin_key, fed, pipeline.api_url).client, session)
+    assert started.wait(60, poll=0.05, until=("active",))["current_round"] == 1
     config = Federation(pipeline.admin_key, fed, pipeline.api_url).get()["config"]
     assert config["base_model"] == "domain-llm-v1@1.0.0" and config["model"]["hidden"] == 128
 

@@ -32,7 +32,7 @@ def test_messages_the_broker_lost_are_redriven_from_the_ledger(redis_url, s3_end
     api = services.Api(env, workdir)
     worker = None
     try:
-        federation, tokens, spec = _session(client, api.url, "ledger", ["a", "b", "c"])
+        federation, tokens, spec = _session(client, api.url, "ledger", ["a", "b", "c"], start_here=env)
         for i, token in enumerate(tokens.values()):
             device = DeviceClient(token, "ledger", api.url)
             plan = device.check_in()
@@ -59,15 +59,23 @@ def test_messages_the_broker_lost_are_redriven_from_the_ledger(redis_url, s3_end
         api.stop()
 
 
-def _session(client: redis.Redis, api_url: str, fed: str, devices: list[str],
-             model: str = "tiny-llama") -> tuple[Federation, dict, dict]:
-    """A federation with these devices registered and a one-round session open: (federation, tokens, spec)."""
+def _session(client: redis.Redis, api_url: str, fed: str, devices: list[str], model: str = "tiny-llama",
+             start_here: dict[str, str] | None = None) -> tuple[Federation, dict, dict]:
+    """A federation with these devices registered and a one-round session open: (federation, tokens, spec).
+
+    With `start_here` (the services' env) and no worker running yet, the test does the start a
+    worker would do (v0, round 1); the start task a worker takes later finds it done.
+    """
     from fleettune.shared.federation import FederationConfig
+    from fleettune.shared.runtime import Runtime
+    from fleettune.shared.settings import Settings
 
     federation = Federation(Tokens(client).create_api_key("admin", fed)[1], fed, api_url)
     federation.create(model=model)
     tokens = {d: federation.register_device(d) for d in devices}
-    federation.train(model=model, rounds=1, min_updates=len(devices))
+    federation.train(model=model, rounds=1, min_updates=len(devices), wait_started=None if start_here else 120)
+    if start_here:
+        Runtime.from_settings(Settings.from_env(start_here)).coordinator.start_requested(fed)
     return federation, tokens, FederationConfig.from_json(client.get(f"ft:fed:{fed}:config")).spec.tensors
 
 
@@ -120,6 +128,130 @@ def test_of_two_beats_one_leads_and_the_standby_takes_over_when_it_dies(redis_ur
                 os.killpg(b.pid, signal.SIGTERM)
                 b.wait(20)
         worker.stop()
+
+
+def test_an_embedded_beat_outlives_a_redis_restart_and_is_replaced_when_killed(s3_endpoint, tmp_path_factory):
+    """The topology deploy/README.md prescribes: one `fleettune worker --beat`. Its beat used to exit
+    when Redis went down (the lease's ConnectionError ended Celery's beat loop), and nothing started
+    another when it was killed: no sweep ran again while the worker looked healthy."""
+    import os
+    import signal
+
+    workdir = tmp_path_factory.mktemp("beat-keeper")
+    port = services.free_port()
+    redis_proc = _redis_server(port, workdir)
+    env = services.service_env(f"redis://127.0.0.1:{port}/0", s3_endpoint, bucket="fleettune-keeper")
+    client = redis.Redis(port=port)
+    worker = services.Worker("keeper", env, workdir, beat=True, via_cli=True)
+    swept_after = lambda t: (h := client.hget("ft:heartbeats", "beat")) and float(h) > t  # noqa: E731
+    try:
+        _eventually(lambda: swept_after(0), what="a first sweep")
+        beat_pid = int(client.get("ft:beat:leader").decode().split(":")[1])
+
+        os.killpg(redis_proc.pid, signal.SIGKILL)  # Redis down for a few of beat's ticks, then back empty
+        redis_proc.wait()
+        _eventually(lambda: not worker.alive() or _gone(beat_pid) or _beat_logged(workdir, "holding off"),
+                    timeout=30, what="beat to notice the outage")
+        redis_proc = _redis_server(port, workdir)
+        back = time.time()
+        _eventually(lambda: swept_after(back), timeout=60, what="sweeps after Redis came back")
+        assert worker.alive() and not _gone(beat_pid), "the worker or its beat died with Redis"
+        assert int(client.get("ft:beat:leader").decode().split(":")[1]) == beat_pid
+
+        os.kill(beat_pid, signal.SIGKILL)  # the beat alone, as the OOM killer would
+        killed = time.time()
+        _eventually(lambda: swept_after(killed + 1), timeout=60, what="sweeps from a new beat")
+        assert worker.alive() and int(client.get("ft:beat:leader").decode().split(":")[1]) != beat_pid
+    finally:
+        worker.stop()
+        services._stop(redis_proc)
+
+
+def test_a_backlog_older_than_the_redrive_delay_is_drained_not_multiplied(s3_endpoint, tmp_path_factory):
+    """A stream faster than the worker: the queue's backlog grows older than FLEETTUNE_REDRIVE_AFTER.
+    The sweep used to re-drive by age alone, queued messages included (39,925 copies of 14,566
+    messages in one run); now only messages neither queued nor held by a worker are re-driven."""
+    import hashlib
+
+    from fleettune.shared import broker
+    from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig
+    from fleettune.shared.control.gateway import Gateway
+    from fleettune.shared.control.presign import LocalPresigner
+    from fleettune.shared.federation import FederationConfig, RoundPolicy
+    from fleettune.shared.runtime import Runtime
+    from fleettune.shared.settings import Settings
+    from fleettune.workers.app import make_app
+    from fleettune.workers.publish import RedisPublisher
+
+    workdir = tmp_path_factory.mktemp("backlog")
+    port = services.free_port()
+    redis_proc = _redis_server(port, workdir)
+    env = services.service_env(f"redis://127.0.0.1:{port}/0", s3_endpoint, bucket="fleettune-backlog",
+                               FLEETTUNE_REDRIVE_AFTER="2", FLEETTUNE_DEVICE_RATE_LIMIT="100000")
+    settings = Settings.from_env(env)
+    runtime = Runtime.from_settings(settings)
+    n = 1200
+    devices = [f"d{i:04d}" for i in range(n)]
+    config = FederationConfig(name="backlog", model=LAYOUTS["tiny-llama"], adapter=AdapterConfig(rank=2, alpha=4),
+                              base_model="tiny-llama",
+                              policy=RoundPolicy(min_updates=n, timeout_seconds=600, max_rounds=1))
+    runtime.coordinator.start(config, devices)
+    spec = runtime.state.config("backlog").spec.tensors
+    gateway = Gateway(runtime.state, LocalPresigner(b"k" * 32), settings, lambda raw, at: None,
+                      publisher=RedisPublisher(make_app(settings)))
+    rng = np.random.default_rng(5)
+    worker = services.Worker("backlog", env, workdir, concurrency=1, beat=True, via_cli=True)
+    try:
+        oldest_age = 0.0
+        for i, device in enumerate(devices):
+            blob = encode_update(random_deltas(spec, rng, 0.001))
+            runtime.store.put(f"updates/backlog/000001/{device}.safetensors", blob)
+            gateway.submit("backlog", device, {"round": 1, "sha256": hashlib.sha256(blob).hexdigest(),
+                                               "num_samples": 5, "base_version": 0, "train_seconds": 1.0,
+                                               "metrics": {}})
+            if i % 100 == 0 and (sent := broker.oldest_sent_at(runtime.redis, "fleettune.ingest")):
+                oldest_age = max(oldest_age, time.time() - sent)
+        queued = runtime.redis.llen("fleettune.ingest")
+        end = time.monotonic() + 300
+        while (info := runtime.state.round_info("backlog", 1)).status not in ("closed", "failed"):  # the drain
+            assert time.monotonic() < end, f"round 1 still {info.status}"
+            if sent := broker.oldest_sent_at(runtime.redis, "fleettune.ingest"):
+                oldest_age = max(oldest_age, time.time() - sent)
+            time.sleep(0.1)
+        stats = runtime.state.stats("backlog")
+        redriven = int(runtime.redis.hget("ft:stats", "redriven") or 0)
+        print(f"backlog: {n} messages, {queued} queued when the stream ended, oldest waited {oldest_age:.1f}s "
+              f"(re-drive after 2 s); re-driven {redriven}")
+        assert oldest_age > 2 * settings.redrive_after_s, "the stream did not outrun the worker: no backlog to test"
+        assert info.status == "closed" and stats == {"received": n, "accepted": n}
+        assert redriven <= n // 100
+    finally:
+        worker.stop()
+        services._stop(redis_proc)
+
+
+def _redis_server(port: int, workdir):
+    import shutil
+    import subprocess
+
+    proc = subprocess.Popen([shutil.which("redis-server"), "--bind", "127.0.0.1", "--port", str(port),
+                             "--dir", str(workdir), "--appendonly", "no", "--save", ""],
+                            stdout=(workdir / "redis.log").open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+    _eventually(lambda: _pings(port), timeout=20, what="redis")
+    return proc
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _beat_logged(workdir, text: str) -> bool:
+    return any(text in log.read_text(errors="replace") for log in workdir.glob("worker-keeper*.log"))
 
 
 @pytest.mark.parametrize("budget", ["within", "past"])

@@ -206,6 +206,28 @@ def test_algorithm_presets_and_overrides_reach_the_config_with_their_server_lr(p
     assert control.state.pending_config("f").aggregation.lora == "ffa"
 
 
+def test_the_api_only_records_a_start_and_a_worker_publishes_v0_and_opens_the_round(tmp_path):
+    clock, state, store = Clock(), FederationState(fakeredis.FakeRedis()), LocalObjectStore(tmp_path)
+    coordinator = RoundCoordinator(state, store, Settings(), clock)
+    sent: list[str] = []
+    control = Control(state, coordinator, clock, begin=sent.append)  # as `fleettune api`: a task is sent
+    session = _session(control, "f")
+    assert (session["status"], session["current_round"], sent) == ("pending", 0, ["f"])
+    assert not list(tmp_path.rglob("*.safetensors"))  # the API process built no adapter
+    assert state.starts_due(before=clock.now) == ["f"]  # what the sweep re-sends if the task is lost
+
+    info = coordinator.start_requested("f")  # the worker's task
+    assert (info.round, info.base_version) == (1, 0) and list(tmp_path.rglob("*.safetensors"))
+    assert control.session(session["id"])["status"] == "active" and state.starts_due(before=clock.now) == []
+    assert coordinator.start_requested("f") is None and state.current_round("f") == 1  # a redelivery: no-op
+
+    stopped = control.stop_session(session["id"], "ops")  # a resume recorded, then stopped before a worker ran
+    assert stopped["status"] == "stopped"
+    assert control.resume("f")["status"] == "active" and sent == ["f", "f"]
+    state.stop("f", "stopped again")
+    assert coordinator.start_requested("f") is None and state.current_round("f") == 1  # the stop wins
+
+
 def test_stopping_a_session_fails_its_open_round(plane):
     state, gateway, control, _, _ = plane
     session = _session(control, "f")
@@ -263,6 +285,13 @@ def test_a_stopped_federation_resumes_through_the_api(plane, tmp_path):
         assert resumed.status_code == 200 and (resumed.json()["status"], resumed.json()["round"]) == ("active", 2)
         again = httpx.post(f"{url}/api/v1/federations/r/resume", headers=headers)
         assert again.status_code == 409 and again.headers["content-type"] == "application/problem+json"
+        # the id rule, said once (keys.ID_PATTERN): a ".." is the request's fault (422), never a conflict
+        for bad in ("a..b", "a" * 65, ".a"):
+            refused = httpx.post(f"{url}/api/v1/federations/r/devices", headers=headers, json={"device_id": bad})
+            assert (refused.status_code, refused.json()["code"]) == (422, "invalid_request"), bad
+        assert httpx.delete(f"{url}/api/v1/federations/r/devices/a..b", headers=headers).status_code == 422
+        ok = httpx.post(f"{url}/api/v1/federations/r/devices", headers=headers, json={"device_id": "a.b-" + "c" * 60})
+        assert ok.status_code == 201, ok.text
 
 
 def test_deadlines_are_judged_by_receive_time(plane, tmp_path):

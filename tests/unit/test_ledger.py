@@ -33,6 +33,37 @@ def test_messages_without_an_outcome_are_redriven_with_backoff_until_settled():
     assert int(r.hget(keys.GLOBAL_STATS, "redriven")) == 2
 
 
+def test_only_lost_messages_are_redriven_never_one_queued_or_held_by_a_worker():
+    import hashlib
+    import json
+
+    from fleettune.shared import broker
+    from fleettune.workers.app import make_app
+    from fleettune.workers.publish import RedisPublisher
+
+    r = fakeredis.FakeRedis()
+    ledger = Ledger(r, redrive_after_s=10)
+    raws = {name: name.encode() * 8 for name in ("lost", "held", "queued")}
+    digests = {name: hashlib.sha256(raw).hexdigest() for name, raw in raws.items()}
+    for at, name in enumerate(raws):
+        ledger.record(digests[name], _entry(raws[name], 100.0 + at), 100.0 + at)
+    # the broker as kombu leaves it: "held" delivered to a worker (unacked), "queued" still waiting
+    publisher = RedisPublisher(make_app(broker_url="memory://"))
+    r.lpush("fleettune.ingest", publisher.message(raws["queued"], 102.0))
+    r.hset(broker.UNACKED, "tag-1", json.dumps([json.loads(publisher.message(raws["held"], 101.0)), "", "q"]))
+    assert broker.oldest_sent_at(r, "fleettune.ingest") == 102.0
+    assert broker.held_digests(r) == {digests["held"]}
+
+    sent = []
+    redriven = ledger.redrive(200.0, lambda raw, at: sent.append(raw), held=broker.held_digests(r),
+                              queued_since=broker.oldest_sent_at(r, "fleettune.ingest"))
+    assert redriven == (1, 0) and sent == [raws["lost"]]
+    assert not r.hexists(keys.REDRIVES, digests["held"]) and not r.hexists(keys.REDRIVES, digests["queued"])
+    assert ledger.redrive(205.0, sent.append) == (0, 0)  # the others are looked at again later
+    r.delete("fleettune.ingest", broker.UNACKED)  # the worker that held one died; the queue was lost
+    assert ledger.redrive(210.0, lambda raw, at: sent.append(raw)) == (2, 0)
+
+
 def test_forgetting_an_entry_lets_the_same_submission_in_again():
     ledger = Ledger(fakeredis.FakeRedis(), redrive_after_s=10)
     ledger.record("m1", _entry(b"one", 1.0), 1.0)

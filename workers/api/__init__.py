@@ -23,16 +23,20 @@ from fleettune.shared.runtime import Runtime
 from fleettune.workers.api import devices, federations, models, objects, problems, rollouts, sessions, split
 from fleettune.workers.api.deps import documented_security
 from fleettune.workers.api.edge import Edge
+from fleettune.workers.api.responses import Health
 from fleettune.workers.api.services import Enqueue, Publisher, Services
 
 __all__ = ["app_from_env", "create_app", "serve", "serve_in_thread"]
 
 
 def create_app(runtime: Runtime, enqueue: Enqueue, registry: CollectorRegistry | None = None,
-               clock: Callable[[], float] = time.time, publisher: Publisher | None = None) -> FastAPI:
+               clock: Callable[[], float] = time.time, publisher: Publisher | None = None,
+               begin: Callable[[str], object] | None = None) -> FastAPI:
+    """The API over `runtime`. `begin(fed)` has a worker do a recorded start (v0, the round's opening);
+    without it the start runs in this process, for embedded use with no worker."""
     app = FastAPI(title="fleettune", version="1", summary="Federated fine-tuning of LLM adapters: control plane "
                   "and device gateway", docs_url="/docs", openapi_url="/openapi.json")
-    app.state.services = Services.build(runtime, enqueue, clock, publisher)
+    app.state.services = Services.build(runtime, enqueue, clock, publisher, begin)
     problems.install(app)
     for module in (devices, split, federations, rollouts, sessions, models, objects):  # the device hot path matches first
         app.include_router(module.router)
@@ -58,7 +62,7 @@ def create_app(runtime: Runtime, enqueue: Enqueue, registry: CollectorRegistry |
     openapi = app.openapi
     app.openapi = lambda: app.openapi_schema or documented_security(openapi())  # type: ignore[method-assign]
 
-    @app.get("/healthz", tags=["operations"])
+    @app.get("/healthz", tags=["operations"], response_model=Health)
     def healthz() -> dict:
         runtime.redis.ping()
         return {"status": "ok"}
@@ -96,12 +100,13 @@ def app_from_env() -> FastAPI:
     """The API as `fleettune api` runs it, from FLEETTUNE_* (uvicorn's factory for `--workers N`)."""
     from fleettune.shared.settings import Settings
     from fleettune.workers.app import app as celery_app
-    from fleettune.workers.app import enqueuer
+    from fleettune.workers.app import enqueuer, starter
     from fleettune.workers.publish import RedisPublisher
 
     settings = Settings.from_env()
     # the broker is the same Redis: record-and-enqueue is one script (workers/publish.py says why)
-    return create_app(Runtime.from_settings(settings), enqueuer(celery_app), publisher=RedisPublisher(celery_app))
+    return create_app(Runtime.from_settings(settings), enqueuer(celery_app), publisher=RedisPublisher(celery_app),
+                      begin=starter(celery_app))
 
 
 def serve(app: FastAPI | str, host: str, port: int, workers: int = 1) -> None:

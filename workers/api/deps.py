@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Depends, Path, Request
 from starlette.concurrency import run_in_threadpool
 
+from fleettune.shared import keys
 from fleettune.shared.control.auth import Principal
 from fleettune.shared.errors import Refusal
 from fleettune.workers.api.services import Services
@@ -13,8 +14,9 @@ BEARER = {"type": "http", "scheme": "bearer",
           "description": "an operator API key (ftk_...) or a device token (ftd_...)"}
 # one Path() object per parameter: two route parameters that shared one both read the same value
 # (PUT .../groups/{group} made a group named after its federation)
-FedName = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-GroupName = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+FedName = Path(max_length=keys.ID_MAX_LENGTH, pattern=keys.ID_PATTERN)
+GroupName = Path(max_length=keys.ID_MAX_LENGTH, pattern=keys.ID_PATTERN)
+DeviceId = Path(max_length=keys.ID_MAX_LENGTH, pattern=keys.ID_PATTERN)
 
 
 _DECLARED: dict[int, frozenset[str]] = {}  # route -> the query parameters it declares

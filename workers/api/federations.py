@@ -10,25 +10,27 @@ from fleettune.shared.control.auth import Principal
 from fleettune.shared.control.schemas import AdapterIn, DeviceIn, FederationIn, GroupIn, StrategyIn
 from fleettune.shared.errors import ObjectNotFound, Refusal
 from fleettune.workers.api import problems
-from fleettune.workers.api.deps import FedName, GroupName, admin, known_query, reader, services
+from fleettune.workers.api.deps import DeviceId, FedName, GroupName, admin, known_query, reader, services
+from fleettune.workers.api.responses import (ConfigChange, DeadLetterList, DeviceList, DeviceToken, Federation,
+                                           FederationList, Group, GroupSizes, Manifest, ManifestList, Round, Typed)
 from fleettune.workers.api.services import Services
 
 router = APIRouter(prefix="/api/v1", tags=["federations"], responses=problems.OPERATOR,
-                   dependencies=[Depends(known_query)])
+                   dependencies=[Depends(known_query)], route_class=Typed)
 
 
-@router.get("/federations")
+@router.get("/federations", response_model=FederationList)
 def list_federations(who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
     return {"federations": svc.control.federations()}
 
 
-@router.post("/federations", status_code=201)
+@router.post("/federations", status_code=201, response_model=Federation)
 def create_federation(body: FederationIn, who: Principal = Depends(admin), svc: Services = Depends(services)) -> dict:
     svc.control.create_federation(body)
     return svc.control.federation(body.name)
 
 
-@router.get("/federations/{name}")
+@router.get("/federations/{name}", response_model=Federation)
 def get_federation(name: str = FedName, who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
     return svc.control.federation(name)
 
@@ -45,34 +47,39 @@ def _configured(svc: Services, name: str, apply) -> JSONResponse:
     return JSONResponse(body, status_code=201 if created else 200)
 
 
-@router.post("/federations/{name}/resume", summary="Resume a halted or stopped federation for its rounds left")
+def _created(what: str) -> dict:
+    """The 201 of a PUT that created the federation: the same body as its 200."""
+    return {201: {"model": ConfigChange, "description": f"the federation did not exist: created with this {what}"}}
+
+
+@router.post("/federations/{name}/resume", summary="Resume a halted or stopped federation for its rounds left",
+             response_model=Federation)
 def resume_federation(name: str = FedName, who: Principal = Depends(admin), svc: Services = Depends(services)) -> dict:
-    svc.control.config(name)
-    svc.runtime.coordinator.resume(name)
-    return svc.control.federation(name)
+    return svc.control.resume(name)
 
 
 @router.put("/federations/{name}/adapter", summary="Set the adapter (applies from the next round)",
-            responses={201: {"description": "the federation did not exist: created with this adapter"}})
+            response_model=ConfigChange, responses=_created("adapter"))
 def put_adapter(body: AdapterIn, name: str = FedName, who: Principal = Depends(admin),
                 svc: Services = Depends(services)):
     return _configured(svc, name, lambda: svc.control.set_adapter(name, body))
 
 
 @router.put("/federations/{name}/strategy", summary="Set the strategy (applies from the next round)",
-            responses={201: {"description": "the federation did not exist: created with this strategy"}})
+            response_model=ConfigChange, responses=_created("strategy"))
 def put_strategy(body: StrategyIn, name: str = FedName, who: Principal = Depends(admin),
                  svc: Services = Depends(services)):
     return _configured(svc, name, lambda: svc.control.set_strategy(name, body))
 
 
-@router.get("/federations/{name}/rounds/{round_no}")
+@router.get("/federations/{name}/rounds/{round_no}", response_model=Round)
 def get_round(round_no: int, name: str = FedName, who: Principal = Depends(reader),
               svc: Services = Depends(services)) -> dict:
     return svc.control.round(name, round_no)
 
 
-@router.get("/federations/{name}/versions", summary="Published adapter versions with their manifests")
+@router.get("/federations/{name}/versions", summary="Published adapter versions with their manifests",
+            response_model=ManifestList)
 def list_versions(name: str = FedName, who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
     svc.control.config(name)
     newest = int(svc.runtime.state.status(name).get("version", 0))
@@ -85,7 +92,7 @@ def list_versions(name: str = FedName, who: Principal = Depends(reader), svc: Se
     return {"federation": name, "versions": found}
 
 
-@router.get("/federations/{name}/versions/{version}")
+@router.get("/federations/{name}/versions/{version}", response_model=Manifest)
 def get_version(version: int, name: str = FedName, who: Principal = Depends(reader),
                 svc: Services = Depends(services)) -> dict:
     svc.control.config(name)
@@ -95,37 +102,40 @@ def get_version(version: int, name: str = FedName, who: Principal = Depends(read
         raise Refusal(404, "unknown_version", f"{name} has no version {version}") from None
 
 
-@router.post("/federations/{name}/devices", status_code=201, summary="Register a device; its token is shown once")
+@router.post("/federations/{name}/devices", status_code=201, summary="Register a device; its token is shown once",
+             response_model=DeviceToken)
 def register_device(body: DeviceIn, name: str = FedName, who: Principal = Depends(admin),
                     svc: Services = Depends(services)) -> dict:
     token = svc.devices.register(name, body.profile(body.device_id))
     return {"federation": name, "device_id": body.device_id, "token": token}
 
 
-@router.get("/federations/{name}/devices")
+@router.get("/federations/{name}/devices", response_model=DeviceList)
 def list_devices(name: str = FedName, who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
     return {"federation": name, "devices": svc.devices.list(name)}
 
 
 @router.delete("/federations/{name}/devices/{device_id}", status_code=204, summary="Revoke a device's token")
-def revoke_device(device_id: str, name: str = FedName, who: Principal = Depends(admin),
+def revoke_device(device_id: str = DeviceId, name: str = FedName, who: Principal = Depends(admin),
                   svc: Services = Depends(services)):
     svc.devices.revoke(name, device_id)
     return Response(status_code=204)
 
 
-@router.get("/federations/{name}/groups", summary="Groups and their sizes (listed + matched at last check-in)")
+@router.get("/federations/{name}/groups", summary="Groups and their sizes (listed + matched at last check-in)",
+            response_model=GroupSizes)
 def list_groups(name: str = FedName, who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
     return {"federation": name, "groups": svc.devices.group_sizes(name)}
 
 
-@router.put("/federations/{name}/groups/{group}", summary="Create or replace a static, dynamic or hybrid group")
+@router.put("/federations/{name}/groups/{group}", summary="Create or replace a static, dynamic or hybrid group",
+            response_model=Group)
 def put_group(body: GroupIn, group: str = GroupName, name: str = FedName, who: Principal = Depends(admin),
               svc: Services = Depends(services)) -> dict:
     return dict(svc.devices.put_group(name, group, body.to_spec(), body.devices), federation=name)
 
 
-@router.get("/federations/{name}/groups/{group}")
+@router.get("/federations/{name}/groups/{group}", response_model=Group)
 def get_group(group: str = GroupName, name: str = FedName, who: Principal = Depends(reader),
               svc: Services = Depends(services)) -> dict:
     return dict(svc.devices.group(name, group), federation=name)
@@ -138,7 +148,7 @@ def delete_group(group: str = GroupName, name: str = FedName, who: Principal = D
     return Response(status_code=204)
 
 
-@router.get("/deadletters", tags=["operations"])
+@router.get("/deadletters", tags=["operations"], response_model=DeadLetterList)
 def deadletters(n: int = Query(20, ge=1, le=1000), who: Principal = Depends(reader),
                 svc: Services = Depends(services)) -> dict:
     return {"deadletters": svc.runtime.state.deadletters(n)}

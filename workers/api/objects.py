@@ -18,6 +18,9 @@ from fleettune.workers.api.deps import services
 from fleettune.workers.api.services import Services
 
 router = APIRouter(tags=["local object store"], include_in_schema=False)
+# bytes, not JSON: what a GET answers is said by its content type (documented here for when the router is shown)
+BYTES = {200: {"description": "the object's bytes",
+               "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
 def _grant(svc: Services, method: str, key: str, request: Request):
@@ -26,7 +29,7 @@ def _grant(svc: Services, method: str, key: str, request: Request):
     return svc.local.verify(method, key, dict(request.query_params))
 
 
-@router.get("/api/v1/objects/{key:path}")
+@router.get("/api/v1/objects/{key:path}", response_class=FileResponse, responses=BYTES)
 def get_object(key: str, request: Request, svc: Services = Depends(services)):
     _grant(svc, "GET", key, request)
     try:
@@ -36,7 +39,8 @@ def get_object(key: str, request: Request, svc: Services = Depends(services)):
     return FileResponse(path, media_type="application/octet-stream")
 
 
-@router.put("/api/v1/objects/{key:path}")
+@router.put("/api/v1/objects/{key:path}", response_class=Response,
+            responses={200: {"description": "stored; no body, the ETag is the object's sha256"}})
 async def put_object(key: str, request: Request, svc: Services = Depends(services)):
     grant = _grant(svc, "PUT", key, request)
     store = svc.runtime.store

@@ -10,10 +10,11 @@ from fleettune.shared.control.schemas import DeploymentIn, DistillIn, PercentIn,
 from fleettune.shared.errors import ObjectNotFound, Refusal
 from fleettune.workers.api import problems
 from fleettune.workers.api.deps import FedName, admin, known_query, reader, services
+from fleettune.workers.api.responses import Deployment, DistillQueued, Rollout, RolloutList, Serving, Typed
 from fleettune.workers.api.services import Services
 
 router = APIRouter(prefix="/api/v1/federations/{name}", tags=["tiers and rollouts"], responses=problems.OPERATOR,
-                   dependencies=[Depends(known_query)])
+                   dependencies=[Depends(known_query)], route_class=Typed)
 RolloutId = Path(pattern=r"^ro-[0-9a-f]{1,32}$")
 
 
@@ -31,13 +32,14 @@ def _published(svc: Services, name: str):
     return published
 
 
-@router.get("/deployment", summary="Which model variant each device tier runs")
+@router.get("/deployment", summary="Which model variant each device tier runs", response_model=Deployment)
 def get_deployment(name: str = FedName, who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
     svc.control.config(name)
     return {"federation": name, "tiers": svc.deployment.view(name)}
 
 
-@router.put("/deployment", summary="Map tiers to variants: train, infer (own or distilled adapter) or api")
+@router.put("/deployment", summary="Map tiers to variants: train, infer (own or distilled adapter) or api",
+            response_model=Deployment)
 def put_deployment(body: DeploymentIn, name: str = FedName, who: Principal = Depends(admin),
                    svc: Services = Depends(services)) -> dict:
     svc.control.config(name)
@@ -49,7 +51,8 @@ def put_deployment(body: DeploymentIn, name: str = FedName, who: Principal = Dep
     return {"federation": name, "tiers": svc.deployment.view(name)}
 
 
-@router.post("/deployment/distill", status_code=202, summary="Distil a published version for a tier (a worker does it)")
+@router.post("/deployment/distill", status_code=202, summary="Distil a published version for a tier (a worker does it)",
+             response_model=DistillQueued)
 def request_distill(body: DistillIn, name: str = FedName, who: Principal = Depends(admin),
                     svc: Services = Depends(services)) -> dict:
     svc.control.config(name)
@@ -61,13 +64,14 @@ def request_distill(body: DistillIn, name: str = FedName, who: Principal = Depen
     return {"federation": name, "version": body.version, "tier": body.tier, "status": "queued"}
 
 
-@router.get("/serving", summary="The serving version and the live rollout, if any")
+@router.get("/serving", summary="The serving version and the live rollout, if any", response_model=Serving)
 def serving(name: str = FedName, who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
     svc.control.config(name)
     return {"federation": name, "serving": svc.rollouts.serving(name), "rollout": svc.rollouts.live(name)}
 
 
-@router.post("/rollouts", status_code=201, summary="Create a canary rollout of a published version")
+@router.post("/rollouts", status_code=201, summary="Create a canary rollout of a published version",
+             response_model=Rollout)
 def create_rollout(body: RolloutIn, name: str = FedName, who: Principal = Depends(admin),
                    svc: Services = Depends(services)) -> dict:
     svc.control.config(name)
@@ -87,33 +91,36 @@ def create_rollout(body: RolloutIn, name: str = FedName, who: Principal = Depend
     return rec
 
 
-@router.get("/rollouts")
+@router.get("/rollouts", response_model=RolloutList)
 def list_rollouts(name: str = FedName, limit: int = Query(100, ge=1, le=1000), who: Principal = Depends(reader),
                   svc: Services = Depends(services)) -> dict:
     svc.control.config(name)
     return {"federation": name, "rollouts": svc.rollouts.list(name, limit)}
 
 
-@router.get("/rollouts/{rollout_id}")
+@router.get("/rollouts/{rollout_id}", response_model=Rollout)
 def get_rollout(rollout_id: str = RolloutId, name: str = FedName, who: Principal = Depends(reader),
                 svc: Services = Depends(services)) -> dict:
     return svc.rollouts.get(name, rollout_id)
 
 
-@router.post("/rollouts/{rollout_id}/start", summary="pending -> active, if the server's evaluation passes")
+@router.post("/rollouts/{rollout_id}/start", summary="pending -> active, if the server's evaluation passes",
+             response_model=Rollout)
 def start_rollout(rollout_id: str = RolloutId, name: str = FedName, who: Principal = Depends(admin),
                   svc: Services = Depends(services)) -> dict:
     return svc.rollouts.start(name, rollout_id, _by(who), lambda v: svc.runtime.state.evaluation(name, v))
 
 
-@router.post("/rollouts/{rollout_id}/percentage", summary="Set the percentage, with a reason")
+@router.post("/rollouts/{rollout_id}/percentage", summary="Set the percentage, with a reason",
+             response_model=Rollout)
 def set_percentage(body: PercentIn, rollout_id: str = RolloutId, name: str = FedName,
                    who: Principal = Depends(admin), svc: Services = Depends(services)) -> dict:
     return svc.rollouts.set_percent(name, rollout_id, body.percent, body.reason, _by(who))
 
 
 def _action(action: str, summary: str):
-    @router.post(f"/rollouts/{{rollout_id}}/{action}", summary=summary, name=f"{action}_rollout")
+    @router.post(f"/rollouts/{{rollout_id}}/{action}", summary=summary, name=f"{action}_rollout",
+                 response_model=Rollout)
     def act(body: ReasonIn | None = None, rollout_id: str = RolloutId, name: str = FedName,
             who: Principal = Depends(admin), svc: Services = Depends(services)) -> dict:
         return getattr(svc.rollouts, action)(name, rollout_id, _by(who), body.reason if body else None)

@@ -60,7 +60,7 @@ class Services:
 
     @classmethod
     def build(cls, runtime: Runtime, enqueue: Enqueue, clock: Callable[[], float] = time.time,
-              publisher: Publisher | None = None) -> Services:
+              publisher: Publisher | None = None, begin: Callable[[str], object] | None = None) -> Services:
         settings, state = runtime.settings, runtime.state
         presigner = presigner_for(runtime)
         tokens = Tokens(runtime.redis, clock)
@@ -70,7 +70,7 @@ class Services:
             gateway=Gateway(state, presigner, settings, enqueue, clock, publisher, base_download=registry.base_download),
             devices=Devices(state, tokens),
             control=Control(state, runtime.coordinator, clock, registered_model=registry.record,
-                            max_update_bytes=settings.max_update_bytes),
+                            max_update_bytes=settings.max_update_bytes, begin=begin),
             registry=registry,
         )
 

@@ -24,10 +24,11 @@ from fleettune.shared.split.wire import STEP_ID, shared_secret
 from fleettune.shared.split.config import SplitConfig
 from fleettune.workers.api import problems
 from fleettune.workers.api.deps import FedName, admin, known_query, reader, services, split_device
+from fleettune.workers.api.responses import SplitStatus, Typed
 from fleettune.workers.api.services import Services
 
 router = APIRouter(prefix="/api/v1/federations/{name}/split", tags=["split learning"], responses=problems.DEVICE,
-                   dependencies=[Depends(known_query)])
+                   dependencies=[Depends(known_query)], route_class=Typed)
 PASSED = ("x-loss", "x-step")
 
 
@@ -39,7 +40,8 @@ def _config(svc: Services, name: str) -> SplitConfig:
     return config
 
 
-@router.put("", summary="Configure split learning: the cut, its mode, DP at the cut, and bounds")
+@router.put("", summary="Configure split learning: the cut, its mode, DP at the cut, and bounds",
+            response_model=SplitStatus)
 def put_split(body: SplitIn, name: str = FedName, who: Principal = Depends(admin),
               svc: Services = Depends(services)) -> dict:
     fed = svc.control.config(name)
@@ -54,7 +56,8 @@ def put_split(body: SplitIn, name: str = FedName, who: Principal = Depends(admin
     return split_status(name, who, svc)
 
 
-@router.get("", summary="The split config, the server part's version, and each device's steps and epsilon")
+@router.get("", summary="The split config, the server part's version, and each device's steps and epsilon",
+            response_model=SplitStatus)
 def split_status(name: str = FedName, who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
     config = _config(svc, name)
     r = svc.runtime.redis
@@ -69,7 +72,9 @@ def split_status(name: str = FedName, who: Principal = Depends(reader), svc: Ser
 
 
 @router.post("/{action}", summary="One split step of this device: step (two_part), forward or backward (u_shaped)",
-             response_class=Response)
+             response_class=Response, responses={200: {
+                 "description": "the split server's answer: safetensors (`grad` or `hidden`); x-loss, x-step headers",
+                 "content": {wire.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}})
 async def split_step(action: Literal["step", "forward", "backward"], request: Request, name: str = FedName,
                      batch: int | None = Query(None, ge=1, le=1024), step: str | None = Query(None, pattern=STEP_ID),
                      who: Principal = Depends(split_device), svc: Services = Depends(services)) -> Response:

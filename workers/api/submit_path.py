@@ -17,13 +17,14 @@ import redis
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from fleettune.shared import keys
 from fleettune.shared.control.auth import Principal
 from fleettune.shared.control.schemas import SubmitIn
 from fleettune.shared.errors import Refusal
 from fleettune.workers.api import problems
 from fleettune.workers.api.services import Services
 
-ROUTE = re.compile(r"^/api/v1/federations/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/updates$")
+ROUTE = re.compile(rf"^/api/v1/federations/({keys.ID_RULE})/updates$")
 
 
 def federation(scope) -> str | None:
@@ -31,7 +32,7 @@ def federation(scope) -> str | None:
     if scope["method"] != "POST" or "rate" not in scope.get("state", {}):
         return None
     found = ROUTE.match(scope["path"])
-    return found.group(1) if found else None
+    return found.group(1) if found and len(found.group(1)) <= keys.ID_MAX_LENGTH else None
 
 
 async def submit(svc: Services, fed: str, who: Principal, scope, receive, send) -> None:
