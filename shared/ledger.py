@@ -10,6 +10,7 @@ Re-driving is safe because ingest is idempotent by the envelope's digest.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection
 
 import msgpack
@@ -18,7 +19,8 @@ import redis
 from fleettune.shared import keys
 from fleettune.shared.lua import AsyncLua
 
-MAX_BACKOFF_DOUBLINGS = 6  # re-drives wait redrive_after_s x 1, 2, 4 ... 64
+MAX_BACKOFF_DOUBLINGS = 6
+ONLINE_REFRESH_S = 1.0  # how often a process asks the primary how many replicas are in sync  # re-drives wait redrive_after_s x 1, 2, 4 ... 64
 
 LATE = "late"  # what `record` answers for a new message received after its round's deadline
 
@@ -26,7 +28,10 @@ LATE = "late"  # what `record` answers for a new message received after its roun
 # return the entry recorded before; or refuse a new one received after the round's deadline.
 _RECORD_AND_PUSH = """
 local seen = redis.call('GET', KEYS[1])
-if seen then return seen end
+if seen then
+  redis.call('SET', KEYS[1], seen, 'KEEPTTL')  -- a write of this connection's, so WAIT covers the entry
+  return seen
+end
 local deadline = redis.call('HGET', KEYS[4], 'deadline')
 if deadline and tonumber(ARGV[6]) > tonumber(deadline) then return 'late' end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -39,9 +44,18 @@ return false
 _RECORD_AND_PUSH_ASYNC = AsyncLua(_RECORD_AND_PUSH)  # the gateway's hot path (redis.asyncio)
 
 
+class NotReplicated(redis.ConnectionError):
+    """Fewer replicas than required hold a new entry: as unavailable as a lost connection."""
+
+
 class Ledger:
-    def __init__(self, client: redis.Redis, redrive_after_s: float, message_ttl_s: int = keys.MESSAGE_TTL_S) -> None:
+    def __init__(self, client: redis.Redis, redrive_after_s: float, message_ttl_s: int = keys.MESSAGE_TTL_S,
+                 replicas: int = 0, wait_ms: int = 1000) -> None:
         self.r = client
+        # a receipt only once `replicas` replicas hold the entry (and its message): a failover that
+        # promotes one of them loses no acknowledged submission
+        self.replicas, self.wait_ms = replicas, wait_ms
+        self._online, self._online_at = 0, 0.0  # replicas in sync, as INFO said at that monotonic time
         self.redrive_after_s = redrive_after_s
         self.message_ttl_s = message_ttl_s  # how long an entry answers a repeated submission with its receipt
         self._record_and_push = None  # the Lua script, registered on first use
@@ -71,12 +85,48 @@ class Ledger:
         `queue`, in one script: the message is enqueued if and only if it was recorded."""
         if self._record_and_push is None:
             self._record_and_push = self.r.register_script(_RECORD_AND_PUSH)
-        return _seen(self._record_and_push(**self._push_call(digest, entry, now, queue, message)))
+        call = self._push_call(digest, entry, now, queue, message)
+        if not self.replicas:
+            return _seen(self._record_and_push(**call))
+        needed = self._needed(lambda: self.r.info("replication"))
+        with self.r.pipeline(transaction=False) as pipe:  # one connection: WAIT counts its writes
+            self._record_and_push(**call, client=pipe)
+            pipe.execute_command("WAIT", needed, self.wait_ms)
+            seen, acked = pipe.execute()
+        return _seen(self._replicated(seen, acked, needed))
 
     async def record_and_push_async(self, client, digest: str, entry: dict, now: float, queue: str,
                                     message: bytes) -> dict | str | None:
         """`record_and_push` over a redis.asyncio client."""
-        return _seen(await _RECORD_AND_PUSH_ASYNC(client, **self._push_call(digest, entry, now, queue, message)))
+        call = self._push_call(digest, entry, now, queue, message)
+        if not self.replicas:
+            return _seen(await _RECORD_AND_PUSH_ASYNC(client, **call))
+        if self._online_at + ONLINE_REFRESH_S < time.monotonic():
+            self._learn_online(await client.info("replication"))
+        needed = self._needed(None)
+        seen, acked = await _RECORD_AND_PUSH_ASYNC.replicated(client, **call, replicas=needed, timeout_ms=self.wait_ms)
+        return _seen(self._replicated(seen, acked, needed))
+
+    def _needed(self, info: Callable[[], dict] | None) -> int:
+        """Replicas a receipt waits for: every one in sync with the primary, and never fewer than
+        `replicas`. Sentinel promotes the replica that reported the largest offset, which may not be
+        the first to have a write, so waiting for one of two could lose it on a failover."""
+        if info is not None and self._online_at + ONLINE_REFRESH_S < time.monotonic():
+            self._learn_online(info())
+        return max(self.replicas, self._online)
+
+    def _learn_online(self, replication: dict) -> None:
+        self._online = sum(1 for k, v in replication.items()
+                           if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online")
+        self._online_at = time.monotonic()
+
+    def _replicated(self, seen, acked, needed: int) -> object:
+        if int(acked) < needed:
+            # recorded and queued on the primary, but a failover now could lose both: no receipt; the
+            # device's retry finds the entry (or, after a failover, records it anew)
+            self._online_at = 0.0  # look again: a replica may have gone
+            raise NotReplicated(f"{acked} of {needed} replicas confirmed within {self.wait_ms} ms")
+        return seen
 
     def _push_call(self, digest: str, entry: dict, now: float, queue: str, message: bytes) -> dict:
         fed, round_no = entry["federation"], entry["round"]

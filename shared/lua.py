@@ -22,3 +22,20 @@ class AsyncLua:
         except NoScriptError:  # a restarted or new Redis: load it once, then as before
             await client.script_load(self.source)
             return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def replicated(self, client, keys: list, args: list, replicas: int, timeout_ms: int) -> tuple:
+        """The script, then WAIT on the same connection (a pipeline holds one): (its answer, how many
+        replicas have its writes). WAIT counts only this connection's writes, so it must not be
+        sent on another one of the pool."""
+        for attempt in (0, 1):
+            pipe = client.pipeline(transaction=False)
+            pipe.evalsha(self.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", replicas, timeout_ms)
+            try:
+                answer, acked = await pipe.execute()
+                return answer, int(acked)
+            except NoScriptError:
+                if attempt:
+                    raise
+                await client.script_load(self.source)
+        raise AssertionError("unreachable")

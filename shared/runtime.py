@@ -7,6 +7,7 @@ import functools
 
 import redis
 
+from fleettune.shared import redis_connect
 from fleettune.shared.federation import FederationConfig
 from fleettune.shared.folding import PartialFolder
 from fleettune.shared.ingest import Ingestor
@@ -29,9 +30,7 @@ class Runtime:
     def from_settings(cls, settings: Settings) -> Runtime:
         if not settings.redis_url:
             raise ValueError("FLEETTUNE_REDIS_URL is not set; only `fleettune demo` runs without Redis")
-        # timeouts: a stalled Redis must fail a call (retried by its caller), not hang a process for good
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5,
-                                      health_check_interval=30)
+        client = redis_connect.connect(settings, health_check_interval=30)
         return cls(settings, client, open_store(settings))
 
     @functools.cached_property

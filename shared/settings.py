@@ -64,6 +64,12 @@ class Settings:
     max_device_body_bytes: int = 16 * 1024  # check-in, upload-url, submit, reports: JSON of a few fields
     max_operator_body_bytes: int = 1 * MiB  # every other JSON route
     max_model_bytes: int = 8 * 1024 * MiB  # the largest model registry version (a declared size above: 413)
+    # Redis with replicas and Sentinel (shared/redis_connect.py): the sentinels' host:port, the name
+    # they know the primary by, and how many replicas must hold a submission before its 202
+    redis_sentinels: tuple[str, ...] = ()
+    redis_service: str = "fleettune"
+    redis_min_replicas: int = 0
+    redis_wait_ms: int = 1000  # how long a submit waits for them (503 past it: the device retries)
 
     def __post_init__(self) -> None:
         if self.visibility_timeout_s <= self.task_time_limit_s:
@@ -76,6 +82,12 @@ class Settings:
         if self.message_ttl_s < max(3600, 2 * self.redrive_after_s):
             # an outcome that expired while its message can still come back would count it again
             raise ConfigError(f"message TTL ({self.message_ttl_s}s) must be at least an hour and twice the re-drive delay")
+        for address in self.redis_sentinels:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"FLEETTUNE_REDIS_SENTINELS: {address!r} is not host:port")
+        if self.redis_min_replicas < 0 or self.redis_wait_ms <= 0:
+            raise ConfigError("FLEETTUNE_REDIS_MIN_REPLICAS must be >= 0 and FLEETTUNE_REDIS_WAIT_MS positive")
         for name in ("max_update_bytes", "max_envelope_bytes", "max_header_bytes", "task_time_limit_s",
                      "device_rate_limit", "rate_window_s", "url_ttl_s", "multipart_threshold_bytes", "fold_batch",
                      "fold_idle_s", "max_device_body_bytes", "max_operator_body_bytes", "max_model_bytes"):
@@ -147,4 +159,8 @@ class Settings:
             fold_idle_s=real("FOLD_IDLE", cls.fold_idle_s),
             split_url=get("SPLIT_URL"),
             split_rate_limit=integer("SPLIT_RATE_LIMIT", cls.split_rate_limit),
+            redis_sentinels=tuple(a.strip() for a in (get("REDIS_SENTINELS") or "").split(",") if a.strip()),
+            redis_service=get("REDIS_SERVICE") or cls.redis_service,
+            redis_min_replicas=integer("REDIS_MIN_REPLICAS", cls.redis_min_replicas),
+            redis_wait_ms=integer("REDIS_WAIT_MS", cls.redis_wait_ms),
         )

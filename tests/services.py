@@ -91,6 +91,87 @@ def redis_server(workdir: Path) -> Iterator[str]:
         _stop(proc)
 
 
+class SentinelGroup:
+    """One Redis primary, its replicas and three sentinels (Debian's redis-server and redis-sentinel),
+    on free ports, as operators run Redis for failover. `kill_primary` SIGKILLs whichever node is
+    primary now; `restart` brings a killed node back on its port (the sentinels make it a replica)."""
+
+    SERVICE = "fleettune"
+
+    def __init__(self, workdir: Path, replicas: int = 2, sentinels: int = 3) -> None:
+        self.workdir = workdir
+        self.ports = [free_port() for _ in range(1 + replicas)]
+        self.nodes: dict[int, subprocess.Popen] = {}
+        for n, port in enumerate(self.ports):
+            self.nodes[port] = self._node(port, replica_of=None if n == 0 else self.ports[0])
+        for port in self.ports[1:]:
+            _wait(lambda p=port: redis.Redis(port=p).info("replication")["master_link_status"] == "up",
+                  "a replica's link", 20, self.nodes[port], workdir / f"redis-{port}.log")
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.sentinels = [self._sentinel(port) for port in self.sentinel_ports]
+        _wait(lambda: all(len(redis.Redis(port=p).sentinel_sentinels(self.SERVICE)) == sentinels - 1
+                          for p in self.sentinel_ports), "sentinels that know each other", 30, self.sentinels[0],
+              workdir / f"sentinel-{self.sentinel_ports[0]}.log")
+
+    def _node(self, port: int, replica_of: int | None) -> subprocess.Popen:
+        # min-replicas-to-write: a primary cut off from its replicas stops taking writes, so the
+        # writes it could lose on a failover are refused instead
+        args = [shutil.which("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                "--appendonly", "yes", "--appendfilename", f"aof-{port}.aof", "--appenddirname", f"aof-{port}",
+                "--dir", str(self.workdir), "--maxmemory-policy", "noeviction",
+                "--min-replicas-to-write", "1", "--min-replicas-max-lag", "10"]
+        if replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(replica_of)]
+        log = self.workdir / f"redis-{port}.log"
+        proc = subprocess.Popen(args, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+        _wait(lambda: redis.Redis(port=port).ping(), "redis-server", 20, proc, log)
+        return proc
+
+    def _sentinel(self, port: int) -> subprocess.Popen:
+        conf = self.workdir / f"sentinel-{port}.conf"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+                        f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.ports[0]} 2\n"
+                        f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+                        f"sentinel failover-timeout {self.SERVICE} 4000\n"
+                        f"sentinel parallel-syncs {self.SERVICE} 2\n")
+        log = self.workdir / f"sentinel-{port}.log"
+        proc = subprocess.Popen([shutil.which("redis-sentinel") or "redis-sentinel", str(conf)],
+                                stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+        _wait(lambda: redis.Redis(port=port).ping(), "redis-sentinel", 20, proc, log)
+        return proc
+
+    @property
+    def addresses(self) -> str:
+        return ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+
+    def primary(self) -> int | None:
+        """The primary's port as a majority of the sentinels name it now."""
+        seen = []
+        for port in self.sentinel_ports:
+            try:
+                seen.append(int(redis.Redis(port=port, socket_timeout=2).sentinel_get_master_addr_by_name(
+                    self.SERVICE)[1]))
+            except (redis.RedisError, TypeError):
+                continue
+        best = max(set(seen), key=seen.count, default=None)
+        return best if best is not None and seen.count(best) >= 2 else None
+
+    def kill_primary(self) -> int:
+        port = self.primary()
+        assert port is not None, "no primary to kill"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.nodes[port].pid, signal.SIGKILL)
+        self.nodes[port].wait()
+        return port
+
+    def restart(self, port: int) -> None:
+        self.nodes[port] = self._node(port, replica_of=self.primary())
+
+    def stop(self) -> None:
+        for proc in [*self.sentinels, *self.nodes.values()]:
+            _stop(proc)
+
+
 def weed_binary() -> str:
     candidates = [Path(sys.executable).parent / "weed", shutil.which("weed")]
     for c in candidates:

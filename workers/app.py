@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from celery import Celery
 
+from fleettune.shared import redis_connect
 from fleettune.shared.runtime import Runtime
 from fleettune.shared.settings import Settings
 from fleettune.workers.beat import BeatKeeper
@@ -22,7 +23,7 @@ QUEUES = (INGEST_QUEUE, ROUNDS_QUEUE, EVAL_QUEUE)
 
 def make_app(settings: Settings | None = None, broker_url: str | None = None, runtime: Runtime | None = None) -> Celery:
     settings = settings or Settings.from_env()
-    app = Celery("fleettune", broker=broker_url or settings.redis_url or "memory://", include=["fleettune.workers.tasks", "fleettune.workers.observability"])
+    app = Celery("fleettune", broker=broker_url or redis_connect.broker_url(settings), include=["fleettune.workers.tasks", "fleettune.workers.observability"])
     app.conf.update(
         # msgpack only: no pickle can reach a worker, and envelopes arrive as raw bytes
         task_serializer="msgpack",
@@ -40,6 +41,7 @@ def make_app(settings: Settings | None = None, broker_url: str | None = None, ru
         # must exceed every time limit (Settings checks it), or a running task is delivered twice;
         # messages held by a worker that died come back after it, found by a sweep every interval
         broker_transport_options={
+            **redis_connect.broker_transport_options(settings),  # Sentinel: the primary's name
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": settings.restore_interval_s,
             "unacked_restore_throttle": 1,

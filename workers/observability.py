@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import os
 
-import redis
 from celery.signals import worker_init, worker_process_shutdown
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client import multiprocess as prom_multiprocess
 
+from fleettune.shared import redis_connect
 from fleettune.shared.metrics import QueueCollector, multiprocess
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def serve_metrics(sender=None, **_) -> None:
         log.warning("PROMETHEUS_MULTIPROC_DIR is not set: /metrics shows this process only, "
                     "not the pool's (use `fleettune worker`, which sets it)")
         registry = REGISTRY
-    registry.register(QueueCollector(redis.Redis.from_url(settings.redis_url), QUEUES))
+    registry.register(QueueCollector(redis_connect.connect(settings), QUEUES))
     start_http_server(settings.metrics_port, addr=settings.metrics_addr, registry=registry)
     log.info("metrics on http://%s:%s/metrics", settings.metrics_addr, settings.metrics_port)
 

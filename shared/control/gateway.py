@@ -63,7 +63,8 @@ class Gateway:
         self.publisher = publisher  # with one, record and enqueue are one Redis script
         self.base_download = base_download  # a registered base (id@version) by presigned URL; None: built in
         self.clock = clock
-        self.ledger = Ledger(state.r, settings.redrive_after_s, settings.message_ttl_s)
+        self.ledger = Ledger(state.r, settings.redrive_after_s, settings.message_ttl_s,
+                             settings.redis_min_replicas, settings.redis_wait_ms)
         self.groups = Groups(state.r)
         self.deployment = Deployment(state.r)
         self.rollouts = Rollouts(state, clock)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 
+import redis
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -59,7 +60,11 @@ class Edge:
             return await self.app(scope, receive, send)
         path = scope["path"]
         if not (PUBLIC.match(path) or path.startswith(OBJECTS)):
-            who = await self._authenticate(scope, path)
+            try:
+                who = await self._authenticate(scope, path)
+            except (redis.ConnectionError, redis.TimeoutError):  # a Redis restart or failover: retry shortly
+                return await _problem(send, 503, "unavailable", "the state store is unreachable; retry shortly",
+                                      {"retry-after": "2"})
             if who is None:
                 return await _problem(send, 401, "unauthenticated", "a valid bearer token is required",
                                       {"www-authenticate": "Bearer"})

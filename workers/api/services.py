@@ -38,11 +38,10 @@ class Services:
     def aredis(self):
         """A redis.asyncio client for the hot paths (auth, rate limit, submit); None in embedded mode,
         where state is fakeredis and those calls go to the thread pool instead."""
-        url = self.runtime.settings.redis_url
-        if self._aredis is None and url:
-            import redis.asyncio
+        if self._aredis is None and self.runtime.settings.redis_url:
+            from fleettune.shared import redis_connect
 
-            self._aredis = redis.asyncio.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
+            self._aredis = redis_connect.connect_async(self.runtime.settings)
         return self._aredis
 
     async def submit(self, fed: str, device: str, fields: dict) -> Receipt:
