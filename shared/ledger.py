@@ -10,7 +10,6 @@ Re-driving is safe because ingest is idempotent by the envelope's digest.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Collection
 
 import msgpack
@@ -55,7 +54,6 @@ class Ledger:
         # a receipt only once `replicas` replicas hold the entry (and its message): a failover that
         # promotes one of them loses no acknowledged submission
         self.replicas, self.wait_ms = replicas, wait_ms
-        self._online, self._online_at = 0, 0.0  # replicas in sync, as INFO said at that monotonic time
         self.redrive_after_s = redrive_after_s
         self.message_ttl_s = message_ttl_s  # how long an entry answers a repeated submission with its receipt
         self._record_and_push = None  # the Lua script, registered on first use
@@ -88,7 +86,7 @@ class Ledger:
         call = self._push_call(digest, entry, now, queue, message)
         if not self.replicas:
             return _seen(self._record_and_push(**call))
-        needed = self._needed(lambda: self.r.info("replication"))
+        needed = self._needed(self.r.info("replication"))
         with self.r.pipeline(transaction=False) as pipe:  # one connection: WAIT counts its writes
             self._record_and_push(**call, client=pipe)
             pipe.execute_command("WAIT", needed, self.wait_ms)
@@ -101,30 +99,21 @@ class Ledger:
         call = self._push_call(digest, entry, now, queue, message)
         if not self.replicas:
             return _seen(await _RECORD_AND_PUSH_ASYNC(client, **call))
-        if self._online_at + ONLINE_REFRESH_S < time.monotonic():
-            self._learn_online(await client.info("replication"))
-        needed = self._needed(None)
+        needed = self._needed(await client.info("replication"))
         seen, acked = await _RECORD_AND_PUSH_ASYNC.replicated(client, **call, replicas=needed, timeout_ms=self.wait_ms)
         return _seen(self._replicated(seen, acked, needed))
 
-    def _needed(self, info: Callable[[], dict] | None) -> int:
-        """Replicas a receipt waits for: every one in sync with the primary, and never fewer than
-        `replicas`. Sentinel promotes the replica that reported the largest offset, which may not be
-        the first to have a write, so waiting for one of two could lose it on a failover."""
-        if info is not None and self._online_at + ONLINE_REFRESH_S < time.monotonic():
-            self._learn_online(info())
-        return max(self.replicas, self._online)
-
-    def _learn_online(self, replication: dict) -> None:
-        self._online = sum(1 for k, v in replication.items()
-                           if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online")
-        self._online_at = time.monotonic()
+    def _needed(self, replication: dict) -> int:
+        """Replicas a receipt waits for: every one connected to the primary now (asked at each
+        submit), never fewer than `replicas`. Sentinel promotes the replica that last reported the
+        largest offset, which need not be one that has the write (and may be one still syncing), so
+        waiting for some of them loses writes on a failover; measured in tests/integration/test_failover.py."""
+        return max(self.replicas, int(replication.get("connected_slaves", 0)))
 
     def _replicated(self, seen, acked, needed: int) -> object:
         if int(acked) < needed:
             # recorded and queued on the primary, but a failover now could lose both: no receipt; the
             # device's retry finds the entry (or, after a failover, records it anew)
-            self._online_at = 0.0  # look again: a replica may have gone
             raise NotReplicated(f"{acked} of {needed} replicas confirmed within {self.wait_ms} ms")
         return seen
 

@@ -4,7 +4,8 @@ the primary SIGKILLed again and again while devices submit through the API.
 
 A 202 receipt is given only once a replica holds the submission (FLEETTUNE_REDIS_MIN_REPLICAS=1,
 WAIT), so a promotion loses none: the round, whose quorum is every device, closes with each device
-counted once. FLEETTUNE_FAILOVER_KILLS sets the number of kills (CI keeps it small).
+counted once. Two API processes (`--workers 2`) and two workers, each with its beat, run through it.
+FLEETTUNE_FAILOVER_KILLS sets the number of kills (CI keeps it small).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def test_failover_loses_no_acknowledged_submission(s3_endpoint, tmp_path_factory
                                FLEETTUNE_REDIS_SENTINELS=group.addresses, FLEETTUNE_REDIS_SERVICE=group.SERVICE,
                                FLEETTUNE_REDIS_MIN_REPLICAS="1", FLEETTUNE_REDIS_WAIT_MS="1000",
                                FLEETTUNE_REDRIVE_AFTER="5")
-    api = services.Api(env, workdir)
-    workers = [services.Worker("fo", env, workdir, beat=True, via_cli=True)]
+    api = services.Api(env, workdir, args=("--workers", "2"))  # two API processes, two workers each with beat
+    workers = [services.Worker(f"fo{n}", env, workdir, concurrency=1, beat=True, via_cli=True) for n in (1, 2)]
     try:
         primary = lambda: redis.Redis(port=group.primary())  # noqa: E731
         federation = Federation(Tokens(primary()).create_api_key("admin", "failover")[1], "failover", api.url)
@@ -69,6 +70,8 @@ def test_failover_loses_no_acknowledged_submission(s3_endpoint, tmp_path_factory
 
         acknowledged: dict[str, dict] = {}
         acked_at: list[float] = []
+        acked_times: dict[str, float] = {}
+        kill_times: list[tuple[float, int]] = []
         slowest: list[float] = []
         errors: list[BaseException] = []
 
@@ -83,6 +86,7 @@ def test_failover_loses_no_acknowledged_submission(s3_endpoint, tmp_path_factory
                     acknowledged[device] = _retry(lambda: client.submit(plan, sha256, num_samples=5), deadline,
                                                   slowest)
                     acked_at.append(time.monotonic())
+                    acked_times[device] = round(acked_at[-1], 2)
                     time.sleep(0.05)
             except BaseException as exc:  # reported by the main thread
                 errors.append(exc)
@@ -97,13 +101,15 @@ def test_failover_loses_no_acknowledged_submission(s3_endpoint, tmp_path_factory
                 break
             killed_port = group.kill_primary()
             killed = time.monotonic()
+            kill_times.append((round(killed, 2), killed_port))
             _until(lambda: group.primary() not in (None, killed_port), 30, "a promotion")
             _until(lambda: any(t > killed for t in acked_at) or not streamer.is_alive(), 60, "a 202 after the kill")
             recoveries.append(min(t for t in acked_at if t > killed) - killed if acked_at[-1] > killed else 60.0)
             group.restart(killed_port)  # its host comes back: the sentinels make it a replica
             for n, w in enumerate(workers):  # the supervisor: restart what died
                 if not w.alive():
-                    workers[n] = services.Worker(f"fo-{time.monotonic_ns()}", env, workdir, beat=True, via_cli=True)
+                    workers[n] = services.Worker(f"fo-{time.monotonic_ns()}", env, workdir, concurrency=1, beat=True,
+                                                 via_cli=True)
         streamer.join(300)
         assert not errors, errors
         assert len(acknowledged) == DEVICES
@@ -113,7 +119,10 @@ def test_failover_loses_no_acknowledged_submission(s3_endpoint, tmp_path_factory
                                "round 1 to close")
         except AssertionError:
             client = primary()
-            raise AssertionError(f"round 1: {federation.round(1)}; queue {client.llen('fleettune.ingest')}, unacked "
+            missing = sorted(set(acknowledged) - set(federation.round(1)["contributors"]))
+            traces = {d: (client.exists(f"ft:rcv:{acknowledged[d]['receipt']}"),
+                          client.get(f"ft:msg:{acknowledged[d]['receipt']}"), acked_times.get(d)) for d in missing}
+            raise AssertionError(f"missing {traces}; kills at {kill_times}; round 1: {federation.round(1)}; queue {client.llen('fleettune.ingest')}, unacked "
                                  f"{client.hlen('unacked')} {client.zrange('unacked_index', 0, -1, withscores=True)}, "
                                  f"pending {client.zrange('ft:received:pending', 0, -1, withscores=True)} at "
                                  f"{time.time()}, redrives {client.hgetall('ft:redrives')}") from None
