@@ -165,7 +165,12 @@ class SentinelGroup:
         return port
 
     def restart(self, port: int) -> None:
+        """Bring a killed node back as a replica, and wait until it is in sync with the primary: a
+        primary lost while a replica is still in its first sync is a double fault, which Sentinel
+        may answer by promoting that replica and losing what it had not copied (docs/high-availability.md)."""
         self.nodes[port] = self._node(port, replica_of=self.primary())
+        _wait(lambda: redis.Redis(port=port).info("replication").get("master_link_status") == "up",
+              "the restarted replica's sync", 30, self.nodes[port], self.workdir / f"redis-{port}.log")
 
     def stop(self) -> None:
         for proc in [*self.sentinels, *self.nodes.values()]:
