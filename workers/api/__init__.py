@@ -29,6 +29,12 @@ from fleettune.workers.api.services import Enqueue, Publisher, Services
 __all__ = ["app_from_env", "create_app", "serve", "serve_in_thread"]
 
 
+# Idle keep-alive connections outlive the clients' (httpx drops its own after 5 s; load balancers
+# commonly after 60 s): with both at uvicorn's default of 5 s, a request sent on a connection the
+# server was closing at that moment failed with "Server disconnected without sending a response".
+KEEP_ALIVE_S = 75
+
+
 def create_app(runtime: Runtime, enqueue: Enqueue, registry: CollectorRegistry | None = None,
                clock: Callable[[], float] = time.time, publisher: Publisher | None = None,
                begin: Callable[[str], object] | None = None) -> FastAPI:
@@ -114,7 +120,7 @@ def serve(app: FastAPI | str, host: str, port: int, workers: int = 1) -> None:
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, workers=workers,
-                factory=isinstance(app, str))
+                factory=isinstance(app, str), timeout_keep_alive=KEEP_ALIVE_S)
 
 
 @contextlib.contextmanager
@@ -122,7 +128,8 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
     """Run the app under uvicorn in a thread on a free port (the embedded demo); yields its URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning", access_log=False,
+                                           timeout_keep_alive=KEEP_ALIVE_S))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
     thread = threading.Thread(target=server.run, name="fleettune-api", daemon=True)
     thread.start()
