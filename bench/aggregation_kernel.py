@@ -14,10 +14,10 @@ import time
 import numpy as np
 import torch
 
-from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
-from fleettune.shared.aggregation import StreamingFedAvg
-from fleettune.shared.safetensors_reader import parse
-from fleettune.shared.submit import encode_update
+from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig, build_spec
+from fleettune.shared.strategies.fedavg import StreamingFedAvg
+from fleettune.shared.protocol.safetensors_reader import parse
+from fleettune.shared.protocol.updates import encode_update
 
 
 def main() -> None:

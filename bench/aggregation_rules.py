@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec, initial_weights  # noqa: E402
+from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig, build_spec, initial_weights  # noqa: E402
 from fleettune.shared.strategies.combine import RoundAggregator  # noqa: E402
 from fleettune.shared.strategies.config import AggregationConfig  # noqa: E402
 

@@ -33,13 +33,13 @@ def measure(n: int) -> dict:
     import torch
 
     from fleettune.shared import keys
-    from fleettune.shared.adapter_spec import LAYOUTS
+    from fleettune.shared.protocol.adapter_spec import LAYOUTS
     from fleettune.shared.federation import FederationConfig, RoundPolicy
-    from fleettune.shared.rounds import RoundCoordinator
+    from fleettune.shared.pipeline.rounds import RoundCoordinator
     from fleettune.shared.settings import Settings
     from fleettune.shared.state import FederationState, UpdateRecord
     from fleettune.shared.storage import LocalObjectStore
-    from fleettune.shared.submit import encode_update
+    from fleettune.shared.protocol.updates import encode_update
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="ft-rss-"))

@@ -30,17 +30,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fleettune.shared import keys, versions  # noqa: E402
-from fleettune.shared.adapter_spec import LAYOUTS, initial_weights  # noqa: E402
-from fleettune.shared.envelope import Envelope  # noqa: E402
+from fleettune.shared.protocol.adapter_spec import LAYOUTS, initial_weights  # noqa: E402
+from fleettune.shared.protocol.envelope import Envelope  # noqa: E402
 from fleettune.shared.federation import FederationConfig, RoundPolicy  # noqa: E402
-from fleettune.shared.folding import PartialFolder  # noqa: E402
-from fleettune.shared.ingest import Ingestor  # noqa: E402
-from fleettune.shared.round_inputs import RoundReader  # noqa: E402
+from fleettune.shared.pipeline.folding import PartialFolder  # noqa: E402
+from fleettune.shared.pipeline.ingest import Ingestor  # noqa: E402
+from fleettune.shared.pipeline.round_inputs import RoundReader  # noqa: E402
 from fleettune.shared.runtime import Runtime  # noqa: E402
 from fleettune.shared.settings import Settings  # noqa: E402
 from fleettune.shared.strategies.combine import RoundAggregator  # noqa: E402
-from fleettune.shared.submit import encode_update  # noqa: E402
-from tests import services  # noqa: E402
+from fleettune.shared.protocol.updates import encode_update  # noqa: E402
+from fleettune.workers.local import services  # noqa: E402
 
 
 def one_write_seconds(runtime: Runtime, config: FederationConfig) -> float:

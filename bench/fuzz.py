@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleettune.shared.fuzz_targets import SPEC, container, envelope_outcome, reader_outcome  # noqa: E402
+from fleettune.shared.protocol.fuzz_targets import SPEC, container, envelope_outcome, reader_outcome  # noqa: E402
 
 FIELDS = ["v", "federation", "round", "device", "object_key", "sha256", "num_samples", "base_version",
           "train_seconds", "metrics", "extra"]

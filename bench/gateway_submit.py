@@ -32,12 +32,12 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fleettune.shared.control.auth import Tokens  # noqa: E402
-from fleettune.shared.envelope import Envelope  # noqa: E402
+from fleettune.shared.protocol.envelope import Envelope  # noqa: E402
 from fleettune.shared.runtime import Runtime  # noqa: E402
 from fleettune import Federation  # noqa: E402
 from fleettune.shared.settings import Settings  # noqa: E402
-from tests import services  # noqa: E402
-from fleettune.workers.app import enqueuer, make_app  # noqa: E402
+from fleettune.workers.local import services  # noqa: E402
+from fleettune.workers.worker.app import enqueuer, make_app  # noqa: E402
 
 
 def body(i: int) -> dict:

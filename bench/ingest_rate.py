@@ -30,14 +30,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fleettune.shared import keys  # noqa: E402
-from fleettune.shared.adapter_spec import LAYOUTS  # noqa: E402
-from fleettune.shared.envelope import Envelope  # noqa: E402
+from fleettune.shared.protocol.adapter_spec import LAYOUTS  # noqa: E402
+from fleettune.shared.protocol.envelope import Envelope  # noqa: E402
 from fleettune.shared.federation import FederationConfig, RoundPolicy  # noqa: E402
 from fleettune.shared.runtime import Runtime  # noqa: E402
 from fleettune.shared.settings import Settings  # noqa: E402
-from fleettune.shared.submit import encode_update  # noqa: E402
-from tests import services  # noqa: E402
-from fleettune.workers.app import INGEST_QUEUE, make_app  # noqa: E402
+from fleettune.shared.protocol.updates import encode_update  # noqa: E402
+from fleettune.workers.local import services  # noqa: E402
+from fleettune.workers.worker.app import INGEST_QUEUE, make_app  # noqa: E402
 
 
 def prepare(runtime: Runtime, name: str, layout: str, n: int) -> tuple[list[bytes], int]:

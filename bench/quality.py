@@ -8,7 +8,7 @@
     python bench/quality.py hetero           # tier ranks 16/8/4: exact aggregation vs naive zero-padding
     python bench/quality.py tiers            # cascading tiers: SmolLM2 trains (tier 1), distilled onto tiny
 
-Federated runs go through the real tasks on embedded services (workers/experiment.py); the
+Federated runs go through the real tasks on embedded services (workers/local/harness.py); the
 device-side federation overhead is printed with every federated run.
 """
 
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fleettune.shared import corpora  # noqa: E402
-from fleettune.shared.adapter_spec import AdapterConfig, ModelDims  # noqa: E402
+from fleettune.shared.protocol.adapter_spec import AdapterConfig, ModelDims  # noqa: E402
 from fleettune.shared.device import memory, models, trainer  # noqa: E402
 from fleettune.shared.device.client import Device  # noqa: E402
 from fleettune.shared.device.fleet import FleetSpec, build_fleet, pooled  # noqa: E402
@@ -79,7 +79,7 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
 def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = Recipe(),
               fleet_spec: FleetSpec | None = None, clip: float = 5.0, min_updates: int = DEVICES) -> dict:
     """recipe.rounds rounds of DEVICES non-IID devices through the real tasks; returns the last evaluation."""
-    from fleettune.workers.experiment import embedded, enroll, gateway, run_rounds
+    from fleettune.workers.local.harness import embedded, enroll, gateway, run_rounds
 
     tokenizer, base = models.load_tokenizer(source), models.load_model(source)
     config = _config(f"bench-{adapter.kind}-{int(time.time())}", ModelDims.from_hf_config(base.config), adapter, lr,
@@ -100,14 +100,14 @@ def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = R
         base_eval = runtime.evaluator(config).base
         rows = list(run_rounds(app, runtime, config, fleet, clients, recipe.rounds, progress=False))
         final = runtime.state.evaluation(config.name, rows[-1].round if rows else 0)
-        from fleettune.shared import versions
+        from fleettune.shared.protocol import versions
 
         newest = int(runtime.state.status(config.name)["version"])
         weights = versions.load_weights(runtime.store, config.name, newest, config.spec, 1 << 30, 1 << 20)
         tiers = {}  # each tier's own published adapter, evaluated on its own rank
         for tier, rank in config.tier_ranks.items():
-            from fleettune.shared import versions
-            from fleettune.shared.evaluation import Evaluator
+            from fleettune.shared.protocol import versions
+            from fleettune.shared.pipeline.evaluation import Evaluator
 
             version = int(runtime.state.status(config.name)["version"])
             weights = versions.load_tier_weights(runtime.store, config.name, version, rank, config.spec_for(rank),
@@ -126,7 +126,7 @@ def centralized(run: dict, lr: float | None = None) -> float:
     """The same adapter trained on everyone's data pooled, for the same total number of steps
     (at learning rate `lr`, by default the devices' own)."""
     model, config = run["model"], run["config"]
-    from fleettune.shared.evaluation import Evaluator
+    from fleettune.shared.pipeline.evaluation import Evaluator
 
     trainer.load_adapter_weights(model, {k: v for k, v in _initial(config).items()})
     strategy = dataclasses.replace(config.training, local_epochs=10_000, max_steps=run["steps"], proximal_mu=0.0,
@@ -138,7 +138,7 @@ def centralized(run: dict, lr: float | None = None) -> float:
 
 
 def _initial(config: FederationConfig) -> dict:
-    from fleettune.shared.adapter_spec import initial_weights
+    from fleettune.shared.protocol.adapter_spec import initial_weights
 
     return initial_weights(config.spec, config.seed)
 
@@ -283,8 +283,8 @@ def tiers(args) -> None:
     a soft prompt). Each tier's held-out perplexity against its own base, and, to isolate what the
     federation contributed, the same distillation from SmolLM2 without the federated adapter."""
     from fleettune.shared.control.tiers import Distillation
-    from fleettune.shared.distill import distill, student_adapter
-    from fleettune.shared.evaluation import Evaluator
+    from fleettune.shared.pipeline.distill import distill, student_adapter
+    from fleettune.shared.pipeline.evaluation import Evaluator
 
     lr = args.lr
     run = federated("smollm2", AdapterConfig(rank=8, alpha=16), lr, Recipe(rounds=args.rounds),

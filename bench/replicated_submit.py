@@ -29,7 +29,7 @@ from gateway_submit import body, flood, p50_ms  # noqa: E402
 
 from fleettune import Federation  # noqa: E402
 from fleettune.shared.control.auth import Tokens  # noqa: E402
-from tests import services  # noqa: E402
+from fleettune.workers.local import services  # noqa: E402
 
 
 def measure(group: services.SentinelGroup, workdir: Path, replicas: int, args) -> tuple[float, float]:

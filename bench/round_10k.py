@@ -33,7 +33,7 @@ from fleettune.shared import keys  # noqa: E402
 from fleettune.shared.control.auth import Tokens  # noqa: E402
 from fleettune.shared.runtime import Runtime  # noqa: E402
 from fleettune.shared.settings import Settings  # noqa: E402
-from tests import services  # noqa: E402
+from fleettune.workers.local import services  # noqa: E402
 
 RETENTION_S = 20
 

@@ -34,9 +34,8 @@ from fleettune import DeviceClient, Federation, FleettuneAPIError  # noqa: E402
 from fleettune.shared.control.auth import Tokens  # noqa: E402
 from fleettune.shared.federation import FederationConfig  # noqa: E402
 from fleettune.shared.storage import S3ObjectStore  # noqa: E402
-from fleettune.shared.submit import encode_update  # noqa: E402
-from tests import services  # noqa: E402
-from tests.reference import random_deltas  # noqa: E402
+from fleettune.shared.protocol.updates import encode_update  # noqa: E402
+from fleettune.workers.local import services  # noqa: E402
 
 
 def rss_mb(proc) -> float:
@@ -73,7 +72,7 @@ def stream(api_url: str, fed: str, tokens: dict[str, str], spec: dict, stop: thr
                 plan = call(client.check_in, stop)
                 if plan is None or plan.get("action") != "train":
                     continue
-                blob = encode_update(random_deltas(spec, rng, 0.001))
+                blob = encode_update({k: (rng.standard_normal(shape) * 0.001).astype(np.float32) for k, shape in spec.items()})
                 call(lambda: client.upload(plan, blob), stop)
                 receipt = call(lambda: client.submit(plan, hashlib.sha256(blob).hexdigest(), num_samples=5), stop)
                 if receipt is not None:

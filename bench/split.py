@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fleettune.shared import corpora  # noqa: E402
-from fleettune.shared.adapter_spec import AdapterConfig  # noqa: E402
+from fleettune.shared.protocol.adapter_spec import AdapterConfig  # noqa: E402
 from fleettune.shared.device import models, trainer  # noqa: E402
 from fleettune.shared.federation import TrainingStrategy  # noqa: E402
 from fleettune.shared.split import model as split_model  # noqa: E402
@@ -126,7 +126,7 @@ def leakage(args) -> None:
 
 
 def cost(args) -> None:
-    from tests import services
+    from fleettune.workers.local import services
 
     work = Path(tempfile.mkdtemp(prefix="ft-split-bench-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)

@@ -67,12 +67,12 @@ def fleettune_side(n: int, shapes: dict[str, list[int]]) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from fleettune.shared.aggregation import clip_scale, update_norm
-    from fleettune.shared.safetensors_reader import parse
+    from fleettune.shared.strategies.fedavg import clip_scale, update_norm
+    from fleettune.shared.protocol.safetensors_reader import parse
     from fleettune.shared.strategies.combine import RoundAggregator, padded
     from fleettune.shared.strategies.config import AggregationConfig
     from fleettune.shared.strategies.partial import PartialSum
-    from fleettune.shared.submit import encode_update
+    from fleettune.shared.protocol.updates import encode_update
 
     torch.set_num_threads(1)
     layout = {k: tuple(s) for k, s in shapes.items()}
@@ -111,7 +111,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
+    from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig, build_spec
 
     spec = build_spec(LAYOUTS["llama-1b"], AdapterConfig(rank=8))
     shapes = json.dumps({k: list(s) for k, s in spec.tensors.items()})

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fleettune.shared import corpora
-from fleettune.shared.adapter_spec import LAYOUTS
+from fleettune.shared.protocol.adapter_spec import LAYOUTS
 
 OUT = Path(__file__).resolve().parents[1] / "shared" / "device" / "assets" / "tiny-llama"
 # The model learns general English (KJV, Shakespeare); the tokenizer also sees legal and code text.

@@ -9,7 +9,7 @@ import math
 from typing import Literal
 
 from fleettune.shared import corpora, keys
-from fleettune.shared.adapter_spec import AdapterConfig, AdapterSpec, ModelDims, build_spec
+from fleettune.shared.protocol.adapter_spec import AdapterConfig, AdapterSpec, ModelDims, build_spec
 from fleettune.shared.errors import ConfigError
 from fleettune.shared.strategies.config import CONTROL_PREFIX, AggregationConfig
 

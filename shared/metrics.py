@@ -22,7 +22,8 @@ import redis
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from fleettune.shared import broker, keys
+from fleettune.shared import keys
+from fleettune.shared.state import broker
 from fleettune.shared.errors import ObjectNotFound, StorageUnavailable
 
 NORM_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, float("inf"))
@@ -165,7 +166,7 @@ class FederationCollector:
     def _version_facts(self, fed: str, version: int) -> dict:
         """Gauges read from a version's manifest, cached per version (manifests never change);
         none for a federation never trained, or while S3 is unreachable: a scrape never fails on them."""
-        from fleettune.shared import versions
+        from fleettune.shared.protocol import versions
 
         if (fed, version) not in self._facts:
             try:

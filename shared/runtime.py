@@ -9,11 +9,11 @@ import redis
 
 from fleettune.shared import redis_connect
 from fleettune.shared.federation import FederationConfig
-from fleettune.shared.folding import PartialFolder
-from fleettune.shared.ingest import Ingestor
-from fleettune.shared.ledger import Ledger
+from fleettune.shared.pipeline.folding import PartialFolder
+from fleettune.shared.pipeline.ingest import Ingestor
+from fleettune.shared.state.ledger import Ledger
 from fleettune.shared.metrics import Metrics, process_metrics
-from fleettune.shared.rounds import RoundCoordinator
+from fleettune.shared.pipeline.rounds import RoundCoordinator
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import FederationState
 from fleettune.shared.storage import ObjectStore, open_store
@@ -61,7 +61,7 @@ class Runtime:
 
     def evaluator(self, config: FederationConfig):
         """One Evaluator per (evaluation, adapter) config in this process: loading the base model is slow."""
-        from fleettune.shared.evaluation import Evaluator
+        from fleettune.shared.pipeline.evaluation import Evaluator
 
         key = (config.evaluation, config.adapter)
         if key not in self._evaluators:

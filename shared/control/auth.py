@@ -18,7 +18,7 @@ from typing import Literal
 import redis
 
 from fleettune.shared import keys
-from fleettune.shared.lua import AsyncLua
+from fleettune.shared.state.lua import AsyncLua
 
 Scope = Literal["admin", "read", "device"]
 OPERATOR_SCOPES = ("admin", "read")

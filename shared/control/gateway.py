@@ -17,11 +17,12 @@ from typing import Any, Protocol
 import msgpack
 import redis
 
-from fleettune.shared import keys, versions
-from fleettune.shared.envelope import Envelope, decode
+from fleettune.shared import keys
+from fleettune.shared.protocol import versions
+from fleettune.shared.protocol.envelope import Envelope, decode
 from fleettune.shared.errors import Refusal, Rejected
 from fleettune.shared.federation import DeviceProfile, FederationConfig
-from fleettune.shared.ledger import LATE, Ledger
+from fleettune.shared.state.ledger import LATE, Ledger
 from fleettune.shared.control.groups import Groups
 from fleettune.shared.control.presign import Presigner
 from fleettune.shared.control.rollouts import Assignment, Rollouts

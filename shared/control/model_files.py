@@ -24,7 +24,7 @@ import struct
 import tarfile
 from typing import Any, BinaryIO
 
-from fleettune.shared.adapter_spec import ModelDims
+from fleettune.shared.protocol.adapter_spec import ModelDims
 
 MAX_HEADER = 64 * 1024 * 1024  # a safetensors header (metadata may carry a tokenizer of a few MB)
 MAX_CONFIG = 1024 * 1024

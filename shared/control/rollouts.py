@@ -4,7 +4,7 @@ A rollout moves one version (the candidate) onto a share of the devices in its t
 steps; the rest serve the federation's serving version (the previous one). Lifecycle:
 pending -> active <-> paused -> completed | rolled_back. Starting needs the server's own
 evaluation of the candidate to pass; afterwards devices report quality per version through the
-gateway, and at each look the canary arm is compared with the control arm (shared/canary.py). A
+gateway, and at each look the canary arm is compared with the control arm (shared/control/canary.py). A
 breached gate rolls the rollout back by itself; a step whose reports show the candidate within
 every margin advances it, after its minimum time, when `auto_advance` is on. Completing makes the
 candidate the serving version.
@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterable
 import msgpack
 import redis
 
-from fleettune.shared import canary, keys
+from fleettune.shared import keys
+from fleettune.shared.control import canary
 from fleettune.shared.errors import Refusal
 from fleettune.shared.state import FederationState
 

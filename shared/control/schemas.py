@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from fleettune.shared import keys
-from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, ModelDims
+from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig, ModelDims
 from fleettune.shared.control.groups import GroupSpec, Rules
 from fleettune.shared.control.model_files import TRAINABLE_HINT
 from fleettune.shared.errors import Refusal

@@ -3,7 +3,7 @@
 A deployment maps tier names to variants. The usual cascade:
     tier 1  mode "train": the federation's adapter on its base (QLoRA: a 4-bit base) - it trains
     tier 2  mode "infer", adapter "distilled": a smaller base, inference only, serving adapters the
-            server distils from each tier-1 version (shared/distill.py)
+            server distils from each tier-1 version (shared/pipeline/distill.py)
     tier 3  mode "infer" with a distilled prompt-tuning adapter on a compact base, or mode "api":
             the device calls the server's API instead of running a model
 A tier the deployment does not name uses its "*" entry, or trains (a federation with no deployment

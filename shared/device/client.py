@@ -11,14 +11,14 @@ import time
 
 import torch
 
-from fleettune.shared.adapter_spec import AdapterConfig, build_spec
+from fleettune.shared.protocol.adapter_spec import AdapterConfig, build_spec
 from fleettune.shared.device import trainer
 from fleettune.shared.federation import FederationConfig, TrainingStrategy
-from fleettune.shared import versions
-from fleettune.shared.safetensors_reader import parse
+from fleettune.shared.protocol import versions
+from fleettune.shared.protocol.safetensors_reader import parse
 from fleettune.device import DeviceClient, FleettuneAPIError
 from fleettune.shared.strategies.config import CONTROL_PREFIX
-from fleettune.shared.submit import encode_update
+from fleettune.shared.protocol.updates import encode_update
 
 
 @dataclasses.dataclass(frozen=True)

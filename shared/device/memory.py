@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fleettune.shared.adapter_spec import ModelDims
+from fleettune.shared.protocol.adapter_spec import ModelDims
 
 MB = 1_000_000
 

@@ -145,8 +145,8 @@ def split_round(gateway, device: SplitDevice, steps: int, shapes: dict[str, tupl
                 plan: dict | None = None, max_header_bytes: int = 1 << 20) -> dict:
     """One SplitFed round: start from the global version, take `steps` split steps through the
     split server, and send this device's part through the round pipeline. Returns the receipt."""
-    from fleettune.shared.safetensors_reader import parse
-    from fleettune.shared.submit import encode_update
+    from fleettune.shared.protocol.safetensors_reader import parse
+    from fleettune.shared.protocol.updates import encode_update
 
     plan = plan or gateway.check_in()
     start = {k: v.clone() for k, v in parse(gateway.download(plan), shapes, max_header_bytes).items()}

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 
 import torch
 
-from fleettune.shared import keys, versions
+from fleettune.shared import keys
+from fleettune.shared.protocol import versions
 from fleettune.shared.errors import StateError
-from fleettune.shared.safetensors_reader import parse
+from fleettune.shared.protocol.safetensors_reader import parse
 from fleettune.shared.split.config import SplitConfig
 
 

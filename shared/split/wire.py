@@ -18,7 +18,7 @@ from safetensors.torch import save
 
 from fleettune.shared import keys
 from fleettune.shared.errors import RejectReason, Rejected
-from fleettune.shared.safetensors_reader import DTYPES, parse
+from fleettune.shared.protocol.safetensors_reader import DTYPES, parse
 
 WIRE_DTYPES = {"F32": DTYPES["F32"], "I64": (torch.int64, 8)}
 MAX_HEADER = 4096

@@ -10,7 +10,7 @@
 from fleettune.shared.state.accounting import ACCEPTED, REDELIVERED, Accounting, UpdateRecord
 from fleettune.shared.state.evaluations import Evaluations
 from fleettune.shared.state.partials import Partials
-from fleettune.shared.state.registry import Registry
+from fleettune.shared.state.federations import Registry
 from fleettune.shared.state.round_machine import RoundInfo, RoundMachine
 
 __all__ = ["ACCEPTED", "REDELIVERED", "FederationState", "RoundInfo", "UpdateRecord"]

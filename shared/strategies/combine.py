@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fleettune.shared.aggregation import StreamingFedAvg, update_norm
+from fleettune.shared.strategies.fedavg import StreamingFedAvg, update_norm
 from fleettune.shared.strategies import privacy, robust, server_optimizers
 from fleettune.shared.strategies.config import CONTROL_PREFIX, AggregationConfig
 from fleettune.shared.strategies.exact_lora import LowRankSum, lora_pairs

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from fleettune.shared.safetensors_reader import SERVER_DTYPES, parse
+from fleettune.shared.protocol.safetensors_reader import SERVER_DTYPES, parse
 
 Tensors = Mapping[str, torch.Tensor]
 REFERENCE_SAMPLE = 32  # accepted updates whose median claim fixes a first round's weight cap

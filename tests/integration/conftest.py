@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleettune.shared import versions
-from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig
+from fleettune.shared.protocol import versions
+from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig
 from fleettune.shared.control.auth import Tokens
 from fleettune.shared.federation import FederationConfig, RoundPolicy
 from fleettune.shared.runtime import Runtime
 from fleettune.shared.settings import Settings
 from fleettune.shared.strategies.config import AggregationConfig
-from fleettune.shared.submit import encode_update, submit_update
-from tests import services
-from fleettune.workers.app import enqueuer, make_app
+from fleettune.shared.protocol.updates import encode_update, submit_update
+from fleettune.workers.local import services
+from fleettune.workers.worker.app import enqueuer, make_app
 
 pytestmark = pytest.mark.services
 _names = itertools.count(1)

@@ -17,10 +17,10 @@ import pytest
 from safetensors.numpy import load
 
 from fleettune import DeviceClient, Federation, FleettuneAPIError, ModelRegistry
-from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
+from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig, build_spec
 from fleettune.shared.device.models import TINY
-from fleettune.shared.submit import encode_update
-from tests import services
+from fleettune.shared.protocol.updates import encode_update
+from fleettune.workers.local import services
 from tests.reference import mean_delta, median_claim, next_global, random_deltas, server_optimizer
 
 pytestmark = pytest.mark.services

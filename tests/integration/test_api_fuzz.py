@@ -29,7 +29,7 @@ from fleettune import Federation
 from fleettune.shared.control.auth import Tokens
 from fleettune.shared.runtime import Runtime
 from fleettune.shared.settings import Settings
-from tests import services
+from fleettune.workers.local import services
 
 pytestmark = pytest.mark.services
 EXAMPLES = int(os.environ.get("FLEETTUNE_FUZZ_EXAMPLES", "15"))

@@ -17,7 +17,7 @@ import torch
 
 from fleettune import DeviceClient, Federation, FleettuneAPIError
 from fleettune.shared import corpora
-from fleettune.shared.adapter_spec import initial_weights
+from fleettune.shared.protocol.adapter_spec import initial_weights
 from fleettune.shared.device import models, trainer
 from fleettune.shared.device.serving import ServingFleet
 from fleettune.shared.federation import EvaluationConfig, TrainingStrategy
@@ -144,7 +144,8 @@ def _plan(client: DeviceClient, capabilities: dict) -> dict:
 def test_each_tier_gets_its_variant_and_tier_2s_distilled_adapter_loads_on_its_base(pipeline, tiny, tmp_path):
     from peft import PeftModel
 
-    from fleettune.shared import keys, versions
+    from fleettune.shared import keys
+    from fleettune.shared.protocol import versions
     from tests.reference import random_deltas
 
     config = pipeline.create(devices=["t1"], min_updates=1, max_rounds=1, max_grad_norm=None,

@@ -24,13 +24,13 @@ import redis
 from safetensors.numpy import load
 
 from fleettune import DeviceClient, Federation
-from fleettune.shared import versions
+from fleettune.shared.protocol import versions
 from fleettune.shared.control.auth import Tokens
 from fleettune.shared.federation import FederationConfig
 from fleettune.shared.runtime import Runtime
 from fleettune.shared.settings import Settings
-from fleettune.shared.submit import encode_update
-from tests import services
+from fleettune.shared.protocol.updates import encode_update
+from fleettune.workers.local import services
 from tests.reference import median_claim, next_global, random_deltas
 
 pytestmark = pytest.mark.services

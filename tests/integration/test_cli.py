@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fleettune.shared import versions
+from fleettune.shared.protocol import versions
 
 pytestmark = pytest.mark.services
 FLEETTUNE = str(Path(sys.executable).parent / "fleettune")
@@ -58,7 +58,7 @@ def test_a_worker_that_dies_of_an_unrecoverable_error_exits_non_zero_for_its_sup
     # a Redis user that may not read the worker's control queue: Celery's consumer fails for good
     import shutil
 
-    from tests import services
+    from fleettune.workers.local import services
 
     port = services.free_port()
     redis_proc = subprocess.Popen(

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fleettune.shared import versions
+from fleettune.shared.protocol import versions
 
 
 def test_the_demo_trains_federates_and_leaves_a_loadable_adapter_and_a_plot(tmp_path):

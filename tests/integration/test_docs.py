@@ -16,7 +16,7 @@ from fleettune.shared.control.auth import Tokens
 from fleettune.shared.device.models import TINY
 from fleettune.shared.runtime import Runtime
 from fleettune.shared.settings import Settings
-from tests import services
+from fleettune.workers.local import services
 
 pytestmark = pytest.mark.services
 ROOT = Path(__file__).resolve().parents[2]

@@ -131,9 +131,9 @@ def test_one_request_held_in_a_slow_redis_call_stalls_no_other(env, workdir, red
     import hashlib
     import threading
 
-    from fleettune.shared.adapter_spec import LAYOUTS
+    from fleettune.shared.protocol.adapter_spec import LAYOUTS
     from fleettune.shared.federation import FederationConfig, RoundPolicy
-    from tests import services
+    from fleettune.workers.local import services
 
     fed = _name("loop")
     config = FederationConfig(fed, LAYOUTS["tiny-llama"], policy=RoundPolicy(min_updates=1000, timeout_seconds=600))
@@ -169,9 +169,9 @@ def test_the_rate_limit_counts_a_tokens_requests_and_no_strangers(env, workdir, 
     """Submits and check-ins share one window per token, whatever federation the path names; a forged
     token naming the same key id is refused without spending that device's budget; an operator key
     cannot submit."""
-    from fleettune.shared.adapter_spec import LAYOUTS
+    from fleettune.shared.protocol.adapter_spec import LAYOUTS
     from fleettune.shared.federation import FederationConfig, RoundPolicy
-    from tests import services
+    from fleettune.workers.local import services
 
     fed = _name("rate")
     config = FederationConfig(fed, LAYOUTS["tiny-llama"], policy=RoundPolicy(min_updates=1000, timeout_seconds=600))

@@ -20,8 +20,8 @@ import pytest
 
 from fleettune import DeviceClient, Federation, FleettuneAPIError
 from fleettune.shared.control.auth import Tokens
-from fleettune.shared.submit import encode_update
-from tests import services
+from fleettune.shared.protocol.updates import encode_update
+from fleettune.workers.local import services
 from tests.reference import random_deltas
 
 pytestmark = pytest.mark.services

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fleettune.shared import keys
-from fleettune.shared.envelope import Envelope
+from fleettune.shared.protocol.envelope import Envelope
 from fleettune.shared.errors import RejectReason
 from tests import attacks
 from tests.reference import random_deltas

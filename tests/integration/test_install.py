@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from fleettune import DeviceClient, Federation
-from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
-from fleettune.shared.submit import encode_update
-from tests import services
+from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig, build_spec
+from fleettune.shared.protocol.updates import encode_update
+from fleettune.workers.local import services
 from tests.reference import random_deltas
 
 pytestmark = pytest.mark.services
@@ -80,7 +80,7 @@ def test_the_wheel_imports_one_sdk_object_and_no_generic_top_level_names(install
         "import importlib.util, fleettune, fleettune.http, fleettune.shared.device.client as c\n"
         "assert fleettune.FleettuneAPIError is fleettune.http.FleettuneAPIError is c.FleettuneAPIError\n"
         "assert importlib.util.find_spec('shared') is None and importlib.util.find_spec('workers') is None\n"
-        "import fleettune.shared.rounds, fleettune.shared.strategies, fleettune.shared.split, fleettune.workers.tasks\n"
+        "import fleettune.shared.pipeline.rounds, fleettune.shared.strategies, fleettune.shared.split, fleettune.workers.worker.tasks\n"
         "print(fleettune.__file__)"))
     assert str(installed.parent) in out and str(ROOT) not in out
 

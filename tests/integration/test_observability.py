@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 import yaml
 
-from fleettune.shared import canary, versions
+from fleettune.shared.control import canary
+from fleettune.shared.protocol import versions
 from fleettune.shared.control.rollouts import Rollouts
 from fleettune.shared.control.auth import Tokens
 from fleettune.shared.federation import EvaluationConfig
 from fleettune.shared.strategies.config import AggregationConfig
-from tests import services
+from fleettune.workers.local import services
 from tests.integration.conftest import make_pipeline
 from tests.reference import random_deltas
 

@@ -12,8 +12,8 @@ import pytest
 import redis
 
 from fleettune.shared.settings import Settings
-from fleettune.workers.app import enqueuer, make_app
-from fleettune.workers.publish import RedisPublisher
+from fleettune.workers.worker.app import enqueuer, make_app
+from fleettune.workers.worker.publish import RedisPublisher
 
 pytestmark = pytest.mark.services
 IDS = {"id", "root_id", "origin"}  # per message or per process

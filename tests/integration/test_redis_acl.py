@@ -18,8 +18,8 @@ import yaml
 
 from fleettune import DeviceClient, Federation
 from fleettune.shared.control.auth import Tokens
-from fleettune.shared.submit import encode_update
-from tests import services
+from fleettune.shared.protocol.updates import encode_update
+from fleettune.workers.local import services
 from tests.reference import random_deltas
 
 pytestmark = pytest.mark.services

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 from safetensors.numpy import load_file, save
 
 from fleettune import DeviceClient, Federation, FleettuneAPIError, ModelRegistry, TrainingSession
-from fleettune.shared.adapter_spec import ModelDims
+from fleettune.shared.protocol.adapter_spec import ModelDims
 from fleettune.shared.device import models, trainer
 from fleettune.shared.device.client import Device
 from fleettune.shared.federation import FederationConfig, TrainingStrategy
@@ -124,7 +124,7 @@ curl -sf -X POST $FLEETTUNE_URL/api/v1/training-sessions -H "Authorization: Bear
 
 
 def _adapter(plan: dict):
-    from fleettune.shared.adapter_spec import AdapterConfig
+    from fleettune.shared.protocol.adapter_spec import AdapterConfig
 
     return AdapterConfig(**dict(plan["adapter"], target_modules=tuple(plan["adapter"]["target_modules"])))
 

@@ -10,8 +10,8 @@ import redis
 
 from fleettune import DeviceClient, Federation
 from fleettune.shared.control.auth import Tokens
-from fleettune.shared.submit import encode_update
-from tests import services
+from fleettune.shared.protocol.updates import encode_update
+from fleettune.workers.local import services
 from tests.reference import random_deltas
 
 pytestmark = pytest.mark.services
@@ -175,15 +175,15 @@ def test_a_backlog_older_than_the_redrive_delay_is_drained_not_multiplied(s3_end
     machine, however loaded; the worker's beat sweeps every second while it drains."""
     import hashlib
 
-    from fleettune.shared import broker
-    from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig
+    from fleettune.shared.state import broker
+    from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig
     from fleettune.shared.control.gateway import Gateway
     from fleettune.shared.control.presign import LocalPresigner
     from fleettune.shared.federation import FederationConfig, RoundPolicy
     from fleettune.shared.runtime import Runtime
     from fleettune.shared.settings import Settings
-    from fleettune.workers.app import make_app
-    from fleettune.workers.publish import RedisPublisher
+    from fleettune.workers.worker.app import make_app
+    from fleettune.workers.worker.publish import RedisPublisher
 
     workdir = tmp_path_factory.mktemp("backlog")
     port = services.free_port()

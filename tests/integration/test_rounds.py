@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fleettune.shared import versions
+from fleettune.shared.protocol import versions
 from tests.reference import median_claim, next_global, random_deltas
 
 pytestmark = pytest.mark.services

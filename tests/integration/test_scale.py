@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from fleettune.shared import versions
-from fleettune.shared.round_inputs import RoundReader
+from fleettune.shared.protocol import versions
+from fleettune.shared.pipeline.round_inputs import RoundReader
 from fleettune.shared.strategies.combine import RoundAggregator
-from tests import services
+from fleettune.workers.local import services
 from tests.integration.conftest import make_pipeline
 from tests.reference import next_global, random_deltas
 

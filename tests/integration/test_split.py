@@ -17,14 +17,15 @@ import pytest
 import torch
 
 from fleettune import DeviceClient, Federation
-from fleettune.shared import corpora, keys, versions
-from fleettune.shared.adapter_spec import AdapterConfig, build_spec
+from fleettune.shared import corpora, keys
+from fleettune.shared.protocol import versions
+from fleettune.shared.protocol.adapter_spec import AdapterConfig, build_spec
 from fleettune.shared.device import models, trainer
 from fleettune.shared.split import model as split_model
 from fleettune.shared.split import parts, wire
 from fleettune.shared.split.config import SplitConfig
 from fleettune.shared.split.device import HttpTransport, SplitDevice, combined, split_round
-from tests import services
+from fleettune.workers.local import services
 
 pytestmark = pytest.mark.services
 ADAPTER = {"type": "lora", "rank": 4, "alpha": 8}

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fleettune.shared import versions
-from fleettune.shared.adapter_spec import AdapterConfig, ModelDims
+from fleettune.shared.protocol import versions
+from fleettune.shared.protocol.adapter_spec import AdapterConfig, ModelDims
 from fleettune.shared.device import models, trainer
 from fleettune.shared.device.fleet import FleetSpec, build_fleet
 from fleettune.shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy
 from fleettune.shared.strategies.config import AggregationConfig
-from fleettune.workers.experiment import enroll
+from fleettune.workers.local.harness import enroll
 
 pytestmark = pytest.mark.services
 

@@ -17,7 +17,7 @@ import pytest
 
 from fleettune import DeviceClient, Federation
 from fleettune.shared.control.auth import Tokens
-from fleettune.shared.submit import encode_update
+from fleettune.shared.protocol.updates import encode_update
 from tests.reference import random_deltas
 
 pytestmark = pytest.mark.services

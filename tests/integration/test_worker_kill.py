@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import redis
 
-from tests import services
+from fleettune.workers.local import services
 from tests.integration.conftest import make_pipeline
 from tests.reference import next_global, random_deltas
 

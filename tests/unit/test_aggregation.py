@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fleettune.shared.aggregation import StreamingFedAvg, apply_update, clip_scale, fedavg, update_norm
+from fleettune.shared.strategies.fedavg import StreamingFedAvg, apply_update, clip_scale, fedavg, update_norm
 
 SHAPES = {"a": (3, 4), "b": (5,)}
 

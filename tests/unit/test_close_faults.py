@@ -8,17 +8,18 @@ import fakeredis
 import numpy as np
 import pytest
 
-from fleettune.shared import keys, versions
-from fleettune.shared.adapter_spec import LAYOUTS, initial_weights
-from fleettune.shared.envelope import Envelope
+from fleettune.shared import keys
+from fleettune.shared.protocol import versions
+from fleettune.shared.protocol.adapter_spec import LAYOUTS, initial_weights
+from fleettune.shared.protocol.envelope import Envelope
 from fleettune.shared.errors import StateError
 from fleettune.shared.federation import EvaluationConfig, FederationConfig, RoundPolicy
-from fleettune.shared.ingest import Ingestor
-from fleettune.shared.rounds import CLOSED, FAILED, SETTLED, UNREADABLE, RoundCoordinator
+from fleettune.shared.pipeline.ingest import Ingestor
+from fleettune.shared.pipeline.rounds import CLOSED, FAILED, SETTLED, UNREADABLE, RoundCoordinator
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import FederationState
 from fleettune.shared.storage import LocalObjectStore
-from fleettune.shared.submit import encode_update
+from fleettune.shared.protocol.updates import encode_update
 from tests.reference import random_deltas
 
 
@@ -158,7 +159,7 @@ def test_a_halted_federation_resumes_for_the_rounds_it_has_left(world):
 
 
 def test_retention_deletes_a_rounds_updates_and_sets_but_never_a_version(world):
-    from fleettune.shared import retention
+    from fleettune.shared.pipeline import retention
 
     state, store, coordinator, _, clock = world
     for i, device in enumerate("abc"):

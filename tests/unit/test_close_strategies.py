@@ -9,18 +9,19 @@ import fakeredis
 import numpy as np
 import pytest
 
-from fleettune.shared import keys, versions
-from fleettune.shared.adapter_spec import LAYOUTS, initial_weights
-from fleettune.shared.envelope import Envelope
+from fleettune.shared import keys
+from fleettune.shared.protocol import versions
+from fleettune.shared.protocol.adapter_spec import LAYOUTS, initial_weights
+from fleettune.shared.protocol.envelope import Envelope
 from fleettune.shared.federation import FederationConfig, RoundPolicy
-from fleettune.shared.ingest import Ingestor
-from fleettune.shared.rounds import CLOSED, PRIVACY_BUDGET, RoundCoordinator
+from fleettune.shared.pipeline.ingest import Ingestor
+from fleettune.shared.pipeline.rounds import CLOSED, PRIVACY_BUDGET, RoundCoordinator
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import FederationState
 from fleettune.shared.storage import LocalObjectStore
 from fleettune.shared.strategies import privacy
 from fleettune.shared.strategies.config import AggregationConfig
-from fleettune.shared.submit import encode_update
+from fleettune.shared.protocol.updates import encode_update
 from tests import reference
 from tests.reference import random_deltas
 
@@ -119,7 +120,7 @@ def test_a_redone_close_keeps_the_version_its_earlier_attempt_published(tmp_path
     _round(state, store, config, 1, seed=1)
     first = RoundCoordinator(state, store, Settings())._aggregate_and_publish(config, state.round_info("f", 1), 1)
     store.put(keys.current_pointer("f"), b'{"version": 0}')  # the first attempt died before moving the pointer
-    monkeypatch.setattr("fleettune.shared.rounds.RoundAggregator", None)  # a redo must not aggregate again
+    monkeypatch.setattr("fleettune.shared.pipeline.rounds.RoundAggregator", None)  # a redo must not aggregate again
     again = RoundCoordinator(state, store, Settings())._aggregate_and_publish(config, state.round_info("f", 1), 1)
     assert again == first and versions.current_version(store, "f") == 1
     assert len(state.secret("f")) == 32 and state.secret("f") == state.r.get(keys.fed_secret("f"))

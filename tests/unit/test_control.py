@@ -14,10 +14,10 @@ from fleettune.shared.control.groups import GroupSpec
 from fleettune.shared.control.presign import LocalPresigner, S3Presigner, checksum_header
 from fleettune.shared.control.schemas import (AggregationIn, LoraIn, RoundConfigIn, StrategyIn, StrategyParams,
                                     TrainingSessionIn, apply_strategy)
-from fleettune.shared.control.sessions import Control
+from fleettune.shared.control.plane import Control
 from fleettune.shared.errors import Refusal
 from fleettune.shared.federation import DeviceProfile
-from fleettune.shared.rounds import RoundCoordinator
+from fleettune.shared.pipeline.rounds import RoundCoordinator
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import FederationState
 from fleettune.shared.storage import LocalObjectStore
@@ -297,8 +297,8 @@ def test_a_stopped_federation_resumes_through_the_api(plane, tmp_path):
 def test_deadlines_are_judged_by_receive_time(plane, tmp_path):
     import dataclasses
 
-    from fleettune.shared.ingest import Ingestor
-    from fleettune.shared.rounds import CLOSING, WAIT, decide
+    from fleettune.shared.pipeline.ingest import Ingestor
+    from fleettune.shared.pipeline.rounds import CLOSING, WAIT, decide
 
     state, gateway, control, sent, clock = plane
     _session(control, "f")  # deadline: 60 s after 1000

@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 
 from fleettune.shared import corpora, keys
-from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
+from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig, build_spec
 from fleettune.shared.device import memory
-from fleettune.shared.envelope import Envelope
+from fleettune.shared.protocol.envelope import Envelope
 from fleettune.shared.errors import RejectReason
 from fleettune.shared.federation import DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig, RoundPolicy
-from fleettune.shared.ingest import Ingestor
-from fleettune.shared.rounds import RoundCoordinator
+from fleettune.shared.pipeline.ingest import Ingestor
+from fleettune.shared.pipeline.rounds import RoundCoordinator
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import FederationState
 from fleettune.shared.storage import LocalObjectStore
-from fleettune.shared.submit import encode_update
+from fleettune.shared.protocol.updates import encode_update
 from tests.reference import random_deltas
 
 
@@ -114,7 +114,7 @@ def test_forgetting_past_the_threshold_lowers_the_server_learning_rate(tmp_path)
     result = coordinator.evaluate("f", 1, lambda config: _Evaluator(1.5))
     assert state.server_lr("f", 1.0) == 0.5
     assert "server_lr lowered to 0.5" in state.round_info("f", 2).guard == result["guard"]
-    from fleettune.shared import versions
+    from fleettune.shared.protocol import versions
     assert versions.manifest(store, "f", 1)["evaluation"]["forgetting_ratio"] == 1.5
 
 

@@ -5,7 +5,7 @@ import msgpack
 import pytest
 
 from fleettune.shared import keys
-from fleettune.shared.envelope import Envelope, decode
+from fleettune.shared.protocol.envelope import Envelope, decode
 from fleettune.shared.errors import Rejected, RejectReason
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "envelope_v1.msgpack"

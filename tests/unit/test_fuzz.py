@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as library_load
 
 from fleettune.shared.errors import RejectReason
-from fleettune.shared.fuzz_targets import SPEC, container, envelope_outcome, reader_outcome
+from fleettune.shared.protocol.fuzz_targets import SPEC, container, envelope_outcome, reader_outcome
 
 EXAMPLES = int(os.environ.get("FLEETTUNE_FUZZ_READER_EXAMPLES", "10000")) // 5
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -98,7 +98,7 @@ def test_the_reader_accepts_only_what_the_safetensors_library_also_reads(buf):
         theirs = library_load(buf)
     except SafetensorError as exc:  # pragma: no cover - a disagreement is the finding
         raise AssertionError(f"we accepted what safetensors refuses: {exc}") from None
-    from fleettune.shared.safetensors_reader import parse
+    from fleettune.shared.protocol.safetensors_reader import parse
 
     ours = parse(buf, SPEC, 4096)
     assert ours.keys() == theirs.keys() - {"__metadata__"}

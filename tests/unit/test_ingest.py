@@ -6,17 +6,18 @@ import fakeredis
 import numpy as np
 import pytest
 
-from fleettune.shared import keys, versions
-from fleettune.shared.adapter_spec import LAYOUTS
-from fleettune.shared.envelope import Envelope
+from fleettune.shared import keys
+from fleettune.shared.protocol import versions
+from fleettune.shared.protocol.adapter_spec import LAYOUTS
+from fleettune.shared.protocol.envelope import Envelope
 from fleettune.shared.errors import ObjectNotFound, RejectReason, Rejected
 from fleettune.shared.federation import FederationConfig, RoundPolicy
-from fleettune.shared.ingest import Ingestor
-from fleettune.shared.rounds import RoundCoordinator
+from fleettune.shared.pipeline.ingest import Ingestor
+from fleettune.shared.pipeline.rounds import RoundCoordinator
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import FederationState
 from fleettune.shared.storage import LocalObjectStore
-from fleettune.shared.submit import encode_update
+from fleettune.shared.protocol.updates import encode_update
 from tests.reference import next_global, random_deltas
 
 
@@ -74,7 +75,7 @@ def test_a_redone_close_writes_identical_bytes(world):
 
 def test_an_unexpected_error_is_dead_lettered_not_lost(world, monkeypatch):
     state, store, settings, config = world
-    monkeypatch.setattr("fleettune.shared.ingest.update_norm", lambda t: 1 / 0)
+    monkeypatch.setattr("fleettune.shared.pipeline.ingest.update_norm", lambda t: 1 / 0)
     result = _send(world, "a", random_deltas(config.spec.tensors, np.random.default_rng(2), 0.01))
     assert result.outcome == "rejected" and result.reason is RejectReason.INTERNAL_ERROR
     assert state.stats("fed")["rejected:internal_error"] == 1

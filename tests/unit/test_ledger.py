@@ -5,9 +5,9 @@ import msgpack
 import pytest
 
 from fleettune.shared import keys
-from fleettune.shared.envelope import decode
+from fleettune.shared.protocol.envelope import decode
 from fleettune.shared.errors import RejectReason, Rejected
-from fleettune.shared.ledger import Ledger
+from fleettune.shared.state.ledger import Ledger
 
 
 def _entry(raw: bytes, at: float) -> dict:
@@ -37,9 +37,9 @@ def test_only_lost_messages_are_redriven_never_one_queued_or_held_by_a_worker():
     import hashlib
     import json
 
-    from fleettune.shared import broker
-    from fleettune.workers.app import make_app
-    from fleettune.workers.publish import RedisPublisher
+    from fleettune.shared.state import broker
+    from fleettune.workers.worker.app import make_app
+    from fleettune.workers.worker.publish import RedisPublisher
 
     r = fakeredis.FakeRedis()
     ledger = Ledger(r, redrive_after_s=10)

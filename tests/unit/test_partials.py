@@ -9,20 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from fleettune.shared import keys, versions
-from fleettune.shared.adapter_spec import LAYOUTS
-from fleettune.shared.envelope import Envelope
+from fleettune.shared import keys
+from fleettune.shared.protocol import versions
+from fleettune.shared.protocol.adapter_spec import LAYOUTS
+from fleettune.shared.protocol.envelope import Envelope
 from fleettune.shared.federation import FederationConfig, RoundPolicy
-from fleettune.shared.folding import PartialFolder
-from fleettune.shared.ingest import Ingestor
-from fleettune.shared.rounds import CLOSED, RoundCoordinator
+from fleettune.shared.pipeline.folding import PartialFolder
+from fleettune.shared.pipeline.ingest import Ingestor
+from fleettune.shared.pipeline.rounds import CLOSED, RoundCoordinator
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import FederationState
 from fleettune.shared.state.partials import ALREADY, COMMITTED, REFUSED
 from fleettune.shared.storage import LocalObjectStore
 from fleettune.shared.strategies.config import AggregationConfig
 from fleettune.shared.strategies.partial import PartialSum, weight, weight_cap
-from fleettune.shared.submit import encode_update
+from fleettune.shared.protocol.updates import encode_update
 from tests.reference import random_deltas
 
 SHAPES = {"a": (3, 4), "b": (5,)}
@@ -152,7 +153,7 @@ def test_a_member_is_never_committed_in_two_partials(tmp_path):
 
 
 def test_retention_deletes_updates_and_partials_of_due_rounds_and_never_a_version(tmp_path):
-    from fleettune.shared import retention
+    from fleettune.shared.pipeline import retention
 
     devices = [f"d{i}" for i in range(6)]
     state, store, config, coordinator = _world(tmp_path, "r", AggregationConfig(), devices)

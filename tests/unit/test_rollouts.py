@@ -7,7 +7,8 @@ import random
 import fakeredis
 import pytest
 
-from fleettune.shared import canary, keys
+from fleettune.shared import keys
+from fleettune.shared.control import canary
 from fleettune.shared.control.gateway import Gateway
 from fleettune.shared.control.groups import GroupSpec, Rules
 from fleettune.shared.control.presign import LocalPresigner
@@ -15,7 +16,7 @@ from fleettune.shared.control.rollouts import Rollouts
 from fleettune.shared.control.schemas import GroupIn, ReportIn
 from fleettune.shared.control.tiers import Deployment, Variant
 from fleettune.shared.errors import Refusal
-from fleettune.shared.adapter_spec import LAYOUTS
+from fleettune.shared.protocol.adapter_spec import LAYOUTS
 from fleettune.shared.federation import DeviceProfile, FederationConfig
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import FederationState

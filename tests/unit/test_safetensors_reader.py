@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save
 
 from fleettune.shared.errors import Rejected, RejectReason
-from fleettune.shared.safetensors_reader import parse
+from fleettune.shared.protocol.safetensors_reader import parse
 from tests import attacks
 
 SPEC = {"x.lora_A.weight": (2, 4), "y.lora_A.weight": (2, 4), "x.lora_B.weight": (4, 2)}

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig, build_spec
+from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig, build_spec
 from fleettune.shared.errors import ConfigError
 from fleettune.shared.federation import FederationConfig, RoundPolicy
 from fleettune.shared.settings import Settings

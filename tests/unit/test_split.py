@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fleettune.shared.adapter_spec import AdapterConfig
+from fleettune.shared.protocol.adapter_spec import AdapterConfig
 from fleettune.shared.device import models, trainer
 from fleettune.shared.errors import Refusal, Rejected
 from fleettune.shared.split import model as split_model

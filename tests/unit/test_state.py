@@ -3,10 +3,10 @@
 import fakeredis
 import pytest
 
-from fleettune.shared.adapter_spec import LAYOUTS
+from fleettune.shared.protocol.adapter_spec import LAYOUTS
 from fleettune.shared.errors import RejectReason, StateError
 from fleettune.shared.federation import FederationConfig, RoundPolicy
-from fleettune.shared.rounds import CLOSING, FAILED, WAIT, decide
+from fleettune.shared.pipeline.rounds import CLOSING, FAILED, WAIT, decide
 from fleettune.shared.state import ACCEPTED, REDELIVERED, FederationState, RoundInfo, UpdateRecord
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fleettune.shared.adapter_spec import AdapterConfig, ModelDims, build_spec
+from fleettune.shared.protocol.adapter_spec import AdapterConfig, ModelDims, build_spec
 from fleettune.shared.device import models, trainer
 from fleettune.shared.federation import TrainingStrategy
 

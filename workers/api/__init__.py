@@ -105,12 +105,12 @@ class _Measure:
 def app_from_env() -> FastAPI:
     """The API as `fleettune api` runs it, from FLEETTUNE_* (uvicorn's factory for `--workers N`)."""
     from fleettune.shared.settings import Settings
-    from fleettune.workers.app import app as celery_app
-    from fleettune.workers.app import enqueuer, starter
-    from fleettune.workers.publish import RedisPublisher
+    from fleettune.workers.worker.app import app as celery_app
+    from fleettune.workers.worker.app import enqueuer, starter
+    from fleettune.workers.worker.publish import RedisPublisher
 
     settings = Settings.from_env()
-    # the broker is the same Redis: record-and-enqueue is one script (workers/publish.py says why)
+    # the broker is the same Redis: record-and-enqueue is one script (workers/worker/publish.py says why)
     return create_app(Runtime.from_settings(settings), enqueuer(celery_app), publisher=RedisPublisher(celery_app),
                       begin=starter(celery_app))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import JSONResponse
 
-from fleettune.shared import versions
+from fleettune.shared.protocol import versions
 from fleettune.shared.control.auth import Principal
 from fleettune.shared.control.schemas import AdapterIn, DeviceIn, FederationIn, GroupIn, StrategyIn
 from fleettune.shared.errors import ObjectNotFound, Refusal

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import Field, StringConstraints
 
 from fleettune.shared import keys
-from fleettune.shared.adapter_spec import ModelDims
+from fleettune.shared.protocol.adapter_spec import ModelDims
 from fleettune.shared.control.auth import Principal
 from fleettune.shared.control.schemas import Strict
 from fleettune.workers.api import problems

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Path, Query
 
-from fleettune.shared import canary, versions
+from fleettune.shared.control import canary
+from fleettune.shared.protocol import versions
 from fleettune.shared.control.auth import Principal
 from fleettune.shared.control.schemas import DeploymentIn, DistillIn, PercentIn, ReasonIn, RolloutIn
 from fleettune.shared.errors import ObjectNotFound, Refusal

@@ -14,10 +14,10 @@ from fleettune.shared.control.auth import Tokens
 from fleettune.shared.control.devices import Devices
 from fleettune.shared.control.gateway import Enqueue, Gateway, Publisher, Receipt
 from fleettune.shared.control.presign import LocalPresigner, Presigner, S3Presigner
-from fleettune.shared.control.registry import ModelRegistry
+from fleettune.shared.control.model_registry import ModelRegistry
 from fleettune.shared.control.rollouts import Rollouts
 from fleettune.shared.control.tiers import Deployment
-from fleettune.shared.control.sessions import Control
+from fleettune.shared.control.plane import Control
 from fleettune.shared.runtime import Runtime
 from fleettune.shared.storage import LocalObjectStore
 

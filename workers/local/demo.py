@@ -11,15 +11,16 @@ from pathlib import Path
 import click
 import torch
 
-from fleettune.shared import corpora, versions
-from fleettune.shared.adapter_spec import AdapterConfig, ModelDims
+from fleettune.shared import corpora
+from fleettune.shared.protocol import versions
+from fleettune.shared.protocol.adapter_spec import AdapterConfig, ModelDims
 from fleettune.shared.device import memory, models, trainer
 from fleettune.shared.device.client import Device
 from fleettune.shared.device.fleet import FleetSpec, build_fleet
 from fleettune.shared.federation import DeviceFilter, EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy
 from fleettune import FleettuneAPIError
 from fleettune.shared.settings import Settings
-from fleettune.workers.experiment import RoundRow, embedded, enroll, gateway, run_rounds
+from fleettune.workers.local.harness import RoundRow, embedded, enroll, gateway, run_rounds
 
 DEVICE_RAM_MB, DEVICE_STORAGE_MB = 4096, 16_000
 # Per-device text and evaluation text: a real 135M model takes seconds per step on 2 cores, so it

@@ -10,14 +10,14 @@ from collections.abc import Callable
 
 import redis
 
-from fleettune.shared import envelope as envelope_codec
+from fleettune.shared.protocol import envelope as envelope_codec
 from fleettune.shared import keys
-from fleettune.shared.aggregation import clip_scale, update_norm
-from fleettune.shared.envelope import Envelope
+from fleettune.shared.strategies.fedavg import clip_scale, update_norm
+from fleettune.shared.protocol.envelope import Envelope
 from fleettune.shared.errors import ObjectNotFound, RejectReason, Rejected, StorageUnavailable
 from fleettune.shared.federation import FederationConfig
-from fleettune.shared.folding import PartialFolder
-from fleettune.shared.safetensors_reader import parse
+from fleettune.shared.pipeline.folding import PartialFolder
+from fleettune.shared.protocol.safetensors_reader import parse
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import ACCEPTED, REDELIVERED, FederationState, UpdateRecord
 from fleettune.shared.storage import ObjectStore

@@ -20,15 +20,15 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from tqdm import tqdm
 
-from fleettune.shared import versions
+from fleettune.shared.protocol import versions
 from fleettune.shared.device.client import Device
 from fleettune.shared.federation import FederationConfig
 from fleettune.shared.runtime import Runtime
 from fleettune.shared.settings import Settings
 from fleettune import DeviceClient, Federation
 from fleettune.shared.storage import LocalObjectStore, open_store
-from fleettune.shared.submit import encode_update
-from fleettune.workers.app import QUEUES, enqueuer, make_app
+from fleettune.shared.protocol.updates import encode_update
+from fleettune.workers.worker.app import QUEUES, enqueuer, make_app
 
 
 @dataclasses.dataclass(frozen=True)

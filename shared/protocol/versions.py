@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from fleettune.shared import keys
-from fleettune.shared.adapter_spec import AdapterSpec
+from fleettune.shared.protocol.adapter_spec import AdapterSpec
 from fleettune.shared.errors import ObjectNotFound, StateError
-from fleettune.shared.safetensors_reader import parse
+from fleettune.shared.protocol.safetensors_reader import parse
 from fleettune.shared.storage import ObjectStore
 
 ADAPTER_FILE = "adapter_model.safetensors"

@@ -1,6 +1,6 @@
 """The Celery app: a Redis broker, at-least-once delivery, and no pickle.
 
-`celery -A fleettune.workers.app worker` and `fleettune worker` both start workers from this module.
+`celery -A fleettune.workers.worker.app worker` and `fleettune worker` both start workers from this module.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from celery import Celery
 from fleettune.shared import redis_connect
 from fleettune.shared.runtime import Runtime
 from fleettune.shared.settings import Settings
-from fleettune.workers.beat import BeatKeeper
+from fleettune.workers.worker.beat import BeatKeeper
 
 INGEST_QUEUE = "fleettune.ingest"
 ROUNDS_QUEUE = "fleettune.rounds"  # its own queue, so a backlog of updates never delays a close
@@ -23,7 +23,7 @@ QUEUES = (INGEST_QUEUE, ROUNDS_QUEUE, EVAL_QUEUE)
 
 def make_app(settings: Settings | None = None, broker_url: str | None = None, runtime: Runtime | None = None) -> Celery:
     settings = settings or Settings.from_env()
-    app = Celery("fleettune", broker=broker_url or redis_connect.broker_url(settings), include=["fleettune.workers.tasks", "fleettune.workers.observability"])
+    app = Celery("fleettune", broker=broker_url or redis_connect.broker_url(settings), include=["fleettune.workers.worker.tasks", "fleettune.workers.worker.observability"])
     app.conf.update(
         # msgpack only: no pickle can reach a worker, and envelopes arrive as raw bytes
         task_serializer="msgpack",
@@ -60,7 +60,7 @@ def make_app(settings: Settings | None = None, broker_url: str | None = None, ru
         beat_schedule={"fleettune-sweep": {"task": "fleettune.sweep", "schedule": settings.sweep_interval_s}},
         # in memory (the default persists with shelve, that is pickle), sending only while it holds
         # the leader lease: any number of beats, exactly one sends
-        beat_scheduler="fleettune.workers.beat:LeaderScheduler",
+        beat_scheduler="fleettune.workers.worker.beat:LeaderScheduler",
     )
     app.steps["worker"].add(BeatKeeper)  # a `--beat` worker's beat is restarted if it dies
     app.fleettune_settings = settings

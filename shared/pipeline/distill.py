@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 
 from fleettune.shared import corpora
-from fleettune.shared.adapter_spec import AdapterConfig
+from fleettune.shared.protocol.adapter_spec import AdapterConfig
 from fleettune.shared.control.tiers import Distillation, Variant
 
 
@@ -130,8 +130,8 @@ def teacher_with(base, adapter: AdapterConfig, weights: Mapping[str, torch.Tenso
 
 def distill_version(state, store, settings, fed: str, version: int, tier: str, variant: Variant) -> dict:
     """Distil published `version` for `tier` and publish it beside the version; returns its manifest."""
-    from fleettune.shared import versions
-    from fleettune.shared.adapter_spec import ModelDims, build_spec
+    from fleettune.shared.protocol import versions
+    from fleettune.shared.protocol.adapter_spec import ModelDims, build_spec
     from fleettune.shared.device import models
 
     config = state.config(fed)

@@ -14,7 +14,7 @@ import click
 import httpx
 from tqdm import tqdm
 
-from fleettune.shared import simulate as sim
+from fleettune.shared.device import synthetic as sim
 from fleettune.shared.federation import FederationConfig
 from fleettune import DeviceClient, Federation, FleettuneAPIError
 from fleettune.http import Client

@@ -9,13 +9,13 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from fleettune.shared import versions
-from fleettune.shared.adapter_spec import initial_weights
-from fleettune.shared.aggregation import update_norm
-from fleettune.shared.evaluation import guard
+from fleettune.shared.protocol import versions
+from fleettune.shared.protocol.adapter_spec import initial_weights
+from fleettune.shared.strategies.fedavg import update_norm
+from fleettune.shared.pipeline.evaluation import guard
 from fleettune.shared.errors import ObjectNotFound, StateError
 from fleettune.shared.federation import DeviceProfile, FederationConfig
-from fleettune.shared.round_inputs import RoundReader, Unreducible
+from fleettune.shared.pipeline.round_inputs import RoundReader, Unreducible
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import FederationState, RoundInfo
 from fleettune.shared.storage import ObjectStore

@@ -18,7 +18,7 @@ import uuid
 from celery import Celery
 from kombu.serialization import dumps
 
-from fleettune.workers.app import INGEST_QUEUE
+from fleettune.workers.worker.app import INGEST_QUEUE
 
 TASK = "fleettune.ingest"
 

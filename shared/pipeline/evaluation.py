@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 
 from fleettune.shared import corpora
-from fleettune.shared.adapter_spec import AdapterConfig
+from fleettune.shared.protocol.adapter_spec import AdapterConfig
 from fleettune.shared.federation import EvaluationConfig
 
 

@@ -18,15 +18,15 @@ import click
 import torch
 
 from fleettune.shared import corpora
-from fleettune.shared.adapter_spec import ModelDims
+from fleettune.shared.protocol.adapter_spec import ModelDims
 from fleettune.shared.device import models, trainer
 from fleettune.shared.device.client import Device
 from fleettune.shared.device.fleet import FleetSpec, build_fleet
 from fleettune.shared.device.serving import ServingFleet
 from fleettune import DeviceClient, Federation, FleettuneAPIError
 from fleettune.shared.settings import Settings
-from fleettune.workers.demo import DEVICE_RAM_MB, DEVICE_STORAGE_MB, demo_config
-from fleettune.workers.experiment import embedded, enroll, gateway, run_rounds, wait_evaluation, wait_round
+from fleettune.workers.local.demo import DEVICE_RAM_MB, DEVICE_STORAGE_MB, demo_config
+from fleettune.workers.local.harness import embedded, enroll, gateway, run_rounds, wait_evaluation, wait_round
 
 GATES = {"min_reports": 5}  # the rest at their defaults: margins 0.05 nats, alpha 0.05 over 20 looks
 

@@ -18,7 +18,7 @@ import torch
 
 from fleettune.shared.errors import ObjectNotFound, Rejected
 from fleettune.shared.federation import FederationConfig
-from fleettune.shared.safetensors_reader import parse
+from fleettune.shared.protocol.safetensors_reader import parse
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import FederationState, RoundInfo, UpdateRecord
 from fleettune.shared.storage import ObjectStore

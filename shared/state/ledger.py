@@ -16,7 +16,7 @@ import msgpack
 import redis
 
 from fleettune.shared import keys
-from fleettune.shared.lua import AsyncLua
+from fleettune.shared.state.lua import AsyncLua
 
 MAX_BACKOFF_DOUBLINGS = 6
 ONLINE_REFRESH_S = 1.0  # how often a process asks the primary how many replicas are in sync  # re-drives wait redrive_after_s x 1, 2, 4 ... 64

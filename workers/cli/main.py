@@ -9,7 +9,7 @@ import tempfile
 
 import click
 
-from fleettune.shared.adapter_spec import LAYOUTS, AdapterConfig
+from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig
 from fleettune.shared.errors import ConfigError, FleettuneError
 from fleettune.shared.federation import DeviceFilter, EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy
 from fleettune.shared.settings import Settings
@@ -86,13 +86,13 @@ def cli() -> None:
 @click.option("--metrics-port", type=int, default=None, help="serve /metrics here (FLEETTUNE_METRICS_PORT)")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(concurrency: int, beat: bool, loglevel: str, metrics_port: int | None, celery_args: tuple[str, ...]) -> None:
-    """Start a Celery worker (the same as `celery -A fleettune.workers.app worker`), with /metrics if asked."""
+    """Start a Celery worker (the same as `celery -A fleettune.workers.worker.app worker`), with /metrics if asked."""
     if metrics_port is not None:
         os.environ["FLEETTUNE_METRICS_PORT"] = str(metrics_port)
     if os.environ.get("FLEETTUNE_METRICS_PORT", "0") != "0" and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # before prometheus_client is imported: every pool process then writes its samples there
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fleettune-metrics-")
-    from fleettune.workers.app import QUEUES, app
+    from fleettune.workers.worker.app import QUEUES, app
 
     if not app.fleettune_settings.redis_url:
         raise click.UsageError("set FLEETTUNE_REDIS_URL (and FLEETTUNE_S3_*) to run a worker")
@@ -105,7 +105,7 @@ def worker(concurrency: int, beat: bool, loglevel: str, metrics_port: int | None
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def beat(loglevel: str, celery_args: tuple[str, ...]) -> None:
     """Run beat (the deadline sweep and repairs) on its own; run two for a standby, one sends."""
-    from fleettune.workers.app import app
+    from fleettune.workers.worker.app import app
 
     if not app.fleettune_settings.redis_url:
         raise click.UsageError("set FLEETTUNE_REDIS_URL to run beat")
@@ -155,7 +155,7 @@ def split_server(host: str, port: int) -> None:
 
     from fleettune.shared.runtime import Runtime
     from fleettune.workers.api import serve
-    from fleettune.workers.split_server import create_split_app
+    from fleettune.workers.split.server import create_split_app
 
     settings = Settings.from_env()
     if not settings.redis_url:
@@ -176,7 +176,7 @@ def api_key() -> None:
 def api_key_create(scope: str, name: str) -> None:
     """Create a key and print it once; only its sha256 is stored."""
     from fleettune.shared.control.auth import Tokens
-    from fleettune.workers.app import app, runtime_of
+    from fleettune.workers.worker.app import app, runtime_of
 
     key_id, token = Tokens(runtime_of(app).redis).create_api_key(scope, name)
     click.echo(token)
@@ -188,7 +188,7 @@ def api_key_create(scope: str, name: str) -> None:
 def api_key_revoke(key_id: str) -> None:
     """Revoke a key by its id."""
     from fleettune.shared.control.auth import Tokens
-    from fleettune.workers.app import app, runtime_of
+    from fleettune.workers.worker.app import app, runtime_of
 
     if not Tokens(runtime_of(app).redis).revoke_api_key(key_id):
         raise click.UsageError(f"no key {key_id}")
@@ -207,8 +207,8 @@ def federation() -> None:
 @federation_options
 def federation_create(name: str, num_devices: int, device_ids: tuple[str, ...], **kw) -> None:
     """Create a federation, publish version 0 and open round 1."""
-    from fleettune.shared.simulate import devices
-    from fleettune.workers.app import app, runtime_of
+    from fleettune.shared.device.synthetic import devices
+    from fleettune.workers.worker.app import app, runtime_of
 
     config = _config(name, **_federation_kwargs(kw))
     runtime = runtime_of(app)
@@ -222,7 +222,7 @@ def federation_create(name: str, num_devices: int, device_ids: tuple[str, ...], 
 @click.argument("name")
 def federation_status(name: str) -> None:
     """Print a federation's state, current round and counters as JSON."""
-    from fleettune.workers.app import app, runtime_of
+    from fleettune.workers.worker.app import app, runtime_of
 
     state = runtime_of(app).state
     round_no = state.current_round(name)
@@ -237,7 +237,7 @@ def federation_status(name: str) -> None:
 @click.option("-n", "count", default=20, show_default=True)
 def deadletters(count: int) -> None:
     """Print the newest rejected updates with their reasons."""
-    from fleettune.workers.app import app, runtime_of
+    from fleettune.workers.worker.app import app, runtime_of
 
     for entry in runtime_of(app).state.deadletters(count):
         click.echo(json.dumps(entry))
@@ -256,7 +256,7 @@ def deadletters(count: int) -> None:
 def simulate(name: str, num_devices: int, rounds: int, round_wait: float, concurrency: int, url: str,
              api_key: str, **kw) -> None:
     """Synthetic devices send updates for R rounds through the API and gateway (creates the federation)."""
-    from fleettune.workers.simulate import simulate as run
+    from fleettune.workers.local.simulate import simulate as run
 
     fed_kw = _federation_kwargs(kw)
     run(url, api_key, _config(name, **fed_kw), fed_kw["layout"], num_devices, rounds, round_wait, concurrency)
@@ -276,10 +276,10 @@ def simulate(name: str, num_devices: int, rounds: int, round_wait: float, concur
 def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: str, out: str, canary: bool) -> None:
     """Devices train real adapters on non-IID text and federate them: no server to start."""
     if canary:
-        from fleettune.workers.demo_canary import run_canary_demo
+        from fleettune.workers.local.demo_canary import run_canary_demo
 
         return run_canary_demo(Settings.from_env(), out_dir=out)
-    from fleettune.workers.demo import run_demo
+    from fleettune.workers.local.demo import run_demo
 
     run_demo(Settings.from_env(), model_source=model_source, kind=kind, num_devices=num_devices, rounds=rounds,
              out_dir=out, domains=tuple(d.strip() for d in domains.split(",") if d.strip()))
@@ -298,7 +298,7 @@ def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: s
 @click.option("--overhead-mb", default=400.0, show_default=True)
 def memory_cmd(model_source, params, layout, bits, rank, targets, batch, seq, act_bytes, overhead_mb) -> None:
     """Estimate a device's memory for local adapter training (MB)."""
-    from fleettune.shared.adapter_spec import ModelDims, build_spec
+    from fleettune.shared.protocol.adapter_spec import ModelDims, build_spec
     from fleettune.shared.device import memory
 
     dims = LAYOUTS[layout]
@@ -315,7 +315,7 @@ def memory_cmd(model_source, params, layout, bits, rank, targets, batch, seq, ac
 
 def main() -> None:
     from fleettune import FleettuneAPIError
-    from fleettune.workers.cli_api import GROUPS
+    from fleettune.workers.cli.api_commands import GROUPS
 
     for group in GROUPS:
         cli.add_command(group)

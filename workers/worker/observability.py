@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 @worker_init.connect
 def serve_metrics(sender=None, **_) -> None:
     """Start /metrics in the main process, before the pool forks (so no child inherits the socket)."""
-    from fleettune.workers.app import QUEUES
+    from fleettune.workers.worker.app import QUEUES
 
     app = sender.app
     settings = app.fleettune_settings

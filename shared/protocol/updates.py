@@ -13,7 +13,7 @@ import numpy as np
 from safetensors.numpy import save
 
 from fleettune.shared import keys
-from fleettune.shared.envelope import Envelope
+from fleettune.shared.protocol.envelope import Envelope
 from fleettune.shared.storage import ObjectStore
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import struct
 
-from fleettune.shared.envelope import decode
+from fleettune.shared.protocol.envelope import decode
 from fleettune.shared.errors import Rejected
-from fleettune.shared.safetensors_reader import parse
+from fleettune.shared.protocol.safetensors_reader import parse
 
 SPEC = {"a.lora_A.weight": (2, 3), "a.lora_B.weight": (3, 2)}
 HEADER_CAP = 4096

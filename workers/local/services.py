@@ -249,7 +249,7 @@ class Worker:
 
     def __init__(self, name: str, env: dict[str, str], workdir: Path, concurrency: int = 2, beat: bool = False,
                  pool: str = "prefork", via_cli: bool = False, bin_dir: Path | None = None, cwd: Path | None = None):
-        """Plain `celery -A fleettune.workers.app worker`, or `fleettune worker` when via_cli (from `bin_dir`:
+        """Plain `celery -A fleettune.workers.worker.app worker`, or `fleettune worker` when via_cli (from `bin_dir`:
         another environment's, such as a venv the wheel was installed into)."""
         self.name = name
         self.log = workdir / f"worker-{name}.log"
@@ -258,7 +258,7 @@ class Worker:
             args = [str((bin_dir or Path(sys.executable).parent) / "fleettune"), "worker", f"--concurrency={concurrency}",
                     "--beat" if beat else "--no-beat", *common]
         else:
-            args = [sys.executable, "-m", "celery", "-A", "fleettune.workers.app", "worker", f"--concurrency={concurrency}",
+            args = [sys.executable, "-m", "celery", "-A", "fleettune.workers.worker.app", "worker", f"--concurrency={concurrency}",
                     "-Q", "fleettune.ingest,fleettune.rounds,fleettune.eval", "--loglevel=info", *common]
             if beat:
                 args.append("--beat")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import numpy as np
 
-from fleettune.shared.adapter_spec import AdapterSpec
+from fleettune.shared.protocol.adapter_spec import AdapterSpec
 from fleettune.device import DeviceClient
-from fleettune.shared.submit import encode_update
+from fleettune.shared.protocol.updates import encode_update
 
 
 @dataclasses.dataclass(frozen=True)

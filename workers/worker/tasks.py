@@ -11,15 +11,17 @@ import torch
 from celery import Task, shared_task
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from fleettune.shared import broker, keys, retention
+from fleettune.shared import keys
+from fleettune.shared.state import broker
+from fleettune.shared.pipeline import retention
 from fleettune.shared.control.rollouts import Rollouts
 from fleettune.shared.control.tiers import Deployment
-from fleettune.shared.distill import distill_version
-from fleettune.shared.ingest import TRANSIENT
-from fleettune.shared.lease import Lease
-from fleettune.shared.rounds import CLOSED, FAILED
+from fleettune.shared.pipeline.distill import distill_version
+from fleettune.shared.pipeline.ingest import TRANSIENT
+from fleettune.shared.state.lease import Lease
+from fleettune.shared.pipeline.rounds import CLOSED, FAILED
 from fleettune.shared.runtime import Runtime
-from fleettune.workers.app import INGEST_QUEUE, app, enqueuer, runtime_of
+from fleettune.workers.worker.app import INGEST_QUEUE, app, enqueuer, runtime_of
 
 log = logging.getLogger(__name__)
 _settings = app.fleettune_settings
@@ -110,7 +112,7 @@ def evaluate(self: FleetTask, fed: str, version: int) -> float:
 
 @shared_task(base=FleetTask, bind=True, name="fleettune.distill", **RETRY)
 def distill(self: FleetTask, fed: str, version: int, tier: str) -> str:
-    """A published version distilled onto a smaller tier's base (shared/distill.py)."""
+    """A published version distilled onto a smaller tier's base (shared/pipeline/distill.py)."""
     runtime, deployment = self.runtime, Deployment(self.runtime.redis)
     variant = deployment.distilled_tiers(fed).get(tier)
     if variant is None or runtime.state.config(fed) is None:

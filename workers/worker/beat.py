@@ -23,7 +23,7 @@ from celery.worker import state as worker_state
 from kombu.exceptions import OperationalError
 
 from fleettune.shared import keys
-from fleettune.shared.lease import Lease
+from fleettune.shared.state.lease import Lease
 
 log = logging.getLogger(__name__)
 # any Redis error: connection loss, a restart still loading, a demoted primary (ReadOnlyError)
@@ -34,7 +34,7 @@ MAX_HOLD_OFF_S = 5.0
 class LeaderScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        from fleettune.workers.app import runtime_of
+        from fleettune.workers.worker.app import runtime_of
 
         settings = self.app.fleettune_settings
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

@@ -17,7 +17,7 @@ from fleettune.shared.control.schemas import (FederationIn, StrategyIn, Training
                                     evaluation_config, resolve_model)
 from fleettune.shared.errors import Refusal
 from fleettune.shared.federation import FederationConfig
-from fleettune.shared.rounds import RoundCoordinator
+from fleettune.shared.pipeline.rounds import RoundCoordinator
 from fleettune.shared.state import FederationState
 
 FINAL = ("completed", "failed", "stopped")
