@@ -61,7 +61,7 @@ def measure(n: int) -> dict:
         target = root / key
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(path, target)
-        state.accept(f"m{i}", "bench", 1, UpdateRecord(device, key, sha, 10, 10, 1.0, 1.0, 0.0, {}, 0.0))
+        state.accounting.accept(f"m{i}", "bench", 1, UpdateRecord(device, key, sha, 10, 10, 1.0, 1.0, 0.0, {}, 0.0))
 
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM, the peak RSS
     before = _kib("VmRSS")

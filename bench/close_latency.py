@@ -57,7 +57,7 @@ def ingest_round(runtime: Runtime, settings: Settings, config: FederationConfig,
                  devices: list[str], distinct: list[bytes], rng) -> float:
     """Upload and ingest one round's updates (two folders, as two processes); returns updates/s."""
     name = config.name
-    base = runtime.state.round_info(name, round_no).base_version
+    base = runtime.state.rounds.round_info(name, round_no).base_version
     envelopes = []
     for i, device in enumerate(devices):
         blob, key = distinct[i % len(distinct)], keys.update_object(name, round_no, device)
@@ -97,7 +97,7 @@ def measure(runtime: Runtime, settings: Settings, layout: str, n: int) -> list[d
                                      settings.max_header_bytes)
         started = time.perf_counter()
         RoundReader(runtime.state, runtime.store, settings).stream(
-            config, runtime.state.round_info(name, round_no),
+            config, runtime.state.rounds.round_info(name, round_no),
             RoundAggregator(config.aggregation, base, config.update_tensors, config.adapter.rank,
                             config.adapter.alpha))
         stream_s = time.perf_counter() - started

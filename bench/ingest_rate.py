@@ -57,7 +57,7 @@ def prepare(runtime: Runtime, name: str, layout: str, n: int) -> tuple[list[byte
 
 
 def wait_accepted(runtime: Runtime, name: str, count: int) -> None:
-    while runtime.state.stats(name).get("accepted", 0) < count:
+    while runtime.state.federations.stats(name).get("accepted", 0) < count:
         time.sleep(0.005)
 
 

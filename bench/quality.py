@@ -65,7 +65,7 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
     return FederationConfig(
         name=name, model=dims, adapter=adapter, base_model=source,
         policy=RoundPolicy(min_updates=min(min_updates, recipe.clients_per_round or min_updates),
-                           max_rounds=recipe.rounds, max_grad_norm=clip, timeout_seconds=900, server_lr=server_lr,
+                           max_rounds=recipe.rounds, max_update_norm=clip, timeout_seconds=900, server_lr=server_lr,
                            clients_per_round=recipe.clients_per_round),
         training=TrainingStrategy(learning_rate=lr, batch_size=8, seq_len=128, max_steps=recipe.max_steps,
                                   proximal_mu=recipe.proximal_mu or (FEDPROX_MU if recipe.algorithm == "fedprox" else 0),
@@ -94,22 +94,22 @@ def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = R
                         config.training, tier=names[i % len(names)]) for i, d in enumerate(fleet)]
     with embedded(Settings(), Path(tempfile.mkdtemp(prefix="ft-bench-"))) as (app, runtime, _), \
             gateway(app, runtime) as (url, admin_key):
-        runtime.state.create(config, status="idle")
+        runtime.state.federations.create(config, status="idle")
         clients = enroll(url, admin_key, config.name, fleet)
         runtime.coordinator.begin_training(config.name, recipe.rounds)
         base_eval = runtime.evaluator(config).base
         rows = list(run_rounds(app, runtime, config, fleet, clients, recipe.rounds, progress=False))
-        final = runtime.state.evaluation(config.name, rows[-1].round if rows else 0)
+        final = runtime.state.evaluations.evaluation(config.name, rows[-1].round if rows else 0)
         from fleettune.shared.protocol import versions
 
-        newest = int(runtime.state.status(config.name)["version"])
+        newest = int(runtime.state.federations.status(config.name)["version"])
         weights = versions.load_weights(runtime.store, config.name, newest, config.spec, 1 << 30, 1 << 20)
         tiers = {}  # each tier's own published adapter, evaluated on its own rank
         for tier, rank in config.tier_ranks.items():
             from fleettune.shared.protocol import versions
             from fleettune.shared.pipeline.evaluation import Evaluator
 
-            version = int(runtime.state.status(config.name)["version"])
+            version = int(runtime.state.federations.status(config.name)["version"])
             weights = versions.load_tier_weights(runtime.store, config.name, version, rank, config.spec_for(rank),
                                                  1 << 30, 1 << 20)
             evaluator = Evaluator(config.evaluation, adapter.for_rank(rank))
@@ -282,7 +282,7 @@ def tiers(args) -> None:
     """Tier 1 federates LoRA on SmolLM2; tiers 2 and 3 get it distilled onto the tiny model (LoRA and
     a soft prompt). Each tier's held-out perplexity against its own base, and, to isolate what the
     federation contributed, the same distillation from SmolLM2 without the federated adapter."""
-    from fleettune.shared.control.tiers import Distillation
+    from fleettune.shared.pipeline.distill import Distillation
     from fleettune.shared.pipeline.distill import distill, student_adapter
     from fleettune.shared.pipeline.evaluation import Evaluator
 

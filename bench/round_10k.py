@@ -83,10 +83,10 @@ def main() -> None:
 
         def watch() -> None:  # when the first update is accepted and when the version is published
             while not closed_at:
-                stats = runtime.state.stats("big") if runtime.redis.sismember(keys.FEDERATIONS, "big") else {}
+                stats = runtime.state.federations.stats("big") if runtime.redis.sismember(keys.FEDERATIONS, "big") else {}
                 if stats.get("accepted") and not first_accept:
                     first_accept.append(time.perf_counter())
-                info = runtime.state.round_info("big", 1) if stats else None
+                info = runtime.state.rounds.round_info("big", 1) if stats else None
                 if info is not None and info.status in ("closed", "failed"):
                     closed_at.append(time.perf_counter())
                 time.sleep(0.02)
@@ -101,8 +101,8 @@ def main() -> None:
                        env=dict(os.environ, **env), check=True)
         watcher.join(timeout=600)
         total_s = time.perf_counter() - started
-        info = runtime.state.round_info("big", 1)
-        stats = runtime.state.stats("big")
+        info = runtime.state.rounds.round_info("big", 1)
+        stats = runtime.state.federations.stats("big")
         hwm = {w.name: tree_hwm_mib(w.proc.pid) for w in workers}
         redis_round = runtime.redis.info("memory")["used_memory"] / 2**20
         disk_round, bucket_round = disk_mib(weed.data), bucket_mib(runtime)

@@ -24,8 +24,10 @@ import random
 import re
 import sysconfig
 from pathlib import Path
+from typing import Literal
 
-DOMAINS = ("literature", "legal", "code")  # installed with the package everywhere
+Domain = Literal["literature", "legal", "code", "medical"]  # what a federation may evaluate on (general: forgetting)
+DOMAINS: tuple[Domain, ...] = ("literature", "legal", "code")  # installed with the package everywhere
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
 MEDICAL_LABELS = ("(Med.)", "(Anat.)", "(Physiol.)", "(Pathol.)", "(Surg.)")
 HELDOUT_PERCENT = 12

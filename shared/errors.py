@@ -13,6 +13,11 @@
 from __future__ import annotations
 
 import enum
+import re
+from collections.abc import Callable, Mapping
+
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 
 class RejectReason(str, enum.Enum):
@@ -79,6 +84,17 @@ class Rejected(FleettuneError):
 class ConfigError(FleettuneError, ValueError):
     """A configuration value is missing or out of range."""
 
+    @classmethod
+    def from_validation(cls, exc: ValidationError, name: Callable[[Loc], str] | None = None,
+                        what: str = "") -> ConfigError:
+        """One ConfigError for every error pydantic found, each as `name=value: what is allowed`
+        (`FLEETTUNE_MAX_RETRIES='x': must be an integer`, `policy.min_updates=0: ...`).
+
+        `name` turns an error's location into what the user wrote (default: the dotted field path)."""
+        lines = [_described(error, name or dotted) for error in exc.errors()
+                 if error["type"] != "default_factory_not_called"]  # a default that needed a value that failed
+        return cls((f"{what}: " if what else "") + "; ".join(dict.fromkeys(lines)))
+
 
 class StateError(FleettuneError):
     """A federation or round is not in the state the operation needs."""
@@ -110,3 +126,55 @@ class ObjectNotFound(StorageError):
 
 class StorageUnavailable(StorageError):
     """The store could not be reached; worth retrying."""
+
+
+# --- pydantic's validation errors, in fleettune's words ----------------------------------------------
+
+Loc = tuple[str | int, ...]
+
+_BOOLEAN = "must be a boolean (true/false, 1/0, yes/no, on/off)"
+_ALLOWED = {
+    "int_parsing": "must be an integer", "int_type": "must be an integer", "int_from_float": "must be an integer",
+    "float_parsing": "must be a number", "float_type": "must be a number", "finite_number": "must be finite",
+    "bool_parsing": _BOOLEAN, "bool_type": _BOOLEAN,
+    "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}", "less_than_equal": "must be <= {le}",
+    "literal_error": "must be {expected}", "enum": "must be {expected}",
+    "string_type": "must be a string", "list_type": "must be a list", "tuple_type": "must be a list",
+    "dict_type": "must be an object", "dataclass_type": "must be an object", "model_type": "must be an object",
+    "dataclass_exact_type": "must be an object", "missing": "is required", "missing_argument": "is required",
+    "extra_forbidden": "is not a known field", "unexpected_keyword_argument": "is not a known field",
+}
+
+
+def dotted(loc: Loc) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def allowed(error: ErrorDetails) -> str:
+    """What a pydantic error says is allowed, as the rest of a sentence that starts with the value's name."""
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])
+    if kind in _ALLOWED:
+        return _ALLOWED[kind].format(**ctx)
+    message = error["msg"]  # a custom error's own, or pydantic's words ("input should be ...")
+    return "i" + message[1:] if message.startswith("Input ") else message
+
+
+def _described(error: ErrorDetails, name: Callable[[Loc], str]) -> str:
+    loc, value, message = tuple(error["loc"]), error.get("input"), allowed(error)
+    if error["type"] in ("value_error", "assertion_error") and isinstance(value, Mapping):
+        # a constructor's own check (a dataclass's __post_init__): name the fields its message names
+        named = {k: v for k, v in value.items()
+                 if isinstance(k, str) and re.search(rf"\b{re.escape(k)}\b", message)}
+        if len(named) != 1:
+            values = ", ".join(f"{name((*loc, k))}={v!r}" for k, v in named.items())
+            return f"{values}: {message}" if values else f"{name(loc)}: {message}" if loc else message
+        (key, value), = named.items()
+        loc = (*loc, key)
+    if not loc:
+        return message
+    if error["type"] in ("missing", "missing_argument"):
+        return f"{name(loc)}: {message}"
+    return f"{name(loc)}={value!r}: {message}"

@@ -6,14 +6,26 @@ import dataclasses
 import functools
 import json
 import math
-from typing import Literal
+from typing import Annotated, Literal, get_args
+
+from pydantic import AliasChoices, ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
 from fleettune.shared import corpora, keys
 from fleettune.shared.protocol.adapter_spec import AdapterConfig, AdapterSpec, ModelDims, build_spec
 from fleettune.shared.errors import ConfigError
 from fleettune.shared.strategies.config import CONTROL_PREFIX, AggregationConfig
 
+# Stored configs are read back by pydantic (FederationConfig.from_json): a key no field takes is an
+# error, not dropped, so a config written by a newer version is never rewritten without it.
+_STORED = ConfigDict(extra="forbid")
+# RoundPolicy.max_update_norm, under the name configs stored before it took the API's name had
+_MAX_UPDATE_NORM = Field(validation_alias=AliasChoices("max_update_norm", "max_grad_norm"))
 
+LocalOptimizer = Literal["adamw", "sgd"]
+ForgettingAction = Literal["halt", "lower_lr"]
+
+
+@with_config(_STORED)
 @dataclasses.dataclass(frozen=True)
 class RoundPolicy:
     """How rounds open, close and combine updates."""
@@ -22,7 +34,9 @@ class RoundPolicy:
     timeout_seconds: float = 600.0
     min_samples_per_client: int = 1
     max_rounds: int = 10
-    max_grad_norm: float | None = 1.0  # L2 bound over a whole update; None disables clipping
+    # the server's L2 bound over a whole update; None disables clipping (not max_grad_norm: that
+    # is the device's per-step clip, TrainingStrategy.max_grad_norm, as PEFT and torch call it)
+    max_update_norm: Annotated[float | None, _MAX_UPDATE_NORM] = 1.0
     server_lr: float = 1.0
     max_num_samples: int = 100_000  # the most a device may claim; larger claims are capped to this
     clients_per_round: int = 0  # 0: every enrolled device; else the server picks this many per round
@@ -33,8 +47,8 @@ class RoundPolicy:
             "timeout_seconds must be > 0": self.timeout_seconds > 0,
             "min_samples_per_client must be >= 1": self.min_samples_per_client >= 1,
             "max_rounds must be >= 1": self.max_rounds >= 1,
-            "max_grad_norm must be > 0 or None": self.max_grad_norm is None
-            or (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)),
+            "max_update_norm must be > 0 or None": self.max_update_norm is None
+            or (self.max_update_norm > 0 and math.isfinite(self.max_update_norm)),
             "server_lr must be > 0": self.server_lr > 0 and math.isfinite(self.server_lr),
             "max_num_samples must be >= min_samples_per_client": self.max_num_samples >= self.min_samples_per_client,
             "clients_per_round must be 0 (all) or >= min_updates": self.clients_per_round == 0
@@ -45,13 +59,14 @@ class RoundPolicy:
             raise ConfigError("; ".join(failed))
 
 
+@with_config(_STORED)
 @dataclasses.dataclass(frozen=True)
 class TrainingStrategy:
     """What each device does in a round (the federation's strategy config)."""
 
     learning_rate: float = 3e-3
     local_epochs: int = 1
-    max_grad_norm: float = 1.0  # per-step gradient clipping on the device (the server clips updates too)
+    max_grad_norm: float = 1.0  # per-step gradient clipping on the device (RoundPolicy.max_update_norm: the server's)
     weight_decay: float = 0.0
     batch_size: int = 8
     seq_len: int = 128
@@ -59,12 +74,12 @@ class TrainingStrategy:
     proximal_mu: float = 0.0  # FedProx: the device adds mu/2 * ||w - w_global||^2 to its loss
     # the device's optimizer: "sgd" sends lr x the mean gradient, so an adaptive server optimizer
     # (FedAdam) sees true gradients (FedOpt's client SGD); AdamW's first steps send their signs
-    local_optimizer: str = "adamw"
+    local_optimizer: LocalOptimizer = "adamw"
 
     def __post_init__(self) -> None:
         if not (self.learning_rate > 0 and self.local_epochs >= 1 and self.batch_size >= 1
                 and self.seq_len >= 8 and self.max_grad_norm > 0 and self.weight_decay >= 0
-                and self.proximal_mu >= 0 and self.local_optimizer in ("adamw", "sgd")):
+                and self.proximal_mu >= 0 and self.local_optimizer in get_args(LocalOptimizer)):
             raise ValueError(f"invalid training strategy: {self}")
 
 
@@ -82,6 +97,7 @@ class DeviceProfile:
     accelerator: str | None = None
 
 
+@with_config(_STORED)
 @dataclasses.dataclass(frozen=True)
 class DeviceFilter:
     """Devices that declare less RAM or storage than this, or sit outside `groups`, do not train."""
@@ -102,6 +118,7 @@ class DeviceFilter:
         return self.refusal(ram_mb, storage_mb) is None
 
 
+@with_config(_STORED)
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
     base_model: str = "tiny"  # 'tiny', 'smollm2' or a local HF directory
@@ -110,18 +127,19 @@ class EvaluationConfig:
     seq_len: int = 128
     general_every: int = 1  # measure forgetting every N versions
     forgetting_threshold: float = 1.25  # general perplexity / base general perplexity
-    forgetting_action: Literal["halt", "lower_lr"] = "lower_lr"
+    forgetting_action: ForgettingAction = "lower_lr"
     lr_factor: float = 0.5  # what lower_lr multiplies the server learning rate by
     min_server_lr: float = 0.05  # lower_lr never goes below this
 
     def __post_init__(self) -> None:
-        if self.forgetting_action not in ("halt", "lower_lr"):
+        if self.forgetting_action not in get_args(ForgettingAction):
             raise ValueError("forgetting_action must be 'halt' or 'lower_lr'")
         if not (self.forgetting_threshold > 1.0 and 0 < self.lr_factor < 1 and self.general_every >= 1
                 and self.min_server_lr > 0):
             raise ValueError(f"invalid evaluation config: {self}")
 
 
+@with_config(_STORED)
 @dataclasses.dataclass(frozen=True)
 class FederationConfig:
     name: str
@@ -142,8 +160,8 @@ class FederationConfig:
                               f"(at most {keys.ID_MAX_LENGTH} characters)")
         if self.aggregation.dp and self.policy.clients_per_round:
             raise ConfigError("DP accounts for Poisson sampling: use sampling_rate, not clients_per_round")
-        if self.aggregation.dp and self.policy.max_grad_norm is None:
-            raise ConfigError("DP needs a clip bound: set max_grad_norm (max_update_norm in the API)")
+        if self.aggregation.dp and self.policy.max_update_norm is None:
+            raise ConfigError("DP needs a clip bound: set max_update_norm")
         if self.adapter.kind == "prompt_tuning" and (self.aggregation.lora != "naive"
                                                      or self.aggregation.drift_control != "none"):
             raise ConfigError("exact, ffa and scaffold need a LoRA adapter, not prompt tuning")
@@ -187,25 +205,20 @@ class FederationConfig:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> FederationConfig:
-        raw = json.loads(text)
-        adapter = dict(raw["adapter"], target_modules=tuple(raw["adapter"]["target_modules"]),
-                       tier_ranks=tuple(tuple(p) for p in raw["adapter"].get("tier_ranks", ())))
-        evaluation = raw.get("evaluation")
-        return cls(
-            name=raw["name"], model=ModelDims(**raw["model"]), adapter=AdapterConfig(**adapter),
-            policy=RoundPolicy(**raw["policy"]), base_model=raw["base_model"], seed=raw["seed"],
-            training=TrainingStrategy(**raw.get("training", {})),
-            device_filter=_device_filter(raw.get("device_filter", {})),
-            evaluation=EvaluationConfig(**dict(evaluation, domains=tuple(evaluation["domains"])))
-            if evaluation else None,
-            revision=raw.get("revision", 0),
-            aggregation=AggregationConfig(**raw.get("aggregation", {})),
-        )
+        """The config `to_json` stored (or an older version of it: absent sections take their defaults).
+
+        A bad value raises ConfigError naming its path, the value and what is allowed."""
+        try:
+            return _stored().validate_json(text)
+        except ValidationError as exc:
+            raise ConfigError.from_validation(exc, what="stored federation config") from None
 
     def revised(self, **changes) -> FederationConfig:
         """The next revision of this config with `changes` applied (validated by the constructors)."""
         return dataclasses.replace(self, revision=self.revision + 1, **changes)
 
 
-def _device_filter(raw: dict) -> DeviceFilter:
-    return DeviceFilter(**dict(raw, groups=tuple(raw.get("groups", ()))))
+@functools.cache
+def _stored() -> TypeAdapter[FederationConfig]:
+    """The validator of stored configs, built on first use (a few ms, not at every import)."""
+    return TypeAdapter(FederationConfig)

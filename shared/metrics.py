@@ -9,7 +9,7 @@ prefork each pool process increments its own copy, and prometheus-client's multi
 scraped. Facts about a federation (its version, adapter norm, perplexity) are read from Redis and
 the store at scrape time by FederationCollector, served once, by the API: a gauge set by whichever
 worker last touched it would disagree between workers. Redis holds the authoritative counts
-(FederationState.stats); the counters here are for watching.
+(`state.federations.stats`); the counters here are for watching.
 """
 
 from __future__ import annotations
@@ -139,13 +139,13 @@ class FederationCollector:
                                       labels=["federation"]),
         }
         now = self.clock()
-        for fed in self.state.federations():
-            status = self.state.status(fed)
+        for fed in self.state.federations.names():
+            status = self.state.federations.status(fed)
             version = int(status.get("version", 0))
             round_no = int(status.get("round", 0))
             gauges["version"].add_metric([fed], version)
             gauges["round"].add_metric([fed], round_no)
-            info = self.state.round_info(fed, round_no) if round_no else None
+            info = self.state.rounds.round_info(fed, round_no) if round_no else None
             overdue = max(0.0, now - info.deadline) if info and info.status == "open" else 0.0
             closing = max(0.0, now - (info.closing_at or now)) if info and info.status == "closing" else 0.0
             gauges["overdue"].add_metric([fed], overdue)
@@ -153,7 +153,7 @@ class FederationCollector:
             for name, value in self._version_facts(fed, version).items():
                 if value is not None:
                     gauges[name].add_metric([fed], value)
-            evaluation = self.state.latest_evaluation(fed)
+            evaluation = self.state.evaluations.latest_evaluation(fed)
             if evaluation:
                 gauges["ppl"].add_metric([fed], evaluation["heldout_mean"])
                 gauges["base"].add_metric([fed], evaluation["base_heldout_mean"])
@@ -192,8 +192,8 @@ class FederationCollector:
                                         "quality gate broke)", labels=["federation", "trigger"])
         serving = GaugeMetricFamily("fleettune_serving_version", "The version devices serve outside a canary",
                                     labels=["federation"])
-        for fed in self.state.federations():
-            stats = self.state.stats(fed)
+        for fed in self.state.federations.names():
+            stats = self.state.federations.stats(fed)
             for trigger in ("auto", "manual"):
                 rollbacks.add_metric([fed, trigger], stats.get(f"rollbacks:{trigger}", 0))
             serving.add_metric([fed], int(self.state.r.hget(keys.fed_state(fed), "serving") or 0))
@@ -213,10 +213,10 @@ class FederationCollector:
         """Beat's heartbeat age, and the ledger's re-drives, pending messages and exhausted retries."""
         beat = GaugeMetricFamily("fleettune_heartbeat_age_seconds", "Seconds since a process was last seen alive",
                                  labels=["process"])
-        for process, seen in self.state.heartbeats().items():
+        for process, seen in self.state.federations.heartbeats().items():
             beat.add_metric([process], max(0.0, now - seen))
         yield beat
-        stats = self.state.stats(None)
+        stats = self.state.federations.stats(None)
         yield CounterMetricFamily("fleettune_messages_redriven", "Received messages re-enqueued from the ledger "
                                   "because they had no outcome (lost by the broker, or retries exhausted)",
                                   value=stats.get("redriven", 0))

@@ -11,7 +11,7 @@ def median_claim(samples: list[int], max_num_samples: int = 100_000) -> float:
     return float(np.median([min(n, max_num_samples) for n in samples]))
 
 
-def mean_delta(deltas: list[dict[str, np.ndarray]], samples: list[int], max_grad_norm: float | None,
+def mean_delta(deltas: list[dict[str, np.ndarray]], samples: list[int], max_update_norm: float | None,
                max_num_samples: int = 100_000, max_weight_ratio: float = 2.0,
                reference_claim: float | None = None) -> dict[str, np.ndarray]:
     """The clipped, weighted mean update. Weights are capped at max_weight_ratio x the reference
@@ -23,7 +23,7 @@ def mean_delta(deltas: list[dict[str, np.ndarray]], samples: list[int], max_grad
     cap = max_weight_ratio * reference_claim
     for delta, n in zip(deltas, samples):
         norm = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))
-        scale = 1.0 if max_grad_norm is None or norm <= max_grad_norm else max_grad_norm / norm
+        scale = 1.0 if max_update_norm is None or norm <= max_update_norm else max_update_norm / norm
         weight = min(n, max_num_samples, cap)
         for k in acc:
             acc[k] += weight * scale * delta[k].astype(np.float64)
@@ -32,9 +32,9 @@ def mean_delta(deltas: list[dict[str, np.ndarray]], samples: list[int], max_grad
 
 
 def next_global(prev: dict[str, np.ndarray], deltas: list[dict[str, np.ndarray]], samples: list[int],
-                max_grad_norm: float | None, max_num_samples: int, server_lr: float,
+                max_update_norm: float | None, max_num_samples: int, server_lr: float,
                 max_weight_ratio: float = 2.0, reference_claim: float | None = None) -> dict[str, np.ndarray]:
-    mean = mean_delta(deltas, samples, max_grad_norm, max_num_samples, max_weight_ratio, reference_claim)
+    mean = mean_delta(deltas, samples, max_update_norm, max_num_samples, max_weight_ratio, reference_claim)
     return {k: prev[k].astype(np.float64) + server_lr * mean[k] for k in prev}
 
 

@@ -18,7 +18,7 @@ from typing import Literal
 import redis
 
 from fleettune.shared import keys
-from fleettune.shared.state.lua import AsyncLua
+from fleettune.shared.state.lua import AsyncLua, load_script
 
 Scope = Literal["admin", "read", "device"]
 OPERATOR_SCOPES = ("admin", "read")
@@ -45,23 +45,8 @@ def _new(prefix: str) -> tuple[str, str, str]:
     return key_id, secret, f"{prefix}_{key_id}_{secret}"
 
 
-# A token's record, and (ARGV[3] == 1) the request counted in its rate window only if the token's
-# digest matches and it is not revoked: a stranger who knows a key id cannot spend its device's budget.
-_AUTHENTICATE_AND_COUNT = AsyncLua("""
-local h = redis.call('HGETALL', KEYS[1])
-local count = 0
-if #h > 0 and ARGV[3] == '1' then
-  local digest, revoked = nil, false
-  for i = 1, #h, 2 do
-    if h[i] == 'digest' then digest = h[i + 1] elseif h[i] == 'revoked_at' then revoked = true end
-  end
-  if digest == ARGV[1] and not revoked then
-    count = redis.call('INCR', KEYS[2])
-    if count == 1 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
-  end
-end
-return {h, count}
-""")
+# KEYS, ARGV and replies: shared/state/lua/authenticate_and_count.lua
+_AUTHENTICATE_AND_COUNT = AsyncLua(load_script("authenticate_and_count"))
 
 
 class Tokens:

@@ -20,13 +20,13 @@ class Devices:
         self.groups = Groups(state.r)
 
     def _require(self, fed: str) -> None:
-        if self.state.config(fed) is None:
+        if self.state.federations.config(fed) is None:
             raise Refusal(404, "unknown_federation", f"no federation {fed!r}")
 
     def register(self, fed: str, profile: DeviceProfile) -> str:
         """Enroll a device and return its token (shown once; registering again issues a new one)."""
         self._require(fed)
-        self.state.enroll(fed, [profile])  # a device the filter refuses now may qualify at a later check-in
+        self.state.federations.enroll(fed, [profile])  # a device the filter refuses now may qualify at a later check-in
         return self.tokens.create_device_token(fed, profile.device)
 
     def revoke(self, fed: str, device: str) -> None:
@@ -40,7 +40,7 @@ class Devices:
         self._require(fed)
         tokens = {k.decode(): v.decode() for k, v in self.r.hgetall(keys.fed_device_tokens(fed)).items()}
         profiles = {k.decode(): msgpack.unpackb(v) for k, v in self.r.hgetall(keys.fed_profiles(fed)).items()}
-        enrolled = set(self.state.enrolled(fed))
+        enrolled = set(self.state.federations.enrolled(fed))
         out = []
         for device in sorted(tokens.keys() | profiles.keys()):
             profile = profiles.get(device, {"device": device})

@@ -148,21 +148,21 @@ class Gateway:
             refusal = f"not a member of the federation's device groups {list(config.device_filter.groups)}"
         if refusal is not None:
             raise Refusal(403, "ineligible", refusal)
-        status = self.state.status(fed).get("status")
+        status = self.state.federations.status(fed).get("status")
         info = self._open_round(fed)
         if status != "active" or info is None:
             raise Refusal(409, "no_open_round", f"federation {fed} is {status} and has no open round; check in later",
                           headers={"Retry-After": "30"})
         self.r.sadd(keys.fed_devices(fed), device)  # eligible now: it is selected for later rounds too
-        round_config = self.state.config(fed, info.config_rev) or config
+        round_config = self.state.federations.config(fed, info.config_rev) or config
         rate = round_config.aggregation.sampling_rate
         picked_out = round_config.policy.clients_per_round and not self.r.sismember(
             keys.round_cohort(fed, info.round), device)  # the round's cohort was picked when it opened
-        if picked_out or (rate < 1.0 and not privacy.sampled(self.state.secret(fed), info.round, device, rate)):
+        if picked_out or (rate < 1.0 and not privacy.sampled(self.state.federations.secret(fed), info.round, device, rate)):
             # Poisson sampling, which the DP accountant counts on: the server's secret decides
             raise Refusal(409, "not_sampled", f"not sampled into round {info.round}; check in later",
                           headers={"Retry-After": "30"})
-        if not self.state.join_cohort(fed, info.round, device):
+        if not self.state.rounds.join_cohort(fed, info.round, device):
             raise Refusal(409, "no_open_round", f"round {info.round} closed while checking in",
                           headers={"Retry-After": "30"})
         rank = round_config.tier_ranks.get(profile.tier)  # a tier of lower rank trains its own adapter
@@ -271,7 +271,7 @@ class Gateway:
         h = self.ledger.entry(receipt_id) if len(receipt_id) == 64 else None
         if not h or h["federation"] != fed or h["device"] != device:
             raise Refusal(404, "unknown_receipt", "no such receipt for this device")
-        outcome = self.state.outcome(receipt_id)
+        outcome = self.state.accounting.outcome(receipt_id)
         status, reason = "pending", None
         if outcome is not None:
             status, _, reason = outcome.partition(":")
@@ -281,14 +281,14 @@ class Gateway:
     # --- helpers ---------------------------------------------------------------------------------
 
     def _config(self, fed: str) -> FederationConfig:
-        config = self.state.config(fed)
+        config = self.state.federations.config(fed)
         if config is None:
             raise Refusal(404, "unknown_federation", f"no federation {fed!r}")
         return config
 
     def _open_round(self, fed: str) -> RoundInfo | None:
-        round_no = self.state.current_round(fed)
-        info = self.state.round_info(fed, round_no) if round_no else None
+        round_no = self.state.federations.current_round(fed)
+        info = self.state.rounds.round_info(fed, round_no) if round_no else None
         if info is None or info.status != "open" or self.clock() >= info.deadline:
             return None
         return info

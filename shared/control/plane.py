@@ -40,13 +40,13 @@ class Control:
     # --- federations -----------------------------------------------------------------------------
 
     def config(self, fed: str) -> FederationConfig:
-        config = self.state.config(fed)
+        config = self.state.federations.config(fed)
         if config is None:
             raise Refusal(404, "unknown_federation", f"no federation {fed!r}")
         return config
 
     def create_federation(self, body: FederationIn) -> FederationConfig:
-        if self.state.config(body.name) is not None:
+        if self.state.federations.config(body.name) is not None:
             raise Refusal(409, "federation_exists", f"federation {body.name!r} exists")
         dims, base = resolve_model(body.model_id, self.registered_model(body.model_id))
         config = FederationConfig(name=body.name, model=dims, base_model=base, seed=body.seed,
@@ -56,7 +56,7 @@ class Control:
         if body.strategy is not None:
             config = self._with_strategy(config, body.strategy, revise=False)
         self._check_fits(config)
-        self.state.create(config, status="idle")
+        self.state.federations.create(config, status="idle")
         return config
 
     def _with_strategy(self, config: FederationConfig, strategy: StrategyIn, revise: bool = True) -> FederationConfig:
@@ -74,7 +74,7 @@ class Control:
 
     def ensure_federation(self, fed: str) -> bool:
         """Create `fed` with defaults when a PUT names one that does not exist; True if created."""
-        if self.state.config(fed) is not None:
+        if self.state.federations.config(fed) is not None:
             return False
         self.create_federation(FederationIn(name=fed))
         return True
@@ -86,44 +86,44 @@ class Control:
         return self._propose(fed, lambda c: self._with_strategy(c, strategy))
 
     def _propose(self, fed: str, change) -> dict:
-        self._check_fits(change(self.state.pending_config(fed) or self.config(fed)))
-        config, now = self.state.propose_config(fed, change)
-        current = self.state.current_round(fed)
+        self._check_fits(change(self.state.federations.pending_config(fed) or self.config(fed)))
+        config, now = self.state.federations.propose_config(fed, change)
+        current = self.state.federations.current_round(fed)
         # either way the first round to run under it is the next one to open
         return {"federation": fed, "revision": config.revision, "applies_from_round": current + 1,
                 "applied": "now" if now else "when the next round opens",
                 "config": federation_view(config)}
 
     def federations(self) -> list[dict]:
-        return [self.federation(name) for name in self.state.federations()]
+        return [self.federation(name) for name in self.state.federations.names()]
 
     def federation(self, fed: str) -> dict:
         config = self.config(fed)
-        status = self.state.status(fed)
-        pending = self.state.pending_config(fed)
+        status = self.state.federations.status(fed)
+        pending = self.state.federations.pending_config(fed)
         return {"name": fed, "status": status.get("status"), "round": int(status.get("round", 0)),
                 "version": int(status.get("version", 0)), "session": status.get("session"),
                 "config": federation_view(config), "pending_config": federation_view(pending) if pending else None,
-                "devices": len(self.state.enrolled(fed)), "stats": self.state.stats(fed)}
+                "devices": len(self.state.federations.enrolled(fed)), "stats": self.state.federations.stats(fed)}
 
     def delete_federation(self, fed: str, tokens) -> None:
         self.config(fed)
-        if self.state.status(fed).get("status") == "active":
+        if self.state.federations.status(fed).get("status") == "active":
             raise Refusal(409, "session_active", f"{fed} is training: stop its session first")
         for device in self.r.hkeys(keys.fed_device_tokens(fed)):
             tokens.revoke_device(fed, device.decode())
-        self.state.delete(fed)
+        self.state.federations.delete(fed)
 
     def round(self, fed: str, round_no: int) -> dict:
         self.config(fed)
-        info = self.state.round_info(fed, round_no)
+        info = self.state.rounds.round_info(fed, round_no)
         if info is None:
             raise Refusal(404, "unknown_round", f"{fed} has no round {round_no}")
         rejected = {}
-        for entry in self.state.deadletters(10_000):
+        for entry in self.state.accounting.deadletters(10_000):
             if entry["federation"] == fed and entry["round"] == str(round_no):
                 rejected[entry["reason"]] = rejected.get(entry["reason"], 0) + 1
-        updates = self.state.updates(fed, round_no)
+        updates = self.state.rounds.updates(fed, round_no)
         return {"federation": fed, "round": round_no, "status": info.status, "reason": info.reason or None,
                 "base_version": info.base_version, "version": info.version, "opened_at": info.opened_at,
                 "deadline": info.deadline, "closed_at": info.closed_at, "cohort_size": info.cohort_size,
@@ -136,17 +136,17 @@ class Control:
         session_id = f"ts-{secrets.token_hex(6)}"
         fed = body.federation or session_id
         dims, base = resolve_model(body.model_id, self.registered_model(body.model_id))
-        existing = self.state.config(fed)
+        existing = self.state.federations.config(fed)
         if existing is None:
             self.create_federation(FederationIn(name=fed, model_id=body.model_id))
             existing = self.config(fed)
         elif (existing.model, existing.base_model) != (dims, base):
-            if self.state.current_round(fed):  # its versions adapt the old base: they cannot move
+            if self.state.federations.current_round(fed):  # its versions adapt the old base: they cannot move
                 raise Refusal(422, "model_mismatch", f"{fed} adapts {existing.base_model}, not {body.model_id}")
             # never trained (created by a PUT of its adapter or strategy): the session names its model
-            self.state.propose_config(fed, lambda c: c.revised(model=dims, base_model=base))
+            self.state.federations.propose_config(fed, lambda c: c.revised(model=dims, base_model=base))
             existing = self.config(fed)
-        if self.state.status(fed).get("status") == "active":
+        if self.state.federations.status(fed).get("status") == "active":
             raise Refusal(409, "session_active", f"{fed} already has an active training session")
         changes = apply_strategy(existing, body.strategy_params, body.round_config, body.device_filter,
                                  body.strategy, body.aggregation)
@@ -156,21 +156,21 @@ class Control:
             changes["evaluation"] = evaluation_config(body.evaluation)
         if changes:
             self._check_fits(existing.revised(**changes))
-            self.state.propose_config(fed, lambda c: c.revised(**changes))  # no round runs: applies now
+            self.state.federations.propose_config(fed, lambda c: c.revised(**changes))  # no round runs: applies now
         config = self.config(fed)
-        previous = self.state.status(fed).get("session")
+        previous = self.state.federations.status(fed).get("session")
         if previous:
             self.r.hset(keys.session(previous), "final_status", self._derived(previous, fed))
         rounds = body.round_config.max_rounds if body.round_config and body.round_config.max_rounds else \
             config.policy.max_rounds
-        first = self.state.current_round(fed) + 1
+        first = self.state.federations.current_round(fed) + 1
         self.r.hset(keys.session(session_id), mapping={
             "id": session_id, "federation": fed, "model_id": body.model_id, "algorithm": body.strategy,
             "first_round": first, "last_round": first + rounds - 1, "created_at": repr(self.clock()),
             "created_by": created_by})
         self.r.zadd(keys.SESSIONS, {session_id: self.clock()})
         self.state.r.hset(keys.fed_state(fed), "session", session_id)
-        self.state.request_start(fed, rounds, self.clock())
+        self.state.federations.request_start(fed, rounds, self.clock())
         self.begin(fed)
         return self.session(session_id)
 
@@ -190,7 +190,7 @@ class Control:
         h = self._record(session_id)
         if "final_status" in h:
             return h["final_status"]
-        status = self.state.status(fed)
+        status = self.state.federations.status(fed)
         fed_status = status.get("status")
         if fed_status == "stopped":
             return "stopped"
@@ -198,9 +198,9 @@ class Control:
             return "failed"
         if fed_status == "completed":
             return "completed"
-        if self.state.start_request(fed):
+        if self.state.federations.start_request(fed):
             return "pending"  # recorded; no worker has opened its round yet
-        info = self.state.round_info(fed, int(status.get("round", 0)))
+        info = self.state.rounds.round_info(fed, int(status.get("round", 0)))
         if info is None:
             return "pending"
         return "aggregating" if info.status == "closing" else "active"
@@ -208,9 +208,9 @@ class Control:
     def session(self, session_id: str) -> dict:
         h = self._record(session_id)
         fed = h["federation"]
-        status = self.state.status(fed)
+        status = self.state.federations.status(fed)
         current = int(status.get("round", 0))
-        info = self.state.round_info(fed, current)
+        info = self.state.rounds.round_info(fed, current)
         return {"id": session_id, "federation": fed, "status": self._derived(session_id, fed),
                 "reason": status.get("reason") or None, "model_id": h["model_id"], "algorithm": h["algorithm"],
                 "first_round": int(h["first_round"]), "last_round": int(h["last_round"]), "current_round": current,
@@ -226,7 +226,7 @@ class Control:
         fed = h["federation"]
         if self._derived(session_id, fed) in FINAL:
             raise Refusal(409, "session_ended", f"{session_id} is already {self._derived(session_id, fed)}")
-        self.state.stop(fed, f"stopped by {by}")
+        self.state.federations.stop(fed, f"stopped by {by}")
         return self.session(session_id)
 
 
@@ -235,6 +235,8 @@ def federation_view(config: FederationConfig) -> dict:
     view = dataclasses.asdict(config)
     view["adapter"]["type"] = view["adapter"].pop("kind")
     view["adapter"]["tier_ranks"] = dict(config.adapter.tier_ranks)  # as the API takes it
+    # the server clip's name before RoundPolicy took the API's max_update_norm, for clients that read it
+    view["policy"]["max_grad_norm"] = config.policy.max_update_norm
     view["adapter_parameters"] = config.spec.num_parameters
     return view
 

@@ -15,15 +15,21 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from fleettune.shared import keys
-from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig, ModelDims
+from fleettune.shared.corpora import Domain
+from fleettune.shared.device.models import NamedBase
+from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig, ModelDims, TargetModule
+from fleettune.shared.control import groups, tiers
 from fleettune.shared.control.groups import GroupSpec, Rules
 from fleettune.shared.control.model_files import TRAINABLE_HINT
 from fleettune.shared.errors import Refusal
-from fleettune.shared.federation import DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig
-from fleettune.shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, AggregationConfig
+from fleettune.shared.federation import (DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig,
+                                         LocalOptimizer)
+from fleettune.shared.split import config as split_config
+from fleettune.shared.strategies.config import Algorithm, DriftControl, LoraMode, Rule, choose
+from fleettune.shared.strategies.server_optimizers import ServerOptimizer
 
-Algorithm = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "flexlora",
-                    "ffa_lora", "median", "trimmed_mean", "dp_fedavg"]
+# The closed sets of names (algorithms, LoRA modes, rules, server optimizers, ...) are imported
+# from the modules that give them meaning, never spelled again here.
 
 Id = Annotated[str, StringConstraints(max_length=keys.ID_MAX_LENGTH, pattern=keys.ID_PATTERN)]
 
@@ -32,7 +38,6 @@ def keys_match(**constraints) -> dict:
     """A dict field's key rule as JSON Schema `propertyNames` (pydantic writes `patternProperties`,
     which leaves other keys allowed): the schema then says what validation enforces."""
     return {"propertyNames": constraints}
-Module = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,31}$")]
 AppVersion = Annotated[str, StringConstraints(pattern=r"^[0-9][0-9A-Za-z.+-]{0,31}$")]
 PROFILE_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceProfile) if f.name != "device")
@@ -91,7 +96,8 @@ class LoraIn(Strict):
     type: Literal["lora"]
     rank: int = Field(8, ge=1, le=256)
     alpha: int = Field(16, ge=1, le=4096)
-    target_modules: list[Module] = Field(default=["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, max_length=7)
+    target_modules: list[TargetModule] = Field(default=["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
+                                               max_length=7)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     tier_ranks: dict[Id, Annotated[int, Field(ge=1, le=256)]] = Field(
         default={}, max_length=16, json_schema_extra=keys_match(maxLength=keys.ID_MAX_LENGTH, pattern=keys.ID_PATTERN), description="heterogeneous ranks: tier -> the LoRA rank its devices train "
@@ -152,7 +158,7 @@ class StrategyParams(Strict):
     batch_size: int | None = Field(None, ge=1, le=4096)
     max_steps: int | None = Field(None, ge=0, le=10**6, description="steps per round; 0: local_epochs in full")
     proximal_mu: float | None = Field(None, ge=0, le=100, description="FedProx: the device's proximal term")
-    local_optimizer: Literal["adamw", "sgd"] | None = Field(
+    local_optimizer: LocalOptimizer | None = Field(
         None, description="sgd: devices send lr x their mean gradient, for an adaptive server optimizer")
 
 
@@ -165,17 +171,17 @@ class DpIn(Strict):
 class AggregationIn(Strict):
     """Overrides of the algorithm's preset (see shared/strategies/config.py)."""
 
-    lora: Literal["naive", "exact", "ffa"] | None = None
-    rule: Literal["mean", "median", "trimmed_mean"] | None = None
+    lora: LoraMode | None = None
+    rule: Rule | None = None
     trim: int | None = Field(None, ge=1, le=10_000)
-    optimizer: Literal["sgd", "avgm", "adam", "yogi", "adagrad"] | None = None
+    optimizer: ServerOptimizer | None = None
     beta1: float | None = Field(None, ge=0, lt=1)
     beta2: float | None = Field(None, ge=0, lt=1)
     tau: float | None = Field(None, gt=0, le=1)
     bias_correction: bool | None = None
     max_weight_ratio: float | None = Field(None, ge=1, le=1e6)
     working_rank_factor: int | None = Field(None, ge=1, le=64)
-    drift_control: Literal["none", "scaffold"] | None = None
+    drift_control: DriftControl | None = None
     sampling_rate: float | None = Field(None, gt=0, le=1, description="Poisson sampling of each round's cohort "
                                                                       "(the DP accountant counts on it)")
     dp: DpIn | None = None
@@ -197,8 +203,8 @@ class StrategyIn(StrategyParams):
 
 
 class EvaluationIn(Strict):
-    base_model: Literal["tiny", "smollm2"] = "tiny"
-    domains: list[Literal["literature", "legal", "code", "medical"]] = Field(
+    base_model: NamedBase = "tiny"
+    domains: list[Domain] = Field(
         default=["literature", "legal", "code"], min_length=1, max_length=4)
     eval_chars: int = Field(12_000, ge=1_000, le=1_000_000)
 
@@ -285,7 +291,7 @@ class RulesIn(Strict):
 
 
 class GroupIn(Strict):
-    kind: Literal["static", "dynamic", "hybrid"] | None = Field(
+    kind: groups.Kind | None = Field(
         None, description="absent: static with only devices, dynamic with only rules, hybrid with both")
     devices: list[Id] = Field(default=[], max_length=100_000)
     rules: RulesIn | None = None
@@ -325,9 +331,9 @@ def apply_strategy(config: FederationConfig, params: StrategyParams | None, roun
                    aggregation: AggregationIn | None = None) -> dict:
     """The FederationConfig fields that these parts of a request change (for `config.revised`).
 
-    A new `algorithm` starts from its preset; `aggregation` overrides fields of it (or of the
-    current choice). A change between plain and adaptive server optimizers also moves the server
-    learning rate to the new family's default, unless the request sets one.
+    Only a translation of the request's fields: what an algorithm and aggregation fields mean (its
+    preset, and the policy and training fields that come with it) is strategies.config.choose's;
+    the fields the request sets itself win over those.
     """
     changes: dict = {}
     training = {k: v for k, v in params.model_dump(include=set(StrategyParams.model_fields)).items()
@@ -335,22 +341,15 @@ def apply_strategy(config: FederationConfig, params: StrategyParams | None, roun
     policy = {}
     if rounds is not None:
         given = {k: v for k, v in rounds.model_dump().items() if v is not None}
-        renamed = {"min_clients": "min_updates", "max_update_norm": "max_grad_norm"}
+        renamed = {"min_clients": "min_updates"}  # the API's name for RoundPolicy's quorum
         policy = {renamed.get(k, k): v for k, v in given.items()}
     if algorithm is not None or aggregation is not None:
-        overrides = aggregation.fields() if aggregation is not None else {}
         try:
-            if algorithm is not None and algorithm != config.aggregation.algorithm:
-                agg = AggregationConfig.preset(algorithm, **overrides)
-            else:
-                agg = dataclasses.replace(config.aggregation, **overrides)
+            chosen = choose(config.aggregation, algorithm, **(aggregation.fields() if aggregation is not None else {}))
         except ValueError as exc:
             raise Refusal(422, "invalid_config", str(exc)) from None
-        if agg.adaptive != config.aggregation.adaptive and "server_lr" not in policy:
-            policy["server_lr"] = ADAPTIVE_SERVER_LR if agg.adaptive else 1.0
-        if algorithm == "fedprox" and "proximal_mu" not in training:
-            training["proximal_mu"] = FEDPROX_MU
-        changes["aggregation"] = agg
+        policy, training = {**chosen.policy, **policy}, {**chosen.training, **training}
+        changes["aggregation"] = chosen.aggregation
     if training:
         changes["training"] = _replace(config.training, training)
     if policy:
@@ -389,8 +388,8 @@ class DistillationIn(Strict):
 
 
 class VariantIn(Strict):
-    mode: Literal["train", "infer", "api"] = "train"
-    base_model: Literal["tiny", "smollm2"] | None = Field(None, description="infer tiers: the tier's own base")
+    mode: tiers.Mode = "train"
+    base_model: NamedBase | None = Field(None, description="infer tiers: the tier's own base")
     adapter: Literal["federation", "distilled", "none"] = "federation"
     # visible ASCII only: \s differs between JSON Schema (ECMA) and the validator (Rust) at U+0085
     api_url: Annotated[str, StringConstraints(pattern=r"^https?://[!-~]{1,500}$")] | None = None
@@ -497,9 +496,9 @@ class ReportIn(Strict):
 # --- split learning ----------------------------------------------------------------------------------
 
 class SplitIn(Strict):
-    mode: Literal["two_part", "u_shaped"] = Field("u_shaped", description="two_part: the server computes the loss "
-                                                  "and sees the labels (the text); u_shaped: they stay on the device")
-    base_model: Literal["tiny", "smollm2"] = "tiny"
+    mode: split_config.Mode = Field("u_shaped", description="two_part: the server computes the loss "
+                                    "and sees the labels (the text); u_shaped: they stay on the device")
+    base_model: NamedBase = "tiny"
     cut: int = Field(1, ge=1, le=512, description="k: the device runs the embeddings and layers [0, k)")
     top_layers: int = Field(1, ge=0, le=512, description="u_shaped: the last layers the device also runs")
     clip: float = Field(100.0, gt=0, le=1e6, description="C: per-example L2 bound on the activations")

@@ -18,25 +18,11 @@ from typing import Literal
 
 from fleettune.shared import keys
 from fleettune.shared.errors import Refusal
+from fleettune.shared.pipeline.distill import Distillation
 
 Mode = Literal["train", "infer", "api"]
 DEFAULT = "*"
 MAX_TIERS = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class Distillation:
-    """Server-side sequence-level distillation from the published version onto a tier's base."""
-
-    kind: Literal["lora", "prompt_tuning"] = "lora"
-    rank: int = 8
-    num_virtual_tokens: int = 16
-    prompts: int = 32  # server-held public text prefixes the teacher continues
-    prompt_tokens: int = 24
-    new_tokens: int = 48
-    steps: int = 60
-    learning_rate: float = 5e-3
-    temperature: float = 0.8
 
 
 @dataclasses.dataclass(frozen=True)

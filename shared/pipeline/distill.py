@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 
 from fleettune.shared import corpora
 from fleettune.shared.protocol.adapter_spec import AdapterConfig
-from fleettune.shared.control.tiers import Distillation, Variant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,22 @@ class Distilled:
     first_loss: float  # the student's loss on the teacher's text, before and after
     last_loss: float
     sequences: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """Server-side sequence-level distillation from the published version onto a tier's base."""
+
+    kind: Literal["lora", "prompt_tuning"] = "lora"
+    rank: int = 8
+    num_virtual_tokens: int = 16
+    prompts: int = 32  # server-held public text prefixes the teacher continues
+    prompt_tokens: int = 24
+    new_tokens: int = 48
+    steps: int = 60
+    learning_rate: float = 5e-3
+    temperature: float = 0.8
+
 
 
 def student_adapter(config: Distillation) -> AdapterConfig:
@@ -128,25 +144,27 @@ def teacher_with(base, adapter: AdapterConfig, weights: Mapping[str, torch.Tenso
     return model.eval()
 
 
-def distill_version(state, store, settings, fed: str, version: int, tier: str, variant: Variant) -> dict:
-    """Distil published `version` for `tier` and publish it beside the version; returns its manifest."""
+def distill_version(state, store, settings, fed: str, version: int, tier: str, base_model: str,
+                    config: Distillation) -> dict:
+    """Distil published `version` onto `base_model` for `tier` and publish it beside the version;
+    returns its manifest."""
     from fleettune.shared.protocol import versions
     from fleettune.shared.protocol.adapter_spec import ModelDims, build_spec
     from fleettune.shared.device import models
 
-    config = state.config(fed)
+    distillation, config = config, state.federations.config(fed)
     teacher_source = config.evaluation.base_model if config.evaluation else config.base_model
     weights = versions.load_weights(store, fed, version, config.spec, settings.max_update_bytes,
                                     settings.max_header_bytes)
     teacher = teacher_with(models.load_model(teacher_source, quantize_4bit=config.adapter.quantized_base),
                            config.adapter, weights)
-    student_base = models.load_model(variant.base_model)
+    student_base = models.load_model(base_model)
     domains = config.evaluation.domains if config.evaluation else corpora.DOMAINS
     seed = config.seed * 100_003 + version
     done = distill(teacher, models.load_tokenizer(teacher_source), student_base,
-                   models.load_tokenizer(variant.base_model), variant.distillation, domains, seed)
-    spec = build_spec(ModelDims.from_hf_config(student_base.config), done.adapter, variant.base_model)
+                   models.load_tokenizer(base_model), distillation, domains, seed)
+    spec = build_spec(ModelDims.from_hf_config(student_base.config), done.adapter, base_model)
     return versions.publish_variant(store, fed, version, tier, done.weights, spec, {
-        "base_model": variant.base_model, "teacher_base_model": teacher_source, "method": "sequence-level distillation",
-        "sequences": done.sequences, "steps": variant.distillation.steps,
+        "base_model": base_model, "teacher_base_model": teacher_source, "method": "sequence-level distillation",
+        "sequences": done.sequences, "steps": distillation.steps,
         "student_loss_first": done.first_loss, "student_loss_last": done.last_loss})

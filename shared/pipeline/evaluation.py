@@ -1,4 +1,5 @@
-"""Server-side evaluation of a published adapter: held-out perplexity and catastrophic forgetting.
+"""Server-side evaluation of a published adapter: held-out perplexity, catastrophic forgetting, and
+the forgetting guard that acts on it (`evaluate_version`, once per version).
 
 Perplexity is measured on text no device trains on (corpora' held-out documents). Forgetting is the
 ratio of the adapted model's perplexity on general text (the KJV, outside every fine-tuning
@@ -9,13 +10,18 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from fleettune.shared import corpora
 from fleettune.shared.protocol.adapter_spec import AdapterConfig
-from fleettune.shared.federation import EvaluationConfig
+from fleettune.shared.errors import StateError
+from fleettune.shared.federation import EvaluationConfig, FederationConfig
+from fleettune.shared.protocol import versions
+from fleettune.shared.settings import Settings
+from fleettune.shared.state import FederationState
+from fleettune.shared.storage import ObjectStore
 
 
 class Evaluator:
@@ -78,3 +84,38 @@ def guard(config: EvaluationConfig, result: Mapping) -> str | None:
     if ratio is None or ratio <= config.forgetting_threshold:
         return None
     return config.forgetting_action
+
+
+def evaluate_version(state: FederationState, store: ObjectStore, settings: Settings, fed: str, version: int,
+                     evaluator_for: Callable[[FederationConfig], Evaluator]) -> dict:
+    """Evaluate a published version, record it (Redis and its manifest), and apply the forgetting guard.
+
+    The guard acts once per version, whatever the number of deliveries: it is applied in the
+    same transaction that records the evaluation, and only by the first to record it.
+    """
+    manifest = versions.manifest(store, fed, version)
+    config = state.federations.config(fed, manifest.get("config_revision"))
+    if config is None or config.evaluation is None:
+        raise StateError(f"{fed} has no evaluation config")
+    done = state.evaluations.evaluation(fed, version)
+    if done is None:
+        weights = versions.load_weights(store, fed, version, config.spec, settings.max_update_bytes,
+                                        settings.max_header_bytes)
+        result = evaluator_for(config).evaluate(weights, version)
+        action, lr = guard(config.evaluation, result), None
+        if action is not None:
+            ratio, limit = result["forgetting_ratio"], config.evaluation.forgetting_threshold
+            if action == "halt":
+                result["guard"] = f"v{version}: general perplexity ratio {ratio:.3f} > {limit}: federation halted"
+            else:
+                current = state.federations.server_lr(fed, config.policy.server_lr)
+                # lowered to the floor at most; a rate already below it (FedAdam's 1e-2) is held
+                lr = min(current, max(current * config.evaluation.lr_factor, config.evaluation.min_server_lr))
+                result["guard"] = (f"v{version}: general perplexity ratio {ratio:.3f} > {limit}: server_lr "
+                                   f"{'lowered to' if lr < current else 'held at its floor'} {lr:g}")
+        state.evaluations.record_evaluation(fed, version, result, (action, result["guard"]) if action else None, lr)
+        done = state.evaluations.evaluation(fed, version)
+    if "evaluation" not in manifest:  # also completes a delivery that died after recording
+        versions.add_evaluation(store, fed, version, done)
+    return done
+

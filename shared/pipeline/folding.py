@@ -2,7 +2,7 @@
 and commits it to the object store now and then, so a close reduces a handful of partials.
 
 The process already holds the parsed tensors, so folding costs one fused multiply-add per update
-and no second read. A commit (write the object, then `FederationState.commit_partial`) happens
+and no second read. A commit (write the object, then `state.partials.commit_partial`) happens
 when `batch` updates are pending, when the round is within `tail` devices of complete, or when
 the partial has been idle for `idle_s` (a timer thread), so the close seldom reads an update
 itself. A process that dies loses only uncommitted folds: their updates stay `unfolded` and the
@@ -101,7 +101,7 @@ class PartialFolder:
             self.store.put(object_key, blob)
             entry = {"object_key": object_key, "sha256": hashlib.sha256(blob).hexdigest(), "gen": slot.gen + 1,
                      **slot.partial.metadata(), "stats": slot.stats.to_dict()}
-            result = self.state.commit_partial(fed, round_no, slot.slot, entry, slot.pending)
+            result = self.state.partials.commit_partial(fed, round_no, slot.slot, entry, slot.pending)
         except Exception:  # S3 or Redis away, or a bug: keep the folds and try again later
             log.exception("commit of partial %s of %s round %s failed", slot.slot, fed, round_no)
             slot.unsure = len(slot.pending)
@@ -121,7 +121,7 @@ class PartialFolder:
         """After a failed commit, learn whether it went through before committing again (a
         member must never be offered to a second commit). False: Redis is still away."""
         try:
-            stored = self.state.partial_entries(fed, round_no).get(slot.slot)
+            stored = self.state.partials.partial_entries(fed, round_no).get(slot.slot)
         except Exception:
             return False
         if stored is not None and stored["gen"] == slot.gen + 1:  # it did: those members are folded
@@ -150,7 +150,7 @@ class PartialFolder:
         with self._lock:
             idle = [k for k, s in self._open.items() if not s.pending and self.clock() - s.last_add > 10 * self.idle_s]
         for fed, round_no in idle:
-            info = self.state.round_info(fed, round_no)
+            info = self.state.rounds.round_info(fed, round_no)
             if info is None or info.status != "open":
                 with self._lock:
                     slot = self._open.get((fed, round_no))

@@ -57,9 +57,9 @@ class Ingestor:
 
     def ingest(self, raw: object) -> IngestResult:
         digest = _digest(raw)
-        settled = self.state.outcome(digest)
+        settled = self.state.accounting.outcome(digest)
         if settled is not None:
-            self.state.count_redelivery()
+            self.state.accounting.count_redelivery()
             return IngestResult(REDELIVERED, detail=settled)
         try:
             env = envelope_codec.decode(raw, self.settings.max_envelope_bytes)
@@ -81,7 +81,7 @@ class Ingestor:
     def _config(self, fed: str, revision: int | None) -> FederationConfig:
         """The config the round runs under (the one in force when the round is unknown)."""
         if (fed, revision) not in self._configs:
-            config = self.state.config(fed, revision)
+            config = self.state.federations.config(fed, revision)
             if config is None:
                 raise Rejected(RejectReason.UNKNOWN_FEDERATION, fed)
             if revision is None:
@@ -90,7 +90,7 @@ class Ingestor:
         return self._configs[(fed, revision)]
 
     def _known(self, fed: str) -> bool:
-        if fed not in self._feds and self.state.config(fed) is not None:
+        if fed not in self._feds and self.state.federations.config(fed) is not None:
             self._feds.add(fed)
         return fed in self._feds
 
@@ -112,7 +112,7 @@ class Ingestor:
         tensors = parse(blob, config.update_tensors_for(rank or config.adapter.rank), self.settings.max_header_bytes)
         norm = update_norm(tensors)
         try:
-            scale = clip_scale(norm, policy.max_grad_norm)
+            scale = clip_scale(norm, policy.max_update_norm)
         except ValueError:
             raise Rejected(RejectReason.NON_FINITE, "update holds NaN or Inf") from None
 
@@ -122,7 +122,7 @@ class Ingestor:
             norm=norm, clip_scale=scale, train_seconds=env.train_seconds, metrics=env.metrics,
             accepted_at=self.clock(), rank=rank,
         )
-        outcome, count, cohort, reference = self.state.accept(digest, env.federation, env.round, record)
+        outcome, count, cohort, reference = self.state.accounting.accept(digest, env.federation, env.round, record)
         if outcome == REDELIVERED:
             return IngestResult(REDELIVERED, env.federation, env.round, env.device)
         if outcome != ACCEPTED:
@@ -142,7 +142,7 @@ class Ingestor:
 
     def _check_round(self, env: Envelope) -> tuple[FederationConfig, str]:
         """Cheap checks before any download; the accept transaction re-checks what can change."""
-        current, info, selected, submitted, tier = self.state.precheck(env.federation, env.round, env.device)
+        current, info, selected, submitted, tier = self.state.rounds.precheck(env.federation, env.round, env.device)
         config = self._config(env.federation, info.config_rev if info else None)
         if env.round > current:
             raise Rejected(RejectReason.FUTURE_ROUND, f"round {env.round} > current {current}")
@@ -161,7 +161,7 @@ class Ingestor:
     def _reject(self, digest: str, rej: Rejected, env: Envelope | None) -> IngestResult:
         # Count under the federation only once it is known to exist: unknown names stay unbounded.
         fed = env.federation if env and rej.reason != RejectReason.UNKNOWN_FEDERATION and self._known(env.federation) else None
-        fresh, ready = self.state.reject(
+        fresh, ready = self.state.accounting.reject(
             digest, rej.reason, rej.detail, self.clock(), fed=fed,
             round_no=env.round if env else None, device=env.device if env else None,
         )

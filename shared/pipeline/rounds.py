@@ -1,26 +1,27 @@
-"""Round lifecycle: start a federation, decide when a round closes, aggregate and publish."""
+"""Round lifecycle: start a federation, open rounds, decide when one closes, close it under a lease.
+
+The close itself is three steps: load what the round builds on (round_inputs.BaseVersion), read
+its updates into the aggregation (round_inputs.RoundReader), publish the next version. Evaluation
+and the forgetting guard are in evaluation.py, the DP accounting in strategies/privacy.py.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from fleettune.shared.protocol import versions
 from fleettune.shared.protocol.adapter_spec import initial_weights
 from fleettune.shared.strategies.fedavg import update_norm
-from fleettune.shared.pipeline.evaluation import guard
 from fleettune.shared.errors import ObjectNotFound, StateError
 from fleettune.shared.federation import DeviceProfile, FederationConfig
-from fleettune.shared.pipeline.round_inputs import RoundReader, Unreducible
+from fleettune.shared.pipeline.round_inputs import BaseVersion, RoundReader
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import FederationState, RoundInfo
 from fleettune.shared.storage import ObjectStore
 from fleettune.shared.strategies import privacy
-from fleettune.shared.strategies.combine import RoundAggregator
 
 # decide(): what an open round should do now
 WAIT, CLOSING, FAILED = "wait", "closing", "failed"
@@ -30,7 +31,6 @@ CLOSED, BUSY, SETTLED = "closed", "busy", "settled"
 UNREADABLE = "quorum_unreadable"  # accepted updates vanished or changed below the quorum
 PRIVACY_BUDGET = "privacy_budget_exhausted"  # why a DP federation completed early
 LEASE_MARGIN_S = 30  # a close's lease: the task time limit plus this
-log = logging.getLogger(__name__)
 
 
 def decide(info: RoundInfo, n_updates: int, min_updates: int, now: float, reported: int | None = None,
@@ -77,19 +77,19 @@ class RoundCoordinator:
 
     def start(self, config: FederationConfig, devices: Iterable[str | DeviceProfile]) -> tuple[RoundInfo, list[str]]:
         """Create the federation, publish version 0 and open round 1; also returns refused devices."""
-        refused = self.state.create(config, devices)
+        refused = self.state.federations.create(config, devices)
         return self.begin_training(config.name, config.policy.max_rounds), refused
 
     def begin_training(self, fed: str, rounds: int) -> RoundInfo:
         """Open the next round of `fed` and allow `rounds` rounds from it (a training session)."""
-        config = self.state.config(fed)
+        config = self.state.federations.config(fed)
         if config is None:
             raise StateError(f"unknown federation {fed!r}")
-        status = self.state.status(fed)
+        status = self.state.federations.status(fed)
         round_no, version = int(status.get("round", 0)), int(status.get("version", 0))
         if round_no == 0:
             self._publish_initial(config, 0, parent=None)
-        self.state.set_status(fed, "active", last_round=round_no + rounds)
+        self.state.federations.set_status(fed, "active", last_round=round_no + rounds)
         info = self._open(config, round_no + 1, version)
         if info is None:
             raise StateError(f"{fed} round {round_no + 1} was opened by someone else")
@@ -99,29 +99,29 @@ class RoundCoordinator:
         """Do the start the API recorded (State.request_start): publish v0 if the federation never
         trained, open its next round. Idempotent: a start already done, or overtaken by a stop, is
         only cleared; two workers racing here open the round once."""
-        request = self.state.start_request(fed)
+        request = self.state.federations.start_request(fed)
         if request is None:
-            self.state.start_done(fed)  # the federation was deleted, or another worker finished
+            self.state.federations.start_done(fed)  # the federation was deleted, or another worker finished
             return None
         first, rounds = request
-        status = self.state.status(fed)
+        status = self.state.federations.status(fed)
         if status.get("status") != "active" or int(status.get("round", 0)) >= first:
-            self.state.start_done(fed)
+            self.state.federations.start_done(fed)
             return None
         try:
             info = self.begin_training(fed, rounds)
         except StateError:
-            if self.state.current_round(fed) < first:
+            if self.state.federations.current_round(fed) < first:
                 raise
-            info = self.state.round_info(fed, first)  # opened by the worker we raced
-        self.state.start_done(fed)
+            info = self.state.rounds.round_info(fed, first)  # opened by the worker we raced
+        self.state.federations.start_done(fed)
         return info
 
     def _publish_initial(self, config: FederationConfig, version: int, parent: int | None) -> None:
         """A fresh adapter (as PEFT initialises one) as `version`: the start, or a change of shape
         (which keeps the DP ledger: the data spent before still counts)."""
         weights = initial_weights(config.spec, config.seed)
-        ledger = self._dp_ledger(config.name, parent) if parent is not None else ()
+        ledger = privacy.ledger_of(versions.manifest(self.store, config.name, parent)) if parent is not None else ()
         tiers = {rank: ({k: weights[k][tuple(slice(0, n) for n in shape)].contiguous()
                          for k, shape in config.spec_for(rank).tensors.items()}, config.spec_for(rank))
                  for rank in set(config.tier_ranks.values())}  # each tier: the leading slice (B is zero)
@@ -134,10 +134,10 @@ class RoundCoordinator:
 
     def _open(self, config: FederationConfig, round_no: int, base_version: int) -> RoundInfo | None:
         """Open a round under the pending config if there is one."""
-        pending = self.state.pending_config(config.name)
+        pending = self.state.federations.pending_config(config.name)
         base_version = self._prepare_shape(config, pending, base_version)
         policy = (pending or config).policy
-        return self.state.open_round(config.name, round_no, base_version, self.clock(), policy.timeout_seconds,
+        return self.state.rounds.open_round(config.name, round_no, base_version, self.clock(), policy.timeout_seconds,
                                      config=pending)
 
     def _prepare_shape(self, config: FederationConfig, pending: FederationConfig | None, base_version: int) -> int:
@@ -156,12 +156,12 @@ class RoundCoordinator:
         round. A close that died anywhere is redone by its redelivery (same owner) or, once its
         lease expires, by the sweep; a round that ended without its next round gets it here.
         """
-        opened = self.state.round_info(fed, round_no)
-        config = self.state.config(fed, opened.config_rev if opened else None)
+        opened = self.state.rounds.round_info(fed, round_no)
+        config = self.state.federations.config(fed, opened.config_rev if opened else None)
         if opened is None or config is None:
             raise StateError(f"{fed!r} has no round {round_no}")
         now = self.clock()
-        decision, info = self.state.begin_close(
+        decision, info = self.state.rounds.begin_close(
             fed, round_no,
             lambda i, n, reported: decide(i, n, config.policy.min_updates, now, reported, self.settings.deadline_grace_s),
             owner or uuid.uuid4().hex, now, self.settings.task_time_limit_s + LEASE_MARGIN_S)
@@ -169,13 +169,13 @@ class RoundCoordinator:
             return CloseResult(decision, info=info)
         if decision == SETTLED:  # a repair: the next round may never have been opened
             return CloseResult(SETTLED, info.version, self._advance(config, info, info.version), info=info)
-        updates = self.state.update_count(fed, round_no)  # the records themselves are read once, below
+        updates = self.state.rounds.update_count(fed, round_no)  # the records themselves are read once, below
         if decision == FAILED:
             return CloseResult(FAILED, None, self._advance(config, info, None), info=info, updates=updates,
                                reason="no_quorum")
         version = info.base_version + 1
         started = time.perf_counter()
-        manifest = self._aggregate_and_publish(config, self.state.round_info(fed, round_no), version)
+        manifest = self._aggregate_and_publish(config, self.state.rounds.round_info(fed, round_no), version)
         seconds = time.perf_counter() - started
         if manifest is None:  # fewer readable, verified updates than the quorum: publish nothing
             return CloseResult(FAILED, None, self._advance(config, info, None, failure=UNREADABLE), info=info,
@@ -191,20 +191,21 @@ class RoundCoordinator:
         """Settle the round and open the next one (or complete the federation), atomically.
         `reference`: the next round's reference claim (default: this round's)."""
         fed = config.name
-        status = self.state.status(fed)
-        current = self.state.config(fed) or config
-        pending = self.state.pending_config(fed)
+        status = self.state.federations.status(fed)
+        current = self.state.federations.config(fed) or config
+        pending = self.state.federations.pending_config(fed)
         base = version if version is not None else info.base_version
         last_round = int(status.get("last_round", current.policy.max_rounds))
         if status.get("status") == "active" and int(status.get("round", 0)) == info.round < last_round:
             base = self._prepare_shape(current, pending, base)
-        return self.state.settle_round(fed, info.round, self.clock(), base,
+        return self.state.rounds.settle_round(fed, info.round, self.clock(), base,
                                        (pending or current).policy.timeout_seconds, version=version,
                                        failure=failure, pending=pending, evaluate=evaluate, complete=complete,
                                        reference=reference if reference is not None else info.reference_claim)
 
     def _aggregate_and_publish(self, config: FederationConfig, info: RoundInfo, version: int) -> dict | None:
-        spec, policy, agg = config.spec, config.policy, config.aggregation
+        """Load what the round builds on (once), aggregate its updates, publish the next version."""
+        policy, agg = config.policy, config.aggregation
         try:
             published = versions.manifest(self.store, config.name, version)  # written last: the version is whole
         except ObjectNotFound:
@@ -215,108 +216,31 @@ class RoundCoordinator:
             # (an SVD on another thread count, or new noise, must never meet a refused overwrite)
             versions.point_forward(self.store, config.name, version)  # that attempt may have died before
             return published
-        base = versions.load_weights(self.store, config.name, info.base_version, spec,
-                                     self.settings.max_update_bytes, self.settings.max_header_bytes)
-        tier_bases = {rank: versions.load_tier_weights(self.store, config.name, info.base_version, rank,
-                                                       config.spec_for(rank), self.settings.max_update_bytes,
-                                                       self.settings.max_header_bytes)
-                      for rank in set(config.tier_ranks.values())}
-
-        def combiner() -> RoundAggregator:
-            return RoundAggregator(agg, base, config.update_tensors, config.adapter.rank, config.adapter.alpha,
-                                   tier_bases)
-
-        inputs = None
-        if agg.folds:
-            try:
-                inputs = self.reader.reduce_partials(config, info, combiner())
-            except Unreducible as exc:  # a partial or a re-weighed update is unreadable: read them all
-                log.warning("%s round %s: partial sums unusable (%s); reading every update", config.name,
-                            info.round, exc)
-        inputs = inputs or self.reader.stream(config, info, combiner())
+        base = BaseVersion.load(self.state, self.store, self.settings, config, info)
+        inputs = self.reader.read(config, info, base)
         aggregator = inputs.aggregator
         if aggregator.count < policy.min_updates:
             return None  # quorum counts updates that can still be read and verified, not acceptances
 
         server_lr = info.server_lr or policy.server_lr  # as the guard had set it when the close began
-        state = versions.load_optimizer_state(self.store, config.name, info.base_version,
-                                              self.settings.max_update_bytes) if agg.optimizer != "sgd" else {}
-        privacy_fields = self._privacy(config, info) if agg.dp else None
-        scaffold = agg.drift_control == "scaffold"
-        control = versions.load_control(self.store, config.name, info.base_version,
-                                        self.settings.max_update_bytes) if scaffold else None
-        population = max(self.state.enrolled_count(config.name), aggregator.count)
-        result = aggregator.finish(server_lr, state, policy.max_grad_norm,
-                                   privacy.noise_seed(self.state.secret(config.name), info.round) if agg.dp else 0,
-                                   control, aggregator.count / population)
+        result = aggregator.finish(server_lr, base.optimizer_state, policy.max_update_norm, base.noise_seed,
+                                   base.control, aggregator.count / max(base.population, aggregator.count))
         manifest = {
             "round": info.round, "parent_version": info.base_version, "contributors": inputs.contributors,
             "excluded": inputs.excluded, **inputs.stats.manifest_fields(),
             "total_weight": aggregator.total_weight, "aggregation": {**result.fields, **inputs.fields},
             "mean_delta_norm": result.mean_delta_norm, "global_norm": update_norm(result.weights),
-            "server_lr": server_lr, "max_grad_norm": policy.max_grad_norm, "config_revision": config.revision,
+            # the manifest keeps the clip's published name (clients read it): RoundPolicy.max_update_norm
+            "server_lr": server_lr, "max_grad_norm": policy.max_update_norm, "config_revision": config.revision,
             # the cap on sample weights this round applied, and the median claim the next round's derives from
-            "weight_cap": inputs.cap, "median_claim": self.state.median_claim(config.name, info.round),
+            "weight_cap": inputs.cap, "median_claim": self.state.partials.median_claim(config.name, info.round),
         }
-        if privacy_fields is not None:
-            manifest["dp"] = privacy_fields
-        elif ledger := self._dp_ledger(config.name, info.base_version):  # DP switched off: its history stays
-            manifest["dp"] = {"ledger": [list(s) for s in ledger], "releases": sum(n for _, _, n in ledger),
-                              "epsilon": privacy.ledger_epsilon(ledger, agg.dp_delta), "delta": agg.dp_delta}
-        return versions.publish(self.store, config.name, version, result.weights, spec, manifest,
+        if dp := privacy.manifest_fields(agg, policy.max_update_norm, base.dp_ledger):
+            manifest["dp"] = dp
+        return versions.publish(self.store, config.name, version, result.weights, config.spec, manifest,
                                 result.optimizer_state,
                                 {rank: (w, config.spec_for(rank)) for rank, w in result.tiers.items()},
                                 result.control)
-
-    def _privacy(self, config: FederationConfig, info: RoundInfo) -> dict:
-        """This release's DP accounting: ε of one round and of every DP release the federation has
-        made, this one included (the ledger travels in every manifest from the first DP release on)."""
-        agg = config.aggregation
-        z, q, delta = agg.dp_noise_multiplier, agg.sampling_rate, agg.dp_delta
-        ledger = privacy.extend(self._dp_ledger(config.name, info.base_version), z, q)
-        return {"noise_multiplier": z, "sampling_rate": q, "delta": delta, "clip": config.policy.max_grad_norm,
-                "releases": sum(n for _, _, n in ledger), "ledger": [list(s) for s in ledger],
-                "epsilon_round": privacy.epsilon(z, q, 1, delta),
-                "epsilon": privacy.ledger_epsilon(ledger, delta), "max_epsilon": agg.dp_max_epsilon,
-                # completes the federation now when one more release would pass the budget
-                "budget_exhausted": agg.dp_max_epsilon is not None
-                and privacy.ledger_epsilon(privacy.extend(ledger, z, q), delta) > agg.dp_max_epsilon}
-
-    def _dp_ledger(self, fed: str, version: int) -> tuple:
-        """The DP releases made up to `version`, as (z, q, count) segments."""
-        return tuple(tuple(s) for s in (versions.manifest(self.store, fed, version).get("dp") or {}).get("ledger", ()))
-
-    def evaluate(self, fed: str, version: int, evaluator_for: Callable[[FederationConfig], Any]) -> dict:
-        """Evaluate a published version, record it (Redis and its manifest), and apply the forgetting guard.
-
-        The guard acts once per version, whatever the number of deliveries: it is applied in the
-        same transaction that records the evaluation, and only by the first to record it.
-        """
-        manifest = versions.manifest(self.store, fed, version)
-        config = self.state.config(fed, manifest.get("config_revision"))
-        if config is None or config.evaluation is None:
-            raise StateError(f"{fed} has no evaluation config")
-        done = self.state.evaluation(fed, version)
-        if done is None:
-            weights = versions.load_weights(self.store, fed, version, config.spec, self.settings.max_update_bytes,
-                                            self.settings.max_header_bytes)
-            result = evaluator_for(config).evaluate(weights, version)
-            action, lr = guard(config.evaluation, result), None
-            if action is not None:
-                ratio, limit = result["forgetting_ratio"], config.evaluation.forgetting_threshold
-                if action == "halt":
-                    result["guard"] = f"v{version}: general perplexity ratio {ratio:.3f} > {limit}: federation halted"
-                else:
-                    current = self.state.server_lr(fed, config.policy.server_lr)
-                    # lowered to the floor at most; a rate already below it (FedAdam's 1e-2) is held
-                    lr = min(current, max(current * config.evaluation.lr_factor, config.evaluation.min_server_lr))
-                    result["guard"] = (f"v{version}: general perplexity ratio {ratio:.3f} > {limit}: server_lr "
-                                       f"{'lowered to' if lr < current else 'held at its floor'} {lr:g}")
-            self.state.record_evaluation(fed, version, result, (action, result["guard"]) if action else None, lr)
-            done = self.state.evaluation(fed, version)
-        if "evaluation" not in manifest:  # also completes a delivery that died after recording
-            versions.add_evaluation(self.store, fed, version, done)
-        return done
 
     def resume(self, fed: str) -> RoundInfo | None:
         """Reopen a halted or stopped federation for the rounds its session has left, here."""
@@ -325,11 +249,11 @@ class RoundCoordinator:
 
     def request_resume(self, fed: str) -> None:
         """Record the resume of a halted or stopped federation; a worker opens its round."""
-        status = self.state.status(fed)
+        status = self.state.federations.status(fed)
         if status.get("status") not in ("halted", "stopped"):
             raise StateError(f"{fed} is {status.get('status')}, not halted or stopped")
         left = int(status.get("last_round", 0)) - int(status.get("round", 0))
         if left < 1:
             raise StateError(f"{fed} has no rounds left in its session")
-        self.state.request_start(fed, left, self.clock())
+        self.state.federations.request_start(fed, left, self.clock())
 

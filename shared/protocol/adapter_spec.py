@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
+from pydantic import ConfigDict, with_config
 
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
+AdapterKind = Literal["lora", "qlora", "prompt_tuning"]  # qlora: the same LoRA on a 4-bit NF4 base
+TargetModule = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_ATTENTION: tuple[TargetModule, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP: tuple[TargetModule, ...] = ("gate_proj", "up_proj", "down_proj")
+# a stored federation config refuses keys no field takes (FederationConfig.from_json)
+_STORED = ConfigDict(extra="forbid")
 
 
+@with_config(_STORED)
 @dataclasses.dataclass(frozen=True)
 class ModelDims:
     """The shape facts of a Llama-architecture base model that adapter shapes depend on."""
@@ -65,12 +71,13 @@ LAYOUTS: dict[str, ModelDims] = {
 }
 
 
+@with_config(_STORED)
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
-    kind: Literal["lora", "qlora", "prompt_tuning"] = "lora"  # qlora: the same LoRA on a 4-bit NF4 base
+    kind: AdapterKind = "lora"
     rank: int = 8
     alpha: int = 16
-    target_modules: tuple[str, ...] = _ATTENTION
+    target_modules: tuple[TargetModule, ...] = _ATTENTION
     dropout: float = 0.0
     num_virtual_tokens: int = 16
     # heterogeneous ranks: devices of a listed tier train (and download) a LoRA of that rank; the
@@ -78,7 +85,7 @@ class AdapterConfig:
     tier_ranks: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in ("lora", "qlora", "prompt_tuning"):
+        if self.kind not in get_args(AdapterKind):
             raise ValueError(f"adapter kind must be 'lora', 'qlora' or 'prompt_tuning', got {self.kind!r}")
         if self.kind != "prompt_tuning" and (self.rank <= 0 or not self.target_modules):
             raise ValueError("a LoRA adapter needs rank > 0 and at least one target module")

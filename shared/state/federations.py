@@ -1,4 +1,4 @@
-"""The federation registry in Redis: configs by revision, enrolled devices, status, counters."""
+"""The federations in Redis: configs by revision, enrolled devices, status, counters, starts, heartbeats."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fleettune.shared.federation import DeviceProfile, FederationConfig
 from fleettune.shared.state.base import StateBase
 
 
-class Registry(StateBase):
+class Federations(StateBase):
     def create(self, config: FederationConfig, devices: Iterable[str | DeviceProfile] = (),
                status: str = "active") -> list[str]:
         """Register a new federation and enroll the devices its filter admits; returns the refused ones.
@@ -166,7 +166,7 @@ class Registry(StateBase):
         """Federations whose start was requested before `before` and is not done."""
         return [m.decode() for m in self.r.zrangebyscore(keys.STARTS_DUE, "-inf", before, start=0, num=limit)]
 
-    def federations(self) -> list[str]:
+    def names(self) -> list[str]:
         return sorted(m.decode() for m in self.r.smembers(keys.FEDERATIONS))
 
     def status(self, fed: str) -> dict[str, str]:

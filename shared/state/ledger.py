@@ -16,30 +16,14 @@ import msgpack
 import redis
 
 from fleettune.shared import keys
-from fleettune.shared.state.lua import AsyncLua
+from fleettune.shared.state.lua import AsyncLua, load_script
 
 MAX_BACKOFF_DOUBLINGS = 6
 ONLINE_REFRESH_S = 1.0  # how often a process asks the primary how many replicas are in sync  # re-drives wait redrive_after_s x 1, 2, 4 ... 64
 
 LATE = "late"  # what `record` answers for a new message received after its round's deadline
 
-# Record the entry, count it in flight for its round and push the broker message, atomically; or
-# return the entry recorded before; or refuse a new one received after the round's deadline.
-_RECORD_AND_PUSH = """
-local seen = redis.call('GET', KEYS[1])
-if seen then
-  redis.call('SET', KEYS[1], seen, 'KEEPTTL')  -- a write of this connection's, so WAIT covers the entry
-  return seen
-end
-local deadline = redis.call('HGET', KEYS[4], 'deadline')
-if deadline and tonumber(ARGV[6]) > tonumber(deadline) then return 'late' end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[4])
-redis.call('INCR', KEYS[5])
-redis.call('EXPIRE', KEYS[5], ARGV[2])
-redis.call('LPUSH', KEYS[3], ARGV[5])
-return false
-"""
+_RECORD_AND_PUSH = load_script("record_and_push")  # KEYS, ARGV and replies: lua/record_and_push.lua
 _RECORD_AND_PUSH_ASYNC = AsyncLua(_RECORD_AND_PUSH)  # the gateway's hot path (redis.asyncio)
 
 

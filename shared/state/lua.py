@@ -2,13 +2,22 @@
 
 redis-py's Script object wraps every call in argument-deprecation and retry layers; on the gateway's
 hot path (two scripts a submit) calling EVALSHA directly costs measurably less CPU.
+
+The scripts themselves live in `lua/<name>.lua` beside this module (shipped as package data).
 """
 
 from __future__ import annotations
 
 import hashlib
+from importlib.resources import files
 
 from redis.exceptions import NoScriptError
+
+
+def load_script(name: str) -> str:
+    """The source of `lua/<name>.lua`, read through importlib.resources so an installed wheel (or a
+    zip) works as the source tree does."""
+    return (files(__package__) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
 class AsyncLua:

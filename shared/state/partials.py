@@ -14,22 +14,11 @@ import msgpack
 from fleettune.shared import keys
 from fleettune.shared.state.accounting import UpdateRecord
 from fleettune.shared.state.base import StateBase
+from fleettune.shared.state.lua import load_script
 
 COMMITTED, REFUSED, ALREADY = 1, 0, 2
 
-# KEYS: round info, partials, unfolded. ARGV: slot, entry, members...
-# Refused when the round is no longer open, or when a member is not unfolded (it would count twice);
-# a retried commit whose first reply was lost finds its own entry and succeeds again.
-_COMMIT = """
-if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then return 2 end
-if redis.call('HGET', KEYS[1], 'status') ~= 'open' then return 0 end
-for i = 3, #ARGV do
-  if redis.call('SISMEMBER', KEYS[3], ARGV[i]) == 0 then return -1 end
-end
-for i = 3, #ARGV do redis.call('SREM', KEYS[3], ARGV[i]) end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return 1
-"""
+_COMMIT = load_script("commit_partial")  # KEYS, ARGV and replies: lua/commit_partial.lua
 
 
 class Partials(StateBase):

@@ -6,7 +6,6 @@ Every transition that must happen once is one WATCH/MULTI transaction.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 
 import msgpack
@@ -16,6 +15,7 @@ from fleettune.shared.errors import StateError
 from fleettune.shared.federation import FederationConfig
 from fleettune.shared.state.accounting import UpdateRecord
 from fleettune.shared.state.base import StateBase
+from fleettune.shared.state.federations import Federations
 from fleettune.shared.strategies import privacy
 
 
@@ -55,6 +55,10 @@ class RoundInfo:
 
 
 class RoundMachine(StateBase):
+    def __init__(self, client, federations: Federations, **limits) -> None:
+        super().__init__(client, **limits)
+        self.federations = federations  # a round's secret and the federations to sweep
+
     def open_round(self, fed: str, round_no: int, base_version: int, now: float, timeout: float,
                    config: FederationConfig | None = None) -> RoundInfo | None:
         """Open round `round_no` for every enrolled device; a no-op (None) if it was opened before.
@@ -62,7 +66,7 @@ class RoundMachine(StateBase):
         `config`, a pending revision, takes effect with the round in the same transaction.
         """
 
-        secret = self.secret(fed)
+        secret = self.federations.secret(fed)
 
         def open_(pipe) -> RoundInfo | None:
             if int(pipe.hget(keys.fed_state(fed), "round") or 0) >= round_no:
@@ -87,7 +91,7 @@ class RoundMachine(StateBase):
         `reference`: the next round's reference claim (this round's median claim).
         """
         info_key, state_key = keys.round_info(fed, round_no), keys.fed_state(fed)
-        secret = self.secret(fed)
+        secret = self.federations.secret(fed)
 
         def settle(pipe) -> RoundInfo | None:
             status = pipe.hget(info_key, "status")
@@ -216,8 +220,8 @@ class RoundMachine(StateBase):
         steps).
         """
         found = []
-        for fed in self.federations():
-            status = self.status(fed)
+        for fed in self.federations.names():
+            status = self.federations.status(fed)
             round_no = int(status.get("round", 0))
             info = self.round_info(fed, round_no) if round_no else None
             if info is None:
@@ -230,17 +234,6 @@ class RoundMachine(StateBase):
             if ready or stuck or unopened:
                 found.append((fed, round_no))
         return found
-
-    def wait_settled(self, fed: str, round_no: int, timeout: float, poll: float = 0.05) -> RoundInfo:
-        """Block until the round is closed or failed (for clients and tests, never for workers)."""
-        end = time.monotonic() + timeout
-        while True:
-            info = self.round_info(fed, round_no)
-            if info is not None and info.status in ("closed", "failed"):
-                return info
-            if time.monotonic() > end:
-                raise TimeoutError(f"{fed} round {round_no} still {info.status if info else 'unopened'} after {timeout}s")
-            time.sleep(poll)
 
 
 def _effective(current: FederationConfig, pending: FederationConfig | None) -> FederationConfig:

@@ -2,7 +2,7 @@
 
 `RoundAggregator` is fed the round's updates one at a time, each with its weight and clip scale;
 `finish` combines them under the federation's AggregationConfig and takes the server step. The
-close in `shared.rounds` does the I/O around it; nothing here touches Redis or the object store.
+close in `shared.pipeline.rounds` does the I/O around it; nothing here touches Redis or the object store.
 
 Memory: the mean and the exact mean stream (one accumulator, or 2·cap factor columns per layer);
 the median and trimmed mean hold every update, up to `max_robust_updates`.
@@ -142,7 +142,7 @@ class RoundAggregator:
             delta = self._mean.mean()
         if agg.dp:
             if clip_bound is None:
-                raise ValueError("DP needs a clip bound (the round policy's max_grad_norm)")
+                raise ValueError("DP needs a clip bound (the round policy's max_update_norm)")
             std = agg.dp_noise_multiplier * clip_bound
             total = {k: v * self.total_weight for k, v in delta.items()}
             delta = {k: v / self.total_weight for k, v in privacy.add_noise(total, std, noise_seed).items()}

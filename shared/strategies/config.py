@@ -10,24 +10,36 @@ Four independent choices, each with its own validation:
   - central DP: `dp_noise_multiplier` > 0 adds Gaussian noise to the clipped sum;
   - `drift_control`: `scaffold` (Karimireddy et al. 2020) adds control variates against client drift.
 
-The API's `"algorithm"` names a preset of these (ALGORITHMS); explicit fields override it.
+The API's `"algorithm"` names a preset of these (ALGORITHMS); explicit fields override it. What
+else an algorithm means (the server learning rate of its optimizer family, FedProx's proximal term
+on the devices) is `choose`'s: the API's request schemas only translate fields.
+
+Each closed set of names is declared here once, as a Literal, and the API's schemas import it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal, NamedTuple, get_args
+
+from pydantic import ConfigDict, with_config
 
 from fleettune.shared.errors import ConfigError
-from fleettune.shared.strategies.server_optimizers import ADAPTIVE, OPTIMIZERS
+from fleettune.shared.strategies.server_optimizers import ADAPTIVE, OPTIMIZERS, ServerOptimizer
 
-LORA_MODES = ("naive", "exact", "ffa")
-RULES = ("mean", "median", "trimmed_mean")
+LoraMode = Literal["naive", "exact", "ffa"]
+Rule = Literal["mean", "median", "trimmed_mean"]
+DriftControl = Literal["none", "scaffold"]
+Algorithm = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "flexlora",
+                    "ffa_lora", "median", "trimmed_mean", "dp_fedavg"]
+LORA_MODES: tuple[LoraMode, ...] = get_args(LoraMode)
+RULES: tuple[Rule, ...] = get_args(Rule)
+DRIFT_CONTROLS: tuple[DriftControl, ...] = get_args(DriftControl)
 
-# "algorithm" presets: the fields each sets. Adaptive optimizers default to the server learning
-# rate that works for LoRA in the literature (FedAdam η 1e-3..1e-2).
-ALGORITHMS: dict[str, dict[str, Any]] = {
+# "algorithm" presets: the aggregation fields each sets. Adaptive optimizers default to the server
+# learning rate that works for LoRA in the literature (FedAdam η 1e-3..1e-2).
+ALGORITHMS: dict[Algorithm, dict[str, Any]] = {
     "fedavg": {},
     "fedavgm": {"optimizer": "avgm"},
     "fedadam": {"optimizer": "adam"},
@@ -41,18 +53,21 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     "trimmed_mean": {"rule": "trimmed_mean"},
     "dp_fedavg": {"dp_noise_multiplier": 1.0},
 }
+assert tuple(ALGORITHMS) == get_args(Algorithm), "every algorithm has a preset, in the order the API lists them"
 ADAPTIVE_SERVER_LR = 1e-2
 CONTROL_PREFIX = "scaffold."  # SCAFFOLD updates also carry Δc_i, each tensor under this prefix
 FEDPROX_MU = 0.01
 
 
+# a stored federation config refuses keys no field takes (FederationConfig.from_json)
+@with_config(ConfigDict(extra="forbid"))
 @dataclasses.dataclass(frozen=True)
 class AggregationConfig:
-    algorithm: str = "fedavg"  # the preset it came from, for display
-    lora: str = "naive"
-    rule: str = "mean"
+    algorithm: Algorithm = "fedavg"  # the preset it came from, for display
+    lora: LoraMode = "naive"
+    rule: Rule = "mean"
     trim: int = 1  # trimmed_mean: values dropped at each end, per coordinate (needs n > 2·trim)
-    optimizer: str = "sgd"
+    optimizer: ServerOptimizer = "sgd"
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
@@ -64,7 +79,7 @@ class AggregationConfig:
     dp_delta: float = 1e-5
     dp_max_epsilon: float | None = None  # the federation completes before a round would exceed it
     sampling_rate: float = 1.0  # Poisson sampling of each round's cohort (q)
-    drift_control: str = "none"  # "scaffold": server and device control variates correct client drift
+    drift_control: DriftControl = "none"  # "scaffold": server and device control variates correct client drift
     incremental: bool = True  # fold linear rules into partial sums as updates arrive (see `folds`)
 
     def __post_init__(self) -> None:
@@ -96,7 +111,7 @@ class AggregationConfig:
             "lora 'exact' takes the sgd server optimizer only (use ffa for adaptive ones)":
                 self.lora != "exact" or self.optimizer == "sgd",
             "dp_max_epsilon needs dp_noise_multiplier > 0": self.dp_max_epsilon is None or self.dp,
-            "drift_control must be 'none' or 'scaffold'": self.drift_control in ("none", "scaffold"),
+            "drift_control must be 'none' or 'scaffold'": self.drift_control in DRIFT_CONTROLS,
             # the control variate is a mean of device gradients: it is linear (mean rule only),
             # lives in factor space (not with exact), and DP's noise does not cover it
             "scaffold needs the mean rule, lora 'naive' or 'ffa' and no DP":
@@ -128,3 +143,32 @@ class AggregationConfig:
         if algorithm not in ALGORITHMS:
             raise ConfigError(f"unknown algorithm {algorithm!r}; known: {sorted(ALGORITHMS)}")
         return cls(algorithm=algorithm, **{**ALGORITHMS[algorithm], **overrides})
+
+
+def server_lr(aggregation: AggregationConfig) -> float:
+    """The server learning rate a federation starts with under this aggregation's optimizer family."""
+    return ADAPTIVE_SERVER_LR if aggregation.adaptive else 1.0
+
+
+class Choice(NamedTuple):
+    """An aggregation, and the fields of the round policy and of the devices' training strategy
+    that come with it: defaults, which fields a request sets itself override."""
+
+    aggregation: AggregationConfig
+    policy: dict[str, Any]
+    training: dict[str, Any]
+
+
+def choose(current: AggregationConfig, algorithm: str | None = None, **overrides: Any) -> Choice:
+    """What an algorithm and explicit aggregation fields make of the `current` aggregation.
+
+    A new algorithm starts from its preset; `overrides` replace fields of it (or of `current`). A
+    move between plain and adaptive server optimizers moves the server learning rate to the new
+    family's default; FedProx turns on the devices' proximal term (FEDPROX_MU)."""
+    if algorithm is not None and algorithm != current.algorithm:
+        aggregation = AggregationConfig.preset(algorithm, **overrides)
+    else:
+        aggregation = dataclasses.replace(current, **overrides)
+    policy = {"server_lr": server_lr(aggregation)} if aggregation.adaptive != current.adaptive else {}
+    training = {"proximal_mu": FEDPROX_MU} if algorithm == "fedprox" else {}
+    return Choice(aggregation, policy, training)

@@ -5,8 +5,9 @@ DP-FedAvg do, so one clip bound limits the whole contribution of a device; per-t
 let a device spend the bound once per layer.
 
 FedAvg of LoRA factors averages A and B separately, which is inexact for the product B·A
-(avg(B)·avg(A) != avg(B·A)); it is exact for soft prompts. Exact schemes (FFA-LoRA, FlexLoRA) plug
-in here as further pure functions.
+(avg(B)·avg(A) != avg(B·A)); it is exact for soft prompts. The exact schemes are beside it:
+FlexLoRA in exact_lora.py, FFA-LoRA (A frozen on devices, so averaging B alone is exact) in
+config.py's presets.
 """
 
 from __future__ import annotations

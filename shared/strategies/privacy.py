@@ -99,3 +99,29 @@ def pick(secret: bytes, round_no: int, devices, count: int) -> list[str]:
         return hmac.new(secret, f"pick:{round_no}:{device}".encode(), hashlib.sha256).digest()
 
     return sorted(devices, key=rank)[:count]
+
+
+def ledger_of(manifest: Mapping) -> tuple[tuple[float, float, int], ...]:
+    """The DP releases a published version's manifest records, as (z, q, count) segments."""
+    return tuple(tuple(s) for s in (manifest.get("dp") or {}).get("ledger", ()))
+
+
+def manifest_fields(agg, clip: float | None, ledger: tuple) -> dict | None:
+    """A release's DP accounting for its manifest, given the ledger of the version it builds on:
+    ε of this round and of every DP release the federation made, this one included (the ledger
+    travels in every manifest from the first DP release on). With DP off, the history it had
+    stays (None when there is none)."""
+    delta = agg.dp_delta
+    if not agg.dp:
+        return None if not ledger else {"ledger": [list(s) for s in ledger], "releases": sum(n for _, _, n in ledger),
+                                        "epsilon": ledger_epsilon(ledger, delta), "delta": delta}
+    z, q = agg.dp_noise_multiplier, agg.sampling_rate
+    ledger = extend(ledger, z, q)
+    return {"noise_multiplier": z, "sampling_rate": q, "delta": delta, "clip": clip,
+            "releases": sum(n for _, _, n in ledger), "ledger": [list(s) for s in ledger],
+            "epsilon_round": epsilon(z, q, 1, delta),
+            "epsilon": ledger_epsilon(ledger, delta), "max_epsilon": agg.dp_max_epsilon,
+            # completes the federation now when one more release would pass the budget
+            "budget_exhausted": agg.dp_max_epsilon is not None
+            and ledger_epsilon(extend(ledger, z, q), delta) > agg.dp_max_epsilon}
+

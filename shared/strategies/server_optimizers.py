@@ -17,12 +17,14 @@ restarted worker, or a redone close, continues from exactly the same state.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal, get_args
 
 import torch
 
 Tensors = Mapping[str, torch.Tensor]
-OPTIMIZERS = ("sgd", "avgm", "adam", "yogi", "adagrad")
-ADAPTIVE = ("adam", "yogi", "adagrad")
+ServerOptimizer = Literal["sgd", "avgm", "adam", "yogi", "adagrad"]
+OPTIMIZERS: tuple[ServerOptimizer, ...] = get_args(ServerOptimizer)
+ADAPTIVE: tuple[ServerOptimizer, ...] = ("adam", "yogi", "adagrad")
 STEP_KEY = "__step__"  # the step counter, stored as a one-element tensor beside the moments
 
 

@@ -20,6 +20,7 @@ from fleettune.shared.settings import Settings
 from fleettune.shared.strategies.config import AggregationConfig
 from fleettune.shared.protocol.updates import encode_update, submit_update
 from fleettune.workers.local import services
+from fleettune.workers.local.harness import wait_settled
 from fleettune.workers.worker.app import enqueuer, make_app
 
 pytestmark = pytest.mark.services
@@ -94,19 +95,19 @@ class Pipeline:
         if blob is None:
             blob = encode_update(arrays)
         if base_version is None:
-            base_version = self.runtime.state.round_info(config.name, round_no).base_version
+            base_version = self.runtime.state.rounds.round_info(config.name, round_no).base_version
         enqueue = lambda raw: [self.enqueue(raw) for _ in range(times)]  # noqa: E731
         return submit_update(self.runtime.store, enqueue, federation=config.name, round_no=round_no, device=device,
                              blob=blob, base_version=base_version, num_samples=num_samples, train_seconds=1.5,
                              metrics={"loss": 2.0, "steps": 4})
 
     def wait_round(self, config: FederationConfig, round_no: int, timeout: float = 60):
-        return self.runtime.state.wait_settled(config.name, round_no, timeout)
+        return wait_settled(self.runtime.state, config.name, round_no, timeout)
 
     def wait_received(self, fed: str | None, count: int, timeout: float = 60) -> dict[str, int]:
         end = time.monotonic() + timeout
         while True:
-            stats = self.runtime.state.stats(fed)
+            stats = self.runtime.state.federations.stats(fed)
             if stats.get("received", 0) >= count:
                 return stats
             if time.monotonic() > end:

@@ -126,7 +126,7 @@ def test_a_session_driven_only_through_the_api_matches_the_numpy_reference(pipel
         "algorithm": "fedavg", "round_config": {"max_update_norm": 0.5, "server_lr": 0.7, "max_num_samples": 300}})
     devices = _devices(pipeline, fed, 5)
     session = federation.train(model="tiny-llama", rounds=2, min_updates=5)
-    spec = pipeline.runtime.state.config(fed).spec.tensors
+    spec = pipeline.runtime.state.federations.config(fed).spec.tensors
     rng = np.random.default_rng(7)
     prev, reference_claim = None, None
     for round_no in (1, 2):
@@ -159,7 +159,7 @@ def test_fedadam_chosen_through_the_api_publishes_what_the_paper_computes(pipeli
     assert answer["config"]["aggregation"]["optimizer"] == "adam" and answer["config"]["policy"]["server_lr"] == 0.01
     devices = _devices(pipeline, fed, 3)
     federation.train(model="tiny-llama", algorithm="fedadam", rounds=2, min_updates=3)
-    spec = pipeline.runtime.state.config(fed).spec.tensors
+    spec = pipeline.runtime.state.federations.config(fed).spec.tensors
     rng = np.random.default_rng(11)
     x0, means = None, []
     for round_no in (1, 2):
@@ -217,7 +217,7 @@ def test_an_api_restart_in_the_middle_of_a_session_loses_nothing(pipeline, env, 
         federation.create(model="tiny-llama", adapter=ADAPTER)
         tokens = {f"phone-{i}": federation.register_device(f"phone-{i}", **PHONE) for i in range(4)}
         federation.train(model="tiny-llama", rounds=1, min_updates=4)
-        spec = pipeline.runtime.state.config(fed).spec.tensors
+        spec = pipeline.runtime.state.federations.config(fed).spec.tensors
         rng = np.random.default_rng(3)
         receipts = {}
         for i, (device, token) in enumerate(tokens.items()):
@@ -233,7 +233,7 @@ def test_an_api_restart_in_the_middle_of_a_session_loses_nothing(pipeline, env, 
             blob = encode_update(random_deltas(spec, rng, 0.01))
             receipts[device] = dict(client.send(plan, blob, num_samples=10), sha256=hashlib.sha256(blob).hexdigest())
         assert _wait_round(federation, 1)["contributors"] == sorted(tokens)
-        assert pipeline.runtime.state.stats(fed) == {"received": 4, "accepted": 4}
+        assert pipeline.runtime.state.federations.stats(fed) == {"received": 4, "accepted": 4}
     finally:
         own.stop()
 

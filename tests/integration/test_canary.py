@@ -51,7 +51,7 @@ def _publish(pipeline, config, round_no: int, weights: dict[str, torch.Tensor]) 
 def versions_of(pipeline, tiny):
     """A federation with v1 good (legal text) and v2 bad (then shuffled tokens), both evaluated by the server."""
     tokenizer, base = tiny
-    config = pipeline.create(devices=["trainer"], min_updates=1, max_rounds=2, max_grad_norm=None,
+    config = pipeline.create(devices=["trainer"], min_updates=1, max_rounds=2, max_update_norm=None,
                              aggregation=AggregationConfig(incremental=False),
                              evaluation=EvaluationConfig(base_model="tiny", domains=("legal",), eval_chars=4000))
     model = trainer.peft_model(base, config.adapter)
@@ -65,7 +65,7 @@ def versions_of(pipeline, tiny):
     _publish(pipeline, config, 1, good)
     _publish(pipeline, config, 2, bad)
     end = time.monotonic() + 180
-    while None in (pipeline.runtime.state.evaluation(config.name, v) for v in (1, 2)):
+    while None in (pipeline.runtime.state.evaluations.evaluation(config.name, v) for v in (1, 2)):
         assert time.monotonic() < end, "versions were not evaluated"
         time.sleep(0.2)
     return config
@@ -79,7 +79,7 @@ def _fleet(pipeline, fed: str, tiny) -> ServingFleet:
                for i in range(DEVICES)}
     heldout = trainer.blocks(tokenizer(corpora.heldout_text("legal", 120_000))["input_ids"], 64)
     texts = {d: heldout[4 * i:4 * i + 4] for i, d in enumerate(clients)}  # 256 tokens each, none shared
-    return ServingFleet(trainer.peft_model(base, pipeline.runtime.state.config(fed).adapter), clients, texts)
+    return ServingFleet(trainer.peft_model(base, pipeline.runtime.state.federations.config(fed).adapter), clients, texts)
 
 
 def test_a_good_version_reaches_everyone_and_a_bad_one_is_rolled_back_from_device_reports(pipeline, versions_of,
@@ -148,7 +148,7 @@ def test_each_tier_gets_its_variant_and_tier_2s_distilled_adapter_loads_on_its_b
     from fleettune.shared.protocol import versions
     from tests.reference import random_deltas
 
-    config = pipeline.create(devices=["t1"], min_updates=1, max_rounds=1, max_grad_norm=None,
+    config = pipeline.create(devices=["t1"], min_updates=1, max_rounds=1, max_update_norm=None,
                              evaluation=EvaluationConfig(base_model="tiny", domains=("literature",), eval_chars=3000))
     admin = Federation(pipeline.admin_key, config.name, pipeline.api_url)
     admin.set_deployment({
@@ -162,7 +162,7 @@ def test_each_tier_gets_its_variant_and_tier_2s_distilled_adapter_loads_on_its_b
     while not pipeline.runtime.redis.zscore(keys.fed_distilled(config.name, "mid"), "1"):
         assert time.monotonic() < end, "version 1 was not distilled for tier mid"
         time.sleep(0.5)
-    while pipeline.runtime.state.evaluation(config.name, 1) is None:
+    while pipeline.runtime.state.evaluations.evaluation(config.name, 1) is None:
         assert time.monotonic() < end, "version 1 was not evaluated"
         time.sleep(0.2)
     rollout = admin.rollout(1, gates={"max_perplexity_ratio": 100, "max_forgetting_ratio": 100}, start=True)

@@ -151,22 +151,22 @@ def test_a_steady_stream_under_random_worker_kills_keeps_every_account(redis_url
 
 def test_a_flood_of_5000_messages_with_4000_duplicates_counts_each_update_once(pipeline):
     devices = [f"flood-{i:04d}" for i in range(1000)]
-    config = pipeline.create(devices=devices, max_rounds=1, min_updates=1000, max_grad_norm=1.0,
+    config = pipeline.create(devices=devices, max_rounds=1, min_updates=1000, max_update_norm=1.0,
                              max_num_samples=500, timeout_seconds=300)
     rng = np.random.default_rng(3)
     deltas = [random_deltas(config.spec.tensors, rng, 0.002) for _ in devices]
     samples = [int(n) for n in rng.integers(5, 400, len(devices))]
-    before = pipeline.runtime.state.stats(None).get("redelivered", 0)
+    before = pipeline.runtime.state.federations.stats(None).get("redelivered", 0)
     started = time.monotonic()
     for device, delta, n in zip(devices, deltas, samples):
         pipeline.submit(config, 1, device, delta, num_samples=n, times=5)  # each envelope five times
     info = pipeline.wait_round(config, 1, timeout=240)
     seconds = time.monotonic() - started
     assert info.status == "closed" and info.version == 1
-    stats = pipeline.runtime.state.stats(config.name)
+    stats = pipeline.runtime.state.federations.stats(config.name)
     assert stats == {"received": 1000, "accepted": 1000}
     # every duplicate was answered from the outcome recorded under its digest, none counted again
-    assert pipeline.runtime.state.stats(None).get("redelivered", 0) - before >= 4000
+    assert pipeline.runtime.state.federations.stats(None).get("redelivered", 0) - before >= 4000
     # the weight cap of a first round this large is fixed by the median of its first 32 accepted
     # claims, whichever arrived first: take the one recorded, check it is such a median, and the sum
     reference_claim = versions.manifest(pipeline.runtime.store, config.name, 1)["weight_cap"] / 2

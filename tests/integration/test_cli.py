@@ -28,24 +28,24 @@ def test_simulate_drives_rounds_through_the_gateway_and_the_workers(env, pipelin
                 "--min-updates", "3", "--max-rounds", "2", "--rank", "4")
     assert done.returncode == 0, done.stderr[-2000:]
     state = pipeline.runtime.state
-    status = state.status("sim-cli")
+    status = state.federations.status("sim-cli")
     assert (status["status"], status["round"], status["version"]) == ("completed", "2", "2")
     assert f"session {status['session']}: completed" in done.stdout
-    assert state.stats("sim-cli") == {"received": 12, "accepted": 12}
+    assert state.federations.stats("sim-cli") == {"received": 12, "accepted": 12}
     manifest = versions.manifest(pipeline.runtime.store, "sim-cli", 2)
     assert len(manifest["contributors"]) == 6 and manifest["num_parameters"] == 4 * 4 * 4 * (128 + 128)
 
-    status = _run(env, "federation", "status", "sim-cli")
+    status = _run(env, "bootstrap", "federation", "status", "sim-cli")
     assert status.returncode == 0
     assert json.loads(status.stdout)["round"]["status"] == "closed"
 
 
 def test_federation_create_then_a_duplicate_name_is_a_clear_error(env, pipeline):
-    first = _run(env, "federation", "create", "cli-fed", "--devices", "3", "--kind", "prompt_tuning")
+    first = _run(env, "bootstrap", "federation", "create", "cli-fed", "--devices", "3", "--kind", "prompt_tuning")
     assert first.returncode == 0, first.stderr[-2000:]
     assert json.loads(first.stdout) == {"federation": "cli-fed", "round": 1, "cohort": 3, "parameters": 16 * 128,
                                           "refused": []}
-    again = _run(env, "federation", "create", "cli-fed")
+    again = _run(env, "federation", "create", "cli-fed")  # the command's first name still answers
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
@@ -86,7 +86,7 @@ def test_the_api_commands_print_tables_and_upload_with_a_progress_bar(pipeline, 
     assert " fedadam " in chosen.stdout and " adam " in chosen.stdout and " 0.01" in chosen.stdout
     refused = _run(client_env, "federations", "strategy", "cli-api", "--aggregation", '{"lora": "exact"}')
     assert refused.returncode == 2 and "422 invalid_config" in refused.stderr  # exact takes sgd only
-    assert pipeline.runtime.state.config("cli-api").aggregation.beta2 == 0.999
+    assert pipeline.runtime.state.federations.config("cli-api").aggregation.beta2 == 0.999
     session = _run(client_env, "sessions", "create", "--federation", "cli-api", "--rounds", "3",
                    "--algorithm", "fedadam")
     assert session.returncode == 0 and " active " in session.stdout

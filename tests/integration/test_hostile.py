@@ -26,7 +26,7 @@ def _eventually(predicate, timeout: float = 30):
 
 
 def _deadletter_reasons(pipeline, fed: str) -> dict[str, str]:
-    return {e["device"]: e["reason"] for e in pipeline.runtime.state.deadletters(1000) if e["federation"] == fed}
+    return {e["device"]: e["reason"] for e in pipeline.runtime.state.accounting.deadletters(1000) if e["federation"] == fed}
 
 
 def test_each_hostile_update_is_rejected_with_its_reason_and_counted(pipeline, workers):
@@ -84,7 +84,7 @@ def test_each_hostile_update_is_rejected_with_its_reason_and_counted(pipeline, w
     assert stats["rejected"] == stats["received"] == expected_fed
     assert stats.get("accepted", 0) == 0
     assert stats[f"rejected:{RejectReason.NON_FINITE.value}"] == 2
-    unknown = lambda: [e for e in pipeline.runtime.state.deadletters(1000)  # noqa: E731
+    unknown = lambda: [e for e in pipeline.runtime.state.accounting.deadletters(1000)  # noqa: E731
                        if e["reason"] == "unknown_federation" and e["device"] == "honest-1"]
     _eventually(unknown)
 
@@ -93,11 +93,11 @@ def test_each_hostile_update_is_rejected_with_its_reason_and_counted(pipeline, w
     for device in honest:
         pipeline.submit(config, 1, device, arrays)
     pipeline.wait_received(fed, expected_fed + 2)
-    assert pipeline.runtime.state.stats(fed)["accepted"] == 2
+    assert pipeline.runtime.state.federations.stats(fed)["accepted"] == 2
 
 
 def test_malformed_and_oversized_envelopes_are_rejected_and_counted_globally(pipeline, workers):
-    before = pipeline.runtime.state.stats(None)
+    before = pipeline.runtime.state.federations.stats(None)
     too_big = msgpack.packb({"v": 1, "padding": "x" * (pipeline.settings.max_envelope_bytes + 10)})
     cases = {
         b"\xc1\xc1\xc1 not msgpack": RejectReason.MALFORMED_ENVELOPE,
@@ -130,7 +130,7 @@ def test_an_update_for_a_closed_round_is_rejected_as_stale(pipeline):
                            num_samples=11)
     stats = pipeline.wait_received(config.name, 3)
     assert stats["rejected:stale_round"] == 1
-    assert late.round == 1 and pipeline.runtime.state.current_round(config.name) == 2
+    assert late.round == 1 and pipeline.runtime.state.federations.current_round(config.name) == 2
 
 
 def test_a_round_without_quorum_fails_at_its_deadline_and_the_next_reopens_from_the_same_version(pipeline):
@@ -144,7 +144,7 @@ def test_a_round_without_quorum_fails_at_its_deadline_and_the_next_reopens_from_
 
     assert failed.status == "failed" and failed.reason == "no_quorum"
     assert failed.version is None
-    reopened = pipeline.runtime.state.round_info(config.name, 2)
+    reopened = pipeline.runtime.state.rounds.round_info(config.name, 2)
     assert reopened.status == "open" and reopened.base_version == 0
     for device in devices[:3]:
         pipeline.submit(config, 2, device, random_deltas(config.spec.tensors, rng, 0.01))

@@ -97,7 +97,7 @@ def test_an_installed_worker_and_api_publish_a_version(installed, redis_url, s3_
                              cwd=tmp_path)
     api = services.Api(env, workdir, bin_dir=installed, cwd=tmp_path)
     try:
-        printed = _run(installed, tmp_path, "fleettune", "api-key", "create", "--scope", "admin", "--name", "wheel",
+        printed = _run(installed, tmp_path, "fleettune", "bootstrap", "api-key", "create", "--scope", "admin", "--name", "wheel",
                        env=env)
         key = next(word for word in printed.split() if word.startswith("ftk_"))
         federation = Federation(key, "wheel", api.url)

@@ -117,7 +117,7 @@ def observed(redis_url, s3_endpoint, tmp_path_factory):
 def _run(pipeline) -> dict:
     """Three evaluated rounds with a few bad updates, and a second federation whose round fails."""
     devices = [f"obs-{i}" for i in range(6)]
-    good = pipeline.create(devices=devices + ["obs-bad"], max_rounds=3, max_grad_norm=0.5,
+    good = pipeline.create(devices=devices + ["obs-bad"], max_rounds=3, max_update_norm=0.5,
                            evaluation=EvaluationConfig(base_model="tiny", eval_chars=3000))
     rng = np.random.default_rng(7)
     for round_no in (1, 2, 3):
@@ -139,7 +139,7 @@ def _run(pipeline) -> dict:
     pipeline.submit(failing, 1, "slow-1", random_deltas(failing.spec.tensors, rng, 0.01))
     assert pipeline.wait_round(failing, 1, timeout=30).status == "failed"
     end = time.monotonic() + 120
-    while pipeline.runtime.state.evaluation(good.name, 3) is None:
+    while pipeline.runtime.state.evaluations.evaluation(good.name, 3) is None:
         assert time.monotonic() < end, "version 3 was not evaluated"
         time.sleep(0.2)
     pipeline.wait_received(good.name, 3 + 18 + 1)
@@ -152,7 +152,7 @@ def _canary(state, fed: str) -> None:
     rollouts = Rollouts(state)
     gates = canary.Gates(max_perplexity_ratio=100, min_reports=5)  # random deltas: only the metrics matter here
     rec = rollouts.create(fed, 3, [], 50, 10, 3600, True, gates, "tests", published=lambda v: True)
-    rollouts.start(fed, rec["id"], "tests", lambda v: state.evaluation(fed, v))
+    rollouts.start(fed, rec["id"], "tests", lambda v: state.evaluations.evaluation(fed, v))
     rng = np.random.default_rng(3)
     for i in range(40):
         got = rollouts.assignment(fed, f"user-{i}", ())
@@ -173,7 +173,7 @@ def test_worker_and_api_endpoints_pass_promtool(observed):
 def test_counters_summed_across_pool_processes_agree_with_the_pipelines_accounting(observed):
     pipeline, prom, run, _, _ = observed
     fed = run["good"].name
-    stats = pipeline.runtime.state.stats(fed)
+    stats = pipeline.runtime.state.federations.stats(fed)
     accepted = prom.value(f'sum(fleettune_updates_accepted_total{{federation="{fed}"}})')
     rejected = prom.value(f'sum(fleettune_updates_rejected_total{{federation="{fed}"}})')
     received = prom.value(f'sum(fleettune_updates_received_total{{federation="{fed}"}})')
@@ -187,7 +187,7 @@ def test_adapter_norm_perplexity_and_training_time_are_the_recorded_values(obser
     pipeline, prom, run, _, _ = observed
     fed = run["good"].name
     manifest = versions.manifest(pipeline.runtime.store, fed, 3)
-    evaluation = pipeline.runtime.state.evaluation(fed, 3)
+    evaluation = pipeline.runtime.state.evaluations.evaluation(fed, 3)
     assert prom.value(f'max(fleettune_adapter_norm{{federation="{fed}"}})') == pytest.approx(manifest["global_norm"])
     assert prom.value(f'max(fleettune_adapter_version{{federation="{fed}"}})') == 3
     assert prom.value(f'max(fleettune_heldout_perplexity{{federation="{fed}"}})') == pytest.approx(evaluation["heldout_mean"])

@@ -80,10 +80,10 @@ def _session(client: redis.Redis, api_url: str, fed: str, devices: list[str], mo
 
 
 def test_an_ingest_message_with_the_wrong_arguments_is_dead_lettered_not_dropped(pipeline):
-    before = pipeline.runtime.state.stats(None).get("rejected:malformed_envelope", 0)
+    before = pipeline.runtime.state.federations.stats(None).get("rejected:malformed_envelope", 0)
     pipeline.app.send_task("fleettune.ingest", args=[b"one", b"two"], queue="fleettune.ingest")
     pipeline.app.send_task("fleettune.ingest", args=[], kwargs={"raw": b"x"}, queue="fleettune.ingest")
-    _eventually(lambda: pipeline.runtime.state.stats(None).get("rejected:malformed_envelope", 0) >= before + 2,
+    _eventually(lambda: pipeline.runtime.state.federations.stats(None).get("rejected:malformed_envelope", 0) >= before + 2,
                 what="two malformed dead letters")
 
 
@@ -198,7 +198,7 @@ def test_a_backlog_older_than_the_redrive_delay_is_drained_not_multiplied(s3_end
                               base_model="tiny-llama",
                               policy=RoundPolicy(min_updates=n, timeout_seconds=900, max_rounds=1))
     runtime.coordinator.start(config, devices)
-    spec = runtime.state.config("backlog").spec.tensors
+    spec = runtime.state.federations.config("backlog").spec.tensors
     gateway = Gateway(runtime.state, LocalPresigner(b"k" * 32), settings, lambda raw, at: None,
                       publisher=RedisPublisher(make_app(settings)))
     rng = np.random.default_rng(5)
@@ -211,12 +211,12 @@ def test_a_backlog_older_than_the_redrive_delay_is_drained_not_multiplied(s3_end
     try:
         oldest_age, sweeps = 0.0, 0
         end = time.monotonic() + 600
-        while (info := runtime.state.round_info("backlog", 1)).status not in ("closed", "failed"):  # the drain
+        while (info := runtime.state.rounds.round_info("backlog", 1)).status not in ("closed", "failed"):  # the drain
             assert time.monotonic() < end, f"round 1 still {info.status}"
             if sent := broker.oldest_sent_at(runtime.redis, "fleettune.ingest"):
                 oldest_age = max(oldest_age, time.time() - sent)
             time.sleep(0.2)
-        stats = runtime.state.stats("backlog")
+        stats = runtime.state.federations.stats("backlog")
         redriven = int(runtime.redis.hget("ft:stats", "redriven") or 0)
         print(f"backlog: {n} messages, the oldest waited {oldest_age:.1f}s (re-drive after 2 s); re-driven {redriven}")
         assert oldest_age > 2 * settings.redrive_after_s and runtime.redis.hget("ft:heartbeats", "beat")  # swept meanwhile

@@ -35,7 +35,7 @@ def _run_rounds(pipeline, config, rounds: int, seed: int, times: int = 1):
         assert info.status == "closed", info
         assert info.version == round_no
         policy = config.policy
-        prev = next_global(prev, deltas, samples, policy.max_grad_norm, policy.max_num_samples, policy.server_lr,
+        prev = next_global(prev, deltas, samples, policy.max_update_norm, policy.max_num_samples, policy.server_lr,
                            reference_claim=reference_claim)
         reference_claim = median_claim(samples, policy.max_num_samples)
         expected[round_no] = prev
@@ -43,7 +43,7 @@ def _run_rounds(pipeline, config, rounds: int, seed: int, times: int = 1):
 
 
 def test_three_rounds_of_twenty_devices_match_the_numpy_reference(pipeline, tmp_path):
-    config = pipeline.create(devices=DEVICES, max_grad_norm=1.0, server_lr=0.8, max_num_samples=500, max_rounds=3)
+    config = pipeline.create(devices=DEVICES, max_update_norm=1.0, server_lr=0.8, max_num_samples=500, max_rounds=3)
 
     expected = _run_rounds(pipeline, config, rounds=3, seed=11)
 
@@ -56,9 +56,9 @@ def test_three_rounds_of_twenty_devices_match_the_numpy_reference(pipeline, tmp_
         assert manifest["contributors"] == sorted(DEVICES)
         assert manifest["parent_version"] == version - 1
         assert 0 < manifest["update_norms"]["clipped"] < len(DEVICES)
-    assert pipeline.runtime.state.status(config.name)["status"] == "completed"
+    assert pipeline.runtime.state.federations.status(config.name)["status"] == "completed"
     assert versions.current_version(pipeline.runtime.store, config.name) == 3
-    stats = pipeline.runtime.state.stats(config.name)
+    stats = pipeline.runtime.state.federations.stats(config.name)
     assert stats["accepted"] == stats["received"] == 60
 
 
@@ -66,7 +66,7 @@ def test_every_published_version_loads_in_peft_and_changes_the_output(pipeline, 
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = pipeline.create(devices=DEVICES[:4], max_rounds=2, max_grad_norm=None)
+    config = pipeline.create(devices=DEVICES[:4], max_rounds=2, max_update_norm=None)
     for round_no in (1, 2):
         for i, device in enumerate(DEVICES[:4]):
             rng = np.random.default_rng([round_no, i])
@@ -97,7 +97,7 @@ def test_every_envelope_delivered_twice_gives_the_same_adapter_as_once(pipeline)
     twice = pipeline.create(devices=DEVICES, max_rounds=2)
 
     _run_rounds(pipeline, once, rounds=2, seed=5, times=1)
-    before = pipeline.runtime.state.stats(None).get("redelivered", 0)
+    before = pipeline.runtime.state.federations.stats(None).get("redelivered", 0)
     _run_rounds(pipeline, twice, rounds=2, seed=5, times=2)
 
     for version in (1, 2):
@@ -109,6 +109,6 @@ def test_every_envelope_delivered_twice_gives_the_same_adapter_as_once(pipeline)
         assert max(float(np.max(np.abs(x[k] - y[k]))) for k in x) <= 1e-7
         assert (a["contributors"], a["total_samples"], a["total_weight"]) == (
             b["contributors"], b["total_samples"], b["total_weight"])
-    assert pipeline.runtime.state.stats(twice.name)["accepted"] == 40
-    assert pipeline.runtime.state.stats(twice.name)["received"] == 40
-    assert pipeline.runtime.state.stats(None)["redelivered"] - before == 40
+    assert pipeline.runtime.state.federations.stats(twice.name)["accepted"] == 40
+    assert pipeline.runtime.state.federations.stats(twice.name)["received"] == 40
+    assert pipeline.runtime.state.federations.stats(None)["redelivered"] - before == 40

@@ -25,7 +25,7 @@ def test_a_round_larger_than_the_close_task_time_limit_allows_still_closes(redis
                                FLEETTUNE_TASK_TIME_LIMIT=str(TIME_LIMIT_S), FLEETTUNE_VISIBILITY_TIMEOUT="30")
     pipeline = make_pipeline(env)
     devices = [f"p{i:05d}" for i in range(N)]
-    config = pipeline.create(devices=devices, max_rounds=1, max_grad_norm=1.0, timeout_seconds=600)
+    config = pipeline.create(devices=devices, max_rounds=1, max_update_norm=1.0, timeout_seconds=600)
     rng = np.random.default_rng(11)
     deltas, samples = [], []
     for device in devices:
@@ -58,6 +58,6 @@ def test_a_round_larger_than_the_close_task_time_limit_allows_still_closes(redis
     base = versions.load_weights(store, config.name, 0, config.spec, 1 << 26, 1 << 20)
     started = time.perf_counter()
     RoundReader(state, store, pipeline.settings).stream(
-        config, state.round_info(config.name, 1),
+        config, state.rounds.round_info(config.name, 1),
         RoundAggregator(config.aggregation, base, config.update_tensors, config.adapter.rank, config.adapter.alpha))
     assert time.perf_counter() - started > TIME_LIMIT_S

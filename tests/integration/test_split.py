@@ -69,7 +69,7 @@ def test_both_modes_train_through_the_gateway_and_the_split_server(pipeline, gat
     admin = _federation(pipeline, api.url, name, mode)
     config = SplitConfig(**admin.client.get(f"/api/v1/federations/{name}/split")["config"])
     adapter = AdapterConfig(rank=4, alpha=8)
-    shapes = build_spec(pipeline.runtime.state.config(name).model, adapter).tensors
+    shapes = build_spec(pipeline.runtime.state.federations.config(name).model, adapter).tensors
     tokenizer, train, heldout = tiny
     clients = [DeviceClient(admin.register_device(f"phone-{i}"), name, api.url) for i in range(2)]
     plans = [client.check_in() for client in clients]  # both join the round before either sends
@@ -83,12 +83,12 @@ def test_both_modes_train_through_the_gateway_and_the_split_server(pipeline, gat
     status = admin.client.get(f"/api/v1/federations/{name}/split")
     assert status["server_steps"] >= 2 * STEPS * 0.9 and status["server_part_version"] >= 2
     assert set(status["devices"]) == {"phone-0", "phone-1"}
-    round_1 = pipeline.wait_round(pipeline.runtime.state.config(name), 1, timeout=120)
+    round_1 = pipeline.wait_round(pipeline.runtime.state.federations.config(name), 1, timeout=120)
     assert round_1.status == "closed"
 
     # the whole model: the devices' averaged part (version 1) and the server's own newest part
     store, r = pipeline.runtime.store, pipeline.runtime.redis
-    device_part = versions.load_weights(store, name, 1, build_spec(pipeline.runtime.state.config(name).model,
+    device_part = versions.load_weights(store, name, 1, build_spec(pipeline.runtime.state.federations.config(name).model,
                                                                    adapter), 1 << 30, 1 << 20)
     server_layers = config.server_layers(4)
     server_shapes = {k: v for k, v in shapes.items() if split_model.layer_of(k) in server_layers}

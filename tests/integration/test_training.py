@@ -26,13 +26,13 @@ def _federate(pipeline, tiny, adapter: AdapterConfig, lr: float, name: str, roun
     tokenizer, base = tiny
     config = FederationConfig(
         name=name, model=ModelDims.from_hf_config(base.config), adapter=adapter, base_model="tiny",
-        policy=RoundPolicy(min_updates=2, max_rounds=rounds, max_grad_norm=5.0, timeout_seconds=300),
+        policy=RoundPolicy(min_updates=2, max_rounds=rounds, max_update_norm=5.0, timeout_seconds=300),
         training=TrainingStrategy(learning_rate=lr, batch_size=8, seq_len=128),
         evaluation=EvaluationConfig(base_model="tiny", eval_chars=8000), aggregation=aggregation,
     )
     model = trainer.peft_model(base, adapter)
     fleet = [device for device, _ in build_fleet(FleetSpec.spread(3, chars_per_device=16_000), config, model, tokenizer)]
-    pipeline.runtime.state.create(config, status="idle")
+    pipeline.runtime.state.federations.create(config, status="idle")
     clients = enroll(pipeline.api_url, pipeline.admin_key, config.name, fleet)  # devices hold only their tokens
     pipeline.runtime.coordinator.begin_training(config.name, rounds)
     for round_no in range(1, rounds + 1):
@@ -51,7 +51,7 @@ def _wait_evaluation(pipeline, fed: str, version: int, timeout: float = 120) -> 
     import time
 
     end = time.monotonic() + timeout
-    while (result := pipeline.runtime.state.evaluation(fed, version)) is None:
+    while (result := pipeline.runtime.state.evaluations.evaluation(fed, version)) is None:
         assert time.monotonic() < end, "evaluation did not arrive"
         time.sleep(0.1)
     return result
@@ -97,7 +97,7 @@ def test_exact_aggregation_with_tier_ranks_16_8_4_publishes_an_adapter_per_tier_
     dims = ModelDims.from_hf_config(models.load_model("tiny").config)
     config = FederationConfig(
         name="train-tiers", model=dims, adapter=adapter, base_model="tiny",
-        policy=RoundPolicy(min_updates=3, max_rounds=2, max_grad_norm=5.0, timeout_seconds=300),
+        policy=RoundPolicy(min_updates=3, max_rounds=2, max_update_norm=5.0, timeout_seconds=300),
         training=TrainingStrategy(learning_rate=5e-3, batch_size=8, seq_len=128),
         evaluation=EvaluationConfig(base_model="tiny", eval_chars=8000),
         aggregation=AggregationConfig.preset("flexlora"),
@@ -106,7 +106,7 @@ def test_exact_aggregation_with_tier_ranks_16_8_4_publishes_an_adapter_per_tier_
                                                       trainer.peft_model(models.load_model("tiny"), adapter), tokenizer)]
     fleet = [Device(f"dev-{tier}", config, trainer.peft_model(models.load_model("tiny"), adapter.for_rank(rank)),
                     data[i], config.training, tier=tier) for i, (tier, rank) in enumerate(tiers.items())]
-    pipeline.runtime.state.create(config, status="idle")
+    pipeline.runtime.state.federations.create(config, status="idle")
     clients = enroll(pipeline.api_url, pipeline.admin_key, config.name, fleet)
     pipeline.runtime.coordinator.begin_training(config.name, 2)
     for round_no in (1, 2):

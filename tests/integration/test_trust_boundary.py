@@ -59,7 +59,7 @@ def test_a_presigned_put_writes_only_its_own_key_and_only_once(pipeline, fleet):
     alice = _client(pipeline, fleet, "alice")
     plan = alice.check_in(**PHONE)
     assert "url" not in plan["upload"]  # no URL before the device declares its bytes: a store bounds only signed sizes
-    spec = pipeline.runtime.state.config(fleet["first"]).spec.tensors
+    spec = pipeline.runtime.state.federations.config(fleet["first"]).spec.tensors
     blob = encode_update(random_deltas(spec, np.random.default_rng(0), 0.01))
     signed = _upload_url(alice, fleet["first"], plan, blob)
     url, headers = signed["url"], signed["headers"]
@@ -95,7 +95,7 @@ def test_the_store_itself_refuses_a_body_of_another_size_than_the_signed_one(pip
 def test_a_sha256_bound_url_refuses_other_bytes(pipeline, fleet):
     bob = _client(pipeline, fleet, "bob")
     plan = bob.check_in(**PHONE)
-    spec = pipeline.runtime.state.config(fleet["first"]).spec.tensors
+    spec = pipeline.runtime.state.federations.config(fleet["first"]).spec.tensors
     blob = encode_update(random_deltas(spec, np.random.default_rng(1), 0.01))
     signed = bob.client.post(f"/api/v1/federations/{fleet['first']}/upload-url",
                              {"round": plan["round"], "sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)})

@@ -27,7 +27,7 @@ def test_round_completes_and_counts_each_update_once_after_a_worker_is_killed(re
     pipeline = make_pipeline(env)
     broker = redis.Redis.from_url(env["FLEETTUNE_REDIS_URL"])
     # 1B-class layout: 6.8 MB per update, so the victim is still busy when it dies
-    config = pipeline.create(devices=DEVICES, layout="llama-1b", max_rounds=1, max_grad_norm=1.0)
+    config = pipeline.create(devices=DEVICES, layout="llama-1b", max_rounds=1, max_update_norm=1.0)
     victim = services.Worker("victim", env, workdir, concurrency=2)
 
     rng = np.random.default_rng(3)
@@ -42,7 +42,7 @@ def test_round_completes_and_counts_each_update_once_after_a_worker_is_killed(re
         time.sleep(0.002)
     victim.kill()
     held = _unacked(broker)
-    accepted_before = pipeline.runtime.state.stats(config.name).get("accepted", 0)
+    accepted_before = pipeline.runtime.state.federations.stats(config.name).get("accepted", 0)
     assert held >= 1 and accepted_before < len(DEVICES)
 
     survivor = services.Worker("survivor", env, workdir, concurrency=2)
@@ -52,7 +52,7 @@ def test_round_completes_and_counts_each_update_once_after_a_worker_is_killed(re
         survivor.stop()
 
     assert info.status == "closed"
-    stats = pipeline.runtime.state.stats(config.name)
+    stats = pipeline.runtime.state.federations.stats(config.name)
     assert stats["accepted"] == stats["received"] == len(DEVICES)
     actual = pipeline.version_arrays(config, 1)
     reference = next_global(pipeline.version_arrays(config, 0), deltas, samples, 1.0,

@@ -14,6 +14,7 @@ from fleettune.shared.protocol.adapter_spec import LAYOUTS, initial_weights
 from fleettune.shared.protocol.envelope import Envelope
 from fleettune.shared.errors import StateError
 from fleettune.shared.federation import EvaluationConfig, FederationConfig, RoundPolicy
+from fleettune.shared.pipeline.evaluation import evaluate_version
 from fleettune.shared.pipeline.ingest import Ingestor
 from fleettune.shared.pipeline.rounds import CLOSED, FAILED, SETTLED, UNREADABLE, RoundCoordinator
 from fleettune.shared.settings import Settings
@@ -48,7 +49,7 @@ def _send(world, device: str, seed: int, round_no: int = 1) -> None:
     blob = encode_update(random_deltas(config.spec.tensors, np.random.default_rng(seed), 0.01))
     key = keys.update_object("f", round_no, device)
     store.put(key, blob)
-    base = state.round_info("f", round_no).base_version
+    base = state.rounds.round_info("f", round_no).base_version
     Ingestor(state, store, Settings()).ingest(
         Envelope("f", round_no, device, key, hashlib.sha256(blob).hexdigest(), 5, base).encode())
 
@@ -62,7 +63,7 @@ def _close_dies_before_settling(world, monkeypatch) -> None:
     state, _, coordinator, _, _ = world
     for i, device in enumerate("abc"):
         _send(world, device, i)
-    monkeypatch.setattr(state, "settle_round", lambda *a, **k: (_ for _ in ()).throw(_Crash()))
+    monkeypatch.setattr(state.rounds, "settle_round", lambda *a, **k: (_ for _ in ()).throw(_Crash()))
     with pytest.raises(_Crash):
         coordinator.close("f", 1, owner="task-1")
     monkeypatch.undo()
@@ -71,14 +72,14 @@ def _close_dies_before_settling(world, monkeypatch) -> None:
 def test_a_close_that_dies_before_settling_is_resumed_by_its_redelivery_without_rewriting(world, monkeypatch):
     state, store, coordinator, _, clock = world
     _close_dies_before_settling(world, monkeypatch)
-    assert state.round_info("f", 1).status == "closing"  # published, but not yet closed
+    assert state.rounds.round_info("f", 1).status == "closing"  # published, but not yet closed
     versions.add_evaluation(store, "f", 1, {"heldout_mean": 9.0})  # what a fast evaluation wrote meanwhile
 
     assert coordinator.close("f", 1, owner="task-2").decision == "busy"  # the lease is task-1's
     result = coordinator.close("f", 1, owner="task-1")  # its redelivery resumes at once
     assert (result.decision, result.version, result.next_round.round) == (CLOSED, 1, 2)
     assert versions.manifest(store, "f", 1)["evaluation"] == {"heldout_mean": 9.0}  # not rewritten
-    assert state.evaluations_due(before=clock.now + 1) == [("f", 1)]
+    assert state.evaluations.evaluations_due(before=clock.now + 1) == [("f", 1)]
 
 
 def test_an_expired_lease_lets_the_sweep_finish_the_close(world, monkeypatch):
@@ -90,7 +91,7 @@ def test_an_expired_lease_lets_the_sweep_finish_the_close(world, monkeypatch):
         coordinator.close("f", 1, owner="dead-worker")
     monkeypatch.undo()
     clock.now += 91  # past the task time limit plus the margin
-    assert state.rounds_needing_a_close(clock.now) == [("f", 1)]
+    assert state.rounds.rounds_needing_a_close(clock.now) == [("f", 1)]
     assert coordinator.close("f", 1, owner="sweep").decision == CLOSED
 
 
@@ -113,8 +114,8 @@ def test_when_accepted_objects_vanish_below_the_quorum_the_round_fails_and_the_n
         store.put(keys.update_object("f", 1, device), b"not the accepted bytes")
     result = coordinator.close("f", 1)
     assert (result.decision, result.reason) == (FAILED, UNREADABLE)  # one readable update < quorum 2
-    assert state.round_info("f", 1).reason == UNREADABLE
-    assert state.round_info("f", 2).status == "open" and state.round_info("f", 2).base_version == 0
+    assert state.rounds.round_info("f", 1).reason == UNREADABLE
+    assert state.rounds.round_info("f", 2).status == "open" and state.rounds.round_info("f", 2).base_version == 0
     assert not store.exists(f"{keys.version_prefix('f', 1)}/{versions.MANIFEST_FILE}")  # nothing published
 
 
@@ -131,29 +132,29 @@ class _Forgetful:
 
 
 def test_the_guard_acts_once_per_version_and_stops_at_its_floor(world):
-    state, _, coordinator, _, _ = world
+    state, store, coordinator, _, _ = world
     for i, device in enumerate("abc"):
         _send(world, device, i)
     coordinator.close("f", 1)
-    coordinator.evaluate("f", 1, lambda config: _Forgetful())
-    coordinator.evaluate("f", 1, lambda config: _Forgetful())  # redelivered
-    assert state.server_lr("f", 1.0) == 0.5
+    evaluate_version(state, store, Settings(), "f", 1, lambda config: _Forgetful())
+    evaluate_version(state, store, Settings(), "f", 1, lambda config: _Forgetful())  # redelivered
+    assert state.federations.server_lr("f", 1.0) == 0.5
     for i, device in enumerate("abc"):
         _send(world, device, 10 + i, round_no=2)
     coordinator.close("f", 2)
-    assert "lowered to 0.3" in coordinator.evaluate("f", 2, lambda config: _Forgetful())["guard"]  # not 0.25
+    assert "lowered to 0.3" in evaluate_version(state, store, Settings(), "f", 2, lambda config: _Forgetful())["guard"]  # not 0.25
     for i, device in enumerate("abc"):
         _send(world, device, 20 + i, round_no=3)
     coordinator.close("f", 3)
-    assert "held at its floor 0.3" in coordinator.evaluate("f", 3, lambda config: _Forgetful())["guard"]
-    assert state.server_lr("f", 1.0) == 0.3
+    assert "held at its floor 0.3" in evaluate_version(state, store, Settings(), "f", 3, lambda config: _Forgetful())["guard"]
+    assert state.federations.server_lr("f", 1.0) == 0.3
 
 
 def test_a_halted_federation_resumes_for_the_rounds_it_has_left(world):
     state, _, coordinator, _, _ = world
-    state.stop("f", "halted by the forgetting guard")
+    state.federations.stop("f", "halted by the forgetting guard")
     info = coordinator.resume("f")
-    assert (info.round, state.status("f")["status"], state.status("f")["last_round"]) == (2, "active", "3")
+    assert (info.round, state.federations.status("f")["status"], state.federations.status("f")["last_round"]) == (2, "active", "3")
     with pytest.raises(StateError, match="not halted"):
         coordinator.resume("f")
 
@@ -170,7 +171,7 @@ def test_retention_deletes_a_rounds_updates_and_sets_but_never_a_version(world):
     assert not store.exists(keys.update_object("f", 1, "a"))
     assert not state.r.exists(keys.round_updates("f", 1)) and not state.r.exists(keys.round_cohort("f", 1))
     assert versions.manifest(store, "f", 1)["contributors"] == ["a", "b", "c"]  # published versions stay
-    assert state.round_info("f", 1).status == "closed"  # and so does the round's history
+    assert state.rounds.round_info("f", 1).status == "closed"  # and so does the round's history
     assert retention.prune(state, store, clock.now + state.retention_s + 1) == (0, 0)
 
 

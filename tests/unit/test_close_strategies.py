@@ -44,7 +44,7 @@ def _round(state, store, config, round_no: int, seed: int) -> list[dict[str, np.
         blob = encode_update(delta)
         key = keys.update_object("f", round_no, device)
         store.put(key, blob)
-        base = state.round_info("f", round_no).base_version
+        base = state.rounds.round_info("f", round_no).base_version
         result = Ingestor(state, store, Settings()).ingest(
             Envelope("f", round_no, device, key, hashlib.sha256(blob).hexdigest(), 10 + i, base).encode())
         assert result.outcome == "accepted", result
@@ -59,7 +59,7 @@ def test_server_optimizer_state_survives_a_worker_restart(tmp_path, optimizer):
     means = []
     for round_no in (1, 2, 3):
         sent = _round(state, store, config, round_no, seed=round_no)
-        means.append(reference.mean_delta(sent, [10, 11, 12], config.policy.max_grad_norm))
+        means.append(reference.mean_delta(sent, [10, 11, 12], config.policy.max_update_norm))
         # a fresh coordinator each round: nothing is carried in memory from the last close
         result = RoundCoordinator(FederationState(state.r), store, Settings()).close("f", round_no)
         assert result.decision == CLOSED
@@ -78,7 +78,7 @@ def test_ffa_updates_carry_b_only_and_a_stays_at_the_seeded_initialisation(tmp_p
     assert RoundCoordinator(state, store, Settings()).close("f", 1).decision == CLOSED
     published = versions.load_weights(store, "f", 1, config.spec, 1 << 30, 1 << 20)
     initial = initial_weights(config.spec, config.seed)
-    mean = reference.mean_delta(sent, [10, 11, 12], config.policy.max_grad_norm)
+    mean = reference.mean_delta(sent, [10, 11, 12], config.policy.max_update_norm)
     for k in config.spec.tensors:
         if k.endswith("lora_A.weight"):
             np.testing.assert_array_equal(published[k].numpy(), initial[k].numpy())
@@ -109,21 +109,21 @@ def test_dp_rounds_report_epsilon_and_the_federation_completes_before_passing_it
         assert dp["releases"] == round_no
         assert dp["epsilon"] == pytest.approx(privacy.epsilon(z, 1.0, round_no, delta))
         assert dp["epsilon"] <= budget
-    status = state.status("f")
+    status = state.federations.status("f")
     assert (status["status"], status["reason"]) == ("completed", PRIVACY_BUDGET)
-    assert state.round_info("f", 3) is None  # no round that would pass the budget was opened
+    assert state.rounds.round_info("f", 3) is None  # no round that would pass the budget was opened
 
 
 def test_a_redone_close_keeps_the_version_its_earlier_attempt_published(tmp_path, monkeypatch):
     agg = AggregationConfig.preset("dp_fedavg", dp_noise_multiplier=1.0)
     state, store, config = _world(tmp_path, agg)
     _round(state, store, config, 1, seed=1)
-    first = RoundCoordinator(state, store, Settings())._aggregate_and_publish(config, state.round_info("f", 1), 1)
+    first = RoundCoordinator(state, store, Settings())._aggregate_and_publish(config, state.rounds.round_info("f", 1), 1)
     store.put(keys.current_pointer("f"), b'{"version": 0}')  # the first attempt died before moving the pointer
-    monkeypatch.setattr("fleettune.shared.pipeline.rounds.RoundAggregator", None)  # a redo must not aggregate again
-    again = RoundCoordinator(state, store, Settings())._aggregate_and_publish(config, state.round_info("f", 1), 1)
+    monkeypatch.setattr("fleettune.shared.pipeline.round_inputs.RoundAggregator", None)  # a redo must not aggregate again
+    again = RoundCoordinator(state, store, Settings())._aggregate_and_publish(config, state.rounds.round_info("f", 1), 1)
     assert again == first and versions.current_version(store, "f") == 1
-    assert len(state.secret("f")) == 32 and state.secret("f") == state.r.get(keys.fed_secret("f"))
+    assert len(state.federations.secret("f")) == 32 and state.federations.secret("f") == state.r.get(keys.fed_secret("f"))
 
 
 def test_sampling_rate_picks_the_cohort_the_accountant_assumes(tmp_path):
@@ -133,7 +133,7 @@ def test_sampling_rate_picks_the_cohort_the_accountant_assumes(tmp_path):
     config = FederationConfig("f", LAYOUTS["tiny-llama"], aggregation=agg, policy=RoundPolicy(min_updates=3))
     RoundCoordinator(state, store, Settings()).start(config, devices)
     cohort = {m.decode() for m in state.r.smembers(keys.round_cohort("f", 1))}
-    assert cohort == {d for d in devices if privacy.sampled(state.secret("f"), 1, d, 0.5)}
+    assert cohort == {d for d in devices if privacy.sampled(state.federations.secret("f"), 1, d, 0.5)}
     assert 70 < len(cohort) < 130
 
 
@@ -143,7 +143,7 @@ def test_scaffold_publishes_the_server_control_variate_devices_download(tmp_path
     sent = _round(state, store, config, 1, seed=3)
     assert RoundCoordinator(state, store, Settings()).close("f", 1).decision == CLOSED
     control = versions.load_control(store, "f", 1, 1 << 30)
-    mean = reference.mean_delta(sent, [10, 11, 12], config.policy.max_grad_norm)  # one clip over both parts
+    mean = reference.mean_delta(sent, [10, 11, 12], config.policy.max_update_norm)  # one clip over both parts
     for k in config.spec.tensors:  # every enrolled device took part: participation 1, c starts at 0
         np.testing.assert_allclose(control[k].numpy(), mean[f"scaffold.{k}"], atol=1e-6)
     published = versions.load_weights(store, "f", 1, config.spec, 1 << 30, 1 << 20)
@@ -164,13 +164,13 @@ def test_clients_per_round_picks_that_many_by_the_secret_and_check_in_turns_the_
     coordinator = RoundCoordinator(state, store, Settings())
     coordinator.start(config, devices)
     cohort = {m.decode() for m in state.r.smembers(keys.round_cohort("f", 1))}
-    assert cohort == set(privacy.pick(state.secret("f"), 1, devices, 3)) and state.round_info("f", 1).cohort_size == 3
+    assert cohort == set(privacy.pick(state.federations.secret("f"), 1, devices, 3)) and state.rounds.round_info("f", 1).cohort_size == 3
     gateway = Gateway(state, LocalPresigner(b"k" * 32), Settings(), lambda raw, at: None)
     outsider = next(d for d in devices if d not in cohort)
     with pytest.raises(Refusal, match="not_sampled"):
         gateway.check_in("f", DeviceProfile(outsider), "http://api")
     assert gateway.check_in("f", DeviceProfile(sorted(cohort)[0]), "http://api")["round"] == 1
-    assert state.round_info("f", 1).cohort_size == 3  # a picked device checking in is not counted twice
+    assert state.rounds.round_info("f", 1).cohort_size == 3  # a picked device checking in is not counted twice
     with pytest.raises(Exception, match="clients_per_round"):
         RoundPolicy(min_updates=4, clients_per_round=3)
 
@@ -207,7 +207,7 @@ def test_the_dp_ledger_survives_switching_dp_off_and_on_with_another_noise(tmp_p
     for round_no in (1, 2, 3):
         _round(state, store, config, round_no, seed=round_no)
         if round_no in plan:  # applies from the next round
-            state.propose_config("f", lambda c, agg=plan[round_no]: c.revised(aggregation=agg))
+            state.federations.propose_config("f", lambda c, agg=plan[round_no]: c.revised(aggregation=agg))
         assert coordinator.close("f", round_no).decision == CLOSED
     off = versions.manifest(store, "f", 2)["dp"]
     assert off["ledger"] == [[2.0, 1.0, 1]] and off["epsilon"] == pytest.approx(privacy.epsilon(2.0, 1.0, 1, 1e-5))
@@ -221,8 +221,8 @@ def test_a_robust_rule_past_its_memory_bound_closes_with_the_first_updates_and_n
     state, store, config = _world(tmp_path, AggregationConfig.preset("median", max_robust_updates=3))
     _round(state, store, config, 1, seed=1)
     for device in ("d", "e"):  # two more accepted updates than the median may hold
-        state.enroll("f", [device])
-        assert state.join_cohort("f", 1, device)
+        state.federations.enroll("f", [device])
+        assert state.rounds.join_cohort("f", 1, device)
         delta = random_deltas(config.update_tensors, np.random.default_rng(len(device)), 0.002)
         blob = encode_update(delta)
         key = keys.update_object("f", 1, device)
@@ -240,7 +240,7 @@ def test_a_new_server_lr_replaces_the_rate_the_forgetting_guard_lowered(tmp_path
     state, store, config = _world(tmp_path, AggregationConfig())
     state.r.hset(keys.fed_state("f"), "server_lr", "0.5")  # what the guard left for plain FedAvg
     _round(state, store, config, 1, seed=1)
-    state.propose_config("f", lambda c: c.revised(aggregation=AggregationConfig.preset("fedadam"),
+    state.federations.propose_config("f", lambda c: c.revised(aggregation=AggregationConfig.preset("fedadam"),
                                                  policy=dataclasses.replace(c.policy, server_lr=0.01)))
     RoundCoordinator(state, store, Settings()).close("f", 1)
-    assert state.server_lr("f", 0.01) == 0.01  # FedAdam does not inherit FedAvg's 0.5
+    assert state.federations.server_lr("f", 0.01) == 0.01  # FedAdam does not inherit FedAvg's 0.5

@@ -112,7 +112,7 @@ def test_a_session_opens_a_round_and_check_in_gives_the_device_its_own_urls(plan
     signed = gateway.upload_url("f", "a", 1, "ab" * 32, 100, "http://api")
     assert signed["key"] == plan["upload"]["key"] and "/a.safetensors?" in signed["url"]
     assert plan["download"]["adapter_model.safetensors"]["url"].startswith("http://api/api/v1/objects/federations/f/")
-    assert state.round_info("f", 1).cohort_size == 1  # it joined the open round
+    assert state.rounds.round_info("f", 1).cohort_size == 1  # it joined the open round
     with pytest.raises(Refusal) as refused:
         gateway.check_in("f", DeviceProfile("b", ram_mb=500), "http://api")
     assert (refused.value.status, refused.value.code) == (403, "ineligible") and "min_ram_mb 1000" in refused.value.detail
@@ -203,7 +203,7 @@ def test_algorithm_presets_and_overrides_reach_the_config_with_their_server_lr(p
         LoraIn(type="lora", rank=8, tier_ranks={"low": 16}).to_config()
     answer = control.set_strategy("f", StrategyIn(algorithm="ffa_lora"))
     assert answer["applies_from_round"] == 2
-    assert control.state.pending_config("f").aggregation.lora == "ffa"
+    assert control.state.federations.pending_config("f").aggregation.lora == "ffa"
 
 
 def test_the_api_only_records_a_start_and_a_worker_publishes_v0_and_opens_the_round(tmp_path):
@@ -214,25 +214,25 @@ def test_the_api_only_records_a_start_and_a_worker_publishes_v0_and_opens_the_ro
     session = _session(control, "f")
     assert (session["status"], session["current_round"], sent) == ("pending", 0, ["f"])
     assert not list(tmp_path.rglob("*.safetensors"))  # the API process built no adapter
-    assert state.starts_due(before=clock.now) == ["f"]  # what the sweep re-sends if the task is lost
+    assert state.federations.starts_due(before=clock.now) == ["f"]  # what the sweep re-sends if the task is lost
 
     info = coordinator.start_requested("f")  # the worker's task
     assert (info.round, info.base_version) == (1, 0) and list(tmp_path.rglob("*.safetensors"))
-    assert control.session(session["id"])["status"] == "active" and state.starts_due(before=clock.now) == []
-    assert coordinator.start_requested("f") is None and state.current_round("f") == 1  # a redelivery: no-op
+    assert control.session(session["id"])["status"] == "active" and state.federations.starts_due(before=clock.now) == []
+    assert coordinator.start_requested("f") is None and state.federations.current_round("f") == 1  # a redelivery: no-op
 
     stopped = control.stop_session(session["id"], "ops")  # a resume recorded, then stopped before a worker ran
     assert stopped["status"] == "stopped"
     assert control.resume("f")["status"] == "active" and sent == ["f", "f"]
-    state.stop("f", "stopped again")
-    assert coordinator.start_requested("f") is None and state.current_round("f") == 1  # the stop wins
+    state.federations.stop("f", "stopped again")
+    assert coordinator.start_requested("f") is None and state.federations.current_round("f") == 1  # the stop wins
 
 
 def test_stopping_a_session_fails_its_open_round(plane):
     state, gateway, control, _, _ = plane
     session = _session(control, "f")
     assert control.stop_session(session["id"], "ops")["status"] == "stopped"
-    assert state.round_info("f", 1).status == "failed"
+    assert state.rounds.round_info("f", 1).status == "failed"
     with pytest.raises(Refusal, match="no_open_round"):
         gateway.check_in("f", DeviceProfile("a", ram_mb=2000), "u")
     with pytest.raises(Refusal, match="session_ended"):
@@ -312,7 +312,7 @@ def test_deadlines_are_judged_by_receive_time(plane, tmp_path):
     assert (late.value.status, late.value.code) == (409, "late") and len(sent) == 1
     assert gateway.submit("f", "a", fields).receipt == on_time.receipt  # its repeat still gets its receipt
 
-    info = dataclasses.replace(state.round_info("f", 1), inflight=1)
+    info = dataclasses.replace(state.rounds.round_info("f", 1), inflight=1)
     assert decide(info, 1, 1, now=1061.0, grace=180) == WAIT  # a's message is on time, still in flight
     assert decide(info, 1, 1, now=1241.0, grace=180) == CLOSING  # the grace is bounded
     Ingestor(state, LocalObjectStore(tmp_path), Settings()).ingest(sent[0][0])  # its outcome (object missing)

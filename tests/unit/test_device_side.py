@@ -12,6 +12,7 @@ from fleettune.shared.device import memory
 from fleettune.shared.protocol.envelope import Envelope
 from fleettune.shared.errors import RejectReason
 from fleettune.shared.federation import DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig, RoundPolicy
+from fleettune.shared.pipeline.evaluation import evaluate_version
 from fleettune.shared.pipeline.ingest import Ingestor
 from fleettune.shared.pipeline.rounds import RoundCoordinator
 from fleettune.shared.settings import Settings
@@ -49,8 +50,8 @@ def test_devices_below_the_filter_are_not_enrolled_and_their_updates_are_refused
                DeviceProfile("low-disk", 8192, 100), "undeclared"]
     _, refused = RoundCoordinator(state, store, Settings()).start(config, devices)
     assert refused == ["low-disk", "low-ram", "undeclared"]
-    assert state.enrolled("f") == ["big"]
-    assert state.enroll("f", [DeviceProfile("later", 512, 4000)]) == ["later"]
+    assert state.federations.enrolled("f") == ["big"]
+    assert state.federations.enroll("f", [DeviceProfile("later", 512, 4000)]) == ["later"]
 
     blob = encode_update(random_deltas(config.spec.tensors, np.random.default_rng(0), 0.01))
     key = keys.update_object("f", 1, "low-ram")
@@ -104,23 +105,23 @@ def _closed_round(tmp_path, action: str):
 
 def test_forgetting_within_bounds_changes_nothing(tmp_path):
     state, store, coordinator = _closed_round(tmp_path, "halt")
-    result = coordinator.evaluate("f", 1, lambda config: _Evaluator(1.1))
-    assert "guard" not in result and state.status("f")["status"] == "active"
-    assert state.evaluation("f", 1) == result
+    result = evaluate_version(state, store, Settings(), "f", 1, lambda config: _Evaluator(1.1))
+    assert "guard" not in result and state.federations.status("f")["status"] == "active"
+    assert state.evaluations.evaluation("f", 1) == result
 
 
 def test_forgetting_past_the_threshold_lowers_the_server_learning_rate(tmp_path):
     state, store, coordinator = _closed_round(tmp_path, "lower_lr")
-    result = coordinator.evaluate("f", 1, lambda config: _Evaluator(1.5))
-    assert state.server_lr("f", 1.0) == 0.5
-    assert "server_lr lowered to 0.5" in state.round_info("f", 2).guard == result["guard"]
+    result = evaluate_version(state, store, Settings(), "f", 1, lambda config: _Evaluator(1.5))
+    assert state.federations.server_lr("f", 1.0) == 0.5
+    assert "server_lr lowered to 0.5" in state.rounds.round_info("f", 2).guard == result["guard"]
     from fleettune.shared.protocol import versions
     assert versions.manifest(store, "f", 1)["evaluation"]["forgetting_ratio"] == 1.5
 
 
 def test_forgetting_past_the_threshold_can_halt_the_federation(tmp_path):
     state, store, coordinator = _closed_round(tmp_path, "halt")
-    coordinator.evaluate("f", 1, lambda config: _Evaluator(1.5))
-    assert state.status("f")["status"] == "halted"
-    info = state.round_info("f", 2)
+    evaluate_version(state, store, Settings(), "f", 1, lambda config: _Evaluator(1.5))
+    assert state.federations.status("f")["status"] == "halted"
+    info = state.rounds.round_info("f", 2)
     assert info.status == "failed" and info.reason == "halted" and "halted" in info.guard

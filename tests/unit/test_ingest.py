@@ -48,7 +48,7 @@ def test_claims_above_the_cap_are_capped_and_the_round_closes_when_everyone_repo
     results = [_send(world, d, x, n) for d, x, n in zip("abc", deltas, [10, 10_000, 30])]
     assert [r.outcome for r in results] == ["accepted"] * 3
     assert [r.round_ready for r in results] == [False, False, True]
-    assert state.updates("fed", 1)["b"].num_samples == 50
+    assert state.rounds.updates("fed", 1)["b"].num_samples == 50
 
     result = RoundCoordinator(state, store, settings).close("fed", 1)
 
@@ -69,7 +69,7 @@ def test_a_redone_close_writes_identical_bytes(world):
     first = coordinator.close("fed", 1).manifest
     # a worker died after publishing but before marking the round closed: the redelivered close redoes it
     state.r.hset(keys.round_info("fed", 1), "status", "closing")
-    second = coordinator._aggregate_and_publish(config, state.round_info("fed", 1), 1)
+    second = coordinator._aggregate_and_publish(config, state.rounds.round_info("fed", 1), 1)
     assert first["adapter_sha256"] == second["adapter_sha256"]
 
 
@@ -78,7 +78,7 @@ def test_an_unexpected_error_is_dead_lettered_not_lost(world, monkeypatch):
     monkeypatch.setattr("fleettune.shared.pipeline.ingest.update_norm", lambda t: 1 / 0)
     result = _send(world, "a", random_deltas(config.spec.tensors, np.random.default_rng(2), 0.01))
     assert result.outcome == "rejected" and result.reason is RejectReason.INTERNAL_ERROR
-    assert state.stats("fed")["rejected:internal_error"] == 1
+    assert state.federations.stats("fed")["rejected:internal_error"] == 1
 
 
 def test_local_store_bounds_reads_and_refuses_escaping_keys(tmp_path):

@@ -68,7 +68,7 @@ def _world(tmp_path, name: str, agg: AggregationConfig, devices: list[str]):
     state = FederationState(fakeredis.FakeRedis())
     store = LocalObjectStore(tmp_path / name)
     config = FederationConfig("f", LAYOUTS["tiny-llama"], aggregation=agg,
-                              policy=RoundPolicy(min_updates=2, max_rounds=3, server_lr=0.9, max_grad_norm=0.05))
+                              policy=RoundPolicy(min_updates=2, max_rounds=3, server_lr=0.9, max_update_norm=0.05))
     coordinator = RoundCoordinator(state, store, Settings(), clock=lambda: NOW[0])
     coordinator.start(config, devices + ["never-reports"])  # the round stays open until its deadline
     return state, store, config, coordinator
@@ -79,7 +79,7 @@ def _send(state, store, config, ingestor, round_no, device, delta, n, times=1):
     key = keys.update_object("f", round_no, device)
     if not store.exists(key):
         store.put(key, blob)
-    base = state.round_info("f", round_no).base_version
+    base = state.rounds.round_info("f", round_no).base_version
     raw = Envelope("f", round_no, device, key, hashlib.sha256(blob).hexdigest(), n, base).encode()
     return [ingestor.ingest(raw).outcome for _ in range(times)]
 
@@ -115,8 +115,8 @@ def test_partials_equal_the_streaming_close_with_redeliveries_and_a_worker_kille
                 workers[2] = PartialFolder(state, store, batch=4, tail=0, idle_s=60)  # the old one died: its
                 # uncommitted folds are lost with it, and their updates stay unfolded
         workers[0].flush()  # one worker commits what it holds; worker 1's last folds stay uncommitted
-        unfolded = len(state.unfolded("f", round_no))
-        assert state.partial_entries("f", round_no) and unfolded
+        unfolded = len(state.partials.unfolded("f", round_no))
+        assert state.partials.partial_entries("f", round_no) and unfolded
         NOW[0] += 10**6  # past the deadline
         results = [w[3].close("f", round_no) for w in (folded, streamed)]
         assert [r.decision for r in results] == [CLOSED, CLOSED]
@@ -136,20 +136,20 @@ def test_partials_equal_the_streaming_close_with_redeliveries_and_a_worker_kille
         for k in ours:
             np.testing.assert_allclose(ours[k], theirs[k], atol=1e-6, rtol=0)
         # a commit after the close began is refused; the close already counted those updates
-        assert workers[1].state.commit_partial("f", round_no, "late", {"x": 1}, []) == REFUSED
+        assert workers[1].state.partials.commit_partial("f", round_no, "late", {"x": 1}, []) == REFUSED
         # the next round's cap derives from this round's median claim, fixed before anyone submits
-        assert state.round_info("f", round_no + 1).reference_claim == float(np.median(claims))
+        assert state.rounds.round_info("f", round_no + 1).reference_claim == float(np.median(claims))
 
 
 def test_a_member_is_never_committed_in_two_partials(tmp_path):
     state, store, config, _ = _world(tmp_path, "w", AggregationConfig(), ["a", "b"])
     delta = random_deltas(config.update_tensors, np.random.default_rng(0), 0.01)
     _send(state, store, config, Ingestor(state, store, Settings()), 1, "a", delta, 10)
-    assert state.commit_partial("f", 1, "s1", {"gen": 1}, ["a"]) == COMMITTED
-    assert state.commit_partial("f", 1, "s1", {"gen": 1}, ["a"]) == ALREADY  # the same commit, retried
+    assert state.partials.commit_partial("f", 1, "s1", {"gen": 1}, ["a"]) == COMMITTED
+    assert state.partials.commit_partial("f", 1, "s1", {"gen": 1}, ["a"]) == ALREADY  # the same commit, retried
     with pytest.raises(RuntimeError, match="already folded"):
-        state.commit_partial("f", 1, "s2", {"gen": 1}, ["a"])
-    assert state.unfolded("f", 1) == []
+        state.partials.commit_partial("f", 1, "s2", {"gen": 1}, ["a"])
+    assert state.partials.unfolded("f", 1) == []
 
 
 def test_retention_deletes_updates_and_partials_of_due_rounds_and_never_a_version(tmp_path):
@@ -188,21 +188,21 @@ def test_a_commit_whose_reply_was_lost_is_not_offered_twice(tmp_path, monkeypatc
     state, store, config, coordinator = _world(tmp_path, "lost", AggregationConfig(), devices)
     folder = PartialFolder(state, store, batch=2, tail=0, idle_s=60)
     ingestor = Ingestor(state, store, Settings(), folder=folder)
-    real = state.commit_partial
+    real = state.partials.commit_partial
 
     def commit_then_lose_the_reply(*args, **kwargs):
         real(*args, **kwargs)
         raise ConnectionError("reply lost")
 
-    monkeypatch.setattr(state, "commit_partial", commit_then_lose_the_reply)
+    monkeypatch.setattr(state.partials, "commit_partial", commit_then_lose_the_reply)
     deltas = [random_deltas(config.update_tensors, np.random.default_rng(i), 0.01) for i in range(3)]
     for i in (0, 1):  # the second fills the batch: its commit lands, its reply does not
         _send(state, store, config, ingestor, 1, devices[i], deltas[i], 10)
     monkeypatch.undo()
     _send(state, store, config, ingestor, 1, "c", deltas[2], 10)
     folder.flush()
-    assert state.unfolded("f", 1) == []
-    assert state.partial_entries("f", 1)[folder._open[("f", 1)].slot]["stats"]["count"] == 3
+    assert state.partials.unfolded("f", 1) == []
+    assert state.partials.partial_entries("f", 1)[folder._open[("f", 1)].slot]["stats"]["count"] == 3
     NOW[0] += 10**6
     closed = coordinator.close("f", 1)
     assert closed.manifest["aggregation"]["read_at_close"] == 0 and closed.manifest["total_weight"] == 30
@@ -217,5 +217,5 @@ def test_the_accept_completing_the_first_32_claims_fixes_the_rounds_reference_cl
         delta = random_deltas(config.update_tensors, np.random.default_rng(i), 0.01)
         _send(state, store, config, ingestor, 1, device, delta, claims[i])
         expected = float(np.median(claims[:32])) if i >= 31 else None
-        assert state.round_info("f", 1).reference_claim == expected
-    assert state.uncapped("f", 1) == sorted(devices[:31])  # folded before the cap was known
+        assert state.rounds.round_info("f", 1).reference_claim == expected
+    assert state.partials.uncapped("f", 1) == sorted(devices[:31])  # folded before the cap was known

@@ -30,7 +30,7 @@ EVALS = {0: None, 1: {"heldout_mean": 20.0, "base_heldout_mean": 21.0, "forgetti
 def plane():
     clock = Clock()
     state = FederationState(fakeredis.FakeRedis())
-    state.create(FederationConfig("f", LAYOUTS["tiny-llama"]), status="idle")
+    state.federations.create(FederationConfig("f", LAYOUTS["tiny-llama"]), status="idle")
     gateway = Gateway(state, LocalPresigner(b"k" * 32, clock), Settings(), lambda raw, at: None, clock)
     return state, gateway, clock
 

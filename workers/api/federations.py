@@ -82,7 +82,7 @@ def get_round(round_no: int, name: str = FedName, who: Principal = Depends(reade
             response_model=ManifestList)
 def list_versions(name: str = FedName, who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
     svc.control.config(name)
-    newest = int(svc.runtime.state.status(name).get("version", 0))
+    newest = int(svc.runtime.state.federations.status(name).get("version", 0))
     found = []
     for version in range(newest + 1):
         try:
@@ -151,4 +151,4 @@ def delete_group(group: str = GroupName, name: str = FedName, who: Principal = D
 @router.get("/deadletters", tags=["operations"], response_model=DeadLetterList)
 def deadletters(n: int = Query(20, ge=1, le=1000), who: Principal = Depends(reader),
                 svc: Services = Depends(services)) -> dict:
-    return {"deadletters": svc.runtime.state.deadletters(n)}
+    return {"deadletters": svc.runtime.state.accounting.deadletters(n)}

@@ -45,7 +45,7 @@ def put_deployment(body: DeploymentIn, name: str = FedName, who: Principal = Dep
                    svc: Services = Depends(services)) -> dict:
     svc.control.config(name)
     svc.deployment.put(name, body.to_variants())
-    newest = int(svc.runtime.state.status(name).get("version", 0))
+    newest = int(svc.runtime.state.federations.status(name).get("version", 0))
     for tier in svc.deployment.distilled_tiers(name):  # the newest version, distilled for new tiers now
         if newest and svc.deployment.distilled_at_or_below(name, tier, newest) != newest:
             svc.deployment.mark_due(name, newest, tier)
@@ -86,7 +86,7 @@ def create_rollout(body: RolloutIn, name: str = FedName, who: Principal = Depend
                               body.min_step_seconds, body.auto_advance, gates, _by(who), _published(svc, name))
     if body.start:
         try:
-            rec = svc.rollouts.start(name, rec["id"], _by(who), lambda v: svc.runtime.state.evaluation(name, v))
+            rec = svc.rollouts.start(name, rec["id"], _by(who), lambda v: svc.runtime.state.evaluations.evaluation(name, v))
         except Refusal as refused:  # it stays pending: say which one, to start later or roll back
             raise refused.with_extra(rollout=rec["id"]) from None
     return rec
@@ -109,7 +109,7 @@ def get_rollout(rollout_id: str = RolloutId, name: str = FedName, who: Principal
              response_model=Rollout)
 def start_rollout(rollout_id: str = RolloutId, name: str = FedName, who: Principal = Depends(admin),
                   svc: Services = Depends(services)) -> dict:
-    return svc.rollouts.start(name, rollout_id, _by(who), lambda v: svc.runtime.state.evaluation(name, v))
+    return svc.rollouts.start(name, rollout_id, _by(who), lambda v: svc.runtime.state.evaluations.evaluation(name, v))
 
 
 @router.post("/rollouts/{rollout_id}/percentage", summary="Set the percentage, with a reason",

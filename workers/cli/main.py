@@ -1,7 +1,14 @@
-"""The `fleettune` command."""
+"""The `fleettune` command: one tree.
+
+    worker, beat, api, split-server    start a process (each says what it needs in FLEETTUNE_*)
+    demo, simulate, memory             local runs and estimates
+    federations, sessions, devices, …  the API from a terminal (api_commands.py)
+    bootstrap …                        Redis directly: the first API key, federations without the API
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -11,66 +18,9 @@ import click
 
 from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig
 from fleettune.shared.errors import ConfigError, FleettuneError
-from fleettune.shared.federation import DeviceFilter, EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy
 from fleettune.shared.settings import Settings
-
-
-def _config(name: str, layout: str, kind: str, rank: int, alpha: int, targets: str, virtual_tokens: int,
-            min_updates: int, timeout: float, min_samples: int, max_rounds: int, max_grad_norm: float,
-            server_lr: float, max_num_samples: int, seed: int, learning_rate: float, local_epochs: int,
-            batch_size: int, weight_decay: float, min_ram_mb: int, min_storage_mb: int,
-            evaluate_with: str | None) -> FederationConfig:
-    return FederationConfig(
-        name=name, model=LAYOUTS[layout], base_model=evaluate_with or layout, seed=seed,
-        training=TrainingStrategy(learning_rate=learning_rate, local_epochs=local_epochs, batch_size=batch_size,
-                                  weight_decay=weight_decay),
-        device_filter=DeviceFilter(min_ram_mb=min_ram_mb, min_storage_mb=min_storage_mb),
-        evaluation=EvaluationConfig(base_model=evaluate_with) if evaluate_with else None,
-        adapter=AdapterConfig(kind=kind, rank=rank, alpha=alpha, num_virtual_tokens=virtual_tokens,
-                              target_modules=tuple(t.strip() for t in targets.split(",") if t.strip())),
-        policy=RoundPolicy(min_updates=min_updates, timeout_seconds=timeout, min_samples_per_client=min_samples,
-                           max_rounds=max_rounds, max_grad_norm=max_grad_norm if max_grad_norm > 0 else None,
-                           server_lr=server_lr, max_num_samples=max_num_samples),
-    )
-
-
-def federation_options(fn):
-    """The options that define a federation, shared by `federation create`, `simulate` and `demo`."""
-    options = [
-        click.option("--layout", type=click.Choice(sorted(LAYOUTS)), default="tiny-llama", show_default=True),
-        click.option("--kind", type=click.Choice(["lora", "qlora", "prompt_tuning"]), default="lora", show_default=True),
-        click.option("--rank", default=8, show_default=True),
-        click.option("--alpha", default=16, show_default=True),
-        click.option("--targets", default="q_proj,k_proj,v_proj,o_proj", show_default=True),
-        click.option("--virtual-tokens", default=16, show_default=True),
-        click.option("--min-updates", default=2, show_default=True, help="quorum per round"),
-        click.option("--timeout", default=600.0, show_default=True, help="round deadline in seconds"),
-        click.option("--min-samples", default=1, show_default=True, help="min_samples_per_client"),
-        click.option("--max-rounds", default=10, show_default=True),
-        click.option("--max-grad-norm", default=1.0, show_default=True, help="L2 clip bound; 0 disables"),
-        click.option("--server-lr", default=1.0, show_default=True),
-        click.option("--max-num-samples", default=100_000, show_default=True, help="cap on a device's claim"),
-        click.option("--seed", default=0, show_default=True),
-        click.option("--learning-rate", default=3e-3, show_default=True, help="devices' local learning rate"),
-        click.option("--local-epochs", default=1, show_default=True),
-        click.option("--batch-size", default=8, show_default=True),
-        click.option("--weight-decay", default=0.0, show_default=True),
-        click.option("--min-ram-mb", default=0, show_default=True, help="device filter"),
-        click.option("--min-storage-mb", default=0, show_default=True, help="device filter"),
-        click.option("--evaluate-with", default=None,
-                     help="evaluate each version on this base model ('tiny', 'smollm2' or a directory)"),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _federation_kwargs(kw: dict) -> dict:
-    names = ("layout", "kind", "rank", "alpha", "targets", "virtual_tokens", "min_updates", "timeout",
-             "min_samples", "max_rounds", "max_grad_norm", "server_lr", "max_num_samples", "seed",
-             "learning_rate", "local_epochs", "batch_size", "weight_decay", "min_ram_mb", "min_storage_mb",
-             "evaluate_with")
-    return {n: kw.pop(n) for n in names}
+from fleettune.workers.cli.bootstrap import bootstrap
+from fleettune.workers.cli.options import federation_config, federation_kwargs, federation_options
 
 
 @click.group()
@@ -165,84 +115,6 @@ def split_server(host: str, port: int) -> None:
     serve(create_split_app(Runtime.from_settings(settings)), host, port)
 
 
-@cli.group("api-key")
-def api_key() -> None:
-    """Operator API keys, written straight to Redis (to bootstrap the first admin key)."""
-
-
-@api_key.command("create")
-@click.option("--scope", type=click.Choice(["admin", "read"]), default="admin", show_default=True)
-@click.option("--name", default="", help="who or what the key is for")
-def api_key_create(scope: str, name: str) -> None:
-    """Create a key and print it once; only its sha256 is stored."""
-    from fleettune.shared.control.auth import Tokens
-    from fleettune.workers.worker.app import app, runtime_of
-
-    key_id, token = Tokens(runtime_of(app).redis).create_api_key(scope, name)
-    click.echo(token)
-    click.echo(f"key id {key_id}, scope {scope}: store it now, it is not shown again", err=True)
-
-
-@api_key.command("revoke")
-@click.argument("key_id")
-def api_key_revoke(key_id: str) -> None:
-    """Revoke a key by its id."""
-    from fleettune.shared.control.auth import Tokens
-    from fleettune.workers.worker.app import app, runtime_of
-
-    if not Tokens(runtime_of(app).redis).revoke_api_key(key_id):
-        raise click.UsageError(f"no key {key_id}")
-    click.echo(f"revoked {key_id}")
-
-
-@cli.group()
-def federation() -> None:
-    """Create and inspect federations."""
-
-
-@federation.command("create")
-@click.argument("name")
-@click.option("--devices", "num_devices", default=0, help="enroll this many synthetic device ids")
-@click.option("--device", "device_ids", multiple=True, help="enroll this device id (repeatable)")
-@federation_options
-def federation_create(name: str, num_devices: int, device_ids: tuple[str, ...], **kw) -> None:
-    """Create a federation, publish version 0 and open round 1."""
-    from fleettune.shared.device.synthetic import devices
-    from fleettune.workers.worker.app import app, runtime_of
-
-    config = _config(name, **_federation_kwargs(kw))
-    runtime = runtime_of(app)
-    ids = list(device_ids) + [d.device for d in devices(num_devices, config.seed)]
-    info, refused = runtime.coordinator.start(config, ids)
-    click.echo(json.dumps({"federation": name, "round": info.round, "cohort": info.cohort_size,
-                           "parameters": config.spec.num_parameters, "refused": refused}))
-
-
-@federation.command("status")
-@click.argument("name")
-def federation_status(name: str) -> None:
-    """Print a federation's state, current round and counters as JSON."""
-    from fleettune.workers.worker.app import app, runtime_of
-
-    state = runtime_of(app).state
-    round_no = state.current_round(name)
-    info = state.round_info(name, round_no)
-    status = state.status(name)
-    version = int(status.get("version", 0))
-    click.echo(json.dumps({"state": status, "round": info.__dict__ if info else None, "stats": state.stats(name),
-                           "evaluation": state.evaluation(name, version)}, indent=2))
-
-
-@cli.command()
-@click.option("-n", "count", default=20, show_default=True)
-def deadletters(count: int) -> None:
-    """Print the newest rejected updates with their reasons."""
-    from fleettune.workers.worker.app import app, runtime_of
-
-    for entry in runtime_of(app).state.deadletters(count):
-        click.echo(json.dumps(entry))
-
-
 @cli.command()
 @click.option("--federation", "name", required=True)
 @click.option("--devices", "num_devices", default=20, show_default=True)
@@ -258,8 +130,8 @@ def simulate(name: str, num_devices: int, rounds: int, round_wait: float, concur
     """Synthetic devices send updates for R rounds through the API and gateway (creates the federation)."""
     from fleettune.workers.local.simulate import simulate as run
 
-    fed_kw = _federation_kwargs(kw)
-    run(url, api_key, _config(name, **fed_kw), fed_kw["layout"], num_devices, rounds, round_wait, concurrency)
+    fed_kw = federation_kwargs(kw)
+    run(url, api_key, federation_config(name, **fed_kw), fed_kw["layout"], num_devices, rounds, round_wait, concurrency)
 
 
 @cli.command()
@@ -313,12 +185,21 @@ def memory_cmd(model_source, params, layout, bits, rank, targets, batch, seq, ac
     click.echo(json.dumps(est.as_mb() | {"base_parameters": int(params), "adapter_parameters": spec.num_parameters}))
 
 
+def _hidden_alias(command: click.Command) -> click.Command:
+    alias = copy.copy(command)
+    alias.hidden = True
+    return alias
+
+
 def main() -> None:
     from fleettune import FleettuneAPIError
     from fleettune.workers.cli.api_commands import GROUPS
 
     for group in GROUPS:
         cli.add_command(group)
+    cli.add_command(bootstrap)
+    for name, command in bootstrap.commands.items():  # their first names, kept working
+        cli.add_command(_hidden_alias(command), name)
     try:
         cli(standalone_mode=True)
     except (ConfigError, FleettuneError) as exc:

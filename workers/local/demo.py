@@ -36,7 +36,7 @@ def demo_config(name: str, model_source: str, dims: ModelDims, kind: str, rounds
     return FederationConfig(
         name=name, model=dims, adapter=adapter, base_model=model_source,
         policy=RoundPolicy(min_updates=max(2, num_devices // 2), timeout_seconds=600, max_rounds=rounds,
-                           max_grad_norm=5.0),
+                           max_update_norm=5.0),
         training=TrainingStrategy(learning_rate=1e-2 if kind == "prompt_tuning" else 5e-3, local_epochs=1,
                                   batch_size=8, seq_len=128, max_grad_norm=1.0),
         device_filter=DeviceFilter(min_ram_mb=min_ram_mb, min_storage_mb=100),
@@ -73,7 +73,7 @@ def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora",
                f"({num_params / 1e6:.2f} M parameters, {config.spec.num_parameters:,} trainable) for {rounds} rounds")
     click.echo(f"memory budget per device: {budget.as_mb()} MB -> device filter min_ram_mb={config.device_filter.min_ram_mb}")
     with embedded(settings, out) as (app, runtime, broker), gateway(app, runtime) as (url, admin_key):
-        runtime.state.create(config, status="idle")
+        runtime.state.federations.create(config, status="idle")
         # devices and the hostile one register through the API and then speak only to the gateway
         mallory = Device("mallory", config, model, devices[0].data, config.training, ram_mb=DEVICE_RAM_MB,
                          storage_mb=DEVICE_STORAGE_MB)
@@ -94,11 +94,11 @@ def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora",
         for row in run_rounds(app, runtime, config, devices, clients, rounds, hostile=clients["mallory"]):
             rows.append(row)
             _print_row(row)
-        final = int(runtime.state.status(config.name)["version"])
-        stats = runtime.state.stats(config.name)
+        final = int(runtime.state.federations.status(config.name)["version"])
+        stats = runtime.state.federations.stats(config.name)
         adapter_dir = out / "final-adapter"
         versions.download(runtime.store, config.name, final, adapter_dir)
-        dead = runtime.state.deadletters(1)
+        dead = runtime.state.accounting.deadletters(1)
 
     click.echo(f"\ncounters: {stats}")
     if dead:

@@ -45,7 +45,7 @@ def run_canary_demo(settings: Settings, trainers: int = 6, users: int = 120,
     fleet = [d for d, _ in build_fleet(FleetSpec.spread(trainers, 24_000), config, model, tokenizer,
                                        ram_mb=DEVICE_RAM_MB, storage_mb=DEVICE_STORAGE_MB)]
     with embedded(settings, out) as (app, runtime, _), gateway(app, runtime) as (url, admin_key):
-        runtime.state.create(config, status="idle")
+        runtime.state.federations.create(config, status="idle")
         clients = enroll(url, admin_key, config.name, fleet)
         runtime.coordinator.begin_training(config.name, 3)
         admin = Federation(admin_key, config.name, url)

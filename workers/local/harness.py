@@ -25,6 +25,7 @@ from fleettune.shared.device.client import Device
 from fleettune.shared.federation import FederationConfig
 from fleettune.shared.runtime import Runtime
 from fleettune.shared.settings import Settings
+from fleettune.shared.state import FederationState, RoundInfo
 from fleettune import DeviceClient, Federation
 from fleettune.shared.storage import LocalObjectStore, open_store
 from fleettune.shared.protocol.updates import encode_update
@@ -68,12 +69,24 @@ def embedded(settings: Settings, out_dir: Path) -> Iterator[tuple[Celery, Runtim
         yield app, runtime, broker
 
 
+def wait_settled(state: FederationState, fed: str, round_no: int, timeout: float, poll: float = 0.05) -> RoundInfo:
+    """Block until the round is closed or failed (for local runs and tests, never for workers)."""
+    end = time.monotonic() + timeout
+    while True:
+        info = state.rounds.round_info(fed, round_no)
+        if info is not None and info.status in ("closed", "failed"):
+            return info
+        if time.monotonic() > end:
+            raise TimeoutError(f"{fed} round {round_no} still {info.status if info else 'unopened'} after {timeout}s")
+        time.sleep(poll)
+
+
 def wait_round(app: Celery, runtime: Runtime, fed: str, round_no: int, timeout: float):
     """Wait for the round to settle, sending the deadline sweep each second as beat would."""
     end = time.monotonic() + timeout
     while True:
         try:
-            return runtime.state.wait_settled(fed, round_no, timeout=1.0)
+            return wait_settled(runtime.state, fed, round_no, timeout=1.0)
         except TimeoutError:
             if time.monotonic() > end:
                 raise
@@ -82,7 +95,7 @@ def wait_round(app: Celery, runtime: Runtime, fed: str, round_no: int, timeout: 
 
 def wait_evaluation(runtime: Runtime, fed: str, version: int, timeout: float) -> dict:
     end = time.monotonic() + timeout
-    while (result := runtime.state.evaluation(fed, version)) is None:
+    while (result := runtime.state.evaluations.evaluation(fed, version)) is None:
         if time.monotonic() > end:
             raise TimeoutError(f"{fed} v{version} not evaluated after {timeout}s")
         time.sleep(0.05)
@@ -121,7 +134,7 @@ def run_rounds(app: Celery, runtime: Runtime, config: FederationConfig, fleet: l
     """Each round, every device trains and sends through the gateway (a hostile one first, if given)."""
     fed = config.name
     for round_no in range(1, rounds + 1):
-        info = runtime.state.round_info(fed, round_no)
+        info = runtime.state.rounds.round_info(fed, round_no)
         if info is None or info.status != "open":
             return  # halted by the forgetting guard, or the federation completed
         started = time.monotonic()
@@ -129,9 +142,9 @@ def run_rounds(app: Celery, runtime: Runtime, config: FederationConfig, fleet: l
             send_hostile(hostile, config)
         reports = []
         # under sampling only the round's picked devices train; the others would check in to the next round
-        round_config = runtime.state.config(fed, info.config_rev) or config
+        round_config = runtime.state.federations.config(fed, info.config_rev) or config
         sampled = round_config.policy.clients_per_round or round_config.aggregation.sampling_rate < 1
-        cohort = runtime.state.cohort(fed, round_no) if sampled else None
+        cohort = runtime.state.rounds.cohort(fed, round_no) if sampled else None
         picked = [d for d in fleet if d.device_id in cohort] if sampled else fleet
         for device in tqdm(picked, desc=f"round {round_no}", unit="device", leave=False, disable=not progress):
             reports.append(device.run_round(clients[device.device_id], seed=round_no))

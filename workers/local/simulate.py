@@ -33,7 +33,7 @@ def federation_body(config: FederationConfig, layout: str) -> dict:
         "batch_size": training.batch_size, "weight_decay": training.weight_decay,
         "round_config": {"min_clients": policy.min_updates, "timeout_seconds": policy.timeout_seconds,
                          "min_samples_per_client": policy.min_samples_per_client, "max_rounds": policy.max_rounds,
-                         "max_update_norm": policy.max_grad_norm, "server_lr": policy.server_lr,
+                         "max_update_norm": policy.max_update_norm, "server_lr": policy.server_lr,
                          "max_num_samples": policy.max_num_samples},
         "device_filter": {"min_ram_mb": config.device_filter.min_ram_mb,
                           "min_storage_mb": config.device_filter.min_storage_mb}}}

@@ -40,7 +40,7 @@ class Servers:
     def get(self, fed: str) -> SplitServer:
         r = self.runtime.redis
         config = split_config.load(r, fed)
-        fed_config = self.runtime.state.config(fed)
+        fed_config = self.runtime.state.federations.config(fed)
         if config is None or fed_config is None:
             raise Refusal(404, "split_not_configured", f"{fed} has no split-learning config")
         with self.lock:
@@ -133,7 +133,7 @@ def _maybe_publish(runtime: Runtime, fed: str, server: SplitServer) -> None:
         return
     with server.lock:
         weights = {k: v.clone() for k, v in server.weights().items()}
-    fed_config = runtime.state.config(fed)
+    fed_config = runtime.state.federations.config(fed)
     version = parts.publish(runtime.redis, runtime.store, fed, weights,
                             parts.peft_config(server.config, fed_config.adapter, server.layers),
                             {"steps": server.steps, "layers": list(server.layers), "mode": server.config.mode,

@@ -17,6 +17,7 @@ from fleettune.shared.pipeline import retention
 from fleettune.shared.control.rollouts import Rollouts
 from fleettune.shared.control.tiers import Deployment
 from fleettune.shared.pipeline.distill import distill_version
+from fleettune.shared.pipeline.evaluation import evaluate_version
 from fleettune.shared.pipeline.ingest import TRANSIENT
 from fleettune.shared.state.lease import Lease
 from fleettune.shared.pipeline.rounds import CLOSED, FAILED
@@ -56,7 +57,7 @@ class IngestTask(FleetTask):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         """Retries ran out (a long outage): say so in the dead letters; the ledger re-drives it later."""
         raw = args[0] if len(args) == 1 and isinstance(args[0], bytes) else repr(args)[:200].encode()
-        self.runtime.state.note_retries_exhausted(hashlib.sha256(raw).hexdigest(), f"{type(exc).__name__}: {exc}",
+        self.runtime.state.accounting.note_retries_exhausted(hashlib.sha256(raw).hexdigest(), f"{type(exc).__name__}: {exc}",
                                                   time.time())
 
 
@@ -92,7 +93,7 @@ def close_round(self: FleetTask, fed: str, round_no: int) -> str:
     if result.decision in (CLOSED, FAILED):
         log.info("%s round %s %s -> version %s %s", fed, round_no, result.decision, result.version, result.reason)
     if result.decision == CLOSED and result.manifest is not None:
-        if self.runtime.state.config(fed).evaluation:
+        if self.runtime.state.federations.config(fed).evaluation:
             evaluate.delay(fed, result.version)
         deployment = Deployment(self.runtime.redis)
         for tier in deployment.distilled_tiers(fed):  # cascading tiers: each new version, for each smaller base
@@ -105,7 +106,7 @@ def close_round(self: FleetTask, fed: str, round_no: int) -> str:
 def evaluate(self: FleetTask, fed: str, version: int) -> float:
     """Held-out perplexity (and forgetting) of a newly published version."""
     runtime = self.runtime
-    result = runtime.coordinator.evaluate(fed, version, runtime.evaluator)
+    result = evaluate_version(runtime.state, runtime.store, runtime.settings, fed, version, runtime.evaluator)
     log.info("%s v%s held-out perplexity %.2f %s", fed, version, result["heldout_mean"], result.get("guard", ""))
     return result["heldout_mean"]
 
@@ -115,10 +116,11 @@ def distill(self: FleetTask, fed: str, version: int, tier: str) -> str:
     """A published version distilled onto a smaller tier's base (shared/pipeline/distill.py)."""
     runtime, deployment = self.runtime, Deployment(self.runtime.redis)
     variant = deployment.distilled_tiers(fed).get(tier)
-    if variant is None or runtime.state.config(fed) is None:
+    if variant is None or runtime.state.federations.config(fed) is None:
         deployment.forget_due(fed, version, tier)  # the tier or federation went away meanwhile
         return "no such tier"
-    manifest = distill_version(runtime.state, runtime.store, runtime.settings, fed, version, tier, variant)
+    manifest = distill_version(runtime.state, runtime.store, runtime.settings, fed, version, tier, variant.base_model,
+                               variant.distillation)
     deployment.record_distilled(fed, tier, version)
     log.info("%s v%s distilled for tier %s onto %s: student loss %.3f -> %.3f", fed, version, tier,
              variant.base_model, manifest["student_loss_first"], manifest["student_loss_last"])
@@ -132,20 +134,20 @@ def sweep(self: FleetTask) -> int:
     recorded, canary steps whose time passed, and received messages that were lost (re-driven from
     the ledger)."""
     state, now = self.runtime.state, time.time()
-    state.heartbeat("beat", now)
-    starts = state.starts_due(before=now - START_GRACE_S)  # recorded by the API; the task was lost
+    state.federations.heartbeat("beat", now)
+    starts = state.federations.starts_due(before=now - START_GRACE_S)  # recorded by the API; the task was lost
     for fed in starts:
         start.delay(fed)
-    due = state.rounds_needing_a_close(now)
+    due = state.rounds.rounds_needing_a_close(now)
     for fed, round_no in due:
         close_round.delay(fed, round_no)
-    lost = state.evaluations_due(before=now - 2 * self.runtime.settings.task_time_limit_s)
+    lost = state.evaluations.evaluations_due(before=now - 2 * self.runtime.settings.task_time_limit_s)
     for fed, version in lost:
         evaluate.delay(fed, version)
     distills = Deployment(self.runtime.redis).due(before=now - 2 * self.runtime.settings.task_time_limit_s)
     for fed, version, tier in distills:
         distill.delay(fed, version, tier)
-    for fed in state.federations():  # canary gates whose step time passed with no report to look
+    for fed in state.federations.names():  # canary gates whose step time passed with no report to look
         Rollouts(state).tick(fed)
     redriven = _redrive(self.runtime, enqueuer(self.app), now)
     if redriven:
