@@ -32,7 +32,7 @@ from fleettune.shared.protocol.adapter_spec import AdapterConfig, ModelDims  # n
 from fleettune.shared.device import memory, models, trainer  # noqa: E402
 from fleettune.shared.device.client import Device  # noqa: E402
 from fleettune.shared.device.fleet import FleetSpec, build_fleet, pooled  # noqa: E402
-from fleettune.shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy  # noqa: E402
+from fleettune.shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, LocalTraining  # noqa: E402
 from fleettune.shared.settings import Settings  # noqa: E402
 from fleettune.shared.strategies import privacy  # noqa: E402
 from fleettune.shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, AggregationConfig  # noqa: E402
@@ -67,7 +67,7 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
         policy=RoundPolicy(min_updates=min(min_updates, recipe.clients_per_round or min_updates),
                            max_rounds=recipe.rounds, max_update_norm=clip, timeout_seconds=900, server_lr=server_lr,
                            clients_per_round=recipe.clients_per_round),
-        training=TrainingStrategy(learning_rate=lr, batch_size=8, seq_len=128, max_steps=recipe.max_steps,
+        training=LocalTraining(learning_rate=lr, batch_size=8, seq_len=128, max_steps=recipe.max_steps,
                                   proximal_mu=recipe.proximal_mu or (FEDPROX_MU if recipe.algorithm == "fedprox" else 0),
                                   local_optimizer=recipe.local_optimizer),
         evaluation=EvaluationConfig(base_model=source, forgetting_threshold=100.0, general_every=10**6,
@@ -231,7 +231,7 @@ def _child_train(source: str, quantize: bool, steps: int) -> dict:
     model = trainer.peft_model(base, adapter)
     load_peak_mb = _kib("VmHWM") * 1024 / 1e6
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak: measure training on its own
-    strategy = TrainingStrategy(learning_rate=5e-3, batch_size=8, seq_len=128, local_epochs=100, max_steps=steps)
+    strategy = LocalTraining(learning_rate=5e-3, batch_size=8, seq_len=128, local_epochs=100, max_steps=steps)
     text = "\n\n".join(corpora.train_text(d, 40_000, seed=2) for d in corpora.DOMAINS)
     result = trainer.train(model, trainer.blocks(tokenizer(text)["input_ids"], 128), strategy, seed=0)
     heldout = {d: trainer.perplexity(model, trainer.blocks(tokenizer(corpora.heldout_text(d, 8000))["input_ids"], 128))

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fleettune.shared import corpora  # noqa: E402
 from fleettune.shared.protocol.adapter_spec import AdapterConfig  # noqa: E402
 from fleettune.shared.device import models, trainer  # noqa: E402
-from fleettune.shared.federation import TrainingStrategy  # noqa: E402
+from fleettune.shared.federation import LocalTraining  # noqa: E402
 from fleettune.shared.split import model as split_model  # noqa: E402
 from fleettune.shared.split.config import SplitConfig  # noqa: E402
 from fleettune.shared.split.device import LocalTransport, SplitDevice  # noqa: E402
@@ -76,7 +76,7 @@ def quality(args) -> None:
     model = trainer.peft_model(models.load_model(args.model), ADAPTER)
     base = trainer.perplexity(model, heldout)
     torch.manual_seed(0)
-    trainer.train(model, train, TrainingStrategy(learning_rate=args.lr, batch_size=BATCH, seq_len=SEQ,
+    trainer.train(model, train, LocalTraining(learning_rate=args.lr, batch_size=BATCH, seq_len=SEQ,
                                                  max_steps=steps, local_epochs=10_000), seed=0)
     local = trainer.perplexity(model, heldout)
     print(f"{args.model}: {len(train)} sequences of {SEQ} tokens, {steps} steps of ~{BATCH} (q={rate:.3f}), cut k="

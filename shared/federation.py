@@ -35,7 +35,7 @@ class RoundPolicy:
     min_samples_per_client: int = 1
     max_rounds: int = 10
     # the server's L2 bound over a whole update; None disables clipping (not max_grad_norm: that
-    # is the device's per-step clip, TrainingStrategy.max_grad_norm, as PEFT and torch call it)
+    # is the device's per-step clip, LocalTraining.max_grad_norm, as PEFT and torch call it)
     max_update_norm: Annotated[float | None, _MAX_UPDATE_NORM] = 1.0
     server_lr: float = 1.0
     max_num_samples: int = 100_000  # the most a device may claim; larger claims are capped to this
@@ -61,8 +61,9 @@ class RoundPolicy:
 
 @with_config(_STORED)
 @dataclasses.dataclass(frozen=True)
-class TrainingStrategy:
-    """What each device does in a round (the federation's strategy config)."""
+class LocalTraining:
+    """How each device trains in a round: its optimizer, epochs, batch, per-step clip, FedProx and
+    SCAFFOLD terms (the aggregation strategy is `AggregationConfig`)."""
 
     learning_rate: float = 3e-3
     local_epochs: int = 1
@@ -81,6 +82,9 @@ class TrainingStrategy:
                 and self.seq_len >= 8 and self.max_grad_norm > 0 and self.weight_decay >= 0
                 and self.proximal_mu >= 0 and self.local_optimizer in get_args(LocalOptimizer)):
             raise ValueError(f"invalid training strategy: {self}")
+
+
+TrainingStrategy = LocalTraining  # its first name, kept for code written against it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +152,7 @@ class FederationConfig:
     policy: RoundPolicy = RoundPolicy()
     base_model: str = "tiny-llama"
     seed: int = 0
-    training: TrainingStrategy = TrainingStrategy()
+    training: LocalTraining = LocalTraining()
     device_filter: DeviceFilter = DeviceFilter()
     evaluation: EvaluationConfig | None = None  # None: versions are published without evaluation
     revision: int = 0  # bumped by every change through the API; each round records the one it runs

@@ -18,7 +18,12 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:fed:{fed}:round:{r}:unfolded set of accepted devices whose update is in no committed partial yet
     ft:fed:{fed}:round:{r}:partials hash partial slot -> msgpack entry (object key, sha256, counts, stats)
     ft:fed:{fed}:stats           hash of counters: received, accepted, duplicate, rejected:{reason}
+    ft:fed:{fed}:secret          32 random bytes only the server knows: seeds DP noise and cohort sampling
+    ft:fed:{fed}:*               every key of one federation (what deleting it removes)
     ft:federations               set of federation names
+    ft:stats                     counters of envelopes that name no parseable federation
+    ft:starts:due                sorted set federation -> when a start was asked, until a worker did it
+    ft:redrive:lock              one ledger re-drive at a time, whichever worker's beat sweeps
     ft:msg:{sha256}              outcome of one envelope, so redelivery is answered, not recounted;
                                  expires after Settings.message_ttl_s (FLEETTUNE_MESSAGE_TTL)
     ft:deadletter                stream of rejected updates, capped at Settings.deadletter_maxlen
@@ -53,7 +58,7 @@ Control plane (the API):
                                  received_at, federation, device, round); expires after message_ttl_s
     ft:received:pending          sorted set digest -> when to re-drive it if it still has no outcome
     ft:redrives                  hash digest -> times re-driven (until settled)
-    ft:rate:{token}{bucket}:{window}  request counter of one device token in one rate-limit window (expires)
+    ft:rate:{token}:{window}     request counter of one device token in one rate-limit window (expires)
     ft:signing-key               the HMAC key of the local store's presigned URLs (embedded mode)
     ft:split-secret              what the gateway shows the split server it forwards devices' steps to
     ft:model:{id}                hash: one registry model (kind, current version, created_at)
@@ -64,6 +69,7 @@ Object store:
     updates/{fed}/{round:06d}/{device}.safetensors        written by devices
     partials/{fed}/{round:06d}/{slot}-{gen:06d}.safetensors   partial sums written by ingest workers
     federations/{fed}/versions/{version:06d}/...          immutable published versions
+    federations/{fed}/versions/{version:06d}/rank-{rank}/ that version's adapter at a tier's lower rank
     federations/{fed}/versions/{version:06d}/tier-{tier}/ that version distilled onto a tier's own base
     federations/{fed}/current.json                        pointer to the current version
     federations/{fed}/split/{version:06d}/...             the split server's part, versioned on its own

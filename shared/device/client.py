@@ -13,7 +13,7 @@ import torch
 
 from fleettune.shared.protocol.adapter_spec import AdapterConfig, build_spec
 from fleettune.shared.device import trainer
-from fleettune.shared.federation import FederationConfig, TrainingStrategy
+from fleettune.shared.federation import FederationConfig, LocalTraining
 from fleettune.shared.protocol import versions
 from fleettune.shared.protocol.safetensors_reader import parse
 from fleettune.device import DeviceClient, FleettuneAPIError
@@ -39,7 +39,7 @@ class Device:
     """Holds one PEFT model over a frozen base, and the device's private training sequences."""
 
     def __init__(self, device_id: str, config: FederationConfig, model, data: torch.Tensor,
-                 strategy: TrainingStrategy, max_header_bytes: int = 1 << 20, ram_mb: int | None = None,
+                 strategy: LocalTraining, max_header_bytes: int = 1 << 20, ram_mb: int | None = None,
                  storage_mb: int | None = None, tier: str = "default"):
         self.device_id = device_id
         self.config = config
@@ -75,7 +75,7 @@ class Device:
 
         ffa = plan.get("lora_aggregation") == "ffa"  # FFA-LoRA: A stays frozen and is not sent
         # the round's own training config: a change through the API reaches devices at the next round
-        strategy = TrainingStrategy(**plan["training"]) if "training" in plan else self.strategy
+        strategy = LocalTraining(**plan["training"]) if "training" in plan else self.strategy
         sent_keys = [k for k in tensors if not (ffa and k.endswith("lora_A.weight"))]
         server_c = self._server_control(gateway, plan, {k: tensors[k] for k in sent_keys}) \
             if plan.get("drift_control") == "scaffold" else None

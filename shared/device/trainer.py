@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 
 from fleettune.shared.protocol.adapter_spec import AdapterConfig
-from fleettune.shared.federation import TrainingStrategy
+from fleettune.shared.federation import LocalTraining
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ def blocks(token_ids: list[int], seq_len: int) -> torch.Tensor:
     return torch.tensor(token_ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int, freeze_lora_a: bool = False,
+def train(model, data: torch.Tensor, strategy: LocalTraining, seed: int, freeze_lora_a: bool = False,
           correction: Mapping[str, torch.Tensor] | None = None) -> TrainResult:
     """Train the adapter's parameters in place: AdamW (or SGD), gradient clipping, local_epochs over data.
 
@@ -97,7 +97,7 @@ def adapter_key(parameter_name: str) -> str:
     return parameter_name.replace(".default", "")
 
 
-def _train(model, data: torch.Tensor, strategy: TrainingStrategy, seed: int,
+def _train(model, data: torch.Tensor, strategy: LocalTraining, seed: int,
            correction: Mapping[str, torch.Tensor] | None) -> TrainResult:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]

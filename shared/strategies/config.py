@@ -45,7 +45,7 @@ ALGORITHMS: dict[Algorithm, dict[str, Any]] = {
     "fedadam": {"optimizer": "adam"},
     "fedyogi": {"optimizer": "yogi"},
     "fedadagrad": {"optimizer": "adagrad"},
-    "fedprox": {},  # FedAvg on the server; the device adds the proximal term (TrainingStrategy.proximal_mu)
+    "fedprox": {},  # FedAvg on the server; the device adds the proximal term (LocalTraining.proximal_mu)
     "scaffold": {"drift_control": "scaffold"},
     "flexlora": {"lora": "exact"},
     "ffa_lora": {"lora": "ffa"},

@@ -20,7 +20,7 @@ from fleettune.shared import corpora
 from fleettune.shared.protocol.adapter_spec import initial_weights
 from fleettune.shared.device import models, trainer
 from fleettune.shared.device.serving import ServingFleet
-from fleettune.shared.federation import EvaluationConfig, TrainingStrategy
+from fleettune.shared.federation import EvaluationConfig, LocalTraining
 from fleettune.shared.strategies.config import AggregationConfig
 
 pytestmark = pytest.mark.services
@@ -35,7 +35,7 @@ def tiny():
 
 
 def _train(model, data: torch.Tensor, lr: float, steps: int) -> dict[str, torch.Tensor]:
-    trainer.train(model, data, TrainingStrategy(learning_rate=lr, batch_size=8, max_steps=steps, seq_len=64), seed=0)
+    trainer.train(model, data, LocalTraining(learning_rate=lr, batch_size=8, max_steps=steps, seq_len=64), seed=0)
     return trainer.adapter_weights(model)
 
 

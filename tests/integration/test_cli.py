@@ -38,6 +38,8 @@ def test_simulate_drives_rounds_through_the_gateway_and_the_workers(env, pipelin
     status = _run(env, "bootstrap", "federation", "status", "sim-cli")
     assert status.returncode == 0
     assert json.loads(status.stdout)["round"]["status"] == "closed"
+    dead = _run(env, "bootstrap", "deadletters", "-n", "5")
+    assert dead.returncode == 0 and dead.stdout == "", dead.stderr[-2000:]  # every update was accepted
 
 
 def test_federation_create_then_a_duplicate_name_is_a_clear_error(env, pipeline):

@@ -23,7 +23,7 @@ from fleettune import DeviceClient, Federation, FleettuneAPIError, ModelRegistry
 from fleettune.shared.protocol.adapter_spec import ModelDims
 from fleettune.shared.device import models, trainer
 from fleettune.shared.device.client import Device
-from fleettune.shared.federation import FederationConfig, TrainingStrategy
+from fleettune.shared.federation import FederationConfig, LocalTraining
 
 pytestmark = pytest.mark.services
 TINY = models.TINY
@@ -113,7 +113,7 @@ curl -sf -X POST $FLEETTUNE_URL/api/v1/training-sessions -H "Authorization: Bear
         ids = tokenizer("To be, or not to be, that is the question. " * 40)["input_ids"]
         dims = ModelDims.from_hf_config(base.config)
         device = Device(f"phone-{i}", FederationConfig(other, dims), trainer.peft_model(base, _adapter(plan)),
-                        trainer.blocks(ids, 64), TrainingStrategy(max_steps=2, batch_size=4), ram_mb=8192,
+                        trainer.blocks(ids, 64), LocalTraining(max_steps=2, batch_size=4), ram_mb=8192,
                         storage_mb=4096)
         device.run_round(client)
     end = time.monotonic() + 120

@@ -9,7 +9,7 @@ from fleettune.shared.protocol import versions
 from fleettune.shared.protocol.adapter_spec import AdapterConfig, ModelDims
 from fleettune.shared.device import models, trainer
 from fleettune.shared.device.fleet import FleetSpec, build_fleet
-from fleettune.shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy
+from fleettune.shared.federation import EvaluationConfig, FederationConfig, RoundPolicy, LocalTraining
 from fleettune.shared.strategies.config import AggregationConfig
 from fleettune.workers.local.harness import enroll
 
@@ -27,7 +27,7 @@ def _federate(pipeline, tiny, adapter: AdapterConfig, lr: float, name: str, roun
     config = FederationConfig(
         name=name, model=ModelDims.from_hf_config(base.config), adapter=adapter, base_model="tiny",
         policy=RoundPolicy(min_updates=2, max_rounds=rounds, max_update_norm=5.0, timeout_seconds=300),
-        training=TrainingStrategy(learning_rate=lr, batch_size=8, seq_len=128),
+        training=LocalTraining(learning_rate=lr, batch_size=8, seq_len=128),
         evaluation=EvaluationConfig(base_model="tiny", eval_chars=8000), aggregation=aggregation,
     )
     model = trainer.peft_model(base, adapter)
@@ -98,7 +98,7 @@ def test_exact_aggregation_with_tier_ranks_16_8_4_publishes_an_adapter_per_tier_
     config = FederationConfig(
         name="train-tiers", model=dims, adapter=adapter, base_model="tiny",
         policy=RoundPolicy(min_updates=3, max_rounds=2, max_update_norm=5.0, timeout_seconds=300),
-        training=TrainingStrategy(learning_rate=5e-3, batch_size=8, seq_len=128),
+        training=LocalTraining(learning_rate=5e-3, batch_size=8, seq_len=128),
         evaluation=EvaluationConfig(base_model="tiny", eval_chars=8000),
         aggregation=AggregationConfig.preset("flexlora"),
     )

@@ -237,3 +237,25 @@ def test_every_lua_script_is_loaded_and_shipped_in_the_wheel():
         package = next(p for p in path.parents if (p / "__init__.py").exists())
         globs = package_data.get("fleettune." + ".".join(package.relative_to(ROOT).parts), [])
         assert any(path in package.glob(g) for g in globs), f"{path} is not in pyproject's package-data"
+
+
+def test_the_keys_index_names_every_key():
+    """keys.py's docstring is the one map of Redis and the store: every key it builds is listed there."""
+    import inspect
+    import re
+
+    from fleettune.shared import keys
+
+    listed = re.sub(r"\{[^}]*\}", "{}", keys.__doc__)
+    missing = []
+    for name, fn in inspect.getmembers(keys, inspect.isfunction):
+        if fn.__module__ != keys.__name__ or name in ("valid_id", "check_id"):
+            continue
+        args = [777777 if p.annotation in (int, "int") else "xqx" for p in inspect.signature(fn).parameters.values()]
+        key = fn(*args)
+        if isinstance(key, str) and key.replace("777777", "{}").replace("xqx", "{}") not in listed:
+            missing.append(name)
+    missing += [n for n, v in vars(keys).items()
+                if n.isupper() and isinstance(v, str) and v.startswith(keys.PREFIX + ":") and v not in listed]
+    assert missing == []
+

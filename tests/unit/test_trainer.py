@@ -5,7 +5,7 @@ import torch
 
 from fleettune.shared.protocol.adapter_spec import AdapterConfig, ModelDims, build_spec
 from fleettune.shared.device import models, trainer
-from fleettune.shared.federation import TrainingStrategy
+from fleettune.shared.federation import LocalTraining
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_weights_round_trip_and_training_lowers_the_loss(tiny, adapter):
         text = "Permission is hereby granted, free of charge, to any person obtaining a copy. " * 40
         data = trainer.blocks(tokenizer(text)["input_ids"], 64)
         before = trainer.perplexity(model, data)
-        result = trainer.train(model, data, TrainingStrategy(learning_rate=1e-2, local_epochs=3, batch_size=4,
+        result = trainer.train(model, data, LocalTraining(learning_rate=1e-2, local_epochs=3, batch_size=4,
                                                              seq_len=64), seed=0)
         assert result.steps > 0 and result.samples == 3 * len(data)
         assert trainer.perplexity(model, data) < before
@@ -51,7 +51,7 @@ def test_ffa_freezes_a_fedprox_pulls_toward_the_start_and_scaffold_shifts_every_
         data = trainer.blocks(tokenizer(text)["input_ids"], 64)
         start = trainer.adapter_weights(model)
 
-        def trained(strategy=TrainingStrategy(learning_rate=1e-2, batch_size=4, seq_len=64, max_steps=3), **kw):
+        def trained(strategy=LocalTraining(learning_rate=1e-2, batch_size=4, seq_len=64, max_steps=3), **kw):
             trainer.load_adapter_weights(model, start)
             trainer.train(model, data, strategy, seed=0, **kw)
             return trainer.adapter_weights(model)
@@ -65,13 +65,13 @@ def test_ffa_freezes_a_fedprox_pulls_toward_the_start_and_scaffold_shifts_every_
         assert any(not torch.equal(ffa[k], start[k]) for k in start if "lora_B" in k)
         assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # unfrozen after
 
-        prox = trained(TrainingStrategy(learning_rate=1e-2, batch_size=4, seq_len=64, max_steps=3, proximal_mu=50.0))
+        prox = trained(LocalTraining(learning_rate=1e-2, batch_size=4, seq_len=64, max_steps=3, proximal_mu=50.0))
         assert moved(prox) < moved(plain)
 
         zero = trained(correction={k: torch.zeros_like(v) for k, v in start.items()})
         assert all(torch.equal(zero[k], plain[k]) for k in start)  # c = c_i: plain training
         trainer.load_adapter_weights(model, start)
-        result = trainer.train(model, data, TrainingStrategy(learning_rate=1e-2, batch_size=4, seq_len=64, max_steps=1),
+        result = trainer.train(model, data, LocalTraining(learning_rate=1e-2, batch_size=4, seq_len=64, max_steps=1),
                                seed=0, correction={k: torch.zeros_like(v) for k, v in start.items()})
         trainer.load_adapter_weights(model, start)
         model.train()

@@ -80,12 +80,12 @@ def federation_status(name: str) -> None:
     from fleettune.workers.worker.app import app, runtime_of
 
     state = runtime_of(app).state
-    round_no = state.current_round(name)
-    info = state.round_info(name, round_no)
-    status = state.status(name)
+    round_no = state.federations.current_round(name)
+    info = state.rounds.round_info(name, round_no)
+    status = state.federations.status(name)
     version = int(status.get("version", 0))
-    click.echo(json.dumps({"state": status, "round": info.__dict__ if info else None, "stats": state.stats(name),
-                           "evaluation": state.evaluation(name, version)}, indent=2))
+    click.echo(json.dumps({"state": status, "round": info.__dict__ if info else None, "stats": state.federations.stats(name),
+                           "evaluation": state.evaluations.evaluation(name, version)}, indent=2))
 
 
 @bootstrap.command()
@@ -94,5 +94,5 @@ def deadletters(count: int) -> None:
     """Print the newest rejected updates with their reasons."""
     from fleettune.workers.worker.app import app, runtime_of
 
-    for entry in runtime_of(app).state.deadletters(count):
+    for entry in runtime_of(app).state.accounting.deadletters(count):
         click.echo(json.dumps(entry))

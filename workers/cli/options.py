@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fleettune.shared.federation import DeviceFilter, EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy
+from fleettune.shared.federation import DeviceFilter, EvaluationConfig, FederationConfig, RoundPolicy, LocalTraining
 from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig
 
 
@@ -15,7 +15,7 @@ def federation_config(name: str, layout: str, kind: str, rank: int, alpha: int, 
             evaluate_with: str | None) -> FederationConfig:
     return FederationConfig(
         name=name, model=LAYOUTS[layout], base_model=evaluate_with or layout, seed=seed,
-        training=TrainingStrategy(learning_rate=learning_rate, local_epochs=local_epochs, batch_size=batch_size,
+        training=LocalTraining(learning_rate=learning_rate, local_epochs=local_epochs, batch_size=batch_size,
                                   weight_decay=weight_decay),
         device_filter=DeviceFilter(min_ram_mb=min_ram_mb, min_storage_mb=min_storage_mb),
         evaluation=EvaluationConfig(base_model=evaluate_with) if evaluate_with else None,

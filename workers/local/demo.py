@@ -17,7 +17,7 @@ from fleettune.shared.protocol.adapter_spec import AdapterConfig, ModelDims
 from fleettune.shared.device import memory, models, trainer
 from fleettune.shared.device.client import Device
 from fleettune.shared.device.fleet import FleetSpec, build_fleet
-from fleettune.shared.federation import DeviceFilter, EvaluationConfig, FederationConfig, RoundPolicy, TrainingStrategy
+from fleettune.shared.federation import DeviceFilter, EvaluationConfig, FederationConfig, RoundPolicy, LocalTraining
 from fleettune import FleettuneAPIError
 from fleettune.shared.settings import Settings
 from fleettune.workers.local.harness import RoundRow, embedded, enroll, gateway, run_rounds
@@ -37,7 +37,7 @@ def demo_config(name: str, model_source: str, dims: ModelDims, kind: str, rounds
         name=name, model=dims, adapter=adapter, base_model=model_source,
         policy=RoundPolicy(min_updates=max(2, num_devices // 2), timeout_seconds=600, max_rounds=rounds,
                            max_update_norm=5.0),
-        training=TrainingStrategy(learning_rate=1e-2 if kind == "prompt_tuning" else 5e-3, local_epochs=1,
+        training=LocalTraining(learning_rate=1e-2 if kind == "prompt_tuning" else 5e-3, local_epochs=1,
                                   batch_size=8, seq_len=128, max_grad_norm=1.0),
         device_filter=DeviceFilter(min_ram_mb=min_ram_mb, min_storage_mb=100),
         evaluation=EvaluationConfig(base_model=model_source, general_every=1, eval_chars=eval_chars, domains=domains),
