@@ -230,7 +230,8 @@ def report(client, minutes, federations, kills, errors, acked, lost, lives, samp
     accounting = {}
     for fed, receipts in acked.items():
         stats = {k.decode(): int(v) for k, v in client.hgetall(f"ft:fed:{fed}:stats").items()}
-        outcomes = sum(v for k, v in stats.items() if k == "accepted" or k.startswith("rejected"))
+        # "rejected" is the total of the "rejected:<reason>" counters: count the reasons only
+        outcomes = stats.get("accepted", 0) + sum(v for k, v in stats.items() if k.startswith("rejected:"))
         accounting[fed] = {"receipts": len(receipts), "outcomes": outcomes, "lost": lost.get(fed, 0),
                            "doubled": max(0, outcomes - len(receipts)),
                            "rounds": int(client.hget(f"ft:fed:{fed}:state", "round") or 0), "stats": stats}
