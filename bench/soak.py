@@ -15,9 +15,11 @@ it prints, and with --json writes:
     RSS growth of the long-lived worker (from its 5th minute, or its 2nd in runs under 15 min, to
         the end) and of the longest-lived incarnation of the API and of the killed worker;
     Redis memory and the update and partial-sum objects from the same point to the end (retention
-        is short, FLEETTUNE_RETENTION=300, and message outcomes live an hour, the least allowed: Redis
+        is short, FLEETTUNE_RETENTION=300, rounds keep their history for 500 rounds
+        (FLEETTUNE_HISTORY_ROUNDS), and message outcomes live an hour, the least allowed: Redis
         levels off after that hour, so runs over 80 min measure its level from minute 65;
-        published versions are kept for good and counted apart);
+        published versions are kept for good and counted apart), and the Redis key classes that
+        grew most over the same span;
     the accounting: receipts, receipts with no outcome (lost), outcomes beyond the receipts (doubled).
 """
 
@@ -27,6 +29,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -132,7 +135,8 @@ def soak(minutes: float, federations: int, devices: int, kill_every: float) -> d
     env = services.service_env("redis://127.0.0.1:1/0", weed.endpoint, bucket="soak",
                                FLEETTUNE_REDIS_SENTINELS=group.addresses, FLEETTUNE_REDIS_SERVICE=group.SERVICE,
                                FLEETTUNE_REDIS_MIN_REPLICAS="1", FLEETTUNE_RETENTION="300",
-                               FLEETTUNE_MESSAGE_TTL="3600", FLEETTUNE_REDRIVE_AFTER="30")
+                               FLEETTUNE_MESSAGE_TTL="3600", FLEETTUNE_REDRIVE_AFTER="30",
+                               FLEETTUNE_HISTORY_ROUNDS="500")
     api = services.Api(env, workdir)
     workers = [services.Worker(f"s{n}", env, workdir, concurrency=1, beat=n == 0, via_cli=True) for n in range(2)]
     lives = [Incarnation("worker-beat", workers[0].proc), Incarnation("worker", workers[1].proc),
@@ -141,6 +145,8 @@ def soak(minutes: float, federations: int, devices: int, kill_every: float) -> d
     store = S3ObjectStore.connect(weed.endpoint, services.S3_KEY, services.S3_SECRET, "soak")
     stop, errors, acked = threading.Event(), [], {}
     from_age = 300 if minutes >= 15 else 120
+    level_from = 65 * 60 if minutes > 80 else from_age  # message outcomes (1 h TTL) accumulate until then
+    census_from = None
     try:
         admin = Tokens(primary()).create_api_key("admin", "soak")[1]
         threads = []
@@ -189,6 +195,8 @@ def soak(minutes: float, federations: int, devices: int, kill_every: float) -> d
                                 "updates": sum(o.startswith("updates/") for o in objects),
                                 "partials": sum(o.startswith("partials/") for o in objects),
                                 "versions": sum(o.startswith("federations/") for o in objects)})
+                if census_from is None and time.monotonic() - started >= level_from:
+                    census_from = key_census(primary())
                 lost = check_outcomes(primary(), acked, older_than=120)
                 print({k: round(v, 1) for k, v in samples[-1].items() if k != "t"},
                       {life.kind: round(life.samples[-1][1]) for life in lives if life.samples}, flush=True)
@@ -198,7 +206,9 @@ def soak(minutes: float, federations: int, devices: int, kill_every: float) -> d
         settle_until = time.monotonic() + 120
         while (lost := check_outcomes(primary(), acked, older_than=0)) and time.monotonic() < settle_until:
             time.sleep(2)  # the last messages settle
-        return report(primary(), minutes, federations, kills, errors, acked, lost, lives, samples, from_age, started)
+        growth = census_growth(census_from, key_census(primary())) if census_from is not None else []
+        return report(primary(), minutes, federations, kills, errors, acked, lost, lives, samples, from_age, started,
+                      level_from, growth)
     finally:
         stop.set()
         for w in workers:
@@ -207,6 +217,38 @@ def soak(minutes: float, federations: int, devices: int, kill_every: float) -> d
         group.stop()
         weed.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def key_census(client: redis.Redis) -> dict[str, list[int]]:
+    """Redis's keys by class (numbers and digests blanked): class -> [keys, bytes]. Says what grows."""
+    census: dict[str, list[int]] = {}
+    batch: list[bytes] = []
+
+    def flush() -> None:
+        with client.pipeline(transaction=False) as pipe:
+            for key in batch:
+                pipe.memory_usage(key)
+            sizes = pipe.execute()
+        for key, size in zip(batch, sizes):
+            name = re.sub(r"[0-9a-f]{32,}", "{digest}", key.decode(errors="replace"))
+            entry = census.setdefault(re.sub(r"\d+", "{n}", name), [0, 0])
+            entry[0] += 1
+            entry[1] += size or 0
+        batch.clear()
+
+    for key in client.scan_iter(count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            flush()
+    flush()
+    return census
+
+
+def census_growth(before: dict[str, list[int]], after: dict[str, list[int]], top: int = 8) -> list[dict]:
+    """The key classes that grew most in bytes between two censuses."""
+    rows = [{"keys": name, "count": after.get(name, [0, 0])[0] - before.get(name, [0, 0])[0],
+             "bytes": after.get(name, [0, 0])[1] - before.get(name, [0, 0])[1]} for name in set(before) | set(after)]
+    return sorted(rows, key=lambda r: -abs(r["bytes"]))[:top]
 
 
 def check_outcomes(client: redis.Redis, acked: dict[str, dict[str, float]], older_than: float) -> dict[str, int]:
@@ -226,7 +268,8 @@ def check_outcomes(client: redis.Redis, acked: dict[str, dict[str, float]], olde
     return {fed: n for fed, n in missing.items() if n}
 
 
-def report(client, minutes, federations, kills, errors, acked, lost, lives, samples, from_age, started) -> dict:
+def report(client, minutes, federations, kills, errors, acked, lost, lives, samples, from_age, started, level_from,
+           growth) -> dict:
     accounting = {}
     for fed, receipts in acked.items():
         stats = {k.decode(): int(v) for k, v in client.hgetall(f"ft:fed:{fed}:stats").items()}
@@ -242,14 +285,13 @@ def report(client, minutes, federations, kills, errors, acked, lost, lives, samp
             first, last, lived = max(grown, key=lambda g: g[2])  # the longest-lived incarnation
             rss[kind] = {"from_mb": round(first, 1), "to_mb": round(last, 1), "growth": round(last / first, 3),
                          "minutes": round(lived, 1)}
-    level_from = 65 * 60 if minutes > 80 else from_age  # message outcomes (1 h TTL) accumulate until then
     steady = [s for s in samples if s["t"] - started >= level_from]
     levels = {k: {"from": round(steady[0][k], 1), "to": round(steady[-1][k], 1),
                   "max": round(max(s[k] for s in steady), 1)}
               for k in ("redis_mb", "updates", "partials", "versions")} if len(steady) >= 2 else {}
     summary = {"minutes": minutes, "federations": federations, "kills": {k: kills.count(k) for k in sorted(set(kills))},
                "errors": [repr(e) for e in errors[:3]], "accounting": accounting, "rss": rss, "levels": levels,
-               "levels_from_minute": round(level_from / 60, 1),
+               "levels_from_minute": round(level_from / 60, 1), "redis_growth_by_key": growth,
                "lost": sum(a["lost"] for a in accounting.values()),
                "doubled": sum(a["doubled"] for a in accounting.values())}
     print(f"soak: {minutes:g} min, {federations} federations, {len(kills)} kills "
@@ -261,6 +303,8 @@ def report(client, minutes, federations, kills, errors, acked, lost, lives, samp
         print(f"  RSS {kind}: {r['from_mb']} -> {r['to_mb']} MB ({r['growth']:.3f}x over {r['minutes']} min)")
     for key, level in levels.items():
         print(f"  {key}: {level['from']} -> {level['to']} (max {level['max']})")
+    for row in growth:
+        print(f"  Redis {row['keys']}: {row['count']:+d} keys, {row['bytes'] / 1024:+.1f} KiB")
     print(f"soak: acknowledged lost {summary['lost']}, doubled {summary['doubled']}, worst RSS growth "
           f"{max((r['growth'] for r in rss.values()), default=float('nan')):.3f}x")
     return summary

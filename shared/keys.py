@@ -7,8 +7,10 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:fed:{fed}:state           hash: status, round, version, reason, server_lr (guard override)
     ft:fed:{fed}:devices         set of enrolled device ids (those the device filter admitted)
     ft:fed:{fed}:profiles        hash device_id -> msgpack DeviceProfile (RAM, storage, tier)
-    ft:fed:{fed}:evaluations     hash version -> JSON evaluation (perplexities, forgetting ratio)
-    ft:fed:{fed}:round:{r}       hash: status, base_version, opened_at, deadline, cohort, reason, ...
+    ft:fed:{fed}:evaluations     hash version -> JSON evaluation (perplexities, forgetting ratio);
+                                 an entry goes with its round's info hash
+    ft:fed:{fed}:round:{r}       hash: status, base_version, opened_at, deadline, cohort, reason, ...;
+                                 kept for Settings.history_rounds rounds (FLEETTUNE_HISTORY_ROUNDS)
     ft:fed:{fed}:round:{r}:cohort   set of device ids selected for round r
     ft:fed:{fed}:round:{r}:updates  hash device_id -> msgpack UpdateRecord (HSETNX: once per device)
     ft:fed:{fed}:round:{r}:reported set of cohort devices with a final outcome (accepted or rejected)

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     redrive_after_s: float = Field(60.0, validation_alias="FLEETTUNE_REDRIVE_AFTER")
     # update objects and per-round sets live this long after their round
     retention_s: float = Field(7 * 86400.0, validation_alias="FLEETTUNE_RETENTION")
+    # a round's info hash and its version's evaluation stay for this many later rounds, then go with
+    # the retention of the round that many rounds on (keeps Redis flat however many rounds run)
+    history_rounds: Positive = Field(1000, validation_alias="FLEETTUNE_HISTORY_ROUNDS")
     # a message's outcome and ledger entry (about 1.4 KB of Redis per message) live this long: a
     # redelivery or a device's retry within it is answered, not counted again
     message_ttl_s: int = Field(7 * 86400, validation_alias="FLEETTUNE_MESSAGE_TTL")

@@ -175,6 +175,25 @@ def test_retention_deletes_a_rounds_updates_and_sets_but_never_a_version(world):
     assert retention.prune(state, store, clock.now + state.retention_s + 1) == (0, 0)
 
 
+def test_retention_keeps_round_history_for_a_bounded_number_of_rounds(world):
+    """Round info and evaluations go `history` rounds later, so Redis stays flat over endless rounds."""
+    from fleettune.shared.pipeline import retention
+
+    state, store, coordinator, _, clock = world
+    for round_no in (1, 2, 3):
+        for i, device in enumerate("abc"):
+            _send(world, device, 10 * round_no + i, round_no=round_no)
+        version = coordinator.close("f", round_no).version
+        state.evaluations.record_evaluation("f", version, {"perplexity": 10.0 + round_no})
+    published = [state.rounds.round_info("f", r).version for r in (1, 2, 3)]
+    assert retention.prune(state, store, clock.now + state.retention_s + 1, history=2) == (3, 9)
+    assert state.rounds.round_info("f", 1) is None  # round 3's pruning took round 1's history
+    assert state.evaluations.evaluation("f", published[0]) is None
+    assert [state.rounds.round_info("f", r).status for r in (2, 3)] == ["closed", "closed"]
+    assert state.evaluations.evaluation("f", published[2]) == {"perplexity": 13.0}
+    assert versions.manifest(store, "f", published[0])["contributors"] == ["a", "b", "c"]  # versions stay
+
+
 def test_a_guard_acting_between_a_close_and_its_redo_does_not_change_the_version(world, monkeypatch):
     state, store, coordinator, _, _ = world
     _close_dies_before_settling(world, monkeypatch)

@@ -152,7 +152,7 @@ def sweep(self: FleetTask) -> int:
     redriven = _redrive(self.runtime, enqueuer(self.app), now)
     if redriven:
         log.warning("re-drove %d received messages that had no outcome", redriven)
-    pruned, deleted = retention.prune(state, self.runtime.store, now)
+    pruned, deleted = retention.prune(state, self.runtime.store, now, history=self.runtime.settings.history_rounds)
     if pruned:
         log.info("retention: %d rounds pruned, %d update objects deleted", pruned, deleted)
     return len(starts) + len(due) + len(lost) + len(distills) + redriven
