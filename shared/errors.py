@@ -52,6 +52,7 @@ class RejectReason(str, enum.Enum):
     MISSING_KEYS = "missing_keys"
     NON_FINITE = "non_finite"
     BAD_LABEL = "bad_label"  # split learning: a token id outside the vocabulary
+    NORM_ABOVE_BOUND = "norm_above_bound"  # split learning: an example larger than the clip and its noise allow
     # our own failure on this input: dead-lettered for a person to look at, never silently dropped
     INTERNAL_ERROR = "internal_error"
     # not an outcome: retries ran out during an outage; the ledger re-drives the message later

@@ -504,6 +504,12 @@ class SplitIn(Strict):
     clip: float = Field(100.0, gt=0, le=1e6, description="C: per-example L2 bound on the activations")
     sigma: float = Field(0.0, ge=0, le=1e3, description="noise std = sigma x C")
     delta: float = Field(1e-5, gt=0, lt=1)
+    bottleneck: int = Field(0, ge=0, le=65536, description="r: each token's activations projected onto r "
+                            "directions before the clip and the noise (0: sent whole, seq x hidden)")
+    sample_rate: float | None = Field(None, gt=0, le=1, description="q: devices Poisson-sample each sequence "
+                                      "with this probability, so the server's accountant knows each device's epsilon")
+    max_epsilon: float | None = Field(None, gt=0, le=1e6, description="a device's steps are refused before its "
+                                      "epsilon would pass this (needs sigma > 0 and sample_rate)")
     max_batch: int = Field(32, ge=1, le=1024)
     seq_len: int = Field(64, ge=2, le=4096)
     server_lr: float = Field(1e-3, gt=0, le=1)

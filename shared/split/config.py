@@ -24,6 +24,14 @@ class SplitConfig:
     clip: float = 100.0  # C: each example's activations are clipped to this L2 norm
     sigma: float = 0.0  # noise std on the activations = sigma * C
     delta: float = 1e-5  # for the accountant's epsilon
+    # r: each token's activations are projected onto r fixed directions before the clip and the noise
+    # (shared/split/bottleneck.py); 0 sends them whole (seq x hidden per example)
+    bottleneck: int = 0
+    # q: each device draws every one of its sequences into a step with this probability (Poisson), so
+    # the server's accountant knows the sampling; None lets a device use batch / its sequences
+    sample_rate: float | None = None
+    # a device's steps stop (refused: privacy_budget_exhausted) before its epsilon would pass this
+    max_epsilon: float | None = None
     max_batch: int = 32
     seq_len: int = 64
     server_lr: float = 1e-3
@@ -36,8 +44,31 @@ class SplitConfig:
         if not (self.cut >= 1 and self.top_layers >= 0 and self.clip > 0 and math.isfinite(self.clip)
                 and self.sigma >= 0 and math.isfinite(self.sigma) and 0 < self.delta < 1
                 and 1 <= self.max_batch <= 1024 and 2 <= self.seq_len <= 4096 and self.server_lr > 0
-                and self.publish_every >= 1 and self.pending_ttl_s > 0):
+                and self.publish_every >= 1 and self.pending_ttl_s > 0 and 0 <= self.bottleneck <= 65536):
             raise ValueError(f"invalid split config: {self}")
+        if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
+            raise ValueError("sample_rate must be in (0, 1]")
+        if self.max_epsilon is not None and not (self.max_epsilon > 0 and self.sample_rate is not None
+                                                 and self.sigma > 0):
+            raise ValueError("max_epsilon needs sigma > 0 and a sample_rate (the accountant needs both)")
+
+    def width(self, hidden: int) -> int:
+        """Features per token on the wire: the bottleneck's rank, or the model's hidden size."""
+        return self.bottleneck or hidden
+
+    def max_norm(self, hidden: int) -> float:
+        """The largest norm an honest device's example can have: C plus the noise's norm, which
+        exceeds sigma C (sqrt(d) + 6) with probability below 1e-8 (Gaussian concentration)."""
+        dims = self.seq_len * self.width(hidden)
+        return self.clip * (1.0 + 1e-4) + self.sigma * self.clip * (dims ** 0.5 + 6.0)
+
+    def epsilon(self, steps: int) -> float:
+        """The accountant's epsilon after `steps` steps at the configured sampling (needs sample_rate)."""
+        from fleettune.shared.strategies import privacy
+
+        if self.sigma == 0:
+            return math.inf
+        return privacy.epsilon(self.sigma, self.sample_rate, steps, self.delta)
 
     def server_layers(self, num_layers: int) -> range:
         top = num_layers - self.top_layers if self.mode == "u_shaped" else num_layers

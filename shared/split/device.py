@@ -1,10 +1,12 @@
 """A device's side of split learning: its layers forward, DP at the cut, the server's gradient back.
 
-Each step Poisson-samples the device's sequences (each with probability q = batch / n, which the
-accountant counts on), runs the embeddings and layers [0, k), clips each example's activations to
-C and adds N(0, (sigma C)^2) noise before anything leaves the device, and backpropagates the
-gradient the server returns through the clip into its own LoRA. U-shaped, it also runs the top
-layers, the head and the loss on what the server sends back, so labels never leave it.
+Each step Poisson-samples the device's sequences (each with probability q, the config's sample_rate
+or batch / n, which the accountant counts on), runs the embeddings and layers [0, k), projects each
+token onto the bottleneck's r directions if the config has one, clips each example to C and adds
+N(0, (sigma C)^2) noise before anything leaves the device, and backpropagates the gradient the
+server returns through the clip into its own LoRA. U-shaped, it adds what the server's layers
+contribute to its own, un-noised activations, then runs the top layers, the head and the loss, so
+labels never leave it and the noise reaches the model only through the server's contribution.
 
 Between rounds the device's part of the adapter goes through the ordinary round pipeline
 (SplitFed): the update carries its layers' delta and zeros for the server's, so FedAvg averages
@@ -20,6 +22,7 @@ import torch
 from safetensors.torch import load
 
 from fleettune.shared.device import trainer
+from fleettune.shared.split import bottleneck
 from fleettune.shared.split import model as split_model
 from fleettune.shared.split import wire
 from fleettune.shared.split.config import SplitConfig
@@ -72,7 +75,7 @@ class HttpTransport:
 
     def forward(self, activations):
         out, headers = self._post("forward", {"activations": activations}, {"batch": len(activations)})
-        return headers["x-step"], out["hidden"]
+        return headers["x-step"], out["residual"]
 
     def backward(self, step_id, grad):
         out, _ = self._post("backward", {"grad": grad}, {"step": step_id})
@@ -91,7 +94,8 @@ class SplitDevice:
         self.top = range(config.server_layers(num_layers).stop, num_layers)
         self.params = split_model.trainable(peft_model, self.device_layers)
         self.optimizer = torch.optim.AdamW(self.params, lr=lr)
-        self.rate = min(1.0, batch / len(data))
+        self.projection = bottleneck.projection(peft_model, config.bottleneck)
+        self.rate = config.sample_rate or min(1.0, batch / len(data))
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
         self.bytes_per_step: list[int] = []
@@ -107,21 +111,48 @@ class SplitDevice:
         if len(batch) == 0:
             return None
         self.model.train()
-        sent = split_model.privatize(split_model.bottom(self.model, batch, self.config.cut), self.config.clip,
-                                     self.config.sigma, self.generator)
+        hidden, sent = self._message(batch, self.generator)
         if self.config.mode == "two_part":
             grad, loss = self.transport.two_part(sent.detach(), batch)
         else:
-            step_id, hidden = self.transport.forward(sent.detach())
-            hidden = hidden.detach().requires_grad_(True)
-            out = split_model.head_loss(self.model, split_model.run_layers(self.model, hidden, self.top), batch)
-            out.backward()
-            grad, loss = self.transport.backward(step_id, hidden.grad), out.item()
+            step_id, residual = self.transport.forward(sent.detach())
+            residual = residual.detach().requires_grad_(True)
+            out = split_model.head_loss(self.model, split_model.run_layers(self.model, hidden + residual, self.top),
+                                        batch)
+            out.backward(retain_graph=True)  # into the layers below the cut through the residual stream too
+            grad, loss = self.transport.backward(step_id, residual.grad), out.item()
         sent.backward(grad)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def _message(self, batch: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_model.device_message(self.model, batch, self.config.cut, self.projection, self.config.clip,
+                                          self.config.sigma, generator)
+
+    @torch.no_grad()
+    def perplexity(self, server, data: torch.Tensor, seed: int = 0, batch_size: int = 8) -> float:
+        """Held-out perplexity through the split as it runs: this device's layers, DP at the cut with
+        fresh noise, the server's layers (`server`: a SplitServer, called in-process), the rest."""
+        was = self.model.training
+        self.model.eval()
+        generator = torch.Generator().manual_seed(seed)
+        nll, tokens = 0.0, 0
+        try:
+            for i in range(0, len(data), batch_size):
+                batch = data[i:i + batch_size]
+                hidden, sent = self._message(batch, generator)
+                if self.config.mode == "two_part":
+                    loss = server.infer(sent, batch)
+                else:
+                    top = split_model.run_layers(self.model, hidden + server.infer(sent), self.top)
+                    loss = split_model.head_loss(self.model, top, batch)
+                n = batch.numel() - len(batch)
+                nll, tokens = nll + loss.item() * n, tokens + n
+        finally:
+            self.model.train(was)
+        return math.exp(nll / tokens)
 
     def epsilon(self) -> float:
         """This device's (epsilon, delta)-DP for the examples it holds, over the steps it took."""

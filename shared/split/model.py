@@ -62,6 +62,29 @@ def head_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
                                              labels[:, 1:].reshape(-1))
 
 
+def device_message(model, ids: torch.Tensor, cut: int, projection, clip: float, sigma: float,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activations at the cut, what leaves the device): layers [0, k), the bottleneck if any, then
+    each example clipped and noised. Both keep their graph into the device's layers."""
+    hidden = bottom(model, ids, cut)
+    features = projection.down(hidden) if projection is not None else hidden
+    return hidden, privatize(features, clip, sigma, generator)
+
+
+def server_part(model, received: torch.Tensor, layers: range, lift, residual: bool) -> torch.Tensor:
+    """The server's layers over what it received, lifted out of the bottleneck by `lift` if any
+    (the server's learned r -> hidden map, which starts as the projection's inverse).
+
+    `residual`: return only what the server's layers add to the residual stream. A U-shaped device
+    adds it to its own, un-noised activations: the noise then reaches the model only through the
+    server's layers' contribution, never through the residual stream itself. The server's view is
+    unchanged (what it receives is the same), so this is post-processing on the device, free in DP
+    terms. Without noise, clip or bottleneck it is exactly the unsplit model."""
+    inputs = lift(received) if lift is not None else received
+    out = run_layers(model, inputs, layers)
+    return out - inputs if residual else out
+
+
 def privatize(hidden: torch.Tensor, clip: float, sigma: float, generator: torch.Generator | None = None
               ) -> torch.Tensor:
     """Clip each example's activations to L2 norm `clip`, then add N(0, (sigma * clip)^2) noise.

@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-from fleettune.shared.errors import Refusal
+from fleettune.shared.errors import Refusal, RejectReason, Rejected
+from fleettune.shared.split import bottleneck
 from fleettune.shared.split import model as split_model
 from fleettune.shared.split.config import SplitConfig
 
@@ -39,13 +40,16 @@ class SplitServer:
         self.config = config
         self.clock = clock
         self.layers = config.server_layers(split_model.num_layers(peft_model))
-        self.params = split_model.trainable(peft_model, self.layers)
+        self.hidden = peft_model.config.hidden_size
+        self.vocab = peft_model.config.vocab_size
+        self.width = config.width(self.hidden)  # features per token on the wire
+        self.lift = bottleneck.lift(bottleneck.projection(peft_model, config.bottleneck))
+        self.params = split_model.trainable(peft_model, self.layers) + (
+            list(self.lift.parameters()) if self.lift is not None else [])
         self.optimizer = torch.optim.AdamW(self.params, lr=config.server_lr)
         self.pending: dict[str, _Pending] = {}
         self.lock = threading.Lock()
         self.steps = 0
-        self.hidden = peft_model.config.hidden_size
-        self.vocab = peft_model.config.vocab_size
         self.model.train()
 
     # --- message shapes: from the config and the model, never from the message -------------------
@@ -53,7 +57,7 @@ class SplitServer:
     def shapes(self, batch: int, with_labels: bool) -> dict[str, tuple[int, ...]]:
         if not 1 <= batch <= self.config.max_batch:
             raise Refusal(413, "batch_too_large", f"batch {batch} is not in [1, {self.config.max_batch}]")
-        shapes = {"activations": (batch, self.config.seq_len, self.hidden)}
+        shapes = {"activations": (batch, self.config.seq_len, self.width)}
         if with_labels:
             shapes["labels"] = (batch, self.config.seq_len)
         return shapes
@@ -64,6 +68,15 @@ class SplitServer:
             raise Refusal(409, "unknown_step", "no pending forward with this step id (expired or finished)")
         return {"grad": tuple(pending.outputs.shape)}
 
+    def admit(self, activations: torch.Tensor) -> None:
+        """Refuse a batch whose example is larger than the clip plus its noise allow: that device
+        skipped its clip, and its activations would leave it with less privacy than promised."""
+        norms = activations.flatten(1).norm(dim=1)
+        bound = self.config.max_norm(self.hidden)
+        if bool((norms > bound).any()):
+            raise Rejected(RejectReason.NORM_ABOVE_BOUND,
+                           f"an example's norm {float(norms.max()):.4g} exceeds {bound:.4g} (clip and noise)")
+
     # --- steps -------------------------------------------------------------------------------------
 
     def two_part(self, activations: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -72,12 +85,14 @@ class SplitServer:
             raise Refusal(409, "wrong_mode", "this federation splits U-shaped: forward, then backward")
         with self.lock:
             inputs = activations.detach().requires_grad_(True)
-            loss = split_model.head_loss(self.model, split_model.run_layers(self.model, inputs, self.layers), labels)
+            out = split_model.server_part(self.model, inputs, self.layers, self.lift, residual=False)
+            loss = split_model.head_loss(self.model, out, labels)
             self._step(loss.backward)
             return inputs.grad, loss.item()
 
     def forward(self, device: str, activations: torch.Tensor) -> tuple[str, torch.Tensor]:
-        """U-shaped, first half: the server's layers; their output goes back, the graph stays."""
+        """U-shaped, first half: the server's layers; what they add to the residual stream goes back
+        (the device adds it to its own activations), the graph stays."""
         if self.config.mode != "u_shaped":
             raise Refusal(409, "wrong_mode", "this federation splits in two parts: send activations and labels")
         with self.lock:
@@ -87,7 +102,7 @@ class SplitServer:
             if len(self.pending) >= MAX_PENDING:
                 raise Refusal(503, "split_busy", "too many forwards wait for their backward", {"Retry-After": "1"})
             inputs = activations.detach().requires_grad_(True)
-            outputs = split_model.run_layers(self.model, inputs, self.layers)
+            outputs = split_model.server_part(self.model, inputs, self.layers, self.lift, residual=True)
             step_id = secrets.token_hex(8)
             self.pending[step_id] = _Pending(device, inputs, outputs, self.clock())
             return step_id, outputs.detach()
@@ -102,6 +117,21 @@ class SplitServer:
             del self.pending[step_id]
             self._step(lambda: pending.outputs.backward(grad))
             return pending.inputs.grad
+
+    @torch.no_grad()
+    def infer(self, activations: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """No step, no state: U-shaped, the residual the server's layers add; two-part, the loss on
+        `labels`. For held-out evaluation through the split (shared/split/device.py)."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            with self.lock:
+                if self.config.mode == "u_shaped":
+                    return split_model.server_part(self.model, activations, self.layers, self.lift, True)
+                out = split_model.server_part(self.model, activations, self.layers, self.lift, False)
+                return split_model.head_loss(self.model, out, labels)
+        finally:
+            self.model.train(was)
 
     def _step(self, backward: Callable[[], None]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -123,3 +153,11 @@ class SplitServer:
 
         return {k: v for k, v in trainer.adapter_weights(self.model).items()
                 if split_model.layer_of(k) in self.layers}
+
+    def lift_weights(self) -> dict[str, torch.Tensor]:
+        """The bottleneck's learned lift (none without a bottleneck), published beside the adapter."""
+        return {f"lift.{k}": v.detach() for k, v in self.lift.state_dict().items()} if self.lift is not None else {}
+
+    def load_lift(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.lift is not None and tensors:
+            self.lift.load_state_dict({k.removeprefix("lift."): v for k, v in tensors.items()})

@@ -92,7 +92,7 @@ def test_both_modes_train_through_the_gateway_and_the_split_server(pipeline, gat
                                                                    adapter), 1 << 30, 1 << 20)
     server_layers = config.server_layers(4)
     server_shapes = {k: v for k, v in shapes.items() if split_model.layer_of(k) in server_layers}
-    version, server_part = parts.load(r, store, name, server_shapes)
+    version, server_part, _ = parts.load(r, store, name, server_shapes)
     manifest = json.loads(store.get(f"{keys.split_prefix(name, version)}/{versions.MANIFEST_FILE}"))
     assert manifest["layers"] == list(server_layers) and version == status["server_part_version"]
     model = trainer.peft_model(models.load_model("tiny"), adapter)
@@ -116,6 +116,8 @@ def test_malformed_and_oversized_messages_are_refused_by_name_and_the_server_sta
         (wire.encode(dict(good, activations=torch.full((2, 64, 128), math.inf))), {"batch": 2}, 422, "non_finite"),
         (wire.encode(dict(good, labels=torch.full((2, 64), 10**6, dtype=torch.long))), {"batch": 2}, 422,
          "bad_label"),
+        (wire.encode(dict(good, activations=torch.full((2, 64, 128), 100.0))), {"batch": 2}, 422,
+         "norm_above_bound"),  # never clipped: norm 9,051 against a clip of 1,000 and no noise
         (wire.encode(good), {"batch": 17}, 413, "batch_too_large"),  # past the config's max_batch
         (b"\x00" * (wire.max_bytes(16, 64, 128) + 1), {"batch": 2}, 413, "too_large"),
     ]
@@ -132,4 +134,26 @@ def test_malformed_and_oversized_messages_are_refused_by_name_and_the_server_sta
     answer = http.post(path, content=wire.encode(good), params={"batch": 2})  # a good step still works
     assert answer.status_code == 200 and float(answer.headers["x-loss"]) > 0
     rejected = admin.client.get(f"/api/v1/federations/{name}/split")["rejected"]
-    assert rejected == {"header_too_large": 1, "truncated": 1, "bad_shape": 1, "non_finite": 1, "bad_label": 1}
+    assert rejected == {"header_too_large": 1, "truncated": 1, "bad_shape": 1, "non_finite": 1, "bad_label": 1,
+                        "norm_above_bound": 1}
+
+
+def test_a_device_past_its_epsilon_budget_is_refused_and_the_accountant_reports_it(pipeline, gateway):
+    api, _ = gateway
+    name = f"split-budget-{np.random.default_rng().integers(1e9)}"
+    admin = _federation(pipeline, api.url, name, "two_part")
+    probe = SplitConfig(mode="two_part", clip=1000.0, sigma=1.0, sample_rate=0.5, max_epsilon=1.0, seq_len=64)
+    budget = (probe.epsilon(2) + probe.epsilon(3)) / 2  # two steps fit, the third would pass it
+    admin.client.put(f"/api/v1/federations/{name}/split",
+                     {"mode": "two_part", "cut": 1, "clip": 1000.0, "sigma": 1.0, "sample_rate": 0.5,
+                      "max_epsilon": budget, "seq_len": 64, "max_batch": 16, "bottleneck": 16})
+    http = httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {admin.register_device('alice')}"},
+                        timeout=30)
+    step = {"activations": torch.zeros(2, 64, 16), "labels": torch.zeros(2, 64, dtype=torch.long)}
+    answers = [http.post(f"/api/v1/federations/{name}/split/step", content=wire.encode(step), params={"batch": 2})
+               for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 403], answers[-1].text
+    assert answers[2].json()["code"] == "privacy_budget_exhausted"
+    status = admin.client.get(f"/api/v1/federations/{name}/split")
+    assert status["devices"] == {"alice": {"steps": 2}} and status["rejected"] == {"privacy_budget_exhausted": 1}
+    assert f"epsilon {probe.epsilon(2):.3g} after 2 steps" in status["privacy"]

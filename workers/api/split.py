@@ -48,6 +48,8 @@ def put_split(body: SplitIn, name: str = FedName, who: Principal = Depends(admin
     try:
         config = SplitConfig(**body.model_dump())
         config.server_layers(fed.model.layers)  # a cut that leaves the server no layer is refused now
+        if config.bottleneck > fed.model.hidden:
+            raise ValueError(f"bottleneck {config.bottleneck} is wider than the model's hidden size {fed.model.hidden}")
     except ValueError as exc:
         raise Refusal(422, "invalid_config", str(exc)) from None
     if fed.adapter.kind == "prompt_tuning":
@@ -67,13 +69,29 @@ def split_status(name: str = FedName, who: Principal = Depends(reader), svc: Ser
             "server_steps": state.get("steps", 0),
             "rejected": {k.split(":", 1)[1]: v for k, v in state.items() if k.startswith("rejected:")},
             "devices": {d: {"steps": n} for d, n in sorted(steps.items())},
-            "privacy": "each device's epsilon is its own: it depends on its sampling rate (batch / its sequences), "
-                       f"which only it knows; sigma={config.sigma}, delta={config.delta}"}
+            "privacy": _privacy(config, steps)}
+
+
+def _privacy(config: SplitConfig, steps: dict[str, int]) -> str:
+    """What the accountant can say, and what DP at the cut protects in this mode."""
+    protects = ("activations only: the labels (the text, shifted by one token) reach the server in the clear"
+                if config.mode == "two_part" else
+                "one example's activations at the cut; inputs and labels never leave the device, but the gradient "
+                "a device returns for the server's layers is not noised")
+    if config.sigma == 0:
+        return f"no noise at the cut (sigma 0): no DP; {protects}"
+    if config.sample_rate is None:
+        return (f"each device's epsilon is its own: it depends on its sampling rate (batch / its sequences), which "
+                f"only it knows; sigma={config.sigma}, delta={config.delta}; protects {protects}")
+    worst = max(steps.values(), default=0)
+    return (f"(epsilon, delta={config.delta:g}) per device from its steps at q={config.sample_rate:g}, "
+            f"sigma={config.sigma:g}: the most-stepped device is at epsilon {config.epsilon(worst):.3g} after "
+            f"{worst} steps; protects {protects}")
 
 
 @router.post("/{action}", summary="One split step of this device: step (two_part), forward or backward (u_shaped)",
              response_class=Response, responses={200: {
-                 "description": "the split server's answer: safetensors (`grad` or `hidden`); x-loss, x-step headers",
+                 "description": "the split server's answer: safetensors (`grad` or `residual`); x-loss, x-step headers",
                  "content": {wire.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}})
 async def split_step(action: Literal["step", "forward", "backward"], request: Request, name: str = FedName,
                      batch: int | None = Query(None, ge=1, le=1024), step: str | None = Query(None, pattern=STEP_ID),

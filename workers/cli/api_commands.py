@@ -324,6 +324,10 @@ split = _group("split", "Split learning of a federation: the cut, DP at the cut,
 @click.option("--top-layers", default=1, show_default=True, help="u_shaped: last layers kept on the device")
 @click.option("--clip", default=100.0, show_default=True, help="C: per-example L2 bound on the activations")
 @click.option("--sigma", default=0.0, show_default=True, help="noise std = sigma x C")
+@click.option("--bottleneck", default=0, show_default=True,
+              help="r: each token's activations projected onto r directions before the noise (0: whole)")
+@click.option("--sample-rate", type=float, default=None, help="q: devices' Poisson sampling rate (the accountant's)")
+@click.option("--max-epsilon", type=float, default=None, help="refuse a device's steps past this epsilon")
 @click.option("--seq-len", default=64, show_default=True)
 @click.option("--max-batch", default=32, show_default=True)
 @click.pass_context

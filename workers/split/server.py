@@ -50,9 +50,11 @@ class Servers:
             model = trainer.peft_model(models.load_model(config.base_model), fed_config.adapter)
             server = SplitServer(model, config)
             shapes = {k: tuple(v.shape) for k, v in server.weights().items()}
-            version, weights = parts.load(r, self.runtime.store, fed, shapes)
+            lift_shapes = {k: tuple(v.shape) for k, v in server.lift_weights().items()}
+            version, weights, lift = parts.load(r, self.runtime.store, fed, shapes, lift_shapes)
             if weights:
                 trainer.load_adapter_weights(model, weights)
+            server.load_lift(lift)
             log.info("%s: split server part at version %s (layers %s)", fed, version, list(server.layers))
             self.servers[fed] = (config.to_json(), server)
             return server
@@ -69,38 +71,58 @@ def create_split_app(runtime: Runtime) -> FastAPI:
         if not hmac.compare_digest(given.encode(), secret.hex().encode()):
             raise Refusal(401, "unauthenticated", "only the gateway may call the split server")
 
-    def answer(fed: str, device: str, server: SplitServer, tensors: dict, headers: dict) -> Response:
+    def reserve(fed: str, device: str, server: SplitServer) -> None:
+        """Count the device's step before its activations are read (a release the accountant counts,
+        whatever follows), and refuse the one that would take it past the federation's epsilon budget.
+        Counted atomically, so concurrent requests of one device cannot both slip under the budget."""
         with r.pipeline(transaction=False) as pipe:
             pipe.hincrby(keys.split_steps(fed), device, 1)
             pipe.hincrby(keys.split_state(fed), "steps", 1)
-            pipe.execute()
+            taken, _ = pipe.execute()
+        budget = server.config.max_epsilon
+        if budget is not None and server.config.epsilon(taken) > budget:
+            with r.pipeline(transaction=False) as pipe:
+                pipe.hincrby(keys.split_steps(fed), device, -1)
+                pipe.hincrby(keys.split_state(fed), "steps", -1)
+                pipe.hincrby(keys.split_state(fed), "rejected:privacy_budget_exhausted", 1)
+                pipe.execute()
+            raise Refusal(403, "privacy_budget_exhausted",
+                          f"{device} has taken {taken - 1} split steps: one more would pass epsilon {budget:g} "
+                          f"(sigma {server.config.sigma:g}, q {server.config.sample_rate:g}, delta {server.config.delta:g})")
+
+    def answer(fed: str, server: SplitServer, tensors: dict, headers: dict) -> Response:
         _maybe_publish(runtime, fed, server)
         return Response(wire.encode(tensors), media_type=wire.MEDIA_TYPE, headers=headers)
 
-    def parsed(fed: str, body: bytes, shapes: dict, vocab: int | None) -> dict:
+    def parsed(fed: str, body: bytes, shapes: dict, vocab: int | None, server: SplitServer | None = None) -> dict:
         try:
-            return wire.decode(body, shapes, vocab)
+            got = wire.decode(body, shapes, vocab)
+            if server is not None:
+                server.admit(got["activations"])
+            return got
         except Rejected as rejected:
             r.hincrby(keys.split_state(fed), f"rejected:{rejected.reason.value}", 1)
             raise Refusal(422, rejected.reason.value, rejected.detail) from None
 
     def two_part(fed: str, device: str, body: bytes, batch: int) -> Response:
         server = servers.get(fed)
-        got = parsed(fed, body, server.shapes(batch, with_labels=True), server.vocab)
+        reserve(fed, device, server)
+        got = parsed(fed, body, server.shapes(batch, with_labels=True), server.vocab, server)
         grad, loss = server.two_part(got["activations"], got["labels"])
-        return answer(fed, device, server, {"grad": grad}, {"x-loss": repr(loss)})
+        return answer(fed, server, {"grad": grad}, {"x-loss": repr(loss)})
 
     def forward(fed: str, device: str, body: bytes, batch: int) -> Response:
         server = servers.get(fed)
-        got = parsed(fed, body, server.shapes(batch, with_labels=False), None)
-        step_id, hidden = server.forward(device, got["activations"])
-        return Response(wire.encode({"hidden": hidden}), media_type=wire.MEDIA_TYPE, headers={"x-step": step_id})
+        reserve(fed, device, server)
+        got = parsed(fed, body, server.shapes(batch, with_labels=False), None, server)
+        step_id, residual = server.forward(device, got["activations"])
+        return Response(wire.encode({"residual": residual}), media_type=wire.MEDIA_TYPE, headers={"x-step": step_id})
 
     def backward(fed: str, device: str, body: bytes, step_id: str) -> Response:
         server = servers.get(fed)
         got = parsed(fed, body, server.grad_shape(step_id), None)
         grad = server.backward(device, step_id, got["grad"])
-        return answer(fed, device, server, {"grad": grad}, {})
+        return answer(fed, server, {"grad": grad}, {})
 
     @app.post("/internal/{fed}/step")
     async def step_route(fed: str, request: Request, batch: int = Query(ge=1, le=1024),
@@ -133,10 +155,12 @@ def _maybe_publish(runtime: Runtime, fed: str, server: SplitServer) -> None:
         return
     with server.lock:
         weights = {k: v.clone() for k, v in server.weights().items()}
+        lift = {k: v.clone() for k, v in server.lift_weights().items()}
     fed_config = runtime.state.federations.config(fed)
     version = parts.publish(runtime.redis, runtime.store, fed, weights,
                             parts.peft_config(server.config, fed_config.adapter, server.layers),
                             {"steps": server.steps, "layers": list(server.layers), "mode": server.config.mode,
-                             "cut": server.config.cut, "sigma": server.config.sigma, "clip": server.config.clip})
+                             "cut": server.config.cut, "sigma": server.config.sigma, "clip": server.config.clip,
+                             "bottleneck": server.config.bottleneck}, lift)
     log.info("%s: published split server part %s after %s steps", fed, version, server.steps)
 
