@@ -1,21 +1,26 @@
 """Split learning: quality, leakage and cost, each measured in one run.
 
-    python bench/split.py quality [--model smollm2]   # held-out perplexity: split (both modes) vs local LoRA,
-                                                     # at sigma = 0 and at the sigma that gives epsilon 8, 3, 1
-    python bench/split.py leakage [--model smollm2]  # an inversion attack's token accuracy against sigma and k
+    python bench/split.py quality [--model smollm2]   # held-out perplexity through the split, both modes, with
+                                                     # and without the bottleneck, at sigma = 0 and at the sigma
+                                                     # that gives epsilon 8, 3, 1; 3 seeds, mean and 95 % interval
+    python bench/split.py leakage [--model smollm2]  # an inversion attack's token accuracy against sigma, k and r
     python bench/split.py cost [--model smollm2]     # bytes per step, and a step's time through the gateway
                                                      # and split server (loopback) against local compute
 
 Quality runs in one process (the split server object called directly: the same code the server
 process runs, without HTTP), one device holding legal text, equal steps for every variant. The
-clip C is the median per-example activation norm at the cut, measured first (half the examples
-are clipped). Cost starts real Redis, SeaweedFS, `fleettune split-server` and `fleettune api`.
+clip C is the median per-example norm of what crosses the cut, measured first (half the examples
+are clipped). Perplexity is measured through the split as it runs: DP at the cut with fresh noise,
+the server's layers, then the device's top (U-shaped) or the server's head (two-part). The
+ablation row is U-shaped with the server's layers contributing nothing: what the device's own
+layers reach alone. Cost starts real Redis, SeaweedFS, `fleettune split-server` and `fleettune api`.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import shutil
 import statistics
 import sys
@@ -31,6 +36,7 @@ from fleettune.shared import corpora  # noqa: E402
 from fleettune.shared.protocol.adapter_spec import AdapterConfig  # noqa: E402
 from fleettune.shared.device import models, trainer  # noqa: E402
 from fleettune.shared.federation import LocalTraining  # noqa: E402
+from fleettune.shared.split import bottleneck  # noqa: E402
 from fleettune.shared.split import model as split_model  # noqa: E402
 from fleettune.shared.split.config import SplitConfig  # noqa: E402
 from fleettune.shared.split.device import LocalTransport, SplitDevice  # noqa: E402
@@ -39,6 +45,7 @@ from fleettune.shared.strategies import privacy  # noqa: E402
 
 ADAPTER = AdapterConfig(rank=8, alpha=16)
 BATCH, SEQ, DELTA = 8, 64, 1e-5
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student's t, 97.5th percentile, by degrees of freedom
 
 
 def _data(source: str, chars: int, heldout_chars: int):
@@ -48,50 +55,103 @@ def _data(source: str, chars: int, heldout_chars: int):
     return train, heldout
 
 
-def _clip(source: str, train: torch.Tensor, cut: int) -> float:
+def _clip(source: str, train: torch.Tensor, cut: int, rank: int = 0) -> float:
+    """The median per-example norm of what crosses the cut (half the examples are clipped)."""
     model = trainer.peft_model(models.load_model(source), ADAPTER)
     with torch.no_grad():
-        norms = split_model.bottom(model, train[:64], cut).flatten(1).norm(dim=1)
-    return float(norms.median())
+        _, sent = split_model.device_message(model, train[:64], cut, bottleneck.projection(model, rank), 1e30, 0.0)
+    return float(sent.flatten(1).norm(dim=1).median())
 
 
-def _split_run(source: str, train, heldout, config: SplitConfig, steps: int, lr: float) -> float:
-    torch.manual_seed(0)
+class _NoServer:
+    """The ablation: U-shaped with the server's layers contributing nothing (a zero residual), so the
+    table shows what the server's layers add over the device's own layers alone."""
+
+    def forward(self, activations):
+        return "0" * 16, torch.zeros(*activations.shape[:2], self.hidden)
+
+    def backward(self, step_id, grad):
+        return torch.zeros(*grad.shape[:2], self.width)
+
+    def infer(self, activations, labels=None):
+        return torch.zeros(*activations.shape[:2], self.hidden)
+
+
+def _split_run(source: str, train, heldout, config: SplitConfig, steps: int, lr: float, seed: int,
+               ablate: bool = False) -> float:
+    """Train `steps` split steps from `seed`; held-out perplexity through the split as it runs (DP
+    at the cut with fresh noise, the server's layers, the device's top)."""
+    torch.manual_seed(seed)
     device_model = trainer.peft_model(models.load_model(source), ADAPTER)
     server_model = trainer.peft_model(models.load_model(source), ADAPTER)
     server = SplitServer(server_model, config)
-    device = SplitDevice(LocalTransport(server), device_model, train, config, lr=lr, batch=BATCH)
+    if ablate:
+        server = _NoServer()
+        server.hidden, server.width = device_model.config.hidden_size, config.width(device_model.config.hidden_size)
+        transport = server
+    else:
+        transport = LocalTransport(server)
+    device = SplitDevice(transport, device_model, train, config, lr=lr, seed=seed, batch=BATCH)
     for _ in range(steps):
         device.step()
-    whole = {k: v for k, v in trainer.adapter_weights(device_model).items()}
-    whole.update(server.weights())
-    trainer.load_adapter_weights(device_model, whole)
-    return trainer.perplexity(device_model, heldout)
+    return device.perplexity(server, heldout, seed=10_000 + seed)
+
+
+def _interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and a 95 % t-interval over seeds."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, mean, mean
+    half = T95[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def _cell(values: list[float]) -> str:
+    mean, lo, hi = _interval(values)
+    return f"{mean:,.1f} [{lo:,.1f}, {hi:,.1f}]" if len(values) > 1 else f"{mean:,.1f}"
 
 
 def quality(args) -> None:
-    train, heldout = _data(args.model, args.chars, 8_000)
-    rate, steps = min(1.0, BATCH / len(train)), args.steps
-    clip = _clip(args.model, train, args.cut)
-    model = trainer.peft_model(models.load_model(args.model), ADAPTER)
-    base = trainer.perplexity(model, heldout)
-    torch.manual_seed(0)
-    trainer.train(model, train, LocalTraining(learning_rate=args.lr, batch_size=BATCH, seq_len=SEQ,
-                                                 max_steps=steps, local_epochs=10_000), seed=0)
-    local = trainer.perplexity(model, heldout)
-    print(f"{args.model}: {len(train)} sequences of {SEQ} tokens, {steps} steps of ~{BATCH} (q={rate:.3f}), cut k="
-          f"{args.cut}, C={clip:.1f} (median activation norm), delta={DELTA}")
-    print(f"base {base:.2f}   local LoRA {local:.2f}")
-    print(f"{'epsilon':>8} {'sigma':>7} {'two-part':>9} {'U-shaped':>9}")
-    for target in (None, 8.0, 3.0, 1.0):
-        sigma = 0.0 if target is None else privacy.noise_for(target, rate, steps, DELTA)
-        row = []
-        for mode in ("two_part", "u_shaped"):
+    train, heldout = _data(args.model, args.chars, args.heldout_chars)
+    rate, steps, seeds = min(1.0, BATCH / len(train)), args.steps, range(args.seeds)
+    base_model = trainer.peft_model(models.load_model(args.model), ADAPTER)
+    base = trainer.perplexity(base_model, heldout)
+    local = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = trainer.peft_model(models.load_model(args.model), ADAPTER)
+        trainer.train(model, train, LocalTraining(learning_rate=args.lr, batch_size=BATCH, seq_len=SEQ,
+                                                  max_steps=steps, local_epochs=10_000), seed=seed)
+        local.append(trainer.perplexity(model, heldout))
+    print(f"{args.model}: {len(train)} sequences of {SEQ} tokens, {heldout.numel()} held-out tokens, {steps} steps "
+          f"(q={rate:.3f}), cut k={args.cut}, delta={DELTA}, {len(seeds)} seeds: mean [95 % interval]")
+    print(f"base {base:.2f}   local LoRA {_cell(local)}")
+    targets = [None if e == "inf" else float(e) for e in args.epsilons.split(",")]
+    rows = [(mode, rank, False) for mode in args.modes.split(",") for rank in args.bottlenecks]
+    if "u_shaped" in args.modes and args.ablation:
+        rows.append(("u_shaped", args.bottlenecks[-1], True))
+    results = {}
+    print(f"{'mode':>9} {'r':>4} {'epsilon':>8} {'sigma':>6} {'perplexity':>28} {'/ non-private':>14} {'/ base':>7}")
+    for mode, rank, ablate in rows:
+        clip = _clip(args.model, train, args.cut, rank)
+        for target in targets:
+            sigma = 0.0 if target is None else privacy.noise_for(target, rate, steps, DELTA)
             config = SplitConfig(mode=mode, base_model=args.model, cut=args.cut, top_layers=1, clip=clip,
-                                 sigma=sigma, delta=DELTA, max_batch=64, seq_len=SEQ, server_lr=args.lr)
-            row.append(_split_run(args.model, train, heldout, config, steps, args.lr))
-        eps = "inf" if target is None else f"{privacy.epsilon(sigma, rate, steps, DELTA):.2f}"
-        print(f"{eps:>8} {sigma:>7.3f} {row[0]:>9.2f} {row[1]:>9.2f}")
+                                 sigma=sigma, delta=DELTA, max_batch=64, seq_len=SEQ, server_lr=args.lr,
+                                 bottleneck=rank, sample_rate=rate)
+            got = [_split_run(args.model, train, heldout, config, steps, args.lr, seed, ablate) for seed in seeds]
+            results[mode, rank, ablate, target] = got
+            private = results.get((mode, rank, ablate, None))
+            ratio = f"{statistics.fmean(got) / statistics.fmean(private):.2f}x" if private and target else "-"
+            eps = "inf" if target is None else f"{config.epsilon(steps):.2f}"
+            name = f"{mode}{' (device layers only)' if ablate else ''}"
+            print(f"{name:>9} {rank:>4} {eps:>8} {sigma:>6.3f} {_cell(got):>28} {ratio:>14} "
+                  f"{statistics.fmean(got) / base:>6.2f}x", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "base": base, "local": local, "steps": steps,
+                                         "rows": [{"mode": m, "bottleneck": r, "ablation": a, "epsilon": t,
+                                                   "perplexity": v} for (m, r, a, t), v in results.items()]},
+                                        indent=2))
 
 
 @torch.no_grad()
@@ -109,20 +169,24 @@ def leakage(args) -> None:
     layers = [k for k in (1, 2, 3, 4, 8, 16) if k < split_model.num_layers(model)]
     dp = ", ".join(f"{name}: sigma {value:.3f}" for name, value in sigmas.items() if name.startswith("eps"))
     print(f"{args.model}: {tokens.numel()} held-out tokens, vocabulary {vocab}; {dp} ({steps} steps at q={rate:.3f}, "
-          f"delta {DELTA}); C = the median activation norm at the cut")
-    print(f"{'k':>3} {'C':>8} " + " ".join(f"{e:>11}" for e in sigmas))
+          f"delta {DELTA}); C = the median norm of what crosses the cut; r = the bottleneck (0: none)")
+    print(f"{'k':>3} {'r':>4} {'C':>8} " + " ".join(f"{e:>11}" for e in sigmas))
     for k in layers:
-        templates = torch.cat([split_model.bottom(model, torch.arange(i, min(i + 4096, vocab)).view(-1, 1), k)[:, 0]
-                               for i in range(0, vocab, 4096)])
-        templates = torch.nn.functional.normalize(templates, dim=-1)
+        # every token alone through the public base's first k layers: what the attacker matches against
+        alone = torch.cat([split_model.bottom(model, torch.arange(i, min(i + 4096, vocab)).view(-1, 1), k)[:, 0]
+                           for i in range(0, vocab, 4096)])
         hidden = split_model.bottom(model, tokens, k)
-        clip = float(hidden.flatten(1).norm(dim=1).median())
-        row = []
-        for sigma in sigmas.values():
-            sent = split_model.privatize(hidden, clip, sigma, torch.Generator().manual_seed(0))
-            guess = (torch.nn.functional.normalize(sent, dim=-1) @ templates.T).argmax(-1)
-            row.append((guess == tokens).float().mean().item())
-        print(f"{k:>3} {clip:>8.1f} " + " ".join(f"{a:>11.3f}" for a in row))
+        for rank in args.bottlenecks:
+            projection = bottleneck.projection(model, rank)  # public: the attacker applies it too
+            templates = torch.nn.functional.normalize(projection.down(alone) if projection else alone, dim=-1)
+            features = projection.down(hidden) if projection else hidden
+            clip = float(features.flatten(1).norm(dim=1).median())
+            row = []
+            for sigma in sigmas.values():
+                sent = split_model.privatize(features, clip, sigma, torch.Generator().manual_seed(0))
+                guess = (torch.nn.functional.normalize(sent, dim=-1) @ templates.T).argmax(-1)
+                row.append((guess == tokens).float().mean().item())
+            print(f"{k:>3} {rank:>4} {clip:>8.1f} " + " ".join(f"{a:>11.3f}" for a in row))
 
 
 def cost(args) -> None:
@@ -164,15 +228,17 @@ def _cost(args, env: dict, api_url: str) -> None:
     local_s = _timed(local_step, args.repeat)
     print(f"{args.model}: batch {BATCH} x {SEQ} tokens; local LoRA step (forward, backward, AdamW) "
           f"{local_s * 1000:.0f} ms")
-    for mode in ("two_part", "u_shaped"):
-        name = f"split-bench-{mode.replace('_', '-')}"
+    for mode, rank in [(mode, rank) for mode in ("two_part", "u_shaped") for rank in args.bottlenecks]:
+        name = f"split-bench-{mode.replace('_', '-')}-{rank}"
         admin = Federation(admin_key, name, api_url)
         admin.create(model="smollm2" if args.model == "smollm2" else "tiny-llama", adapter={"type": "lora", "rank": 8})
         admin.client.put(f"/api/v1/federations/{name}/split", {"mode": mode, "base_model": args.model, "cut": 1,
-                                                               "seq_len": SEQ, "max_batch": BATCH})
+                                                               "seq_len": SEQ, "max_batch": BATCH, "clip": 1e6,
+                                                               "bottleneck": rank})
         client = DeviceClient(admin.register_device("phone"), name, api_url)
         model = trainer.peft_model(models.load_model(args.model), ADAPTER)
-        config = SplitConfig(mode=mode, base_model=args.model, cut=1, seq_len=SEQ, max_batch=BATCH, clip=1e6)
+        config = SplitConfig(mode=mode, base_model=args.model, cut=1, seq_len=SEQ, max_batch=BATCH, clip=1e6,
+                             bottleneck=rank)
         transport = HttpTransport(client, model.config.hidden_size)
         device = SplitDevice(transport, model, batch, config, lr=1e-4, batch=BATCH)
         device.rate = 1.0  # every sequence each step: a fixed batch, comparable with the local step
@@ -180,7 +246,7 @@ def _cost(args, env: dict, api_url: str) -> None:
         transport.sent = transport.received = 0
         split_s = _timed(device.step, args.repeat)
         up, down = transport.sent / args.repeat, transport.received / args.repeat
-        print(f"{mode}: {(up + down) / 1e6:.2f} MB per step ({up / 1e6:.2f} up, {down / 1e6:.2f} down); a step "
+        print(f"{mode}, r={rank}: {(up + down) / 1e6:.2f} MB per step ({up / 1e6:.2f} up, {down / 1e6:.2f} down); a step "
               f"{split_s * 1000:.0f} ms through gateway and split server = {split_s / local_s:.2f}x local compute")
 
 
@@ -202,6 +268,15 @@ def main() -> None:
     parser.add_argument("--cut", type=int, default=1)
     parser.add_argument("--chars", type=int, default=120_000, help="the device's training text")
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=3, help="quality: seeds per configuration")
+    parser.add_argument("--modes", default="two_part,u_shaped")
+    parser.add_argument("--bottlenecks", type=lambda v: [int(x) for x in v.split(",")], default=[0, 16],
+                        help="quality, leakage, cost: bottleneck ranks (0: the raw activations)")
+    parser.add_argument("--epsilons", default="inf,8,3,1")
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false",
+                        help="quality: skip the U-shaped row with the server's layers contributing nothing")
+    parser.add_argument("--heldout-chars", type=int, default=24_000)
+    parser.add_argument("--json", type=Path, default=None, help="quality: write every run's perplexity here")
     args = parser.parse_args()
     torch.set_num_threads(2)
     {"quality": quality, "leakage": leakage, "cost": cost}[args.what](args)

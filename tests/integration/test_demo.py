@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,19 @@ def test_the_canary_demo_advances_the_good_version_and_rolls_the_bad_one_back(tm
     assert "completed   100.0%" in good and "409 server_gate_failed" in good
     assert "rolled_back   0.0%" in bad and "rollback by auto: gate breached: eval_loss" in bad
     assert done.stdout.rstrip().splitlines()[-1].startswith("serving version now: 2;")
+
+
+def test_the_split_demo_trains_through_the_split_server_with_dp_and_beats_the_base(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETTUNE_")}
+    done = subprocess.run([str(Path(sys.executable).parent / "fleettune"), "demo", "--split", "--epsilon", "8",
+                           "--steps", "60", "--out", str(tmp_path / "split")], env=env, capture_output=True, text=True,
+                          timeout=900)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.rstrip().splitlines()[-1]
+    match = re.fullmatch(r"split learning: epsilon ([\d.]+), held-out perplexity ([\d.]+) \(base ([\d.]+), "
+                         r"non-private ([\d.]+)\)", last)
+    assert match, last
+    epsilon, private, base, plain = map(float, match.groups())
+    assert 7.0 < epsilon <= 8.0  # the accountant's, for the steps taken, within the asked budget
+    assert plain < private < base  # DP costs something, and still beats the untrained base

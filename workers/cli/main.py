@@ -145,8 +145,18 @@ def simulate(name: str, num_devices: int, rounds: int, round_wait: float, concur
               help="comma-separated; 'medical' needs apt-get install dict-gcide")
 @click.option("--out", default="fleettune-demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--canary", is_flag=True, help="a good and a bad version through canary rollouts (tiny model)")
-def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: str, out: str, canary: bool) -> None:
+@click.option("--split", is_flag=True, help="split learning with DP at the cut, against its non-private run (tiny model)")
+@click.option("--epsilon", default=8.0, show_default=True, help="--split: the privacy budget of the private run")
+@click.option("--split-mode", type=click.Choice(["u_shaped", "two_part"]), default="u_shaped", show_default=True)
+@click.option("--steps", default=200, show_default=True, help="--split: the device's split steps")
+def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: str, out: str, canary: bool,
+         split: bool, epsilon: float, split_mode: str, steps: int) -> None:
     """Devices train real adapters on non-IID text and federate them: no server to start."""
+    if split:
+        from fleettune.workers.local.demo_split import run_split_demo
+
+        run_split_demo(Settings.from_env(), epsilon=epsilon, steps=steps, mode=split_mode, out_dir=out)
+        return
     if canary:
         from fleettune.workers.local.demo_canary import run_canary_demo
 

@@ -63,7 +63,7 @@ class Servers:
 def create_split_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(title="fleettune split server", version="1", docs_url=None)
     problems.install(app)
-    servers = Servers(runtime)
+    servers = app.state.servers = Servers(runtime)  # in-process callers (the demo) evaluate through it
     secret = shared_secret(runtime.redis)
     r = runtime.redis
 
