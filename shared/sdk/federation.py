@@ -159,5 +159,7 @@ class Federation:
     def round(self, round_no: int) -> dict:
         return self.client.get(self._path(f"/rounds/{round_no}"))
 
-    def versions(self) -> list[dict]:
-        return self.client.get(self._path("/versions"))["versions"]
+    def versions(self, limit: int = 100, before: int | None = None) -> list[dict]:
+        """The newest `limit` published versions (below `before`, if given), oldest first."""
+        params = {"limit": limit} | ({"before": before} if before is not None else {})
+        return self.client.get(self._path("/versions"), params=params)["versions"]

@@ -147,6 +147,10 @@ def test_a_session_driven_only_through_the_api_matches_the_numpy_reference(pipel
     assert max(float(np.abs(published[k] - prev[k]).max()) for k in prev) <= 1e-6
     assert session.wait(timeout=30)["status"] == "completed"
     assert [v["version"] for v in federation.versions()] == [0, 1, 2]
+    page = federation.client.get(f"/api/v1/federations/{fed}/versions", params={"limit": 2})
+    assert ([v["version"] for v in page["versions"]], page["next_before"]) == ([1, 2], 1)  # the newest two
+    older = federation.client.get(f"/api/v1/federations/{fed}/versions", params={"limit": 2, "before": 1})
+    assert ([v["version"] for v in older["versions"]], older["next_before"]) == ([0], None)
 
 
 def test_fedadam_chosen_through_the_api_publishes_what_the_paper_computes(pipeline):

@@ -80,16 +80,20 @@ def get_round(round_no: int, name: str = FedName, who: Principal = Depends(reade
 
 @router.get("/federations/{name}/versions", summary="Published adapter versions with their manifests",
             response_model=ManifestList)
-def list_versions(name: str = FedName, who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
+def list_versions(name: str = FedName, limit: int = Query(100, ge=1, le=1000),
+                  before: int | None = Query(None, ge=1, description="only versions below this (a page's next_before)"),
+                  who: Principal = Depends(reader), svc: Services = Depends(services)) -> dict:
     svc.control.config(name)
     newest = int(svc.runtime.state.federations.status(name).get("version", 0))
+    stop = min(newest + 1, before) if before is not None else newest + 1
+    start = max(0, stop - limit)  # a page reads at most `limit` manifests, however many versions exist
     found = []
-    for version in range(newest + 1):
+    for version in range(start, stop):
         try:
             found.append(versions.manifest(svc.runtime.store, name, version))
         except ObjectNotFound:
             continue
-    return {"federation": name, "versions": found}
+    return {"federation": name, "versions": found, "next_before": start or None}
 
 
 @router.get("/federations/{name}/versions/{version}", response_model=Manifest)

@@ -122,10 +122,12 @@ class Manifest(Out):
 
 
 class ManifestList(Out):
-    """A federation's published versions, oldest first."""
+    """A page of a federation's published versions, oldest first: the newest `limit` below `before`."""
 
     federation: str
     versions: list[Manifest]
+    next_before: int | None = Field(None, description="pass as `before` for the page of older versions; "
+                                    "null on the oldest page")
 
 
 class DeviceToken(Out):
