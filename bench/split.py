@@ -117,7 +117,7 @@ def quality(args) -> None:
     base_model = trainer.peft_model(models.load_model(args.model), ADAPTER)
     base = trainer.perplexity(base_model, heldout)
     local = []
-    for seed in seeds:
+    for seed in seeds if args.local else ():
         torch.manual_seed(seed)
         model = trainer.peft_model(models.load_model(args.model), ADAPTER)
         trainer.train(model, train, LocalTraining(learning_rate=args.lr, batch_size=BATCH, seq_len=SEQ,
@@ -125,11 +125,13 @@ def quality(args) -> None:
         local.append(trainer.perplexity(model, heldout))
     print(f"{args.model}: {len(train)} sequences of {SEQ} tokens, {heldout.numel()} held-out tokens, {steps} steps "
           f"(q={rate:.3f}), cut k={args.cut}, delta={DELTA}, {len(seeds)} seeds: mean [95 % interval]")
-    print(f"base {base:.2f}   local LoRA {_cell(local)}")
+    print(f"base {base:.2f}   local LoRA {_cell(local) if local else '(skipped)'}", flush=True)
     targets = [None if e == "inf" else float(e) for e in args.epsilons.split(",")]
     rows = [(mode, rank, False) for mode in args.modes.split(",") for rank in args.bottlenecks]
     if "u_shaped" in args.modes and args.ablation:
         rows.append(("u_shaped", args.bottlenecks[-1], True))
+    if args.ablation_only:
+        rows = [("u_shaped", args.bottlenecks[-1], True)]
     results = {}
     print(f"{'mode':>9} {'r':>4} {'epsilon':>8} {'sigma':>6} {'perplexity':>28} {'/ non-private':>14} {'/ base':>7}")
     for mode, rank, ablate in rows:
@@ -275,10 +277,13 @@ def main() -> None:
     parser.add_argument("--epsilons", default="inf,8,3,1")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false",
                         help="quality: skip the U-shaped row with the server's layers contributing nothing")
+    parser.add_argument("--ablation-only", action="store_true", help="quality: only the device-layers-only row")
     parser.add_argument("--heldout-chars", type=int, default=24_000)
+    parser.add_argument("--no-local", dest="local", action="store_false", help="quality: skip the local LoRA rows")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--json", type=Path, default=None, help="quality: write every run's perplexity here")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     {"quality": quality, "leakage": leakage, "cost": cost}[args.what](args)
 
 

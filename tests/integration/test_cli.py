@@ -99,6 +99,13 @@ def test_the_api_commands_print_tables_and_upload_with_a_progress_bar(pipeline, 
     assert row[:4] == ["cli-api", "active", "1", "0"]
     devices = _run(client_env, "devices", "list", "cli-api").stdout
     assert "phone-1" in devices and "4096" in devices
+    split = _run(client_env, "split", "set", "cli-api", "--bottleneck", "16", "--sigma", "0.6", "--clip", "130",
+                 "--sample-rate", "0.014", "--max-epsilon", "8")
+    assert split.returncode == 0 and " 16 " in split.stdout and " 0.014 " in split.stdout, split.stderr[-2000:]
+    too_wide = _run(client_env, "split", "set", "cli-api", "--bottleneck", "129")  # the tiny model is 128 wide
+    assert too_wide.returncode == 2 and "422 invalid_config" in too_wide.stderr
+    no_accountant = _run(client_env, "split", "set", "cli-api", "--sigma", "0.6", "--max-epsilon", "8")
+    assert no_accountant.returncode == 2 and "sample_rate" in no_accountant.stderr
     artifact = tmp_path / "adapter.safetensors"
     artifact.write_bytes(b"\0" * 100_000)
     upload = _run(client_env, "models", "upload", "cli-model", str(artifact), "--version", "1", "--kind", "adapter")

@@ -209,7 +209,7 @@ def test_a_backlog_older_than_the_redrive_delay_is_drained_not_multiplied(s3_end
                                            "base_version": 0, "train_seconds": 1.0, "metrics": {}})
     worker = services.Worker("backlog", env, workdir, concurrency=1, beat=True, via_cli=True)
     try:
-        oldest_age, sweeps = 0.0, 0
+        oldest_age = 0.0
         end = time.monotonic() + 600
         while (info := runtime.state.rounds.round_info("backlog", 1)).status not in ("closed", "failed"):  # the drain
             assert time.monotonic() < end, f"round 1 still {info.status}"
