@@ -39,15 +39,19 @@ class Projection:
         return features @ self.basis.T + self.mean
 
 
-def lift(projection: Projection | None) -> torch.nn.Linear | None:
+def lift(projection: Projection | None, gain: float = 1.0) -> torch.nn.Linear | None:
     """The server's way back to the hidden size: a linear map it learns, starting as the projection's
-    inverse. Learning it lets the server scale the noise down (a fixed inverse puts all of the
-    noise back into the residual stream: two-part at epsilon 8 then scores worse than the base)."""
+    inverse times `gain`. Learning it lets the server scale the noise down (a fixed inverse puts all
+    of the noise back into the residual stream: two-part at epsilon 8 then scores worse than the base).
+
+    `gain` (SplitConfig.denoise_gain) is the linear least-squares estimate of the clipped features
+    from the noised ones when the signal's power C^2 spreads over the d coordinates: 1 / (1 + sigma^2 d).
+    Without noise it is 1, and the lift is exactly the projection's inverse."""
     if projection is None:
         return None
     layer = torch.nn.Linear(projection.rank, projection.basis.shape[0])
     with torch.no_grad():
-        layer.weight.copy_(projection.basis)
+        layer.weight.copy_(projection.basis * gain)
         layer.bias.copy_(projection.mean)
     return layer
 

@@ -62,6 +62,11 @@ class SplitConfig:
         dims = self.seq_len * self.width(hidden)
         return self.clip * (1.0 + 1e-4) + self.sigma * self.clip * (dims ** 0.5 + 6.0)
 
+    def denoise_gain(self, hidden: int) -> float:
+        """What the server scales received features by before lifting them (shared/split/bottleneck.py):
+        the signal's power per coordinate is at most C^2 / d, the noise's sigma^2 C^2."""
+        return 1.0 / (1.0 + self.sigma ** 2 * self.seq_len * self.width(hidden))
+
     def epsilon(self, steps: int) -> float:
         """The accountant's epsilon after `steps` steps at the configured sampling (needs sample_rate)."""
         from fleettune.shared.strategies import privacy

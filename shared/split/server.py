@@ -43,7 +43,8 @@ class SplitServer:
         self.hidden = peft_model.config.hidden_size
         self.vocab = peft_model.config.vocab_size
         self.width = config.width(self.hidden)  # features per token on the wire
-        self.lift = bottleneck.lift(bottleneck.projection(peft_model, config.bottleneck))
+        self.lift = bottleneck.lift(bottleneck.projection(peft_model, config.bottleneck),
+                                    config.denoise_gain(self.hidden))
         self.params = split_model.trainable(peft_model, self.layers) + (
             list(self.lift.parameters()) if self.lift is not None else [])
         self.optimizer = torch.optim.AdamW(self.params, lr=config.server_lr)

@@ -81,6 +81,10 @@ def test_the_bottleneck_is_the_same_on_every_side_and_narrows_the_message(tiny):
     config = SplitConfig(mode="u_shaped", bottleneck=16, seq_len=24)
     server = SplitServer(tiny, config)
     assert server.shapes(2, with_labels=False) == {"activations": (2, 24, 16)}
+    torch.testing.assert_close(server.lift.weight, first.basis)  # no noise: the lift starts as the exact inverse
+    noisy = SplitConfig(mode="u_shaped", bottleneck=16, seq_len=24, sigma=0.5)
+    assert noisy.denoise_gain(128) == pytest.approx(1 / (1 + 0.25 * 24 * 16))  # least squares under the noise
+    torch.testing.assert_close(SplitServer(tiny, noisy).lift.weight, first.basis * noisy.denoise_gain(128))
     ids = torch.randint(0, tiny.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
     _, sent = split_model.device_message(tiny, ids, 1, first, clip=5.0, sigma=0.0)
     assert sent.shape == (2, 24, 16) and sent.flatten(1).norm(dim=1).max() <= 5.0 + 1e-4
