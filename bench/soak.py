@@ -52,6 +52,9 @@ from fleettune.shared.protocol.updates import encode_update  # noqa: E402
 from fleettune.workers.local import services  # noqa: E402
 
 
+ACKED_LOCK = threading.Lock()  # guards every federation's receipts dict (device threads and the checker)
+
+
 def rss_mb(proc) -> float:
     try:
         root = psutil.Process(proc.pid)
@@ -110,7 +113,8 @@ def stream(api_url: str, fed: str, tokens: dict[str, str], spec: dict, stop: thr
                 call(lambda: client.upload(plan, blob), stop)
                 receipt = call(lambda: client.submit(plan, hashlib.sha256(blob).hexdigest(), num_samples=5), stop)
                 if receipt is not None:
-                    acked.setdefault(receipt["receipt"], time.time())  # a repeat keeps its first time
+                    with ACKED_LOCK:
+                        acked.setdefault(receipt["receipt"], time.time())  # a repeat keeps its first time
             time.sleep(1.0)
     except BaseException as exc:
         errors.append(exc)
@@ -256,14 +260,16 @@ def check_outcomes(client: redis.Redis, acked: dict[str, dict[str, float]], olde
     `older_than` seconds that have none yet."""
     now, missing = time.time(), {}
     for fed, receipts in acked.items():
-        pending = [(r, at) for r, at in list(receipts.items()) if at is not None and now - at >= older_than]
+        with ACKED_LOCK:  # the device threads add receipts while this reads them
+            pending = [(r, at) for r, at in receipts.items() if at is not None and now - at >= older_than]
         with client.pipeline(transaction=False) as pipe:
             for receipt, _ in pending:
                 pipe.exists(f"ft:msg:{receipt}")
             found = pipe.execute()
-        for (receipt, _), present in zip(pending, found):
-            if present:
-                receipts[receipt] = None  # settled: kept only to count receipts
+        with ACKED_LOCK:
+            for (receipt, _), present in zip(pending, found):
+                if present:
+                    receipts[receipt] = None  # settled: kept only to count receipts
         missing[fed] = sum(1 for (_, _), present in zip(pending, found) if not present)
     return {fed: n for fed, n in missing.items() if n}
 
