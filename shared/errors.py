@@ -4,6 +4,7 @@
     ├── Rejected            a device's update is bad; permanent, never retried
     ├── ConfigError         a settings or federation config value is invalid
     ├── StateError          a federation or round is not in the state an operation needs
+    │   └── BufferClosing   an async update met its buffer closing (transient: retried)
     ├── Refusal             the control plane refuses a request (HTTP status + a named code)
     └── StorageError
         ├── ObjectNotFound      the key does not exist (permanent)
@@ -35,6 +36,10 @@ class RejectReason(str, enum.Enum):
     WRONG_BASE_VERSION = "wrong_base_version"
     TOO_FEW_SAMPLES = "too_few_samples"
     ALREADY_SUBMITTED = "already_submitted"
+    # async (buffered) rounds
+    FUTURE_BASE_VERSION = "future_base_version"  # trained from a version not yet published
+    TOO_STALE = "too_stale"  # trained from a version more than max_staleness versions old
+    DUPLICATE_BASE_VERSION = "duplicate_base_version"  # a second update from a device for one base version
     # object
     BAD_OBJECT_KEY = "bad_object_key"
     OBJECT_MISSING = "object_missing"
@@ -99,6 +104,11 @@ class ConfigError(FleettuneError, ValueError):
 
 class StateError(FleettuneError):
     """A federation or round is not in the state the operation needs."""
+
+
+class BufferClosing(StateError):
+    """An async update arrived while its federation's buffer was closing: retried until the next
+    buffer opens, never rejected (it did nothing wrong)."""
 
 
 class Refusal(FleettuneError):

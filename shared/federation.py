@@ -22,16 +22,25 @@ _STORED = ConfigDict(extra="forbid")
 _MAX_UPDATE_NORM = Field(validation_alias=AliasChoices("max_update_norm", "max_grad_norm"))
 
 LocalOptimizer = Literal["adamw", "sgd"]
+RoundMode = Literal["sync", "async"]
 ForgettingAction = Literal["halt", "lower_lr"]
 
 
 @with_config(_STORED)
 @dataclasses.dataclass(frozen=True)
 class RoundPolicy:
-    """How rounds open, close and combine updates."""
+    """How rounds open, close and combine updates.
+
+    `mode` "sync": a round waits for its cohort (or its deadline) and takes only updates trained
+    from its base version. "async" (FedBuff, Nguyen et al. 2022): a round is a buffer. Devices train
+    from the newest version whenever they can; each accepted update joins the open buffer, scaled by
+    its staleness weight (1 + tau)^-staleness_exponent (tau: versions published since its base), and
+    the buffer publishes after `buffer_size` updates, or after `timeout_seconds` if it holds at least
+    `min_updates` (with fewer it keeps waiting: a buffer never fails and drops what it holds).
+    """
 
     min_updates: int = 2  # quorum: fewer accepted updates than this at the deadline fails the round
-    timeout_seconds: float = 600.0
+    timeout_seconds: float = 600.0  # a round's deadline; in async mode the most a buffer waits to publish
     min_samples_per_client: int = 1
     max_rounds: int = 10
     # the server's L2 bound over a whole update; None disables clipping (not max_grad_norm: that
@@ -40,9 +49,24 @@ class RoundPolicy:
     server_lr: float = 1.0
     max_num_samples: int = 100_000  # the most a device may claim; larger claims are capped to this
     clients_per_round: int = 0  # 0: every enrolled device; else the server picks this many per round
+    mode: RoundMode = "sync"
+    buffer_size: int = 4  # async: publish after this many accepted updates (FedBuff's K)
+    max_staleness: int = 8  # async: updates trained from a version more than this many versions old are refused
+    staleness_exponent: float = 0.5  # async: a in the staleness weight (1 + tau)^-a (FedBuff's polynomial)
+
+    def staleness_weight(self, staleness: int) -> float:
+        """FedBuff's polynomial staleness weight s(tau) = (1 + tau)^-a, in (0, 1]."""
+        return (1.0 + staleness) ** -self.staleness_exponent
 
     def __post_init__(self) -> None:
         checks = {
+            "mode must be 'sync' or 'async'": self.mode in get_args(RoundMode),
+            "buffer_size must be >= 1, and >= min_updates in async mode": self.buffer_size >= 1 and (
+                self.mode == "sync" or self.buffer_size >= self.min_updates),
+            "max_staleness must be >= 0": self.max_staleness >= 0,
+            "staleness_exponent must be >= 0": self.staleness_exponent >= 0 and math.isfinite(self.staleness_exponent),
+            "async rounds take every enrolled device: clients_per_round must be 0": self.mode == "sync"
+            or self.clients_per_round == 0,
             "min_updates must be >= 1": self.min_updates >= 1,
             "timeout_seconds must be > 0": self.timeout_seconds > 0,
             "min_samples_per_client must be >= 1": self.min_samples_per_client >= 1,
@@ -164,6 +188,10 @@ class FederationConfig:
                               f"(at most {keys.ID_MAX_LENGTH} characters)")
         if self.aggregation.dp and self.policy.clients_per_round:
             raise ConfigError("DP accounts for Poisson sampling: use sampling_rate, not clients_per_round")
+        if self.policy.mode == "async" and self.aggregation.sampling_rate < 1.0:
+            # amplification by sampling assumes each release's contributors were sampled for it; an
+            # async update joins whichever buffer is open when it arrives
+            raise ConfigError("async rounds account DP without sampling amplification: set sampling_rate 1")
         if self.aggregation.dp and self.policy.max_update_norm is None:
             raise ConfigError("DP needs a clip bound: set max_update_norm")
         if self.adapter.kind == "prompt_tuning" and (self.aggregation.lora != "naive"

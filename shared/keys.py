@@ -7,6 +7,7 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:fed:{fed}:state           hash: status, round, version, reason, server_lr (guard override)
     ft:fed:{fed}:devices         set of enrolled device ids (those the device filter admitted)
     ft:fed:{fed}:profiles        hash device_id -> msgpack DeviceProfile (RAM, storage, tier)
+    ft:fed:{fed}:async_bases     hash device_id -> newest base version it has an accepted async update from
     ft:fed:{fed}:evaluations     hash version -> JSON evaluation (perplexities, forgetting ratio);
                                  an entry goes with its round's info hash
     ft:fed:{fed}:round:{r}       hash: status, base_version, opened_at, deadline, cohort, reason, ...;
@@ -135,6 +136,11 @@ def fed_profiles(fed: str) -> str:
 
 def fed_evaluations(fed: str) -> str:
     return f"{PREFIX}:fed:{fed}:evaluations"
+
+
+def fed_async_bases(fed: str) -> str:
+    """Async rounds: device -> the newest base version it has an accepted update from."""
+    return f"{PREFIX}:fed:{fed}:async_bases"
 
 
 def fed_stats(fed: str) -> str:

@@ -27,6 +27,7 @@ from fleettune.shared.state import broker
 from fleettune.shared.errors import ObjectNotFound, StorageUnavailable
 
 NORM_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, float("inf"))
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, float("inf"))  # versions
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
 
 
@@ -63,8 +64,8 @@ class Metrics:
                                        fed, buckets=SECONDS_BUCKETS, **kw)
         self.aggregation_seconds = Histogram("fleettune_aggregation_seconds", "Time to aggregate and publish a round",
                                              fed, buckets=SECONDS_BUCKETS, **kw)
-
-
+        self.staleness = Histogram("fleettune_update_staleness", "Async rounds: versions published between an "
+                                   "accepted update's base and the buffer it joined", fed, buckets=STALENESS_BUCKETS, **kw)
 
     def observe_ingest(self, result) -> None:
         """One settled envelope (an IngestResult); redeliveries change nothing."""
@@ -79,6 +80,8 @@ class Metrics:
             self.update_norm.labels(fed, "pre_clip").observe(result.norm)
             self.update_norm.labels(fed, "post_clip").observe(result.norm * result.clip_scale)
             self.train_seconds.labels(fed, result.tier).observe(result.train_seconds or 0.0)
+            if result.staleness is not None:
+                self.staleness.labels(fed).observe(result.staleness)
         else:
             self.rejected.labels(fed, result.reason.value).inc()
             if result.reason.value == "stale_round":
@@ -92,7 +95,8 @@ class Metrics:
         outcome = result.decision
         self.rounds.labels(fed, outcome).inc()
         self.selected_devices.labels(fed).inc(info.cohort_size)
-        self.timed_out_devices.labels(fed).inc(max(0, info.cohort_size - result.updates))
+        if info.mode != "async":  # a buffer's devices that checked in may still join the next one
+            self.timed_out_devices.labels(fed).inc(max(0, info.cohort_size - result.updates))
         self.round_seconds.labels(fed).observe(max(0.0, now - info.opened_at))
         if outcome == "failed":
             self.round_failures.labels(fed, result.reason or "no_quorum").inc()
@@ -134,6 +138,8 @@ class FederationCollector:
                                          labels=["federation"]),
             "partials": GaugeMetricFamily("fleettune_close_partials", "Partial sums the newest version's close "
                                           "reduced (0: it read every update)", labels=["federation"]),
+            "buffer": GaugeMetricFamily("fleettune_buffer_fill", "Async rounds: accepted updates in the open "
+                                        "buffer over its buffer_size (it publishes at 1)", labels=["federation"]),
             "read": GaugeMetricFamily("fleettune_close_updates_read", "Updates the newest version's close read "
                                       "itself (a growing share: partial commits are failing or slow)",
                                       labels=["federation"]),
@@ -150,6 +156,8 @@ class FederationCollector:
             closing = max(0.0, now - (info.closing_at or now)) if info and info.status == "closing" else 0.0
             gauges["overdue"].add_metric([fed], overdue)
             gauges["closing"].add_metric([fed], closing)
+            if info and info.mode == "async" and info.status == "open":
+                gauges["buffer"].add_metric([fed], self.state.rounds.update_count(fed, round_no) / max(info.buffer_size, 1))
             for name, value in self._version_facts(fed, version).items():
                 if value is not None:
                     gauges[name].add_metric([fed], value)

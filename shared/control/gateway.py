@@ -162,13 +162,19 @@ class Gateway:
             # Poisson sampling, which the DP accountant counts on: the server's secret decides
             raise Refusal(409, "not_sampled", f"not sampled into round {info.round}; check in later",
                           headers={"Retry-After": "30"})
+        last = self.r.hget(keys.fed_async_bases(fed), device) if info.mode == "async" else None
+        if last is not None and int(last) >= info.base_version:  # one update per device per base version
+            raise Refusal(409, "up_to_date", f"{device} has sent its update from v{info.base_version}; "
+                          "check in again once the buffer publishes the next version", headers={"Retry-After": "10"})
         if not self.state.rounds.join_cohort(fed, info.round, device):
             raise Refusal(409, "no_open_round", f"round {info.round} closed while checking in",
                           headers={"Retry-After": "30"})
         rank = round_config.tier_ranks.get(profile.tier)  # a tier of lower rank trains its own adapter
         prefix = keys.tier_prefix(fed, info.base_version, rank) if rank else keys.version_prefix(fed, info.base_version)
         adapter = round_config.adapter.for_rank(rank) if rank else round_config.adapter
-        get_until = min(info.deadline, self.clock() + self.settings.url_ttl_s)
+        get_until = self.clock() + self.settings.url_ttl_s
+        if info.mode != "async":  # an async device may train past this buffer's age limit
+            get_until = min(info.deadline, get_until)
         scaffold = {}  # SCAFFOLD's server control variate (absent before the first SCAFFOLD round: zero)
         if round_config.aggregation.drift_control == "scaffold":
             key = f"{keys.version_prefix(fed, info.base_version)}/{versions.CONTROL_FILE}"
@@ -197,12 +203,18 @@ class Gateway:
         if size > self.settings.max_update_bytes:
             raise Refusal(413, "object_too_large", f"{size} bytes > {self.settings.max_update_bytes}")
         info = self._open_round(fed)
-        if info is None or info.round != round_no:
+        if info is not None and info.mode == "async" and 0 < round_no <= info.round:
+            # async: the buffer it checked in to may have published since; the update joins the open one
+            # (ingest judges its staleness), so its URL outlives that buffer
+            until = self.clock() + self.settings.url_ttl_s
+        elif info is None or info.round != round_no:
             raise Refusal(409, "no_open_round", f"round {round_no} is not open")
+        else:
+            until = info.deadline
         if not self.r.sismember(keys.round_cohort(fed, round_no), device):
             raise Refusal(403, "not_selected", f"{device} has not checked in to round {round_no}")
-        key = keys.update_object(fed, info.round, device)
-        return dict(self.presigner.put(key, info.deadline, base_url, sha256, size).as_dict(), key=key)
+        key = keys.update_object(fed, round_no, device)
+        return dict(self.presigner.put(key, until, base_url, sha256, size).as_dict(), key=key)
 
     # --- submit ----------------------------------------------------------------------------------
 
@@ -289,6 +301,8 @@ class Gateway:
     def _open_round(self, fed: str) -> RoundInfo | None:
         round_no = self.state.federations.current_round(fed)
         info = self.state.rounds.round_info(fed, round_no) if round_no else None
-        if info is None or info.status != "open" or self.clock() >= info.deadline:
+        if info is None or info.status != "open":
+            return None
+        if info.mode != "async" and self.clock() >= info.deadline:  # a buffer past its age still takes updates
             return None
         return info

@@ -139,6 +139,10 @@ class RoundConfigIn(Strict):
     max_num_samples: int | None = Field(None, ge=1, le=10**9)
     clients_per_round: int | None = Field(None, ge=0, le=10**6, description="0: every enrolled device; else the "
                                           "server picks this many per round (more, smaller rounds)")
+    mode: Literal["sync", "async"] | None = Field(None, description="async: buffered asynchronous rounds (FedBuff)")
+    buffer_size: int | None = Field(None, ge=1, le=10**6, description="async: publish after this many updates")
+    max_staleness: int | None = Field(None, ge=0, le=10**6, description="async: refuse updates from older versions")
+    staleness_exponent: float | None = Field(None, ge=0, le=10, description="async: a in (1 + staleness)^-a")
 
 
 class DeviceFilterIn(Strict):

@@ -66,7 +66,7 @@ class PartialFolder:
                 self._serial += 1
                 shapes = config.update_tensors
                 slot = self._open[key] = _Open(f"{self._process}-{self._serial}", PartialSum(shapes), UpdateStats())
-            slot.partial.add(padded(update, slot.partial.shapes), weight, record.clip_scale, early)
+            slot.partial.add(padded(update, slot.partial.shapes), weight, record.scale, early)
             slot.stats.add(record)
             slot.pending.append(record.device)
             slot.last_add = self.clock()

@@ -14,18 +14,18 @@ from fleettune.shared.protocol import envelope as envelope_codec
 from fleettune.shared import keys
 from fleettune.shared.strategies.fedavg import clip_scale, update_norm
 from fleettune.shared.protocol.envelope import Envelope
-from fleettune.shared.errors import ObjectNotFound, RejectReason, Rejected, StorageUnavailable
+from fleettune.shared.errors import BufferClosing, ObjectNotFound, RejectReason, Rejected, StorageUnavailable
 from fleettune.shared.federation import FederationConfig
 from fleettune.shared.pipeline.folding import PartialFolder
 from fleettune.shared.protocol.safetensors_reader import parse
 from fleettune.shared.settings import Settings
-from fleettune.shared.state import ACCEPTED, REDELIVERED, FederationState, UpdateRecord
+from fleettune.shared.state import ACCEPTED, REDELIVERED, FederationState, RoundInfo, UpdateRecord
 from fleettune.shared.storage import ObjectStore
 from fleettune.shared.strategies.partial import weight, weight_cap
 
 log = logging.getLogger(__name__)
 # Failures of our services, not of the update: retry, never reject.
-TRANSIENT = (StorageUnavailable, redis.ConnectionError, redis.TimeoutError)
+TRANSIENT = (StorageUnavailable, redis.ConnectionError, redis.TimeoutError, BufferClosing)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,7 @@ class IngestResult:
     train_seconds: float | None = None
     round_ready: bool = False  # every selected device has reported: close the round now
     tier: str = "default"
+    staleness: int | None = None  # async rounds: versions published since the update's base
 
 
 class Ingestor:
@@ -99,7 +100,11 @@ class Ingestor:
             raise Rejected(RejectReason.UNKNOWN_FEDERATION, env.federation)
         if env.object_key != keys.update_object(env.federation, env.round, env.device):
             raise Rejected(RejectReason.BAD_OBJECT_KEY, "key does not match federation, round and device")
-        config, tier = self._check_round(env)
+        precheck = self.state.rounds.precheck(env.federation, env.round, env.device)
+        if precheck[1] is not None and precheck[1].mode == "async":
+            config, tier, target, staleness = self._check_buffer(env, *precheck)
+        else:
+            (config, tier), target, staleness = self._check_round(env, *precheck), env.round, None
         policy = config.policy
 
         try:
@@ -121,28 +126,71 @@ class Ingestor:
             num_samples=min(env.num_samples, policy.max_num_samples), claimed_samples=env.num_samples,
             norm=norm, clip_scale=scale, train_seconds=env.train_seconds, metrics=env.metrics,
             accepted_at=self.clock(), rank=rank,
+            **({"staleness": staleness, "staleness_weight": policy.staleness_weight(staleness)} if staleness else {}),
         )
-        outcome, count, cohort, reference = self.state.accounting.accept(digest, env.federation, env.round, record)
+        asynchronous = staleness is not None
+        outcome, count, cohort, reference = self.state.accounting.accept(
+            digest, env.federation, target, record, received_round=env.round,
+            base_version=env.base_version if asynchronous else None)
         if outcome == REDELIVERED:
-            return IngestResult(REDELIVERED, env.federation, env.round, env.device)
+            return IngestResult(REDELIVERED, env.federation, target, env.device)
+        if outcome == RejectReason.STALE_ROUND.value and asynchronous:
+            raise BufferClosing(f"{env.federation} buffer {target} closed while the update was checked")
         if outcome != ACCEPTED:
             raise Rejected(RejectReason(outcome), "round closed while the update was checked")
         if self.folder is not None and config.aggregation.folds:
             try:
                 agg = config.aggregation
                 w = weight(record.num_samples, weight_cap(reference, agg.max_weight_ratio, agg.dp), agg.dp)
-                self.folder.fold(config, env.round, record, tensors, w, reference is None, count, cohort)
+                self.folder.fold(config, target, record, tensors, w, reference is None, count, cohort)
             except Exception:  # accepted stands: the close reads an update no partial holds
-                log.exception("fold of %s/%s/%s failed", env.federation, env.round, env.device)
+                log.exception("fold of %s/%s/%s failed", env.federation, target, env.device)
+        ready = count >= policy.buffer_size if asynchronous else cohort > 0 and count >= cohort
         return IngestResult(
-            ACCEPTED, env.federation, env.round, env.device, norm=norm, clip_scale=scale,
-            nbytes=len(blob), train_seconds=env.train_seconds, round_ready=cohort > 0 and count >= cohort,
-            tier=tier,
+            ACCEPTED, env.federation, target, env.device, norm=norm, clip_scale=scale,
+            nbytes=len(blob), train_seconds=env.train_seconds, round_ready=ready, tier=tier, staleness=staleness,
         )
 
-    def _check_round(self, env: Envelope) -> tuple[FederationConfig, str]:
+    def _check_buffer(self, env: Envelope, current: int, info: RoundInfo, selected: bool, submitted: bool,
+                      tier: str) -> tuple[FederationConfig, str, int, int]:
+        """An async round's checks: (config, tier, the buffer it joins, its staleness).
+
+        The update joins the buffer open now, whichever round it checked in to. It must have
+        trained from the version that round served, no newer than the buffer's base and at most
+        max_staleness versions older; the accept script refuses a second update for one base.
+        """
+        fed = env.federation
+        if env.round > current:
+            raise Rejected(RejectReason.FUTURE_ROUND, f"round {env.round} > current {current}")
+        if not selected:
+            raise Rejected(RejectReason.NOT_SELECTED, f"{env.device} did not check in to round {env.round}")
+        buffer = info if current == env.round else self.state.rounds.round_info(fed, current)
+        if buffer is not None and env.base_version > buffer.base_version:
+            raise Rejected(RejectReason.FUTURE_BASE_VERSION, f"v{env.base_version} > newest v{buffer.base_version}")
+        if env.base_version != info.base_version:
+            raise Rejected(RejectReason.WRONG_BASE_VERSION,
+                           f"trained from v{env.base_version}, round {env.round} served v{info.base_version}")
+        if buffer is None or buffer.status != "open":
+            if self.state.federations.status(fed).get("status") == "active":
+                raise BufferClosing(f"{fed} buffer {current} is {buffer.status if buffer else 'unopened'}")
+            raise Rejected(RejectReason.STALE_ROUND, f"{fed} has no open buffer: it is not training")
+        config = self._config(fed, buffer.config_rev)
+        staleness = buffer.base_version - env.base_version
+        if staleness > config.policy.max_staleness:
+            raise Rejected(RejectReason.TOO_STALE,
+                           f"trained from v{env.base_version}, {staleness} versions old > max_staleness "
+                           f"{config.policy.max_staleness}")
+        if env.num_samples < config.policy.min_samples_per_client:
+            raise Rejected(RejectReason.TOO_FEW_SAMPLES, f"{env.num_samples} < {config.policy.min_samples_per_client}")
+        last = self.state.r.hget(keys.fed_async_bases(fed), env.device)
+        if last is not None and int(last) >= env.base_version:
+            raise Rejected(RejectReason.DUPLICATE_BASE_VERSION,
+                           f"{env.device} already has an update from v{int(last)}")
+        return config, tier, buffer.round, staleness
+
+    def _check_round(self, env: Envelope, current: int, info: RoundInfo | None, selected: bool, submitted: bool,
+                     tier: str) -> tuple[FederationConfig, str]:
         """Cheap checks before any download; the accept transaction re-checks what can change."""
-        current, info, selected, submitted, tier = self.state.rounds.precheck(env.federation, env.round, env.device)
         config = self._config(env.federation, info.config_rev if info else None)
         if env.round > current:
             raise Rejected(RejectReason.FUTURE_ROUND, f"round {env.round} > current {current}")

@@ -126,7 +126,7 @@ class RoundReader:
             if isinstance(update, str):
                 excluded[device] = update
                 continue
-            aggregator.add(update, weight(rec.num_samples, cap, agg.dp), rec.clip_scale, rec.rank or None)
+            aggregator.add(update, weight(rec.num_samples, cap, agg.dp), rec.scale, rec.rank or None)
             contributors.append(device)
             stats.add(rec)
         return RoundInputs(aggregator, contributors, excluded, stats, cap,
@@ -176,7 +176,7 @@ class RoundReader:
             if isinstance(update, str):
                 excluded[device] = update
                 continue
-            aggregator.add(update, weight(rec.num_samples, cap, uniform), rec.clip_scale, rec.rank or None)
+            aggregator.add(update, weight(rec.num_samples, cap, uniform), rec.scale, rec.rank or None)
             stats.add(rec)
         contributors = [d for d in self.state.partials.contributors(fed, round_no) if d not in excluded]
         if aggregator.count != len(contributors) or stats.count != len(contributors):
@@ -210,6 +210,6 @@ class RoundReader:
             if isinstance(update, str):
                 raise Unreducible(f"{device}'s update, folded before the weight cap was known, is {update}")
             for k, v in padded(update, config.update_tensors).items():
-                total[k].add_(v, alpha=dw * rec.clip_scale)
+                total[k].add_(v, alpha=dw * rec.scale)
             done, dw_total = done + 1, dw_total + dw
         return done, dw_total

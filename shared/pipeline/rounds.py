@@ -37,6 +37,9 @@ def decide(info: RoundInfo, n_updates: int, min_updates: int, now: float, report
            grace: float = 0.0) -> str:
     """Close with quorum once everyone reported or the deadline passed; fail without it then.
 
+    An async buffer closes once it holds `buffer_size` updates, or at its deadline (its maximum
+    age) with a quorum; without one it waits on: failing it would drop the updates it holds.
+
     `reported` counts selected devices with a final outcome, accepted or rejected (default: the
     accepted ones): once all have one, nothing more can arrive, so waiting longer is pointless.
     Deadlines are judged by receive time: past the deadline, messages the gateway took on time and
@@ -45,6 +48,10 @@ def decide(info: RoundInfo, n_updates: int, min_updates: int, now: float, report
     """
     reported = n_updates if reported is None else reported
     quorum = n_updates >= min_updates
+    if info.mode == "async":  # a buffer: publish when full, or when old with a quorum; never fail
+        if n_updates >= max(info.buffer_size, 1) or (quorum and now >= info.deadline):
+            return CLOSING
+        return WAIT
     everyone = info.cohort_size > 0 and reported >= info.cohort_size
     expired = now >= info.deadline and not (info.inflight > 0 and now < info.deadline + grace)
     if quorum and (everyone or expired):

@@ -34,6 +34,14 @@ class UpdateRecord:
     metrics: dict[str, float]
     accepted_at: float
     rank: int = 0  # a lower-rank tier's LoRA rank; 0: the federation's global rank
+    staleness: int = 0  # async: versions published between its base and the buffer it joined
+    staleness_weight: float = 1.0  # async: FedBuff's s(staleness), in (0, 1]
+
+    @property
+    def scale(self) -> float:
+        """What aggregation multiplies the update by: its clip, and its staleness weight. Both are
+        at most 1, so the clip bound (and DP's sensitivity) holds for the scaled update."""
+        return self.clip_scale * self.staleness_weight
 
     def to_bytes(self) -> bytes:
         return msgpack.packb(dataclasses.asdict(self), use_bin_type=True)
@@ -56,22 +64,27 @@ class Accounting(StateBase):
         """Redeliveries are a property of the transport, so they are counted once, globally."""
         self.r.hincrby(keys.GLOBAL_STATS, "redelivered", 1)
 
-    def accept(self, digest: str, fed: str, round_no: int, record: UpdateRecord) -> tuple[str, int, int, float | None]:
+    def accept(self, digest: str, fed: str, round_no: int, record: UpdateRecord, received_round: int | None = None,
+               base_version: int | None = None) -> tuple[str, int, int, float | None]:
         """Record an update once. Returns (outcome, cohort devices reported, cohort size, the
         round's reference claim if it is known now: see shared.strategies.partial).
 
         The outcome is ACCEPTED, REDELIVERED (this message was settled meanwhile) or a
         RejectReason value when the round closed or the device already submitted. One Lua script:
         concurrent accepts into the same round serialise in Redis instead of retrying a WATCH.
+        Async rounds: `received_round` is the round the gateway received it for (counted in flight
+        there) and `base_version` its base, which must be newer than any the device had accepted.
         """
         if self._accept_script is None:
             self._accept_script = self.r.register_script(_ACCEPT)
+        received = round_no if received_round is None else received_round
         outcome, count, cohort, reference = self._accept_script(
             keys=[keys.message(digest), keys.round_info(fed, round_no), keys.round_updates(fed, round_no),
-                  keys.round_reported(fed, round_no), keys.received(digest), keys.round_inflight(fed, round_no),
+                  keys.round_reported(fed, round_no), keys.received(digest), keys.round_inflight(fed, received),
                   keys.fed_stats(fed), keys.GLOBAL_STATS, keys.round_unfolded(fed, round_no),
-                  keys.round_claims(fed, round_no), keys.round_uncapped(fed, round_no)],
-            args=[record.device, record.to_bytes(), self.message_ttl_s, record.num_samples, REFERENCE_SAMPLE])
+                  keys.round_claims(fed, round_no), keys.round_uncapped(fed, round_no), keys.fed_async_bases(fed)],
+            args=[record.device, record.to_bytes(), self.message_ttl_s, record.num_samples, REFERENCE_SAMPLE,
+                  "" if base_version is None else base_version])
         return outcome.decode(), int(count), int(cohort), float(reference) if reference else None
 
     def reject(self, digest: str, reason: RejectReason, detail: str, now: float, fed: str | None = None,

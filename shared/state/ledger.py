@@ -50,8 +50,9 @@ class Ledger:
         dropped again by the next sweep.
         """
         fed, round_no = entry["federation"], entry["round"]
-        deadline = self.r.hget(keys.round_info(fed, round_no), "deadline")
-        if deadline is not None and now > float(deadline) and not self.r.exists(keys.received(digest)):
+        deadline, mode = self.r.hmget(keys.round_info(fed, round_no), "deadline", "mode")
+        if (deadline is not None and mode != b"async" and now > float(deadline)
+                and not self.r.exists(keys.received(digest))):
             return LATE
         with self.r.pipeline() as pipe:
             pipe.set(keys.received(digest), msgpack.packb(entry, use_bin_type=True), nx=True,

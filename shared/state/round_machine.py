@@ -37,6 +37,8 @@ class RoundInfo:
     server_lr: float | None = None  # the guard's server learning rate, snapshotted when the close began
     inflight: int = 0  # messages received on time through the gateway that have no outcome yet
     reference_claim: float | None = None  # median claim its weight cap derives from (see strategies.partial)
+    mode: str = "sync"  # "async": the round is a FedBuff buffer (see federation.RoundPolicy)
+    buffer_size: int = 0  # async: the accepted updates that publish it
 
     @classmethod
     def from_hash(cls, round_no: int, h: dict[bytes, bytes]) -> RoundInfo:
@@ -51,6 +53,7 @@ class RoundInfo:
             closing_at=float(s["closing_at"]) if "closing_at" in s else None,
             server_lr=float(s["server_lr"]) if "server_lr" in s else None,
             reference_claim=float(s["reference_claim"]) if "reference_claim" in s else None,
+            mode=s.get("mode", "sync"), buffer_size=int(s.get("buffer_size", 0)),
         )
 
 
@@ -229,8 +232,12 @@ class RoundMachine(StateBase):
             h = self.r.hget(keys.round_info(fed, round_no), "lease_until")
             stuck = info.status == "closing" and float(h or 0) < now
             unopened = info.status in ("closed", "failed") and status.get("status") == "active"
-            ready = info.status == "open" and (
-                now >= info.deadline or 0 < info.cohort_size <= self.reported_count(fed, round_no))
+            if info.mode == "async":  # a full buffer whose close was lost, or one past its age
+                ready = info.status == "open" and (
+                    now >= info.deadline or self.update_count(fed, round_no) >= info.buffer_size)
+            else:
+                ready = info.status == "open" and (
+                    now >= info.deadline or 0 < info.cohort_size <= self.reported_count(fed, round_no))
             if ready or stuck or unopened:
                 found.append((fed, round_no))
         return found
@@ -274,7 +281,8 @@ def _write_open(pipe, fed: str, round_no: int, base_version: int, now: float, ti
             names = set(privacy.pick(secret, round_no, names, per_round))
         cohort, size = names, len(names)
     info = RoundInfo(round_no, "open", base_version, now, now + timeout, size, config_rev=revision,
-                     reference_claim=reference)
+                     reference_claim=reference, mode=effective.policy.mode,
+                     buffer_size=effective.policy.buffer_size if effective.policy.mode == "async" else 0)
     if switch:
         if pending.policy.server_lr != current.policy.server_lr:  # a guard-lowered rate was the old config's
             pipe.hdel(keys.fed_state(fed), "server_lr")
@@ -284,6 +292,8 @@ def _write_open(pipe, fed: str, round_no: int, base_version: int, now: float, ti
     pipe.hset(keys.round_info(fed, round_no), mapping={
         "status": info.status, "base_version": base_version, "opened_at": repr(now),
         "deadline": repr(info.deadline), "cohort_size": info.cohort_size, "config_rev": revision,
+        "mode": info.mode,  # read by the receive script: an async buffer's deadline makes nothing late
+        **({"buffer_size": info.buffer_size} if info.buffer_size else {}),
         **({"reference_claim": repr(reference)} if reference is not None else {}),
     })
     if cohort is None:

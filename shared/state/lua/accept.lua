@@ -1,7 +1,8 @@
 -- Accept one update exactly once (Accounting.accept); concurrent accepts into a round serialise here.
 -- KEYS: message, round info, updates, reported, received, inflight, fed stats, global stats, unfolded,
---       claims, uncapped.
--- ARGV: device, record, message TTL, sample count, reference sample size.
+--       claims, uncapped, async bases.
+-- ARGV: device, record, message TTL, sample count, reference sample size, base version (async
+--       rounds; '' otherwise: a device's base versions must then rise, one update per base).
 -- Returns {outcome, reported, cohort size, reference claim or ""}. The accept that completes the
 -- first REFERENCE_SAMPLE claims of a round without a reference claim fixes it (their median);
 -- devices accepted before that are noted as uncapped.
@@ -14,6 +15,11 @@ local cohort = tonumber(redis.call('HGET', KEYS[2], 'cohort_size') or '0')
 local count = redis.call('SCARD', KEYS[4])
 if status ~= 'open' then return {'stale_round', count, cohort, ''} end
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {'already_submitted', count, cohort, ''} end
+if ARGV[6] ~= '' then
+  local last = redis.call('HGET', KEYS[12], ARGV[1])
+  if last and tonumber(last) >= tonumber(ARGV[6]) then return {'duplicate_base_version', count, cohort, ''} end
+  redis.call('HSET', KEYS[12], ARGV[1], ARGV[6])
+end
 if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('DECR', KEYS[6]) end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 count = count + redis.call('SADD', KEYS[4], ARGV[1])

@@ -10,7 +10,9 @@ if seen then
   return seen
 end
 local deadline = redis.call('HGET', KEYS[4], 'deadline')
-if deadline and tonumber(ARGV[6]) > tonumber(deadline) then return 'late' end
+-- an async buffer's deadline is its age limit: an update trained for it may still join a later one
+local async = redis.call('HGET', KEYS[4], 'mode') == 'async'
+if deadline and not async and tonumber(ARGV[6]) > tonumber(deadline) then return 'late' end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[4])
 redis.call('INCR', KEYS[5])

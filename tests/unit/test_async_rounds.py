@@ -1,0 +1,144 @@
+"""Async (FedBuff) rounds on fakeredis and a local store: staleness weights, buffers, refusals."""
+
+import dataclasses
+import hashlib
+
+import fakeredis
+import numpy as np
+import pytest
+from safetensors.numpy import load
+
+from fleettune.shared import keys
+from fleettune.shared.errors import BufferClosing, ConfigError, RejectReason
+from fleettune.shared.federation import FederationConfig, RoundPolicy
+from fleettune.shared.pipeline.ingest import Ingestor
+from fleettune.shared.pipeline.rounds import CLOSING, WAIT, RoundCoordinator, decide
+from fleettune.shared.protocol import versions
+from fleettune.shared.protocol.adapter_spec import LAYOUTS
+from fleettune.shared.protocol.envelope import Envelope
+from fleettune.shared.protocol.updates import encode_update
+from fleettune.shared.settings import Settings
+from fleettune.shared.state import FederationState, RoundInfo
+from fleettune.shared.storage import LocalObjectStore
+from fleettune.shared.strategies.config import AggregationConfig
+from tests.reference import next_global, random_deltas
+
+DEVICES = ["a", "b", "c", "d", "e"]
+
+
+@pytest.fixture
+def world(tmp_path):
+    state = FederationState(fakeredis.FakeRedis())
+    store = LocalObjectStore(tmp_path / "objects")
+    settings = Settings()
+    policy = RoundPolicy(mode="async", buffer_size=2, min_updates=1, max_staleness=2, max_rounds=20,
+                         max_update_norm=100.0)
+    config = FederationConfig("fed", LAYOUTS["tiny-llama"], policy=policy)
+    coordinator = RoundCoordinator(state, store, settings)
+    coordinator.start(config, DEVICES)
+    return state, store, settings, config, coordinator
+
+
+def _check_in(state, device) -> tuple[int, int]:
+    """What the gateway's check-in does for the round machine: (round, the version it serves)."""
+    round_no = state.federations.current_round("fed")
+    assert state.rounds.join_cohort("fed", round_no, device)
+    return round_no, state.rounds.round_info("fed", round_no).base_version
+
+
+def _send(world, device, arrays, round_no, base, num_samples=10):
+    state, store, settings, _, _ = world
+    blob = encode_update(arrays)
+    key = keys.update_object("fed", round_no, device)
+    if not store.exists(key):
+        store.put(key, blob)
+    env = Envelope("fed", round_no, device, key, hashlib.sha256(store.get(key)).hexdigest(), num_samples, base)
+    return Ingestor(state, store, settings).ingest(env.encode())
+
+
+def _adapter(store, version):
+    return load(store.get(f"{keys.version_prefix('fed', version)}/{versions.ADAPTER_FILE}"))
+
+
+def test_a_stale_update_joins_the_open_buffer_weighted_by_its_staleness(world):
+    state, store, settings, config, coordinator = world
+    rng = np.random.default_rng(0)
+    delta = {d: random_deltas(config.spec.tensors, rng, 0.01) for d in DEVICES}
+    checked = {d: _check_in(state, d) for d in "abc"}  # all three train from v0 in buffer 1
+
+    results = [_send(world, d, delta[d], *checked[d]) for d in "ab"]
+    assert [r.round_ready for r in results] == [False, True] and {r.staleness for r in results} == {0}
+    first = coordinator.close("fed", 1)
+    assert first.decision == "closed" and first.version == 1 and first.next_round.base_version == 1
+
+    late = _send(world, "c", delta["c"], *checked["c"])  # trained from v0; v1 is out: staleness 1
+    assert late.outcome == "accepted" and late.round == 2 and late.staleness == 1
+    assert state.rounds.updates("fed", 2)["c"].staleness_weight == pytest.approx(2 ** -0.5)
+    fresh = _send(world, "d", delta["d"], *_check_in(state, "d"))
+    assert fresh.round_ready and coordinator.close("fed", 2).version == 2
+
+    weight = 2 ** -config.policy.staleness_exponent
+    scaled_c = {k: weight * v for k, v in delta["c"].items()}
+    want = next_global(_adapter(store, 1), [scaled_c, delta["d"]], [10, 10], None, 50, config.policy.server_lr)
+    got = _adapter(store, 2)
+    assert max(float(np.abs(got[k] - want[k]).max()) for k in want) <= 1e-6
+
+
+def test_async_refusals_are_named(world):
+    state, store, settings, config, coordinator = world
+    rng = np.random.default_rng(1)
+    checked = {d: _check_in(state, d) for d in "abcd"}
+    deltas = {d: random_deltas(config.spec.tensors, rng, 0.01) for d in DEVICES}
+
+    future = _send(world, "a", deltas["a"], 1, 5)
+    assert future.reason is RejectReason.FUTURE_BASE_VERSION
+    assert _send(world, "zz", deltas["e"], 1, 0).reason is RejectReason.NOT_SELECTED  # not enrolled
+    for d in "ab":
+        _send(world, d, deltas[d], *checked[d])
+    coordinator.close("fed", 1)
+    # a second update from "a" for v0, now in buffer 2 (a new message: another sample count)
+    assert _send(world, "a", deltas["a"], 1, 0, num_samples=11).reason is RejectReason.DUPLICATE_BASE_VERSION
+    for round_no in (2, 3):  # two more versions: "c" and "d", still on v0, fall behind
+        for d in ("a", "b"):
+            assert _send(world, d, deltas[d], *_check_in(state, d)).outcome == "accepted"
+        coordinator.close("fed", round_no)
+    stale = _send(world, "c", deltas["c"], *checked["c"])
+    assert stale.reason is RejectReason.TOO_STALE and "3 versions old" in stale.detail
+    assert stale.round == 1  # dead-lettered under the round it checked in to
+    assert state.accounting.deadletters(1)[0]["reason"] == "too_stale"
+
+
+def test_an_update_meeting_its_buffer_closing_is_retried_not_rejected(world):
+    state, store, settings, config, coordinator = world
+    round_no, base = _check_in(state, "a")
+    state.r.hset(keys.round_info("fed", 1), "status", "closing")
+    with pytest.raises(BufferClosing):
+        _send(world, "a", random_deltas(config.spec.tensors, np.random.default_rng(2), 0.01), round_no, base)
+    assert state.accounting.deadletters(5) == []
+
+
+def _buffer(deadline=100.0, size=4) -> RoundInfo:
+    return RoundInfo(1, "open", 0, 0.0, deadline, cohort_size=3, mode="async", buffer_size=size)
+
+
+@pytest.mark.parametrize("n, now, want", [
+    (4, 10.0, CLOSING),   # full
+    (3, 10.0, WAIT),      # neither full nor old; everyone in the cohort reported does not close a buffer
+    (1, 200.0, CLOSING),  # old, with the quorum (min_updates 1)
+    (0, 200.0, WAIT),     # old without it: waits, never fails (a failed buffer would drop what it holds)
+])
+def test_a_buffer_publishes_when_full_or_old_and_never_fails(n, now, want):
+    assert decide(_buffer(), n, 1, now, reported=3) == want
+
+
+def test_async_config_checks():
+    with pytest.raises(ConfigError, match="buffer_size"):
+        RoundPolicy(mode="async", buffer_size=2, min_updates=3)
+    RoundPolicy(mode="sync", min_updates=10)  # buffer_size only binds async rounds
+    with pytest.raises(ConfigError, match="clients_per_round"):
+        RoundPolicy(mode="async", clients_per_round=4)
+    with pytest.raises(ConfigError, match="sampling_rate"):
+        FederationConfig("f", LAYOUTS["tiny-llama"], policy=RoundPolicy(mode="async"),
+                         aggregation=dataclasses.replace(AggregationConfig(), sampling_rate=0.5))
+    policy = RoundPolicy(mode="async", staleness_exponent=1.0)
+    assert [policy.staleness_weight(t) for t in (0, 1, 3)] == [1.0, 0.5, 0.25]
