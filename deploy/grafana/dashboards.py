@@ -109,6 +109,15 @@ def pipeline_health() -> Dashboard:
         .with_panel(series("What the newest close read: partial sums, and updates no partial held", "short",
                            query(f"fleettune_close_partials{{{FED}}}", "partials {{federation}}"),
                            query(f"fleettune_close_updates_read{{{FED}}}", "updates read {{federation}}")))
+        .with_row(Row("Async rounds (FedBuff)"))
+        .with_panel(series("Buffer fill (publishes at 1)", "percentunit",
+                           query(f"fleettune_buffer_fill{{{FED}}}", "{{federation}}")))
+        .with_panel(series("Staleness of accepted updates (versions)", "short",
+                           query(f"histogram_quantile(0.5, sum by (le) (rate(fleettune_update_staleness_bucket{{{FED}}}[{RATE}])))", "p50"),
+                           query(f"histogram_quantile(0.9, sum by (le) (rate(fleettune_update_staleness_bucket{{{FED}}}[{RATE}])))", "p90"),
+                           query(f"sum by (federation) (increase(fleettune_update_staleness_count{{{FED}}}[1h]))", "updates (1h) {{federation}}")))
+        .with_panel(series("Versions published per minute", "short",
+                           query(f"sum by (federation) (rate(fleettune_rounds_total{{{FED},outcome=\"closed\"}}[{RATE}])) * 60", "{{federation}}")))
     )
 
 

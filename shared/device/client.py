@@ -35,6 +35,18 @@ class RoundReport:
     receipt: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Fetched:
+    """What a check-in brought a device: its plan and the global weights it trains from."""
+
+    plan: dict
+    weights: dict[str, torch.Tensor]
+    sent_keys: list[str]
+    ffa: bool
+    server_c: dict[str, torch.Tensor] | None
+    seconds: float  # check in, download and parse
+
+
 class Device:
     """Holds one PEFT model over a frozen base, and the device's private training sequences."""
 
@@ -61,6 +73,14 @@ class Device:
             return {k: torch.zeros(s) for k, s in shapes.items()}
 
     def run_round(self, gateway: DeviceClient, seed: int = 0) -> RoundReport:
+        """Check in, fetch, train and send: one device's whole round."""
+        return self.train_and_send(gateway, self.fetch(gateway), seed)
+
+    def fetch(self, gateway: DeviceClient) -> Fetched:
+        """Check in and download the global adapter (and SCAFFOLD's control) it names; no training.
+
+        Apart from training so a device can hold a version while others publish newer ones (async
+        rounds): the weights stay here, not in the shared model, until it trains."""
         started = time.perf_counter()
         plan = gateway.check_in(self.ram_mb, self.storage_mb, self.tier)
         adapter = dict(plan["adapter"], target_modules=tuple(plan["adapter"]["target_modules"]))
@@ -70,17 +90,21 @@ class Device:
             raise ValueError(f"round {plan['round']} trains adapter {adapter}; this device's model has another "
                              "layout: rebuild it")
         global_weights = parse(gateway.download(plan), tensors, self.max_header_bytes)
-        trainer.load_adapter_weights(self.model, global_weights)
-        fetched = time.perf_counter()
-
         ffa = plan.get("lora_aggregation") == "ffa"  # FFA-LoRA: A stays frozen and is not sent
-        # the round's own training config: a change through the API reaches devices at the next round
-        strategy = LocalTraining(**plan["training"]) if "training" in plan else self.strategy
         sent_keys = [k for k in tensors if not (ffa and k.endswith("lora_A.weight"))]
         server_c = self._server_control(gateway, plan, {k: tensors[k] for k in sent_keys}) \
             if plan.get("drift_control") == "scaffold" else None
+        return Fetched(plan, global_weights, sent_keys, ffa, server_c, time.perf_counter() - started)
+
+    def train_and_send(self, gateway: DeviceClient, fetched: Fetched, seed: int = 0) -> RoundReport:
+        """Train from what `fetch` brought, upload the delta and submit it."""
+        plan, global_weights, sent_keys, server_c = fetched.plan, fetched.weights, fetched.sent_keys, fetched.server_c
+        trainer.load_adapter_weights(self.model, global_weights)
+        # the round's own training config: a change through the API reaches devices at the next round
+        strategy = LocalTraining(**plan["training"]) if "training" in plan else self.strategy
         correction = {k: server_c[k] - self.control.get(k, 0.0) for k in sent_keys} if server_c else None
-        result = trainer.train(self.model, self.data, strategy, seed=seed, freeze_lora_a=ffa, correction=correction)
+        result = trainer.train(self.model, self.data, strategy, seed=seed, freeze_lora_a=fetched.ffa,
+                               correction=correction)
 
         sent = time.perf_counter()
         after = trainer.adapter_weights(self.model)
@@ -94,4 +118,4 @@ class Device:
                                train_seconds=result.seconds, metrics={"loss": result.loss, "steps": result.steps})
         done = time.perf_counter()
         return RoundReport(self.device_id, plan["round"], plan["base_version"], result.samples, result.steps,
-                           result.loss, result.seconds, fetched - started, done - sent, receipt["receipt"])
+                           result.loss, result.seconds, fetched.seconds, done - sent, receipt["receipt"])

@@ -135,6 +135,14 @@ def _run(pipeline) -> dict:
         for device in ("s-1", "s-2"):
             pipeline.submit(other, 1, device, random_deltas(other.spec.tensors, rng, 0.002))
         assert pipeline.wait_round(other, 1).status == "closed"
+    # async rounds (the FedBuff panels): buffer 1 publishes; a stale update half fills buffer 2
+    buffered = pipeline.create(devices=["a-1", "a-2", "a-3"], mode="async", buffer_size=2, min_updates=1,
+                               timeout_seconds=3600, max_rounds=5)
+    for device in ("a-1", "a-2"):
+        pipeline.submit(buffered, 1, device, random_deltas(buffered.spec.tensors, rng, 0.002))
+    assert pipeline.wait_round(buffered, 1).status == "closed"
+    pipeline.submit(buffered, 1, "a-3", random_deltas(buffered.spec.tensors, rng, 0.002))
+    pipeline.wait_received(buffered.name, 3)
     failing = pipeline.create(devices=["slow-1", "slow-2", "slow-3"], min_updates=3, timeout_seconds=2, max_rounds=1)
     pipeline.submit(failing, 1, "slow-1", random_deltas(failing.spec.tensors, rng, 0.01))
     assert pipeline.wait_round(failing, 1, timeout=30).status == "failed"

@@ -149,9 +149,19 @@ def simulate(name: str, num_devices: int, rounds: int, round_wait: float, concur
 @click.option("--epsilon", default=8.0, show_default=True, help="--split: the privacy budget of the private run")
 @click.option("--split-mode", type=click.Choice(["u_shaped", "two_part"]), default="u_shaped", show_default=True)
 @click.option("--steps", default=200, show_default=True, help="--split: the device's split steps")
+@click.option("--async", "asynchronous", is_flag=True,
+              help="buffered async rounds (FedBuff): devices of different speeds, a version every --buffer updates")
+@click.option("--buffer", default=4, show_default=True, help="--async: accepted updates per version")
 def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: str, out: str, canary: bool,
-         split: bool, epsilon: float, split_mode: str, steps: int) -> None:
+         split: bool, epsilon: float, split_mode: str, steps: int, asynchronous: bool, buffer: int) -> None:
     """Devices train real adapters on non-IID text and federate them: no server to start."""
+    domain_names = tuple(d.strip() for d in domains.split(",") if d.strip())
+    if asynchronous:
+        from fleettune.workers.local.demo_async import run_async_demo
+
+        run_async_demo(Settings.from_env(), num_devices=num_devices, rounds=rounds, buffer=buffer, out_dir=out,
+                       domains=domain_names)
+        return
     if split:
         from fleettune.workers.local.demo_split import run_split_demo
 
@@ -164,7 +174,7 @@ def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: s
     from fleettune.workers.local.demo import run_demo
 
     run_demo(Settings.from_env(), model_source=model_source, kind=kind, num_devices=num_devices, rounds=rounds,
-             out_dir=out, domains=tuple(d.strip() for d in domains.split(",") if d.strip()))
+             out_dir=out, domains=domain_names)
 
 
 @cli.command("memory")
