@@ -56,3 +56,20 @@ def test_the_split_demo_trains_through_the_split_server_with_dp_and_beats_the_ba
     epsilon, private, base, plain = map(float, match.groups())
     assert 7.0 < epsilon <= 8.0  # the accountant's, for the steps taken, within the asked budget
     assert plain < private < base  # DP costs something, and still beats the untrained base
+
+
+def test_the_async_demo_publishes_a_version_per_buffer_with_stale_updates_and_beats_the_base(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETTUNE_")}
+    done = subprocess.run([str(Path(sys.executable).parent / "fleettune"), "demo", "--async", "--devices", "6",
+                           "--rounds", "2", "--buffer", "3", "--out", str(tmp_path / "async")], env=env,
+                          capture_output=True, text=True, timeout=900)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.rstrip().splitlines()[-1]
+    match = re.fullmatch(r"async rounds: (\d+) versions from (\d+) updates in [\d,]+ simulated s; held-out "
+                         r"perplexity ([\d.]+) \(base ([\d.]+)\); done in \d+s", last)
+    assert match, last
+    published, updates, ppl, base = int(match[1]), int(match[2]), float(match[3]), float(match[4])
+    assert updates == 12 and published == 4 and ppl < base  # a version per 3 accepted updates, and it learns
+    stale = [float(line.split()[3]) for line in done.stdout.splitlines() if re.match(r"\s+[1-9]\d* +\d+ +3 ", line)]
+    assert len(stale) == published and max(stale) > 0  # slow devices' updates joined later buffers

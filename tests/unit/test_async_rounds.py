@@ -142,3 +142,22 @@ def test_async_config_checks():
                          aggregation=dataclasses.replace(AggregationConfig(), sampling_rate=0.5))
     policy = RoundPolicy(mode="async", staleness_exponent=1.0)
     assert [policy.staleness_weight(t) for t in (0, 1, 3)] == [1.0, 0.5, 0.25]
+
+
+def test_each_publish_of_a_dp_buffer_is_one_release(tmp_path):
+    state, store, settings = FederationState(fakeredis.FakeRedis()), LocalObjectStore(tmp_path / "o"), Settings()
+    config = FederationConfig("fed", LAYOUTS["tiny-llama"], aggregation=AggregationConfig.preset("dp_fedavg"),
+                              policy=RoundPolicy(mode="async", buffer_size=2, min_updates=1, max_rounds=5))
+    coordinator = RoundCoordinator(state, store, settings)
+    coordinator.start(config, DEVICES)
+    world = (state, store, settings, config, coordinator)
+    rng = np.random.default_rng(3)
+    held = _check_in(state, "c")  # from v0, sent after v1: stale, and clipped like any other
+    for round_no, devices in ((1, "ab"), (2, "d")):
+        for d in devices:
+            assert _send(world, d, random_deltas(config.spec.tensors, rng, 0.01), *_check_in(state, d)).outcome == "accepted"
+        if round_no == 2:
+            assert _send(world, "c", random_deltas(config.spec.tensors, rng, 0.01), *held).staleness == 1
+        assert coordinator.close("fed", round_no).decision == "closed"
+    first, second = (versions.manifest(store, "fed", v)["dp"] for v in (1, 2))
+    assert (first["releases"], second["releases"]) == (1, 2) and second["epsilon"] > first["epsilon"]
