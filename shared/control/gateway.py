@@ -162,10 +162,15 @@ class Gateway:
             # Poisson sampling, which the DP accountant counts on: the server's secret decides
             raise Refusal(409, "not_sampled", f"not sampled into round {info.round}; check in later",
                           headers={"Retry-After": "30"})
-        last = self.r.hget(keys.fed_async_bases(fed), device) if info.mode == "async" else None
-        if last is not None and int(last) >= info.base_version:  # one update per device per base version
-            raise Refusal(409, "up_to_date", f"{device} has sent its update from v{info.base_version}; "
-                          "check in again once the buffer publishes the next version", headers={"Retry-After": "10"})
+        if info.mode == "async":
+            # one update per device per base version, and per buffer: an older update of this device
+            # that joined the open buffer holds its place until the buffer publishes
+            last = self.r.hget(keys.fed_async_bases(fed), device)
+            if (last is not None and int(last) >= info.base_version) or self.r.hexists(
+                    keys.round_updates(fed, info.round), device):
+                raise Refusal(409, "up_to_date", f"{device} has an update in the open buffer or from "
+                              f"v{info.base_version}; check in again once the next version is out",
+                              headers={"Retry-After": "10"})
         if not self.state.rounds.join_cohort(fed, info.round, device):
             raise Refusal(409, "no_open_round", f"round {info.round} closed while checking in",
                           headers={"Retry-After": "30"})

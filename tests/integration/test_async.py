@@ -53,6 +53,9 @@ def test_a_slow_device_joins_a_later_buffer_and_an_old_buffer_publishes_what_it_
     assert send("slow", slow_plan)["status"] == "accepted"
     update = pipeline.runtime.state.rounds.updates(fed, 2)["slow"]
     assert (update.staleness, round(update.staleness_weight, 6)) == (1, round(2 ** -0.5, 6))
+    with pytest.raises(FleettuneAPIError) as refused:  # its update holds its place in the open buffer
+        devices["slow"].check_in()
+    assert refused.value.code == "up_to_date"
 
     plan = devices["fast-a"].check_in()
     assert (plan["round"], plan["base_version"]) == (2, 1)

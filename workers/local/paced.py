@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+import time
 from collections.abc import Iterator
 from statistics import NormalDist
 
 import numpy as np
 
 from fleettune import DeviceClient, FleettuneAPIError
+from fleettune.shared import keys
 from fleettune.shared.device.client import Device, Fetched
 from fleettune.shared.federation import FederationConfig
 from fleettune.shared.runtime import Runtime
@@ -50,22 +52,28 @@ def _jitter(rng: np.random.Generator) -> float:
 
 
 def run_sync(app, runtime: Runtime, config: FederationConfig, devices: list[Device], clients: dict[str, DeviceClient],
-             seconds: np.ndarray, budget: int, seed: int = 0, timeout: float = 600) -> Iterator[Point]:
-    """Synchronous rounds of every device until `budget` updates are spent; a round takes as long
-    as its slowest device."""
+             seconds: np.ndarray, budget: int, seed: int = 0, timeout: float = 600,
+             quorum: int | None = None) -> Iterator[Point]:
+    """Synchronous rounds until `budget` updates are spent. With every device (`quorum` None) a
+    round lasts as long as its slowest device; with a quorum, the round's deadline falls when its
+    `quorum` fastest devices have sent (over-selection, as production systems run) and the rest
+    are dropped: they are not trained here, and not counted as compute."""
     rng, clock, sent, fed = np.random.default_rng(seed), 0.0, 0, config.name
-    for round_no in range(1, budget // len(devices) + 1):
-        took = []
-        for i, device in enumerate(devices):
-            device.run_round(clients[device.device_id], seed=round_no)
-            took.append(seconds[i] * _jitter(rng))
-        sent += len(devices)
-        clock += max(took)
+    quorum = quorum or len(devices)
+    for round_no in range(1, budget // quorum + 1):
+        took = seconds * np.array([_jitter(rng) for _ in devices])
+        fastest = sorted(range(len(devices)), key=lambda i: took[i])[:quorum]
+        for i in sorted(fastest):
+            devices[i].run_round(clients[devices[i].device_id], seed=round_no)
+        sent += quorum
+        clock += float(max(took[i] for i in fastest))
+        if quorum < len(devices):  # simulated time has reached the deadline: let the sweep see it
+            runtime.redis.hset(keys.round_info(fed, round_no), "deadline", repr(time.time()))
         done = wait_round(app, runtime, fed, round_no, timeout)
         if done.status != "closed":
             raise RuntimeError(f"round {round_no} {done.status}: {done.reason}")
         ppl = wait_evaluation(runtime, fed, done.version, timeout)["heldout_mean"]
-        yield Point(clock, done.version, ppl, sent, len(devices))
+        yield Point(clock, done.version, ppl, sent, quorum)
 
 
 def run_async(app, runtime: Runtime, config: FederationConfig, devices: list[Device], clients: dict[str, DeviceClient],
