@@ -107,6 +107,11 @@ def main() -> None:
             print(f"{label:>11}: {len(points):>3} versions, {last.updates} updates, final held-out ppl "
                   f"{last.heldout_ppl:.2f} at {last.clock:,.0f} s; mean staleness "
                   f"{np.mean([p.stale for p in points]):.2f}  ({time.monotonic() - started:.0f} s so far)", flush=True)
+            if mode == "async":
+                taus = [t for p in points for t in p.staleness]
+                counts = np.bincount(taus) if taus else np.zeros(1, int)
+                print(f"{'':>13}staleness of accepted updates (versions: count): "
+                      + ", ".join(f"{t}: {n}" for t, n in enumerate(counts) if n), flush=True)
 
     sync = runs["sync"]
     target = sync[-1].heldout_ppl * 1.01

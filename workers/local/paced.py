@@ -35,6 +35,7 @@ class Point:
     updates: int  # device updates sent so far: the compute spent
     contributors: int = 0  # updates in this version
     stale: float = 0.0  # mean staleness of this version's updates (async)
+    staleness: tuple[int, ...] = ()  # each of its updates' staleness (async)
 
 
 def device_seconds(n: int, spread: float = 10.0, median: float = 60.0, seed: int = 0) -> np.ndarray:
@@ -112,8 +113,8 @@ def run_async(app, runtime: Runtime, config: FederationConfig, devices: list[Dev
             version = done.version
             updates = state.rounds.updates(fed, buffer)
             ppl = wait_evaluation(runtime, fed, version, timeout)["heldout_mean"]
-            yield Point(clock, version, ppl, sent, len(updates),
-                        sum(u.staleness for u in updates.values()) / max(len(updates), 1))
+            taus = tuple(sorted(u.staleness for u in updates.values()))
+            yield Point(clock, version, ppl, sent, len(updates), sum(taus) / max(len(taus), 1), taus)
             ready, waiting[:] = list(waiting), []
             for j in ready:
                 check_in(j, clock)
