@@ -38,24 +38,27 @@ from fleettune.shared.device.fleet import FleetSpec, build_fleet  # noqa: E402
 from fleettune.shared.federation import EvaluationConfig, FederationConfig, LocalTraining, RoundPolicy  # noqa: E402
 from fleettune.shared.protocol.adapter_spec import AdapterConfig, ModelDims  # noqa: E402
 from fleettune.shared.settings import Settings  # noqa: E402
+from fleettune.shared.strategies.config import AggregationConfig  # noqa: E402
 from fleettune.workers.local import paced  # noqa: E402
 from fleettune.workers.local.harness import embedded, enroll, gateway  # noqa: E402
 
 SOURCE, CHARS, EVAL_CHARS = "tiny", 12_000, 6_000
 
 
-def config_for(name: str, dims: ModelDims, mode: str, k: int, devices: int, rounds: int, steps: int) -> FederationConfig:
+def config_for(name: str, dims: ModelDims, mode: str, k: int, devices: int, rounds: int, steps: int,
+               server_lr: float = 1.0, optimizer: str = "sgd") -> FederationConfig:
     policy = (RoundPolicy(min_updates=k or devices, max_rounds=rounds * devices, timeout_seconds=3600,
                           max_update_norm=5.0)
               if mode == "sync" else
               RoundPolicy(mode="async", buffer_size=k, min_updates=1, max_staleness=20, staleness_exponent=0.5,
-                          max_rounds=10**5, timeout_seconds=3600, max_update_norm=5.0))
+                          max_rounds=10**5, timeout_seconds=3600, max_update_norm=5.0, server_lr=server_lr))
     return FederationConfig(
         name=name, model=dims, base_model=SOURCE, policy=policy,
         adapter=AdapterConfig(rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
         training=LocalTraining(learning_rate=5e-3, batch_size=8, seq_len=128, max_steps=steps),
         evaluation=EvaluationConfig(base_model=SOURCE, forgetting_threshold=100.0, general_every=10**6,
                                     eval_chars=EVAL_CHARS),
+        aggregation=AggregationConfig(optimizer=optimizer) if mode == "async" else AggregationConfig(),
     )
 
 
@@ -68,6 +71,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="local steps per update")
     parser.add_argument("--quorum", type=int, default=6, help="the second synchronous baseline: rounds close "
                         "when their fastest QUORUM devices have sent (over-selection)")
+    parser.add_argument("--server-lr", type=float, default=1.0, help="the async runs' server learning rate")
+    parser.add_argument("--optimizer", default="sgd", help="the async runs' server optimizer (sgd, avgm, adam, ...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
@@ -92,7 +97,7 @@ def main() -> None:
         plan = [("sync", "sync", 0), (f"sync Q={args.quorum}", "sync", args.quorum)]
         for label, mode, k in plan + [(f"async K={k}", "async", k) for k in ks]:
             config = config_for(f"bench-{mode}{k}-{int(time.time())}", dims, mode, k, args.devices, args.rounds,
-                                args.steps)
+                                args.steps, args.server_lr, args.optimizer)
             runtime.state.federations.create(config, status="idle")
             clients = enroll(url, admin_key, config.name, fleet)
             runtime.coordinator.begin_training(config.name, config.policy.max_rounds)

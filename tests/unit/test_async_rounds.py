@@ -161,3 +161,21 @@ def test_each_publish_of_a_dp_buffer_is_one_release(tmp_path):
         assert coordinator.close("fed", round_no).decision == "closed"
     first, second = (versions.manifest(store, "fed", v)["dp"] for v in (1, 2))
     assert (first["releases"], second["releases"]) == (1, 2) and second["epsilon"] > first["epsilon"]
+
+
+def test_staleness_is_a_histogram_and_buffer_fill_a_gauge(world):
+    from prometheus_client import CollectorRegistry
+
+    from fleettune.shared.metrics import FederationCollector, Metrics
+    from fleettune.shared.pipeline.ingest import IngestResult
+
+    state, store, settings, config, coordinator = world
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    for tau in (0, 2, 2):
+        metrics.observe_ingest(IngestResult("accepted", "fed", 1, "a", norm=1.0, clip_scale=1.0, staleness=tau))
+    assert registry.get_sample_value("fleettune_update_staleness_count", {"federation": "fed"}) == 3
+    assert registry.get_sample_value("fleettune_update_staleness_bucket", {"federation": "fed", "le": "1.0"}) == 1
+    _send(world, "a", random_deltas(config.spec.tensors, np.random.default_rng(4), 0.01), *_check_in(state, "a"))
+    registry.register(FederationCollector(state, store))
+    assert registry.get_sample_value("fleettune_buffer_fill", {"federation": "fed"}) == 0.5  # 1 of buffer_size 2
