@@ -162,7 +162,9 @@ def test_user_facing_errors_alone_roll_a_version_back(plane):
     rec = gateway.rollouts.get("f", rec["id"])
     assert rec["status"] == "rolled_back" and "error_rate" in rec["history"][-1]["reason"]
     breached = [c["metric"] for c in rec["comparisons"] if c["breached"]]
-    assert breached == ["error_rate"]
+    # the error rate breaches; eval_loss (equal in both arms) may too, as a false positive at the gates'
+    # alpha (0.05): arms are hashed from a random rollout id, so which devices land where varies by run
+    assert "error_rate" in breached
 
 
 def test_a_good_version_advances_to_100_and_becomes_the_serving_version(plane):
