@@ -179,3 +179,26 @@ def test_staleness_is_a_histogram_and_buffer_fill_a_gauge(world):
     _send(world, "a", random_deltas(config.spec.tensors, np.random.default_rng(4), 0.01), *_check_in(state, "a"))
     registry.register(FederationCollector(state, store))
     assert registry.get_sample_value("fleettune_buffer_fill", {"federation": "fed"}) == 0.5  # 1 of buffer_size 2
+
+
+def test_a_lower_rank_tier_sends_its_own_layout_into_a_later_buffer(tmp_path):
+    from fleettune.shared.federation import DeviceProfile
+    from fleettune.shared.protocol.adapter_spec import AdapterConfig
+
+    state, store, settings = FederationState(fakeredis.FakeRedis()), LocalObjectStore(tmp_path / "o"), Settings()
+    config = FederationConfig("fed", LAYOUTS["tiny-llama"], AdapterConfig(rank=8, tier_ranks=(("phone", 4),)),
+                              policy=RoundPolicy(mode="async", buffer_size=2, min_updates=1, max_rounds=5))
+    coordinator = RoundCoordinator(state, store, settings)
+    coordinator.start(config, ["a", "b", "c", DeviceProfile("p", tier="phone")])
+    world = (state, store, settings, config, coordinator)
+    rng = np.random.default_rng(5)
+    held = _check_in(state, "p")
+    for d in "ab":
+        _send(world, d, random_deltas(config.spec.tensors, rng, 0.01), *_check_in(state, d))
+    assert coordinator.close("fed", 1).decision == "closed"
+    phone = _send(world, "p", random_deltas(config.update_tensors_for(4), rng, 0.01), *held)
+    assert (phone.outcome, phone.round, phone.staleness) == ("accepted", 2, 1)
+    assert state.rounds.updates("fed", 2)["p"].rank == 4
+    _send(world, "c", random_deltas(config.spec.tensors, rng, 0.01), *_check_in(state, "c"))
+    closed = coordinator.close("fed", 2)
+    assert closed.decision == "closed" and closed.manifest["contributors"] == ["c", "p"]
