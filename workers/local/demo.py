@@ -44,13 +44,19 @@ def demo_config(name: str, model_source: str, dims: ModelDims, kind: str, rounds
     )
 
 
+def fresh_out_dir(out_dir: str | Path) -> Path:
+    """The demo's output folder, emptied: each run's plot and adapter are its own."""
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return out
+
+
 def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora", num_devices: int = 8,
              rounds: int = 5, out_dir: str | Path = "fleettune-demo",
              domains: tuple[str, ...] = corpora.DOMAINS) -> Path:
     torch.set_num_threads(1)  # training here and evaluation in the worker thread: one core each
-    out = Path(out_dir)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = fresh_out_dir(out_dir)
     started = time.monotonic()
 
     tokenizer = models.load_tokenizer(model_source)

@@ -8,7 +8,6 @@ again; the server publishes every `buffer` accepted updates, weighting each by i
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from pathlib import Path
 
@@ -23,16 +22,14 @@ from fleettune.shared.federation import RoundPolicy
 from fleettune.shared.protocol.adapter_spec import ModelDims
 from fleettune.shared.settings import Settings
 from fleettune.workers.local import paced
-from fleettune.workers.local.demo import DEVICE_RAM_MB, DEVICE_STORAGE_MB, SIZES, demo_config
+from fleettune.workers.local.demo import DEVICE_RAM_MB, DEVICE_STORAGE_MB, SIZES, demo_config, fresh_out_dir
 from fleettune.workers.local.harness import embedded, enroll, gateway
 
 
 def run_async_demo(settings: Settings, num_devices: int = 8, rounds: int = 3, buffer: int = 4,
                    out_dir: str | Path = "fleettune-demo", domains: tuple[str, ...] = corpora.DOMAINS) -> None:
     torch.set_num_threads(1)
-    out = Path(out_dir)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = fresh_out_dir(out_dir)
     started = time.monotonic()
     tokenizer, base = models.load_tokenizer("tiny"), models.load_model("tiny")
     device_chars, eval_chars = SIZES["tiny"]

@@ -10,7 +10,6 @@ reports roll it back.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from fleettune.shared.device.fleet import FleetSpec, build_fleet
 from fleettune.shared.device.serving import ServingFleet
 from fleettune import DeviceClient, Federation, FleettuneAPIError
 from fleettune.shared.settings import Settings
-from fleettune.workers.local.demo import DEVICE_RAM_MB, DEVICE_STORAGE_MB, demo_config
+from fleettune.workers.local.demo import DEVICE_RAM_MB, DEVICE_STORAGE_MB, demo_config, fresh_out_dir
 from fleettune.workers.local.harness import embedded, enroll, gateway, run_rounds, wait_evaluation, wait_round
 
 GATES = {"min_reports": 5}  # the rest at their defaults: margins 0.05 nats, alpha 0.05 over 20 looks
@@ -34,9 +33,7 @@ GATES = {"min_reports": 5}  # the rest at their defaults: margins 0.05 nats, alp
 def run_canary_demo(settings: Settings, trainers: int = 6, users: int = 120,
                     out_dir: str | Path = "fleettune-demo") -> None:
     torch.set_num_threads(1)
-    out = Path(out_dir)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = fresh_out_dir(out_dir)
     started = time.monotonic()
     tokenizer, base = models.load_tokenizer("tiny"), models.load_model("tiny")
     dims = ModelDims.from_hf_config(base.config)

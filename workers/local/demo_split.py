@@ -12,7 +12,6 @@ split as it runs: the device's layers, DP at the cut with fresh noise, the serve
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from fleettune.shared.split import model as split_model
 from fleettune.shared.split.config import SplitConfig
 from fleettune.shared.split.device import HttpTransport, SplitDevice
 from fleettune.shared.strategies import privacy
+from fleettune.workers.local.demo import fresh_out_dir
 from fleettune.workers.local.harness import embedded, enqueuer
 
 ADAPTER = {"type": "lora", "rank": 8, "alpha": 16}
@@ -56,9 +56,7 @@ def _split_gateway(app, runtime: Runtime) -> Iterator[tuple[str, str, object]]:
 def run_split_demo(settings: Settings, epsilon: float, steps: int = 200, mode: str = "u_shaped", rank: int = 16,
                    out_dir: str | Path = "fleettune-demo") -> dict:
     torch.set_num_threads(2)
-    out = Path(out_dir)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = fresh_out_dir(out_dir)
     started = time.monotonic()
     tokenizer = models.load_tokenizer("tiny")
     train = trainer.blocks(tokenizer(corpora.train_text("legal", 120_000))["input_ids"], SEQ)
