@@ -7,6 +7,7 @@
     python bench/quality.py dp               # central DP's perplexity cost at epsilon 8, 3 and 1 (a population)
     python bench/quality.py hetero           # tier ranks 16/8/4: exact aggregation vs naive zero-padding
     python bench/quality.py tiers            # cascading tiers: SmolLM2 trains (tier 1), distilled onto tiny
+    python bench/quality.py compression      # compressed updates: bytes per update and held-out perplexity cost
 
 Federated runs go through the real tasks on embedded services (workers/local/harness.py); the
 device-side federation overhead is printed with every federated run.
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleettune.shared import corpora  # noqa: E402
+from fleettune.shared import corpora, keys  # noqa: E402
 from fleettune.shared.protocol.adapter_spec import AdapterConfig, ModelDims  # noqa: E402
 from fleettune.shared.device import memory, models, trainer  # noqa: E402
 from fleettune.shared.device.client import Device  # noqa: E402
@@ -53,6 +54,8 @@ class Recipe:
     overrides: tuple[tuple[str, object], ...] = ()  # AggregationConfig fields
     clients_per_round: int = 0  # 0: every device every round
     local_optimizer: str = "adamw"
+    encoding: str = "float32"  # how devices code their updates (shared/protocol/compression.py)
+    density: float = 0.05  # topk's share of entries
 
     def aggregation(self) -> AggregationConfig:
         return AggregationConfig.preset(self.algorithm, **dict(self.overrides))
@@ -69,7 +72,8 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
                            clients_per_round=recipe.clients_per_round),
         training=LocalTraining(learning_rate=lr, batch_size=8, seq_len=128, max_steps=recipe.max_steps,
                                   proximal_mu=recipe.proximal_mu or (FEDPROX_MU if recipe.algorithm == "fedprox" else 0),
-                                  local_optimizer=recipe.local_optimizer),
+                                  local_optimizer=recipe.local_optimizer, update_encoding=recipe.encoding,
+                                  update_density=recipe.density),
         evaluation=EvaluationConfig(base_model=source, forgetting_threshold=100.0, general_every=10**6,
                                     eval_chars=EVAL_CHARS),
         aggregation=agg,
@@ -114,12 +118,14 @@ def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = R
                                                  1 << 30, 1 << 20)
             evaluator = Evaluator(config.evaluation, adapter.for_rank(rank))
             tiers[tier] = evaluator.perplexities(weights, general=False)["heldout_mean"]
+        sizes = [runtime.store.digest(key)[1] for r in rows for d in fleet
+                 if runtime.store.exists(key := keys.update_object(config.name, r.round, d.device_id))]
     train = sum(r.train_seconds for r in rows) / len(rows)
     send = sum(r.send_seconds for r in rows) / len(rows)
     steps = sum(r.device_steps for r in rows)  # what the devices did, so the centralized run matches it
     return {"base": base_eval, "final": final, "rounds": [r.heldout_ppl for r in rows], "steps": steps,
-            "train_s_per_device_round": train, "send_s_per_device_round": send, "fleet": fleet,
-            "model": model, "config": config, "tokenizer": tokenizer, "tiers": tiers, "weights": weights}
+            "update_bytes": sum(sizes) / max(len(sizes), 1), "train_s_per_device_round": train,
+            "send_s_per_device_round": send, "fleet": fleet, "model": model, "config": config, "tokenizer": tokenizer, "tiers": tiers, "weights": weights}
 
 
 def centralized(run: dict, lr: float | None = None) -> float:
@@ -158,6 +164,28 @@ def fed_vs_central(args) -> None:
     print(f"centralized LoRA, same steps    {central:.2f} (lr {args.central_lr or args.lr:g}; devices lr {args.lr:g})")
     print(f"ratio federated / centralized = {fed / central:.3f} (goal within 5%: <= 1.05)")
     _overhead(run)
+
+
+def compression(args) -> None:
+    """The fed-vs-central recipe with each update encoding: bytes per update and held-out perplexity
+    against float32 updates. Training and data are seeded alike, so the gap is the code's."""
+    encodings = [(e.split(":")[0], float(e.split(":")[1]) if ":" in e else 0.05) for e in args.encodings.split(",")]
+    rows = []
+    for encoding, density in encodings:
+        recipe = Recipe(args.algorithm, args.rounds, args.max_steps, args.server_lr, args.mu, (), 0,
+                        args.local_optimizer, encoding, density)
+        run = federated(args.model, AdapterConfig(rank=8, alpha=16), lr=args.lr, recipe=recipe,
+                        fleet_spec=FleetSpec.spread(DEVICES, args.chars) if args.chars else None)
+        label = f"topk {density:g}" if encoding == "topk" else encoding
+        rows.append((label, run["update_bytes"], run["final"]["heldout_mean"]))
+        print(f"{label:>10}: {run['update_bytes']:>9,.0f} bytes per update, held-out perplexity "
+              f"{run['final']['heldout_mean']:.2f} (rounds: {', '.join(f'{p:.2f}' for p in run['rounds'])})", flush=True)
+    ref = next((r for r in rows if r[0] == "float32"), rows[0])
+    print(f"\nmodel {args.model}; {DEVICES} non-IID devices, {args.rounds} rounds of "
+          f"{args.max_steps or 'one epoch of'} step(s), {args.algorithm}; against {ref[0]} updates")
+    print(f"{'encoding':>10} {'bytes/update':>12} {'fewer bytes':>11} {'held-out ppl':>12} {'cost':>7}")
+    for label, nbytes, ppl in rows:
+        print(f"{label:>10} {nbytes:>12,.0f} {ref[1] / nbytes:>10.2f}x {ppl:>12.2f} {100 * (ppl / ref[2] - 1):>+6.2f}%")
 
 
 def hetero(args) -> None:
@@ -315,7 +343,7 @@ def tiers(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["fed-vs-central", "prompt", "qlora", "memory", "dp", "hetero", "tiers",
-                                         "child"])
+                                         "compression", "child"])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--steps", type=int, default=30, help="qlora: training steps; tiers: distillation steps")
@@ -334,6 +362,8 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=300, help="dp: devices enrolled")
     parser.add_argument("--rate", type=float, default=0.2, help="dp: Poisson sampling rate per round")
     parser.add_argument("--chars", type=int, default=None, help="text per device (fed-vs-central: 24,000; dp: 3,000)")
+    parser.add_argument("--encodings", default="float32,float16,int8,int4,topk:0.05,topk:0.02",
+                        help="compression: update encodings to compare (topk:DENSITY)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="an AggregationConfig field, e.g. --set lora=ffa")
     args = parser.parse_args()
@@ -346,7 +376,7 @@ def main() -> None:
     if args.lr is None:
         args.lr = 3e-2 if args.what == "prompt" else 5e-3
     {"fed-vs-central": fed_vs_central, "prompt": prompt, "qlora": qlora, "memory": memory_check,
-     "dp": dp_cost, "hetero": hetero, "tiers": tiers}[args.what](args)
+     "dp": dp_cost, "hetero": hetero, "tiers": tiers, "compression": compression}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ class RejectReason(str, enum.Enum):
     UNEXPECTED_KEYS = "unexpected_keys"
     MISSING_KEYS = "missing_keys"
     NON_FINITE = "non_finite"
+    BAD_ENCODING = "bad_encoding"  # a compressed update's encoding, density, scale or indices are invalid
     BAD_LABEL = "bad_label"  # split learning: a token id outside the vocabulary
     NORM_ABOVE_BOUND = "norm_above_bound"  # split learning: an example larger than the clip and its noise allow
     # our own failure on this input: dead-lettered for a person to look at, never silently dropped
@@ -70,7 +71,7 @@ class RejectReason(str, enum.Enum):
 FINAL_FOR_THE_ROUND = frozenset({
     RejectReason.OBJECT_TOO_LARGE, RejectReason.TRUNCATED, RejectReason.HEADER_TOO_LARGE,
     RejectReason.HEADER_INVALID, RejectReason.INVALID_OFFSETS, RejectReason.BAD_DTYPE, RejectReason.BAD_SHAPE,
-    RejectReason.UNEXPECTED_KEYS, RejectReason.MISSING_KEYS, RejectReason.NON_FINITE,
+    RejectReason.UNEXPECTED_KEYS, RejectReason.MISSING_KEYS, RejectReason.NON_FINITE, RejectReason.BAD_ENCODING,
 })
 
 

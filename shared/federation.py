@@ -22,6 +22,8 @@ _STORED = ConfigDict(extra="forbid")
 _MAX_UPDATE_NORM = Field(validation_alias=AliasChoices("max_update_norm", "max_grad_norm"))
 
 LocalOptimizer = Literal["adamw", "sgd"]
+# how devices code their updates (shared/protocol/compression.py; the server reads any of them)
+UpdateEncoding = Literal["float32", "float16", "bfloat16", "int8", "int4", "topk"]
 RoundMode = Literal["sync", "async"]
 ForgettingAction = Literal["halt", "lower_lr"]
 
@@ -37,6 +39,10 @@ class RoundPolicy:
     its staleness weight (1 + tau)^-staleness_exponent (tau: versions published since its base), and
     the buffer publishes after `buffer_size` updates, or after `timeout_seconds` if it holds at least
     `min_updates` (with fewer it keeps waiting: a buffer never fails and drops what it holds).
+    With `participation_weighting`, an update also weighs the versions published since the
+    device's previous update joined a buffer (FedAU, Wang & Ji 2024), at most max_staleness + 1:
+    a fast device's many updates and a slow device's few then weigh the same over time, so the
+    model does not drift to the fast devices' data.
     """
 
     min_updates: int = 2  # quorum: fewer accepted updates than this at the deadline fails the round
@@ -53,6 +59,12 @@ class RoundPolicy:
     buffer_size: int = 4  # async: publish after this many accepted updates (FedBuff's K)
     max_staleness: int = 8  # async: updates trained from a version more than this many versions old are refused
     staleness_exponent: float = 0.5  # async: a in the staleness weight (1 + tau)^-a (FedBuff's polynomial)
+    participation_weighting: bool = True  # async: weigh an update by the versions since the device's last one
+
+    def participation_weight(self, interval: int) -> int:
+        """FedAU's weight: the versions since the device's previous update joined a buffer (its
+        participation interval), from 1 to max_staleness + 1; 1 without participation_weighting."""
+        return min(max(interval, 1), self.max_staleness + 1) if self.participation_weighting else 1
 
     def staleness_weight(self, staleness: int) -> float:
         """FedBuff's polynomial staleness weight s(tau) = (1 + tau)^-a, in (0, 1]."""
@@ -67,6 +79,7 @@ class RoundPolicy:
             "staleness_exponent must be >= 0": self.staleness_exponent >= 0 and math.isfinite(self.staleness_exponent),
             "async rounds take every enrolled device: clients_per_round must be 0": self.mode == "sync"
             or self.clients_per_round == 0,
+            "participation_weighting must be true or false": isinstance(self.participation_weighting, bool),
             "min_updates must be >= 1": self.min_updates >= 1,
             "timeout_seconds must be > 0": self.timeout_seconds > 0,
             "min_samples_per_client must be >= 1": self.min_samples_per_client >= 1,
@@ -100,11 +113,16 @@ class LocalTraining:
     # the device's optimizer: "sgd" sends lr x the mean gradient, so an adaptive server optimizer
     # (FedAdam) sees true gradients (FedOpt's client SGD); AdamW's first steps send their signs
     local_optimizer: LocalOptimizer = "adamw"
+    # compressed updates: the device codes its delta this way, keeping what the code lost for its
+    # next update (error feedback); update_density is top-k's share of entries sent
+    update_encoding: UpdateEncoding = "float32"
+    update_density: float = 0.05
 
     def __post_init__(self) -> None:
         if not (self.learning_rate > 0 and self.local_epochs >= 1 and self.batch_size >= 1
                 and self.seq_len >= 8 and self.max_grad_norm > 0 and self.weight_decay >= 0
-                and self.proximal_mu >= 0 and self.local_optimizer in get_args(LocalOptimizer)):
+                and self.proximal_mu >= 0 and self.local_optimizer in get_args(LocalOptimizer)
+                and self.update_encoding in get_args(UpdateEncoding) and 0 < self.update_density <= 0.5):
             raise ValueError(f"invalid training strategy: {self}")
 
 

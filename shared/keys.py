@@ -8,6 +8,8 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:fed:{fed}:devices         set of enrolled device ids (those the device filter admitted)
     ft:fed:{fed}:profiles        hash device_id -> msgpack DeviceProfile (RAM, storage, tier)
     ft:fed:{fed}:async_bases     hash device_id -> newest base version it has an accepted async update from
+    ft:fed:{fed}:async_joined    hash device_id -> base version of the last buffer its update joined
+                                 (its next update's participation weight counts the versions since)
     ft:fed:{fed}:evaluations     hash version -> JSON evaluation (perplexities, forgetting ratio);
                                  an entry goes with its round's info hash
     ft:fed:{fed}:round:{r}       hash: status, base_version, opened_at, deadline, cohort, reason, ...;
@@ -141,6 +143,11 @@ def fed_evaluations(fed: str) -> str:
 def fed_async_bases(fed: str) -> str:
     """Async rounds: device -> the newest base version it has an accepted update from."""
     return f"{PREFIX}:fed:{fed}:async_bases"
+
+
+def fed_async_joined(fed: str) -> str:
+    """Async rounds: device -> the base version of the last buffer its update joined."""
+    return f"{PREFIX}:fed:{fed}:async_joined"
 
 
 def fed_stats(fed: str) -> str:

@@ -28,6 +28,7 @@ from fleettune.shared.errors import ObjectNotFound, StorageUnavailable
 
 NORM_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, float("inf"))
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, float("inf"))  # versions
+BYTES_BUCKETS = tuple(float(2 ** p) for p in range(10, 27, 2))  # 1 KiB to 64 MiB: an update object's size
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
 
 
@@ -66,6 +67,9 @@ class Metrics:
                                              fed, buckets=SECONDS_BUCKETS, **kw)
         self.staleness = Histogram("fleettune_update_staleness", "Async rounds: versions published between an "
                                    "accepted update's base and the buffer it joined", fed, buckets=STALENESS_BUCKETS, **kw)
+        self.update_bytes = Histogram("fleettune_update_bytes", "Bytes of an accepted update object, by its encoding "
+                                      "(float32, float16, bfloat16, int8, int4, topk)", fed + ["encoding"],
+                                      buckets=BYTES_BUCKETS, **kw)
 
     def observe_ingest(self, result) -> None:
         """One settled envelope (an IngestResult); redeliveries change nothing."""
@@ -77,6 +81,7 @@ class Metrics:
         if result.outcome == "accepted":
             self.accepted.labels(fed).inc()
             self.bytes_ingested.labels(fed).inc(result.nbytes)
+            self.update_bytes.labels(fed, result.encoding or "float32").observe(result.nbytes)
             self.update_norm.labels(fed, "pre_clip").observe(result.norm)
             self.update_norm.labels(fed, "post_clip").observe(result.norm * result.clip_scale)
             self.train_seconds.labels(fed, result.tier).observe(result.train_seconds or 0.0)

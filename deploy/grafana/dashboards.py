@@ -94,6 +94,14 @@ def pipeline_health() -> Dashboard:
                            query(f"sum by (reason) (rate(fleettune_updates_rejected_total{{{FED}}}[{RATE}]))", "{{reason}}")))
         .with_panel(series("Bytes ingested", "Bps",
                            query(f"sum by (federation) (rate(fleettune_bytes_ingested_total{{{FED}}}[{RATE}]))", "{{federation}}")))
+        .with_panel(series("Bytes per update by encoding, and per round", "bytes",
+                           query(f"sum by (encoding) (rate(fleettune_update_bytes_sum{{{FED}}}[{RATE}])) / "
+                                 f"sum by (encoding) (rate(fleettune_update_bytes_count{{{FED}}}[{RATE}]))", "per update {{encoding}}"),
+                           query(f"sum by (federation) (increase(fleettune_bytes_ingested_total{{{FED}}}[1h])) / "
+                                 f"sum by (federation) (increase(fleettune_rounds_total{{{FED},outcome=\"closed\"}}[1h]))",
+                                 "per round {{federation}}"),
+                           description="Compressed updates (update_encoding int8, int4, topk) should sit 4-13x "
+                                       "below float32; per round: what a round's devices sent in all."))
         .with_panel(series("Redeliveries (deduplicated)", "ops",
                            query(f"rate(fleettune_messages_redelivered_total[{RATE}])", "redelivered")))
         .with_row(Row("Queues"))

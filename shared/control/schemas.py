@@ -23,7 +23,7 @@ from fleettune.shared.control.groups import GroupSpec, Rules
 from fleettune.shared.control.model_files import TRAINABLE_HINT
 from fleettune.shared.errors import Refusal
 from fleettune.shared.federation import (DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig,
-                                         LocalOptimizer)
+                                         LocalOptimizer, UpdateEncoding)
 from fleettune.shared.split import config as split_config
 from fleettune.shared.strategies.config import Algorithm, DriftControl, LoraMode, Rule, choose
 from fleettune.shared.strategies.server_optimizers import ServerOptimizer
@@ -143,6 +143,8 @@ class RoundConfigIn(Strict):
     buffer_size: int | None = Field(None, ge=1, le=10**6, description="async: publish after this many updates")
     max_staleness: int | None = Field(None, ge=0, le=10**6, description="async: refuse updates from older versions")
     staleness_exponent: float | None = Field(None, ge=0, le=10, description="async: a in (1 + staleness)^-a")
+    participation_weighting: bool | None = Field(None, description="async: weigh each update by the versions since "
+                                                 "the device's previous one (FedAU), so fast devices do not dominate")
 
 
 class DeviceFilterIn(Strict):
@@ -164,6 +166,10 @@ class StrategyParams(Strict):
     proximal_mu: float | None = Field(None, ge=0, le=100, description="FedProx: the device's proximal term")
     local_optimizer: LocalOptimizer | None = Field(
         None, description="sgd: devices send lr x their mean gradient, for an adaptive server optimizer")
+    update_encoding: UpdateEncoding | None = Field(
+        None, description="how devices code updates: float32, float16, bfloat16, int8 or int4 (block scales, "
+        "stochastic rounding) or topk; with error feedback on the device")
+    update_density: float | None = Field(None, gt=0, le=0.5, description="topk: the share of entries sent")
 
 
 class DpIn(Strict):

@@ -15,10 +15,10 @@ from fleettune.shared.protocol.adapter_spec import AdapterConfig, build_spec
 from fleettune.shared.device import trainer
 from fleettune.shared.federation import FederationConfig, LocalTraining
 from fleettune.shared.protocol import versions
+from fleettune.shared.protocol.compression import Compressor
 from fleettune.shared.protocol.safetensors_reader import parse
 from fleettune.device import DeviceClient, FleettuneAPIError
 from fleettune.shared.strategies.config import CONTROL_PREFIX
-from fleettune.shared.protocol.updates import encode_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,7 @@ class Device:
         self.max_header_bytes = max_header_bytes
         self.ram_mb, self.storage_mb, self.tier = ram_mb, storage_mb, tier
         self.control: dict[str, torch.Tensor] = {}  # SCAFFOLD's c_i: device state that never leaves it
+        self.compressor = Compressor()  # its error-feedback residual never leaves the device either
 
     def _server_control(self, gateway: DeviceClient, plan: dict, shapes: dict[str, tuple[int, ...]]
                         ) -> dict[str, torch.Tensor]:
@@ -114,7 +115,9 @@ class Device:
             for k in sent_keys:
                 delta[CONTROL_PREFIX + k] = (fresh[k] - self.control.get(k, torch.zeros_like(fresh[k]))).numpy()
             self.control = fresh
-        receipt = gateway.send(plan, encode_update(delta), num_samples=result.samples,
+        if (strategy.update_encoding, strategy.update_density) != (self.compressor.encoding, self.compressor.density):
+            self.compressor = Compressor(strategy.update_encoding, strategy.update_density, seed=seed)
+        receipt = gateway.send(plan, self.compressor.encode(delta), num_samples=result.samples,
                                train_seconds=result.seconds, metrics={"loss": result.loss, "steps": result.steps})
         done = time.perf_counter()
         return RoundReport(self.device_id, plan["round"], plan["base_version"], result.samples, result.steps,

@@ -17,11 +17,11 @@ from fleettune.shared.protocol.envelope import Envelope
 from fleettune.shared.errors import BufferClosing, ObjectNotFound, RejectReason, Rejected, StorageUnavailable
 from fleettune.shared.federation import FederationConfig
 from fleettune.shared.pipeline.folding import PartialFolder
-from fleettune.shared.protocol.safetensors_reader import parse
+from fleettune.shared.protocol.compression import read_update
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import ACCEPTED, REDELIVERED, FederationState, RoundInfo, UpdateRecord
 from fleettune.shared.storage import ObjectStore
-from fleettune.shared.strategies.partial import weight, weight_cap
+from fleettune.shared.strategies.partial import record_weight, weight_cap
 
 log = logging.getLogger(__name__)
 # Failures of our services, not of the update: retry, never reject.
@@ -43,6 +43,7 @@ class IngestResult:
     round_ready: bool = False  # every selected device has reported: close the round now
     tier: str = "default"
     staleness: int | None = None  # async rounds: versions published since the update's base
+    encoding: str | None = None  # how the accepted update was coded (protocol.compression)
 
 
 class Ingestor:
@@ -102,9 +103,9 @@ class Ingestor:
             raise Rejected(RejectReason.BAD_OBJECT_KEY, "key does not match federation, round and device")
         precheck = self.state.rounds.precheck(env.federation, env.round, env.device)
         if precheck[1] is not None and precheck[1].mode == "async":
-            config, tier, target, staleness = self._check_buffer(env, *precheck)
+            config, tier, target, staleness, joins = self._check_buffer(env, *precheck)
         else:
-            (config, tier), target, staleness = self._check_round(env, *precheck), env.round, None
+            (config, tier), target, staleness, joins = self._check_round(env, *precheck), env.round, None, None
         policy = config.policy
 
         try:
@@ -114,7 +115,8 @@ class Ingestor:
         if hashlib.sha256(blob).hexdigest() != env.sha256:
             raise Rejected(RejectReason.SHA256_MISMATCH, "object bytes do not match the envelope")
         rank = config.tier_ranks.get(tier, 0)  # a tier of lower rank sends its own, smaller layout
-        tensors = parse(blob, config.update_tensors_for(rank or config.adapter.rank), self.settings.max_header_bytes)
+        tensors, encoding = read_update(blob, config.update_tensors_for(rank or config.adapter.rank),
+                                        self.settings.max_header_bytes)
         norm = update_norm(tensors)
         try:
             scale = clip_scale(norm, policy.max_update_norm)
@@ -127,11 +129,12 @@ class Ingestor:
             norm=norm, clip_scale=scale, train_seconds=env.train_seconds, metrics=env.metrics,
             accepted_at=self.clock(), rank=rank,
             **({"staleness": staleness, "staleness_weight": policy.staleness_weight(staleness)} if staleness else {}),
+            **({"participation": policy.participation_weight(joins[1])} if joins else {}),
         )
         asynchronous = staleness is not None
         outcome, count, cohort, reference = self.state.accounting.accept(
             digest, env.federation, target, record, received_round=env.round,
-            base_version=env.base_version if asynchronous else None)
+            base_version=env.base_version if asynchronous else None, joins=joins[0] if joins else None)
         if outcome == REDELIVERED:
             return IngestResult(REDELIVERED, env.federation, target, env.device)
         if outcome == RejectReason.STALE_ROUND.value and asynchronous:
@@ -141,7 +144,7 @@ class Ingestor:
         if self.folder is not None and config.aggregation.folds:
             try:
                 agg = config.aggregation
-                w = weight(record.num_samples, weight_cap(reference, agg.max_weight_ratio, agg.dp), agg.dp)
+                w = record_weight(record, weight_cap(reference, agg.max_weight_ratio, agg.dp), agg.dp)
                 self.folder.fold(config, target, record, tensors, w, reference is None, count, cohort)
             except Exception:  # accepted stands: the close reads an update no partial holds
                 log.exception("fold of %s/%s/%s failed", env.federation, target, env.device)
@@ -149,15 +152,18 @@ class Ingestor:
         return IngestResult(
             ACCEPTED, env.federation, target, env.device, norm=norm, clip_scale=scale,
             nbytes=len(blob), train_seconds=env.train_seconds, round_ready=ready, tier=tier, staleness=staleness,
+            encoding=encoding,
         )
 
     def _check_buffer(self, env: Envelope, current: int, info: RoundInfo, selected: bool, submitted: bool,
-                      tier: str) -> tuple[FederationConfig, str, int, int]:
-        """An async round's checks: (config, tier, the buffer it joins, its staleness).
+                      tier: str) -> tuple[FederationConfig, str, int, int, tuple[int, int]]:
+        """An async round's checks: (config, tier, the buffer it joins, its staleness, (that
+        buffer's base version, versions since the device's previous update joined one)).
 
         The update joins the buffer open now, whichever round it checked in to. It must have
         trained from the version that round served, no newer than the buffer's base and at most
         max_staleness versions older; the accept script refuses a second update for one base.
+        A device's first update counts the versions since v0 as its interval.
         """
         fed = env.federation
         if env.round > current:
@@ -186,7 +192,9 @@ class Ingestor:
         if last is not None and int(last) >= env.base_version:
             raise Rejected(RejectReason.DUPLICATE_BASE_VERSION,
                            f"{env.device} already has an update from v{int(last)}")
-        return config, tier, buffer.round, staleness
+        joined = self.state.r.hget(keys.fed_async_joined(fed), env.device)
+        interval = buffer.base_version - (int(joined) if joined is not None else -1)
+        return config, tier, buffer.round, staleness, (buffer.base_version, interval)
 
     def _check_round(self, env: Envelope, current: int, info: RoundInfo | None, selected: bool, submitted: bool,
                      tier: str) -> tuple[FederationConfig, str]:

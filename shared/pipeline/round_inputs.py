@@ -21,13 +21,13 @@ import torch
 from fleettune.shared.errors import ObjectNotFound, Rejected
 from fleettune.shared.federation import FederationConfig
 from fleettune.shared.protocol import versions
-from fleettune.shared.protocol.safetensors_reader import parse
+from fleettune.shared.protocol.compression import read_update
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import FederationState, RoundInfo, UpdateRecord
 from fleettune.shared.storage import ObjectStore
 from fleettune.shared.strategies import privacy
 from fleettune.shared.strategies.combine import RoundAggregator, padded
-from fleettune.shared.strategies.partial import PartialSum, UpdateStats, weight, weight_cap
+from fleettune.shared.strategies.partial import PartialSum, UpdateStats, record_weight, weight_cap
 
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class RoundReader:
             return "sha256_mismatch"  # replaced after it was accepted: never trust unchecked bytes
         layout = config.update_tensors_for(record.rank or config.adapter.rank)
         try:
-            return parse(blob, layout, self.settings.max_header_bytes)
+            return read_update(blob, layout, self.settings.max_header_bytes)[0]
         except Rejected as rej:  # only bytes no device could write now (write-once) get here
             return rej.reason.value
 
@@ -126,7 +126,7 @@ class RoundReader:
             if isinstance(update, str):
                 excluded[device] = update
                 continue
-            aggregator.add(update, weight(rec.num_samples, cap, agg.dp), rec.scale, rec.rank or None)
+            aggregator.add(update, record_weight(rec, cap, agg.dp), rec.scale, rec.rank or None)
             contributors.append(device)
             stats.add(rec)
         return RoundInputs(aggregator, contributors, excluded, stats, cap,
@@ -176,7 +176,7 @@ class RoundReader:
             if isinstance(update, str):
                 excluded[device] = update
                 continue
-            aggregator.add(update, weight(rec.num_samples, cap, uniform), rec.scale, rec.rank or None)
+            aggregator.add(update, record_weight(rec, cap, uniform), rec.scale, rec.rank or None)
             stats.add(rec)
         contributors = [d for d in self.state.partials.contributors(fed, round_no) if d not in excluded]
         if aggregator.count != len(contributors) or stats.count != len(contributors):
@@ -196,14 +196,14 @@ class RoundReader:
     def _correct(self, config: FederationConfig, info: RoundInfo, total: dict[str, torch.Tensor], cap: float,
                  unfolded: set[str]) -> tuple[int, float]:
         """Re-weigh the folded updates accepted before the cap was known: folded at n_i, they
-        weigh min(n_i, cap). Only a first round has them, at most REFERENCE_SAMPLE - 1."""
+        weigh min(n_i, cap) (times their participation weight). Only a first round has them, at most REFERENCE_SAMPLE - 1."""
         fed, round_no = config.name, info.round
         candidates = [d for d in self.state.partials.uncapped(fed, round_no) if d not in unfolded]
         records = self.state.partials.records(fed, round_no, candidates)
         done, dw_total = 0, 0.0
         for device in candidates:
             rec = records[device]
-            dw = weight(rec.num_samples, cap, False) - rec.num_samples
+            dw = record_weight(rec, cap, False) - record_weight(rec, None, False)
             if dw == 0.0:
                 continue
             update = self.read_update(config, rec)

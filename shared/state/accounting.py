@@ -36,6 +36,7 @@ class UpdateRecord:
     rank: int = 0  # a lower-rank tier's LoRA rank; 0: the federation's global rank
     staleness: int = 0  # async: versions published between its base and the buffer it joined
     staleness_weight: float = 1.0  # async: FedBuff's s(staleness), in (0, 1]
+    participation: int = 1  # async: versions since the device's previous update joined a buffer (capped)
 
     @property
     def scale(self) -> float:
@@ -65,7 +66,7 @@ class Accounting(StateBase):
         self.r.hincrby(keys.GLOBAL_STATS, "redelivered", 1)
 
     def accept(self, digest: str, fed: str, round_no: int, record: UpdateRecord, received_round: int | None = None,
-               base_version: int | None = None) -> tuple[str, int, int, float | None]:
+               base_version: int | None = None, joins: int | None = None) -> tuple[str, int, int, float | None]:
         """Record an update once. Returns (outcome, cohort devices reported, cohort size, the
         round's reference claim if it is known now: see shared.strategies.partial).
 
@@ -73,7 +74,8 @@ class Accounting(StateBase):
         RejectReason value when the round closed or the device already submitted. One Lua script:
         concurrent accepts into the same round serialise in Redis instead of retrying a WATCH.
         Async rounds: `received_round` is the round the gateway received it for (counted in flight
-        there) and `base_version` its base, which must be newer than any the device had accepted.
+        there) and `base_version` its base, which must be newer than any the device had accepted;
+        `joins` is the buffer's base version, noted as the device's last for its next participation weight.
         """
         if self._accept_script is None:
             self._accept_script = self.r.register_script(_ACCEPT)
@@ -82,9 +84,10 @@ class Accounting(StateBase):
             keys=[keys.message(digest), keys.round_info(fed, round_no), keys.round_updates(fed, round_no),
                   keys.round_reported(fed, round_no), keys.received(digest), keys.round_inflight(fed, received),
                   keys.fed_stats(fed), keys.GLOBAL_STATS, keys.round_unfolded(fed, round_no),
-                  keys.round_claims(fed, round_no), keys.round_uncapped(fed, round_no), keys.fed_async_bases(fed)],
+                  keys.round_claims(fed, round_no), keys.round_uncapped(fed, round_no), keys.fed_async_bases(fed),
+                  keys.fed_async_joined(fed)],
             args=[record.device, record.to_bytes(), self.message_ttl_s, record.num_samples, REFERENCE_SAMPLE,
-                  "" if base_version is None else base_version])
+                  "" if base_version is None else base_version, "" if joins is None else joins])
         return outcome.decode(), int(count), int(cohort), float(reference) if reference else None
 
     def reject(self, digest: str, reason: RejectReason, detail: str, now: float, fed: str | None = None,

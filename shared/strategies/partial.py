@@ -37,6 +37,14 @@ def weight(claim: float, cap: float | None, uniform: bool) -> float:
     return float(claim) if cap is None else min(float(claim), cap)
 
 
+def record_weight(record: Any, cap: float | None, uniform: bool) -> float:
+    """An accepted update's weight in the mean: its (capped) sample claim times its async
+    participation weight. Uniform under DP, which bounds every update's share of the mean."""
+    if uniform:
+        return 1.0
+    return weight(record.num_samples, cap, False) * record.participation
+
+
 @dataclasses.dataclass
 class UpdateStats:
     """The manifest's per-round figures, kept as sums so partials merge them without the records."""

@@ -84,6 +84,35 @@ def test_a_stale_update_joins_the_open_buffer_weighted_by_its_staleness(world):
     assert max(float(np.abs(got[k] - want[k]).max()) for k in want) <= 1e-6
 
 
+def test_a_slow_device_weighs_the_versions_it_missed(world):
+    """FedAU's participation weight: a device whose update joins every buffer weighs 1; one whose
+    first update arrives two versions in weighs the 3 versions since v0 (the cap: max_staleness + 1)."""
+    state, store, settings, config, coordinator = world
+    rng = np.random.default_rng(3)
+    slow = _check_in(state, "c")  # trains from v0 and sends only after two publishes
+    for round_no in (1, 2):
+        for d in "ab":
+            assert _send(world, d, random_deltas(config.spec.tensors, rng, 0.01), *_check_in(state, d)).outcome \
+                == "accepted"
+        coordinator.close("fed", round_no)
+    fast_delta, slow_delta = (random_deltas(config.spec.tensors, rng, 0.01) for _ in range(2))
+    assert _send(world, "a", fast_delta, *_check_in(state, "a")).outcome == "accepted"
+    assert _send(world, "c", slow_delta, *slow).staleness == 2
+    records = state.rounds.updates("fed", 3)
+    assert (records["a"].participation, records["c"].participation) == (1, 3)
+    assert coordinator.close("fed", 3).version == 3
+
+    s = 3 ** -config.policy.staleness_exponent  # staleness 2
+    prev, got = _adapter(store, 2), _adapter(store, 3)
+    for k in prev:  # weights: 10 samples x 1 and 10 samples x 3; the slow update also scaled by s
+        want = prev[k].astype(np.float64) + config.policy.server_lr * (
+            10 * fast_delta[k].astype(np.float64) + 30 * s * slow_delta[k].astype(np.float64)) / 40
+        assert float(np.abs(got[k] - want).max()) <= 1e-6
+
+    plain = RoundPolicy(mode="async", participation_weighting=False)
+    assert plain.participation_weight(7) == 1 and RoundPolicy(mode="async", max_staleness=4).participation_weight(9) == 5
+
+
 def test_async_refusals_are_named(world):
     state, store, settings, config, coordinator = world
     rng = np.random.default_rng(1)

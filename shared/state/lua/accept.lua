@@ -1,8 +1,9 @@
 -- Accept one update exactly once (Accounting.accept); concurrent accepts into a round serialise here.
 -- KEYS: message, round info, updates, reported, received, inflight, fed stats, global stats, unfolded,
---       claims, uncapped, async bases.
+--       claims, uncapped, async bases, async joined.
 -- ARGV: device, record, message TTL, sample count, reference sample size, base version (async
---       rounds; '' otherwise: a device's base versions must then rise, one update per base).
+--       rounds; '' otherwise: a device's base versions must then rise, one update per base), the
+--       buffer's base version (async; noted for the device's next participation weight).
 -- Returns {outcome, reported, cohort size, reference claim or ""}. The accept that completes the
 -- first REFERENCE_SAMPLE claims of a round without a reference claim fixes it (their median);
 -- devices accepted before that are noted as uncapped.
@@ -19,6 +20,7 @@ if ARGV[6] ~= '' then
   local last = redis.call('HGET', KEYS[12], ARGV[1])
   if last and tonumber(last) >= tonumber(ARGV[6]) then return {'duplicate_base_version', count, cohort, ''} end
   redis.call('HSET', KEYS[12], ARGV[1], ARGV[6])
+  redis.call('HSET', KEYS[13], ARGV[1], ARGV[7])
 end
 if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('DECR', KEYS[6]) end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])

@@ -1,0 +1,241 @@
+"""Compressed update encodings: what a device may send instead of float32, and the server's way back.
+
+An update stays one safetensors file; `__metadata__["encoding"]` names how it is coded
+(docs/protocol.md, "Update encodings"):
+
+    float32 / float16 / bfloat16   each tensor as is, under its own name (no metadata: as sent)
+    int8    `codes` I8 [N] and `scale` F32 [B]: every tensor of the layout, in sorted-name order,
+            flattened and concatenated (N entries); each tensor cut in blocks of BLOCK, one scale
+            per block (B in all), x ≈ code · scale. Blocks, not rows: LoRA B's rows are r = 8 wide,
+            where a float32 scale per row would cost half as much again as the codes.
+    int4    `codes` U8 [ceil(N / 2)], two 4-bit codes (q + 8, q in [-7, 7]) per byte, low nibble
+            first, and `scale` as for int8
+    topk    `indices` I32 [K] and `values` F16 [K]: per tensor its ceil(density · n) largest
+            entries, at their positions in the concatenation, strictly rising;
+            `__metadata__["density"]` gives the density
+
+One tensor per field rather than per adapter tensor: the JSON header of a 32-tensor adapter is
+4 KB, a third of an int8 update of the tiny model. Codes are rounded stochastically (unbiased:
+E[code · scale] = x), and the device keeps what the code lost as error feedback (`Compressor`),
+added to its next update, so nothing is dropped for good. Every size is fixed by the layout, the
+encoding and the density, so the strict reader checks exact sizes before any value is read; what
+only values can break (a scale, an index, an int4 code) is checked in `read_update`, each with its
+reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from safetensors.numpy import save
+from safetensors.torch import save as save_torch
+
+from fleettune.shared.errors import RejectReason, Rejected
+from fleettune.shared.protocol.safetensors_reader import DTYPES, parse
+
+BLOCK = 128  # elements per int8/int4 scale: a float32 scale per 128 codes adds 3 % to int8 (3.88x float32)
+DENSE = ("float32", "float16", "bfloat16")
+ENCODINGS = (*DENSE, "int8", "int4", "topk")
+MAX_DENSITY = 0.5  # above it top-k sends more bytes than float16 does
+CODED_DTYPES = {**DTYPES, "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "I32": (torch.int32, 4)}
+_DENSE_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_NUMPY = {"float32": np.float32, "float16": np.float16}
+
+
+def header_metadata(buf: bytes, max_header_bytes: int) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, without reading its tensors. Malformed headers
+    are left to `parse`, which names what is wrong; here they read as "no metadata"."""
+    if len(buf) < 8:
+        return {}
+    (n,) = struct.unpack("<Q", buf[:8])
+    if n > max_header_bytes or 8 + n > len(buf):
+        return {}
+    try:
+        header = json.loads(buf[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _density(meta: Mapping[str, str]) -> float:
+    try:
+        density = float(meta.get("density", ""))
+    except ValueError:
+        density = math.nan
+    if not 0.0 < density <= MAX_DENSITY:
+        raise Rejected(RejectReason.BAD_ENCODING, f"topk density must be in (0, {MAX_DENSITY}]: "
+                       f"{str(meta.get('density'))[:20]!r}")
+    return density
+
+
+def topk_count(numel: int, density: float) -> int:
+    return min(numel, math.ceil(density * numel))
+
+
+def _blocks(n: int) -> int:
+    return -(-n // BLOCK)
+
+
+def coded_layout(layout: Mapping[str, tuple[int, ...]], encoding: str, density: float = 0.0
+                 ) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The coded file's tensors, name -> (shape, safetensors dtype), for an update of `layout`."""
+    if encoding in DENSE:
+        return {name: (tuple(shape), _DENSE_DTYPE[encoding]) for name, shape in layout.items()}
+    sizes = [math.prod(shape) for _, shape in sorted(layout.items())]
+    total = sum(sizes)
+    if encoding == "topk":
+        k = sum(topk_count(n, density) for n in sizes)
+        return {"indices": ((k,), "I32"), "values": ((k,), "F16")}
+    codes = ((total,), "I8") if encoding == "int8" else (((total + 1) // 2,), "U8")
+    return {"codes": codes, "scale": ((sum(_blocks(n) for n in sizes),), "F32")}
+
+
+def encoding_of(meta: Mapping[str, str]) -> str:
+    encoding = meta.get("encoding", "")
+    if encoding == "":
+        return ""  # dense, in whichever float dtype each tensor has
+    if encoding not in ENCODINGS:
+        raise Rejected(RejectReason.BAD_ENCODING, f"unknown encoding {str(encoding)[:24]!r}; known: "
+                       f"{', '.join(ENCODINGS)}")
+    return encoding
+
+
+def read_update(buf: bytes, layout: Mapping[str, tuple[int, ...]], max_header_bytes: int
+                ) -> tuple[dict[str, torch.Tensor], str]:
+    """An update file of any encoding -> (float tensors of `layout`, its encoding), or Rejected
+    naming what is wrong. Dense updates come back as views into `buf`, as `parse` gives them."""
+    encoding = encoding_of(header_metadata(buf, max_header_bytes))
+    if encoding in ("", *DENSE):
+        tensors = parse(buf, layout, max_header_bytes)
+        if encoding:
+            want = CODED_DTYPES[_DENSE_DTYPE[encoding]][0]
+            if wrong := [k for k, t in tensors.items() if t.dtype != want]:
+                raise Rejected(RejectReason.BAD_DTYPE, f"{wrong[0][:80]}: not {encoding} as the metadata says")
+        return tensors, encoding or "float32"
+    density = _density(header_metadata(buf, max_header_bytes)) if encoding == "topk" else 0.0
+    coded = coded_layout(layout, encoding, density)
+    tensors = parse(buf, {k: shape for k, (shape, _) in coded.items()}, max_header_bytes, CODED_DTYPES)
+    for name, (_, dtype) in coded.items():
+        if tensors[name].dtype != CODED_DTYPES[dtype][0]:
+            raise Rejected(RejectReason.BAD_DTYPE, f"{name}: {encoding} codes it as {dtype}")
+    flat = _topk_flat(tensors, layout) if encoding == "topk" else _scaled_flat(tensors, layout, encoding)
+    out, offset = {}, 0
+    for name, shape in sorted(layout.items()):
+        n = math.prod(shape)
+        out[name] = flat[offset:offset + n].view(shape)
+        offset += n
+    return {name: out[name] for name in layout}, encoding
+
+
+def _topk_flat(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, tuple[int, ...]]) -> torch.Tensor:
+    total = sum(math.prod(shape) for shape in layout.values())
+    idx, values = tensors["indices"].long(), tensors["values"].float()
+    if len(idx) and (int(idx[0]) < 0 or int(idx[-1]) >= total or bool((idx[1:] <= idx[:-1]).any())):
+        raise Rejected(RejectReason.BAD_ENCODING, f"indices must rise strictly within [0, {total})")
+    flat = torch.zeros(total, dtype=torch.float32)
+    flat[idx] = values
+    return flat
+
+
+def _scaled_flat(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, tuple[int, ...]], encoding: str
+                 ) -> torch.Tensor:
+    scale = tensors["scale"]
+    if bool((scale < 0).any()):  # NaN and Inf pass here: the update's norm refuses them as non_finite
+        raise Rejected(RejectReason.BAD_ENCODING, "a negative scale")
+    sizes = [math.prod(shape) for _, shape in sorted(layout.items())]
+    total = sum(sizes)
+    if encoding == "int8":
+        codes = tensors["codes"].float()
+    else:
+        packed = tensors["codes"]
+        codes = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:total].float() - 8.0
+        if bool((codes < -7).any()):
+            raise Rejected(RejectReason.BAD_ENCODING, "int4 code 0 is unused (codes are q + 8, |q| <= 7)")
+    parts, offset, block = [], 0, 0
+    for n in sizes:  # each tensor padded to whole blocks, scaled, and cut back
+        b = _blocks(n)
+        padded = torch.zeros(b * BLOCK)
+        padded[:n] = codes[offset:offset + n]
+        parts.append((padded.view(b, BLOCK) * scale[block:block + b].view(b, 1)).reshape(-1)[:n])
+        offset, block = offset + n, block + b
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def _stochastic(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Round to an integer up or down with the probabilities that keep the mean: E[result] = x."""
+    low = np.floor(x)
+    return low + (rng.random(x.shape, dtype=np.float32) < (x - low))
+
+
+def encode(arrays: Mapping[str, np.ndarray], encoding: str, rng: np.random.Generator, density: float = 0.05
+           ) -> bytes:
+    """A device's update as one safetensors file in `encoding` (the module docstring's formats)."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; known: {', '.join(ENCODINGS)}")
+    meta = {"encoding": encoding}
+    if encoding == "bfloat16":
+        return save_torch({k: torch.from_numpy(np.ascontiguousarray(v, np.float32)).bfloat16()
+                           for k, v in arrays.items()}, metadata=meta)
+    if encoding in DENSE:
+        return save({k: np.ascontiguousarray(v, _NUMPY[encoding]) for k, v in arrays.items()}, metadata=meta)
+    flats = [np.asarray(v, np.float32).reshape(-1) for _, v in sorted(arrays.items())]
+    if encoding == "topk":
+        meta["density"] = repr(float(density))
+        indices, values, offset = [], [], 0
+        for flat in flats:  # per tensor: LoRA's A and B differ in scale, one global cut would starve one
+            k = topk_count(flat.size, density)
+            top = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]) if k else np.zeros(0, int)
+            indices.append(top + offset)
+            values.append(flat[top])
+            offset += flat.size
+        return save({"indices": np.concatenate(indices).astype(np.int32),
+                     "values": np.concatenate(values).astype(np.float16)}, metadata=meta)
+    levels = 127.0 if encoding == "int8" else 7.0
+    codes, scales = [], []
+    for flat in flats:
+        blocks = np.zeros(_blocks(flat.size) * BLOCK, np.float32)
+        blocks[:flat.size] = flat
+        blocks = blocks.reshape(-1, BLOCK)
+        scale = np.abs(blocks).max(axis=1) / levels
+        safe = np.where(scale > 0, scale, 1.0)[:, None]
+        codes.append(np.clip(_stochastic(blocks / safe, rng), -levels, levels).reshape(-1)[:flat.size])
+        scales.append(scale.astype(np.float32))
+    q = np.concatenate(codes)
+    if encoding == "int8":
+        packed = q.astype(np.int8)
+    else:
+        nibbles = np.zeros(q.size + q.size % 2, np.uint8)
+        nibbles[:q.size] = (q + 8).astype(np.uint8)
+        packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    return save({"codes": packed, "scale": np.concatenate(scales)}, metadata=meta)
+
+
+class Compressor:
+    """A device's encoder with error feedback: what one update's code lost is added to the next
+    (Seide et al. 2014; Karimireddy et al. 2019), so compression delays information, never drops it.
+    The residual stays on the device, like its data."""
+
+    def __init__(self, encoding: str = "float32", density: float = 0.05, seed: int = 0) -> None:
+        self.encoding, self.density = encoding, density
+        self.rng = np.random.default_rng(seed)
+        self.residual: dict[str, np.ndarray] = {}
+
+    def encode(self, delta: Mapping[str, np.ndarray]) -> bytes:
+        if self.encoding == "float32":
+            from fleettune.shared.protocol.updates import encode_update
+            return encode_update(delta)
+        corrected = {}
+        for k, v in delta.items():  # a residual of another layout (the device changed tier) is dropped
+            r = self.residual.get(k)
+            corrected[k] = np.asarray(v, np.float32) + (r if r is not None and r.shape == v.shape else 0.0)
+        blob = encode(corrected, self.encoding, self.rng, self.density)
+        layout = {k: tuple(v.shape) for k, v in corrected.items()}
+        sent, _ = read_update(blob, layout, 1 << 24)
+        self.residual = {k: corrected[k] - sent[k].float().numpy() for k in corrected}
+        return blob
