@@ -23,7 +23,7 @@ _MAX_UPDATE_NORM = Field(validation_alias=AliasChoices("max_update_norm", "max_g
 
 LocalOptimizer = Literal["adamw", "sgd"]
 # how devices code their updates (shared/protocol/compression.py; the server reads any of them)
-UpdateEncoding = Literal["float32", "float16", "bfloat16", "int8", "int4", "topk"]
+UpdateEncoding = Literal["float32", "float16", "bfloat16", "int8", "int4", "int2", "topk"]
 RoundMode = Literal["sync", "async"]
 ForgettingAction = Literal["halt", "lower_lr"]
 

@@ -68,7 +68,7 @@ class Metrics:
         self.staleness = Histogram("fleettune_update_staleness", "Async rounds: versions published between an "
                                    "accepted update's base and the buffer it joined", fed, buckets=STALENESS_BUCKETS, **kw)
         self.update_bytes = Histogram("fleettune_update_bytes", "Bytes of an accepted update object, by its encoding "
-                                      "(float32, float16, bfloat16, int8, int4, topk)", fed + ["encoding"],
+                                      "(float32, float16, bfloat16, int8, int4, int2, topk)", fed + ["encoding"],
                                       buckets=BYTES_BUCKETS, **kw)
 
     def observe_ingest(self, result) -> None:

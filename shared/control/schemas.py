@@ -167,7 +167,7 @@ class StrategyParams(Strict):
     local_optimizer: LocalOptimizer | None = Field(
         None, description="sgd: devices send lr x their mean gradient, for an adaptive server optimizer")
     update_encoding: UpdateEncoding | None = Field(
-        None, description="how devices code updates: float32, float16, bfloat16, int8 or int4 (block scales, "
+        None, description="how devices code updates: float32, float16, bfloat16, int8, int4 or int2 (block scales, "
         "stochastic rounding) or topk; with error feedback on the device")
     update_density: float | None = Field(None, gt=0, le=0.5, description="topk: the share of entries sent")
 

@@ -8,18 +8,21 @@ An update stays one safetensors file; `__metadata__["encoding"]` names how it is
             flattened and concatenated (N entries); each tensor cut in blocks of BLOCK, one scale
             per block (B in all), x ≈ code · scale. Blocks, not rows: LoRA B's rows are r = 8 wide,
             where a float32 scale per row would cost half as much again as the codes.
-    int4    `codes` U8 [ceil(N / 2)], two 4-bit codes (q + 8, q in [-7, 7]) per byte, low nibble
-            first, and `scale` as for int8
-    topk    `indices` I32 [K] and `values` F16 [K]: per tensor its ceil(density · n) largest
-            entries, at their positions in the concatenation, strictly rising;
-            `__metadata__["density"]` gives the density
+    int4    `codes` U8 [ceil(N / 2)], two 4-bit codes c = q + 7 (q in [-7, 7]) per byte, low bits
+            first, and `scale` as for int8: x ≈ q · scale
+    int2    ternary (TernGrad, Wen et al. 2017): `codes` U8 [ceil(N / 4)], four 2-bit codes
+            c = q + 1 (q in {-1, 0, 1}) per byte, low bits first, and `scale` as for int8
+    topk    `mask` U8 [ceil(N / 8)], a bitmap of the entries sent (bit i of the concatenation is
+            bit i % 8 of byte i // 8), and `values` F16 [K] in position order: per tensor its
+            ceil(density · n) largest entries, K in all; `__metadata__["density"]` gives the
+            density. A bitmap costs 1/8 byte an entry, less than 4-byte indices from 3 % density on.
 
 One tensor per field rather than per adapter tensor: the JSON header of a 32-tensor adapter is
 4 KB, a third of an int8 update of the tiny model. Codes are rounded stochastically (unbiased:
 E[code · scale] = x), and the device keeps what the code lost as error feedback (`Compressor`),
 added to its next update, so nothing is dropped for good. Every size is fixed by the layout, the
 encoding and the density, so the strict reader checks exact sizes before any value is read; what
-only values can break (a scale, an index, an int4 code) is checked in `read_update`, each with its
+only values can break (a scale, an index, an unused packed code) is checked in `read_update`, each with its
 reason.
 """
 
@@ -38,9 +41,11 @@ from safetensors.torch import save as save_torch
 from fleettune.shared.errors import RejectReason, Rejected
 from fleettune.shared.protocol.safetensors_reader import DTYPES, parse
 
-BLOCK = 128  # elements per int8/int4 scale: a float32 scale per 128 codes adds 3 % to int8 (3.88x float32)
+BLOCK = 128  # elements per int8/int4/int2 scale: a float32 scale per 128 codes adds 3 % to int8 (3.88x float32)
 DENSE = ("float32", "float16", "bfloat16")
-ENCODINGS = (*DENSE, "int8", "int4", "topk")
+ENCODINGS = (*DENSE, "int8", "int4", "int2", "topk")
+LEVELS = {"int8": 127, "int4": 7, "int2": 1}  # |q| <= levels
+BITS = {"int4": 4, "int2": 2}  # packed codes: 8 // bits per byte
 MAX_DENSITY = 0.5  # above it top-k sends more bytes than float16 does
 CODED_DTYPES = {**DTYPES, "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "I32": (torch.int32, 4)}
 _DENSE_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -91,8 +96,9 @@ def coded_layout(layout: Mapping[str, tuple[int, ...]], encoding: str, density: 
     total = sum(sizes)
     if encoding == "topk":
         k = sum(topk_count(n, density) for n in sizes)
-        return {"indices": ((k,), "I32"), "values": ((k,), "F16")}
-    codes = ((total,), "I8") if encoding == "int8" else (((total + 1) // 2,), "U8")
+        return {"mask": ((-(-total // 8),), "U8"), "values": ((k,), "F16")}
+    per = 8 // BITS.get(encoding, 8)
+    codes = ((total,), "I8") if encoding == "int8" else ((-(-total // per),), "U8")
     return {"codes": codes, "scale": ((sum(_blocks(n) for n in sizes),), "F32")}
 
 
@@ -135,11 +141,15 @@ def read_update(buf: bytes, layout: Mapping[str, tuple[int, ...]], max_header_by
 
 def _topk_flat(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, tuple[int, ...]]) -> torch.Tensor:
     total = sum(math.prod(shape) for shape in layout.values())
-    idx, values = tensors["indices"].long(), tensors["values"].float()
-    if len(idx) and (int(idx[0]) < 0 or int(idx[-1]) >= total or bool((idx[1:] <= idx[:-1]).any())):
-        raise Rejected(RejectReason.BAD_ENCODING, f"indices must rise strictly within [0, {total})")
+    bits = np.unpackbits(tensors["mask"].numpy(), bitorder="little")
+    values = tensors["values"].float()
+    if bits[total:].any():
+        raise Rejected(RejectReason.BAD_ENCODING, f"mask bits past the update's {total} entries are set")
+    chosen = torch.from_numpy(bits[:total].astype(bool))
+    if int(chosen.sum()) != len(values):
+        raise Rejected(RejectReason.BAD_ENCODING, f"the mask marks {int(chosen.sum())} entries, values hold {len(values)}")
     flat = torch.zeros(total, dtype=torch.float32)
-    flat[idx] = values
+    flat[chosen] = values
     return flat
 
 
@@ -153,10 +163,12 @@ def _scaled_flat(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, tuple
     if encoding == "int8":
         codes = tensors["codes"].float()
     else:
-        packed = tensors["codes"]
-        codes = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:total].float() - 8.0
-        if bool((codes < -7).any()):
-            raise Rejected(RejectReason.BAD_ENCODING, "int4 code 0 is unused (codes are q + 8, |q| <= 7)")
+        bits, levels = BITS[encoding], LEVELS[encoding]
+        packed, mask = tensors["codes"], (1 << bits) - 1
+        codes = torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], dim=1).reshape(-1)[:total]
+        if bool((codes > 2 * levels).any()):
+            raise Rejected(RejectReason.BAD_ENCODING, f"{encoding} codes are q + {levels} <= {2 * levels}")
+        codes = codes.float() - levels
     parts, offset, block = [], 0, 0
     for n in sizes:  # each tensor padded to whole blocks, scaled, and cut back
         b = _blocks(n)
@@ -187,16 +199,17 @@ def encode(arrays: Mapping[str, np.ndarray], encoding: str, rng: np.random.Gener
     flats = [np.asarray(v, np.float32).reshape(-1) for _, v in sorted(arrays.items())]
     if encoding == "topk":
         meta["density"] = repr(float(density))
-        indices, values, offset = [], [], 0
+        masks = []
         for flat in flats:  # per tensor: LoRA's A and B differ in scale, one global cut would starve one
             k = topk_count(flat.size, density)
-            top = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]) if k else np.zeros(0, int)
-            indices.append(top + offset)
-            values.append(flat[top])
-            offset += flat.size
-        return save({"indices": np.concatenate(indices).astype(np.int32),
-                     "values": np.concatenate(values).astype(np.float16)}, metadata=meta)
-    levels = 127.0 if encoding == "int8" else 7.0
+            mask = np.zeros(flat.size, bool)
+            if k:
+                mask[np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]] = True
+            masks.append(mask)
+        mask = np.concatenate(masks)
+        values = np.concatenate(flats)[mask].astype(np.float16)
+        return save({"mask": np.packbits(mask, bitorder="little"), "values": values}, metadata=meta)
+    levels = float(LEVELS[encoding])
     codes, scales = [], []
     for flat in flats:
         blocks = np.zeros(_blocks(flat.size) * BLOCK, np.float32)
@@ -210,9 +223,14 @@ def encode(arrays: Mapping[str, np.ndarray], encoding: str, rng: np.random.Gener
     if encoding == "int8":
         packed = q.astype(np.int8)
     else:
-        nibbles = np.zeros(q.size + q.size % 2, np.uint8)
-        nibbles[:q.size] = (q + 8).astype(np.uint8)
-        packed = nibbles[0::2] | (nibbles[1::2] << 4)
+        bits = BITS[encoding]
+        per = 8 // bits
+        small = np.zeros(-(-q.size // per) * per, np.uint8)
+        small[:q.size] = (q + levels).astype(np.uint8)
+        small = small.reshape(-1, per)
+        packed = np.zeros(len(small), np.uint8)
+        for i in range(per):
+            packed |= small[:, i] << (bits * i)
     return save({"codes": packed, "scale": np.concatenate(scales)}, metadata=meta)
 
 

@@ -22,12 +22,12 @@ def tiny():
 
 
 def _federate(pipeline, tiny, adapter: AdapterConfig, lr: float, name: str, rounds: int = 3,
-              aggregation: AggregationConfig = AggregationConfig(), keep: list | None = None):
+              aggregation: AggregationConfig = AggregationConfig(), keep: list | None = None, **training):
     tokenizer, base = tiny
     config = FederationConfig(
         name=name, model=ModelDims.from_hf_config(base.config), adapter=adapter, base_model="tiny",
         policy=RoundPolicy(min_updates=2, max_rounds=rounds, max_update_norm=5.0, timeout_seconds=300),
-        training=LocalTraining(learning_rate=lr, batch_size=8, seq_len=128),
+        training=LocalTraining(learning_rate=lr, batch_size=8, seq_len=128, **training),
         evaluation=EvaluationConfig(base_model="tiny", eval_chars=8000), aggregation=aggregation,
     )
     model = trainer.peft_model(base, adapter)
@@ -150,3 +150,24 @@ def test_ffa_and_scaffold_devices_train_through_the_pipeline(pipeline, tiny, alg
         assert set(control) == set(config.spec.tensors) and any(float(v.abs().max()) > 0 for v in control.values())
         assert all(set(device.control) == set(config.spec.tensors) for device in fleet)  # each device's c_i
         assert set(config.update_tensors) == set(config.spec.tensors) | {f"scaffold.{k}" for k in config.spec.tensors}
+
+
+@pytest.mark.parametrize("encoding, fewer", [("int8", 3.8), ("topk", 8.0)])
+def test_compressed_updates_train_through_the_pipeline(pipeline, tiny, encoding, fewer):
+    """Devices told to send int8 or top-k updates do (the objects in S3 are that much smaller), keep
+    their error feedback, and the rounds still lower held-out perplexity."""
+    from fleettune.shared import keys
+    from fleettune.shared.protocol.compression import read_update
+    from fleettune.shared.protocol.updates import encode_update
+
+    fleet = []
+    config, evaluation, _ = _federate(pipeline, tiny, AdapterConfig(rank=8, alpha=16), lr=5e-3, name=f"train-{encoding}",
+                                      rounds=2, keep=fleet, update_encoding=encoding)
+    assert evaluation["heldout_mean"] < evaluation["base_heldout_mean"]
+    dense = len(encode_update({k: torch.zeros(s).numpy() for k, s in config.update_tensors.items()}))
+    store = pipeline.runtime.store
+    for device in fleet:
+        blob = store.get(keys.update_object(config.name, 2, device.device_id))
+        assert read_update(blob, config.update_tensors, 1 << 20)[1] == encoding and dense / len(blob) >= fewer
+        assert device.compressor.encoding == encoding and set(device.compressor.residual) == set(config.update_tensors)
+    assert pipeline.runtime.state.federations.stats(config.name).get("rejected", 0) == 0

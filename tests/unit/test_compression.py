@@ -31,7 +31,8 @@ def update():
 
 
 @pytest.mark.parametrize("encoding, min_ratio, max_rel_error", [
-    ("float16", 1.9, 1e-3), ("bfloat16", 1.9, 1e-2), ("int8", 3.8, 0.02), ("int4", 7.0, 0.3), ("topk", 8.0, 1.0),
+    ("float16", 1.9, 1e-3), ("bfloat16", 1.9, 1e-2), ("int8", 3.8, 0.02), ("int4", 7.0, 0.3), ("int2", 12.0, 1.5),
+    ("topk", 8.0, 1.0),
 ])
 def test_each_encoding_saves_its_bytes_and_decodes_near_the_update(update, encoding, min_ratio, max_rel_error):
     layout, delta = update
@@ -44,13 +45,13 @@ def test_each_encoding_saves_its_bytes_and_decodes_near_the_update(update, encod
         assert err <= max_rel_error, (k, err)
 
 
-@pytest.mark.parametrize("encoding", ["int8", "int4"])
+@pytest.mark.parametrize("encoding", ["int8", "int4", "int2"])
 def test_stochastic_rounding_is_unbiased(encoding):
     x = {"w": np.random.default_rng(1).normal(0, 1, (4, BLOCK)).astype(np.float32)}
     rng = np.random.default_rng(2)
     mean = sum(read_update(encode(x, encoding, rng), {"w": (4, BLOCK)}, 1 << 20)[0]["w"].numpy()
                for _ in range(400)) / 400
-    step = np.abs(x["w"]).max(axis=1, keepdims=True) / (127 if encoding == "int8" else 7)
+    step = np.abs(x["w"]).max(axis=1, keepdims=True) / {"int8": 127, "int4": 7, "int2": 1}[encoding]
     # the mean of 400 unbiased roundings is within a few standard errors (step / 2 / sqrt(400)) of x
     assert np.abs(mean - x["w"]).max() <= 5 * step.max() / 2 / 20
 
@@ -89,9 +90,9 @@ def _coded(encoding, **arrays):
 LAYOUT_W = {"w": (2, 4)}  # 8 entries: one int8 block; top-k at density 0.25 sends 2
 
 
-def _topk(indices, dtype=np.int32, density="0.25"):
-    return save({"indices": np.array(indices, dtype), "values": np.ones(len(indices), np.float16)},
-                metadata={"encoding": "topk", "density": density})
+def _topk(mask_bits, values=2, density="0.25", mask_dtype=np.uint8):
+    return save({"mask": np.packbits(np.array(mask_bits, bool), bitorder="little").astype(mask_dtype),
+                 "values": np.ones(values, np.float16)}, metadata={"encoding": "topk", "density": density})
 
 
 def _int8(codes=np.ones(8, np.int8), scale=(1.0,)):
@@ -100,21 +101,24 @@ def _int8(codes=np.ones(8, np.int8), scale=(1.0,)):
 
 @pytest.mark.parametrize("blob, reason", [
     (save({"w": np.zeros((2, 4), np.float32)}, metadata={"encoding": "zstd"}), RejectReason.BAD_ENCODING),
-    (_topk([0, 1], density="0.9"), RejectReason.BAD_ENCODING),
-    (_topk([0, 1], density="nan"), RejectReason.BAD_ENCODING),
-    (_topk([5, 2]), RejectReason.BAD_ENCODING),  # not rising
-    (_topk([3, 3]), RejectReason.BAD_ENCODING),  # a repeated index would count twice
-    (_topk([0, 8]), RejectReason.BAD_ENCODING),  # past the update
-    (_topk([-1, 2]), RejectReason.BAD_ENCODING),
-    (_topk([0, 1, 2]), RejectReason.BAD_SHAPE),  # K must be ceil(0.25 x 8) = 2
-    (_topk([0, 1], np.int64), RejectReason.BAD_DTYPE),
+    (_topk([1, 1, 0, 0, 0, 0, 0, 0], density="0.9"), RejectReason.BAD_ENCODING),
+    (_topk([1, 1, 0, 0, 0, 0, 0, 0], density="nan"), RejectReason.BAD_ENCODING),
+    (_topk([1, 1, 1, 0, 0, 0, 0, 0]), RejectReason.BAD_ENCODING),  # marks 3, sends 2 values
+    (_topk([1, 0, 0, 0, 0, 0, 0, 0]), RejectReason.BAD_ENCODING),  # marks 1
+    (_topk([1, 1, 0, 0, 0, 0, 0, 0], values=3), RejectReason.BAD_SHAPE),  # K must be ceil(0.25 x 8) = 2
+    (_topk([1, 1, 0, 0, 0, 0, 0, 0] + [0] * 8), RejectReason.BAD_SHAPE),  # 8 entries: a 1-byte mask
+    (_topk([1, 1, 0, 0, 0, 0, 0, 0], mask_dtype=np.int8), RejectReason.BAD_DTYPE),
     (_int8(scale=(-1.0,)), RejectReason.BAD_ENCODING),
     (_int8(scale=(1.0, 1.0)), RejectReason.BAD_SHAPE),
     (_int8(codes=np.ones(8, np.uint8)), RejectReason.BAD_DTYPE),
     (_int8(codes=np.ones(9, np.int8)), RejectReason.BAD_SHAPE),
     (save({"w": np.ones((2, 4), np.float32)}, metadata={"encoding": "int8"}), RejectReason.UNEXPECTED_KEYS),
-    (save({"codes": np.zeros(4, np.uint8), "scale": np.ones(1, np.float32)}, metadata={"encoding": "int4"}),
-     RejectReason.BAD_ENCODING),  # code 0 (q = -8) is outside the symmetric range
+    (save({"codes": np.full(4, 0xFF, np.uint8), "scale": np.ones(1, np.float32)}, metadata={"encoding": "int4"}),
+     RejectReason.BAD_ENCODING),  # code 15 (q = 8) is outside the symmetric range
+    (save({"codes": np.full(2, 0xFF, np.uint8), "scale": np.ones(1, np.float32)}, metadata={"encoding": "int2"}),
+     RejectReason.BAD_ENCODING),  # code 3 (q = 2) is not ternary
+    (save({"codes": np.full(3, 0x55, np.uint8), "scale": np.ones(1, np.float32)}, metadata={"encoding": "int2"}),
+     RejectReason.BAD_SHAPE),  # 8 entries pack into 2 bytes
     (save({"w": np.zeros((2, 4), np.float32)}, metadata={"encoding": "float16"}), RejectReason.BAD_DTYPE),
     (_rewrite(_int8(), lambda h: h["codes"].update(dtype="I64")), RejectReason.BAD_DTYPE),
 ])
@@ -177,3 +181,10 @@ def test_the_training_config_names_the_encoding():
         LocalTraining(update_encoding="zip")
     with pytest.raises(ValueError):
         LocalTraining(update_encoding="topk", update_density=0.9)
+
+
+def test_a_topk_mask_with_bits_past_the_update_is_refused():
+    blob = _topk([1, 1, 0, 0, 0, 0, 0, 1], values=3, density="0.5")  # 6 entries: bits 6 and 7 are padding
+    with pytest.raises(Rejected) as refused:
+        read_update(blob, {"w": (6,)}, 1 << 20)
+    assert refused.value.reason is RejectReason.BAD_ENCODING and "past" in refused.value.detail

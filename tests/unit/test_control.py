@@ -95,11 +95,12 @@ def plane(tmp_path):
     return state, gateway, control, sent, clock
 
 
-def _session(control: Control, fed: str, **device_filter) -> dict:
+def _session(control: Control, fed: str, mode: str = "sync", params: StrategyParams | None = None,
+             **device_filter) -> dict:
     return control.create_session(TrainingSessionIn(
         model_id="tiny-llama", federation=fed, adapter_config=LoraIn(type="lora", rank=4),
-        round_config=RoundConfigIn(min_clients=1, max_rounds=2, timeout_seconds=60),
-        device_filter={"min_ram_mb": 1000, **device_filter}), "tests")
+        round_config=RoundConfigIn(min_clients=1, max_rounds=2, timeout_seconds=60, mode=mode),
+        strategy_params=params, device_filter={"min_ram_mb": 1000, **device_filter}), "tests")
 
 
 def test_a_session_opens_a_round_and_check_in_gives_the_device_its_own_urls(plane):
@@ -118,13 +119,23 @@ def test_a_session_opens_a_round_and_check_in_gives_the_device_its_own_urls(plan
     assert (refused.value.status, refused.value.code) == (403, "ineligible") and "min_ram_mb 1000" in refused.value.detail
 
 
-def test_group_filters_admit_only_members(plane):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_group_filters_admit_only_members(plane, mode):
     state, gateway, control, _, _ = plane
-    _session(control, "g", groups=["canary"])
+    _session(control, "g", mode, groups=["canary"])
     gateway.groups.put("g", "canary", GroupSpec(), ["in"])
     assert gateway.check_in("g", DeviceProfile("in", ram_mb=2000), "u")["round"] == 1
     with pytest.raises(Refusal, match="device groups"):
         gateway.check_in("g", DeviceProfile("out", ram_mb=2000), "u")
+
+
+def test_check_in_tells_devices_the_update_encoding(plane):
+    _, gateway, control, _, _ = plane
+    _session(control, "enc", params=StrategyParams(update_encoding="int8"))
+    training = gateway.check_in("enc", DeviceProfile("a", ram_mb=2000), "u")["training"]
+    assert (training["update_encoding"], training["update_density"]) == ("int8", 0.05)
+    with pytest.raises(ValueError, match="update_encoding"):
+        StrategyParams(update_encoding="zip")
 
 
 def test_submit_records_then_enqueues_once_and_a_repeat_gets_the_same_receipt(plane):
