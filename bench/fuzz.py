@@ -1,9 +1,10 @@
-"""A long fuzzing run of the strict safetensors reader and the envelope decoder.
+"""A long fuzzing run of the strict safetensors reader, the compressed-update reader and the envelope decoder.
 
     python bench/fuzz.py [--inputs 1000000] [--seed 0]
 
 Inputs: random bytes, valid files for a small adapter spec with random bytes, flipped bits and
-cut or stretched tails, and msgpack maps of random fields. Every input must end in a result or a
+cut or stretched tails, compressed updates of every encoding mutated the same way, and msgpack
+maps of random fields. Every input must end in a result or a
 named rejection; anything else (an exception, a crash) is reported with the input's index.
 Prints the count per outcome and the rate.
 """
@@ -21,7 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleettune.shared.protocol.fuzz_targets import SPEC, container, envelope_outcome, reader_outcome  # noqa: E402
+from fleettune.shared.protocol.compression import ENCODINGS, encode  # noqa: E402
+from fleettune.shared.protocol.fuzz_targets import (SPEC, coded_outcome, container, envelope_outcome,  # noqa: E402
+                                                    reader_outcome)
 
 FIELDS = ["v", "federation", "round", "device", "object_key", "sha256", "num_samples", "base_version",
           "train_seconds", "metrics", "extra"]
@@ -68,13 +71,17 @@ def main() -> None:
     outcomes: collections.Counter = collections.Counter()
     started = time.perf_counter()
     for i in range(args.inputs):
-        kind = i % 4
+        kind = i % 5
         try:
             if kind == 0:
                 outcomes["reader " + reader_outcome(rng.bytes(int(rng.integers(0, 200))))] += 1
             elif kind == 1:
                 buf = valid_file(rng)
                 outcomes["reader " + reader_outcome(mutate(buf, rng) if rng.integers(2) else buf)] += 1
+            elif kind == 4:  # a compressed update of a random encoding, mutated half the time
+                arrays = {k: rng.normal(0, 1, s).astype(np.float32) for k, s in SPEC.items()}
+                buf = encode(arrays, ENCODINGS[rng.integers(len(ENCODINGS))], rng, float(rng.uniform(0.05, 0.5)))
+                outcomes["coded " + coded_outcome(mutate(buf, rng) if rng.integers(2) else buf)] += 1
             else:
                 outcomes["envelope " + envelope_outcome(envelope(rng))] += 1
         except Exception as exc:  # the finding

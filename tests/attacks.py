@@ -94,7 +94,38 @@ def inf_value(arrays):
     return valid(dict(arrays, **{name: poisoned}))
 
 
+def _coded(arrays, encoding: str, edit) -> bytes:
+    """A compressed update of `arrays` with its tensors edited by `edit(tensors)`."""
+    from safetensors.numpy import load, save
+
+    from fleettune.shared.protocol.compression import encode, header_metadata
+
+    blob = encode(arrays, encoding, np.random.default_rng(0), 0.1)
+    tensors = load(blob)
+    edit(tensors)
+    return save(tensors, metadata=header_metadata(blob, 1 << 20))
+
+
+def coded_unknown_encoding(arrays):
+    return _coded(arrays, "int8", lambda t: None).replace(b'"int8"', b'"zstd"')
+
+
+def coded_negative_scale(arrays):
+    return _coded(arrays, "int8", lambda t: t["scale"].__setitem__(0, -1.0))
+
+
+def coded_mask_marks_one_more(arrays):
+    def mark(t):
+        mask = t["mask"]
+        zero = int(np.flatnonzero(np.unpackbits(mask, bitorder="little") == 0)[0])
+        mask[zero // 8] |= np.uint8(1 << (zero % 8))
+    return _coded(arrays, "topk", mark)
+
+
 CONTAINER_ATTACKS = {
+    coded_unknown_encoding: RejectReason.BAD_ENCODING,
+    coded_negative_scale: RejectReason.BAD_ENCODING,
+    coded_mask_marks_one_more: RejectReason.BAD_ENCODING,
     truncated: RejectReason.TRUNCATED,
     header_length_past_end: RejectReason.TRUNCATED,
     header_length_past_cap: RejectReason.HEADER_TOO_LARGE,

@@ -71,7 +71,7 @@ def header_metadata(buf: bytes, max_header_bytes: int) -> dict[str, str]:
 def _density(meta: Mapping[str, str]) -> float:
     try:
         density = float(meta.get("density", ""))
-    except ValueError:
+    except (TypeError, ValueError):  # the header's own checks come later: any JSON value can be here
         density = math.nan
     if not 0.0 < density <= MAX_DENSITY:
         raise Rejected(RejectReason.BAD_ENCODING, f"topk density must be in (0, {MAX_DENSITY}]: "

@@ -11,6 +11,7 @@ import struct
 
 from fleettune.shared.protocol.envelope import decode
 from fleettune.shared.errors import Rejected
+from fleettune.shared.protocol.compression import read_update
 from fleettune.shared.protocol.safetensors_reader import parse
 
 SPEC = {"a.lora_A.weight": (2, 3), "a.lora_B.weight": (3, 2)}
@@ -21,6 +22,16 @@ def reader_outcome(buf: bytes) -> str:
     """'ok' or the rejection reason; any other exception is a bug the fuzzer reports."""
     try:
         out = parse(buf, SPEC, HEADER_CAP)
+    except Rejected as rej:
+        return rej.reason.value
+    assert out.keys() == SPEC.keys() and all(tuple(t.shape) == SPEC[k] for k, t in out.items())
+    return "ok"
+
+
+def coded_outcome(buf: bytes) -> str:
+    """The compressed-update reader (any encoding): 'ok' or the rejection reason."""
+    try:
+        out, _ = read_update(buf, SPEC, HEADER_CAP)
     except Rejected as rej:
         return rej.reason.value
     assert out.keys() == SPEC.keys() and all(tuple(t.shape) == SPEC[k] for k, t in out.items())

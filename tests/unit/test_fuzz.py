@@ -16,9 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as library_load
 
 from fleettune.shared.errors import RejectReason
-from fleettune.shared.protocol.fuzz_targets import SPEC, container, envelope_outcome, reader_outcome
+from fleettune.shared.protocol.fuzz_targets import SPEC, coded_outcome, container, envelope_outcome, reader_outcome
 
-EXAMPLES = int(os.environ.get("FLEETTUNE_FUZZ_READER_EXAMPLES", "10000")) // 5
+EXAMPLES = int(os.environ.get("FLEETTUNE_FUZZ_READER_EXAMPLES", "10000")) // 6
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 REASONS = {r.value for r in RejectReason} | {"ok"}
 
@@ -43,6 +43,29 @@ def test_random_bytes_get_a_named_reason(buf):
 @given(headers, st.binary(max_size=64))
 def test_structured_headers_get_a_named_reason(header, data):
     assert reader_outcome(container(header, data)) in REASONS
+
+
+coded_entry = st.fixed_dictionaries({
+    "dtype": st.sampled_from(["I8", "U8", "I32", "F32", "F16", "I64"]),
+    "shape": st.one_of(st.lists(st.integers(min_value=-1, max_value=16), min_size=1, max_size=2), st.just([12]),
+                       st.just([1]), st.just([2]), st.just([6]), st.just([3])),
+    "data_offsets": st.one_of(st.lists(st.integers(min_value=-1, max_value=64), min_size=2, max_size=2),
+                              st.just([0, 12]), st.just([12, 20]), st.just([0, 2]), st.just([2, 14]), st.just([0, 6])),
+})
+metadata = st.dictionaries(st.sampled_from(["encoding", "density", "other"]),
+                           st.one_of(st.sampled_from(["int8", "int4", "int2", "topk", "float16", "zstd", "", "0.25",
+                                                      "0.5", "nan", "-1", "1e309"]),
+                                     st.integers(), st.lists(st.integers(), max_size=2), st.none()), max_size=3)
+coded_headers = st.tuples(st.dictionaries(st.sampled_from(["codes", "scale", "mask", "values", *SPEC]), coded_entry,
+                                          max_size=3), metadata)
+
+
+@FUZZ
+@given(coded_headers, st.binary(min_size=0, max_size=48))
+def test_compressed_updates_get_a_named_reason(header, data):
+    entries, meta = header
+    assert coded_outcome(container({**entries, "__metadata__": meta}, data)) in REASONS
+    assert coded_outcome(data) in REASONS
 
 
 @FUZZ
