@@ -1,7 +1,7 @@
 """Synchronous rounds against async buffered rounds (FedBuff) when device speeds differ.
 
     python bench/async.py [--devices 8] [--rounds 6] [--ks 2,4,8] [--spread 10] [--quorum 6] [--steps 8]
-                          [--seed 0] [--json F]
+                          [--server-lr 1] [--optimizer sgd] [--no-participation] [--seed 0] [--json F]
 
 Devices of the tiny model really train (non-IID, one domain each) and everything goes through the
 gateway and the production tasks on embedded services; only time is simulated
@@ -47,12 +47,13 @@ SOURCE, CHARS, EVAL_CHARS = "tiny", 12_000, 6_000
 
 
 def config_for(name: str, dims: ModelDims, mode: str, k: int, devices: int, rounds: int, steps: int,
-               server_lr: float = 1.0, optimizer: str = "sgd") -> FederationConfig:
+               server_lr: float = 1.0, optimizer: str = "sgd", participation: bool = True) -> FederationConfig:
     policy = (RoundPolicy(min_updates=k or devices, max_rounds=rounds * devices, timeout_seconds=3600,
                           max_update_norm=5.0)
               if mode == "sync" else
               RoundPolicy(mode="async", buffer_size=k, min_updates=1, max_staleness=20, staleness_exponent=0.5,
-                          max_rounds=10**5, timeout_seconds=3600, max_update_norm=5.0, server_lr=server_lr))
+                          max_rounds=10**5, timeout_seconds=3600, max_update_norm=5.0, server_lr=server_lr,
+                          participation_weighting=participation))
     return FederationConfig(
         name=name, model=dims, base_model=SOURCE, policy=policy,
         adapter=AdapterConfig(rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
@@ -74,6 +75,8 @@ def main() -> None:
                         "when their fastest QUORUM devices have sent (over-selection)")
     parser.add_argument("--server-lr", type=float, default=1.0, help="the async runs' server learning rate")
     parser.add_argument("--optimizer", default="sgd", help="the async runs' server optimizer (sgd, avgm, adam, ...)")
+    parser.add_argument("--no-participation", action="store_true",
+                        help="async runs without FedAU's participation weight (FedBuff's weights alone)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
@@ -98,7 +101,7 @@ def main() -> None:
         plan = [("sync", "sync", 0), (f"sync Q={args.quorum}", "sync", args.quorum)]
         for label, mode, k in plan + [(f"async K={k}", "async", k) for k in ks]:
             config = config_for(f"bench-{mode}{k}-{int(time.time())}", dims, mode, k, args.devices, args.rounds,
-                                args.steps, args.server_lr, args.optimizer)
+                                args.steps, args.server_lr, args.optimizer, not args.no_participation)
             runtime.state.federations.create(config, status="idle")
             clients = enroll(url, admin_key, config.name, fleet)
             runtime.coordinator.begin_training(config.name, config.policy.max_rounds)
