@@ -129,6 +129,19 @@ def test_group_filters_admit_only_members(plane, mode):
         gateway.check_in("g", DeviceProfile("out", ram_mb=2000), "u")
 
 
+def test_an_up_to_date_async_device_still_learns_what_to_serve(plane):
+    """The canary assignment comes before any round logic: the 409 up_to_date carries it."""
+    state, gateway, control, _, _ = plane
+    _session(control, "a", "async")
+    plan = gateway.check_in("a", DeviceProfile("d", ram_mb=2000), "u")
+    state.r.hset(keys.fed_async_bases("a"), "d", plan["base_version"])  # what ingest records on accept
+    with pytest.raises(Refusal) as refused:
+        gateway.check_in("a", DeviceProfile("d", ram_mb=2000), "u")
+    assert (refused.value.status, refused.value.code) == (409, "up_to_date")
+    assert refused.value.extra["serve"]["version"] == plan["serve"]["version"] == 0
+    assert refused.value.extra["serve"]["arm"] == plan["serve"]["arm"]
+
+
 def test_check_in_tells_devices_the_update_encoding(plane):
     _, gateway, control, _, _ = plane
     _session(control, "enc", params=StrategyParams(update_encoding="int8"))
