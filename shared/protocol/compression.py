@@ -58,8 +58,8 @@ def header_metadata(buf: bytes, max_header_bytes: int) -> dict[str, str]:
     if len(buf) < 8:
         return {}
     (n,) = struct.unpack("<Q", buf[:8])
-    if n > max_header_bytes or 8 + n > len(buf):
-        return {}
+    if n > max_header_bytes or 8 + n > len(buf) or b"__metadata__" not in buf[8:8 + n]:
+        return {}  # most updates: float32 without metadata, and the header is parsed once, by `parse`
     try:
         header = json.loads(buf[8:8 + n].decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
