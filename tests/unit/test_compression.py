@@ -3,6 +3,7 @@
 import hashlib
 import json
 import struct
+from pathlib import Path
 
 import fakeredis
 import numpy as np
@@ -188,3 +189,22 @@ def test_a_topk_mask_with_bits_past_the_update_is_refused():
     with pytest.raises(Rejected) as refused:
         read_update(blob, {"w": (6,)}, 1 << 20)
     assert refused.value.reason is RejectReason.BAD_ENCODING and "past" in refused.value.detail
+
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+GOLDEN_LAYOUT = {"a.lora_B.weight": (3, 2), "a.lora_A.weight": (2, 3)}  # coded in sorted-name order: A, then B
+
+
+@pytest.mark.parametrize("encoding, a, b", [
+    ("int8", [0.5, -1, 1.5, -2, 2.5, -3], [1.75, -2, 2.25, -2.5, 2.75, -3]),      # codes x (0.5, 0.25)
+    ("int4", [-3.5, -0.5, 0, 0.5, 1, 3.5], [0.75, -0.75, 1.5, -1.5, 0, 1.25]),     # nibbles q + 7
+    ("int2", [-0.5, 0, 0.5, 0.5, 0, -0.5], [0.25, 0.25, -0.25, 0, 0, 0.25]),       # 2-bit q + 1
+    ("topk", [0, 1.5, 0, 0, -2, 0], [0.25, 0, 0, 0, 0, -0.5]),                     # mask bits 1, 4, 6, 11
+])
+def test_golden_coded_updates_decode_to_the_documented_values(encoding, a, b):
+    """Hand-built files of docs/protocol.md's layouts (tests/golden): a reader change that breaks
+    devices already in the field fails here."""
+    decoded, name = read_update((GOLDEN / f"update_{encoding}.safetensors").read_bytes(), GOLDEN_LAYOUT, 1 << 20)
+    assert name == encoding
+    assert decoded["a.lora_A.weight"].tolist() == np.array(a, np.float32).reshape(2, 3).tolist()
+    assert decoded["a.lora_B.weight"].tolist() == np.array(b, np.float32).reshape(3, 2).tolist()
