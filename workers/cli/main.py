@@ -152,10 +152,19 @@ def simulate(name: str, num_devices: int, rounds: int, round_wait: float, concur
 @click.option("--async", "asynchronous", is_flag=True,
               help="buffered async rounds (FedBuff): devices of different speeds, a version every --buffer updates")
 @click.option("--buffer", default=4, show_default=True, help="--async: accepted updates per version")
+@click.option("--compress", type=click.Choice(["float16", "bfloat16", "int8", "int4", "int2", "topk"]), default=None,
+              help="devices send compressed updates (error feedback on the device); then the same run in float32")
 def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: str, out: str, canary: bool,
-         split: bool, epsilon: float, split_mode: str, steps: int, asynchronous: bool, buffer: int) -> None:
+         split: bool, epsilon: float, split_mode: str, steps: int, asynchronous: bool, buffer: int,
+         compress: str | None) -> None:
     """Devices train real adapters on non-IID text and federate them: no server to start."""
     domain_names = tuple(d.strip() for d in domains.split(",") if d.strip())
+    if compress:
+        from fleettune.workers.local.demo import run_compressed_demo
+
+        run_compressed_demo(Settings.from_env(), compress, model_source=model_source, kind=kind,
+                            num_devices=num_devices, rounds=rounds, out_dir=out, domains=domain_names)
+        return
     if asynchronous:
         from fleettune.workers.local.demo_async import run_async_demo
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 import click
 import torch
 
-from fleettune.shared import corpora
+from fleettune.shared import corpora, keys
 from fleettune.shared.protocol import versions
 from fleettune.shared.protocol.adapter_spec import AdapterConfig, ModelDims
 from fleettune.shared.device import memory, models, trainer
@@ -30,7 +31,8 @@ LARGE_MODEL_SIZES = (4_000, 3_000)
 
 
 def demo_config(name: str, model_source: str, dims: ModelDims, kind: str, rounds: int, num_devices: int,
-                min_ram_mb: int, eval_chars: int, domains: tuple[str, ...]) -> FederationConfig:
+                min_ram_mb: int, eval_chars: int, domains: tuple[str, ...], encoding: str = "float32"
+                ) -> FederationConfig:
     adapter = (AdapterConfig(kind="prompt_tuning", num_virtual_tokens=16) if kind == "prompt_tuning"
                else AdapterConfig(kind=kind, rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
     return FederationConfig(
@@ -38,7 +40,7 @@ def demo_config(name: str, model_source: str, dims: ModelDims, kind: str, rounds
         policy=RoundPolicy(min_updates=max(2, num_devices // 2), timeout_seconds=600, max_rounds=rounds,
                            max_update_norm=5.0),
         training=LocalTraining(learning_rate=1e-2 if kind == "prompt_tuning" else 5e-3, local_epochs=1,
-                                  batch_size=8, seq_len=128, max_grad_norm=1.0),
+                                  batch_size=8, seq_len=128, max_grad_norm=1.0, update_encoding=encoding),
         device_filter=DeviceFilter(min_ram_mb=min_ram_mb, min_storage_mb=100),
         evaluation=EvaluationConfig(base_model=model_source, general_every=1, eval_chars=eval_chars, domains=domains),
     )
@@ -52,9 +54,19 @@ def fresh_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class DemoRun:
+    adapter_dir: Path
+    heldout_ppl: float  # the final version's
+    update_bytes: float  # the mean size of the honest devices' update objects
+
+
 def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora", num_devices: int = 8,
              rounds: int = 5, out_dir: str | Path = "fleettune-demo",
-             domains: tuple[str, ...] = corpora.DOMAINS) -> Path:
+             domains: tuple[str, ...] = corpora.DOMAINS, encoding: str = "float32", quiet: bool = False) -> DemoRun:
+    """The demo federation; `encoding` is how devices code their updates, `quiet` prints nothing
+    (the uncompressed reference run of `--compress`)."""
+    say = (lambda *_a, **_k: None) if quiet else click.echo
     torch.set_num_threads(1)  # training here and evaluation in the worker thread: one core each
     out = fresh_out_dir(out_dir)
     started = time.monotonic()
@@ -68,16 +80,17 @@ def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora",
     budget = memory.estimate(num_params, probe.spec.num_parameters, dims, bits=4 if kind == "qlora" else 32,
                              batch=8, seq=128, act_bytes=4)
     config = demo_config(f"demo-{int(time.time())}", model_source, dims, kind, rounds, num_devices,
-                         min_ram_mb=math.ceil(budget.total / memory.MB), eval_chars=eval_chars, domains=domains)
+                         min_ram_mb=math.ceil(budget.total / memory.MB), eval_chars=eval_chars, domains=domains,
+                         encoding=encoding)
     model = trainer.peft_model(base, config.adapter)
     fleet = build_fleet(FleetSpec.spread(num_devices, device_chars, domains=domains), config, model, tokenizer,
                         ram_mb=DEVICE_RAM_MB, storage_mb=DEVICE_STORAGE_MB)
     devices = [device for device, _ in fleet]
 
-    click.echo(f"fleettune demo: {len(devices)} devices ({', '.join(sorted({d for _, d in fleet}))}) train "
+    say(f"fleettune demo: {len(devices)} devices ({', '.join(sorted({d for _, d in fleet}))}) train "
                f"{'a 16-token soft prompt' if kind == 'prompt_tuning' else kind + ' r=8 on q/k/v/o'} of {model_source} "
                f"({num_params / 1e6:.2f} M parameters, {config.spec.num_parameters:,} trainable) for {rounds} rounds")
-    click.echo(f"memory budget per device: {budget.as_mb()} MB -> device filter min_ram_mb={config.device_filter.min_ram_mb}")
+    say(f"memory budget per device: {budget.as_mb()} MB -> device filter min_ram_mb={config.device_filter.min_ram_mb}")
     with embedded(settings, out) as (app, runtime, broker), gateway(app, runtime) as (url, admin_key):
         runtime.state.federations.create(config, status="idle")
         # devices and the hostile one register through the API and then speak only to the gateway
@@ -90,43 +103,57 @@ def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora",
         try:
             clients["old-phone"].check_in(old.ram_mb, old.storage_mb)
         except FleettuneAPIError as refusal:
-            click.echo(f"old-phone at check-in: {refusal.status} {refusal.code}: {refusal.detail}")
-        click.echo(f"API {url}, broker {broker.split('@')[-1]}, store {type(runtime.store).__name__}; "
+            say(f"old-phone at check-in: {refusal.status} {refusal.code}: {refusal.detail}")
+        say(f"API {url}, broker {broker.split('@')[-1]}, store {type(runtime.store).__name__}; "
                    f"devices hold only their tokens\n")
         base_eval = runtime.evaluator(config).base
         rows = [RoundRow(0, "base", 0, 0, base_eval["heldout_mean"], base_eval["general"], math.nan, 0, 0, 0)]
-        _print_header()
-        _print_row(rows[0])
-        for row in run_rounds(app, runtime, config, devices, clients, rounds, hostile=clients["mallory"]):
+        say(HEADER)
+        say(_row(rows[0]))
+        for row in run_rounds(app, runtime, config, devices, clients, rounds, hostile=clients["mallory"],
+                              progress=not quiet):
             rows.append(row)
-            _print_row(row)
+            say(_row(row))
         final = int(runtime.state.federations.status(config.name)["version"])
         stats = runtime.state.federations.stats(config.name)
         adapter_dir = out / "final-adapter"
         versions.download(runtime.store, config.name, final, adapter_dir)
         dead = runtime.state.accounting.deadletters(1)
+        sizes = [runtime.store.digest(key)[1] for r in rows[1:] for d in devices
+                 if runtime.store.exists(key := keys.update_object(config.name, r.round, d.device_id))]
 
-    click.echo(f"\ncounters: {stats}")
+    say(f"\ncounters: {stats}")
     if dead:
-        click.echo(f"last dead-letter: {dead[0]['device']} round {dead[0]['round']}: {dead[0]['reason']}")
+        say(f"last dead-letter: {dead[0]['device']} round {dead[0]['round']}: {dead[0]['reason']}")
     share = sum(r.send_seconds for r in rows[1:]) / max(sum(r.train_seconds for r in rows[1:]), 1e-9)
-    click.echo(f"federation overhead on a device (delta + encode + upload + submit): {100 * share:.2f}% of local training")
+    say(f"federation overhead on a device (delta + encode + upload + submit): {100 * share:.2f}% of local training")
     plot = _plot(rows, out / "perplexity.png", model_source, kind)
-    click.echo(f"plot: {plot}")
-    _check_final(model_source, adapter_dir, tokenizer)
-    click.echo(f"done in {time.monotonic() - started:.0f}s")
-    return adapter_dir
+    say(f"plot: {plot}")
+    if not quiet:
+        _check_final(model_source, adapter_dir, tokenizer)
+    say(f"done in {time.monotonic() - started:.0f}s")
+    return DemoRun(adapter_dir, rows[-1].heldout_ppl, sum(sizes) / max(len(sizes), 1))
 
 
-def _print_header() -> None:
-    click.echo(f"{'round':>5} {'status':>7} {'updates':>7} {'rejected':>8} {'held-out ppl':>12} "
-               f"{'general ppl':>11} {'adapter norm':>12} {'train s/dev':>11} {'seconds':>7}")
+HEADER = (f"{'round':>5} {'status':>7} {'updates':>7} {'rejected':>8} {'held-out ppl':>12} "
+          f"{'general ppl':>11} {'adapter norm':>12} {'train s/dev':>11} {'seconds':>7}")
 
 
-def _print_row(r: RoundRow) -> None:
-    click.echo(f"{r.round:>5} {r.status:>7} {r.updates:>7} {r.rejected:>8} {r.heldout_ppl:>12.2f} "
-               f"{r.general_ppl:>11.2f} {r.adapter_norm:>12.4f} {r.train_seconds:>11.2f} {r.seconds:>7.1f}"
-               + (f"  {r.guard}" if r.guard else ""))
+def _row(r: RoundRow) -> str:
+    return (f"{r.round:>5} {r.status:>7} {r.updates:>7} {r.rejected:>8} {r.heldout_ppl:>12.2f} "
+            f"{r.general_ppl:>11.2f} {r.adapter_norm:>12.4f} {r.train_seconds:>11.2f} {r.seconds:>7.1f}"
+            + (f"  {r.guard}" if r.guard else ""))
+
+
+def run_compressed_demo(settings: Settings, encoding: str, out_dir: str | Path = "fleettune-demo", **kw) -> None:
+    """`fleettune demo --compress ENCODING`: the demo with compressed updates, then the same
+    federation with float32 updates (quietly, seeded alike), and the bytes and perplexity of the two."""
+    run = run_demo(settings, encoding=encoding, out_dir=out_dir, **kw)
+    click.echo("\nthe same federation with float32 updates, for reference ...")
+    ref = run_demo(settings, encoding="float32", quiet=True, out_dir=Path(out_dir) / "float32-reference", **kw)
+    click.echo(f"update bytes: float32 {ref.update_bytes:,.0f}, sent {run.update_bytes:,.0f} "
+               f"(F/S = {ref.update_bytes / run.update_bytes:.2f}×); held-out perplexity {run.heldout_ppl:.2f} vs "
+               f"{ref.heldout_ppl:.2f} uncompressed")
 
 
 def _plot(rows: list[RoundRow], path: Path, model_source: str, kind: str) -> Path:
