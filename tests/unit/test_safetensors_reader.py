@@ -4,6 +4,7 @@ import torch
 from safetensors.torch import save
 
 from fleettune.shared.errors import Rejected, RejectReason
+from fleettune.shared.protocol.compression import read_update
 from fleettune.shared.protocol.safetensors_reader import parse
 from tests import attacks
 
@@ -28,13 +29,14 @@ def test_parses_what_the_safetensors_library_writes(dtype):
 @pytest.mark.parametrize("attack,reason", list(attacks.CONTAINER_ATTACKS.items()),
                          ids=[fn.__name__ for fn in attacks.CONTAINER_ATTACKS])
 def test_each_attack_gets_its_reason(attack, reason):
+    """Through the reader ingest uses: the strict parser, and the decoder of compressed updates."""
     blob = attack(_arrays())
     if reason is RejectReason.NON_FINITE:  # a container problem-free file: finiteness is checked later
-        out = parse(blob, SPEC, CAP)
+        out, _ = read_update(blob, SPEC, CAP)
         assert not all(torch.isfinite(t).all() for t in out.values())
         return
     with pytest.raises(Rejected) as err:
-        parse(blob, SPEC, CAP)
+        read_update(blob, SPEC, CAP)
     assert err.value.reason is reason
 
 
