@@ -47,12 +47,12 @@ ENCODINGS = (*DENSE, "int8", "int4", "int2", "topk")
 LEVELS = {"int8": 127, "int4": 7, "int2": 1}  # |q| <= levels
 BITS = {"int4": 4, "int2": 2}  # packed codes: 8 // bits per byte
 MAX_DENSITY = 0.5  # above it top-k sends more bytes than float16 does
-CODED_DTYPES = {**DTYPES, "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "I32": (torch.int32, 4)}
+CODED_DTYPES = {**DTYPES, "I8": (torch.int8, 1), "U8": (torch.uint8, 1)}
 _DENSE_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _NUMPY = {"float32": np.float32, "float16": np.float16}
 
 
-def header_metadata(buf: bytes, max_header_bytes: int) -> dict[str, str]:
+def header_metadata(buf: bytes, max_header_bytes: int) -> dict:
     """The `__metadata__` of a safetensors file, without reading its tensors. Malformed headers
     are left to `parse`, which names what is wrong; here they read as "no metadata"."""
     if len(buf) < 8:
@@ -116,7 +116,8 @@ def read_update(buf: bytes, layout: Mapping[str, tuple[int, ...]], max_header_by
                 ) -> tuple[dict[str, torch.Tensor], str]:
     """An update file of any encoding -> (float tensors of `layout`, its encoding), or Rejected
     naming what is wrong. Dense updates come back as views into `buf`, as `parse` gives them."""
-    encoding = encoding_of(header_metadata(buf, max_header_bytes))
+    meta = header_metadata(buf, max_header_bytes)
+    encoding = encoding_of(meta)
     if encoding in ("", *DENSE):
         tensors = parse(buf, layout, max_header_bytes)
         if encoding:
@@ -124,7 +125,7 @@ def read_update(buf: bytes, layout: Mapping[str, tuple[int, ...]], max_header_by
             if wrong := [k for k, t in tensors.items() if t.dtype != want]:
                 raise Rejected(RejectReason.BAD_DTYPE, f"{wrong[0][:80]}: not {encoding} as the metadata says")
         return tensors, encoding or "float32"
-    density = _density(header_metadata(buf, max_header_bytes)) if encoding == "topk" else 0.0
+    density = _density(meta) if encoding == "topk" else 0.0
     coded = coded_layout(layout, encoding, density)
     tensors = parse(buf, {k: shape for k, (shape, _) in coded.items()}, max_header_bytes, CODED_DTYPES)
     for name, (_, dtype) in coded.items():
