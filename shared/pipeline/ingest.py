@@ -188,11 +188,13 @@ class Ingestor:
                            f"{config.policy.max_staleness}")
         if env.num_samples < config.policy.min_samples_per_client:
             raise Rejected(RejectReason.TOO_FEW_SAMPLES, f"{env.num_samples} < {config.policy.min_samples_per_client}")
-        last = self.state.r.hget(keys.fed_async_bases(fed), env.device)
+        pipe = self.state.r.pipeline(transaction=False)  # one round trip for both of the device's marks
+        pipe.hget(keys.fed_async_bases(fed), env.device)
+        pipe.hget(keys.fed_async_joined(fed), env.device)
+        last, joined = pipe.execute()
         if last is not None and int(last) >= env.base_version:
             raise Rejected(RejectReason.DUPLICATE_BASE_VERSION,
                            f"{env.device} already has an update from v{int(last)}")
-        joined = self.state.r.hget(keys.fed_async_joined(fed), env.device)
         interval = buffer.base_version - (int(joined) if joined is not None else -1)
         return config, tier, buffer.round, staleness, (buffer.base_version, interval)
 

@@ -18,7 +18,7 @@ An update stays one safetensors file; `__metadata__["encoding"]` names how it is
             density. A bitmap costs 1/8 byte an entry, less than 4-byte indices from 3 % density on.
 
 One tensor per field rather than per adapter tensor: the JSON header of a 32-tensor adapter is
-4 KB, a third of an int8 update of the tiny model. Codes are rounded stochastically (unbiased:
+4 KB, an eighth of an int8 update's codes on the tiny model. Codes are rounded stochastically (unbiased:
 E[code · scale] = x), and the device keeps what the code lost as error feedback (`Compressor`),
 added to its next update, so nothing is dropped for good. Every size is fixed by the layout, the
 encoding and the density, so the strict reader checks exact sizes before any value is read; what
@@ -43,7 +43,7 @@ from fleettune.shared.protocol.safetensors_reader import DTYPES, parse
 
 BLOCK = 128  # elements per int8/int4/int2 scale: a float32 scale per 128 codes adds 3 % to int8 (3.88x float32)
 DENSE = ("float32", "float16", "bfloat16")
-ENCODINGS = (*DENSE, "int8", "int4", "int2", "topk")
+ENCODINGS = (*DENSE, "int8", "int4", "int2", "topk")  # federation.UpdateEncoding names them for configs
 LEVELS = {"int8": 127, "int4": 7, "int2": 1}  # |q| <= levels
 BITS = {"int4": 4, "int2": 2}  # packed codes: 8 // bits per byte
 MAX_DENSITY = 0.5  # above it top-k sends more bytes than float16 does

@@ -11,13 +11,19 @@ from pathlib import Path
 from fleettune.shared.protocol import versions
 
 
-def test_the_demo_trains_federates_and_leaves_a_loadable_adapter_and_a_plot(tmp_path):
+def _demo(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`fleettune demo ARGS` as a user runs it: the installed command, no FLEETTUNE_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETTUNE_")}
-    out = tmp_path / "demo"
-    done = subprocess.run([str(Path(sys.executable).parent / "fleettune"), "demo", "--devices", "6", "--rounds", "2",
-                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
-
+    done = subprocess.run([str(Path(sys.executable).parent / "fleettune"), "demo", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_the_demo_trains_federates_and_leaves_a_loadable_adapter_and_a_plot(tmp_path):
+    out = tmp_path / "demo"
+    done = _demo("--devices", "6", "--rounds", "2", "--out", str(out), timeout=600)
+
     table = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit() and
              line.split()[1] in ("base", "closed")]
     assert [row[:2] for row in table] == [["0", "base"], ["1", "closed"], ["2", "closed"]]
@@ -31,11 +37,8 @@ def test_the_demo_trains_federates_and_leaves_a_loadable_adapter_and_a_plot(tmp_
 
 
 def test_the_canary_demo_advances_the_good_version_and_rolls_the_bad_one_back(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETTUNE_")}
-    done = subprocess.run([str(Path(sys.executable).parent / "fleettune"), "demo", "--canary", "--out",
-                           str(tmp_path / "canary")], env=env, capture_output=True, text=True, timeout=600)
+    done = _demo("--canary", "--out", str(tmp_path / "canary"), timeout=600)
 
-    assert done.returncode == 0, done.stderr[-3000:]
     good, bad = done.stdout.split("(the bad version)")
     assert "completed   100.0%" in good and "409 server_gate_failed" in good
     assert "rolled_back   0.0%" in bad and "rollback by auto: gate breached: eval_loss" in bad
@@ -43,12 +46,8 @@ def test_the_canary_demo_advances_the_good_version_and_rolls_the_bad_one_back(tm
 
 
 def test_the_split_demo_trains_through_the_split_server_with_dp_and_beats_the_base(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETTUNE_")}
-    done = subprocess.run([str(Path(sys.executable).parent / "fleettune"), "demo", "--split", "--epsilon", "8",
-                           "--steps", "60", "--out", str(tmp_path / "split")], env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = _demo("--split", "--epsilon", "8", "--steps", "60", "--out", str(tmp_path / "split"))
 
-    assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.rstrip().splitlines()[-1]
     match = re.fullmatch(r"split learning: epsilon ([\d.]+), held-out perplexity ([\d.]+) \(base ([\d.]+), "
                          r"non-private ([\d.]+)\)", last)
@@ -59,12 +58,8 @@ def test_the_split_demo_trains_through_the_split_server_with_dp_and_beats_the_ba
 
 
 def test_the_async_demo_publishes_a_version_per_buffer_with_stale_updates_and_beats_the_base(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETTUNE_")}
-    done = subprocess.run([str(Path(sys.executable).parent / "fleettune"), "demo", "--async", "--devices", "6",
-                           "--rounds", "2", "--buffer", "3", "--out", str(tmp_path / "async")], env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = _demo("--async", "--devices", "6", "--rounds", "2", "--buffer", "3", "--out", str(tmp_path / "async"))
 
-    assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.rstrip().splitlines()[-1]
     match = re.fullmatch(r"async rounds: (\d+) versions from (\d+) updates in [\d,]+ simulated s; held-out "
                          r"perplexity ([\d.]+) \(base ([\d.]+)\); done in \d+s", last)
@@ -76,12 +71,8 @@ def test_the_async_demo_publishes_a_version_per_buffer_with_stale_updates_and_be
 
 
 def test_the_compressed_demo_sends_a_quarter_of_the_bytes_and_learns_as_much(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETTUNE_")}
-    done = subprocess.run([str(Path(sys.executable).parent / "fleettune"), "demo", "--compress", "int8", "--devices", "4",
-                           "--rounds", "2", "--out", str(tmp_path / "int8")], env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = _demo("--compress", "int8", "--devices", "4", "--rounds", "2", "--out", str(tmp_path / "int8"))
 
-    assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.rstrip().splitlines()[-1]
     match = re.fullmatch(r"update bytes: float32 ([\d,]+), sent ([\d,]+) \(F/S = ([\d.]+)×\); held-out perplexity "
                          r"([\d.]+) vs ([\d.]+) uncompressed", last)

@@ -4,6 +4,7 @@ import hashlib
 import json
 import struct
 from pathlib import Path
+from typing import get_args
 
 import fakeredis
 import numpy as np
@@ -12,12 +13,12 @@ from safetensors.numpy import load, save
 
 from fleettune.shared import keys
 from fleettune.shared.errors import RejectReason, Rejected
-from fleettune.shared.federation import FederationConfig, LocalTraining, RoundPolicy
+from fleettune.shared.federation import FederationConfig, LocalTraining, RoundPolicy, UpdateEncoding
 from fleettune.shared.pipeline.ingest import Ingestor
 from fleettune.shared.pipeline.rounds import RoundCoordinator
 from fleettune.shared.protocol import versions
 from fleettune.shared.protocol.adapter_spec import LAYOUTS
-from fleettune.shared.protocol.compression import BLOCK, Compressor, encode, read_update
+from fleettune.shared.protocol.compression import BLOCK, ENCODINGS, Compressor, encode, read_update
 from fleettune.shared.protocol.envelope import Envelope
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import FederationState
@@ -177,6 +178,7 @@ def test_a_round_of_mixed_encodings_aggregates_what_each_device_sent(tmp_path):
 
 
 def test_the_training_config_names_the_encoding():
+    assert ENCODINGS == get_args(UpdateEncoding)  # the protocol's list and the config's are one
     assert LocalTraining(update_encoding="int8").update_encoding == "int8"
     with pytest.raises(ValueError):
         LocalTraining(update_encoding="zip")

@@ -13,11 +13,13 @@ import json
 import os
 import sys
 import tempfile
+from typing import get_args
 
 import click
 
 from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig
 from fleettune.shared.errors import ConfigError, FleettuneError
+from fleettune.shared.federation import UpdateEncoding
 from fleettune.shared.settings import Settings
 from fleettune.workers.cli.bootstrap import bootstrap
 from fleettune.workers.cli.options import federation_config, federation_kwargs, federation_options
@@ -152,7 +154,7 @@ def simulate(name: str, num_devices: int, rounds: int, round_wait: float, concur
 @click.option("--async", "asynchronous", is_flag=True,
               help="buffered async rounds (FedBuff): devices of different speeds, a version every --buffer updates")
 @click.option("--buffer", default=4, show_default=True, help="--async: accepted updates per version")
-@click.option("--compress", type=click.Choice(["float16", "bfloat16", "int8", "int4", "int2", "topk"]), default=None,
+@click.option("--compress", type=click.Choice([e for e in get_args(UpdateEncoding) if e != "float32"]), default=None,
               help="devices send compressed updates (error feedback on the device); then the same run in float32")
 def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: str, out: str, canary: bool,
          split: bool, epsilon: float, split_mode: str, steps: int, asynchronous: bool, buffer: int,
