@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,15 @@ from fleettune.shared.settings import Settings  # noqa: E402
 from fleettune.shared.strategies import privacy  # noqa: E402
 from fleettune.shared.strategies.config import ADAPTIVE_SERVER_LR, FEDPROX_MU, AggregationConfig  # noqa: E402
 
+import quality_protocol as qp  # noqa: E402
+
 ROUNDS, DEVICES, CHARS = 5, 8, 24_000
+PROTOCOL_CHARS = 24_000  # text per device under the protocol: about one local epoch per round of 8 steps
+PATIENCE = 5  # the centralized run stops after this many checkpoints in a row without a better validation score
+# the protocol's recipe and baseline, as chosen on validation (docs/quality.md has the tuning table);
+# a flag given on the command line wins
+PROTOCOL_DEFAULTS = {"algorithm": "flexlora", "rounds": 20, "max_steps": 8, "lr": 1e-2, "lr_schedule": "cosine",
+                     "chars": PROTOCOL_CHARS, "central_lr": 1e-2}
 EVAL_CHARS = 12_000  # held-out characters per domain (--eval-chars)
 
 
@@ -56,13 +65,15 @@ class Recipe:
     local_optimizer: str = "adamw"
     encoding: str = "float32"  # how devices code their updates (shared/protocol/compression.py)
     density: float = 0.05  # topk's share of entries
+    lr_schedule: str = "constant"  # the devices' learning rate across rounds (LocalTraining.lr_schedule)
+    guard: float = 100.0  # the forgetting guard's threshold (general perplexity / base); 100: off
 
     def aggregation(self) -> AggregationConfig:
         return AggregationConfig.preset(self.algorithm, **dict(self.overrides))
 
 
 def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, source: str,
-            recipe: Recipe = Recipe(), clip: float = 5.0, min_updates: int = DEVICES) -> FederationConfig:
+            recipe: Recipe = Recipe(), clip: float = 5.0, min_updates: int = DEVICES, seed: int = 0) -> FederationConfig:
     agg = recipe.aggregation()
     server_lr = recipe.server_lr or (ADAPTIVE_SERVER_LR if agg.adaptive else 1.0)
     return FederationConfig(
@@ -73,21 +84,26 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
         training=LocalTraining(learning_rate=lr, batch_size=8, seq_len=128, max_steps=recipe.max_steps,
                                   proximal_mu=recipe.proximal_mu or (FEDPROX_MU if recipe.algorithm == "fedprox" else 0),
                                   local_optimizer=recipe.local_optimizer, update_encoding=recipe.encoding,
-                                  update_density=recipe.density),
-        evaluation=EvaluationConfig(base_model=source, forgetting_threshold=100.0, general_every=10**6,
+                                  update_density=recipe.density, lr_schedule=recipe.lr_schedule),
+        evaluation=EvaluationConfig(base_model=source, forgetting_threshold=recipe.guard,
+                                    general_every=1 if recipe.guard < 100 else 10**6,
                                     eval_chars=EVAL_CHARS),
-        aggregation=agg,
+        aggregation=agg, seed=seed,
     )
 
 
 def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = Recipe(),
-              fleet_spec: FleetSpec | None = None, clip: float = 5.0, min_updates: int = DEVICES) -> dict:
-    """recipe.rounds rounds of DEVICES non-IID devices through the real tasks; returns the last evaluation."""
+              fleet_spec: FleetSpec | None = None, clip: float = 5.0, min_updates: int = DEVICES,
+              seed: int = 0, keep_versions: bool = False) -> dict:
+    """recipe.rounds rounds of DEVICES non-IID devices through the real tasks; returns the last evaluation.
+
+    `seed` sets the adapter's initialisation and the devices' batch order (the fleet's data is
+    fleet_spec's); `keep_versions` returns every published version's weights ("versions")."""
     from fleettune.workers.local.harness import embedded, enroll, gateway, run_rounds
 
     tokenizer, base = models.load_tokenizer(source), models.load_model(source)
     config = _config(f"bench-{adapter.kind}-{int(time.time())}", ModelDims.from_hf_config(base.config), adapter, lr,
-                     source, recipe, clip, min_updates)
+                     source, recipe, clip, min_updates, seed)
     model = trainer.peft_model(base, config.adapter)
     fleet = [d for d, _ in build_fleet(fleet_spec or FleetSpec.spread(DEVICES, CHARS), config, model, tokenizer)]
     if config.tier_ranks:  # heterogeneous ranks: every domain gets one device of each tier, each tier its model
@@ -102,12 +118,14 @@ def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = R
         clients = enroll(url, admin_key, config.name, fleet)
         runtime.coordinator.begin_training(config.name, recipe.rounds)
         base_eval = runtime.evaluator(config).base
-        rows = list(run_rounds(app, runtime, config, fleet, clients, recipe.rounds, progress=False))
+        rows = list(run_rounds(app, runtime, config, fleet, clients, recipe.rounds, progress=False, seed=seed))
         final = runtime.state.evaluations.evaluation(config.name, rows[-1].round if rows else 0)
         from fleettune.shared.protocol import versions
 
         newest = int(runtime.state.federations.status(config.name)["version"])
         weights = versions.load_weights(runtime.store, config.name, newest, config.spec, 1 << 30, 1 << 20)
+        every = [versions.load_weights(runtime.store, config.name, v, config.spec, 1 << 30, 1 << 20)
+                 for v in range(1, newest + 1)] if keep_versions else []
         tiers = {}  # each tier's own published adapter, evaluated on its own rank
         for tier, rank in config.tier_ranks.items():
             from fleettune.shared.protocol import versions
@@ -125,7 +143,8 @@ def federated(source: str, adapter: AdapterConfig, lr: float, recipe: Recipe = R
     steps = sum(r.device_steps for r in rows)  # what the devices did, so the centralized run matches it
     return {"base": base_eval, "final": final, "rounds": [r.heldout_ppl for r in rows], "steps": steps,
             "update_bytes": sum(sizes) / max(len(sizes), 1), "train_s_per_device_round": train,
-            "send_s_per_device_round": send, "fleet": fleet, "model": model, "config": config, "tokenizer": tokenizer, "tiers": tiers, "weights": weights}
+            "send_s_per_device_round": send, "fleet": fleet, "model": model, "config": config, "tokenizer": tokenizer, "tiers": tiers, "weights": weights,
+            "versions": every}
 
 
 def centralized(run: dict, lr: float | None = None) -> float:
@@ -221,6 +240,128 @@ def dp_cost(args) -> None:
     clean = rows[0][3]
     for target, z, eps, ppl, _ in rows[1:]:
         print(f"epsilon {eps:5.2f} (z {z:.2f}): perplexity {ppl:.2f} = {ppl / clean:.3f}x the noiseless run")
+
+
+def _recipe(args) -> Recipe:
+    return Recipe(args.algorithm, args.rounds, args.max_steps, args.server_lr, args.mu,
+                  tuple((k, _number(v)) for k, v in (o.split("=", 1) for o in args.set)), args.clients_per_round,
+                  args.local_optimizer, lr_schedule=args.lr_schedule, guard=args.guard)
+
+
+def _seed_run(args, recipe: Recipe, central: qp.Central, seed: int, scorer: qp.Scorer) -> dict:
+    """One seed of the protocol: the federation, then the centralized run on the same tokens."""
+    started = time.perf_counter()
+    run = federated(args.model, AdapterConfig(rank=8, alpha=16), args.lr, recipe,
+                    FleetSpec.spread(DEVICES, args.chars, seed=seed), seed=seed, keep_versions=True)
+    fed = qp.federated_trajectory(run["versions"], scorer, time.perf_counter() - started)
+    training = run["config"].training
+    tokens = run["steps"] * training.batch_size * training.seq_len
+    cen = qp.centralized(run["model"], pooled([(d, "") for d in run["fleet"]]), _initial(run["config"]), tokens,
+                         central, len(fed.val), lambda w: scorer.score(w, "validation"), seed, patience=PATIENCE)
+    out = {"seed": seed, "fed": fed, "central": cen, "tokens": tokens, "steps": run["steps"],
+           "fed_test": scorer.score(fed.weights, "test"), "central_test": scorer.score(cen.weights, "test"),
+           "bytes_per_device": run["update_bytes"] * len(run["versions"]) * (recipe.clients_per_round or DEVICES)
+           / DEVICES, "general": scorer.general_ppl(fed.weights), "run": run}
+    out["ratio"] = out["fed_test"] / out["central_test"]
+    return out
+
+
+def tune(args) -> None:
+    """The protocol's equal tuning budget, on seed 0's validation text: each learning rate of
+    --lr-grid for the federated recipe, each of --central-lr-grid for the centralized baseline
+    (the same number of configurations, both with the same early stopping)."""
+    recipe = _recipe(args)
+    args.chars = args.chars or PROTOCOL_CHARS
+    fed_grid, central_grid = _floats(args.lr_grid), _floats(args.central_lr_grid)
+    if args.side == "both" and len(fed_grid) != len(central_grid):
+        raise SystemExit("an equal budget: --lr-grid and --central-lr-grid need as many values")
+    scorer = qp.Scorer(args.model, AdapterConfig(rank=8, alpha=16), test_chars=0)
+    print(f"tuning on seed 0's validation text; {recipe}; centralized {args.central_schedule}, "
+          f"batch {args.central_batch}", flush=True)
+    from fleettune.shared.device.fleet import build_fleet
+
+    config = _config("tune", ModelDims.from_hf_config(scorer.model.config), AdapterConfig(rank=8, alpha=16),
+                     args.lr, args.model, recipe)
+    fleet = build_fleet(FleetSpec.spread(DEVICES, args.chars, seed=0), config, scorer.model,
+                        models.load_tokenizer(args.model))
+
+    def judge(w):
+        return scorer.score(w, "validation")
+
+    for lr in fed_grid if args.side in ("fed", "both") else ():
+        # FedAvg in-process (the same trainer and mean as the tasks, without the services) keeps a
+        # grid affordable; the protocol's reported runs go through the real pipeline
+        training = dataclasses.replace(config.training, learning_rate=lr)
+        tr = qp.simulated_fedavg(scorer.model, [d.data for d, _ in fleet], _initial(config), training, recipe.rounds,
+                                 judge, 0)
+        print(f"federated lr {lr:g}, {training.lr_schedule}: best validation {min(tr.val):.2f} at round "
+              f"{tr.best + 1} ({tr.seconds:.0f} s); per round {', '.join(f'{v:.1f}' for v in tr.val)}", flush=True)
+    if args.side in ("central", "both"):
+        tokens = DEVICES * recipe.rounds * recipe.max_steps * config.training.batch_size * config.training.seq_len
+        for lr in central_grid:
+            central = qp.Central(lr, args.central_schedule, args.central_batch)
+            tr = qp.centralized(scorer.model, pooled(fleet), _initial(config), tokens, central, recipe.rounds,
+                                judge, 0)
+            print(f"centralized {central.label()}: best validation {min(tr.val):.2f} at checkpoint {tr.best + 1} "
+                  f"({tr.seconds:.0f} s); per checkpoint {', '.join(f'{v:.1f}' for v in tr.val)}", flush=True)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def protocol(args) -> None:
+    """The evaluation protocol (bench/quality_protocol.py) for one recipe over --seeds seeds."""
+    recipe = _recipe(args)
+    central = qp.Central(args.central_lr or args.lr, args.central_schedule, args.central_batch)
+    args.chars = args.chars or PROTOCOL_CHARS
+    started = time.perf_counter()
+    scorer = qp.Scorer(args.model, AdapterConfig(rank=8, alpha=16))
+    base_test, base_general = scorer.score(None, "test"), scorer.general_ppl(None)
+    print(f"model {args.model}; {DEVICES} non-IID devices of {args.chars:,} characters over "
+          f"{len(corpora.DOMAINS)} domains; {recipe.rounds} rounds of {recipe.max_steps} local steps; {recipe}")
+    print(f"centralized: {central.label()}; test tokens per domain {scorer.tokens('test')}; "
+          f"base test perplexity {base_test:.2f}, general {base_general:.2f}", flush=True)
+    seeds = []
+    for seed in range(args.seeds):
+        r = _seed_run(args, recipe, central, seed, scorer)
+        seeds.append(r)
+        print(f"seed {seed}: federated test {r['fed_test']:.2f} (round {r['fed'].best + 1} of {len(r['fed'].val)} "
+              f"by validation; {r['fed'].seconds:.0f} s), centralized test {r['central_test']:.2f} (checkpoint "
+              f"{r['central'].best + 1} of {len(r['central'].val)}; {r['central'].seconds:.0f} s), ratio "
+              f"{r['ratio']:.3f}; {r['tokens']:,} training tokens each; "
+              f"{r['bytes_per_device'] / 1e6:.2f} MB sent per device; general perplexity "
+              f"{r['general']:.2f} ({r['general'] / base_general:.3f}x base)", flush=True)
+        print(f"  validation per round, federated: {', '.join(f'{v:.1f}' for v in r['fed'].val)}")
+        print(f"  validation per checkpoint, centralized: {', '.join(f'{v:.1f}' for v in r['central'].val)}",
+              flush=True)
+        if args.personalization:
+            rows = qp.personalization(r["run"]["model"], [(d, d.tier) for d in r["run"]["fleet"]], r["fed"].weights,
+                                      _initial(r["run"]["config"]), r["steps"] // DEVICES, args.lr, recipe.rounds,
+                                      scorer, seed)
+            r["personal"] = rows
+            for row in rows:
+                print(f"  {row['device']:>34} ({row['domain']}): own-domain test perplexity local-only "
+                      f"{row['local']:.2f}, global {row['global']:.2f}, personalized {row['personalized']:.2f}",
+                      flush=True)
+    if args.personalization:
+        print("personalization, mean over seeds [95 % interval], each device on its own domain's test text "
+              "(a device's data differs by seed; its position and domain do not):")
+        for i, first in enumerate(seeds[0]["personal"]):
+            cells = {k: [r["personal"][i][k] for r in seeds] for k in ("local", "global", "personalized")}
+            wins = sum(r["personal"][i]["personalized"] < min(r["personal"][i]["local"], r["personal"][i]["global"])
+                       for r in seeds)
+            print(f"  device {i} ({first['domain']}): " + ", ".join(f"{k} {qp.fmt(v, 1)}" for k, v in cells.items())
+                  + f"; personalized best on {wins} of {len(seeds)} seeds")
+    ratios = [r["ratio"] for r in seeds]
+    print(f"federated test perplexity {qp.fmt([r['fed_test'] for r in seeds], 2)}, centralized "
+          f"{qp.fmt([r['central_test'] for r in seeds], 2)}; general perplexity / base "
+          f"{qp.fmt([r['general'] / base_general for r in seeds])}; sent per device "
+          f"{statistics.fmean(r['bytes_per_device'] for r in seeds) / 1e6:.2f} MB over {recipe.rounds} rounds")
+    print(f"wall time {time.perf_counter() - started:.0f} s")
+    mean, lo, hi = qp.interval(ratios)
+    print(f"protocol {args.model}: test ratio federated / centralized = {mean:.3f} [{lo:.3f}, {hi:.3f}] at "
+          f"{recipe.rounds} rounds, {recipe.max_steps} local steps, {len(seeds)} seeds")
 
 
 def _number(text: str):
@@ -343,7 +484,7 @@ def tiers(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["fed-vs-central", "prompt", "qlora", "memory", "dp", "hetero", "tiers",
-                                         "compression", "child"])
+                                         "compression", "protocol", "tune", "child"])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--steps", type=int, default=30, help="qlora: training steps; tiers: distillation steps")
@@ -364,10 +505,28 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=None, help="text per device (fed-vs-central: 24,000; dp: 3,000)")
     parser.add_argument("--encodings", default="float32,float16,int8,int4,topk:0.05,topk:0.02",
                         help="compression: update encodings to compare (topk:DENSITY)")
+    parser.add_argument("--seeds", type=int, default=3, help="protocol: seeds")
+    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                        help="the devices' learning rate across rounds")
+    parser.add_argument("--personalization", action="store_true",
+                        help="protocol: each device on its own domain: local-only, global, personalized")
+    parser.add_argument("--lr-grid", default="0.003,0.01,0.03", help="tune: the devices' learning rates")
+    parser.add_argument("--central-lr-grid", default="0.001,0.003,0.01", help="tune: the centralized run's")
+    parser.add_argument("--side", default="both", choices=["both", "fed", "central"],
+                        help="tune: one side only (the two sides can run as two processes)")
+    parser.add_argument("--guard", type=float, default=100.0,
+                        help="the forgetting guard's threshold, general perplexity / base (100: off)")
+    parser.add_argument("--central-schedule", default="cosine", choices=["cosine", "constant"])
+    parser.add_argument("--central-batch", type=int, default=8)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="an AggregationConfig field, e.g. --set lora=ffa")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.what in ("protocol", "tune"):
+        torch.set_num_threads(2)  # the protocol runs alone on the 2 cores; its wall time is reported
+        for name, value in PROTOCOL_DEFAULTS.items():
+            if f"--{name.replace('_', '-')}" not in sys.argv:
+                setattr(args, name, value)
     global EVAL_CHARS  # noqa: PLW0603 (one knob read deep in _config)
     EVAL_CHARS = args.eval_chars
     if args.what == "child":
@@ -376,7 +535,8 @@ def main() -> None:
     if args.lr is None:
         args.lr = 3e-2 if args.what == "prompt" else 5e-3
     {"fed-vs-central": fed_vs_central, "prompt": prompt, "qlora": qlora, "memory": memory_check,
-     "dp": dp_cost, "hetero": hetero, "tiers": tiers, "compression": compression}[args.what](args)
+     "dp": dp_cost, "hetero": hetero, "tiers": tiers, "compression": compression,
+     "protocol": protocol, "tune": tune}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 Domain = Literal["literature", "legal", "code", "medical"]  # what a federation may evaluate on (general: forgetting)
+HeldoutPart = Literal["all", "validation", "test"]
 DOMAINS: tuple[Domain, ...] = ("literature", "legal", "code")  # installed with the package everywhere
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
 MEDICAL_LABELS = ("(Med.)", "(Anat.)", "(Physiol.)", "(Pathol.)", "(Surg.)")
@@ -43,6 +44,12 @@ class Document:
     def heldout(self) -> bool:
         digest = hashlib.sha256(f"{self.domain}/{self.name}".encode()).digest()
         return digest[0] * 100 // 256 < HELDOUT_PERCENT
+
+    @property
+    def heldout_part(self) -> HeldoutPart:
+        """Which half of the held-out documents this one is in (meaningful for held-out ones only)."""
+        digest = hashlib.sha256(f"{self.domain}/{self.name}".encode()).digest()
+        return "validation" if digest[1] % 2 else "test"
 
 
 def _package_dir(name: str) -> Path:
@@ -141,9 +148,13 @@ def documents(domain: str) -> tuple[Document, ...]:
     return sources[domain]()
 
 
-def heldout_text(domain: str, max_chars: int) -> str:
-    """Deterministic evaluation text of one domain, from documents no one trains on."""
-    return _take([d for d in documents(domain) if d.heldout], max_chars)
+def heldout_text(domain: str, max_chars: int, part: HeldoutPart = "all") -> str:
+    """Deterministic evaluation text of one domain, from documents no one trains on.
+
+    `part` splits the held-out documents in two by another hash of their names: "validation" for
+    every choice a benchmark makes (learning rates, rounds, early stopping), "test" to report.
+    """
+    return _take([d for d in documents(domain) if d.heldout and part in ("all", d.heldout_part)], max_chars)
 
 
 def train_text(domain: str, max_chars: int, seed: int = 0) -> str:
@@ -179,20 +190,36 @@ def partition(devices_per_domain: dict[str, int], chars_per_device: int, seed: i
     out = []
     for domain, count in devices_per_domain.items():
         docs = [d for d in documents(domain) if not d.heldout]
+        by_play = False
         if domain == "literature":
-            docs = [d for d in docs if len(d.text) >= chars_per_device // 2]
+            roles = [d for d in docs if len(d.text) >= chars_per_device // 2]
+            # one character is one client while characters that large exist; beyond that a client
+            # is one play's characters (still one natural source, as LEAF's play-level split)
+            by_play = len(roles) < count
+            docs = _plays(docs) if by_play else roles
         rng.shuffle(docs)
         for i in range(count):
             chosen, size = [], 0
             while size < chars_per_device and docs:
                 chosen.append(docs.pop())
                 size += len(chosen[-1].text)
-                if domain == "literature":
+                if domain == "literature" and not by_play:
                     break  # one character is one client
+            if not chosen:
+                raise ValueError(f"{domain} has too little training text for {count} devices of "
+                                 f"{chars_per_device:,} characters")
             name = chosen[0].name if domain == "literature" else f"{domain}-{i}"
             text = "\n\n".join(d.text for d in chosen)[:chars_per_device]
             out.append(ClientData(_device_id(domain, i, name), domain, text))
     return out
+
+
+def _plays(docs: list[Document]) -> list[Document]:
+    """Literature documents merged per play: a client's text when no single character holds enough."""
+    plays: dict[str, list[str]] = {}
+    for d in docs:
+        plays.setdefault(d.name.split(":", 1)[0], []).append(d.text)
+    return [Document(play, "literature", "\n\n".join(texts)) for play, texts in sorted(plays.items())]
 
 
 def _device_id(domain: str, index: int, name: str) -> str:

@@ -22,6 +22,7 @@ _STORED = ConfigDict(extra="forbid")
 _MAX_UPDATE_NORM = Field(validation_alias=AliasChoices("max_update_norm", "max_grad_norm"))
 
 LocalOptimizer = Literal["adamw", "sgd"]
+LrSchedule = Literal["constant", "cosine"]
 # how devices code their updates (shared/protocol/compression.py; the server reads any of them)
 UpdateEncoding = Literal["float32", "float16", "bfloat16", "int8", "int4", "int2", "topk"]
 RoundMode = Literal["sync", "async"]
@@ -117,13 +118,28 @@ class LocalTraining:
     # next update (error feedback); update_density is top-k's share of entries sent
     update_encoding: UpdateEncoding = "float32"
     update_density: float = 0.05
+    # the devices' learning rate across rounds: "cosine" decays it from learning_rate towards
+    # lr_floor x learning_rate by the policy's last round; the server sets each round's value in
+    # the plan, so devices need no clock of their own
+    lr_schedule: LrSchedule = "constant"
+    lr_floor: float = 0.1
 
     def __post_init__(self) -> None:
         if not (self.learning_rate > 0 and self.local_epochs >= 1 and self.batch_size >= 1
                 and self.seq_len >= 8 and self.max_grad_norm > 0 and self.weight_decay >= 0
                 and self.proximal_mu >= 0 and self.local_optimizer in get_args(LocalOptimizer)
-                and self.update_encoding in get_args(UpdateEncoding) and 0 < self.update_density <= 0.5):
+                and self.update_encoding in get_args(UpdateEncoding) and 0 < self.update_density <= 0.5
+                and self.lr_schedule in get_args(LrSchedule) and 0 <= self.lr_floor <= 1):
             raise ValueError(f"invalid training strategy: {self}")
+
+    def for_round(self, round_no: int, rounds: int) -> LocalTraining:
+        """This round's training as the plan carries it: the schedule's learning rate for round
+        `round_no` (1-based) of `rounds` (0: no horizon, the rate stays)."""
+        if self.lr_schedule == "constant" or rounds <= 1:
+            return self
+        t = min(max(round_no - 1, 0), rounds - 1) / (rounds - 1)
+        scale = self.lr_floor + (1 - self.lr_floor) * 0.5 * (1 + math.cos(math.pi * t))
+        return dataclasses.replace(self, learning_rate=self.learning_rate * scale)
 
 
 TrainingStrategy = LocalTraining  # its first name, kept for code written against it

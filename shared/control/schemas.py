@@ -23,7 +23,7 @@ from fleettune.shared.control.groups import GroupSpec, Rules
 from fleettune.shared.control.model_files import TRAINABLE_HINT
 from fleettune.shared.errors import Refusal
 from fleettune.shared.federation import (DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig,
-                                         LocalOptimizer, UpdateEncoding)
+                                         LocalOptimizer, LrSchedule, UpdateEncoding)
 from fleettune.shared.split import config as split_config
 from fleettune.shared.strategies.config import Algorithm, DriftControl, LoraMode, Rule, choose
 from fleettune.shared.strategies.server_optimizers import ServerOptimizer
@@ -170,6 +170,10 @@ class StrategyParams(Strict):
         None, description="how devices code updates: float32, float16, bfloat16, int8, int4 or int2 (block scales, "
         "stochastic rounding) or topk; with error feedback on the device")
     update_density: float | None = Field(None, gt=0, le=0.5, description="topk: the share of entries sent")
+    lr_schedule: LrSchedule | None = Field(
+        None, description="cosine: each round's device learning rate decays towards lr_floor x learning_rate "
+        "by the policy's max_rounds")
+    lr_floor: float | None = Field(None, ge=0, le=1)
 
 
 class DpIn(Strict):

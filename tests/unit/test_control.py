@@ -343,3 +343,12 @@ def test_deadlines_are_judged_by_receive_time(plane, tmp_path):
     assert int(state.r.get(keys.round_inflight("f", 1))) == 0
     info = dataclasses.replace(info, inflight=0)
     assert decide(info, 1, 1, now=1061.0, grace=180) == CLOSING
+
+
+def test_a_cosine_schedule_sets_each_rounds_learning_rate_in_the_plan(plane):
+    state, gateway, control, _, _ = plane
+    _session(control, "f", params=StrategyParams(learning_rate=0.01, lr_schedule="cosine", lr_floor=0.2))
+    plan = gateway.check_in("f", DeviceProfile("a", ram_mb=2000), "http://api")
+    assert plan["training"]["learning_rate"] == pytest.approx(0.01)  # round 1 of 2: the full rate
+    last = state.federations.config("f").training.for_round(2, 2)
+    assert last.learning_rate == pytest.approx(0.002) and last.lr_schedule == "cosine"

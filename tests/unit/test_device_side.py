@@ -69,6 +69,25 @@ def test_partitions_are_non_iid_disjoint_and_never_touch_held_out_text():
     assert corpora.heldout_text("code", 3000) == corpora.heldout_text("code", 3000)  # deterministic
 
 
+def test_held_out_text_splits_into_disjoint_validation_and_test_halves():
+    docs = [d for d in corpora.documents("legal") if d.heldout]
+    parts = {d.heldout_part for d in docs}
+    assert parts == {"validation", "test"}
+    val, test = corpora.heldout_text("legal", 40_000, "validation"), corpora.heldout_text("legal", 40_000, "test")
+    assert min(len(val), len(test)) >= 40_000 and val[:300] not in test and test[:300] not in val
+    assert val[:300] in corpora.heldout_text("legal", 10**7) and test[:300] in corpora.heldout_text("legal", 10**7)
+
+
+def test_literature_devices_hold_a_whole_play_once_no_character_is_large_enough():
+    parts = corpora.partition({"literature": 3}, 100_000, seed=0)
+    assert all(len(p.text) > 50_000 for p in parts) and len({p.client for p in parts}) == 3
+    assert all(":" not in p.client for p in parts)  # named by the play, not a character
+    roles = corpora.partition({"literature": 3}, 5000, seed=0)
+    assert all(len(p.text) <= 5000 for p in roles)
+    with pytest.raises(ValueError, match="too little training text"):
+        corpora.partition({"legal": 10}, 10**7)
+
+
 @pytest.mark.skipif(not corpora.GCIDE.exists(), reason="apt-get install dict-gcide (scripts/test.sh does)")
 def test_the_medical_domain_comes_from_labelled_dictionary_entries():
     docs = corpora.documents("medical")

@@ -86,3 +86,16 @@ def test_ffa_freezes_a_fedprox_pulls_toward_the_start_and_scaffold_shifts_every_
         assert all(float((shifted[k] - start[k]).mean()) < 0 for k in start)  # Adam steps against +c
     finally:
         trainer.release(model)
+
+
+def test_the_round_schedule_decays_from_the_rate_to_its_floor():
+    cosine = LocalTraining(learning_rate=0.1, lr_schedule="cosine", lr_floor=0.1)
+    rates = [cosine.for_round(r, 5).learning_rate for r in range(1, 6)]
+    assert rates[0] == pytest.approx(0.1) and rates[-1] == pytest.approx(0.01)
+    assert rates[2] == pytest.approx(0.01 + 0.09 * 0.5)  # halfway: the cosine's midpoint
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert cosine.for_round(9, 5).learning_rate == pytest.approx(0.01)  # past the horizon: the floor
+    assert cosine.for_round(3, 0) is cosine  # no horizon: the rate stays
+    assert LocalTraining(learning_rate=0.1).for_round(3, 5).learning_rate == 0.1
+    with pytest.raises(ValueError):
+        LocalTraining(lr_schedule="linear")

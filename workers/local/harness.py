@@ -130,8 +130,10 @@ def send_hostile(client: DeviceClient, config: FederationConfig) -> dict:
 
 def run_rounds(app: Celery, runtime: Runtime, config: FederationConfig, fleet: list[Device],
                clients: dict[str, DeviceClient], rounds: int, hostile: DeviceClient | None = None,
-               progress: bool = True, timeout: float = 300) -> Iterator[RoundRow]:
-    """Each round, every device trains and sends through the gateway (a hostile one first, if given)."""
+               progress: bool = True, timeout: float = 300, seed: int = 0) -> Iterator[RoundRow]:
+    """Each round, every device trains and sends through the gateway (a hostile one first, if given).
+
+    `seed` varies the devices' batch order between runs of the same rounds."""
     fed = config.name
     for round_no in range(1, rounds + 1):
         info = runtime.state.rounds.round_info(fed, round_no)
@@ -147,7 +149,7 @@ def run_rounds(app: Celery, runtime: Runtime, config: FederationConfig, fleet: l
         cohort = runtime.state.rounds.cohort(fed, round_no) if sampled else None
         picked = [d for d in fleet if d.device_id in cohort] if sampled else fleet
         for device in tqdm(picked, desc=f"round {round_no}", unit="device", leave=False, disable=not progress):
-            reports.append(device.run_round(clients[device.device_id], seed=round_no))
+            reports.append(device.run_round(clients[device.device_id], seed=seed * 100_003 + round_no))
         done = wait_round(app, runtime, fed, round_no, timeout)
         manifest = versions.manifest(runtime.store, fed, done.version) if done.status == "closed" else {}
         evaluation = (wait_evaluation(runtime, fed, done.version, timeout)

@@ -1,0 +1,218 @@
+"""The evaluation protocol behind the quality figures (issue 22), used by bench/quality.py.
+
+- Held-out documents are split in two by a hash of their names (corpora.heldout_text's `part`):
+  every choice (learning rates, schedule, which round or checkpoint to keep) is made on the
+  validation half; only the test half is reported.
+- The centralized baseline trains on everyone's data pooled and processes the same tokens as the
+  whole federation (device steps × batch × sequence length). It gets the same tuning budget as
+  the federated recipe: as many configurations, scored on validation, and early stopping at as
+  many checkpoints as the federation has rounds.
+- Every configuration runs on several seeds (the fleet's data draw, the adapter's initialisation,
+  the batch order); ratios are given as the mean and a 95 % Student-t interval over seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from fleettune.shared import corpora
+from fleettune.shared.device import models, trainer
+from fleettune.shared.protocol.adapter_spec import AdapterConfig
+
+SEQ_LEN = 128
+VAL_CHARS, TEST_CHARS = 60_000, 170_000  # per domain; the test half gives >= 55k tokens of each
+
+
+class Scorer:
+    """Tokenised validation and test halves of the held-out text; scores any adapter weights."""
+
+    def __init__(self, source: str, adapter: AdapterConfig, val_chars: int = VAL_CHARS,
+                 test_chars: int = TEST_CHARS, domains: tuple[str, ...] = corpora.DOMAINS) -> None:
+        tokenizer = models.load_tokenizer(source)
+        self.model = trainer.peft_model(models.load_model(source), adapter)
+
+        def encode(domain: str, chars: int, part: corpora.HeldoutPart) -> torch.Tensor:
+            return trainer.blocks(tokenizer(corpora.heldout_text(domain, chars, part))["input_ids"], SEQ_LEN)
+
+        self.sets = {"validation": {d: encode(d, val_chars, "validation") for d in domains},
+                     "test": {d: encode(d, test_chars, "test") for d in domains} if test_chars else {}}
+        self.general = encode("general", val_chars, "all")
+
+    def tokens(self, part: str) -> dict[str, int]:
+        return {d: data.numel() for d, data in self.sets[part].items()}
+
+    def domains(self, weights, part: str) -> dict[str, float]:
+        self._load(weights)
+        return {d: trainer.perplexity(self.model, data) for d, data in self.sets[part].items()}
+
+    def score(self, weights, part: str) -> float:
+        """Geometric mean of the domains' perplexities (they differ by an order of magnitude)."""
+        values = self.domains(weights, part).values()
+        return math.exp(sum(math.log(v) for v in values) / len(values))
+
+    def domain(self, weights, domain: str, part: str) -> float:
+        self._load(weights)
+        return trainer.perplexity(self.model, self.sets[part][domain])
+
+    def general_ppl(self, weights) -> float:
+        self._load(weights)
+        return trainer.perplexity(self.model, self.general)
+
+    def _load(self, weights) -> None:
+        if weights is None:
+            trainer.load_adapter_weights(self.model, {k: torch.zeros_like(v) if "lora_B" in k else v
+                                                      for k, v in trainer.adapter_weights(self.model).items()})
+        else:
+            trainer.load_adapter_weights(self.model, weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class Central:
+    """One centralized configuration: AdamW on the pooled data."""
+
+    lr: float = 3e-3
+    schedule: str = "cosine"  # or "constant"
+    batch_size: int = 8
+    beta2: float = 0.999
+    warmup: float = 0.05  # share of the steps with a linear warm-up
+
+    def label(self) -> str:
+        return f"lr {self.lr:g}, {self.schedule}, batch {self.batch_size}, β2 {self.beta2:g}"
+
+
+@dataclasses.dataclass
+class Trajectory:
+    """Validation perplexity at each checkpoint, and the kept (best on validation) checkpoint."""
+
+    val: list[float]
+    best: int  # index into val
+    weights: dict  # the kept checkpoint's adapter
+    seconds: float
+
+
+def best_of(val: list[float]) -> int:
+    return min(range(len(val)), key=val.__getitem__)
+
+
+def centralized(model, data: torch.Tensor, initial: dict, tokens: int, config: Central, checkpoints: int,
+                judge: Callable[[dict], float], seed: int, patience: int = 0) -> Trajectory:
+    """Train on `data` (pooled sequences) for `tokens` tokens, scoring validation (`judge`) at
+    `checkpoints` evenly spaced points and keeping the best one; with `patience`, stop once that
+    many checkpoints in a row were no better (the kept checkpoint is what it would have been
+    unless validation recovered later)."""
+    trainer.load_adapter_weights(model, initial)
+    steps = max(1, round(tokens / (config.batch_size * data.shape[1])))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, config.beta2), weight_decay=0.0)
+    warm = max(1, int(config.warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if config.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    gen = torch.Generator().manual_seed(seed)
+    marks = {round(steps * (i + 1) / checkpoints) for i in range(checkpoints)}
+    val, kept, start = [], None, time.perf_counter()
+    order, pos = torch.randperm(len(data), generator=gen), 0
+    for step in range(1, steps + 1):
+        model.train()
+        if pos + config.batch_size > len(order):
+            order, pos = torch.randperm(len(data), generator=gen), 0
+        batch = data[order[pos:pos + config.batch_size]]
+        pos += config.batch_size
+        model(input_ids=batch, labels=batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step in marks:
+            weights = trainer.adapter_weights(model)
+            val.append(judge(weights))
+            if best_of(val) == len(val) - 1:
+                kept = {k: v.clone() for k, v in weights.items()}
+            elif patience and len(val) - 1 - best_of(val) >= patience:
+                break
+    return Trajectory(val, best_of(val), kept, time.perf_counter() - start)
+
+
+def federated_trajectory(versions: list[dict], scorer: Scorer, seconds: float) -> Trajectory:
+    val = [scorer.score(w, "validation") for w in versions]
+    best = best_of(val)
+    return Trajectory(val, best, versions[best], seconds)
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95 % Student-t interval over seeds."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    mean, lo, hi = interval(values)
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def personalization(model, fleet, global_weights: dict, initial: dict, device_steps: int, lr: float,
+                    checkpoints: int, scorer: Scorer, seed: int) -> list[dict]:
+    """Each device's perplexity on its own domain's test text: local-only training (its own data,
+    as many steps as it took in the federation, best checkpoint on its domain's validation), the
+    global adapter, and the global adapter fine-tuned on its own data (steps chosen on validation
+    among one, two and four rounds' worth)."""
+    rows = []
+    for i, (device, domain) in enumerate(fleet):
+        def judge(w, d=domain):
+            return scorer.domain(w, d, "validation")
+
+        batch = device.strategy.batch_size
+        tokens = device_steps * batch * device.data.shape[1]
+        alone = centralized(model, device.data, initial, tokens, Central(lr, "cosine", batch), checkpoints, judge,
+                            seed * 1009 + i, patience=5)
+        per_round = max(1, device_steps // checkpoints)
+        tuned = centralized(model, device.data, global_weights, 4 * per_round * batch * device.data.shape[1],
+                            Central(lr, "constant", batch, warmup=0.0), 4, judge, seed * 1013 + i)
+        # the fine-tuned candidates are 1, 2, 3 and 4 rounds' worth; the global itself is a candidate too
+        keep = tuned.weights if min(tuned.val) < judge(global_weights) else global_weights
+        rows.append({"device": device.device_id, "domain": domain,
+                     "local": scorer.domain(alone.weights, domain, "test"),
+                     "global": scorer.domain(global_weights, domain, "test"),
+                     "personalized": scorer.domain(keep, domain, "test")})
+    return rows
+
+
+def simulated_fedavg(model, fleet_data: list[torch.Tensor], initial: dict, training, rounds: int,
+                     judge: Callable[[dict], float], seed: int) -> Trajectory:
+    """FedAvg in one process with the devices' own trainer, for tuning only: sample-weighted mean
+    of the deltas, server lr 1, no clip (the reported runs go through the real tasks, where the
+    clip never bound at these settings). Scores validation after every round."""
+    weights = {k: v.clone().float() for k, v in initial.items()}
+    val, kept, start = [], None, time.perf_counter()
+    for r in range(1, rounds + 1):
+        strategy = training.for_round(r, rounds)
+        total, acc = 0, {k: torch.zeros_like(v) for k, v in weights.items()}
+        for i, data in enumerate(fleet_data):
+            trainer.load_adapter_weights(model, weights)
+            result = trainer.train(model, data, strategy, seed=seed * 100_003 + r * 31 + i)
+            after = trainer.adapter_weights(model)
+            for k in acc:
+                acc[k] += result.samples * (after[k] - weights[k])
+            total += result.samples
+        weights = {k: weights[k] + acc[k] / total for k in weights}
+        val.append(judge(weights))
+        if best_of(val) == len(val) - 1:
+            kept = {k: v.clone() for k, v in weights.items()}
+    return Trajectory(val, best_of(val), kept, time.perf_counter() - start)
