@@ -81,7 +81,9 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
         policy=RoundPolicy(min_updates=min(min_updates, recipe.clients_per_round or min_updates),
                            max_rounds=recipe.rounds, max_update_norm=clip, timeout_seconds=900, server_lr=server_lr,
                            clients_per_round=recipe.clients_per_round),
+        # with max_steps, a device takes exactly that many steps, into another epoch when its text is short
         training=LocalTraining(learning_rate=lr, batch_size=8, seq_len=128, max_steps=recipe.max_steps,
+                               local_epochs=1000 if recipe.max_steps else 1,
                                   proximal_mu=recipe.proximal_mu or (FEDPROX_MU if recipe.algorithm == "fedprox" else 0),
                                   local_optimizer=recipe.local_optimizer, update_encoding=recipe.encoding,
                                   update_density=recipe.density, lr_schedule=recipe.lr_schedule),
@@ -288,12 +290,19 @@ def tune(args) -> None:
     def judge(w):
         return scorer.score(w, "validation")
 
+    agg = recipe.aggregation()
+    if args.side != "central" and (agg.optimizer != "sgd" or agg.rule != "mean" or agg.lora == "ffa"
+                                   or agg.drift_control != "none" or agg.dp_noise_multiplier
+                                   or recipe.server_lr not in (None, 1.0)):
+        raise SystemExit("tune's federated side runs FedAvg (naive or exact LoRA) at server lr 1; "
+                         "score other rules with `protocol`")
     for lr in fed_grid if args.side in ("fed", "both") else ():
         # FedAvg in-process (the same trainer and mean as the tasks, without the services) keeps a
         # grid affordable; the protocol's reported runs go through the real pipeline
         training = dataclasses.replace(config.training, learning_rate=lr)
         tr = qp.simulated_fedavg(scorer.model, [d.data for d, _ in fleet], _initial(config), training, recipe.rounds,
-                                 judge, 0)
+                                 judge, 0, exact=agg.lora == "exact",
+                                 working_rank=agg.working_rank_factor * config.adapter.rank)
         print(f"federated lr {lr:g}, {training.lr_schedule}: best validation {min(tr.val):.2f} at round "
               f"{tr.best + 1} ({tr.seconds:.0f} s); per round {', '.join(f'{v:.1f}' for v in tr.val)}", flush=True)
     if args.side in ("central", "both"):

@@ -195,15 +195,20 @@ def personalization(model, fleet, global_weights: dict, initial: dict, device_st
 
 
 def simulated_fedavg(model, fleet_data: list[torch.Tensor], initial: dict, training, rounds: int,
-                     judge: Callable[[dict], float], seed: int) -> Trajectory:
+                     judge: Callable[[dict], float], seed: int, exact: bool = False,
+                     working_rank: int = 16) -> Trajectory:
     """FedAvg in one process with the devices' own trainer, for tuning only: sample-weighted mean
-    of the deltas, server lr 1, no clip (the reported runs go through the real tasks, where the
-    clip never bound at these settings). Scores validation after every round."""
+    of the deltas (with `exact`, of each layer's product B·A, re-factorised as the server's exact
+    aggregation does, streaming at `working_rank`), server lr 1, no clip (the reported runs go
+    through the real tasks).
+    Scores validation after every round."""
+    from fleettune.shared.strategies.exact_lora import LowRankSum, lora_pairs
+
     weights = {k: v.clone().float() for k, v in initial.items()}
     val, kept, start = [], None, time.perf_counter()
     for r in range(1, rounds + 1):
         strategy = training.for_round(r, rounds)
-        total, acc = 0, {k: torch.zeros_like(v) for k, v in weights.items()}
+        total, acc, trained = 0, {k: torch.zeros_like(v) for k, v in weights.items()}, []
         for i, data in enumerate(fleet_data):
             trainer.load_adapter_weights(model, weights)
             result = trainer.train(model, data, strategy, seed=seed * 100_003 + r * 31 + i)
@@ -211,7 +216,14 @@ def simulated_fedavg(model, fleet_data: list[torch.Tensor], initial: dict, train
             for k in acc:
                 acc[k] += result.samples * (after[k] - weights[k])
             total += result.samples
+            trained.append((result.samples, after))
         weights = {k: weights[k] + acc[k] / total for k in weights}
+        for b, a in lora_pairs(set(weights)).values() if exact else ():
+            products = LowRankSum(weights[b].shape[0], weights[a].shape[1], cap=working_rank)
+            for samples, after in trained:
+                products.add(after[b].double(), after[a].double(), samples / total)
+            merged = products.factorise(weights[b].shape[1])
+            weights[b], weights[a] = merged.B.float(), merged.A.float()
         val.append(judge(weights))
         if best_of(val) == len(val) - 1:
             kept = {k: v.clone() for k, v in weights.items()}
