@@ -40,16 +40,18 @@ class Document:
     domain: str
     text: str
 
+    @functools.cached_property
+    def _digest(self) -> bytes:
+        return hashlib.sha256(f"{self.domain}/{self.name}".encode()).digest()
+
     @property
     def heldout(self) -> bool:
-        digest = hashlib.sha256(f"{self.domain}/{self.name}".encode()).digest()
-        return digest[0] * 100 // 256 < HELDOUT_PERCENT
+        return self._digest[0] * 100 // 256 < HELDOUT_PERCENT
 
     @property
     def heldout_part(self) -> HeldoutPart:
         """Which half of the held-out documents this one is in (meaningful for held-out ones only)."""
-        digest = hashlib.sha256(f"{self.domain}/{self.name}".encode()).digest()
-        return "validation" if digest[1] % 2 else "test"
+        return "validation" if self._digest[1] % 2 else "test"
 
 
 def _package_dir(name: str) -> Path:
