@@ -1,0 +1,153 @@
+"""The server's side of SecAgg+: checks on each stage's messages, what it relays, and the unmasking.
+
+Pure functions over what the stages collected, so the Redis coordinator and the in-memory
+simulation run the same code. Each check raises `SecAggError` with a named reason; a refused
+message changes nothing, so one hostile device cannot stop the round for the honest ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fleettune.shared.secagg import primitives as crypto
+from fleettune.shared.secagg import shamir
+from fleettune.shared.secagg.device import SIGNATURE_BYTES, commitment, mask_sign, pairwise_mask
+from fleettune.shared.secagg.fixed_point import Encoding
+from fleettune.shared.secagg.graph import Graph
+from fleettune.shared.secagg.messages import Context, Reason, SecAggError, field
+
+MAX_CIPHERTEXT_BYTES = 512  # a sealed share pair is 12 + msgpack(2 ids, 2 × 66 bytes) + 16
+
+
+def check_advert(ctx: Context, raw: dict, device: str, graph: Graph, identities: dict[str, bytes]) -> dict:
+    """Stage 0: a device's two public keys, signed by its registered identity for this attempt."""
+    if device not in graph:
+        raise SecAggError(Reason.NOT_IN_STAGE, f"{device} is not in this attempt's cohort")
+    if field(raw, "device", str) != device:
+        raise SecAggError(Reason.MALFORMED, "the message names another device")
+    c_pk, s_pk = field(raw, "c_pk", bytes, crypto.KEY_BYTES), field(raw, "s_pk", bytes, crypto.KEY_BYTES)
+    sig = field(raw, "sig", bytes, SIGNATURE_BYTES)
+    identity = identities.get(device)
+    if identity is None:
+        raise SecAggError(Reason.UNKNOWN_IDENTITY, f"no identity key registered for {device}")
+    try:
+        crypto.verify(identity, sig, ctx.label("advertise", device) + c_pk + s_pk)
+    except crypto.CryptoError:
+        raise SecAggError(Reason.BAD_SIGNATURE, "the keys are not signed by the device's identity for this attempt") from None
+    if c_pk == s_pk:
+        raise SecAggError(Reason.MALFORMED, "the two round keys must differ")
+    return {"device": device, "c_pk": c_pk, "s_pk": s_pk, "sig": sig}
+
+
+def offer_for(device: str, graph: Graph, adverts: dict[str, dict], identities: dict[str, bytes]) -> dict:
+    """Stage 1's input for one device: its neighbours that advertised, with keys, signatures and points."""
+    return {"neighbours": {peer: {"c_pk": adverts[peer]["c_pk"], "s_pk": adverts[peer]["s_pk"],
+                                  "sig": adverts[peer]["sig"], "identity": identities[peer],
+                                  "point": graph.point(peer)}
+                           for peer in graph.neighbours(device) if peer in adverts}}
+
+
+def check_shares(ctx: Context, raw: dict, device: str, graph: Graph, adverts: dict[str, dict],
+                 identities: dict[str, bytes]) -> dict:
+    """Stage 1: one sealed share pair per live neighbour, and a signed commitment to the seed."""
+    if device not in adverts:
+        raise SecAggError(Reason.NOT_IN_STAGE, f"{device} did not advertise keys in this attempt")
+    if field(raw, "device", str) != device:
+        raise SecAggError(Reason.MALFORMED, "the message names another device")
+    commit, sig = field(raw, "commitment", bytes, 32), field(raw, "sig", bytes, SIGNATURE_BYTES)
+    try:
+        crypto.verify(identities[device], sig, ctx.label("commit", device) + commit)
+    except crypto.CryptoError:
+        raise SecAggError(Reason.BAD_SIGNATURE, "the seed commitment is not signed for this attempt") from None
+    shares = field(raw, "shares", dict)
+    live = {peer for peer in graph.neighbours(device) if peer in adverts}
+    for peer, ct in shares.items():
+        if peer not in live:
+            raise SecAggError(Reason.WRONG_RECIPIENT, f"a share for {peer!r}, not a live neighbour of {device}")
+        if not isinstance(ct, bytes) or not crypto.NONCE_BYTES + 16 < len(ct) <= MAX_CIPHERTEXT_BYTES:
+            raise SecAggError(Reason.MALFORMED, f"the share for {peer!r} is not a sealed share pair")
+    return {"device": device, "commitment": commit, "sig": sig, "shares": dict(shares)}
+
+
+def inbox_for(device: str, shared: dict[str, dict]) -> dict[str, bytes]:
+    """Stage 2's input for one device: the sealed shares addressed to it, by sender, from senders it
+    shared with too. Only mutual pairs mask each other, so a device that leaves a neighbour out of
+    its shares cannot leave an uncancelled mask in the sum."""
+    own = shared.get(device, {}).get("shares", {})
+    return {sender: msg["shares"][device] for sender, msg in shared.items()
+            if device in msg["shares"] and sender in own}
+
+
+def check_masked(vector: np.ndarray, device: str, shared: dict[str, dict], encoding: Encoding, length: int) -> np.ndarray:
+    """Stage 2: a masked vector of the attempt's length and modulus from a device that shared."""
+    if device not in shared:
+        raise SecAggError(Reason.NOT_IN_STAGE, f"{device} did not share keys in this attempt")
+    if not isinstance(vector, np.ndarray) or vector.dtype != encoding.dtype or vector.shape != (length,):
+        raise SecAggError(Reason.BAD_VECTOR, f"expected {length} values of {encoding.dtype} (mod 2^{encoding.bits})")
+    return vector
+
+
+def unmask_request(device: str, shared: dict[str, dict], survivors: set[str]) -> dict:
+    """Stage 3's input for a surviving device: of the neighbours whose shares it holds, which survived."""
+    held = set(inbox_for(device, shared))
+    return {"survivors": sorted(held & survivors), "dropped": sorted(held - survivors),
+            "survivor_count": len(survivors)}
+
+
+def check_unmask(raw: dict, device: str, shared: dict[str, dict], survivors: set[str]) -> dict:
+    """Stage 3: seed shares of surviving neighbours, key shares of dropped ones; never both for one."""
+    if device not in survivors:
+        raise SecAggError(Reason.NOT_IN_STAGE, f"{device} sent no masked input in this attempt")
+    if field(raw, "device", str) != device:
+        raise SecAggError(Reason.MALFORMED, "the message names another device")
+    seeds, keys = field(raw, "seed_shares", dict), field(raw, "key_shares", dict)
+    both = set(seeds) & set(keys)
+    if both:
+        raise SecAggError(Reason.BOTH_SHARES, f"both kinds of share for {sorted(both)[:3]}")
+    held = set(inbox_for(device, shared))
+    for kind, part, allowed in (("seed", seeds, held & survivors), ("key", keys, held - survivors)):
+        for peer, share in part.items():
+            if peer not in allowed:
+                raise SecAggError(Reason.WRONG_RECIPIENT, f"a {kind} share for {peer!r}, which the server did not ask for")
+            if not isinstance(share, bytes) or len(share) != shamir.SHARE_BYTES:
+                raise SecAggError(Reason.MALFORMED, f"the {kind} share for {peer!r} is not {shamir.SHARE_BYTES} bytes")
+    return {"device": device, "seed_shares": dict(seeds), "key_shares": dict(keys)}
+
+
+def unmask(ctx: Context, encoding: Encoding, graph: Graph, threshold: int, adverts: dict[str, dict],
+           shared: dict[str, dict], masked: dict[str, np.ndarray], answers: dict[str, dict]) -> tuple[float, np.ndarray]:
+    """(Σw, Σ w·x) over the devices in `masked`: their sum, less each survivor's self mask (from its
+    seed's shares) and the pairwise masks survivors added for devices that dropped after sharing
+    (from those devices' key shares). SecAggError(too_few_shares | bad_shares) when a secret
+    cannot be rebuilt and checked: the attempt then restarts with fresh keys."""
+    survivors = set(masked)
+    if not survivors:
+        raise SecAggError(Reason.TOO_FEW_SHARES, "no masked input")
+    length = next(iter(masked.values())).shape[0]
+    total = np.zeros(length, dtype=encoding.dtype)
+    for vector in masked.values():
+        total += vector
+    for device in sorted(survivors):
+        seed = _rebuild(device, "seed_shares", graph, threshold, answers)
+        if commitment(ctx, device, seed) != shared[device]["commitment"]:
+            raise SecAggError(Reason.BAD_SHARES, f"{device}'s rebuilt seed does not match its commitment")
+        total -= crypto.mask(seed, length, encoding.dtype)
+    for gone in sorted(set(shared) - survivors):
+        s_sk = _rebuild(gone, "key_shares", graph, threshold, answers)
+        if crypto.agreement_public(s_sk) != adverts[gone]["s_pk"]:
+            raise SecAggError(Reason.BAD_SHARES, f"{gone}'s rebuilt key does not match its advertised key")
+        for peer in survivors:
+            if gone in shared[peer]["shares"] and peer in shared[gone]["shares"]:  # peer masked against gone
+                m = pairwise_mask(ctx, s_sk, adverts[peer]["s_pk"], length, encoding.dtype)
+                total = total - m if mask_sign(peer, gone) > 0 else total + m
+    return encoding.decode_sum(total)
+
+
+def _rebuild(device: str, kind: str, graph: Graph, threshold: int, answers: dict[str, dict]) -> bytes:
+    shares = {graph.point(holder): a[kind][device] for holder, a in answers.items() if device in a[kind]}
+    if len(shares) < threshold:
+        raise SecAggError(Reason.TOO_FEW_SHARES, f"{len(shares)} {kind.split('_')[0]} shares of {device}, {threshold} needed")
+    try:
+        return shamir.combine_bytes(shares, threshold)
+    except shamir.ShamirError as exc:
+        raise SecAggError(Reason.BAD_SHARES, f"{device}'s {kind.split('_')[0]} shares: {exc}") from None

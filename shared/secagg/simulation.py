@@ -1,0 +1,129 @@
+"""Every stage of SecAgg+ in one process, with dropouts at any stage: the reference for tests and the
+bench. It runs the same device and server functions the pipeline runs, and keeps a transcript of
+everything the server receives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from fleettune.shared.secagg import graph as graphs
+from fleettune.shared.secagg import primitives as crypto
+from fleettune.shared.secagg import server
+from fleettune.shared.secagg.device import DeviceSession
+from fleettune.shared.secagg.fixed_point import Encoding
+from fleettune.shared.secagg.messages import Context, SecAggError, pack
+
+STAGES = ("advertise", "share", "masked", "unmask")
+Drops = Callable[[int, str], set[str]]  # (attempt, stage) -> devices that vanish before sending it
+
+
+@dataclasses.dataclass
+class Result:
+    weight_sum: float
+    total: np.ndarray  # Σ w·x over the survivors
+    survivors: list[str]
+    attempts: int
+    bound: float  # per-coordinate bound on |mean − exact mean| from the rounding
+    transcript: list[tuple[str, str, bytes]]  # (stage, device, bytes the server received)
+    device_seconds: dict[str, float]  # CPU seconds per device, all stages
+    server_seconds: float
+    bytes_up: dict[str, int]
+    bytes_down: dict[str, int]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / self.weight_sum
+
+
+def run(updates: dict[str, np.ndarray], weights: dict[str, int], encoding: Encoding, identities: dict[str, bytes],
+        *, federation: str = "sim", round_no: int = 1, degree: int | None = None, threshold: int | None = None,
+        min_survivors: int = 2, drops: Drops = lambda attempt, stage: set(), max_attempts: int = 3,
+        rng: np.random.Generator | None = None) -> Result:
+    """SecAgg+ over `updates`, restarting with fresh keys (up to `max_attempts`) when too few survive."""
+    rng = rng or np.random.default_rng()
+    public = {d: crypto.identity_public(k) for d, k in identities.items()}
+    transcript: list[tuple[str, str, bytes]] = []
+    dev_s = dict.fromkeys(updates, 0.0)
+    up, down = dict.fromkeys(updates, 0), dict.fromkeys(updates, 0)
+    server_s = 0.0
+    last: Exception | None = None
+    for attempt in range(1, max_attempts + 1):
+        ctx = Context(federation, round_no, attempt)
+        t0 = time.process_time()
+        g = graphs.build(updates, os.urandom(32), degree)
+        t = threshold or graphs.default_threshold(g.degree)
+        server_s += time.process_time() - t0
+        sessions = {d: DeviceSession(ctx, d, identities[d], encoding, t, min_survivors) for d in updates}
+
+        def device_step(d, fn, *args):
+            t0 = time.process_time()
+            try:
+                return fn(*args)
+            finally:
+                dev_s[d] += time.process_time() - t0
+
+        def received(stage, d, obj):
+            raw = obj.tobytes() if isinstance(obj, np.ndarray) else pack(obj)
+            transcript.append((stage, d, raw))
+            up[d] += len(raw)
+
+        live = set(updates) - drops(attempt, "advertise")
+        adverts = {}
+        for d in sorted(live):
+            msg = device_step(d, sessions[d].advertise)
+            received("advertise", d, msg)
+            adverts[d] = _server(lambda: server.check_advert(ctx, msg, d, g, public))
+        shared = {}
+        for d in sorted(set(adverts) - drops(attempt, "share")):
+            offer = server.offer_for(d, g, adverts, public)
+            down[d] += len(pack(offer))
+            try:
+                msg = device_step(d, sessions[d].share, offer)
+            except SecAggError:
+                continue  # too few live neighbours: this device sits the attempt out
+            received("share", d, msg)
+            shared[d] = _server(lambda: server.check_shares(ctx, msg, d, g, adverts, public))
+        masked = {}
+        for d in sorted(set(shared) - drops(attempt, "masked")):
+            inbox = server.inbox_for(d, shared)
+            down[d] += sum(map(len, inbox.values()))
+            try:
+                y = device_step(d, sessions[d].masked_input, inbox, updates[d], weights[d], rng)
+            except SecAggError:
+                continue
+            received("masked", d, y)
+            masked[d] = server.check_masked(y, d, shared, encoding, y.shape[0])
+        survivors = set(masked)
+        answers = {}
+        for d in sorted(survivors - drops(attempt, "unmask")):
+            request = server.unmask_request(d, shared, survivors)
+            down[d] += len(pack(request))
+            try:
+                msg = device_step(d, sessions[d].unmask, request)
+            except SecAggError:
+                continue
+            received("unmask", d, msg)
+            answers[d] = server.check_unmask(msg, d, shared, survivors)
+        t0 = time.process_time()
+        try:
+            if len(survivors) < min_survivors:
+                raise SecAggError(server.Reason.TOO_FEW_SHARES, f"{len(survivors)} survivors, {min_survivors} needed")
+            weight_sum, total = server.unmask(ctx, encoding, g, t, adverts, shared, masked, answers)
+        except SecAggError as exc:
+            last = exc
+            continue
+        finally:
+            server_s += time.process_time() - t0
+        bound = encoding.mean_error_bound(len(survivors), weight_sum)
+        return Result(weight_sum, total, sorted(survivors), attempt, bound, transcript, dev_s, server_s, up, down)
+    raise SecAggError(server.Reason.TOO_FEW_SHARES, f"no attempt of {max_attempts} completed: {last}")
+
+
+def _server(fn):
+    return fn()
