@@ -228,6 +228,11 @@ class FederationConfig:
             raise ConfigError("async rounds account DP without sampling amplification: set sampling_rate 1")
         if self.aggregation.dp and self.policy.max_update_norm is None:
             raise ConfigError("DP needs a clip bound: set max_update_norm")
+        if self.aggregation.secure_aggregation is not None and (
+                self.policy.max_update_norm is None or self.policy.mode == "async" or self.adapter.tier_ranks):
+            # the device clips to max_update_norm, which sizes the fixed point; a masked sum needs one
+            # cohort that answers the stages together, and one vector layout for all of it
+            raise ConfigError("secure aggregation needs max_update_norm, sync rounds and one adapter rank")
         if self.adapter.kind == "prompt_tuning" and (self.aggregation.lora != "naive"
                                                      or self.aggregation.drift_control != "none"):
             raise ConfigError("exact, ffa and scaffold need a LoRA adapter, not prompt tuning")

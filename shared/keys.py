@@ -24,6 +24,10 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:fed:{fed}:round:{r}:partials hash partial slot -> msgpack entry (object key, sha256, counts, stats)
     ft:fed:{fed}:stats           hash of counters: received, accepted, duplicate, rejected:{reason}
     ft:fed:{fed}:secret          32 random bytes only the server knows: seeds DP noise and cohort sampling
+    ft:fed:{fed}:identities      hash device_id -> its Ed25519 identity public key (secure aggregation)
+    ft:fed:{fed}:round:{r}:secagg           hash: the SecAgg+ attempt, stage, deadline, graph, encoding, result
+    ft:fed:{fed}:round:{r}:secagg:{a}:{s}   hash device_id -> its checked message of stage s in attempt a
+                                            (s = advertise | share | masked | unmask | inbox)
     ft:fed:{fed}:*               every key of one federation (what deleting it removes)
     ft:federations               set of federation names
     ft:stats                     counters of envelopes that name no parseable federation
@@ -73,6 +77,7 @@ Control plane (the API):
 Object store:
     updates/{fed}/{round:06d}/{device}.safetensors        written by devices
     partials/{fed}/{round:06d}/{slot}-{gen:06d}.safetensors   partial sums written by ingest workers
+    secagg/{fed}/{round:06d}/{attempt}/{device}.bin       secure aggregation: masked inputs written by devices
     federations/{fed}/versions/{version:06d}/...          immutable published versions
     federations/{fed}/versions/{version:06d}/rank-{rank}/ that version's adapter at a tier's lower rank
     federations/{fed}/versions/{version:06d}/tier-{tier}/ that version distilled onto a tier's own base
@@ -346,3 +351,25 @@ def model_versions(model_id: str) -> str:
 
 def model_object(model_id: str, version: str, filename: str) -> str:
     return f"models/{model_id}/{version}/{filename}"
+
+
+def fed_identities(fed: str) -> str:
+    """Each device's Ed25519 identity public key: it signs the device's secure-aggregation keys."""
+    return f"{PREFIX}:fed:{fed}:identities"
+
+
+def secagg(fed: str, round_no: int) -> str:
+    return f"{PREFIX}:fed:{fed}:round:{round_no}:secagg"
+
+
+def secagg_stage(fed: str, round_no: int, attempt: int, stage: str) -> str:
+    return f"{PREFIX}:fed:{fed}:round:{round_no}:secagg:{attempt}:{stage}"
+
+
+def secagg_masked_prefix(fed: str, round_no: int) -> str:
+    return f"secagg/{fed}/{round_no:06d}/"
+
+
+def secagg_masked_object(fed: str, round_no: int, attempt: int, device: str) -> str:
+    """A device's masked input for one attempt: uniform-looking integers mod 2^32 or 2^64."""
+    return f"{secagg_masked_prefix(fed, round_no)}{attempt}/{device}.bin"

@@ -100,6 +100,7 @@ class Settings(BaseSettings):
     fold_idle_s: PositiveReal = Field(0.5, validation_alias="FLEETTUNE_FOLD_IDLE")  # ... or after this long idle
     split_url: str | None = None  # the split-learning server the gateway forwards devices' steps to
     split_rate_limit: int = 6000  # split steps a device may send per rate window (a step per batch)
+    secagg_rate_limit: Positive = 1200  # secure-aggregation stage polls and answers per device per rate window
     # request bodies, bounded while they stream in (413 past the bound; nothing is read before auth)
     max_device_body_bytes: Positive = 16 * 1024  # check-in, upload-url, submit, reports: JSON of a few fields
     max_operator_body_bytes: Positive = 1 * MiB  # every other JSON route

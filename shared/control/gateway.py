@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from fleettune.shared.control.rollouts import Assignment, Rollouts
 from fleettune.shared.control.tiers import Deployment, Variant
 from fleettune.shared.settings import Settings
 from fleettune.shared.strategies import privacy
+from fleettune.shared.secagg.coordinator import SecureRounds
 from fleettune.shared.state import FederationState, RoundInfo
 
 Enqueue = Callable[[bytes, float], None]  # (envelope bytes, received_at)
@@ -55,8 +57,10 @@ class Receipt:
 class Gateway:
     def __init__(self, state: FederationState, presigner: Presigner, settings: Settings, enqueue: Enqueue,
                  clock: Callable[[], float] = time.time, publisher: Publisher | None = None,
-                 base_download: Callable[[str, str], dict | None] = lambda ref, base_url: None) -> None:
+                 base_download: Callable[[str, str], dict | None] = lambda ref, base_url: None,
+                 secure: SecureRounds | None = None) -> None:
         self.state = state
+        self.secure = secure
         self.r: redis.Redis = state.r
         self.presigner = presigner
         self.settings = settings
@@ -180,6 +184,7 @@ class Gateway:
         get_until = self.clock() + self.settings.url_ttl_s
         if info.mode != "async":  # an async device may train past this buffer's age limit
             get_until = min(info.deadline, get_until)
+        secure = self._secure_plan(fed, info, round_config)
         scaffold = {}  # SCAFFOLD's server control variate (absent before the first SCAFFOLD round: zero)
         if round_config.aggregation.drift_control == "scaffold":
             key = f"{keys.version_prefix(fed, info.base_version)}/{versions.CONTROL_FILE}"
@@ -198,14 +203,32 @@ class Gateway:
                          for name in (versions.ADAPTER_FILE, versions.CONFIG_FILE)} | scaffold,
             # no URL yet: a store bounds an upload's size only when its URL signs it, so the device asks
             # upload-url for one with the update's sha256 and size once it has trained
-            "upload": {"key": keys.update_object(fed, info.round, device),
-                       "url_from": f"/api/v1/federations/{fed}/upload-url"},
+            "upload": None if secure else {"key": keys.update_object(fed, info.round, device),
+                                           "url_from": f"/api/v1/federations/{fed}/upload-url"},
             "max_update_bytes": self.settings.max_update_bytes,
+            **({"secure_aggregation": secure} if secure else {}),
         }
+
+    def _secure_plan(self, fed: str, info: RoundInfo, config: FederationConfig) -> dict | None:
+        """Under secure aggregation: what the device needs to take part in the round's stages (the
+        update goes up only masked, through them, never through upload-url and submit)."""
+        setting = config.aggregation.secure_aggregation
+        if setting is None:
+            return None
+        if self.secure is None:
+            raise Refusal(503, "unavailable", "this gateway has no secure-aggregation coordinator")
+        names = sorted(config.update_tensors)
+        length = 1 + sum(math.prod(config.update_tensors[k]) for k in names)
+        max_weight = 1 if config.aggregation.dp else setting.max_weight  # DP: every clipped update counts the same
+        self.secure.configure(fed, info.round, config.policy.max_update_norm, max_weight, length)
+        self.secure.ensure(fed, info.round, setting)
+        return {"stages_url": f"/api/v1/federations/{fed}/secagg/{info.round}",
+                "identity_url": f"/api/v1/federations/{fed}/identity", "clip": config.policy.max_update_norm,
+                "max_weight": max_weight, "tensors": names, "length": length}
 
     def upload_url(self, fed: str, device: str, round_no: int, sha256: str, size: int, base_url: str) -> dict[str, Any]:
         """A write-once PUT URL for this device's update key, bound to the update's sha256 and size."""
-        self._config(fed)
+        self._refuse_plain(fed, round_no)
         if size > self.settings.max_update_bytes:
             raise Refusal(413, "object_too_large", f"{size} bytes > {self.settings.max_update_bytes}")
         info = self._open_round(fed)
@@ -254,6 +277,17 @@ class Gateway:
         seen = await self.ledger.record_and_push_async(client, digest, entry, now, self.publisher.queue,
                                                        self.publisher.message(raw, now))
         return self._receipt_for(seen, digest, env, now)
+
+    def _refuse_plain(self, fed: str, round_no: int) -> None:
+        """Under secure aggregation an update in the clear would undo it: refused before it is sent
+        (without an upload URL there is no object for a submit to name: ingest finds it missing)."""
+        info = self.state.rounds.round_info(fed, round_no)
+        config = self.state.federations.config(fed, info.config_rev if info else None) if info else self._config(fed)
+        if config is None:
+            config = self._config(fed)
+        if config.aggregation.secure_aggregation is not None:
+            raise Refusal(409, "secure_aggregation", f"round {round_no} takes updates only masked, through "
+                          f"/api/v1/federations/{fed}/secagg/{round_no}")
 
     def _received(self, fed: str, device: str, fields: dict[str, Any]) -> tuple[Envelope, bytes, str, dict]:
         """The envelope (checked as a worker would check it), its bytes, digest and ledger entry."""

@@ -25,6 +25,7 @@ from fleettune.shared.errors import Refusal
 from fleettune.shared.federation import (DeviceFilter, DeviceProfile, EvaluationConfig, FederationConfig,
                                          LocalOptimizer, LrSchedule, UpdateEncoding)
 from fleettune.shared.split import config as split_config
+from fleettune.shared.secagg.config import SecureAggregation
 from fleettune.shared.strategies.config import Algorithm, DriftControl, LoraMode, Rule, choose
 from fleettune.shared.strategies.server_optimizers import ServerOptimizer
 
@@ -182,6 +183,19 @@ class DpIn(Strict):
     max_epsilon: float | None = Field(None, gt=0, le=1e6, description="complete before a round would pass it")
 
 
+class SecureAggregationIn(Strict):
+    """SecAgg+ (see docs/secure-aggregation.md): the server learns only the cohort's sum."""
+
+    max_weight: int = Field(64, ge=1, le=1_000_000, description="a device's sample count is capped here")
+    precision_bits: int = Field(16, ge=8, le=40, description="fixed-point fractional bits, at least")
+    degree: int | None = Field(None, ge=4, le=10_000, description="neighbours per device; absent: sized from "
+                                                                   "the cohort and dropout")
+    dropout: float = Field(1 / 3, ge=0, lt=0.5, description="the share of devices that may vanish")
+    min_survivors: int = Field(2, ge=2, le=10**6)
+    stage_timeout_s: float = Field(120.0, gt=0, le=86400)
+    max_attempts: int = Field(3, ge=1, le=10)
+
+
 class AggregationIn(Strict):
     """Overrides of the algorithm's preset (see shared/strategies/config.py)."""
 
@@ -201,11 +215,14 @@ class AggregationIn(Strict):
     dp: DpIn | None = None
     incremental: bool | None = Field(None, description="fold updates into partial sums as they arrive (linear "
                                                        "rules only; the others always read every update at close)")
+    secure_aggregation: SecureAggregationIn | None = None
 
     def fields(self) -> dict:
-        given = {k: v for k, v in self.model_dump(exclude={"dp"}).items() if v is not None}
+        given = {k: v for k, v in self.model_dump(exclude={"dp", "secure_aggregation"}).items() if v is not None}
         if self.dp is not None:
             given.update({f"dp_{k}": v for k, v in self.dp.model_dump().items()})
+        if self.secure_aggregation is not None:
+            given["secure_aggregation"] = SecureAggregation(**self.secure_aggregation.model_dump())
         return given
 
 

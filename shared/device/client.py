@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
 import torch
 
 from fleettune.shared.protocol.adapter_spec import AdapterConfig, build_spec
@@ -18,6 +19,7 @@ from fleettune.shared.protocol import versions
 from fleettune.shared.protocol.compression import Compressor
 from fleettune.shared.protocol.safetensors_reader import parse
 from fleettune.device import DeviceClient, FleettuneAPIError
+from fleettune.shared.secagg.participant import Participant, flatten, new_identity
 from fleettune.shared.strategies.config import CONTROL_PREFIX
 
 
@@ -62,6 +64,8 @@ class Device:
         self.ram_mb, self.storage_mb, self.tier = ram_mb, storage_mb, tier
         self.control: dict[str, torch.Tensor] = {}  # SCAFFOLD's c_i: device state that never leaves it
         self.compressor = Compressor()  # its error-feedback residual never leaves the device either
+        self.identity: bytes | None = None  # Ed25519 identity for secure aggregation, made on first need
+        self.secure: Participant | None = None  # its part in a secure round still under way
 
     def _server_control(self, gateway: DeviceClient, plan: dict, shapes: dict[str, tuple[int, ...]]
                         ) -> dict[str, torch.Tensor]:
@@ -73,9 +77,11 @@ class Device:
                 raise
             return {k: torch.zeros(s) for k, s in shapes.items()}
 
-    def run_round(self, gateway: DeviceClient, seed: int = 0) -> RoundReport:
-        """Check in, fetch, train and send: one device's whole round."""
-        return self.train_and_send(gateway, self.fetch(gateway), seed)
+    def run_round(self, gateway: DeviceClient, seed: int = 0, wait_secure: bool = True) -> RoundReport:
+        """Check in, fetch, train and send: one device's whole round. In a secure round the update
+        goes up masked through the stages; `wait_secure` False leaves them to `self.secure.step`
+        (a process driving many devices interleaves them)."""
+        return self.train_and_send(gateway, self.fetch(gateway), seed, wait_secure)
 
     def fetch(self, gateway: DeviceClient) -> Fetched:
         """Check in and download the global adapter (and SCAFFOLD's control) it names; no training.
@@ -97,7 +103,8 @@ class Device:
             if plan.get("drift_control") == "scaffold" else None
         return Fetched(plan, global_weights, sent_keys, ffa, server_c, time.perf_counter() - started)
 
-    def train_and_send(self, gateway: DeviceClient, fetched: Fetched, seed: int = 0) -> RoundReport:
+    def train_and_send(self, gateway: DeviceClient, fetched: Fetched, seed: int = 0,
+                       wait_secure: bool = True) -> RoundReport:
         """Train from what `fetch` brought, upload the delta and submit it."""
         plan, global_weights, sent_keys, server_c = fetched.plan, fetched.weights, fetched.sent_keys, fetched.server_c
         trainer.load_adapter_weights(self.model, global_weights)
@@ -115,10 +122,28 @@ class Device:
             for k in sent_keys:
                 delta[CONTROL_PREFIX + k] = (fresh[k] - self.control.get(k, torch.zeros_like(fresh[k]))).numpy()
             self.control = fresh
-        if (strategy.update_encoding, strategy.update_density) != (self.compressor.encoding, self.compressor.density):
-            self.compressor = Compressor(strategy.update_encoding, strategy.update_density, seed=seed)
-        receipt = gateway.send(plan, self.compressor.encode(delta), num_samples=result.samples,
-                               train_seconds=result.seconds, metrics={"loss": result.loss, "steps": result.steps})
+        if "secure_aggregation" in plan:
+            self._join_secure(gateway, plan, delta, result.samples, seed, wait_secure)
+            receipt = {"receipt": ""}  # the update has no receipt of its own: only the cohort's sum exists
+        else:
+            if (strategy.update_encoding, strategy.update_density) != (self.compressor.encoding, self.compressor.density):
+                self.compressor = Compressor(strategy.update_encoding, strategy.update_density, seed=seed)
+            receipt = gateway.send(plan, self.compressor.encode(delta), num_samples=result.samples,
+                                   train_seconds=result.seconds, metrics={"loss": result.loss, "steps": result.steps})
         done = time.perf_counter()
         return RoundReport(self.device_id, plan["round"], plan["base_version"], result.samples, result.steps,
                            result.loss, result.seconds, fetched.seconds, done - sent, receipt["receipt"])
+
+    def _join_secure(self, gateway: DeviceClient, plan: dict, delta: dict, samples: int, seed: int,
+                     wait: bool) -> None:
+        """The clipped, weighted update enters the round's SecAgg+ stages (see shared.secagg)."""
+        secure = plan["secure_aggregation"]
+        if self.identity is None:
+            self.identity, public = new_identity()
+            gateway.register_identity(public)
+        x = flatten(delta, secure["tensors"], float(secure["clip"]))
+        weight = max(1, min(int(samples), int(secure["max_weight"])))
+        self.secure = Participant(self.device_id, self.identity, gateway.federation, plan, x, weight,
+                                  np.random.default_rng(seed))
+        if wait:
+            self.secure.run(gateway)

@@ -14,6 +14,8 @@ from fleettune.shared import keys
 from fleettune.shared.state import FederationState
 from fleettune.shared.storage import ObjectStore
 
+SECAGG_STAGES = ("advertise", "share", "inbox", "masked", "unmask")  # the per-attempt hashes of a secure round
+
 
 def prune(state: FederationState, store: ObjectStore, now: float, limit: int = 50,
           history: int = 1000) -> tuple[int, int]:
@@ -24,6 +26,8 @@ def prune(state: FederationState, store: ObjectStore, now: float, limit: int = 5
         round_no = int(round_text)
         objects += store.delete_prefix(keys.round_updates_prefix(fed, round_no))
         objects += store.delete_prefix(keys.round_partials_prefix(fed, round_no))
+        objects += store.delete_prefix(keys.secagg_masked_prefix(fed, round_no))
+        attempts = int(state.r.hget(keys.secagg(fed, round_no), "attempt") or 0)
         past = round_no - history
         version = state.r.hget(keys.round_info(fed, past), "version") if past > 0 else None
         with state.r.pipeline() as pipe:
@@ -35,7 +39,9 @@ def prune(state: FederationState, store: ObjectStore, now: float, limit: int = 5
                         keys.round_reported(fed, round_no), keys.round_inflight(fed, round_no),
                         keys.round_claims(fed, round_no), keys.round_unfolded(fed, round_no),
                         keys.round_uncapped(fed, round_no),
-                        keys.round_partials(fed, round_no))
+                        keys.round_partials(fed, round_no), keys.secagg(fed, round_no),
+                        *(keys.secagg_stage(fed, round_no, a, stage) for a in range(1, attempts + 1)
+                          for stage in SECAGG_STAGES))
             pipe.zrem(keys.RETENTION, member)
             pipe.execute()
         rounds += 1

@@ -8,20 +8,27 @@ and the forgetting guard are in evaluation.py, the DP accounting in strategies/p
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
 
 from fleettune.shared.protocol import versions
 from fleettune.shared.protocol.adapter_spec import initial_weights
 from fleettune.shared.strategies.fedavg import update_norm
 from fleettune.shared.errors import ObjectNotFound, StateError
 from fleettune.shared.federation import DeviceProfile, FederationConfig
-from fleettune.shared.pipeline.round_inputs import BaseVersion, RoundReader
+from fleettune.shared.pipeline.round_inputs import BaseVersion, RoundInputs, RoundReader
+from fleettune.shared.secagg.coordinator import SecureRounds
 from fleettune.shared.settings import Settings
 from fleettune.shared.state import FederationState, RoundInfo
 from fleettune.shared.storage import ObjectStore
 from fleettune.shared.strategies import privacy
+from fleettune.shared.strategies.combine import RoundAggregator
+from fleettune.shared.strategies.partial import UpdateStats
 
 # decide(): what an open round should do now
 WAIT, CLOSING, FAILED = "wait", "closing", "failed"
@@ -81,6 +88,7 @@ class RoundCoordinator:
         self.settings = settings
         self.clock = clock
         self.reader = RoundReader(state, store, settings)
+        self.secure = SecureRounds(state.r, store, clock)
 
     def start(self, config: FederationConfig, devices: Iterable[str | DeviceProfile]) -> tuple[RoundInfo, list[str]]:
         """Create the federation, publish version 0 and open round 1; also returns refused devices."""
@@ -168,10 +176,12 @@ class RoundCoordinator:
         if opened is None or config is None:
             raise StateError(f"{fed!r} has no round {round_no}")
         now = self.clock()
+        judge = lambda i, n, reported: decide(i, n, config.policy.min_updates, now, reported,  # noqa: E731
+                                              self.settings.deadline_grace_s)
+        if config.aggregation.secure_aggregation is not None and opened.status == "open":
+            judge = self._secure_judge(config, round_no, now)
         decision, info = self.state.rounds.begin_close(
-            fed, round_no,
-            lambda i, n, reported: decide(i, n, config.policy.min_updates, now, reported, self.settings.deadline_grace_s),
-            owner or uuid.uuid4().hex, now, self.settings.task_time_limit_s + LEASE_MARGIN_S)
+            fed, round_no, judge, owner or uuid.uuid4().hex, now, self.settings.task_time_limit_s + LEASE_MARGIN_S)
         if decision in (WAIT, BUSY):
             return CloseResult(decision, info=info)
         if decision == SETTLED:  # a repair: the next round may never have been opened
@@ -191,6 +201,38 @@ class RoundCoordinator:
         nxt = self._advance(config, info, version, evaluate=config.evaluation is not None,
                             complete=PRIVACY_BUDGET if exhausted else None, reference=manifest.get("median_claim"))
         return CloseResult(CLOSED, version, nxt, manifest, info=info, updates=updates, aggregation_seconds=seconds)
+
+    def _secure_judge(self, config: FederationConfig, round_no: int, now: float):
+        """`decide` for a secure round: its updates are the survivors of a completed unmasking, and
+        everyone has reported once it completed or failed (nothing more can arrive then)."""
+        setting = config.aggregation.secure_aggregation
+        total = self.secure.unmask(config.name, round_no, setting, self.settings.max_update_bytes)
+        attempt = self.secure.load(config.name, round_no)
+        over = total is not None or (attempt is not None and attempt.stage == "failed")
+        survivors = len(total.survivors) if total is not None else 0
+        return lambda i, n, reported: decide(i, survivors, config.policy.min_updates, now,
+                                             i.cohort_size if over else 0, self.settings.deadline_grace_s)
+
+    def _secure_inputs(self, config: FederationConfig, info: RoundInfo, base: BaseVersion) -> RoundInputs | None:
+        """The round's masked sum, unmasked, as the aggregator's one partial sum (None: not unmasked)."""
+        total = self.secure.unmask(config.name, info.round, config.aggregation.secure_aggregation,
+                                   self.settings.max_update_bytes)
+        if total is None:
+            return None
+        aggregator = RoundAggregator(config.aggregation, base.weights, config.update_tensors, config.adapter.rank,
+                                     config.adapter.alpha, base.tiers)
+        sums, offset = {}, 0
+        for name in sorted(config.update_tensors):  # the devices' flat order (the plan's "tensors")
+            shape = config.update_tensors[name]
+            size = math.prod(shape)
+            sums[name] = torch.from_numpy(total.total[offset:offset + size].astype(np.float32)).reshape(shape)
+            offset += size
+        aggregator.add_sum(sums, total.weight_sum, len(total.survivors))
+        fields = {"secure_aggregation": {"attempt": total.attempt, "survivors": len(total.survivors),
+                                         "dropped_after_sharing": total.dropped, "modulus_bits": total.encoding.bits,
+                                         "frac_bits": total.encoding.frac_bits, "mean_error_bound": total.bound}}
+        # Σw is all a secure round knows of its samples: each device's count, capped at max_weight
+        return RoundInputs(aggregator, total.survivors, {}, UpdateStats(samples=int(total.weight_sum)), None, fields)
 
     def _advance(self, config: FederationConfig, info: RoundInfo, version: int | None, failure: str | None = None,
                  evaluate: bool = False, complete: str | None = None,
@@ -224,7 +266,12 @@ class RoundCoordinator:
             versions.point_forward(self.store, config.name, version)  # that attempt may have died before
             return published
         base = BaseVersion.load(self.state, self.store, self.settings, config, info)
-        inputs = self.reader.read(config, info, base)
+        if config.aggregation.secure_aggregation is not None:
+            inputs = self._secure_inputs(config, info, base)
+            if inputs is None:
+                return None
+        else:
+            inputs = self.reader.read(config, info, base)
         aggregator = inputs.aggregator
         if aggregator.count < policy.min_updates:
             return None  # quorum counts updates that can still be read and verified, not acceptances

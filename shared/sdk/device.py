@@ -9,6 +9,8 @@ import hashlib
 import time
 from typing import Any
 
+import msgpack
+
 from .http import Client, FleettuneAPIError, raise_for_problem
 
 
@@ -76,6 +78,29 @@ class DeviceClient:
                                          headers={"Content-Type": "application/vnd.safetensors"})
         raise_for_problem(response)
         return response.content, {k.lower(): v for k, v in response.headers.items()}
+
+    # --- secure aggregation (see fleettune.shared.secagg.participant for the whole exchange) ----------
+
+    def register_identity(self, public_key: bytes) -> dict:
+        """Register this device's Ed25519 identity public key, once (a different one later is a 409)."""
+        return self.client.put(self._path("/identity"), {"public_key": public_key.hex()})
+
+    def secagg_stage(self, round_no: int) -> dict:
+        """The round's secure-aggregation stage and this device's input for it."""
+        response = self.client.http.get(self._path(f"/secagg/{round_no}"))
+        raise_for_problem(response)
+        return msgpack.unpackb(response.content, raw=False, max_bin_len=1 << 20)
+
+    def secagg_answer(self, round_no: int, stage: str, message: dict) -> dict:
+        return self.client.request("POST", self._path(f"/secagg/{round_no}/{stage}"),
+                                   content=msgpack.packb(message, use_bin_type=True),
+                                   headers={"Content-Type": "application/msgpack"})
+
+    def secagg_upload(self, round_no: int, blob: bytes) -> str:
+        """Upload a masked input through its write-once URL; returns its sha256."""
+        sha256 = hashlib.sha256(blob).hexdigest()
+        self.client.upload(self.client.post(self._path(f"/secagg/{round_no}/masked-url"), {"sha256": sha256}), blob)
+        return sha256
 
     def receipt(self, receipt: str) -> dict:
         return self.client.get(self._path(f"/receipts/{receipt}"))

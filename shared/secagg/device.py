@@ -62,8 +62,13 @@ class DeviceSession:
     def share(self, offer: dict) -> dict:
         """Shares of the seed and of the masking key for each neighbour whose keys check out.
 
-        `offer` is what the server relays: {"neighbours": {id: {"c_pk", "s_pk", "sig", "identity", "point"}}}.
+        `offer` is what the server relays: {"threshold": t, "neighbours": {id: {"c_pk", "s_pk", "sig",
+        "identity", "point"}}}. A threshold at or below half the neighbours is refused: with it a
+        server could collect both kinds of share for a device from honest neighbours.
         """
+        self.threshold = offer.get("threshold", self.threshold)
+        if not isinstance(self.threshold, int) or self.threshold * 2 <= len(offer.get("neighbours", {})):
+            raise SecAggError(Reason.INCONSISTENT, f"threshold {self.threshold} for {len(offer.get('neighbours', {}))} neighbours")
         for peer, keys in offer.get("neighbours", {}).items():
             try:
                 crypto.verify(keys["identity"], keys["sig"],

@@ -14,7 +14,7 @@ import msgpack
 
 from fleettune.shared.errors import FleettuneError
 
-MAX_MESSAGE_BYTES = 1 << 20  # a stage's message, masked vectors aside (they go to the object store)
+MAX_MESSAGE_BYTES = 256 * 1024  # a stage's message (350 neighbours' sealed shares is ~70 KB); masked vectors go to the store
 
 
 class Reason(str, enum.Enum):

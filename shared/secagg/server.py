@@ -19,9 +19,10 @@ from fleettune.shared.secagg.messages import Context, Reason, SecAggError, field
 MAX_CIPHERTEXT_BYTES = 512  # a sealed share pair is 12 + msgpack(2 ids, 2 × 66 bytes) + 16
 
 
-def check_advert(ctx: Context, raw: dict, device: str, graph: Graph, identities: dict[str, bytes]) -> dict:
-    """Stage 0: a device's two public keys, signed by its registered identity for this attempt."""
-    if device not in graph:
+def check_advert(ctx: Context, raw: dict, device: str, cohort, identities: dict[str, bytes]) -> dict:
+    """Stage 0: a device's two public keys, signed by its registered identity for this attempt.
+    The neighbour graph is drawn afterwards, over the devices that advertised."""
+    if device not in cohort:
         raise SecAggError(Reason.NOT_IN_STAGE, f"{device} is not in this attempt's cohort")
     if field(raw, "device", str) != device:
         raise SecAggError(Reason.MALFORMED, "the message names another device")
@@ -39,9 +40,9 @@ def check_advert(ctx: Context, raw: dict, device: str, graph: Graph, identities:
     return {"device": device, "c_pk": c_pk, "s_pk": s_pk, "sig": sig}
 
 
-def offer_for(device: str, graph: Graph, adverts: dict[str, dict], identities: dict[str, bytes]) -> dict:
-    """Stage 1's input for one device: its neighbours that advertised, with keys, signatures and points."""
-    return {"neighbours": {peer: {"c_pk": adverts[peer]["c_pk"], "s_pk": adverts[peer]["s_pk"],
+def offer_for(device: str, graph: Graph, threshold: int, adverts: dict[str, dict], identities: dict[str, bytes]) -> dict:
+    """Stage 1's input for one device: its neighbours (all advertised), with keys, signatures and points."""
+    return {"threshold": threshold, "neighbours": {peer: {"c_pk": adverts[peer]["c_pk"], "s_pk": adverts[peer]["s_pk"],
                                   "sig": adverts[peer]["sig"], "identity": identities[peer],
                                   "point": graph.point(peer)}
                            for peer in graph.neighbours(device) if peer in adverts}}
@@ -69,16 +70,19 @@ def check_shares(ctx: Context, raw: dict, device: str, graph: Graph, adverts: di
     return {"device": device, "commitment": commit, "sig": sig, "shares": dict(shares)}
 
 
-def inbox_for(device: str, shared: dict[str, dict]) -> dict[str, bytes]:
-    """Stage 2's input for one device: the sealed shares addressed to it, by sender, from senders it
-    shared with too. Only mutual pairs mask each other, so a device that leaves a neighbour out of
-    its shares cannot leave an uncancelled mask in the sum."""
-    own = shared.get(device, {}).get("shares", {})
-    return {sender: msg["shares"][device] for sender, msg in shared.items()
-            if device in msg["shares"] and sender in own}
+def relay(shared: dict[str, dict]) -> dict[str, dict[str, bytes]]:
+    """Stage 2's input for every device that shared: the sealed shares addressed to it, by sender,
+    from senders it shared with too. Only mutual pairs mask each other, so a device that leaves a
+    neighbour out of its shares cannot leave an uncancelled mask in the sum."""
+    inboxes: dict[str, dict[str, bytes]] = {d: {} for d in shared}
+    for sender, msg in shared.items():
+        for recipient, ct in msg["shares"].items():
+            if recipient in shared and sender in shared[recipient]["shares"]:
+                inboxes[recipient][sender] = ct
+    return inboxes
 
 
-def check_masked(vector: np.ndarray, device: str, shared: dict[str, dict], encoding: Encoding, length: int) -> np.ndarray:
+def check_masked(vector: np.ndarray, device: str, shared, encoding: Encoding, length: int) -> np.ndarray:
     """Stage 2: a masked vector of the attempt's length and modulus from a device that shared."""
     if device not in shared:
         raise SecAggError(Reason.NOT_IN_STAGE, f"{device} did not share keys in this attempt")
@@ -87,14 +91,13 @@ def check_masked(vector: np.ndarray, device: str, shared: dict[str, dict], encod
     return vector
 
 
-def unmask_request(device: str, shared: dict[str, dict], survivors: set[str]) -> dict:
-    """Stage 3's input for a surviving device: of the neighbours whose shares it holds, which survived."""
-    held = set(inbox_for(device, shared))
+def unmask_request(held: set[str], survivors: set[str]) -> dict:
+    """Stage 3's input for a surviving device that holds shares from `held`: which of them survived."""
     return {"survivors": sorted(held & survivors), "dropped": sorted(held - survivors),
             "survivor_count": len(survivors)}
 
 
-def check_unmask(raw: dict, device: str, shared: dict[str, dict], survivors: set[str]) -> dict:
+def check_unmask(raw: dict, device: str, held: set[str], survivors: set[str]) -> dict:
     """Stage 3: seed shares of surviving neighbours, key shares of dropped ones; never both for one."""
     if device not in survivors:
         raise SecAggError(Reason.NOT_IN_STAGE, f"{device} sent no masked input in this attempt")
@@ -104,7 +107,6 @@ def check_unmask(raw: dict, device: str, shared: dict[str, dict], survivors: set
     both = set(seeds) & set(keys)
     if both:
         raise SecAggError(Reason.BOTH_SHARES, f"both kinds of share for {sorted(both)[:3]}")
-    held = set(inbox_for(device, shared))
     for kind, part, allowed in (("seed", seeds, held & survivors), ("key", keys, held - survivors)):
         for peer, share in part.items():
             if peer not in allowed:
@@ -115,11 +117,14 @@ def check_unmask(raw: dict, device: str, shared: dict[str, dict], survivors: set
 
 
 def unmask(ctx: Context, encoding: Encoding, graph: Graph, threshold: int, adverts: dict[str, dict],
-           shared: dict[str, dict], masked: dict[str, np.ndarray], answers: dict[str, dict]) -> tuple[float, np.ndarray]:
+           commitments: dict[str, bytes], held: dict[str, set[str]], masked: dict[str, np.ndarray],
+           answers: dict[str, dict]) -> tuple[float, np.ndarray]:
     """(Σw, Σ w·x) over the devices in `masked`: their sum, less each survivor's self mask (from its
     seed's shares) and the pairwise masks survivors added for devices that dropped after sharing
-    (from those devices' key shares). SecAggError(too_few_shares | bad_shares) when a secret
-    cannot be rebuilt and checked: the attempt then restarts with fresh keys."""
+    (from those devices' key shares). `commitments`: each device that shared, its seed commitment;
+    `held`: each device, the senders whose shares it holds (`relay`), the same pairs that masked
+    each other. SecAggError(too_few_shares | bad_shares) when a secret cannot be rebuilt and
+    checked: the attempt then restarts with fresh keys."""
     survivors = set(masked)
     if not survivors:
         raise SecAggError(Reason.TOO_FEW_SHARES, "no masked input")
@@ -129,15 +134,14 @@ def unmask(ctx: Context, encoding: Encoding, graph: Graph, threshold: int, adver
         total += vector
     for device in sorted(survivors):
         seed = _rebuild(device, "seed_shares", graph, threshold, answers)
-        if commitment(ctx, device, seed) != shared[device]["commitment"]:
+        if commitment(ctx, device, seed) != commitments[device]:
             raise SecAggError(Reason.BAD_SHARES, f"{device}'s rebuilt seed does not match its commitment")
         total -= crypto.mask(seed, length, encoding.dtype)
-    for gone in sorted(set(shared) - survivors):
+    for gone in sorted(set(commitments) - survivors):
         s_sk = _rebuild(gone, "key_shares", graph, threshold, answers)
         if crypto.agreement_public(s_sk) != adverts[gone]["s_pk"]:
             raise SecAggError(Reason.BAD_SHARES, f"{gone}'s rebuilt key does not match its advertised key")
-        for peer in survivors:
-            if gone in shared[peer]["shares"] and peer in shared[gone]["shares"]:  # peer masked against gone
+        for peer in sorted(held.get(gone, set()) & survivors):  # the survivors that masked against it
                 m = pairwise_mask(ctx, s_sk, adverts[peer]["s_pk"], length, encoding.dtype)
                 total = total - m if mask_sign(peer, gone) > 0 else total + m
     return encoding.decode_sum(total)

@@ -55,11 +55,7 @@ def run(updates: dict[str, np.ndarray], weights: dict[str, int], encoding: Encod
     last: Exception | None = None
     for attempt in range(1, max_attempts + 1):
         ctx = Context(federation, round_no, attempt)
-        t0 = time.process_time()
-        g = graphs.build(updates, os.urandom(32), degree)
-        t = threshold or graphs.default_threshold(g.degree)
-        server_s += time.process_time() - t0
-        sessions = {d: DeviceSession(ctx, d, identities[d], encoding, t, min_survivors) for d in updates}
+        sessions: dict[str, DeviceSession] = {}
 
         def device_step(d, fn, *args):
             t0 = time.process_time()
@@ -76,22 +72,32 @@ def run(updates: dict[str, np.ndarray], weights: dict[str, int], encoding: Encod
         live = set(updates) - drops(attempt, "advertise")
         adverts = {}
         for d in sorted(live):
+            sessions[d] = DeviceSession(ctx, d, identities[d], encoding, threshold or 0, min_survivors)
             msg = device_step(d, sessions[d].advertise)
             received("advertise", d, msg)
-            adverts[d] = _server(lambda: server.check_advert(ctx, msg, d, g, public))
+            adverts[d] = server.check_advert(ctx, msg, d, updates, public)
+        if len(adverts) < max(min_survivors, 2):
+            last = SecAggError(server.Reason.TOO_FEW_SHARES, f"{len(adverts)} devices advertised keys")
+            continue
+        t0 = time.process_time()
+        g = graphs.build(adverts, os.urandom(32), degree)  # over those that advertised: a secret-seeded draw
+        t = threshold or graphs.default_threshold(g.degree)
+        server_s += time.process_time() - t0
         shared = {}
         for d in sorted(set(adverts) - drops(attempt, "share")):
-            offer = server.offer_for(d, g, adverts, public)
+            offer = server.offer_for(d, g, t, adverts, public)
             down[d] += len(pack(offer))
             try:
                 msg = device_step(d, sessions[d].share, offer)
             except SecAggError:
                 continue  # too few live neighbours: this device sits the attempt out
             received("share", d, msg)
-            shared[d] = _server(lambda: server.check_shares(ctx, msg, d, g, adverts, public))
+            shared[d] = server.check_shares(ctx, msg, d, g, adverts, public)
+        inboxes = server.relay(shared)
+        held = {d: set(box) for d, box in inboxes.items()}
         masked = {}
         for d in sorted(set(shared) - drops(attempt, "masked")):
-            inbox = server.inbox_for(d, shared)
+            inbox = inboxes[d]
             down[d] += sum(map(len, inbox.values()))
             try:
                 y = device_step(d, sessions[d].masked_input, inbox, updates[d], weights[d], rng)
@@ -102,19 +108,20 @@ def run(updates: dict[str, np.ndarray], weights: dict[str, int], encoding: Encod
         survivors = set(masked)
         answers = {}
         for d in sorted(survivors - drops(attempt, "unmask")):
-            request = server.unmask_request(d, shared, survivors)
+            request = server.unmask_request(held[d], survivors)
             down[d] += len(pack(request))
             try:
                 msg = device_step(d, sessions[d].unmask, request)
             except SecAggError:
                 continue
             received("unmask", d, msg)
-            answers[d] = server.check_unmask(msg, d, shared, survivors)
+            answers[d] = server.check_unmask(msg, d, held[d], survivors)
         t0 = time.process_time()
         try:
             if len(survivors) < min_survivors:
                 raise SecAggError(server.Reason.TOO_FEW_SHARES, f"{len(survivors)} survivors, {min_survivors} needed")
-            weight_sum, total = server.unmask(ctx, encoding, g, t, adverts, shared, masked, answers)
+            commitments = {d: m["commitment"] for d, m in shared.items()}
+            weight_sum, total = server.unmask(ctx, encoding, g, t, adverts, commitments, held, masked, answers)
         except SecAggError as exc:
             last = exc
             continue
@@ -124,6 +131,3 @@ def run(updates: dict[str, np.ndarray], weights: dict[str, int], encoding: Encod
         return Result(weight_sum, total, sorted(survivors), attempt, bound, transcript, dev_s, server_s, up, down)
     raise SecAggError(server.Reason.TOO_FEW_SHARES, f"no attempt of {max_attempts} completed: {last}")
 
-
-def _server(fn):
-    return fn()

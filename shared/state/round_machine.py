@@ -237,10 +237,19 @@ class RoundMachine(StateBase):
                     now >= info.deadline or self.update_count(fed, round_no) >= info.buffer_size)
             else:
                 ready = info.status == "open" and (
-                    now >= info.deadline or 0 < info.cohort_size <= self.reported_count(fed, round_no))
+                    now >= info.deadline or 0 < info.cohort_size <= self.reported_count(fed, round_no)
+                    or self._secure_stage_due(fed, round_no, now))
             if ready or stuck or unopened:
                 found.append((fed, round_no))
         return found
+
+    def _secure_stage_due(self, fed: str, round_no: int, now: float) -> bool:
+        """A secure-aggregation stage past its deadline, or an attempt ready to unmask: the close
+        task advances the stages and unmasks (shared.secagg.coordinator)."""
+        stage, deadline = self.r.hmget(keys.secagg(fed, round_no), "stage", "deadline")
+        if stage is None:
+            return False
+        return stage in (b"unmasking", b"ready", b"failed") or now >= float(deadline or 0)
 
 
 def _effective(current: FederationConfig, pending: FederationConfig | None) -> FederationConfig:

@@ -26,6 +26,7 @@ from typing import Any, Literal, NamedTuple, get_args
 from pydantic import ConfigDict, with_config
 
 from fleettune.shared.errors import ConfigError
+from fleettune.shared.secagg.config import REFUSED as SECAGG_REFUSED, SecureAggregation
 from fleettune.shared.strategies.server_optimizers import ADAPTIVE, OPTIMIZERS, ServerOptimizer
 
 LoraMode = Literal["naive", "exact", "ffa"]
@@ -81,6 +82,7 @@ class AggregationConfig:
     sampling_rate: float = 1.0  # Poisson sampling of each round's cohort (q)
     drift_control: DriftControl = "none"  # "scaffold": server and device control variates correct client drift
     incremental: bool = True  # fold linear rules into partial sums as updates arrive (see `folds`)
+    secure_aggregation: SecureAggregation | None = None  # SecAgg+: the server sees only the cohort's sum
 
     def __post_init__(self) -> None:
         checks = {
@@ -116,6 +118,8 @@ class AggregationConfig:
             # lives in factor space (not with exact), and DP's noise does not cover it
             "scaffold needs the mean rule, lora 'naive' or 'ffa' and no DP":
                 self.drift_control == "none" or (self.rule == "mean" and self.lora != "exact" and not self.dp),
+            SECAGG_REFUSED["rule"]: self.secure_aggregation is None or self.rule == "mean",
+            SECAGG_REFUSED["lora"]: self.secure_aggregation is None or self.lora != "exact",
         }
         failed = [message for message, ok in checks.items() if not ok]
         if failed:
@@ -132,7 +136,7 @@ class AggregationConfig:
         weighted mean of factors (naive, FFA), with any server optimizer, central DP's sum and
         SCAFFOLD's mean. The median, trimmed mean and the exact (re-factorised) mean are not
         linear and keep the streaming close."""
-        return self.incremental and self.rule == "mean" and self.lora != "exact"
+        return self.incremental and self.rule == "mean" and self.lora != "exact" and self.secure_aggregation is None
 
     @property
     def adaptive(self) -> bool:

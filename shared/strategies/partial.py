@@ -75,7 +75,11 @@ class UpdateStats:
         self.last_accepted_at = max(self.last_accepted_at, other.last_accepted_at)
 
     def manifest_fields(self) -> dict[str, Any]:
+        """The figures; none of the per-update ones when no update was seen one by one (a secure
+        round's server sees only their sum)."""
         n = self.count
+        if n == 0:
+            return {"total_samples": self.samples}
         return {
             "total_samples": self.samples,
             "update_norms": {"pre_clip_mean": self.norm_sum / n, "pre_clip_max": self.norm_max,

@@ -247,14 +247,22 @@ class Attempt:
         self.g = graph.build(self.ids, os.urandom(32))
         self.t = graph.default_threshold(self.g.degree)
         self.s = {d: DeviceSession(self.ctx, d, self.ids[d], self.enc, self.t) for d in self.ids}
-        self.adverts = {d: server.check_advert(self.ctx, self.s[d].advertise(), d, self.g, self.public) for d in self.ids}
+        self.adverts = {d: server.check_advert(self.ctx, self.s[d].advertise(), d, self.ids, self.public) for d in self.ids}
 
     def share_all(self):
-        self.shared = {d: server.check_shares(self.ctx, self.s[d].share(server.offer_for(d, self.g, self.adverts, self.public)),
-                                              d, self.g, self.adverts, self.public) for d in self.ids}
-        self.masked = {d: self.s[d].masked_input(server.inbox_for(d, self.shared), self.updates[d], self.weights[d])
+        self.shared = {d: server.check_shares(self.ctx, self.s[d].share(self.offer(d)), d, self.g, self.adverts, self.public)
                        for d in self.ids}
+        self.inboxes = server.relay(self.shared)
+        self.held = {d: set(box) for d, box in self.inboxes.items()}
+        self.commitments = {d: m["commitment"] for d, m in self.shared.items()}
+        self.masked = {d: self.s[d].masked_input(self.inboxes[d], self.updates[d], self.weights[d]) for d in self.ids}
         return self
+
+    def offer(self, d):
+        return server.offer_for(d, self.g, self.t, self.adverts, self.public)
+
+    def request(self, d, survivors):
+        return server.unmask_request(self.held[d], survivors)
 
 
 def test_forged_replayed_and_unknown_advertisements_are_refused():
@@ -263,20 +271,20 @@ def test_forged_replayed_and_unknown_advertisements_are_refused():
     good = a.s[dev].advertise()
     forged = dict(good, sig=crypto.sign(crypto.identity_key(), Context("fed", 3, 1).label("advertise", dev) + good["c_pk"] + good["s_pk"]))
     with pytest.raises(SecAggError) as e:
-        server.check_advert(a.ctx, forged, dev, a.g, a.public)
+        server.check_advert(a.ctx, forged, dev, a.ids, a.public)
     assert e.value.reason == Reason.BAD_SIGNATURE
     later = Context("fed", 3, 2)  # the same signed keys replayed into the next attempt
     with pytest.raises(SecAggError) as e:
-        server.check_advert(later, good, dev, a.g, a.public)
+        server.check_advert(later, good, dev, a.ids, a.public)
     assert e.value.reason == Reason.BAD_SIGNATURE
     with pytest.raises(SecAggError) as e:
-        server.check_advert(a.ctx, good, dev, a.g, {})
+        server.check_advert(a.ctx, good, dev, a.ids, {})
     assert e.value.reason == Reason.UNKNOWN_IDENTITY
     with pytest.raises(SecAggError) as e:
-        server.check_advert(a.ctx, dict(good, c_pk=b"x"), dev, a.g, a.public)
+        server.check_advert(a.ctx, dict(good, c_pk=b"x"), dev, a.ids, a.public)
     assert e.value.reason == Reason.MALFORMED
     with pytest.raises(SecAggError) as e:
-        server.check_advert(a.ctx, good, "stranger", a.g, a.public)
+        server.check_advert(a.ctx, good, "stranger", a.ids, a.public)
     assert e.value.reason == Reason.NOT_IN_STAGE
     with pytest.raises(SecAggError) as e:
         unpack(b"\xc1garbage")
@@ -287,7 +295,7 @@ def test_hostile_shares_vectors_and_unmasking_answers_are_refused_and_the_round_
     a = Attempt(n=8).share_all()
     devs = sorted(a.ids)
     evil, victim = devs[0], devs[1]
-    msg = a.s[evil].share(server.offer_for(evil, a.g, a.adverts, a.public))
+    msg = a.s[evil].share(a.offer(evil))
     with pytest.raises(SecAggError) as e:  # a share addressed to a device outside its neighbourhood
         server.check_shares(a.ctx, dict(msg, shares=dict(msg["shares"], stranger=b"x" * 200)), evil, a.g, a.adverts, a.public)
     assert e.value.reason == Reason.WRONG_RECIPIENT
@@ -301,22 +309,22 @@ def test_hostile_shares_vectors_and_unmasking_answers_are_refused_and_the_round_
         server.check_masked(a.masked[evil].astype(np.uint64), evil, a.shared, a.enc, a.masked[victim].shape[0])
     assert e.value.reason == Reason.BAD_VECTOR
     survivors = set(devs)
-    answer = a.s[evil].unmask(server.unmask_request(evil, a.shared, survivors))
+    answer = a.s[evil].unmask(a.request(evil, survivors))
     both = dict(answer, key_shares={victim: answer["seed_shares"][victim]})
     with pytest.raises(SecAggError) as e:  # both kinds for one device would expose its update
-        server.check_unmask(both, evil, a.shared, survivors)
+        server.check_unmask(both, evil, a.held[evil], survivors)
     assert e.value.reason == Reason.BOTH_SHARES
     with pytest.raises(SecAggError) as e:  # a key share for a device that survived: not asked for
         server.check_unmask(dict(answer, seed_shares={}, key_shares={victim: answer["seed_shares"][victim]}),
-                            evil, a.shared, survivors)
+                            evil, a.held[evil], survivors)
     assert e.value.reason == Reason.WRONG_RECIPIENT
     with pytest.raises(SecAggError) as e:  # a device answers the stage only once
-        a.s[evil].unmask(server.unmask_request(evil, a.shared, survivors))
+        a.s[evil].unmask(a.request(evil, survivors))
     assert e.value.reason == Reason.DUPLICATE_STAGE
     # the honest answers (and the evil device's honest one) still unmask the exact sum
-    answers = {d: server.check_unmask(answer if d == evil else a.s[d].unmask(server.unmask_request(d, a.shared, survivors)),
-                                      d, a.shared, survivors) for d in devs}
-    w, total = server.unmask(a.ctx, a.enc, a.g, a.t, a.adverts, a.shared, a.masked, answers)
+    answers = {d: server.check_unmask(answer if d == evil else a.s[d].unmask(a.request(d, survivors)),
+                                      d, a.held[d], survivors) for d in devs}
+    w, total = server.unmask(a.ctx, a.enc, a.g, a.t, a.adverts, a.commitments, a.held, a.masked, answers)
     exact = fedavg(a.updates, a.weights, devs)
     assert np.abs(total / w - exact).max() <= a.enc.mean_error_bound(len(devs), w)
 
@@ -328,22 +336,22 @@ def test_a_tampered_ciphertext_is_named_by_its_recipient_and_a_forged_share_is_c
     ct = a.shared[sender]["shares"][receiver]
     a.s[receiver].inbox[sender] = ct[:-1] + bytes([ct[-1] ^ 0x55])
     survivors = set(devs)
-    answer = a.s[receiver].unmask(server.unmask_request(receiver, a.shared, survivors))
+    answer = a.s[receiver].unmask(a.request(receiver, survivors))
     assert (sender, Reason.BAD_CIPHERTEXT) in a.s[receiver].refused and sender not in answer["seed_shares"]
     # a forged seed share among more than the threshold is caught when the seed is rebuilt
-    answers = {d: a.s[d].unmask(server.unmask_request(d, a.shared, survivors)) for d in devs if d != receiver}
+    answers = {d: a.s[d].unmask(a.request(d, survivors)) for d in devs if d != receiver}
     liar = devs[4]
     victim = next(p for p in answers[liar]["seed_shares"] if p != liar)
     answers[liar]["seed_shares"][victim] = os.urandom(shamir.SHARE_BYTES - 1).rjust(shamir.SHARE_BYTES, b"\0")
     with pytest.raises(SecAggError) as e:
-        server.unmask(a.ctx, a.enc, a.g, a.t, a.adverts, a.shared, a.masked, answers)
+        server.unmask(a.ctx, a.enc, a.g, a.t, a.adverts, a.commitments, a.held, a.masked, answers)
     assert e.value.reason == Reason.BAD_SHARES
 
 
 def test_a_device_refuses_inconsistent_unmasking_requests():
     a = Attempt(n=6).share_all()
     d = sorted(a.ids)[0]
-    req = server.unmask_request(d, a.shared, set(a.ids))
+    req = a.request(d, set(a.ids))
     with pytest.raises(SecAggError) as e:  # one neighbour listed as both survived and dropped
         a.s[d].unmask(dict(req, dropped=req["survivors"][:1]))
     assert e.value.reason == Reason.INCONSISTENT

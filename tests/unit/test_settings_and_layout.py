@@ -151,6 +151,7 @@ def test_shared_never_imports_celery_or_workers():
 LAYERS = [
     ("base", ["errors", "settings", "keys", "storage", "redis_connect", "corpora"]),
     ("protocol", ["protocol"]),
+    ("secure aggregation", ["secagg"]),
     ("strategies", ["strategies"]),
     ("config", ["federation"]),
     ("state", ["state"]),

@@ -101,6 +101,12 @@ async def split_device(request: Request, name: str = FedName, who: Principal = D
     return await _within_rate(request, svc, _device(who, name), svc.runtime.settings.split_rate_limit, ":split")
 
 
+async def secagg_device(request: Request, name: str = FedName, who: Principal = Depends(principal),
+                        svc: Services = Depends(services)) -> Principal:
+    """A device token of this federation, within its secure-aggregation limit (stage polls)."""
+    return await _within_rate(request, svc, _device(who, name), svc.runtime.settings.secagg_rate_limit, ":secagg")
+
+
 async def _within_rate(request: Request, svc: Services, who: Principal, limit: int, bucket: str) -> Principal:
     counted = getattr(request.state, "rate", None)  # the edge counted it with the token's lookup
     if counted is not None:

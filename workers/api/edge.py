@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from fleettune.shared.control.auth import OPERATOR_SCOPES, Principal, parse_token
+from fleettune.shared.secagg.messages import MAX_MESSAGE_BYTES
 from fleettune.workers.api import submit_path
 from fleettune.workers.api.problems import MEDIA_TYPE, TITLES
 from fleettune.workers.api.services import Services
@@ -30,6 +31,7 @@ OBJECTS = "/api/v1/objects/"
 METRICS = "/metrics"
 DEVICE = re.compile(r"^/api/v1/federations/[^/]+/(check-in|upload-url|updates|reports|receipts/[^/]+)$")
 SPLIT_STEP = re.compile(r"^/api/v1/federations/[^/]+/split/[a-z_]+$")
+SECAGG = re.compile(r"^/api/v1/federations/[^/]+/(identity|secagg/[0-9]+(/[a-z-]+)?)$")
 
 
 class Edge:
@@ -43,6 +45,8 @@ class Edge:
             return "", settings.device_rate_limit
         if SPLIT_STEP.match(path):  # a step per batch, not per round: a bucket and limit of its own
             return ":split", settings.split_rate_limit
+        if SECAGG.match(path):  # stage polls: a bucket of their own, so they never starve check-ins
+            return ":secagg", settings.secagg_rate_limit
         return None
 
     def _limit(self, path: str) -> int:
@@ -53,6 +57,8 @@ class Edge:
             return settings.max_device_body_bytes
         if SPLIT_STEP.match(path):  # the route refines it to the federation's largest valid message
             return max(settings.max_update_bytes, settings.max_operator_body_bytes)
+        if SECAGG.match(path):
+            return MAX_MESSAGE_BYTES
         return settings.max_operator_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:

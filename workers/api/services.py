@@ -66,7 +66,8 @@ class Services:
         registry = ModelRegistry(runtime.redis, runtime.store, presigner, settings, clock)
         return cls(
             runtime=runtime, tokens=tokens, presigner=presigner,
-            gateway=Gateway(state, presigner, settings, enqueue, clock, publisher, base_download=registry.base_download),
+            gateway=Gateway(state, presigner, settings, enqueue, clock, publisher, base_download=registry.base_download,
+                            secure=runtime.coordinator.secure),
             devices=Devices(state, tokens),
             control=Control(state, runtime.coordinator, clock, registered_model=registry.record,
                             max_update_bytes=settings.max_update_bytes, begin=begin),

@@ -156,9 +156,11 @@ def simulate(name: str, num_devices: int, rounds: int, round_wait: float, concur
 @click.option("--buffer", default=4, show_default=True, help="--async: accepted updates per version")
 @click.option("--compress", type=click.Choice([e for e in get_args(UpdateEncoding) if e != "float32"]), default=None,
               help="devices send compressed updates (error feedback on the device); then the same run in float32")
+@click.option("--secure-aggregation", "secure", is_flag=True,
+              help="SecAgg+: the server sees only the sum; a device vanishes mid-protocol in each round")
 def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: str, out: str, canary: bool,
          split: bool, epsilon: float, split_mode: str, steps: int, asynchronous: bool, buffer: int,
-         compress: str | None) -> None:
+         compress: str | None, secure: bool) -> None:
     """Devices train real adapters on non-IID text and federate them: no server to start."""
     domain_names = tuple(d.strip() for d in domains.split(",") if d.strip())
     if compress:
@@ -185,7 +187,7 @@ def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: s
     from fleettune.workers.local.demo import run_demo
 
     run_demo(Settings.from_env(), model_source=model_source, kind=kind, num_devices=num_devices, rounds=rounds,
-             out_dir=out, domains=domain_names)
+             out_dir=out, domains=domain_names, secure=secure)
 
 
 @cli.command("memory")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 
 from fleettune.shared import corpora, keys
@@ -20,7 +21,9 @@ from fleettune.shared.device.client import Device
 from fleettune.shared.device.fleet import FleetSpec, build_fleet
 from fleettune.shared.federation import DeviceFilter, EvaluationConfig, FederationConfig, RoundPolicy, LocalTraining
 from fleettune import FleettuneAPIError
+from fleettune.shared.secagg.config import SecureAggregation
 from fleettune.shared.settings import Settings
+from fleettune.shared.strategies.config import AggregationConfig
 from fleettune.workers.local.harness import RoundRow, embedded, enroll, gateway, run_rounds
 
 DEVICE_RAM_MB, DEVICE_STORAGE_MB = 4096, 16_000
@@ -30,9 +33,12 @@ SIZES = {"tiny": (24_000, 12_000)}
 LARGE_MODEL_SIZES = (4_000, 3_000)
 
 
+SECURE_STAGE_S = 6.0  # --secure-aggregation: a stage waits this long for a device that vanished
+
+
 def demo_config(name: str, model_source: str, dims: ModelDims, kind: str, rounds: int, num_devices: int,
-                min_ram_mb: int, eval_chars: int, domains: tuple[str, ...], encoding: str = "float32"
-                ) -> FederationConfig:
+                min_ram_mb: int, eval_chars: int, domains: tuple[str, ...], encoding: str = "float32",
+                secure: bool = False) -> FederationConfig:
     adapter = (AdapterConfig(kind="prompt_tuning", num_virtual_tokens=16) if kind == "prompt_tuning"
                else AdapterConfig(kind=kind, rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
     return FederationConfig(
@@ -43,6 +49,8 @@ def demo_config(name: str, model_source: str, dims: ModelDims, kind: str, rounds
                                   batch_size=8, seq_len=128, max_grad_norm=1.0, update_encoding=encoding),
         device_filter=DeviceFilter(min_ram_mb=min_ram_mb, min_storage_mb=100),
         evaluation=EvaluationConfig(base_model=model_source, general_every=1, eval_chars=eval_chars, domains=domains),
+        aggregation=AggregationConfig(secure_aggregation=SecureAggregation(stage_timeout_s=SECURE_STAGE_S)
+                                      if secure else None),
     )
 
 
@@ -59,13 +67,17 @@ class DemoRun:
     adapter_dir: Path
     heldout_ppl: float  # the final version's
     update_bytes: float  # the mean size of the honest devices' update objects
+    secure_line: str = ""  # --secure-aggregation: the published version against plain FedAvg
 
 
 def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora", num_devices: int = 8,
              rounds: int = 5, out_dir: str | Path = "fleettune-demo",
-             domains: tuple[str, ...] = corpora.DOMAINS, encoding: str = "float32", quiet: bool = False) -> DemoRun:
+             domains: tuple[str, ...] = corpora.DOMAINS, encoding: str = "float32", quiet: bool = False,
+             secure: bool = False) -> DemoRun:
     """The demo federation; `encoding` is how devices code their updates, `quiet` prints nothing
-    (the uncompressed reference run of `--compress`)."""
+    (the uncompressed reference run of `--compress`). `secure`: SecAgg+ rounds, in each of which one
+    device vanishes after sharing its keys (the hostile device sits these out: its plain update
+    would be refused before upload)."""
     say = (lambda *_a, **_k: None) if quiet else click.echo
     torch.set_num_threads(1)  # training here and evaluation in the worker thread: one core each
     out = fresh_out_dir(out_dir)
@@ -81,7 +93,7 @@ def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora",
                              batch=8, seq=128, act_bytes=4)
     config = demo_config(f"demo-{int(time.time())}", model_source, dims, kind, rounds, num_devices,
                          min_ram_mb=math.ceil(budget.total / memory.MB), eval_chars=eval_chars, domains=domains,
-                         encoding=encoding)
+                         encoding=encoding, secure=secure)
     model = trainer.peft_model(base, config.adapter)
     fleet = build_fleet(FleetSpec.spread(num_devices, device_chars, domains=domains), config, model, tokenizer,
                         ram_mb=DEVICE_RAM_MB, storage_mb=DEVICE_STORAGE_MB)
@@ -98,7 +110,7 @@ def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora",
                          storage_mb=DEVICE_STORAGE_MB)
         old = Device("old-phone", config, model, devices[0].data, config.training,
                      ram_mb=config.device_filter.min_ram_mb // 2, storage_mb=DEVICE_STORAGE_MB)
-        clients = enroll(url, admin_key, config.name, devices + [mallory, old])
+        clients = enroll(url, admin_key, config.name, devices + ([old] if secure else [mallory, old]))
         runtime.coordinator.begin_training(config.name, rounds)
         try:
             clients["old-phone"].check_in(old.ram_mb, old.storage_mb)
@@ -110,11 +122,14 @@ def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora",
         rows = [RoundRow(0, "base", 0, 0, base_eval["heldout_mean"], base_eval["general"], math.nan, 0, 0, 0)]
         say(HEADER)
         say(_row(rows[0]))
-        for row in run_rounds(app, runtime, config, devices, clients, rounds, hostile=clients["mallory"],
-                              progress=not quiet):
+        vanishing = {devices[-1].device_id}
+        for row in run_rounds(app, runtime, config, devices, clients, rounds,
+                              hostile=None if secure else clients["mallory"], progress=not quiet,
+                              drop=(lambda _round: vanishing) if secure else None):
             rows.append(row)
             say(_row(row))
         final = int(runtime.state.federations.status(config.name)["version"])
+        secure_line = secure_check(runtime, config, final, devices) if secure else ""
         stats = runtime.state.federations.stats(config.name)
         adapter_dir = out / "final-adapter"
         versions.download(runtime.store, config.name, final, adapter_dir)
@@ -132,7 +147,30 @@ def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora",
     if not quiet:
         _check_final(model_source, adapter_dir, tokenizer)
     say(f"done in {time.monotonic() - started:.0f}s")
-    return DemoRun(adapter_dir, rows[-1].heldout_ppl, sum(sizes) / max(len(sizes), 1))
+    if secure_line:
+        say(secure_line)
+    return DemoRun(adapter_dir, rows[-1].heldout_ppl, sum(sizes) / max(len(sizes), 1), secure_line)
+
+
+def secure_check(runtime, config: FederationConfig, version: int, devices: list[Device]) -> str:
+    """The last secure round's published step against plain FedAvg of the same clipped updates,
+    which only this process (holding every device) can compute: the server never saw them."""
+    manifest = versions.manifest(runtime.store, config.name, version)
+    survivors = set(manifest["contributors"])
+    limit, header = runtime.settings.max_update_bytes, runtime.settings.max_header_bytes
+    new = versions.load_weights(runtime.store, config.name, version, config.spec, limit, header)
+    old = versions.load_weights(runtime.store, config.name, manifest["parent_version"], config.spec, limit, header)
+    names = sorted(config.update_tensors)
+    step = np.concatenate([(new[k].double() - old[k].double()).numpy().ravel() for k in names])
+    taking = [d.secure for d in devices if d.secure is not None and d.device_id in survivors]
+    plain = sum(p.weight * p.update for p in taking) / sum(p.weight for p in taking)
+    secure = manifest["aggregation"]["secure_aggregation"]
+    # the fixed point's rounding, and float32 storage of the published weights
+    bound = secure["mean_error_bound"] + 2.0 ** -23 * float(max(abs(new[k]).max() for k in names))
+    diff = float(np.abs(step - plain).max())
+    dropped = secure["dropped_after_sharing"]
+    return (f"secure aggregation: max |difference from plain FedAvg| {diff:.3g} (bound {bound:.3g}), "
+            f"dropped {dropped} of {dropped + len(survivors)}")
 
 
 HEADER = (f"{'round':>5} {'status':>7} {'updates':>7} {'rejected':>8} {'held-out ppl':>12} "

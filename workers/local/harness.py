@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import fakeredis
@@ -128,12 +128,37 @@ def send_hostile(client: DeviceClient, config: FederationConfig) -> dict:
     return client.wait_outcome(receipt["receipt"], timeout=30)
 
 
+def drive_secure(app: Celery, devices: list[Device], clients: dict[str, DeviceClient], timeout: float,
+                 offline: set[str] = frozenset(), poll: float = 0.05) -> None:
+    """Step every device through a secure round's stages, interleaved (they run in this one process);
+    the devices in `offline` vanish after sending their shares, as a phone that loses its network."""
+    end = swept = time.monotonic()
+    end += timeout
+    pending = {d.device_id: d for d in devices}
+    while pending:
+        for device_id, device in list(pending.items()):
+            client = clients[device_id]
+            if device_id in offline and device.secure.at_stage(client) == "masked":
+                pending.pop(device_id)  # gone before its masked input: its neighbours' key shares unmask the rest
+                continue
+            if device.secure.step(client):
+                pending.pop(device_id)
+        if time.monotonic() > end:
+            raise TimeoutError(f"secure aggregation: {sorted(pending)[:4]} still at it after {timeout}s")
+        if time.monotonic() - swept > 0.5:  # as beat would: stage deadlines pass only when someone looks
+            app.send_task("fleettune.sweep")
+            swept = time.monotonic()
+        time.sleep(poll)
+
+
 def run_rounds(app: Celery, runtime: Runtime, config: FederationConfig, fleet: list[Device],
                clients: dict[str, DeviceClient], rounds: int, hostile: DeviceClient | None = None,
-               progress: bool = True, timeout: float = 300, seed: int = 0) -> Iterator[RoundRow]:
+               progress: bool = True, timeout: float = 300, seed: int = 0,
+               drop: Callable[[int], set[str]] | None = None) -> Iterator[RoundRow]:
     """Each round, every device trains and sends through the gateway (a hostile one first, if given).
 
-    `seed` varies the devices' batch order between runs of the same rounds."""
+    `seed` varies the devices' batch order between runs of the same rounds. In secure rounds
+    `drop(round)` names devices that vanish mid-protocol (after sharing their keys)."""
     fed = config.name
     for round_no in range(1, rounds + 1):
         info = runtime.state.rounds.round_info(fed, round_no)
@@ -148,8 +173,13 @@ def run_rounds(app: Celery, runtime: Runtime, config: FederationConfig, fleet: l
         sampled = round_config.policy.clients_per_round or round_config.aggregation.sampling_rate < 1
         cohort = runtime.state.rounds.cohort(fed, round_no) if sampled else None
         picked = [d for d in fleet if d.device_id in cohort] if sampled else fleet
+        secure = round_config.aggregation.secure_aggregation is not None
         for device in tqdm(picked, desc=f"round {round_no}", unit="device", leave=False, disable=not progress):
-            reports.append(device.run_round(clients[device.device_id], seed=seed * 100_003 + round_no))
+            reports.append(device.run_round(clients[device.device_id], seed=seed * 100_003 + round_no,
+                                            wait_secure=not secure))
+        if secure:
+            drive_secure(app, [d for d in picked if d.secure is not None], clients, timeout,
+                         offline=drop(round_no) if drop else set())
         done = wait_round(app, runtime, fed, round_no, timeout)
         manifest = versions.manifest(runtime.store, fed, done.version) if done.status == "closed" else {}
         evaluation = (wait_evaluation(runtime, fed, done.version, timeout)
