@@ -13,13 +13,13 @@ import time
 
 import numpy as np
 
-from fleettune.shared.sdk.http import FleettuneAPIError
+from fleettune import FleettuneAPIError  # the SDK as installed: the class its clients raise
 from fleettune.shared.secagg import primitives as crypto
 from fleettune.shared.secagg.device import DeviceSession
 from fleettune.shared.secagg.fixed_point import Encoding
 from fleettune.shared.secagg.messages import Context, SecAggError
 
-DONE = ("unmasking", "ready", "failed")
+DONE = ("ready", "failed")  # while "unmasking" the attempt may still fail and restart with fresh keys
 
 
 def flatten(delta: dict, names: list[str], clip: float) -> np.ndarray:

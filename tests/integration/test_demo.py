@@ -80,3 +80,17 @@ def test_the_compressed_demo_sends_a_quarter_of_the_bytes_and_learns_as_much(tmp
     dense, sent = (int(match[i].replace(",", "")) for i in (1, 2))
     ppl, reference = float(match[4]), float(match[5])
     assert dense / sent >= 3.8 and abs(ppl / reference - 1) <= 0.01  # the int8 goal, on the demo
+
+
+def test_the_secure_aggregation_demo_publishes_plain_fedavg_within_the_bound_with_a_device_gone(tmp_path):
+    done = _demo("--secure-aggregation", "--devices", "5", "--rounds", "2", "--out", str(tmp_path / "secure"))
+
+    table = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit() and
+             line.split()[1] in ("base", "closed")]
+    assert [row[:3] for row in table] == [["0", "base", "0"], ["1", "closed", "4"], ["2", "closed", "4"]]
+    assert float(table[2][4]) < float(table[0][4])  # it learns: only the sums were ever unmasked
+    last = done.stdout.rstrip().splitlines()[-1]
+    match = re.fullmatch(r"secure aggregation: max \|difference from plain FedAvg\| (\S+) \(bound (\S+)\), "
+                         r"dropped (\d+) of (\d+)", last)
+    assert match, last
+    assert float(match[1]) <= float(match[2]) < 1e-5 and (match[3], match[4]) == ("1", "5")
