@@ -339,7 +339,10 @@ class SecureRounds:
                                               masked, answers)
         except SecAggError as err:
             self.r.hincrby(keys.fed_stats(fed), f"secagg_failed:{err.reason.value}", 1)
-            self._restart(fed, round_no, a, setting, err.detail)
+            if err.reason == Reason.OUT_OF_RANGE:  # a device broke its bounds: a fresh attempt would meet it again
+                self._transition(fed, round_no, a, {"stage": FAILED, "reason": err.detail})
+            else:
+                self._restart(fed, round_no, a, setting, err.detail)
             return None
         survivors = sorted(masked)
         if a.stage == UNMASKING:

@@ -79,3 +79,14 @@ def choose(max_devices: int, clip: float, max_weight: int, precision_bits: int =
             return Encoding(bits, frac_bits, clip, max_weight, max_devices)
     raise ConfigError(f"{max_devices} devices of weight ≤ {max_weight} and clip {clip} do not fit 2^64 "
                       f"at {precision_bits} fractional bits")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unchecked(Encoding):
+    """A device that ignores its clip: what a malicious device can send, since masks hide it. For
+    tests and the bench's measure of what one such device can still do."""
+
+    def encode(self, update: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
+        x = np.asarray(update, dtype=np.float64).ravel()
+        scaled = np.concatenate([[float(weight)], weight * x]) * 2.0 ** self.frac_bits
+        return self.wrap(np.floor(scaled + rng.random(scaled.shape)).astype(np.int64))

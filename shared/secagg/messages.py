@@ -33,6 +33,7 @@ class Reason(str, enum.Enum):
     TOO_FEW_SHARES = "too_few_shares"  # fewer than the threshold: that secret cannot be rebuilt
     INCONSISTENT = "inconsistent"  # lists from the server that disagree (survivors, dropped)
     BAD_SHARES = "bad_shares"  # shares that rebuild a secret which does not match its commitment
+    OUT_OF_RANGE = "out_of_range"  # an unmasked sum no honest cohort can produce (weights or norm too large)
 
 
 class SecAggError(FleettuneError):

@@ -7,6 +7,8 @@ message changes nothing, so one hostile device cannot stop the round for the hon
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 
 from fleettune.shared.secagg import primitives as crypto
@@ -133,25 +135,53 @@ def unmask(ctx: Context, encoding: Encoding, graph: Graph, threshold: int, adver
     for vector in masked.values():
         total += vector
     for device in sorted(survivors):
-        seed = _rebuild(device, "seed_shares", graph, threshold, answers)
-        if commitment(ctx, device, seed) != commitments[device]:
-            raise SecAggError(Reason.BAD_SHARES, f"{device}'s rebuilt seed does not match its commitment")
+        seed = _rebuild(device, "seed_shares", graph, threshold, answers,
+                        lambda secret, d=device: commitment(ctx, d, secret) == commitments[d])
         total -= crypto.mask(seed, length, encoding.dtype)
     for gone in sorted(set(commitments) - survivors):
-        s_sk = _rebuild(gone, "key_shares", graph, threshold, answers)
-        if crypto.agreement_public(s_sk) != adverts[gone]["s_pk"]:
-            raise SecAggError(Reason.BAD_SHARES, f"{gone}'s rebuilt key does not match its advertised key")
+        s_sk = _rebuild(gone, "key_shares", graph, threshold, answers,
+                        lambda secret, d=gone: crypto.agreement_public(secret) == adverts[d]["s_pk"])
         for peer in sorted(held.get(gone, set()) & survivors):  # the survivors that masked against it
                 m = pairwise_mask(ctx, s_sk, adverts[peer]["s_pk"], length, encoding.dtype)
                 total = total - m if mask_sign(peer, gone) > 0 else total + m
-    return encoding.decode_sum(total)
+    weight_sum, weighted = encoding.decode_sum(total)
+    check_range(encoding, len(survivors), weight_sum, weighted)
+    return weight_sum, weighted
 
 
-def _rebuild(device: str, kind: str, graph: Graph, threshold: int, answers: dict[str, dict]) -> bytes:
+def check_range(encoding: Encoding, devices: int, weight_sum: float, weighted: np.ndarray) -> None:
+    """What the server can still check once masks hide each update: the sum itself. n devices of
+    weight 1..max_weight, each ‖w·x‖ ≤ w·clip, give n ≤ Σw ≤ n·max_weight and ‖Σ w·x‖ ≤ Σw·clip (plus
+    the rounding). A device that ignored its clip or its weight cap can break these only by enough
+    to show: anything within them it can still do (see docs/secure-aggregation.md)."""
+    rounding = devices * 2.0 ** -encoding.frac_bits * np.sqrt(weighted.size)
+    if not devices <= weight_sum <= devices * encoding.max_weight:
+        raise SecAggError(Reason.OUT_OF_RANGE, f"sum of weights {weight_sum:g} outside [{devices}, "
+                                               f"{devices * encoding.max_weight}] for {devices} devices")
+    norm = float(np.linalg.norm(weighted))
+    if norm > weight_sum * encoding.clip + rounding:
+        raise SecAggError(Reason.OUT_OF_RANGE, f"‖Σ w·x‖ = {norm:.4g} > Σw·clip = {weight_sum * encoding.clip:.4g}")
+
+
+def _rebuild(device: str, kind: str, graph: Graph, threshold: int, answers: dict[str, dict],
+             check) -> bytes:
+    """The secret `kind` of `device` from exactly `threshold` of its shares, accepted only when
+    `check(secret)` (its commitment, or its advertised public key) holds. A bad share among them is
+    met by trying other subsets (the first, the last, then random ones): a few lying neighbours
+    cannot block the round, and no time goes into checking every share against every other."""
     shares = {graph.point(holder): a[kind][device] for holder, a in answers.items() if device in a[kind]}
+    name = kind.split("_")[0]
     if len(shares) < threshold:
-        raise SecAggError(Reason.TOO_FEW_SHARES, f"{len(shares)} {kind.split('_')[0]} shares of {device}, {threshold} needed")
-    try:
-        return shamir.combine_bytes(shares, threshold)
-    except shamir.ShamirError as exc:
-        raise SecAggError(Reason.BAD_SHARES, f"{device}'s {kind.split('_')[0]} shares: {exc}") from None
+        raise SecAggError(Reason.TOO_FEW_SHARES, f"{len(shares)} {name} shares of {device}, {threshold} needed")
+    points = sorted(shares)
+    subsets = [points[:threshold], points[-threshold:]]
+    rng = random.Random(device)  # the same subsets on a redone close
+    subsets += [sorted(rng.sample(points, threshold)) for _ in range(3 if len(points) > threshold else 0)]
+    for subset in subsets:
+        try:
+            secret = shamir.combine_bytes({x: shares[x] for x in subset}, threshold)
+        except shamir.ShamirError:
+            continue
+        if check(secret):
+            return secret
+    raise SecAggError(Reason.BAD_SHARES, f"no subset of {device}'s {name} shares rebuilds its committed {name}")

@@ -35,6 +35,8 @@ class Result:
     server_seconds: float
     bytes_up: dict[str, int]
     bytes_down: dict[str, int]
+    degree: int = 0
+    threshold: int = 0
 
     @property
     def mean(self) -> np.ndarray:
@@ -51,8 +53,16 @@ def run(updates: dict[str, np.ndarray], weights: dict[str, int], encoding: Encod
     transcript: list[tuple[str, str, bytes]] = []
     dev_s = dict.fromkeys(updates, 0.0)
     up, down = dict.fromkeys(updates, 0), dict.fromkeys(updates, 0)
-    server_s = 0.0
+    server_s = [0.0]
     last: Exception | None = None
+
+    def timed(fn, *args):
+        t0 = time.process_time()
+        try:
+            return fn(*args)
+        finally:
+            server_s[0] += time.process_time() - t0
+
     for attempt in range(1, max_attempts + 1):
         ctx = Context(federation, round_no, attempt)
         sessions: dict[str, DeviceSession] = {}
@@ -75,25 +85,23 @@ def run(updates: dict[str, np.ndarray], weights: dict[str, int], encoding: Encod
             sessions[d] = DeviceSession(ctx, d, identities[d], encoding, threshold or 0, min_survivors)
             msg = device_step(d, sessions[d].advertise)
             received("advertise", d, msg)
-            adverts[d] = server.check_advert(ctx, msg, d, updates, public)
+            adverts[d] = timed(server.check_advert, ctx, msg, d, updates, public)
         if len(adverts) < max(min_survivors, 2):
             last = SecAggError(server.Reason.TOO_FEW_SHARES, f"{len(adverts)} devices advertised keys")
             continue
-        t0 = time.process_time()
-        g = graphs.build(adverts, os.urandom(32), degree)  # over those that advertised: a secret-seeded draw
+        g = timed(graphs.build, adverts, os.urandom(32), degree)  # over those that advertised: a secret-seeded draw
         t = threshold or graphs.default_threshold(g.degree)
-        server_s += time.process_time() - t0
         shared = {}
         for d in sorted(set(adverts) - drops(attempt, "share")):
-            offer = server.offer_for(d, g, t, adverts, public)
+            offer = timed(server.offer_for, d, g, t, adverts, public)
             down[d] += len(pack(offer))
             try:
                 msg = device_step(d, sessions[d].share, offer)
             except SecAggError:
                 continue  # too few live neighbours: this device sits the attempt out
             received("share", d, msg)
-            shared[d] = server.check_shares(ctx, msg, d, g, adverts, public)
-        inboxes = server.relay(shared)
+            shared[d] = timed(server.check_shares, ctx, msg, d, g, adverts, public)
+        inboxes = timed(server.relay, shared)
         held = {d: set(box) for d, box in inboxes.items()}
         masked = {}
         for d in sorted(set(shared) - drops(attempt, "masked")):
@@ -104,30 +112,28 @@ def run(updates: dict[str, np.ndarray], weights: dict[str, int], encoding: Encod
             except SecAggError:
                 continue
             received("masked", d, y)
-            masked[d] = server.check_masked(y, d, shared, encoding, y.shape[0])
+            masked[d] = timed(server.check_masked, y, d, shared, encoding, y.shape[0])
         survivors = set(masked)
         answers = {}
         for d in sorted(survivors - drops(attempt, "unmask")):
-            request = server.unmask_request(held[d], survivors)
+            request = timed(server.unmask_request, held[d], survivors)
             down[d] += len(pack(request))
             try:
                 msg = device_step(d, sessions[d].unmask, request)
             except SecAggError:
                 continue
             received("unmask", d, msg)
-            answers[d] = server.check_unmask(msg, d, held[d], survivors)
-        t0 = time.process_time()
+            answers[d] = timed(server.check_unmask, msg, d, held[d], survivors)
         try:
             if len(survivors) < min_survivors:
                 raise SecAggError(server.Reason.TOO_FEW_SHARES, f"{len(survivors)} survivors, {min_survivors} needed")
             commitments = {d: m["commitment"] for d, m in shared.items()}
-            weight_sum, total = server.unmask(ctx, encoding, g, t, adverts, commitments, held, masked, answers)
+            weight_sum, total = timed(server.unmask, ctx, encoding, g, t, adverts, commitments, held, masked, answers)
         except SecAggError as exc:
             last = exc
             continue
-        finally:
-            server_s += time.process_time() - t0
         bound = encoding.mean_error_bound(len(survivors), weight_sum)
-        return Result(weight_sum, total, sorted(survivors), attempt, bound, transcript, dev_s, server_s, up, down)
+        return Result(weight_sum, total, sorted(survivors), attempt, bound, transcript, dev_s, server_s[0], up, down,
+                      g.degree, t)
     raise SecAggError(server.Reason.TOO_FEW_SHARES, f"no attempt of {max_attempts} completed: {last}")
 

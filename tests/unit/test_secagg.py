@@ -329,7 +329,7 @@ def test_hostile_shares_vectors_and_unmasking_answers_are_refused_and_the_round_
     assert np.abs(total / w - exact).max() <= a.enc.mean_error_bound(len(devs), w)
 
 
-def test_a_tampered_ciphertext_is_named_by_its_recipient_and_a_forged_share_is_caught():
+def test_a_tampered_ciphertext_is_named_and_forged_shares_are_outvoted_or_caught():
     a = Attempt(n=8).share_all()
     devs = sorted(a.ids)
     sender, receiver = devs[2], devs[3]
@@ -338,11 +338,18 @@ def test_a_tampered_ciphertext_is_named_by_its_recipient_and_a_forged_share_is_c
     survivors = set(devs)
     answer = a.s[receiver].unmask(a.request(receiver, survivors))
     assert (sender, Reason.BAD_CIPHERTEXT) in a.s[receiver].refused and sender not in answer["seed_shares"]
-    # a forged seed share among more than the threshold is caught when the seed is rebuilt
+    # one forged seed share: the rebuilt seed fails its commitment, another subset of shares passes
     answers = {d: a.s[d].unmask(a.request(d, survivors)) for d in devs if d != receiver}
     liar = devs[4]
     victim = next(p for p in answers[liar]["seed_shares"] if p != liar)
-    answers[liar]["seed_shares"][victim] = os.urandom(shamir.SHARE_BYTES - 1).rjust(shamir.SHARE_BYTES, b"\0")
+    forged = lambda: os.urandom(shamir.SHARE_BYTES - 1).rjust(shamir.SHARE_BYTES, b"\0")  # noqa: E731
+    answers[liar]["seed_shares"][victim] = forged()
+    w, total = server.unmask(a.ctx, a.enc, a.g, a.t, a.adverts, a.commitments, a.held, a.masked, answers)
+    assert np.abs(total / w - fedavg(a.updates, a.weights, devs)).max() <= a.enc.mean_error_bound(len(devs), w)
+    # when every subset holds a forged share, the seed cannot be rebuilt: named, and the attempt restarts
+    for holder in answers.values():
+        if victim in holder["seed_shares"]:
+            holder["seed_shares"][victim] = forged()
     with pytest.raises(SecAggError) as e:
         server.unmask(a.ctx, a.enc, a.g, a.t, a.adverts, a.commitments, a.held, a.masked, answers)
     assert e.value.reason == Reason.BAD_SHARES
@@ -359,3 +366,38 @@ def test_a_device_refuses_inconsistent_unmasking_requests():
         a.s[d].unmask(dict(req, survivor_count=1))
     assert e.value.reason == Reason.INCONSISTENT
     assert not a.s[d].revealed
+
+
+def test_a_device_that_ignores_its_clip_is_stopped_only_at_the_edge_of_the_sum_check():
+    """What masking leaves the server: it sees no update, so one device past its clip moves the mean
+    until the sum itself is out of range (the bound docs/secure-aggregation.md states)."""
+    a = Attempt(n=10).share_all()
+    devs = sorted(a.ids)
+    evil, honest = devs[0], devs[1:]
+    survivors = set(devs)
+    u = np.zeros_like(a.updates[evil])
+    u[0] = 1.0
+    clip, w_max = a.enc.clip, a.enc.max_weight
+    w = sum(a.weights[d] for d in honest) + w_max
+    honest_sum = sum(a.weights[d] * a.updates[d] for d in honest)
+
+    def attempt_with(x):
+        session = a.s[evil]
+        session.encoding = fixed_point.Unchecked(**a.enc.as_dict())
+        masked = dict(a.masked, **{evil: session.masked_input(a.inboxes[evil], x, w_max)})
+        session.revealed = False
+        answers = {d: a.s[d].unmask(a.request(d, survivors)) for d in devs}
+        for s in a.s.values():
+            s.revealed = False
+        return server.unmask(a.ctx, a.enc, a.g, a.t, a.adverts, a.commitments, a.held, masked, answers)
+
+    # the largest push along u the sum check lets through: ‖honest + w_max·r·u‖ = Σw·clip
+    b = float(honest_sum @ u)
+    r = (-b + np.sqrt(b * b - (honest_sum @ honest_sum - (w * clip) ** 2))) / w_max * 0.999
+    weight_sum, total = attempt_with(r * u)
+    shift = float((total / weight_sum - honest_sum / (w - w_max)) @ u)
+    clipped_shift = w_max * clip / w  # the most a device clipped by the server could move the mean
+    assert shift > 3 * clipped_shift and r > 3 * clip  # 0.97 against 0.16, an update 6× its clip (10 devices)
+    with pytest.raises(SecAggError) as e:  # a little further and the sum gives it away
+        attempt_with(1.2 * r * u)
+    assert e.value.reason == Reason.OUT_OF_RANGE
