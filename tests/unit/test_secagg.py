@@ -401,3 +401,81 @@ def test_a_device_that_ignores_its_clip_is_stopped_only_at_the_edge_of_the_sum_c
     with pytest.raises(SecAggError) as e:  # a little further and the sum gives it away
         attempt_with(1.2 * r * u)
     assert e.value.reason == Reason.OUT_OF_RANGE
+
+
+# --- the Redis coordinator (fakeredis here; the real services in tests/integration) -----------------
+
+def test_the_coordinator_moves_on_at_deadlines_restarts_below_the_minimum_and_unmasks(tmp_path):
+    import fakeredis
+
+    from fleettune.shared import keys
+    from fleettune.shared.secagg.config import SecureAggregation
+    from fleettune.shared.secagg.coordinator import SecureRounds
+    from fleettune.shared.storage import LocalObjectStore
+
+    r, now = fakeredis.FakeRedis(), [1000.0]
+    store = LocalObjectStore(tmp_path)
+    rounds = SecureRounds(r, store, clock=lambda: now[0])
+    setting = SecureAggregation(stage_timeout_s=10, min_survivors=3, max_attempts=2)
+    ids, updates, weights = cohort(5, d=40, seed=6)
+    devs = sorted(ids)
+    r.sadd(keys.round_cohort("f", 1), *devs)
+    for d in devs:
+        assert rounds.register_identity("f", d, crypto.identity_public(ids[d]))
+    assert not rounds.register_identity("f", devs[0], crypto.identity_public(crypto.identity_key()))
+    rounds.configure("f", 1, 1.0, 32, 41)
+    rounds.ensure("f", 1, setting)
+
+    def play(attempt: int, present: list[str], until: str) -> dict[str, DeviceSession]:
+        """The devices in `present` answer each stage up to `until`; the clock passes each deadline."""
+        sessions = {d: DeviceSession(Context("f", 1, attempt), d, ids[d], fixed_point.choose(5, 1.0, 32), 0, 3)
+                    for d in present}
+        for stage in ("advertise", "share", "masked", "unmask"):
+            for d, s in sessions.items():
+                given = rounds.stage_for("f", 1, d, setting)
+                assert given["stage"] == stage and given["attempt"] == attempt, (given, rounds.summary("f", 1))
+                if given["input"] is None:
+                    continue
+                if stage == "advertise":
+                    msg = s.advertise()
+                elif stage == "share":
+                    msg = s.share(given["input"])
+                elif stage == "masked":
+                    s.encoding = fixed_point.Encoding(**given["input"]["encoding"])
+                    y = s.masked_input(given["input"]["inbox"], updates[d], weights[d]).astype("<u4").tobytes()
+                    key, size, _ = rounds.masked_slot("f", 1, d)
+                    assert size == len(y)
+                    store.put(key, y)
+                    msg = {"sha256": __import__("hashlib").sha256(y).hexdigest()}
+                else:
+                    msg = s.unmask(given["input"])
+                rounds.receive("f", 1, d, stage, pack(dict(msg, attempt=attempt)), setting)
+            if stage == until:
+                return sessions
+            if stage == "advertise" and len(present) < len(devs):
+                now[0] += 11  # advertising waits for the absent device until its deadline; the rest wait
+                # only for those that answered the stage before
+        return sessions
+
+    # attempt 1: only two devices show up; the advertise stage's deadline passes, and two is below three
+    play(1, devs[:2], "advertise")
+    now[0] += 11
+    assert rounds.stage_for("f", 1, devs[0], setting)["attempt"] == 2
+    with pytest.raises(SecAggError) as e:  # a straggler's keys for the attempt that ended
+        rounds.receive("f", 1, devs[4], "advertise", pack(dict(DeviceSession(
+            Context("f", 1, 1), devs[4], ids[devs[4]], fixed_point.choose(5, 1.0, 32), 0).advertise(), attempt=1)),
+            setting)
+    assert e.value.reason == Reason.STAGE_CLOSED
+    # attempt 2: four of five; advertising waits for the fifth until its deadline, then it moves on
+    sessions = play(2, devs[:4], "unmask")
+    with pytest.raises(SecAggError) as e:
+        rounds.receive("f", 1, devs[0], "unmask", pack({"attempt": 2, "device": devs[0], "seed_shares": {},
+                                                         "key_shares": {}}), setting)
+    assert e.value.reason in (Reason.STAGE_CLOSED, Reason.DUPLICATE_STAGE)
+    total = rounds.unmask("f", 1, setting, 1 << 20)
+    assert total is not None and total.survivors == devs[:4] and total.attempt == 2
+    exact = fedavg(updates, weights, devs[:4])
+    assert np.abs(total.total / total.weight_sum - exact).max() <= total.bound
+    assert rounds.summary("f", 1)["stage"] == "ready"
+    assert int(r.hget(keys.fed_stats("f"), "secagg_refused:stage_closed")) >= 1
+    assert len(sessions) == 4
