@@ -220,7 +220,8 @@ class Gateway:
         names = sorted(config.update_tensors)
         length = 1 + sum(math.prod(config.update_tensors[k]) for k in names)
         max_weight = 1 if config.aggregation.dp else setting.max_weight  # DP: every clipped update counts the same
-        self.secure.configure(fed, info.round, config.policy.max_update_norm, max_weight, length)
+        self.secure.configure(fed, info.round, config.policy.max_update_norm, max_weight, length,
+                              config.aggregation.dp_noise_multiplier)
         self.secure.ensure(fed, info.round, setting)
         return {"stages_url": f"/api/v1/federations/{fed}/secagg/{info.round}",
                 "identity_url": f"/api/v1/federations/{fed}/identity", "clip": config.policy.max_update_norm,

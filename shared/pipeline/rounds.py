@@ -228,6 +228,7 @@ class RoundCoordinator:
             sums[name] = torch.from_numpy(total.total[offset:offset + size].astype(np.float32)).reshape(shape)
             offset += size
         aggregator.add_sum(sums, total.weight_sum, len(total.survivors))
+        aggregator.device_noise_std = total.device_noise_std
         fields = {"secure_aggregation": {"attempt": total.attempt, "survivors": len(total.survivors),
                                          "dropped_after_sharing": total.dropped, "modulus_bits": total.encoding.bits,
                                          "frac_bits": total.encoding.frac_bits, "mean_error_bound": total.bound}}

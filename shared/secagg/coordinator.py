@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import math
 import time
 from collections.abc import Callable
 
@@ -73,6 +74,11 @@ class Sum:
     dropped: int  # devices that shared keys but sent no masked input
     bound: float  # per-coordinate bound on |mean − exact mean| from the fixed-point rounding
     encoding: Encoding
+
+    @property
+    def device_noise_std(self) -> float:
+        """The std of the DP noise the survivors' devices added to each coordinate of the sum."""
+        return self.encoding.noise_std * math.sqrt(len(self.survivors))
 
 
 class SecureRounds:
@@ -265,8 +271,12 @@ class SecureRounds:
             seed = hmac.new(self.r.get(keys.fed_secret(fed)) or b"", f"secagg:{round_no}:{a.attempt}".encode(),
                             hashlib.sha256).digest()
             graph = graphs.build(answered, seed, setting.degree, setting.dropout)
-            encoding = fixed_point.choose(len(answered), float(a.raw["clip"]), int(a.raw["max_weight"]),
-                                          setting.precision_bits)
+            clip, z = float(a.raw["clip"]), float(a.raw.get("noise_multiplier", b"0"))
+            # distributed DP: the survivors' noise must reach the central level z·C; sized for the
+            # share `dropout` may take, and topped up by the server if more vanish (see Sum)
+            expected = max(minimum, math.ceil(len(answered) * (1 - setting.dropout)))
+            encoding = fixed_point.choose(len(answered), clip, int(a.raw["max_weight"]), setting.precision_bits,
+                                          z * clip / math.sqrt(expected))
             fields = {"stage": "share", "graph": msgpack.packb(graph.as_dict()),
                       "threshold": graphs.default_threshold(graph.degree),
                       "encoding": msgpack.packb(encoding.as_dict())}
@@ -308,9 +318,12 @@ class SecureRounds:
             "attempt": a.attempt + 1, "stage": "advertise", "restarted": f"attempt {a.attempt}: {why}",
             "deadline": repr(self.clock() + setting.stage_timeout_s)})
 
-    def configure(self, fed: str, round_no: int, clip: float, max_weight: int, length: int) -> None:
-        """The clip, weight cap and vector length a round's encoding is sized for (from its config)."""
+    def configure(self, fed: str, round_no: int, clip: float, max_weight: int, length: int,
+                  noise_multiplier: float = 0.0) -> None:
+        """The clip, weight cap, vector length and DP noise multiplier a round's encoding is sized
+        for (from its config)."""
         key = keys.secagg(fed, round_no)
+        self.r.hsetnx(key, "noise_multiplier", repr(float(noise_multiplier)))
         self.r.hsetnx(key, "clip", repr(float(clip)))
         self.r.hsetnx(key, "max_weight", int(max_weight))
         self.r.hsetnx(key, "length", int(length))

@@ -25,6 +25,7 @@ class Encoding:
     clip: float
     max_weight: int
     max_devices: int
+    noise_std: float = 0.0  # distributed DP: the N(0, noise_std²) each device adds to its clipped update
 
     @property
     def dtype(self) -> np.dtype:
@@ -37,6 +38,8 @@ class Encoding:
         x = np.asarray(update, dtype=np.float64).ravel()
         if not np.all(np.isfinite(x)) or np.linalg.norm(x) > self.clip * (1 + 1e-9):
             raise ValueError("update not clipped to the encoding's norm (or not finite)")
+        if self.noise_std > 0:  # its share of the DP noise, added on the device: the server never sees x bare
+            x = x + rng.normal(0.0, self.noise_std, x.shape)
         scaled = np.concatenate([[float(weight)], weight * x]) * 2.0 ** self.frac_bits
         rounded = np.floor(scaled + rng.random(scaled.shape)).astype(np.int64)  # stochastic: unbiased
         return self.wrap(rounded)
@@ -66,17 +69,23 @@ class Encoding:
         return dataclasses.asdict(self)
 
 
-def choose(max_devices: int, clip: float, max_weight: int, precision_bits: int = 16) -> Encoding:
+NOISE_TAIL = 8.0  # a coordinate's noise stays within 8 standard deviations (probability 1 - 1e-15)
+
+
+def choose(max_devices: int, clip: float, max_weight: int, precision_bits: int = 16,
+           noise_std: float = 0.0) -> Encoding:
     """The smaller modulus whose signed half holds the largest possible sum at `precision_bits`
-    fractional bits; 2^64 with as many fractional bits as fit when 2^32 cannot."""
-    if max_devices < 1 or max_weight < 1 or not clip > 0 or not 1 <= precision_bits <= 40:
+    fractional bits; 2^64 with as many fractional bits as fit when 2^32 cannot. With distributed
+    DP a coordinate is within clip + NOISE_TAIL·noise_std."""
+    if max_devices < 1 or max_weight < 1 or not clip > 0 or not 1 <= precision_bits <= 40 or not noise_std >= 0:
         raise ConfigError("secure aggregation needs devices ≥ 1, max_weight ≥ 1, clip > 0, precision 1..40 bits")
+    reach = max(clip + NOISE_TAIL * noise_std, 1.0)
     for bits in (32, 64):
         # n·(W·C·2^f + 1) < 2^(bits-1): the magnitude of a sum of n rounded coordinates (and of Σw·2^f)
-        headroom = bits - 1 - math.log2(max_devices) - math.log2(max_weight * max(clip, 1.0)) - 1
-        frac_bits = min(math.floor(headroom), 52 - math.ceil(math.log2(max_weight * max(clip, 1.0) + 1)))
+        headroom = bits - 1 - math.log2(max_devices) - math.log2(max_weight * reach) - 1
+        frac_bits = min(math.floor(headroom), 52 - math.ceil(math.log2(max_weight * reach + 1)))
         if frac_bits >= precision_bits:
-            return Encoding(bits, frac_bits, clip, max_weight, max_devices)
+            return Encoding(bits, frac_bits, clip, max_weight, max_devices, noise_std)
     raise ConfigError(f"{max_devices} devices of weight ≤ {max_weight} and clip {clip} do not fit 2^64 "
                       f"at {precision_bits} fractional bits")
 
@@ -88,5 +97,7 @@ class Unchecked(Encoding):
 
     def encode(self, update: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
         x = np.asarray(update, dtype=np.float64).ravel()
+        if self.noise_std > 0:
+            x = x + rng.normal(0.0, self.noise_std, x.shape)
         scaled = np.concatenate([[float(weight)], weight * x]) * 2.0 ** self.frac_bits
         return self.wrap(np.floor(scaled + rng.random(scaled.shape)).astype(np.int64))

@@ -155,6 +155,8 @@ def check_range(encoding: Encoding, devices: int, weight_sum: float, weighted: n
     the rounding). A device that ignored its clip or its weight cap can break these only by enough
     to show: anything within them it can still do (see docs/secure-aggregation.md)."""
     rounding = devices * 2.0 ** -encoding.frac_bits * np.sqrt(weighted.size)
+    # distributed DP: the devices' noise sums to N(0, n·σ²) per coordinate, whose norm is within σ√n(√d + 8)
+    rounding += encoding.noise_std * np.sqrt(devices) * (np.sqrt(weighted.size) + 8)
     if not devices <= weight_sum <= devices * encoding.max_weight:
         raise SecAggError(Reason.OUT_OF_RANGE, f"sum of weights {weight_sum:g} outside [{devices}, "
                                                f"{devices * encoding.max_weight}] for {devices} devices")

@@ -11,6 +11,7 @@ the median and trimmed mean hold every update, up to `max_robust_updates`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,6 +54,7 @@ class RoundAggregator:
         self._controls = StreamingFedAvg(controls) if agg.drift_control == "scaffold" else None
         self.count = 0
         self.total_weight = 0.0
+        self.device_noise_std = 0.0  # distributed DP: noise the devices added to the sum (secure aggregation)
         self._mean = StreamingFedAvg(self.shapes) if agg.rule == "mean" and agg.lora != "exact" else None
         self._kept: list[dict[str, torch.Tensor]] = []
         self._pairs = lora_pairs(self.shapes) if agg.lora == "exact" else {}
@@ -144,9 +146,14 @@ class RoundAggregator:
             if clip_bound is None:
                 raise ValueError("DP needs a clip bound (the round policy's max_update_norm)")
             std = agg.dp_noise_multiplier * clip_bound
+            # under secure aggregation the devices added noise already: the server adds what is missing
+            server_std = math.sqrt(max(0.0, std ** 2 - self.device_noise_std ** 2))
             total = {k: v * self.total_weight for k, v in delta.items()}
-            delta = {k: v / self.total_weight for k, v in privacy.add_noise(total, std, noise_seed).items()}
-            fields["dp_noise_std_on_sum"] = std
+            delta = {k: v / self.total_weight for k, v in privacy.add_noise(total, server_std, noise_seed).items()}
+            fields["dp_noise_std_on_sum"] = max(std, self.device_noise_std)
+            if self.device_noise_std:
+                fields["dp_device_noise_std_on_sum"] = self.device_noise_std
+                fields["dp_server_noise_std_on_sum"] = server_std
         weights, new_state = server_optimizers.step(agg.optimizer, self.base, delta, state, server_lr,
                                                     agg.beta1, agg.beta2, agg.tau, agg.bias_correction)
         tiers = {rank: _leading(weights, self.tier_bases[rank]) for rank in sorted(self.tier_bases)}

@@ -24,14 +24,16 @@ _names = itertools.count()
 CLIP = 1.0
 
 
-def _federation(pipeline, devices: int, stage_s: float = 4.0, **secure) -> tuple[Federation, dict[str, DeviceClient]]:
+def _federation(pipeline, devices: int, stage_s: float = 4.0, dp: dict | None = None,
+                **secure) -> tuple[Federation, dict[str, DeviceClient]]:
     fed = f"sa-{next(_names)}-{int(time.time() * 1000) % 10**7}"
     federation = Federation(pipeline.admin_key, fed, pipeline.api_url)
     federation.create(model="tiny-llama")
     clients = {f"phone-{i}": DeviceClient(federation.register_device(f"phone-{i}", **PHONE), fed, pipeline.api_url)
                for i in range(devices)}
     federation.train(model="tiny-llama", rounds=2, min_updates=2, round_config={"max_update_norm": CLIP},
-                     aggregation={"secure_aggregation": {"stage_timeout_s": stage_s, **secure}})
+                     aggregation={"secure_aggregation": {"stage_timeout_s": stage_s, **secure},
+                                  **({"dp": dp} if dp else {})})
     return federation, clients
 
 
@@ -180,3 +182,23 @@ def test_hostile_messages_are_refused_by_name_and_the_honest_devices_finish(pipe
     stats = pipeline.runtime.state.federations.stats(fed)
     assert stats["secagg_refused:bad_signature"] == 1 and stats["secagg_refused:duplicate_stage"] == 1
     assert stats["secagg_refused:malformed"] == 2
+
+
+def test_distributed_dp_the_devices_add_the_noise_and_the_server_publishes_the_central_level(pipeline):
+    federation, clients = _federation(pipeline, 6, dp={"noise_multiplier": 1.0})
+    fed = federation.name
+    participants = _participants(pipeline, fed, clients, seed=3)
+    assert {p.plan["secure_aggregation"]["max_weight"] for p in participants.values()} == {1}
+    for p in participants.values():
+        p.weight = 1  # under DP every clipped update counts the same
+    _drive(clients, participants, timeout=120)
+    assert _wait_round(federation, 1)["status"] == "closed"
+    step, manifest = _published_step(pipeline, fed, 1)
+    agg = manifest["aggregation"]
+    # sized for 4 survivors of 6 (dropout 1/3); all 6 survived: the devices' noise is √(6/4)·z·C, no top-up
+    assert agg["dp_device_noise_std_on_sum"] == pytest.approx(np.sqrt(6 / 4) * CLIP)
+    assert agg["dp_server_noise_std_on_sum"] == 0.0
+    plain = sum(p.update for p in participants.values()) / 6
+    noise = (step - plain) * 6  # the noise on the sum, as published
+    assert abs(float(np.std(noise)) / (np.sqrt(6 / 4) * CLIP) - 1) < 0.05
+    assert manifest["dp"]["epsilon"] > 0  # the accountant reports epsilon as for central DP

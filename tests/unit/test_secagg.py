@@ -479,3 +479,31 @@ def test_the_coordinator_moves_on_at_deadlines_restarts_below_the_minimum_and_un
     assert rounds.summary("f", 1)["stage"] == "ready"
     assert int(r.hget(keys.fed_stats("f"), "secagg_refused:stage_closed")) >= 1
     assert len(sessions) == 4
+
+
+def test_distributed_dp_the_devices_noise_reaches_the_central_level_and_the_server_tops_up_the_rest():
+    import torch
+
+    from fleettune.shared.strategies.combine import RoundAggregator
+    from fleettune.shared.strategies.config import AggregationConfig
+
+    n, d, z, clip = 12, 20_000, 1.0, 1.0
+    ids, updates, _ = cohort(n, d=d, seed=7)
+    zeros = {k: np.zeros(d) for k in ids}
+    expected = 8  # the survivors the noise is sized for
+    enc = fixed_point.choose(n, clip, 1, noise_std=z * clip / np.sqrt(expected))
+    res = simulation.run(zeros, dict.fromkeys(ids, 1), enc, ids)
+    # the sum of n devices' shares: N(0, n/expected · (z·C)²) per coordinate, at or above the central level
+    assert abs(float(np.std(res.total)) / (z * clip * np.sqrt(n / expected)) - 1) < 0.03
+    # each masked upload hides an update plus its noise; the sum check allows exactly that noise
+    res = simulation.run(updates, dict.fromkeys(ids, 1), enc, ids)
+    assert abs(float(np.std(res.total - sum(updates.values()))) / np.sqrt(n / expected) - 1) < 0.03
+    # the server adds only what the survivors' noise lacks
+    shapes = {"w": (4,)}
+    for device_std, server_std in ((1.2, 0.0), (0.6, np.sqrt(1 - 0.36))):
+        agg = RoundAggregator(AggregationConfig(dp_noise_multiplier=z), {"w": torch.zeros(4)}, shapes, rank=8)
+        agg.add_sum({"w": torch.zeros(4)}, 4.0, 4)
+        agg.device_noise_std = device_std
+        fields = agg.finish(1.0, {}, clip_bound=clip, noise_seed=1).fields
+        assert fields["dp_server_noise_std_on_sum"] == pytest.approx(server_std)
+        assert fields["dp_noise_std_on_sum"] == pytest.approx(max(1.0, device_std))
