@@ -346,11 +346,11 @@ class SecureRounds:
                 for d, v in self._stage(fed, round_no, a.attempt, "inbox").items()}
         commitments = {d: m["commitment"] for d, m in shares.items() if d in held}
         answers = self._unpacked(fed, round_no, a.attempt, "unmask")
-        masked = {}
+        masked = server.MaskedSum(encoding)
         try:
-            for device, m in self._unpacked(fed, round_no, a.attempt, "masked").items():
+            for device, m in sorted(self._unpacked(fed, round_no, a.attempt, "masked").items()):
                 blob = self._read_masked(fed, round_no, a.attempt, device, m["sha256"], a.length, encoding, max_bytes)
-                masked[device] = np.frombuffer(blob, dtype=encoding.dtype.newbyteorder("<")).astype(encoding.dtype)
+                masked.add(device, np.frombuffer(blob, dtype=encoding.dtype.newbyteorder("<")).astype(encoding.dtype))
             weight_sum, total = server.unmask(ctx, encoding, graph, a.threshold, adverts, commitments, held,
                                               masked, answers)
         except SecAggError as err:
@@ -360,7 +360,7 @@ class SecureRounds:
             else:
                 self._restart(fed, round_no, a, setting, err.detail)
             return None
-        survivors = sorted(masked)
+        survivors = sorted(masked.devices)
         if a.stage == UNMASKING:
             self._transition(fed, round_no, a, {"stage": READY, "survivors": len(survivors),
                                                 "weight_sum": repr(weight_sum)})

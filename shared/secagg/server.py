@@ -93,6 +93,22 @@ def check_masked(vector: np.ndarray, device: str, shared, encoding: Encoding, le
     return vector
 
 
+class MaskedSum:
+    """Masked inputs folded into one running sum mod 2^bits as they are read: the close holds one
+    vector, not n (the masks cancel in any order)."""
+
+    def __init__(self, encoding: Encoding) -> None:
+        self.dtype = encoding.dtype
+        self.devices: list[str] = []
+        self.total: np.ndarray | None = None
+
+    def add(self, device: str, vector: np.ndarray) -> None:
+        if self.total is None:
+            self.total = np.zeros(vector.shape[0], dtype=self.dtype)
+        self.total += vector  # numpy integers wrap: the sum is mod 2^bits
+        self.devices.append(device)
+
+
 def unmask_request(held: set[str], survivors: set[str]) -> dict:
     """Stage 3's input for a surviving device that holds shares from `held`: which of them survived."""
     return {"survivors": sorted(held & survivors), "dropped": sorted(held - survivors),
@@ -119,7 +135,7 @@ def check_unmask(raw: dict, device: str, held: set[str], survivors: set[str]) ->
 
 
 def unmask(ctx: Context, encoding: Encoding, graph: Graph, threshold: int, adverts: dict[str, dict],
-           commitments: dict[str, bytes], held: dict[str, set[str]], masked: dict[str, np.ndarray],
+           commitments: dict[str, bytes], held: dict[str, set[str]], masked: dict[str, np.ndarray] | MaskedSum,
            answers: dict[str, dict]) -> tuple[float, np.ndarray]:
     """(Σw, Σ w·x) over the devices in `masked`: their sum, less each survivor's self mask (from its
     seed's shares) and the pairwise masks survivors added for devices that dropped after sharing
@@ -127,13 +143,15 @@ def unmask(ctx: Context, encoding: Encoding, graph: Graph, threshold: int, adver
     `held`: each device, the senders whose shares it holds (`relay`), the same pairs that masked
     each other. SecAggError(too_few_shares | bad_shares) when a secret cannot be rebuilt and
     checked: the attempt then restarts with fresh keys."""
-    survivors = set(masked)
+    if not isinstance(masked, MaskedSum):
+        folded = MaskedSum(encoding)
+        for device, vector in masked.items():
+            folded.add(device, vector)
+        masked = folded
+    survivors = set(masked.devices)
     if not survivors:
         raise SecAggError(Reason.TOO_FEW_SHARES, "no masked input")
-    length = next(iter(masked.values())).shape[0]
-    total = np.zeros(length, dtype=encoding.dtype)
-    for vector in masked.values():
-        total += vector
+    total, length = masked.total.copy(), masked.total.shape[0]
     for device in sorted(survivors):
         seed = _rebuild(device, "seed_shares", graph, threshold, answers,
                         lambda secret, d=device: commitment(ctx, d, secret) == commitments[d])
