@@ -283,9 +283,7 @@ class Gateway:
         """Under secure aggregation an update in the clear would undo it: refused before it is sent
         (without an upload URL there is no object for a submit to name: ingest finds it missing)."""
         info = self.state.rounds.round_info(fed, round_no)
-        config = self.state.federations.config(fed, info.config_rev if info else None) if info else self._config(fed)
-        if config is None:
-            config = self._config(fed)
+        config = (self.state.federations.config(fed, info.config_rev) if info else None) or self._config(fed)
         if config.aggregation.secure_aggregation is not None:
             raise Refusal(409, "secure_aggregation", f"round {round_no} takes updates only masked, through "
                           f"/api/v1/federations/{fed}/secagg/{round_no}")

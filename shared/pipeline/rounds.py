@@ -176,10 +176,11 @@ class RoundCoordinator:
         if opened is None or config is None:
             raise StateError(f"{fed!r} has no round {round_no}")
         now = self.clock()
-        judge = lambda i, n, reported: decide(i, n, config.policy.min_updates, now, reported,  # noqa: E731
-                                              self.settings.deadline_grace_s)
         if config.aggregation.secure_aggregation is not None and opened.status == "open":
             judge = self._secure_judge(config, round_no, now)
+        else:
+            def judge(i: RoundInfo, n: int, reported: int) -> str:
+                return decide(i, n, config.policy.min_updates, now, reported, self.settings.deadline_grace_s)
         decision, info = self.state.rounds.begin_close(
             fed, round_no, judge, owner or uuid.uuid4().hex, now, self.settings.task_time_limit_s + LEASE_MARGIN_S)
         if decision in (WAIT, BUSY):

@@ -41,8 +41,9 @@ def share_key(ctx: Context, own_secret: bytes, peer_public: bytes) -> bytes:
 
 
 class DeviceSession:
-    def __init__(self, ctx: Context, device: str, identity: bytes, encoding: Encoding, threshold: int,
+    def __init__(self, ctx: Context, device: str, identity: bytes, encoding: Encoding | None, threshold: int,
                  min_survivors: int = 2) -> None:
+        """`encoding` and `threshold` may come later, with the stages that carry them (masked, share)."""
         self.ctx, self.device, self.identity = ctx, device, identity
         self.encoding, self.threshold, self.min_survivors = encoding, threshold, max(2, min_survivors)
         self.c_sk, self.s_sk = crypto.agreement_key(), crypto.agreement_key()
@@ -101,6 +102,8 @@ class DeviceSession:
         if len(self.inbox) < self.threshold:
             raise SecAggError(Reason.TOO_FEW_SHARES, f"shares from {len(self.inbox)} neighbours, threshold {self.threshold}")
         enc = self.encoding
+        if enc is None:
+            raise SecAggError(Reason.MALFORMED, "no encoding for this attempt's masked input")
         y = enc.encode(update, weight, rng or np.random.default_rng())
         length = y.shape[0]
         y = y + crypto.mask(self.seed, length, enc.dtype)  # numpy integers wrap mod 2^bits

@@ -66,7 +66,7 @@ class Participant:
             if stage != "advertise":
                 return False  # it missed this attempt's keys: it waits for the next attempt, or the end
             self.session = DeviceSession(Context(self.federation, self.round, attempt), self.device, self.identity,
-                                         Encoding(1, 1, 1.0, 1, 1), threshold=0)
+                                         encoding=None, threshold=0)  # both arrive with their stages
         if state["answered"] or given is None:
             return False
         try:

@@ -151,7 +151,7 @@ def _routes(pipeline) -> list[tuple[str, str, dict]]:
 def _audience(method: str, path: str) -> str:
     if path in PUBLIC:
         return "public"
-    if re.search(r"/(check-in|upload-url|updates|receipts|reports|split/)", path):
+    if re.search(r"/(check-in|upload-url|updates|receipts|reports|split/|identity|secagg/)", path):
         return "device"
     if method == "GET" and path != "/api/v1/keys":
         return "read"
@@ -174,7 +174,7 @@ def test_every_route_answers_each_caller_as_its_scope_says(pipeline, fleet):
                     .replace("{device_id}", "nobody").replace("{group}", "nogroup").replace("{key_id}", "nokey")
                     .replace("{session_id}", "ts-000000000000").replace("{model_id}", "nomodel")
                     .replace("{receipt}", "0" * 64).replace("{rollout_id}", "ro-0000000000")
-                    .replace("{action}", "step"))
+                    .replace("{action}", "step").replace("{stage}", "advertise"))
             audience = _audience(method, template)
             for caller, token in callers.items():
                 headers = {"Authorization": f"Bearer {token}"} if token else {}
