@@ -17,7 +17,7 @@ from fleettune import FleettuneAPIError  # the SDK as installed: the class its c
 from fleettune.shared.secagg import primitives as crypto
 from fleettune.shared.secagg.device import DeviceSession
 from fleettune.shared.secagg.fixed_point import Encoding
-from fleettune.shared.secagg.messages import Context, SecAggError
+from fleettune.shared.secagg.messages import Context, Reason, SecAggError
 
 DONE = ("ready", "failed")  # while "unmasking" the attempt may still fail and restart with fresh keys
 
@@ -75,7 +75,12 @@ class Participant:
             elif stage == "share":
                 message = self.session.share(given)
             elif stage == "masked":
-                self.session.encoding = Encoding(**given["encoding"])
+                encoding = Encoding(**given["encoding"])
+                secure = self.plan["secure_aggregation"]
+                if (encoding.clip, encoding.max_weight) != (secure["clip"], secure["max_weight"]):
+                    # the range the server sized the modulus for must be the one the plan clipped to
+                    raise SecAggError(Reason.INCONSISTENT, "the attempt's encoding disagrees with the round's plan")
+                self.session.encoding = encoding
                 masked = self.session.masked_input(given["inbox"], self.update, self.weight, self.rng)
                 if masked.shape[0] != given["length"]:
                     raise ValueError(f"the masked input has {masked.shape[0]} values, the round {given['length']}")
