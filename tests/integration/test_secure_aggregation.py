@@ -24,14 +24,15 @@ _names = itertools.count()
 CLIP = 1.0
 
 
-def _federation(pipeline, devices: int, stage_s: float = 4.0, dp: dict | None = None,
+def _federation(pipeline, devices: int, stage_s: float = 4.0, dp: dict | None = None, algorithm: str = "fedavg",
                 **secure) -> tuple[Federation, dict[str, DeviceClient]]:
     fed = f"sa-{next(_names)}-{int(time.time() * 1000) % 10**7}"
     federation = Federation(pipeline.admin_key, fed, pipeline.api_url)
     federation.create(model="tiny-llama")
     clients = {f"phone-{i}": DeviceClient(federation.register_device(f"phone-{i}", **PHONE), fed, pipeline.api_url)
                for i in range(devices)}
-    federation.train(model="tiny-llama", rounds=2, min_updates=2, round_config={"max_update_norm": CLIP},
+    federation.train(model="tiny-llama", algorithm=algorithm, rounds=2, min_updates=2,
+                     round_config={"max_update_norm": CLIP},
                      aggregation={"secure_aggregation": {"stage_timeout_s": stage_s, **secure},
                                   **({"dp": dp} if dp else {})})
     return federation, clients
@@ -120,7 +121,8 @@ def test_a_third_vanishing_after_sharing_still_publishes_plain_fedavg_within_the
 
 
 def test_below_the_threshold_the_attempt_restarts_with_fresh_keys_and_the_round_completes(pipeline):
-    federation, clients = _federation(pipeline, 6, stage_s=3.0)
+    """Under FFA-LoRA (the exact-LoRA scheme that composes: A stays frozen, only B is summed)."""
+    federation, clients = _federation(pipeline, 6, stage_s=3.0, algorithm="ffa_lora")
     fed = federation.name
     participants = _participants(pipeline, fed, clients, seed=1)
     silent = {"phone-0", "phone-1", "phone-2", "phone-3"}  # in attempt 1 they never answer the unmasking
@@ -130,6 +132,7 @@ def test_below_the_threshold_the_attempt_restarts_with_fresh_keys_and_the_round_
     step, manifest = _published_step(pipeline, fed, 1)
     secure = manifest["aggregation"]["secure_aggregation"]
     assert secure["attempt"] == 2 and manifest["contributors"] == sorted(clients)
+    assert all(name.endswith("lora_B.weight") for name in participants["phone-0"].plan["secure_aggregation"]["tensors"])
     plain = sum(p.weight * p.update for p in participants.values()) / sum(p.weight for p in participants.values())
     assert float(np.abs(step - plain).max()) <= secure["mean_error_bound"] + 2.0 ** -23 * float(np.abs(step).max() + 1)
     stats = pipeline.runtime.state.federations.stats(fed)
@@ -202,3 +205,15 @@ def test_distributed_dp_the_devices_add_the_noise_and_the_server_publishes_the_c
     noise = (step - plain) * 6  # the noise on the sum, as published
     assert abs(float(np.std(noise)) / (np.sqrt(6 / 4) * CLIP) - 1) < 0.05
     assert manifest["dp"]["epsilon"] > 0  # the accountant reports epsilon as for central DP
+
+
+@pytest.mark.parametrize("aggregation, refused", [
+    ({"rule": "median"}, "the median and trimmed mean need each update"),
+    ({"lora": "exact"}, "FlexLoRA's exact mean re-factorises each product"),
+])
+def test_rules_that_need_each_update_are_refused_under_secure_aggregation(pipeline, aggregation, refused):
+    federation, _ = _federation(pipeline, 2)
+    with pytest.raises(FleettuneAPIError) as err:
+        federation.client.put(f"/api/v1/federations/{federation.name}/strategy",
+                              {"aggregation": {**aggregation, "secure_aggregation": {}}})
+    assert (err.value.status, err.value.code) == (422, "invalid_config") and refused in err.value.detail
