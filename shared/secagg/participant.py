@@ -63,6 +63,13 @@ class Participant:
             self.outcome = stage
             return True
         if self.session is None or self.session.ctx.attempt != attempt:
+            if self.session is not None and self.session.revealed:
+                # it gave out shares in an earlier attempt: were that attempt's sum in fact rebuilt, a
+                # second sum over another set would tell the server the difference. So it sits this
+                # round out; what two such sums can differ by is then the devices that answered, at
+                # least the threshold of them, never one device.
+                self.outcome = "sat_out"
+                return True
             if stage != "advertise":
                 return False  # it missed this attempt's keys: it waits for the next attempt, or the end
             self.session = DeviceSession(Context(self.federation, self.round, attempt), self.device, self.identity,
