@@ -174,6 +174,7 @@ class FederationCollector:
                     gauges["forget"].add_metric([fed], evaluation["forgetting_ratio"])
         yield from gauges.values()
         yield from self._rollouts()
+        yield from self._secure()
         yield from self._pipeline_health(now)
 
     def _version_facts(self, fed: str, version: int) -> dict:
@@ -221,6 +222,22 @@ class FederationCollector:
                     if metric != "devices":
                         reported.add_metric([fed, str(version), arm, metric], value)
         yield from (percent, reported, rollbacks, serving)
+
+    def _secure(self):
+        """Secure aggregation: stage answers refused and unmaskings that failed, by reason (from the
+        federation's counters, so every API and worker process counts into one series)."""
+        refused = CounterMetricFamily("fleettune_secagg_refused", "Secure-aggregation stage answers refused, by "
+                                      "reason", labels=["federation", "reason"])
+        failed = CounterMetricFamily("fleettune_secagg_failed", "Secure-aggregation unmaskings that failed (the "
+                                     "attempt restarted, or the round failed), by reason", labels=["federation", "reason"])
+        for fed in self.state.federations.names():
+            for name, count in self.state.federations.stats(fed).items():
+                kind, _, reason = name.partition(":")
+                if kind == "secagg_refused":
+                    refused.add_metric([fed, reason], count)
+                elif kind == "secagg_failed":
+                    failed.add_metric([fed, reason], count)
+        yield from (refused, failed)
 
     def _pipeline_health(self, now: float):
         """Beat's heartbeat age, and the ledger's re-drives, pending messages and exhausted retries."""

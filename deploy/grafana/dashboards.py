@@ -154,6 +154,14 @@ def fleet() -> Dashboard:
         .with_panel(series("Rollbacks (1h), by trigger", "short",
                            query(f"sum by (federation, trigger) (increase(fleettune_rollout_rollbacks_total{{{FED}}}[1h]))",
                                  "{{federation}} {{trigger}}")))
+        .with_row(Row("Secure aggregation"))
+        .with_panel(series("Refused stage answers and failed unmaskings (1h), by reason", "short",
+                           query('label_replace(sum by (federation, reason) (increase(fleettune_secagg_refused_total'
+                                 f'{{{FED}}}[1h])), "kind", "refused", "", "") or label_replace(sum by (federation, '
+                                 f'reason) (increase(fleettune_secagg_failed_total{{{FED}}}[1h])), "kind", "failed", '
+                                 '"", "")', "{{federation}} {{kind}} {{reason}}"),
+                           description="Refused: forged keys, repeats, late answers; failed: too few shares "
+                                       "(the attempt restarts) or a sum out of range (the round fails)"))
     )
 
 

@@ -18,6 +18,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import yaml
@@ -27,6 +28,8 @@ from fleettune.shared.protocol import versions
 from fleettune.shared.control.rollouts import Rollouts
 from fleettune.shared.control.auth import Tokens
 from fleettune.shared.federation import EvaluationConfig
+from fleettune.shared.secagg.config import SecureAggregation
+from fleettune.shared.secagg.messages import SecAggError
 from fleettune.shared.strategies.config import AggregationConfig
 from fleettune.workers.local import services
 from tests.integration.conftest import make_pipeline
@@ -143,6 +146,14 @@ def _run(pipeline) -> dict:
     assert pipeline.wait_round(buffered, 1).status == "closed"
     pipeline.submit(buffered, 1, "a-3", random_deltas(buffered.spec.tensors, rng, 0.002))
     pipeline.wait_received(buffered.name, 3)
+    # secure aggregation (its panel): keys from a device with no registered identity are refused by name
+    setting = SecureAggregation()
+    secure = pipeline.create(devices=["sa-1", "sa-2"], max_rounds=1, aggregation=AggregationConfig(
+        secure_aggregation=setting))
+    pipeline.runtime.coordinator.secure.ensure(secure.name, 1, setting)
+    with pytest.raises(SecAggError, match="unknown_identity"):
+        pipeline.runtime.coordinator.secure.receive(secure.name, 1, "sa-1", "advertise", msgpack.packb(
+            {"attempt": 1, "device": "sa-1", "c_pk": b"c" * 32, "s_pk": b"s" * 32, "sig": b"x" * 64}), setting)
     failing = pipeline.create(devices=["slow-1", "slow-2", "slow-3"], min_updates=3, timeout_seconds=2, max_rounds=1)
     pipeline.submit(failing, 1, "slow-1", random_deltas(failing.spec.tensors, rng, 0.01))
     assert pipeline.wait_round(failing, 1, timeout=30).status == "failed"
