@@ -35,7 +35,7 @@ from fleettune.shared.secagg import fixed_point, simulation
 from fleettune.shared.secagg import primitives as crypto
 from fleettune.shared.strategies.fedavg import StreamingFedAvg
 
-REQUESTS_SECURE = 7  # advertise, share, masked-url, PUT, masked, unmask, and at least one stage poll
+REQUESTS_SECURE = 8  # advertise, share, masked-url, PUT, masked, consistency, unmask, and a stage poll at least
 REQUESTS_PLAIN = 3  # upload-url, PUT, submit (the check-in is the same in both)
 
 FLOWER = r'''

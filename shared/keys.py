@@ -27,7 +27,7 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:fed:{fed}:identities      hash device_id -> its Ed25519 identity public key (secure aggregation)
     ft:fed:{fed}:round:{r}:secagg           hash: the SecAgg+ attempt, stage, deadline, graph, encoding, result
     ft:fed:{fed}:round:{r}:secagg:{a}:{s}   hash device_id -> its checked message of stage s in attempt a
-                                            (s = advertise | share | masked | unmask | inbox)
+                                            (s = advertise | share | inbox | masked | consistency | unmask)
     ft:fed:{fed}:*               every key of one federation (what deleting it removes)
     ft:federations               set of federation names
     ft:stats                     counters of envelopes that name no parseable federation

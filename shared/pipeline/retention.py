@@ -14,7 +14,7 @@ from fleettune.shared import keys
 from fleettune.shared.state import FederationState
 from fleettune.shared.storage import ObjectStore
 
-SECAGG_STAGES = ("advertise", "share", "inbox", "masked", "unmask")  # the per-attempt hashes of a secure round
+SECAGG_STAGES = ("advertise", "share", "inbox", "masked", "consistency", "unmask")  # the per-attempt hashes of a secure round
 
 
 def prune(state: FederationState, store: ObjectStore, now: float, limit: int = 50,

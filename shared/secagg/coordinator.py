@@ -1,7 +1,7 @@
 """SecAgg+ as stages of a round, in Redis: each with a deadline and a minimum of survivors.
 
-    advertise -> share -> masked -> unmask -> unmasking -> ready
-        \\___________\\__________\\_________\\___ too few: a new attempt with fresh keys (or failed)
+    advertise -> share -> masked -> consistency -> unmask -> unmasking -> ready
+        \\___________\\__________\\___________\\__________\\___ too few: a new attempt with fresh keys (or failed)
 
 A stage ends when every device expected at it has answered, or at its deadline; the API advances
 it on the last answer, the sweep on the deadline. Each answer is checked (shared.secagg.server) and
@@ -34,7 +34,7 @@ from fleettune.shared.secagg.graph import Graph
 from fleettune.shared.secagg.messages import Context, Reason, SecAggError, field, pack, unpack
 from fleettune.shared.storage import ObjectStore
 
-STAGES = ("advertise", "share", "masked", "unmask")
+STAGES = ("advertise", "share", "masked", "consistency", "unmask")
 UNMASKING, READY, FAILED = "unmasking", "ready", "failed"
 IDENTITY_BYTES = 32
 
@@ -157,12 +157,18 @@ class SecureRounds:
             if box is not None:
                 out["input"] = {"inbox": msgpack.unpackb(box, raw=False), "encoding": a.encoding().as_dict(),
                                 "length": a.length}
+        elif a.stage == "consistency":
+            survivors = self._stage(fed, round_no, a.attempt, "masked")
+            if device in survivors:
+                out["input"] = {"survivors": sorted(survivors)}
         elif a.stage == "unmask":
-            if self.r.hexists(keys.secagg_stage(fed, round_no, a.attempt, "masked"), device):
+            signed = self._unpacked(fed, round_no, a.attempt, "consistency")
+            if device in signed:
                 box = msgpack.unpackb(self.r.hget(keys.secagg_stage(fed, round_no, a.attempt, "inbox"), device),
                                       raw=False)
                 survivors = set(self._stage(fed, round_no, a.attempt, "masked"))
-                out["input"] = server.unmask_request(set(box), survivors)
+                theirs = {p: signed[p]["sig"] for p in a.graph().neighbours(device) if p in signed}
+                out["input"] = server.unmask_request(set(box), survivors, theirs)
         return out
 
     def masked_slot(self, fed: str, round_no: int, device: str) -> tuple[str, int, float]:
@@ -219,11 +225,15 @@ class SecureRounds:
                 raise SecAggError(Reason.BAD_VECTOR, f"the upload is {found[1]} bytes with another sha256; "
                                                      f"{size} bytes expected")
             checked = {"sha256": sha}
+        elif stage == "consistency":
+            survivors = sorted(self._stage(fed, round_no, a.attempt, "masked"))
+            checked = server.check_consistency(ctx, msg, device, survivors, self.identities(fed, [device]).get(device))
         else:
             box = self.r.hget(keys.secagg_stage(fed, round_no, a.attempt, "inbox"), device)
             survivors = set(self._stage(fed, round_no, a.attempt, "masked"))
             held = set(msgpack.unpackb(box, raw=False)) if box is not None else set()
-            checked = server.check_unmask(msg, device, held, survivors)
+            signers = set(self._stage(fed, round_no, a.attempt, "consistency"))
+            checked = server.check_unmask(msg, device, held, survivors, signers)
         stage_key = keys.secagg_stage(fed, round_no, a.attempt, stage)
 
         def store(pipe) -> bool:
@@ -256,7 +266,7 @@ class SecureRounds:
     def _expected(self, fed: str, round_no: int, a: Attempt) -> int:
         if a.stage == "advertise":
             return int(self.r.scard(keys.round_cohort(fed, round_no)))
-        previous = {"share": "advertise", "masked": "inbox", "unmask": "masked"}[a.stage]
+        previous = {"share": "advertise", "masked": "inbox", "consistency": "masked", "unmask": "consistency"}[a.stage]
         return int(self.r.hlen(keys.secagg_stage(fed, round_no, a.attempt, previous)))
 
     def _step(self, fed: str, round_no: int, a: Attempt, setting: SecureAggregation) -> bool:
@@ -291,6 +301,8 @@ class SecureRounds:
             self.r.hset(box_key, mapping=boxes)
             fields = {"stage": "masked"}
         elif a.stage == "masked":
+            fields = {"stage": "consistency"}
+        elif a.stage == "consistency":
             fields = {"stage": "unmask"}
         else:
             fields = {"stage": UNMASKING}

@@ -17,7 +17,7 @@ import numpy as np
 from fleettune.shared.secagg import primitives as crypto
 from fleettune.shared.secagg import shamir
 from fleettune.shared.secagg.fixed_point import Encoding
-from fleettune.shared.secagg.messages import Context, Reason, SecAggError, field, pack, unpack
+from fleettune.shared.secagg.messages import Context, Reason, SecAggError, pack, unpack
 
 SIGNATURE_BYTES = 64
 
@@ -25,6 +25,11 @@ SIGNATURE_BYTES = 64
 def commitment(ctx: Context, device: str, seed: bytes) -> bytes:
     """What a device commits to for its self-mask seed, so rebuilt seeds can be checked."""
     return hashlib.sha256(ctx.label("seed", device) + seed).digest()
+
+
+def survivors_label(ctx: Context, survivors: tuple[str, ...]) -> bytes:
+    """What the consistency check signs: the attempt and the digest of its sorted survivor list."""
+    return ctx.label("survivors") + hashlib.sha256(pack(list(survivors))).digest()
 
 
 def mask_sign(a: str, b: str) -> int:
@@ -51,6 +56,7 @@ class DeviceSession:
         self.neighbours: dict[str, dict] = {}  # live neighbours with verified keys, by device id
         self.inbox: dict[str, bytes] = {}  # ciphertexts of shares sent to this device, by sender
         self.revealed = False
+        self.signed: tuple[str, ...] | None = None  # the survivor list it signed in the consistency check
         self.refused: list[tuple[str, Reason]] = []  # neighbours whose keys or shares did not check out
 
     # stage 0
@@ -113,18 +119,46 @@ class DeviceSession:
         return y
 
     # stage 3
+    def sign_survivors(self, request: dict) -> dict:
+        """Sign the survivor list the server announces (Bonawitz et al.'s consistency check): the
+        unmasking goes ahead only over a list that enough of its members signed, so a server cannot
+        shrink "the survivors" to one device and unmask it alone."""
+        survivors = request.get("survivors")
+        if (not isinstance(survivors, list) or not all(isinstance(d, str) for d in survivors)
+                or len(set(survivors)) != len(survivors) or self.device not in survivors):
+            raise SecAggError(Reason.INCONSISTENT, "the survivor list is not a list of distinct ids with this device")
+        if len(survivors) < self.min_survivors:
+            # a sum over too few devices is close to one device's update: refuse to help unmask it
+            raise SecAggError(Reason.INCONSISTENT, f"{len(survivors)} survivors, at least {self.min_survivors} required")
+        self.signed = tuple(sorted(survivors))
+        return {"device": self.device, "sig": crypto.sign(self.identity, survivors_label(self.ctx, self.signed))}
+
+    # stage 4
     def unmask(self, request: dict) -> dict:
         """For each neighbour in `survivors` its seed share, for each in `dropped` its key share;
-        never both for one, and only once."""
+        never both for one, and only once; and only over the survivor list this device signed,
+        which at least t − 1 of its neighbours on that list signed too."""
         survivors, dropped = set(request.get("survivors", ())), set(request.get("dropped", ()))
         if self.revealed:
             raise SecAggError(Reason.DUPLICATE_STAGE, "this device already answered the unmasking")
-        if survivors & dropped or survivors | dropped != set(self.inbox):
-            raise SecAggError(Reason.INCONSISTENT, "survivor and dropped lists overlap or miss a neighbour")
-        count = request.get("survivor_count")
-        if not isinstance(count, int) or count < self.min_survivors:
-            # a sum over too few devices is close to one device's update: refuse to help unmask it
-            raise SecAggError(Reason.INCONSISTENT, f"{count} survivors, at least {self.min_survivors} required")
+        if self.signed is None:
+            raise SecAggError(Reason.INCONSISTENT, "no survivor list was signed in this attempt")
+        signed = set(self.signed)
+        if survivors & dropped or survivors | dropped != set(self.inbox) or not survivors <= signed or dropped & signed:
+            raise SecAggError(Reason.INCONSISTENT, "survivor and dropped lists overlap, miss a neighbour, or "
+                                                   "disagree with the signed survivor list")
+        message = survivors_label(self.ctx, self.signed)
+        valid = 0
+        for peer, sig in (request.get("signatures") or {}).items():
+            if peer in self.neighbours and peer in signed and peer != self.device:
+                try:
+                    crypto.verify(self.neighbours[peer]["identity"], sig, message)
+                    valid += 1
+                except (crypto.CryptoError, TypeError):
+                    self.refused.append((peer, Reason.BAD_SIGNATURE))
+        if valid + 1 < self.threshold:
+            raise SecAggError(Reason.INCONSISTENT, f"{valid} neighbours signed the survivor list, "
+                                                   f"{self.threshold - 1} needed")
         self.revealed = True
         seed_shares, key_shares = {}, {}
         for peer, ct in self.inbox.items():
@@ -141,6 +175,3 @@ class DeviceSession:
         return {"device": self.device, "seed_shares": seed_shares, "key_shares": key_shares}
 
 
-def parse_advert(raw: dict) -> dict:
-    return {"device": field(raw, "device", str), "c_pk": field(raw, "c_pk", bytes, crypto.KEY_BYTES),
-            "s_pk": field(raw, "s_pk", bytes, crypto.KEY_BYTES), "sig": field(raw, "sig", bytes, SIGNATURE_BYTES)}

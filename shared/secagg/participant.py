@@ -93,6 +93,8 @@ class Participant:
                     raise ValueError(f"the masked input has {masked.shape[0]} values, the round {given['length']}")
                 message = {"sha256": client.secagg_upload(self.round, masked.astype(masked.dtype.newbyteorder("<"))
                                                           .tobytes())}
+            elif stage == "consistency":
+                message = self.session.sign_survivors(given)
             else:
                 message = self.session.unmask(given)
         except SecAggError as err:  # this device cannot take part in this attempt: it sits it out

@@ -13,7 +13,7 @@ import numpy as np
 
 from fleettune.shared.secagg import primitives as crypto
 from fleettune.shared.secagg import shamir
-from fleettune.shared.secagg.device import SIGNATURE_BYTES, commitment, mask_sign, pairwise_mask
+from fleettune.shared.secagg.device import SIGNATURE_BYTES, commitment, mask_sign, pairwise_mask, survivors_label
 from fleettune.shared.secagg.fixed_point import Encoding
 from fleettune.shared.secagg.graph import Graph
 from fleettune.shared.secagg.messages import Context, Reason, SecAggError, field
@@ -109,16 +109,31 @@ class MaskedSum:
         self.devices.append(device)
 
 
-def unmask_request(held: set[str], survivors: set[str]) -> dict:
-    """Stage 3's input for a surviving device that holds shares from `held`: which of them survived."""
-    return {"survivors": sorted(held & survivors), "dropped": sorted(held - survivors),
-            "survivor_count": len(survivors)}
-
-
-def check_unmask(raw: dict, device: str, held: set[str], survivors: set[str]) -> dict:
-    """Stage 3: seed shares of surviving neighbours, key shares of dropped ones; never both for one."""
+def check_consistency(ctx: Context, raw: dict, device: str, survivors: list[str], identity: bytes | None) -> dict:
+    """Stage 3: a survivor's signature on the survivor list (sorted), by its identity key."""
     if device not in survivors:
         raise SecAggError(Reason.NOT_IN_STAGE, f"{device} sent no masked input in this attempt")
+    if field(raw, "device", str) != device:
+        raise SecAggError(Reason.MALFORMED, "the message names another device")
+    sig = field(raw, "sig", bytes, SIGNATURE_BYTES)
+    try:
+        crypto.verify(identity or b"", sig, survivors_label(ctx, tuple(sorted(survivors))))
+    except crypto.CryptoError:
+        raise SecAggError(Reason.BAD_SIGNATURE, "not this device's signature on this attempt's survivor list") from None
+    return {"sig": sig}
+
+
+def unmask_request(held: set[str], survivors: set[str], signatures: dict[str, bytes]) -> dict:
+    """Stage 4's input for a device that signed the survivor list and holds shares from `held`:
+    which of them survived, and its neighbours' signatures on the list."""
+    return {"survivors": sorted(held & survivors), "dropped": sorted(held - survivors), "signatures": signatures}
+
+
+def check_unmask(raw: dict, device: str, held: set[str], survivors: set[str], signers=None) -> dict:
+    """Stage 4: seed shares of surviving neighbours, key shares of dropped ones; never both for one.
+    `signers`: the devices that signed the survivor list (None: any survivor may answer)."""
+    if device not in survivors or (signers is not None and device not in signers):
+        raise SecAggError(Reason.NOT_IN_STAGE, f"{device} sent no masked input, or did not sign the survivor list")
     if field(raw, "device", str) != device:
         raise SecAggError(Reason.MALFORMED, "the message names another device")
     seeds, keys = field(raw, "seed_shares", dict), field(raw, "key_shares", dict)

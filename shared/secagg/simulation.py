@@ -19,7 +19,7 @@ from fleettune.shared.secagg.device import DeviceSession
 from fleettune.shared.secagg.fixed_point import Encoding
 from fleettune.shared.secagg.messages import Context, SecAggError, pack
 
-STAGES = ("advertise", "share", "masked", "unmask")
+STAGES = ("advertise", "share", "masked", "consistency", "unmask")
 Drops = Callable[[int, str], set[str]]  # (attempt, stage) -> devices that vanish before sending it
 
 
@@ -114,16 +114,27 @@ def run(updates: dict[str, np.ndarray], weights: dict[str, int], encoding: Encod
             received("masked", d, y)
             masked[d] = timed(server.check_masked, y, d, shared, encoding, y.shape[0])
         survivors = set(masked)
+        signatures = {}
+        for d in sorted(survivors - drops(attempt, "consistency")):
+            request = {"survivors": sorted(survivors)}
+            down[d] += len(pack(request))
+            try:
+                msg = device_step(d, sessions[d].sign_survivors, request)
+            except SecAggError:
+                continue
+            received("consistency", d, msg)
+            signatures[d] = timed(server.check_consistency, ctx, msg, d, sorted(survivors), public[d])["sig"]
         answers = {}
-        for d in sorted(survivors - drops(attempt, "unmask")):
-            request = timed(server.unmask_request, held[d], survivors)
+        for d in sorted(set(signatures) - drops(attempt, "unmask")):
+            theirs = {p: signatures[p] for p in g.neighbours(d) if p in signatures}
+            request = timed(server.unmask_request, held[d], survivors, theirs)
             down[d] += len(pack(request))
             try:
                 msg = device_step(d, sessions[d].unmask, request)
             except SecAggError:
                 continue
             received("unmask", d, msg)
-            answers[d] = timed(server.check_unmask, msg, d, held[d], survivors)
+            answers[d] = timed(server.check_unmask, msg, d, held[d], survivors, signatures)
         try:
             if len(survivors) < min_survivors:
                 raise SecAggError(server.Reason.TOO_FEW_SHARES, f"{len(survivors)} survivors, {min_survivors} needed")

@@ -176,7 +176,8 @@ def test_a_third_dropping_at_any_stage_still_gives_the_sum(stage):
     gone = set(sorted(ids)[::3])  # 10 of 30
     enc = fixed_point.choose(n, 1.0, 32)
     res = simulation.run(updates, weights, enc, ids, drops=lambda attempt, s: gone if s == stage else set())
-    expected = set(ids) - gone if stage != "unmask" else set(ids)  # after uploading, a device still counts
+    uploaded = stage in ("consistency", "unmask")
+    expected = set(ids) if uploaded else set(ids) - gone  # once it uploaded, a device still counts
     assert set(res.survivors) == expected and res.attempts == 1
     assert np.abs(res.mean - fedavg(updates, weights, expected)).max() <= res.bound
 
@@ -262,7 +263,12 @@ class Attempt:
         return server.offer_for(d, self.g, self.t, self.adverts, self.public)
 
     def request(self, d, survivors):
-        return server.unmask_request(self.held[d], survivors)
+        """Its unmasking request, after every survivor signed the survivor list."""
+        if getattr(self, "_signed", None) != survivors:
+            self.signatures = {s: self.s[s].sign_survivors({"survivors": sorted(survivors)})["sig"] for s in survivors}
+            self._signed = set(survivors)
+        theirs = {p: self.signatures[p] for p in self.g.neighbours(d) if p in self.signatures}
+        return server.unmask_request(self.held[d], survivors, theirs)
 
 
 def test_forged_replayed_and_unknown_advertisements_are_refused():
@@ -357,15 +363,49 @@ def test_a_tampered_ciphertext_is_named_and_forged_shares_are_outvoted_or_caught
 
 def test_a_device_refuses_inconsistent_unmasking_requests():
     a = Attempt(n=6).share_all()
-    d = sorted(a.ids)[0]
+    devs = sorted(a.ids)
+    d = devs[0]
     req = a.request(d, set(a.ids))
     with pytest.raises(SecAggError) as e:  # one neighbour listed as both survived and dropped
         a.s[d].unmask(dict(req, dropped=req["survivors"][:1]))
     assert e.value.reason == Reason.INCONSISTENT
-    with pytest.raises(SecAggError) as e:  # a "sum" over one device is that device's update
-        a.s[d].unmask(dict(req, survivor_count=1))
+    with pytest.raises(SecAggError) as e:  # without its neighbours' signatures on the list it signed
+        a.s[d].unmask(dict(req, signatures={}))
     assert e.value.reason == Reason.INCONSISTENT
+    forged = {p: crypto.sign(crypto.identity_key(), b"x") for p in req["signatures"]}
+    with pytest.raises(SecAggError) as e:  # signatures that are not its neighbours'
+        a.s[d].unmask(dict(req, signatures=forged))
+    assert e.value.reason == Reason.INCONSISTENT and (devs[1], Reason.BAD_SIGNATURE) in a.s[d].refused
     assert not a.s[d].revealed
+    # a server that shrinks "the survivors" to one device, to unmask it alone: no device signs that
+    with pytest.raises(SecAggError) as e:
+        a.s[d].sign_survivors({"survivors": [d]})
+    assert e.value.reason == Reason.INCONSISTENT
+    # nor can it sell two devices' list to a third: it must contain the signer
+    with pytest.raises(SecAggError) as e:
+        a.s[d].sign_survivors({"survivors": devs[1:3]})
+    assert e.value.reason == Reason.INCONSISTENT
+    # and the unmasking checks the survivors it is asked about against the list it signed
+    a.s[d].sign_survivors({"survivors": devs[:3]})
+    with pytest.raises(SecAggError) as e:
+        a.s[d].unmask(req)
+    assert e.value.reason == Reason.INCONSISTENT
+
+
+def test_the_server_takes_only_the_survivors_own_signatures_on_the_list():
+    a = Attempt(n=5).share_all()
+    devs = sorted(a.ids)
+    survivors = sorted(devs)
+    good = a.s[devs[0]].sign_survivors({"survivors": survivors})
+    assert server.check_consistency(a.ctx, good, devs[0], survivors, a.public[devs[0]]) == {"sig": good["sig"]}
+    for bad, reason in ((dict(good, sig=crypto.sign(a.ids[devs[1]], b"x")), Reason.BAD_SIGNATURE),
+                        (dict(good, sig=b"short"), Reason.MALFORMED)):
+        with pytest.raises(SecAggError) as e:
+            server.check_consistency(a.ctx, bad, devs[0], survivors, a.public[devs[0]])
+        assert e.value.reason == reason
+    with pytest.raises(SecAggError) as e:  # signed for another list
+        server.check_consistency(a.ctx, good, devs[0], survivors[:4], a.public[devs[0]])
+    assert e.value.reason == Reason.BAD_SIGNATURE
 
 
 def test_a_device_that_ignores_its_clip_is_stopped_only_at_the_edge_of_the_sum_check():
@@ -430,7 +470,7 @@ def test_the_coordinator_moves_on_at_deadlines_restarts_below_the_minimum_and_un
         """The devices in `present` answer each stage up to `until`; the clock passes each deadline."""
         sessions = {d: DeviceSession(Context("f", 1, attempt), d, ids[d], fixed_point.choose(5, 1.0, 32), 0, 3)
                     for d in present}
-        for stage in ("advertise", "share", "masked", "unmask"):
+        for stage in ("advertise", "share", "masked", "consistency", "unmask"):
             for d, s in sessions.items():
                 given = rounds.stage_for("f", 1, d, setting)
                 assert given["stage"] == stage and given["attempt"] == attempt, (given, rounds.summary("f", 1))
@@ -447,6 +487,8 @@ def test_the_coordinator_moves_on_at_deadlines_restarts_below_the_minimum_and_un
                     assert size == len(y)
                     store.put(key, y)
                     msg = {"sha256": __import__("hashlib").sha256(y).hexdigest()}
+                elif stage == "consistency":
+                    msg = s.sign_survivors(given["input"])
                 else:
                     msg = s.unmask(given["input"])
                 rounds.receive("f", 1, d, stage, pack(dict(msg, attempt=attempt)), setting)

@@ -111,7 +111,7 @@ def masked_url(body: MaskedUrlIn, request: Request, round_no: int = RoundNo, nam
 
 @router.post("/secagg/{round_no}/{stage}", summary="This device's answer to a stage (msgpack)",
              response_model=StageAck, openapi_extra={"requestBody": {"required": True, **BINARY}})
-async def post_stage(stage: Literal["advertise", "share", "masked", "unmask"], request: Request,
+async def post_stage(stage: Literal["advertise", "share", "masked", "consistency", "unmask"], request: Request,
                      round_no: int = RoundNo, name: str = FedName, who: Principal = Depends(secagg_device),
                      svc: Services = Depends(services)) -> dict:
     body = bytearray()
