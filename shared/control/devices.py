@@ -35,6 +35,7 @@ class Devices:
         if not self.tokens.revoke_device(fed, device):
             raise Refusal(404, "unknown_device", f"no device {device!r} in {fed}")
         self.r.srem(keys.fed_devices(fed), device)
+        self.r.hdel(keys.fed_identities(fed), device)  # a re-registered device starts with a key of its own
 
     def list(self, fed: str) -> list[dict]:
         self._require(fed)

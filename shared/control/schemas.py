@@ -278,6 +278,9 @@ class Capabilities(Strict):
 
 class DeviceIn(Capabilities):
     device_id: Id
+    identity_key: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = Field(
+        None, description="the device's Ed25519 identity public key (hex) for secure aggregation, registered by "
+        "the operator: the device cannot replace it (without one, the device registers its own, once)")
 
 
 class CheckInIn(Capabilities):

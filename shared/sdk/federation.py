@@ -96,10 +96,13 @@ class Federation:
         return session
 
     def register_device(self, device_id: str, ram_mb: int | None = None, storage_mb: int | None = None,
-                        tier: str = "default") -> str:
-        """Enroll a device; returns its token (shown once)."""
-        return self.client.post(self._path("/devices"), {"device_id": device_id, "ram_mb": ram_mb,
-                                                         "storage_mb": storage_mb, "tier": tier})["token"]
+                        tier: str = "default", identity_key: bytes | None = None) -> str:
+        """Enroll a device; returns its token (shown once). `identity_key`: its Ed25519 public key
+        for secure aggregation, which the device then cannot replace."""
+        body = {"device_id": device_id, "ram_mb": ram_mb, "storage_mb": storage_mb, "tier": tier}
+        if identity_key is not None:
+            body["identity_key"] = identity_key.hex()
+        return self.client.post(self._path("/devices"), body)["token"]
 
     def devices(self) -> list[dict]:
         return self.client.get(self._path("/devices"))["devices"]

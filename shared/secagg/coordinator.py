@@ -95,6 +95,12 @@ class SecureRounds:
         self.r.hsetnx(keys.fed_identities(fed), device, public)
         return self.r.hget(keys.fed_identities(fed), device) == public
 
+    def set_identity(self, fed: str, device: str, public: bytes) -> None:
+        """The operator registers (or replaces) a device's identity key."""
+        if len(public) != IDENTITY_BYTES:
+            raise SecAggError(Reason.MALFORMED, f"an Ed25519 public key is {IDENTITY_BYTES} bytes")
+        self.r.hset(keys.fed_identities(fed), device, public)
+
     def identities(self, fed: str, devices) -> dict[str, bytes]:
         devices = sorted(devices)
         if not devices:

@@ -220,3 +220,18 @@ def test_rules_that_need_each_update_are_refused_under_secure_aggregation(pipeli
         federation.client.put(f"/api/v1/federations/{federation.name}/strategy",
                               {"aggregation": {**aggregation, "secure_aggregation": {}}})
     assert (err.value.status, err.value.code) == (422, "invalid_config") and refused in err.value.detail
+
+
+def test_an_identity_key_the_operator_registers_is_the_one_the_device_must_use(pipeline):
+    federation, _ = _federation(pipeline, 2)
+    private, public = new_identity()
+    token = federation.register_device("op-phone", **PHONE, identity_key=public)
+    phone = DeviceClient(token, federation.name, pipeline.api_url)
+    with pytest.raises(FleettuneAPIError) as err:  # a device holding only the token cannot swap the key
+        phone.register_identity(new_identity()[1])
+    assert (err.value.status, err.value.code) == (409, "identity_conflict")
+    assert phone.register_identity(public)["public_key"] == public.hex()
+    assert pipeline.runtime.coordinator.secure.identities(federation.name, ["op-phone"]) == {"op-phone": public}
+    federation.revoke_device("op-phone")  # and revoking the device forgets it
+    assert pipeline.runtime.coordinator.secure.identities(federation.name, ["op-phone"]) == {}
+    assert crypto.identity_public(private) == public

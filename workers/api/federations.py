@@ -111,6 +111,8 @@ def get_version(version: int, name: str = FedName, who: Principal = Depends(read
 def register_device(body: DeviceIn, name: str = FedName, who: Principal = Depends(admin),
                     svc: Services = Depends(services)) -> dict:
     token = svc.devices.register(name, body.profile(body.device_id))
+    if body.identity_key is not None:  # the operator's word replaces any key the device set itself
+        svc.runtime.coordinator.secure.set_identity(name, body.device_id, bytes.fromhex(body.identity_key))
     return {"federation": name, "device_id": body.device_id, "token": token}
 
 
