@@ -44,10 +44,11 @@ def check_advert(ctx: Context, raw: dict, device: str, cohort, identities: dict[
 
 def offer_for(device: str, graph: Graph, threshold: int, adverts: dict[str, dict], identities: dict[str, bytes]) -> dict:
     """Stage 1's input for one device: its neighbours (all advertised), with keys, signatures and points."""
+    # a neighbour whose identity is gone (revoked since it advertised) is left out: the device could not check it
     return {"threshold": threshold, "neighbours": {peer: {"c_pk": adverts[peer]["c_pk"], "s_pk": adverts[peer]["s_pk"],
                                   "sig": adverts[peer]["sig"], "identity": identities[peer],
                                   "point": graph.point(peer)}
-                           for peer in graph.neighbours(device) if peer in adverts}}
+                           for peer in graph.neighbours(device) if peer in adverts and peer in identities}}
 
 
 def check_shares(ctx: Context, raw: dict, device: str, graph: Graph, adverts: dict[str, dict],
@@ -58,6 +59,8 @@ def check_shares(ctx: Context, raw: dict, device: str, graph: Graph, adverts: di
     if field(raw, "device", str) != device:
         raise SecAggError(Reason.MALFORMED, "the message names another device")
     commit, sig = field(raw, "commitment", bytes, 32), field(raw, "sig", bytes, SIGNATURE_BYTES)
+    if device not in identities:
+        raise SecAggError(Reason.UNKNOWN_IDENTITY, f"no identity key registered for {device}")
     try:
         crypto.verify(identities[device], sig, ctx.label("commit", device) + commit)
     except crypto.CryptoError:
