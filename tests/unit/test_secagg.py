@@ -549,3 +549,16 @@ def test_distributed_dp_the_devices_noise_reaches_the_central_level_and_the_serv
         fields = agg.finish(1.0, {}, clip_bound=clip, noise_seed=1).fields
         assert fields["dp_server_noise_std_on_sum"] == pytest.approx(server_std)
         assert fields["dp_noise_std_on_sum"] == pytest.approx(max(1.0, device_std))
+
+
+def test_a_device_revoked_mid_attempt_is_named_and_left_out_of_its_neighbours_offers():
+    a = Attempt(n=6)
+    devs = sorted(a.ids)
+    gone = devs[1]
+    public = {d: k for d, k in a.public.items() if d != gone}
+    offer = server.offer_for(devs[0], a.g, a.t, a.adverts, public)
+    assert gone not in offer["neighbours"] and len(offer["neighbours"]) == len(devs) - 2
+    msg = a.s[gone].share(a.offer(gone))
+    with pytest.raises(SecAggError) as e:
+        server.check_shares(a.ctx, msg, gone, a.g, a.adverts, public)
+    assert e.value.reason == Reason.UNKNOWN_IDENTITY
