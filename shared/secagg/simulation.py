@@ -67,24 +67,27 @@ def run(updates: dict[str, np.ndarray], weights: dict[str, int], encoding: Encod
         ctx = Context(federation, round_no, attempt)
         sessions: dict[str, DeviceSession] = {}
 
-        def device_step(d, fn, *args):
+        def exchange(stage: str, d: str, sent: int, step, *args):
+            """The server sends `sent` bytes, the device answers with step(*args); its answer as the
+            server receives it (in the transcript), or None when the device sits the attempt out."""
+            down[d] += sent
             t0 = time.process_time()
             try:
-                return fn(*args)
+                answer = step(*args)
+            except SecAggError:
+                return None
             finally:
                 dev_s[d] += time.process_time() - t0
-
-        def received(stage, d, obj):
-            raw = obj.tobytes() if isinstance(obj, np.ndarray) else pack(obj)
+            raw = answer.tobytes() if isinstance(answer, np.ndarray) else pack(answer)
             transcript.append((stage, d, raw))
             up[d] += len(raw)
+            return answer
 
         live = set(updates) - drops(attempt, "advertise")
         adverts = {}
         for d in sorted(live):
             sessions[d] = DeviceSession(ctx, d, identities[d], encoding, threshold or 0, min_survivors)
-            msg = device_step(d, sessions[d].advertise)
-            received("advertise", d, msg)
+            msg = exchange("advertise", d, 0, sessions[d].advertise)
             adverts[d] = timed(server.check_advert, ctx, msg, d, updates, public)
         if len(adverts) < max(min_survivors, 2):
             last = SecAggError(server.Reason.TOO_FEW_SHARES, f"{len(adverts)} devices advertised keys")
@@ -94,47 +97,29 @@ def run(updates: dict[str, np.ndarray], weights: dict[str, int], encoding: Encod
         shared = {}
         for d in sorted(set(adverts) - drops(attempt, "share")):
             offer = timed(server.offer_for, d, g, t, adverts, public)
-            down[d] += len(pack(offer))
-            try:
-                msg = device_step(d, sessions[d].share, offer)
-            except SecAggError:
-                continue  # too few live neighbours: this device sits the attempt out
-            received("share", d, msg)
-            shared[d] = timed(server.check_shares, ctx, msg, d, g, adverts, public)
+            if (msg := exchange("share", d, len(pack(offer)), sessions[d].share, offer)) is not None:
+                shared[d] = timed(server.check_shares, ctx, msg, d, g, adverts, public)
         inboxes = timed(server.relay, shared)
         held = {d: set(box) for d, box in inboxes.items()}
         masked = {}
         for d in sorted(set(shared) - drops(attempt, "masked")):
             inbox = inboxes[d]
-            down[d] += sum(map(len, inbox.values()))
-            try:
-                y = device_step(d, sessions[d].masked_input, inbox, updates[d], weights[d], rng)
-            except SecAggError:
-                continue
-            received("masked", d, y)
-            masked[d] = timed(server.check_masked, y, d, shared, encoding, y.shape[0])
+            y = exchange("masked", d, sum(map(len, inbox.values())), sessions[d].masked_input, inbox, updates[d],
+                         weights[d], rng)
+            if y is not None:
+                masked[d] = timed(server.check_masked, y, d, shared, encoding, y.shape[0])
         survivors = set(masked)
         signatures = {}
         for d in sorted(survivors - drops(attempt, "consistency")):
             request = {"survivors": sorted(survivors)}
-            down[d] += len(pack(request))
-            try:
-                msg = device_step(d, sessions[d].sign_survivors, request)
-            except SecAggError:
-                continue
-            received("consistency", d, msg)
-            signatures[d] = timed(server.check_consistency, ctx, msg, d, sorted(survivors), public[d])["sig"]
+            if (msg := exchange("consistency", d, len(pack(request)), sessions[d].sign_survivors, request)) is not None:
+                signatures[d] = timed(server.check_consistency, ctx, msg, d, sorted(survivors), public[d])["sig"]
         answers = {}
         for d in sorted(set(signatures) - drops(attempt, "unmask")):
             theirs = {p: signatures[p] for p in g.neighbours(d) if p in signatures}
             request = timed(server.unmask_request, held[d], survivors, theirs)
-            down[d] += len(pack(request))
-            try:
-                msg = device_step(d, sessions[d].unmask, request)
-            except SecAggError:
-                continue
-            received("unmask", d, msg)
-            answers[d] = timed(server.check_unmask, msg, d, held[d], survivors, signatures)
+            if (msg := exchange("unmask", d, len(pack(request)), sessions[d].unmask, request)) is not None:
+                answers[d] = timed(server.check_unmask, msg, d, held[d], survivors, signatures)
         try:
             if len(survivors) < min_survivors:
                 raise SecAggError(server.Reason.TOO_FEW_SHARES, f"{len(survivors)} survivors, {min_survivors} needed")
