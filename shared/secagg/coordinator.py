@@ -134,12 +134,24 @@ class SecureRounds:
     def _unpacked(self, fed: str, round_no: int, attempt: int, stage: str) -> dict[str, dict]:
         return {d: msgpack.unpackb(v, raw=False) for d, v in self._stage(fed, round_no, attempt, stage).items()}
 
+    def _some(self, fed: str, round_no: int, attempt: int, stage: str, devices) -> dict[str, dict]:
+        """The stage's answers of `devices` only (a neighbourhood, not the cohort: polls and answers
+        of a 1,000-device round each read k entries, not n)."""
+        devices = sorted(devices)
+        if not devices:
+            return {}
+        values = self.r.hmget(keys.secagg_stage(fed, round_no, attempt, stage), devices)
+        return {d: msgpack.unpackb(v, raw=False) for d, v in zip(devices, values) if v is not None}
+
+    def _members(self, fed: str, round_no: int, attempt: int, stage: str) -> set[str]:
+        """Who answered the stage (its keys only)."""
+        return {d.decode() for d in self.r.hkeys(keys.secagg_stage(fed, round_no, attempt, stage))}
+
     # --- what a device sees ----------------------------------------------------------------------
 
     def stage_for(self, fed: str, round_no: int, device: str, setting: SecureAggregation) -> dict:
         """The attempt's stage and this device's input for it (None: nothing for it to do now)."""
-        self.advance(fed, round_no, setting)
-        a = self.load(fed, round_no)
+        a = self.advance(fed, round_no, setting)
         if a is None:
             raise SecAggError(Reason.STAGE_CLOSED, f"round {round_no} has no secure aggregation under way")
         out = {"round": round_no, "attempt": a.attempt, "stage": a.stage, "deadline": a.deadline, "input": None,
@@ -152,28 +164,28 @@ class SecureRounds:
         if a.stage == "advertise":
             out["input"] = {}
         elif a.stage == "share":
-            adverts = self._unpacked(fed, round_no, a.attempt, "advertise")
-            if device in adverts:
-                graph = a.graph()
-                peers = [p for p in graph.neighbours(device) if p in adverts]
+            graph = a.graph()
+            if device in graph:  # the graph is drawn over the devices that advertised
+                peers = graph.neighbours(device)
+                adverts = self._some(fed, round_no, a.attempt, "advertise", peers)
                 out["input"] = server.offer_for(device, graph, a.threshold, adverts,
-                                                self.identities(fed, peers))
+                                                self.identities(fed, adverts))
         elif a.stage == "masked":
             box = self.r.hget(keys.secagg_stage(fed, round_no, a.attempt, "inbox"), device)
             if box is not None:
                 out["input"] = {"inbox": msgpack.unpackb(box, raw=False), "encoding": a.encoding().as_dict(),
                                 "length": a.length}
         elif a.stage == "consistency":
-            survivors = self._stage(fed, round_no, a.attempt, "masked")
+            survivors = self._members(fed, round_no, a.attempt, "masked")
             if device in survivors:
                 out["input"] = {"survivors": sorted(survivors)}
         elif a.stage == "unmask":
-            signed = self._unpacked(fed, round_no, a.attempt, "consistency")
-            if device in signed:
+            if self.r.hexists(keys.secagg_stage(fed, round_no, a.attempt, "consistency"), device):
                 box = msgpack.unpackb(self.r.hget(keys.secagg_stage(fed, round_no, a.attempt, "inbox"), device),
                                       raw=False)
-                survivors = set(self._stage(fed, round_no, a.attempt, "masked"))
-                theirs = {p: signed[p]["sig"] for p in a.graph().neighbours(device) if p in signed}
+                survivors = self._members(fed, round_no, a.attempt, "masked")
+                signed = self._some(fed, round_no, a.attempt, "consistency", a.graph().neighbours(device))
+                theirs = {p: answer["sig"] for p, answer in signed.items()}
                 out["input"] = server.unmask_request(set(box), survivors, theirs)
         return out
 
@@ -216,10 +228,10 @@ class SecureRounds:
             cohort = {device} if self.r.sismember(keys.round_cohort(fed, round_no), device) else set()
             checked = server.check_advert(ctx, msg, device, cohort, self.identities(fed, [device]))
         elif stage == "share":
-            adverts = self._unpacked(fed, round_no, a.attempt, "advertise")
-            peers = set(a.graph().neighbours(device)) if device in adverts else set()
-            checked = server.check_shares(ctx, msg, device, a.graph(), adverts,
-                                          self.identities(fed, peers | {device}))
+            graph = a.graph()
+            peers = set(graph.neighbours(device)) if device in graph else set()
+            adverts = self._some(fed, round_no, a.attempt, "advertise", peers | {device})
+            checked = server.check_shares(ctx, msg, device, graph, adverts, self.identities(fed, adverts))
         elif stage == "masked":
             key, size, _ = self.masked_slot(fed, round_no, device)
             sha = field(msg, "sha256", str)
@@ -232,13 +244,13 @@ class SecureRounds:
                                                      f"{size} bytes expected")
             checked = {"sha256": sha}
         elif stage == "consistency":
-            survivors = sorted(self._stage(fed, round_no, a.attempt, "masked"))
+            survivors = sorted(self._members(fed, round_no, a.attempt, "masked"))
             checked = server.check_consistency(ctx, msg, device, survivors, self.identities(fed, [device]).get(device))
         else:
             box = self.r.hget(keys.secagg_stage(fed, round_no, a.attempt, "inbox"), device)
-            survivors = set(self._stage(fed, round_no, a.attempt, "masked"))
+            survivors = self._members(fed, round_no, a.attempt, "masked")
             held = set(msgpack.unpackb(box, raw=False)) if box is not None else set()
-            signers = set(self._stage(fed, round_no, a.attempt, "consistency"))
+            signers = self._members(fed, round_no, a.attempt, "consistency")
             checked = server.check_unmask(msg, device, held, survivors, signers)
         stage_key = keys.secagg_stage(fed, round_no, a.attempt, stage)
 
