@@ -110,8 +110,8 @@ class SecureRounds:
 
     # --- state -----------------------------------------------------------------------------------
 
-    def ensure(self, fed: str, round_no: int, setting: SecureAggregation) -> Attempt:
-        """The round's state, starting attempt 1 at `advertise` on first use (a check-in)."""
+    def ensure(self, fed: str, round_no: int, setting: SecureAggregation) -> None:
+        """Start attempt 1 at `advertise` on the round's first check-in (later calls change nothing)."""
         key = keys.secagg(fed, round_no)
         if not self.r.hexists(key, "attempt"):
             with self.r.pipeline(transaction=True) as pipe:  # the first caller's fields win
@@ -119,7 +119,6 @@ class SecureRounds:
                 pipe.hsetnx(key, "stage", "advertise")
                 pipe.hsetnx(key, "deadline", repr(self.clock() + setting.stage_timeout_s))
                 pipe.execute()
-        return self.load(fed, round_no)
 
     def load(self, fed: str, round_no: int, pipe=None) -> Attempt | None:
         h = (pipe or self.r).hgetall(keys.secagg(fed, round_no))
@@ -353,10 +352,12 @@ class SecureRounds:
         """The clip, weight cap, vector length and DP noise multiplier a round's encoding is sized
         for (from its config)."""
         key = keys.secagg(fed, round_no)
-        self.r.hsetnx(key, "noise_multiplier", repr(float(noise_multiplier)))
-        self.r.hsetnx(key, "clip", repr(float(clip)))
-        self.r.hsetnx(key, "max_weight", int(max_weight))
-        self.r.hsetnx(key, "length", int(length))
+        with self.r.pipeline(transaction=False) as pipe:  # one round trip per check-in
+            pipe.hsetnx(key, "noise_multiplier", repr(float(noise_multiplier)))
+            pipe.hsetnx(key, "clip", repr(float(clip)))
+            pipe.hsetnx(key, "max_weight", int(max_weight))
+            pipe.hsetnx(key, "length", int(length))
+            pipe.execute()
 
     # --- unmasking (in the close) ----------------------------------------------------------------
 
