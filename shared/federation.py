@@ -12,6 +12,7 @@ from pydantic import AliasChoices, ConfigDict, Field, TypeAdapter, ValidationErr
 
 from fleettune.shared import corpora, keys
 from fleettune.shared.protocol.adapter_spec import AdapterConfig, AdapterSpec, ModelDims, build_spec
+from fleettune.shared.protocol.runtimes import FORMATS
 from fleettune.shared.errors import ConfigError
 from fleettune.shared.strategies.config import CONTROL_PREFIX, AggregationConfig
 
@@ -157,6 +158,8 @@ class DeviceProfile:
     app_version: str | None = None
     region: str | None = None
     accelerator: str | None = None
+    runtime: str | None = None  # onnxruntime | executorch | coreml | litert | torch (None: torch)
+    runtime_base: str | None = None  # sha256 of the exported base it holds: served only the adapter
 
 
 @with_config(_STORED)
@@ -215,8 +218,11 @@ class FederationConfig:
     evaluation: EvaluationConfig | None = None  # None: versions are published without evaluation
     revision: int = 0  # bumped by every change through the API; each round records the one it runs
     aggregation: AggregationConfig = AggregationConfig()
+    exports: tuple[str, ...] = ()  # formats each published version is exported to (protocol/runtimes.py)
 
     def __post_init__(self) -> None:
+        if not set(self.exports) <= set(FORMATS) or list(self.exports) != sorted(set(self.exports)):
+            raise ConfigError(f"exports must be sorted, distinct names among {sorted(FORMATS)}")
         if not keys.valid_id(self.name):
             raise ConfigError(f"federation name {self.name!r} must match {keys.ID_PATTERN} "
                               f"(at most {keys.ID_MAX_LENGTH} characters)")

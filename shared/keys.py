@@ -42,6 +42,9 @@ Redis (all under the `ft:` prefix; nothing expires unless noted):
     ft:heartbeats                hash process kind (beat) -> last time it was seen alive
     ft:evaluations:due           sorted set "{fed}:{version}" -> publish time, until its evaluation is recorded
     ft:distill:due               sorted set "{fed}:{version}:{tier}" -> when asked, until that distillation is done
+    ft:exports:due               sorted set "{fed}:{version}:{format}" -> when asked, until that export is ready or failed
+    ft:fed:{fed}:exports         hash "{version}:{format}" -> JSON: the export's status, reason, attempts, record
+    ft:fed:{fed}:exported:{format}  sorted set of versions with a ready export in a format (score: the version)
 
 Control plane (the API):
     ft:auth:keys                 set of operator API key ids
@@ -81,6 +84,9 @@ Object store:
     federations/{fed}/versions/{version:06d}/...          immutable published versions
     federations/{fed}/versions/{version:06d}/rank-{rank}/ that version's adapter at a tier's lower rank
     federations/{fed}/versions/{version:06d}/tier-{tier}/ that version distilled onto a tier's own base
+    federations/{fed}/versions/{version:06d}/exports/{format}.json  that version's export record (immutable)
+    exports/base/{digest}/{format}/...                    a base exported once per base model and adapter layout
+                                                          (LoRA tensors are its inputs: versions ship only them)
     federations/{fed}/current.json                        pointer to the current version
     federations/{fed}/split/{version:06d}/...             the split server's part, versioned on its own
     models/{model}/{version}/{filename}                   registry artifacts (immutable)
@@ -246,6 +252,7 @@ def current_pointer(fed: str) -> str:
 API_KEYS = f"{PREFIX}:auth:keys"
 EVALUATIONS_DUE = f"{PREFIX}:evaluations:due"
 DISTILL_DUE = f"{PREFIX}:distill:due"
+EXPORTS_DUE = f"{PREFIX}:exports:due"
 STARTS_DUE = f"{PREFIX}:starts:due"  # federations whose requested start (v0, next round) no worker has done yet
 HEARTBEATS = f"{PREFIX}:heartbeats"
 BEAT_LEADER = f"{PREFIX}:beat:leader"
@@ -293,6 +300,22 @@ def fed_deployment(fed: str) -> str:
 
 def fed_distilled(fed: str, tier: str) -> str:
     return f"{PREFIX}:fed:{fed}:distilled:{tier}"
+
+
+def fed_exports(fed: str) -> str:
+    return f"{PREFIX}:fed:{fed}:exports"
+
+
+def fed_exported(fed: str, fmt: str) -> str:
+    return f"{PREFIX}:fed:{fed}:exported:{fmt}"
+
+
+def export_record(fed: str, version: int, fmt: str) -> str:
+    return f"{version_prefix(fed, version)}/exports/{fmt}.json"
+
+
+def export_base_prefix(digest: str, fmt: str) -> str:
+    return f"exports/base/{digest}/{fmt}"
 
 
 def fed_split(fed: str) -> str:

@@ -49,6 +49,8 @@ class Metrics:
         self.received = Counter("fleettune_updates_received", "Update envelopes received (redeliveries not counted)", fed, **kw)
         self.accepted = Counter("fleettune_updates_accepted", "Updates accepted into a round", fed, **kw)
         self.rejected = Counter("fleettune_updates_rejected", "Updates rejected, by reason", fed + ["reason"], **kw)
+        self.exports = Counter("fleettune_exports", "Exports of published versions to on-device formats, by outcome "
+                               "(ready, retried, failed)", ["format", "outcome"], **kw)
         self.redelivered = Counter("fleettune_messages_redelivered", "Messages seen again after being settled", **kw)
         self.bytes_ingested = Counter("fleettune_bytes_ingested", "Bytes of accepted update objects", fed, **kw)
         self.update_norm = Histogram("fleettune_update_norm", "L2 norm of accepted updates, before and after clipping",
@@ -91,6 +93,9 @@ class Metrics:
             self.rejected.labels(fed, result.reason.value).inc()
             if result.reason.value == "stale_round":
                 self.late_updates.labels(fed).inc()
+
+    def observe_export(self, fmt: str, outcome: str) -> None:
+        self.exports.labels(fmt, outcome).inc()
 
     def observe_close(self, fed: str, result, now: float) -> None:
         """A round that closed or failed (a CloseResult); waits and repeats change nothing."""

@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     # a task's retries through an outage of S3 or Redis, with exponential backoff, capped at
     # retry_backoff_max_s; past the budget the ledger re-drives the message
     max_retries: int = 10
+    # a conversion to an on-device format that fails is tried this many times in all, with backoff
+    export_attempts: Positive = Field(3, validation_alias="FLEETTUNE_EXPORT_ATTEMPTS")
+    # a conversion takes minutes, not the seconds of the pipeline's tasks (task_time_limit_s); past
+    # the broker's visibility timeout another worker may start the same export, which is harmless
+    # (the base is content-addressed, the record written once) but wasted work
+    export_time_limit_s: Positive = Field(1800, validation_alias="FLEETTUNE_EXPORT_TIME_LIMIT")
     retry_backoff_max_s: int = Field(60, validation_alias="FLEETTUNE_RETRY_BACKOFF_MAX")
     # devices hold only write-once (If-None-Match) upload URLs, so an accepted object's bytes cannot
     # change: the close trusts the sha256 ingest verified instead of hashing every object again

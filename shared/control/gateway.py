@@ -28,6 +28,8 @@ from fleettune.shared.control.groups import Groups
 from fleettune.shared.control.presign import Presigner
 from fleettune.shared.control.rollouts import Assignment, Rollouts
 from fleettune.shared.control.tiers import Deployment, Variant
+from fleettune.shared.export.tracking import Exports
+from fleettune.shared.protocol import runtimes
 from fleettune.shared.settings import Settings
 from fleettune.shared.strategies import privacy
 from fleettune.shared.secagg.coordinator import SecureRounds
@@ -73,6 +75,7 @@ class Gateway:
         self.groups = Groups(state.r)
         self.deployment = Deployment(state.r)
         self.rollouts = Rollouts(state, clock)
+        self.exports = Exports(state.r)
 
     # --- rate limit ------------------------------------------------------------------------------
 
@@ -114,6 +117,8 @@ class Gateway:
         groups = self.groups.evaluate(fed, profile)  # dynamic rules, against what it declares now
         entry, variant = self.deployment.resolve(fed, profile.tier)
         serve = self._serve(fed, config, entry, variant, self.rollouts.assignment(fed, device, groups), base_url)
+        if variant.mode != "api" and profile.runtime not in (None, runtimes.TORCH):
+            serve["runtime"] = self._runtime(fed, config, profile, serve, base_url)
         if variant.mode != "train":
             return {"federation": fed, "device": device, "action": variant.mode, "tier": profile.tier,
                     "groups": sorted(groups), "serve": serve}
@@ -143,6 +148,33 @@ class Gateway:
         urls = {name: self.presigner.get(f"{prefix}/{name}", until, base_url).as_dict()
                 for name in (versions.ADAPTER_FILE, versions.CONFIG_FILE)}
         return dict(out, base_model=base, adapter={"kind": kind, "version": version, "download": urls})
+
+    def _runtime(self, fed: str, config: FederationConfig, profile: DeviceProfile, serve: dict,
+                 base_url: str) -> dict[str, Any]:
+        """The served version in the device's runtime's format: the exported base (unless the device
+        holds it: `runtime_base`) and the adapter to feed it, both by presigned GET. The newest
+        version at or below the served one whose export is ready; `pending` while none is."""
+        fmt = runtimes.RUNTIMES[profile.runtime]
+        if fmt not in config.exports:
+            raise Refusal(409, "format_not_exported", f"{fed} exports no {fmt} models (runtime {profile.runtime}); "
+                          f"it exports {list(config.exports) or 'none'}: declare one of those runtimes or torch")
+        out: dict[str, Any] = {"runtime": profile.runtime, "format": fmt}
+        served = serve["adapter"]
+        found = self.exports.ready_at_or_below(fed, fmt, served["version"]) \
+            if served and served["kind"] == "federation" else None
+        if found is None:  # nothing exported yet (or a distilled adapter, which is served to torch only)
+            return dict(out, status="pending", version=None)
+        record = self.exports.entry(fed, found, fmt)["record"]
+        base, adapter = record["base"], record["adapter"]
+        until = self.clock() + self.settings.url_ttl_s
+        held = profile.runtime_base == base["sha256"]
+        return dict(out, status="ready", version=found, max_abs_logit_diff=record["parity"]["max_abs_logit_diff"],
+                    inputs=base["inputs"], max_tokens=base.get("max_tokens"), context=base.get("context"),
+                    base_sha256=base["sha256"],
+                    base=None if held else dict(self.presigner.get(base["key"], until, base_url).as_dict(),
+                                                sha256=base["sha256"], size=base["size"]),
+                    adapter=dict(self.presigner.get(adapter["key"], until, base_url).as_dict(),
+                                 sha256=adapter["sha256"], size=adapter["size"]))
 
     def _train_plan(self, fed: str, config: FederationConfig, profile: DeviceProfile, groups: set[str],
                     base_url: str) -> dict[str, Any]:

@@ -61,7 +61,9 @@ class ModelRegistry:
         if "dims" in h:
             h["dims"] = json.loads(h["dims"])
         if "current" in h:
-            facts = self.version(model_id, h["current"]).get("facts")
+            record = self.version(model_id, h["current"])
+            h["formats"] = record.get("formats", [])  # runtimes' formats asked with it: federations export them
+            facts = record.get("facts")
             if facts:
                 h["facts"] = dict(facts, version=h["current"])
                 h["dims"] = facts["dims"] or h.get("dims")

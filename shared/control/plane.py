@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from fleettune.shared import keys
+from fleettune.shared.protocol import runtimes
 from fleettune.shared.control.schemas import (FederationIn, StrategyIn, TrainingSessionIn, apply_strategy,
                                     evaluation_config, resolve_model)
 from fleettune.shared.errors import Refusal
@@ -48,9 +49,11 @@ class Control:
     def create_federation(self, body: FederationIn) -> FederationConfig:
         if self.state.federations.config(body.name) is not None:
             raise Refusal(409, "federation_exists", f"federation {body.name!r} exists")
-        dims, base = resolve_model(body.model_id, self.registered_model(body.model_id))
+        registered = self.registered_model(body.model_id)
+        dims, base = resolve_model(body.model_id, registered)
         config = FederationConfig(name=body.name, model=dims, base_model=base, seed=body.seed,
-                                  evaluation=evaluation_config(body.evaluation))
+                                  evaluation=evaluation_config(body.evaluation),
+                                  exports=runtimes.wanted([*(body.exports or ()), *(registered or {}).get("formats", ())]))
         if body.adapter is not None:
             config = dataclasses.replace(config, adapter=body.adapter.to_config())
         if body.strategy is not None:
@@ -154,6 +157,8 @@ class Control:
             changes["adapter"] = body.adapter_config.to_config()
         if body.evaluation is not None:
             changes["evaluation"] = evaluation_config(body.evaluation)
+        if body.exports is not None:
+            changes["exports"] = runtimes.wanted(body.exports)
         if changes:
             self._check_fits(existing.revised(**changes))
             self.state.federations.propose_config(fed, lambda c: c.revised(**changes))  # no round runs: applies now

@@ -18,6 +18,7 @@ from fleettune.shared import keys
 from fleettune.shared.corpora import Domain
 from fleettune.shared.device.models import NamedBase
 from fleettune.shared.protocol.adapter_spec import LAYOUTS, AdapterConfig, ModelDims, TargetModule
+from fleettune.shared.protocol import runtimes
 from fleettune.shared.control import groups, tiers
 from fleettune.shared.control.groups import GroupSpec, Rules
 from fleettune.shared.control.model_files import TRAINABLE_HINT
@@ -42,6 +43,9 @@ def keys_match(**constraints) -> dict:
 Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,31}$")]
 AppVersion = Annotated[str, StringConstraints(pattern=r"^[0-9][0-9A-Za-z.+-]{0,31}$")]
 PROFILE_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceProfile) if f.name != "device")
+ExportName = Literal[tuple(sorted({*runtimes.FORMATS, *runtimes.ALIASES}))]  # "tflite" is "litert"
+Runtime = Literal[runtimes.DECLARABLE]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ModelId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")]
 
 # Models the control plane knows the shape of, by the names people use for them.
@@ -240,6 +244,10 @@ class EvaluationIn(Strict):
     eval_chars: int = Field(12_000, ge=1_000, le=1_000_000)
 
 
+EXPORTS_HELP = ("formats each published version is exported to for on-device runtimes (onnx, executorch, "
+                "coreml, litert / tflite); a registered base version's `formats` add theirs")
+
+
 class FederationIn(Strict):
     name: Id
     model_id: ModelId = "tiny-llama"
@@ -247,6 +255,7 @@ class FederationIn(Strict):
     strategy: StrategyIn | None = None
     evaluation: EvaluationIn | None = None
     seed: int = Field(0, ge=0, le=2**31)
+    exports: list[ExportName] | None = Field(None, max_length=8, description=EXPORTS_HELP)
 
 
 class TrainingSessionIn(Strict):
@@ -259,6 +268,7 @@ class TrainingSessionIn(Strict):
     device_filter: DeviceFilterIn | None = None
     federation: Id | None = Field(None, description="train this federation; a new one is created when absent")
     evaluation: EvaluationIn | None = None
+    exports: list[ExportName] | None = Field(None, max_length=8, description=EXPORTS_HELP)
 
 
 class Capabilities(Strict):
@@ -271,6 +281,10 @@ class Capabilities(Strict):
     app_version: AppVersion | None = None
     region: Token | None = None
     accelerator: Token | None = None
+    runtime: Runtime | None = Field(None, description="the runtime this device serves with; check-in's `serve` "
+                                    "then carries that format's base and adapter (default torch: the PEFT directory)")
+    runtime_base: Sha256 | None = Field(None, description="sha256 of the exported base this device holds: "
+                                        "when it is still current, only the adapter is served")
 
     def profile(self, device: str) -> DeviceProfile:
         return DeviceProfile(device, **self.model_dump(exclude=set(type(self).model_fields) - set(PROFILE_FIELDS)))
@@ -451,6 +465,10 @@ class DeploymentIn(Strict):
             if tier == DEFAULT and out[tier].distilled:
                 raise Refusal(422, "invalid_deployment", "distil for named tiers, not for '*'")
         return out
+
+
+class ExportIn(Strict):
+    formats: list[ExportName] = Field(min_length=1, max_length=8, description="formats to export this version to")
 
 
 class DistillIn(Strict):

@@ -29,9 +29,9 @@ def smollm2_dir() -> Path:
 
 def resolve(source: str) -> tuple[Path, dict]:
     """(directory, extra from_pretrained kwargs) for 'tiny', 'smollm2' or a local directory."""
-    if source == "tiny":
+    if source in ("tiny", "tiny-llama"):  # the layout's name, as a federation's base_model may carry it
         return TINY, {}
-    if source == "smollm2":
+    if source in ("smollm2", "smollm2-135m"):
         return smollm2_dir(), {"gguf_file": SMOLLM2_FILE}
     path = Path(source)
     if not (path / "config.json").exists():

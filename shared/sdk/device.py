@@ -11,6 +11,7 @@ from typing import Any
 
 import msgpack
 
+from . import artifacts
 from .http import Client, FleettuneAPIError, raise_for_problem
 
 
@@ -42,6 +43,11 @@ class DeviceClient:
             if "serve" not in refused.body:
                 raise
             return refused.body["serve"]
+
+    def fetch_runtime(self, serve: dict, cache_dir, progress: bool = False):
+        """(base, adapter) local files of `serve.runtime`: the exported base (once per sha256: declare
+        it back as `runtime_base` and later check-ins serve only the adapter) and the version's adapter."""
+        return artifacts.fetch_served(self.client, serve["runtime"], cache_dir, progress)
 
     def download_served(self, serve: dict, name: str = "adapter_model.safetensors") -> bytes:
         return self.client.download(serve["adapter"]["download"][name], max_bytes=64 * 1024 * 1024)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from pathlib import Path
+
+from . import artifacts
 from .http import Client
 
 
@@ -161,6 +164,24 @@ class Federation:
 
     def round(self, round_no: int) -> dict:
         return self.client.get(self._path(f"/rounds/{round_no}"))
+
+    def artifacts(self, version: int) -> list[dict]:
+        """The version's exports to on-device runtimes: status, parity, base and adapter files."""
+        return self.client.get(self._path(f"/versions/{version}/artifacts"))["artifacts"]
+
+    def export(self, version: int, formats: list[str]) -> dict:
+        """Ask a worker to export the version to these formats (onnx, executorch, coreml, litert)."""
+        return self.client.post(self._path(f"/versions/{version}/artifacts"), {"formats": list(formats)})
+
+    def download_artifact(self, artifact: dict, directory, progress: bool = True) -> dict[str, Path]:
+        """A ready artifact's base and adapter into `directory`, checked against their sha256."""
+        out = {}
+        for part in ("base", "adapter"):
+            f = artifact[part]
+            name = f["key"].rsplit("/", 1)[-1]
+            out[part] = artifacts.fetch(self.client, f["download"], f["sha256"], f["size"], Path(directory) / name,
+                                        progress, f"{artifact['format']} {part}")
+        return out
 
     def versions(self, limit: int = 100, before: int | None = None) -> list[dict]:
         """The newest `limit` published versions (below `before`, if given), oldest first."""

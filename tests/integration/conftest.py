@@ -77,10 +77,12 @@ class Pipeline:
     admin_key: str = ""
 
     def create(self, *, devices: list[str], layout: str = "tiny-llama", evaluation=None,
-               aggregation: AggregationConfig = AggregationConfig(), **policy) -> FederationConfig:
+               aggregation: AggregationConfig = AggregationConfig(), adapter: AdapterConfig | None = None,
+               exports: tuple[str, ...] = (), base_model: str | None = None, **policy) -> FederationConfig:
         config = FederationConfig(
             name=f"it-{next(_names)}-{int(time.time() * 1000) % 10**8}", model=LAYOUTS[layout],
-            adapter=AdapterConfig(rank=8, alpha=16), base_model=layout, evaluation=evaluation,
+            adapter=adapter or AdapterConfig(rank=8, alpha=16), base_model=base_model or layout,
+            evaluation=evaluation, exports=exports,
             policy=RoundPolicy(**{"min_updates": 2, "timeout_seconds": 120, "max_rounds": 5, **policy}),
             aggregation=aggregation,
         )

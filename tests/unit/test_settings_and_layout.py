@@ -158,6 +158,7 @@ LAYERS = [
     ("device", ["device"]),
     ("split", ["split"]),
     ("pipeline", ["pipeline"]),
+    ("exports", ["export"]),
     ("control", ["control"]),
     ("composition", ["runtime", "metrics"]),
     ("worker", ["workers.worker"]),

@@ -20,7 +20,8 @@ from prometheus_client import multiprocess as prom_multiprocess
 
 from fleettune.shared.metrics import FederationCollector, multiprocess
 from fleettune.shared.runtime import Runtime
-from fleettune.workers.api import devices, federations, models, objects, problems, rollouts, secagg, sessions, split
+from fleettune.workers.api import (artifacts, devices, federations, models, objects, problems, rollouts, secagg,
+                                   sessions, split)
 from fleettune.workers.api.deps import documented_security
 from fleettune.workers.api.edge import Edge
 from fleettune.workers.api.responses import Health
@@ -44,7 +45,7 @@ def create_app(runtime: Runtime, enqueue: Enqueue, registry: CollectorRegistry |
                   "and device gateway", docs_url="/docs", openapi_url="/openapi.json")
     app.state.services = Services.build(runtime, enqueue, clock, publisher, begin)
     problems.install(app)
-    for module in (devices, split, secagg, federations, rollouts, sessions, models, objects):  # the device hot path matches first
+    for module in (devices, split, secagg, federations, artifacts, rollouts, sessions, models, objects):  # the device hot path matches first
         app.include_router(module.router)
 
     registry = registry or CollectorRegistry()

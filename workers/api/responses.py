@@ -232,6 +232,8 @@ class Serve(Out):
     base_model: str | None = Field(None, description="absent in api mode")
     api_url: str | None = Field(None, description="api mode only")
     adapter: ServedAdapter | None
+    runtime: ServedRuntime | None = Field(None, description="present when the device declared a runtime other "
+                                          "than torch")
 
 
 class UploadSlot(Out):
@@ -340,6 +342,68 @@ class Deployment(Out):
 
     federation: str
     tiers: dict[str, TierVariant]
+
+
+class ArtifactFile(Out):
+    """One file of an export: where it is stored, and what to check it against."""
+
+    key: str
+    sha256: str
+    size: int
+    download: SignedUrl | None = Field(None, description="a presigned GET, for an operator's download")
+
+
+class Artifact(Out):
+    """A version exported to one format: pending, ready (with its files and parity) or failed (and why)."""
+
+    format: str
+    runtime: str
+    status: str = Field(description="pending | ready | failed")
+    attempts: int
+    reason: str | None = Field(None, description="why the last attempt failed (the converter's words)")
+    max_abs_logit_diff: float | None = Field(None, description="against PyTorch + PEFT on fixed prompts; null "
+                                             "where the runtime cannot run here (Core ML: see checks)")
+    checks: dict[str, Any] | None = Field(None, description="what was checked where parity could not be measured")
+    base: ArtifactFile | None = Field(None, description="the base exported once per base model and adapter layout")
+    adapter: ArtifactFile | None = Field(None, description="this version's adapter: the graph's LoRA inputs")
+    inputs: list[str] | None = Field(None, description="the graph's inputs in order: input_ids, then the adapter's "
+                                     "tensors by their safetensors names")
+    full_over_adapter: float | None = Field(None, description="base bytes / adapter bytes: what serving the "
+                                            "adapter alone saves per version update")
+
+
+class ArtifactList(Out):
+    """A published version's exports for on-device runtimes."""
+
+    federation: str
+    version: int
+    artifacts: list[Artifact]
+
+
+class ExportQueued(Out):
+    """Exports queued for a worker."""
+
+    federation: str
+    version: int
+    formats: list[str]
+    status: str
+
+
+class ServedRuntime(Out):
+    """The served version in the device's runtime's format (check-in's `serve.runtime`)."""
+
+    runtime: str
+    format: str
+    status: str = Field(description="ready | pending (no version exported to this format yet: check in later)")
+    version: int | None
+    max_abs_logit_diff: float | None = None
+    inputs: list[str] | None = None
+    max_tokens: int | None = Field(None, description="the longest sequence the graph takes")
+    context: int | None = Field(None, description="a fixed-length graph's context: right-pad to it (LiteRT)")
+    base_sha256: str | None = None
+    base: dict[str, Any] | None = Field(None, description="presigned GET of the exported base with sha256 and "
+                                        "size; null when the device declared it holds this base (runtime_base)")
+    adapter: dict[str, Any] | None = Field(None, description="presigned GET of this version's adapter file")
 
 
 class DistillQueued(Out):

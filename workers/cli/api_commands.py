@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import click
 from tabulate import tabulate
@@ -127,6 +128,30 @@ def federations_versions(ctx, name: str) -> None:
                 algorithm=(r.get("aggregation") or {}).get("algorithm"), epsilon=(r.get("dp") or {}).get("epsilon"))
            for r in rows], ["version", "round", "parent_version", "contributors", "algorithm", "global_norm", "heldout",
                             "epsilon"])
+
+
+@federations.command("artifacts")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--export", "formats", multiple=True, help="ask a worker to export to this format first (repeat): "
+              "onnx, executorch, coreml, litert")
+@click.option("--download", "directory", type=click.Path(file_okay=False), default=None,
+              help="download each ready artifact's base and adapter here, with progress, sha256-checked")
+@click.pass_context
+def federations_artifacts(ctx, name: str, version: int, formats: tuple[str, ...], directory: str | None) -> None:
+    """A version's exports to on-device runtimes: status, parity, bytes."""
+    fed = Federation(name=name, client=_client(ctx))
+    if formats:
+        fed.export(version, list(formats))
+    rows = fed.artifacts(version)
+    table([dict(r, base_bytes=(r.get("base") or {}).get("size"), adapter_bytes=(r.get("adapter") or {}).get("size"))
+           for r in rows], ["format", "status", "attempts", "max_abs_logit_diff", "base_bytes", "adapter_bytes",
+                            "full_over_adapter", "reason"])
+    if directory:
+        for artifact in rows:
+            if artifact["status"] == "ready":
+                for part, path in fed.download_artifact(artifact, Path(directory) / artifact["format"]).items():
+                    click.echo(f"{artifact['format']} {part}: {path}")
 
 
 sessions = _group("sessions", "Training sessions through the API.")

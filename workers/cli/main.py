@@ -156,13 +156,16 @@ def simulate(name: str, num_devices: int, rounds: int, round_wait: float, concur
 @click.option("--buffer", default=4, show_default=True, help="--async: accepted updates per version")
 @click.option("--compress", type=click.Choice([e for e in get_args(UpdateEncoding) if e != "float32"]), default=None,
               help="devices send compressed updates (error feedback on the device); then the same run in float32")
+@click.option("--formats", default="", help="export the final version to these on-device formats, comma-separated: "
+              "onnx, executorch, litert (or tflite), coreml (needs pip install .[export])")
 @click.option("--secure-aggregation", "secure", is_flag=True,
               help="SecAgg+: the server sees only the sum; a device vanishes mid-protocol in each round")
 def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: str, out: str, canary: bool,
          split: bool, epsilon: float, split_mode: str, steps: int, asynchronous: bool, buffer: int,
-         compress: str | None, secure: bool) -> None:
+         compress: str | None, formats: str, secure: bool) -> None:
     """Devices train real adapters on non-IID text and federate them: no server to start."""
     domain_names = tuple(d.strip() for d in domains.split(",") if d.strip())
+    export_formats = _formats(formats)
     if compress:
         from fleettune.workers.local.demo import run_compressed_demo
 
@@ -187,7 +190,23 @@ def demo(model_source: str, kind: str, num_devices: int, rounds: int, domains: s
     from fleettune.workers.local.demo import run_demo
 
     run_demo(Settings.from_env(), model_source=model_source, kind=kind, num_devices=num_devices, rounds=rounds,
-             out_dir=out, domains=domain_names, secure=secure)
+             out_dir=out, domains=domain_names, secure=secure, formats=export_formats)
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    """`--formats`, in the order given, each format once; an unknown name is a usage error."""
+    from fleettune.shared.protocol import runtimes
+
+    out: list[str] = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        try:
+            fmt = runtimes.canonical(name)
+        except KeyError:
+            raise click.BadParameter(f"{name!r} is none of {sorted(runtimes.FORMATS)} (or tflite)",
+                                     param_hint="--formats") from None
+        if fmt is not None and fmt not in out:
+            out.append(fmt)
+    return tuple(out)
 
 
 @cli.command("memory")

@@ -73,11 +73,11 @@ class DemoRun:
 def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora", num_devices: int = 8,
              rounds: int = 5, out_dir: str | Path = "fleettune-demo",
              domains: tuple[str, ...] = corpora.DOMAINS, encoding: str = "float32", quiet: bool = False,
-             secure: bool = False) -> DemoRun:
+             secure: bool = False, formats: tuple[str, ...] = ()) -> DemoRun:
     """The demo federation; `encoding` is how devices code their updates, `quiet` prints nothing
     (the uncompressed reference run of `--compress`). `secure`: SecAgg+ rounds, in each of which one
     device vanishes after sharing its keys (the hostile device sits these out: its plain update
-    would be refused before upload)."""
+    would be refused before upload). `formats`: export the final version to these on-device formats."""
     say = (lambda *_a, **_k: None) if quiet else click.echo
     torch.set_num_threads(1)  # training here and evaluation in the worker thread: one core each
     out = fresh_out_dir(out_dir)
@@ -130,6 +130,12 @@ def run_demo(settings: Settings, model_source: str = "tiny", kind: str = "lora",
             say(_row(row))
         final = int(runtime.state.federations.status(config.name)["version"])
         secure_line = secure_check(runtime, config, final, devices) if secure else ""
+        if formats:
+            from fleettune.workers.local.demo_exports import export_lines
+
+            say(f"\nexporting version {final} for on-device runtimes (LoRA tensors are the graphs' inputs):")
+            for line in export_lines(runtime, config, final, formats):
+                say(line)
         stats = runtime.state.federations.stats(config.name)
         adapter_dir = out / "final-adapter"
         versions.download(runtime.store, config.name, final, adapter_dir)

@@ -54,6 +54,7 @@ def make_app(settings: Settings | None = None, broker_url: str | None = None, ru
             "fleettune.start": {"queue": ROUNDS_QUEUE},
             "fleettune.sweep": {"queue": ROUNDS_QUEUE},
             "fleettune.evaluate": {"queue": EVAL_QUEUE},
+            "fleettune.export": {"queue": EVAL_QUEUE},  # minutes of conversion: never in a close's way
         },
         # Round deadlines are found by a periodic sweep, not by countdown tasks: with a Redis broker
         # an ETA past the visibility timeout is redelivered again and again while it waits.

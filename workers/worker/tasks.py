@@ -15,7 +15,12 @@ from fleettune.shared import keys
 from fleettune.shared.state import broker
 from fleettune.shared.pipeline import retention
 from fleettune.shared.control.rollouts import Rollouts
+from fleettune.shared.control.model_registry import ModelRegistry
 from fleettune.shared.control.tiers import Deployment
+from fleettune.shared.export import exporter
+from fleettune.shared.export.tracking import Exports
+from fleettune.shared.protocol import versions
+from fleettune.shared.protocol.runtimes import FORMATS
 from fleettune.shared.pipeline.distill import distill_version
 from fleettune.shared.pipeline.evaluation import evaluate_version
 from fleettune.shared.pipeline.ingest import TRANSIENT
@@ -95,6 +100,12 @@ def close_round(self: FleetTask, fed: str, round_no: int) -> str:
     if result.decision == CLOSED and result.manifest is not None:
         if self.runtime.state.federations.config(fed).evaluation:
             evaluate.delay(fed, result.version)
+        config, exports = self.runtime.state.federations.config(fed), Exports(self.runtime.redis)
+        serving = Rollouts(self.runtime.state).serving(fed)  # what devices run until a rollout moves it
+        for fmt in config.exports if config else ():  # on-device runtimes' formats, off the round's path
+            for version in sorted({result.version, serving}):
+                if exports.mark_due(fed, version, fmt, at=time.time()):  # once, however often the close is redone
+                    export.delay(fed, version, fmt)
         deployment = Deployment(self.runtime.redis)
         for tier in deployment.distilled_tiers(fed):  # cascading tiers: each new version, for each smaller base
             deployment.mark_due(fed, result.version, tier, at=time.time())
@@ -127,6 +138,62 @@ def distill(self: FleetTask, fed: str, version: int, tier: str) -> str:
     return manifest["adapter_sha256"]
 
 
+@shared_task(base=FleetTask, bind=True, name="fleettune.export", time_limit=_settings.export_time_limit_s,
+             soft_time_limit=int(_settings.export_time_limit_s * 0.9), **RETRY)
+def export(self: FleetTask, fed: str, version: int, fmt: str) -> str:
+    """A published version exported to an on-device runtime's format (shared/export/exporter.py).
+
+    A conversion that fails is retried with backoff, `export_attempts` times in all, and then stays
+    failed with the converter's reason; an adapter no runtime takes fails at once. Neither touches
+    the round pipeline: exports have their own queue and their own record."""
+    runtime, exports = self.runtime, Exports(self.runtime.redis)
+    config = runtime.state.federations.config(fed)
+    if config is None or fmt not in FORMATS:
+        exports.forget_due(fed, version, fmt)  # the federation went away meanwhile
+        return "no such federation"
+    revision = versions.manifest(runtime.store, fed, version).get("config_revision")
+    config = runtime.state.federations.config(fed, revision) or config  # the adapter this version has
+    attempt = self.request.retries + 1
+    try:
+        local = registered_base(runtime, exporter.base_source(config))
+        record = exporter.export_version(runtime.store, runtime.settings, config, version, fmt, local_base=local)
+    except exporter.ExportFailed as exc:
+        final = isinstance(exc, exporter.Unsupported) or attempt >= runtime.settings.export_attempts
+        exports.failed(fed, version, fmt, exc.reason, attempt, final)
+        runtime.metrics.observe_export(fmt, "failed" if final else "retried")
+        log.warning("%s v%s export to %s failed (attempt %d%s): %s", fed, version, fmt, attempt,
+                    ", final" if final else "", exc.reason)
+        if final:
+            return "failed"
+        raise self.retry(countdown=min(300, 5 * 2 ** (attempt - 1)), max_retries=runtime.settings.export_attempts)
+    exports.ready(fed, version, fmt, record, attempt)
+    runtime.metrics.observe_export(fmt, "ready")
+    log.info("%s v%s exported to %s: max |logit diff| %s, base %d bytes, adapter %d bytes", fed, version, fmt,
+             record["parity"]["max_abs_logit_diff"], record["base"]["size"], record["adapter"]["size"])
+    return "ready"
+
+
+def registered_base(runtime: Runtime, source: str) -> str | None:
+    """A registered base (id@version) as a local directory, fetched from the store once per sha256."""
+    if "@" not in source:
+        return None
+    import tempfile
+    from pathlib import Path
+
+    from fleettune.shared.device import models
+
+    model_id, _, version = source.partition("@")
+    try:
+        record = ModelRegistry(runtime.redis, runtime.store, None, runtime.settings).version(model_id, version)
+        download = {k: record[k] for k in ("sha256", "size", "filename")}
+        cache = Path(tempfile.gettempdir()) / "fleettune-bases"
+        return str(models.fetch_registered(download, cache, lambda _, limit: runtime.store.get(record["key"], limit)))
+    except TRANSIENT:
+        raise
+    except Exception as exc:  # gone from the registry, bytes that do not match: the export cannot run
+        raise exporter.ExportFailed(f"the registered base {source}: {type(exc).__name__}: {exc}") from exc
+
+
 @shared_task(base=FleetTask, bind=True, name="fleettune.sweep", **RETRY)
 def sweep(self: FleetTask) -> int:
     """Beat's repair pass: starts no worker did, rounds past their deadline, closes whose lease
@@ -147,6 +214,10 @@ def sweep(self: FleetTask) -> int:
     distills = Deployment(self.runtime.redis).due(before=now - 2 * self.runtime.settings.task_time_limit_s)
     for fed, version, tier in distills:
         distill.delay(fed, version, tier)
+    # an export runs for minutes: re-sent only once one would have timed out (the API's asks are due at 0)
+    exports = Exports(self.runtime.redis).due(before=now - self.runtime.settings.export_time_limit_s)
+    for fed, version, fmt in exports:
+        export.delay(fed, version, fmt)
     for fed in state.federations.names():  # canary gates whose step time passed with no report to look
         Rollouts(state).tick(fed)
     redriven = _redrive(self.runtime, enqueuer(self.app), now)
@@ -155,7 +226,7 @@ def sweep(self: FleetTask) -> int:
     pruned, deleted = retention.prune(state, self.runtime.store, now, history=self.runtime.settings.history_rounds)
     if pruned:
         log.info("retention: %d rounds pruned, %d update objects deleted", pruned, deleted)
-    return len(starts) + len(due) + len(lost) + len(distills) + redriven
+    return len(starts) + len(due) + len(lost) + len(distills) + len(exports) + redriven
 
 
 def _redrive(runtime: Runtime, enqueue, now: float) -> int:
