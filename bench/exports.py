@@ -6,7 +6,7 @@ device side load time, peak RSS and generation speed, against PyTorch + PEFT.
 A version's adapter (rank 8 on q/k/v/o, random small weights: speed and bytes do not depend on
 their values) is published to a local store and exported to each format with the function the
 `fleettune.export` task runs. Each runtime then runs in a process of its own, so that its peak RSS
-(ru_maxrss) is its own: load the base artifact and the adapter, then greedy-generate `--new-tokens`
+(VmHWM) is its own: load the base artifact and the adapter, then greedy-generate `--new-tokens`
 tokens after a 16-token prompt. The exported graphs have no KV cache (each step runs the whole
 sequence), so PyTorch + PEFT is timed both ways: without its cache (the same work) and with it.
 Core ML executes only on Apple platforms: its row has bytes and conversion, not speed. The ratios
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,12 +24,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 PROMPT = "To be, or not to be, that is the question: whether 'tis nobler in the mind"
 
 
 def _publish(model: str, store_dir: Path):
+    import torch
+
     from fleettune.shared.device import models
     from fleettune.shared.federation import FederationConfig
     from fleettune.shared.protocol import versions
@@ -46,34 +46,32 @@ def _publish(model: str, store_dir: Path):
     return store, config
 
 
-def _device(fmt: str, model: str, base: str, adapter: str, inputs: list[str], new_tokens: int) -> dict:
-    """One runtime in this process: load, then generate; prints its own figures."""
-    torch.set_num_threads(1)
+def _device(job: dict, new_tokens: int) -> dict:
+    """One runtime in this process, importing what a device would: load, then generate greedily."""
+    import importlib
+
     from safetensors.numpy import load
 
-    from fleettune.shared.device import models
-
-    tokenizer = models.load_tokenizer(model)
-    ids = np.array([tokenizer(PROMPT)["input_ids"][:16]], dtype=np.int64)
+    fmt, ids = job["format"], np.array([job["ids"]], dtype=np.int64)
     started = time.perf_counter()
     if fmt.startswith("torch"):
-        from fleettune.shared.device import trainer
+        import torch
+
+        from fleettune.shared.device import models, trainer
         from fleettune.shared.protocol.adapter_spec import AdapterConfig
 
-        peft = trainer.peft_model(models.load_model(model), AdapterConfig())
-        trainer.load_adapter_weights(peft, {k: torch.from_numpy(v) for k, v in load(Path(adapter).read_bytes()).items()})
-        cache = fmt == "torch-cache"
+        torch.set_num_threads(1)
+        peft = trainer.peft_model(models.load_model(job["model"]), AdapterConfig())
+        trainer.load_adapter_weights(peft, {k: torch.from_numpy(v) for k, v in load(Path(job["adapter"]).read_bytes()).items()})
         loaded = time.perf_counter()
         with torch.no_grad():
             out = peft.generate(input_ids=torch.from_numpy(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                do_sample=False, use_cache=cache, pad_token_id=tokenizer.pad_token_id)
+                                do_sample=False, use_cache=fmt == "torch-cache", pad_token_id=job["pad"])
         produced = out.shape[1] - ids.shape[1]
-    else:
-        from fleettune.shared.export.exporter import converter_of
-
-        tensors = load(Path(adapter).read_bytes())
-        lora = [tensors[n] for n in inputs[1:]]
-        run = converter_of(fmt).runner(Path(base))
+    else:  # the converter module's runner: onnxruntime / LiteRT with numpy alone, ExecuTorch with torch
+        tensors = load(Path(job["adapter"]).read_bytes())
+        lora = [tensors[n] for n in job["inputs"][1:]]
+        run = importlib.import_module(f"fleettune.shared.export.{job['module']}").runner(Path(job["base"]))
         loaded = time.perf_counter()
         seq = ids
         for _ in range(new_tokens):
@@ -81,8 +79,16 @@ def _device(fmt: str, model: str, base: str, adapter: str, inputs: list[str], ne
             seq = np.concatenate([seq, logits[:, -1:].argmax(-1).astype(np.int64)], axis=1)
         produced = new_tokens
     done = time.perf_counter()
-    return {"load_s": loaded - started, "tokens_per_s": produced / (done - loaded),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"load_s": loaded - started, "tokens_per_s": produced / (done - loaded), "peak_rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    """This process's own high-water RSS (VmHWM). Not ru_maxrss: Linux carries the parent's peak
+    across fork and exec into it, so a child started by a big parent would report the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main() -> None:
@@ -90,14 +96,19 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--formats", nargs="+", default=["onnx", "executorch", "litert", "coreml"])
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--device", nargs=5, metavar=("FORMAT", "MODEL", "BASE", "ADAPTER", "INPUTS"), help=argparse.SUPPRESS)
+    parser.add_argument("--device", help=argparse.SUPPRESS)  # a JSON job: one runtime in a process of its own
     args = parser.parse_args()
     if args.device:
-        fmt, model, base, adapter, inputs = args.device
-        print(json.dumps(_device(fmt, model, base, adapter, json.loads(inputs), args.new_tokens)))
+        import os
+
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        print(json.dumps(_device(json.loads(args.device), args.new_tokens)))
         return
 
-    from fleettune.shared.export.exporter import export_version
+    import torch
+
+    from fleettune.shared.device import models
+    from fleettune.shared.export.exporter import CONVERTERS, export_version
     from fleettune.shared.settings import Settings
 
     torch.set_num_threads(2)
@@ -107,10 +118,14 @@ def main() -> None:
         adapter_path = Path(tmp) / "adapter.safetensors"
         adapter_path.write_bytes(store.get(f"federations/bench/versions/000001/adapter_model.safetensors"))
 
+        tokenizer = models.load_tokenizer(args.model)
+        job = {"model": args.model, "adapter": str(adapter_path), "pad": tokenizer.pad_token_id,
+               "ids": tokenizer(PROMPT)["input_ids"][:16]}
+
         def device(fmt: str, base: str = "", inputs: list | None = None) -> dict:
-            done = subprocess.run([sys.executable, __file__, "--new-tokens", str(args.new_tokens), "--device", fmt,
-                                   args.model, base or "-", str(adapter_path), json.dumps(inputs or [])],
-                                  capture_output=True, text=True, check=True)
+            one = dict(job, format=fmt, base=base, inputs=inputs or [], module=CONVERTERS.get(fmt))
+            done = subprocess.run([sys.executable, __file__, "--new-tokens", str(args.new_tokens), "--device",
+                                   json.dumps(one)], capture_output=True, text=True, check=True)
             return json.loads(done.stdout.strip().splitlines()[-1])
 
         reference = {"torch-cache": device("torch-cache"), "torch": device("torch")}
@@ -133,14 +148,14 @@ def main() -> None:
     print(f"{'format':12} {'convert s':>9} {'base bytes':>12} {'adapter B':>10} {'full/adapter':>12} "
           f"{'max|dlogit|':>11} {'load s':>7} {'peak RSS MB':>11} {'tok/s':>7} {'tok/s vs torch':>14}")
     for r in rows:
-        fmt_ = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        def cell(value, spec: str, width: int, suffix: str = "") -> str:
+            return ("-" if value is None else format(value, spec) + suffix).rjust(width)
         ratio = r["base_bytes"] / r["adapter_bytes"] if r["base_bytes"] else None
         speed = r.get("tokens_per_s")
-        print(f"{r['format']:12} {fmt_(r['convert_s'], '9.1f')} {fmt_(r['base_bytes'], '12d')} "
-              f"{r['adapter_bytes']:>10d} {fmt_(ratio, '11.0f') + ('x' if ratio else ''):>12} {fmt_(r['parity'], '11.1e')} "
-              f"{fmt_(r.get('load_s'), '7.2f')} {fmt_(r.get('peak_rss_mb'), '11.0f')} {fmt_(speed, '7.1f')} "
-              f"{fmt_(speed / torch_row['tokens_per_s'] if speed else None, '13.2f') + ('x' if speed else ''):>14}")
-
+        print(f"{r['format']:12} {cell(r['convert_s'], '.1f', 9)} {cell(r['base_bytes'], 'd', 12)} "
+              f"{r['adapter_bytes']:>10d} {cell(ratio, '.0f', 12, 'x')} {cell(r['parity'], '.1e', 11)} "
+              f"{cell(r.get('load_s'), '.2f', 7)} {cell(r.get('peak_rss_mb'), '.0f', 11)} {cell(speed, '.1f', 7)} "
+              f"{cell(speed / torch_row['tokens_per_s'] if speed else None, '.2f', 14, 'x')}")
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 
 The graph has a fixed context of CONTEXT tokens (LiteRT's converter takes static shapes): a device
 right-pads its sequence and reads the logits of its real positions, which causal attention leaves
-exactly as they would be unpadded.
+exactly as they would be unpadded. The runner imports only LiteRT and numpy, as a device would.
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-
-from fleettune.shared.export.adapter_inputs import AdapterInputs, Positional
 
 CONTEXT = 64
 
 
-def convert(model: AdapterInputs, example: torch.Tensor, lora: list[torch.Tensor], out: Path) -> Path:
+def convert(model, example, lora: list, out: Path) -> Path:
     import litert_torch
+    import torch
+
+    from fleettune.shared.export.adapter_inputs import Positional
 
     padded = torch.zeros(1, CONTEXT, dtype=torch.int32)
     litert_torch.convert(Positional(model).eval(), (padded, *lora)).export(str(out))
@@ -45,5 +45,7 @@ def runner(path: Path):
 
 def versions() -> dict[str, str]:
     from importlib.metadata import version
+
+    import torch
     return {"torch": torch.__version__, "litert-torch": version("litert-torch"),
             "ai-edge-litert": version("ai-edge-litert")}

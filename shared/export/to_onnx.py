@@ -1,18 +1,20 @@
-"""ONNX through torch.onnx's exporter (torch.export, dynamic sequence length), run by ONNX Runtime."""
+"""ONNX through torch.onnx's exporter (torch.export, dynamic sequence length), run by ONNX Runtime.
+
+The runner imports only ONNX Runtime and numpy, as a device would (torch only to convert)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
-
-from fleettune.shared.export.adapter_inputs import AdapterInputs
 
 MAX_TOKENS = 512  # the sequence bound the graph is exported for
 
 
-def convert(model: AdapterInputs, example: torch.Tensor, lora: list[torch.Tensor], out: Path) -> Path:
+def convert(model, example, lora: list, out: Path) -> Path:
+    """`model`: an AdapterInputs; `example`: input ids (1, n); `lora`: its tensors in input order."""
+    import torch
+
     seq = torch.export.Dim("seq", min=2, max=MAX_TOKENS)
     torch.onnx.export(model, (example, lora), str(out), dynamo=True, external_data=False, verbose=False,
                       input_names=["input_ids", *input_names(model)], output_names=["logits"],
@@ -20,7 +22,7 @@ def convert(model: AdapterInputs, example: torch.Tensor, lora: list[torch.Tensor
     return out
 
 
-def input_names(model: AdapterInputs) -> list[str]:
+def input_names(model) -> list[str]:
     return [f"lora_{i}" for i in range(len(model.names))]
 
 
@@ -40,4 +42,6 @@ def runner(path: Path):
 
 def versions() -> dict[str, str]:
     import onnxruntime
+    import torch
+
     return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}

@@ -22,7 +22,8 @@ def _demo(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 
 def test_the_demo_trains_federates_and_leaves_a_loadable_adapter_and_a_plot(tmp_path):
     out = tmp_path / "demo"
-    done = _demo("--devices", "6", "--rounds", "2", "--out", str(out), timeout=600)
+    done = _demo("--devices", "6", "--rounds", "2", "--out", str(out), "--formats", "onnx,executorch,tflite,coreml",
+                 timeout=900)
 
     table = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit() and
              line.split()[1] in ("base", "closed")]
@@ -34,6 +35,22 @@ def test_the_demo_trains_federates_and_leaves_a_loadable_adapter_and_a_plot(tmp_
     assert (out / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "final-adapter" / versions.ADAPTER_FILE).stat().st_size > 100_000
     assert "loads with PeftModel.from_pretrained" in done.stdout
+    # --formats: the final version for on-device runtimes, one line per format (tflite is litert)
+    lines = dict(re.findall(r"^format (\w+): (.*)$", done.stdout, re.M))
+    assert sorted(lines) == ["coreml", "executorch", "litert", "onnx"], done.stdout[-3000:]
+    for fmt in ("onnx", "executorch", "litert"):
+        diff, base, adapter = re.fullmatch(r"max \|logit diff\| (\S+), base (\d+) bytes, adapter (\d+) bytes",
+                                           lines[fmt]).groups()
+        assert float(diff) <= 1e-3 and int(base) > 10 * int(adapter)
+    assert lines["coreml"].startswith("max |logit diff| n/a, base ")
+    assert re.search(r"^\(coreml: Core ML runs only on Apple platforms.*base weights unchanged\)$", done.stdout, re.M)
+
+
+def test_the_demo_refuses_a_format_it_does_not_know():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETTUNE_")}
+    done = subprocess.run([str(Path(sys.executable).parent / "fleettune"), "demo", "--formats", "onnx,tensorrt"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "'tensorrt' is none of" in done.stderr
 
 
 def test_the_canary_demo_advances_the_good_version_and_rolls_the_bad_one_back(tmp_path):
