@@ -1,7 +1,7 @@
 """What each on-device format costs and saves: conversion, bytes per version update, and on the
 device side load time, peak RSS and generation speed, against PyTorch + PEFT.
 
-    python bench/exports.py [--model tiny|smollm2] [--formats onnx executorch litert coreml] [--new-tokens 32]
+    python bench/exports.py [--model tiny|smollm2] [--formats onnx executorch litert coreml] [--new-tokens 32] [--int8]
 
 A version's adapter (rank 8 on q/k/v/o, random small weights: speed and bytes do not depend on
 their values) is published to a local store and exported to each format with the function the
@@ -11,6 +11,8 @@ tokens after a 16-token prompt. The exported graphs have no KV cache (each step 
 sequence), so PyTorch + PEFT is timed both ways: without its cache (the same work) and with it.
 Core ML executes only on Apple platforms: its row has bytes and conversion, not speed. The ratios
 printed are against PyTorch + PEFT measured in the same run, on the same cores (1 thread each).
+`--int8` adds the ONNX base with int8 weights (onnxruntime's quantize_dynamic) and prints its
+held-out perplexity against the float32 graph's, on the same version's adapter.
 """
 
 from __future__ import annotations
@@ -91,11 +93,53 @@ def _peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def _perplexity(run, lora: list, token_ids: list[int], window: int = 64) -> float:
+    """Held-out perplexity of a runtime's logits over non-overlapping windows of `window` tokens."""
+    total, count = 0.0, 0
+    for start in range(0, len(token_ids) - window, window):
+        ids = np.array([token_ids[start:start + window]], dtype=np.int64)
+        logits = run(ids, lora)[0, :-1].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        total -= logp[np.arange(window - 1), ids[0, 1:]].sum()
+        count += window - 1
+    return float(np.exp(total / count))
+
+
+def _onnx_int8(store, record: dict, tmp: Path, job: dict, adapter_path: Path, device) -> dict:
+    """The ONNX base with its MatMul weights in int8 (per channel, dynamic activations: onnxruntime's
+    quantize_dynamic); the LoRA inputs stay float32. Its cost: held-out perplexity against float32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from safetensors.numpy import load
+
+    from fleettune.shared import corpora
+    from fleettune.shared.device import models
+    from fleettune.shared.export import to_onnx
+
+    fp32 = tmp / "fp32.onnx"
+    fp32.write_bytes(store.get(record["base"]["key"]))
+    int8 = tmp / "int8.onnx"
+    quantize_dynamic(fp32, int8, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8)
+    tokenizer = models.load_tokenizer(job["model"])
+    text = "\n".join(corpora.heldout_text(d, 6_000) for d in ("literature", "legal", "code"))
+    token_ids = tokenizer(text)["input_ids"]
+    tensors = load(adapter_path.read_bytes())
+    lora = [tensors[n] for n in record["base"]["inputs"][1:]]
+    ppl32 = _perplexity(to_onnx.runner(fp32), lora, token_ids)
+    ppl8 = _perplexity(to_onnx.runner(int8), lora, token_ids)
+    print(f"onnx int8: held-out perplexity {ppl8:.3f} vs {ppl32:.3f} float32 ({100 * (ppl8 / ppl32 - 1):+.2f} %), "
+          f"base {int8.stat().st_size} vs {fp32.stat().st_size} bytes")
+    return {"format": "onnx-int8", "convert_s": None, "base_bytes": int8.stat().st_size,
+            "adapter_bytes": record["adapter"]["size"], "parity": None,
+            **device("onnx", str(int8), record["base"]["inputs"])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--formats", nargs="+", default=["onnx", "executorch", "litert", "coreml"])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--int8", action="store_true", help="also ONNX with int8 weights, and its perplexity cost")
     parser.add_argument("--device", help=argparse.SUPPRESS)  # a JSON job: one runtime in a process of its own
     args = parser.parse_args()
     if args.device:
@@ -143,6 +187,8 @@ def main() -> None:
                 base_file.write_bytes(store.get(record["base"]["key"]))
                 row.update(device(fmt, str(base_file), record["base"]["inputs"]))
             rows.append(row)
+            if fmt == "onnx" and args.int8:
+                rows.append(_onnx_int8(store, record, Path(tmp), job, adapter_path, device))
     torch_row = reference["torch"]
     print(f"model {args.model}; {args.new_tokens} new tokens after a 16-token prompt; 1 thread per runtime")
     print(f"{'format':12} {'convert s':>9} {'base bytes':>12} {'adapter B':>10} {'full/adapter':>12} "
