@@ -11,8 +11,9 @@ tokens after a 16-token prompt. The exported graphs have no KV cache (each step 
 sequence), so PyTorch + PEFT is timed both ways: without its cache (the same work) and with it.
 Core ML executes only on Apple platforms: its row has bytes and conversion, not speed. The ratios
 printed are against PyTorch + PEFT measured in the same run, on the same cores (1 thread each).
-`--int8` adds the ONNX base with int8 weights (onnxruntime's quantize_dynamic) and prints its
-held-out perplexity against the float32 graph's, on the same version's adapter.
+`--int8` adds the ONNX base in int8 two ways, dynamic (quantize_dynamic: weights per channel and
+activations on the fly) and weight-only (MatMulNBits, blocks of 32), and prints each one's held-out
+perplexity against the float32 graph's on the same version's adapter; the weight-only one is timed.
 """
 
 from __future__ import annotations
@@ -116,19 +117,27 @@ def _onnx_int8(store, record: dict, tmp: Path, job: dict, adapter_path: Path, de
     from fleettune.shared.device import models
     from fleettune.shared.export import to_onnx
 
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     fp32 = tmp / "fp32.onnx"
     fp32.write_bytes(store.get(record["base"]["key"]))
-    int8 = tmp / "int8.onnx"
-    quantize_dynamic(fp32, int8, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8)
+    dynamic = tmp / "int8-dynamic.onnx"
+    quantize_dynamic(fp32, dynamic, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8)
+    int8 = tmp / "int8.onnx"  # weight-only: int8 blocks of 32 with their scales, activations in float
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=8, block_size=32, is_symmetric=True)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(int8))
     tokenizer = models.load_tokenizer(job["model"])
     text = "\n".join(corpora.heldout_text(d, 6_000) for d in ("literature", "legal", "code"))
     token_ids = tokenizer(text)["input_ids"]
     tensors = load(adapter_path.read_bytes())
     lora = [tensors[n] for n in record["base"]["inputs"][1:]]
     ppl32 = _perplexity(to_onnx.runner(fp32), lora, token_ids)
-    ppl8 = _perplexity(to_onnx.runner(int8), lora, token_ids)
-    print(f"onnx int8: held-out perplexity {ppl8:.3f} vs {ppl32:.3f} float32 ({100 * (ppl8 / ppl32 - 1):+.2f} %), "
-          f"base {int8.stat().st_size} vs {fp32.stat().st_size} bytes")
+    for name, path in (("dynamic int8 (weights and activations)", dynamic), ("weight-only int8", int8)):
+        ppl8 = _perplexity(to_onnx.runner(path), lora, token_ids)
+        print(f"onnx {name}: held-out perplexity {ppl8:.3f} vs {ppl32:.3f} float32 ({100 * (ppl8 / ppl32 - 1):+.2f} %), "
+              f"base {path.stat().st_size} vs {fp32.stat().st_size} bytes")
     return {"format": "onnx-int8", "convert_s": None, "base_bytes": int8.stat().st_size,
             "adapter_bytes": record["adapter"]["size"], "parity": None,
             **device("onnx", str(int8), record["base"]["inputs"])}
