@@ -137,6 +137,7 @@ def _convert_and_check(store: ObjectStore, config: FederationConfig, fmt: str, b
         raise ExportFailed(f"max |logit diff| {diff:.3g} against PyTorch + PEFT exceeds {parity.TOLERANCE:g}")
     return base, diff, checks, len(prompts)
 
+
 def layout_digest(source: str, adapter, wrapper: AdapterInputs, format_: Format, toolchain: dict) -> str:
     """Names one base artifact: the same base, adapter layout (alpha is LoRA's scale, in the graph),
     format and toolchain give the same graph."""
