@@ -169,7 +169,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store, config = _publish(args.model, Path(tmp) / "store")
         adapter_path = Path(tmp) / "adapter.safetensors"
-        adapter_path.write_bytes(store.get(f"federations/bench/versions/000001/adapter_model.safetensors"))
+        adapter_path.write_bytes(store.get("federations/bench/versions/000001/adapter_model.safetensors"))
 
         tokenizer = models.load_tokenizer(args.model)
         job = {"model": args.model, "adapter": str(adapter_path), "pad": tokenizer.pad_token_id,
