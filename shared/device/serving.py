@@ -38,12 +38,12 @@ class ServingFleet:
         self.check_ins += 1
         return client.report(serve["version"], eval_loss=self.loss(device, serve))
 
-    def until_settled(self, passes: int = 20, on_change=None) -> dict:
+    def until_settled(self, passes: int = 40, on_change=None) -> dict:
         """Devices check in and report in turn until the live rollout completes or rolls back.
 
         `passes` bounds the wait, not the gates: arms are hashed from a random rollout id, and
-        with some draws the sequential tests need more looks (one suite run timed out after 8
-        passes, 960 check-ins, on the canary demo's good version)."""
+        with some draws the sequential tests need more looks (suite runs timed out after 8 passes,
+        960 check-ins, and after 20, 2,400, on the canary demo's good version)."""
         last = None
         for _ in range(passes):
             for device in self.clients:

@@ -144,8 +144,11 @@ def test_a_round_without_quorum_fails_at_its_deadline_and_the_next_reopens_from_
 
     assert failed.status == "failed" and failed.reason == "no_quorum"
     assert failed.version is None
-    reopened = pipeline.runtime.state.rounds.round_info(config.name, 2)
-    assert reopened.status == "open" and reopened.base_version == 0
+    # the next round opens after the failure is recorded (a step of its own): wait for it, to a deadline
+    end = time.monotonic() + 30
+    while (reopened := pipeline.runtime.state.rounds.round_info(config.name, 2)) is None and time.monotonic() < end:
+        time.sleep(0.05)
+    assert reopened is not None and reopened.status == "open" and reopened.base_version == 0
     for device in devices[:3]:
         pipeline.submit(config, 2, device, random_deltas(config.spec.tensors, rng, 0.01))
     closed = pipeline.wait_round(config, 2, timeout=30)  # quorum, then the deadline
