@@ -21,7 +21,10 @@ ACTIVE = "default"  # PEFT's adapter name for the one adapter a model carries
 
 
 class _Slots:
-    tensors: list[torch.Tensor] = []
+    """The LoRA tensors of the call in progress (empty between calls)."""
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
 
 
 class _InputLinear(torch.nn.Module):
