@@ -126,13 +126,14 @@ def test_every_transition_is_recorded_with_who_and_why(plane):
 
 def _report_all(gateway: Gateway, n: int, loss_of, rng: random.Random) -> dict:
     """Each device checks in, then reports the loss of the version it serves."""
-    last = {}
+    last, canaries = {}, 0
     for i in range(n):
         serve = _serve(gateway, DeviceProfile(f"d{i}"))
+        canaries += serve["arm"] == "canary"
         last = gateway.report("f", f"d{i}", serve["version"], {"eval_loss": loss_of(serve["version"], rng)})
         if last["rollout_status"] != "active":
-            return dict(last, reports=i + 1)
-    return dict(last, reports=n)
+            return dict(last, reports=i + 1, canary_reports=canaries)
+    return dict(last, reports=n, canary_reports=canaries)
 
 
 def test_a_bad_version_is_rolled_back_automatically_from_device_reports(plane):
@@ -142,7 +143,8 @@ def test_a_bad_version_is_rolled_back_automatically_from_device_reports(plane):
     out = _report_all(gateway, 400, lambda v, r: r.gauss(3.0 if v == 0 else 3.6, 0.15), rng)
     rec = gateway.rollouts.get("f", rec["id"])
     assert rec["status"] == "rolled_back" and rec["percent"] == 0 and rec["history"][-1]["by"] == "auto"
-    assert "eval_loss" in rec["history"][-1]["reason"] and out["reports"] < 150  # bounded check-ins
+    # bounded check-ins: the canary share is random per rollout id, so bound the canary's own reports
+    assert "eval_loss" in rec["history"][-1]["reason"] and out["canary_reports"] <= 20
     assert state.r.hget(keys.fed_stats("f"), "rollbacks:auto") == b"1"
     assert _serve(gateway, DeviceProfile("d1"))["version"] == 0  # everyone back
 
