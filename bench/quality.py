@@ -291,20 +291,22 @@ def tune(args) -> None:
         return scorer.score(w, "validation")
 
     agg = recipe.aggregation()
-    if args.side != "central" and (agg.optimizer != "sgd" or agg.rule != "mean" or agg.lora == "ffa"
-                                   or agg.drift_control != "none" or agg.dp_noise_multiplier
-                                   or recipe.server_lr not in (None, 1.0)):
-        raise SystemExit("tune's federated side runs FedAvg (naive or exact LoRA) at server lr 1; "
-                         "score other rules with `protocol`")
+    if args.side != "central" and (agg.rule != "mean" or agg.lora == "ffa" or agg.dp_noise_multiplier
+                                   or (agg.optimizer != "sgd" and agg.lora == "exact")):
+        raise SystemExit("tune's federated side runs the mean (naive or exact LoRA, a server optimizer over "
+                         "naive); score other rules with `protocol`")
     for lr in fed_grid if args.side in ("fed", "both") else ():
         # FedAvg in-process (the same trainer and mean as the tasks, without the services) keeps a
         # grid affordable; the protocol's reported runs go through the real pipeline
         training = dataclasses.replace(config.training, learning_rate=lr)
         tr = qp.simulated_fedavg(scorer.model, [d.data for d, _ in fleet], _initial(config), training, recipe.rounds,
                                  judge, 0, exact=agg.lora == "exact",
-                                 working_rank=agg.working_rank_factor * config.adapter.rank)
-        print(f"federated lr {lr:g}, {training.lr_schedule}: best validation {min(tr.val):.2f} at round "
-              f"{tr.best + 1} ({tr.seconds:.0f} s); per round {', '.join(f'{v:.1f}' for v in tr.val)}", flush=True)
+                                 working_rank=agg.working_rank_factor * config.adapter.rank,
+                                 server_lr=config.policy.server_lr, scaffold=agg.drift_control == "scaffold",
+                                 aggregation=agg)
+        print(f"federated {recipe.algorithm}, lr {lr:g}, server lr {config.policy.server_lr:g}, "
+              f"{training.lr_schedule}: best validation {min(tr.val):.2f} at round {tr.best + 1} ({tr.seconds:.0f} s); "
+              f"per round {', '.join(f'{v:.1f}' for v in tr.val)}", flush=True)
     if args.side in ("central", "both"):
         tokens = DEVICES * recipe.rounds * recipe.max_steps * config.training.batch_size * config.training.seq_len
         for lr in central_grid:
@@ -527,12 +529,14 @@ def main() -> None:
                         help="the forgetting guard's threshold, general perplexity / base (100: off)")
     parser.add_argument("--central-schedule", default="cosine", choices=["cosine", "constant"])
     parser.add_argument("--central-batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="protocol, tune: torch threads (1 lets two runs share the 2 cores)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="an AggregationConfig field, e.g. --set lora=ffa")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what in ("protocol", "tune"):
-        torch.set_num_threads(2)  # the protocol runs alone on the 2 cores; its wall time is reported
+        torch.set_num_threads(args.threads)  # the protocol runs alone on the 2 cores; its wall time is reported
         for name, value in PROTOCOL_DEFAULTS.items():
             if f"--{name.replace('_', '-')}" not in sys.argv:
                 setattr(args, name, value)

@@ -196,32 +196,52 @@ def personalization(model, fleet, global_weights: dict, initial: dict, device_st
 
 def simulated_fedavg(model, fleet_data: list[torch.Tensor], initial: dict, training, rounds: int,
                      judge: Callable[[dict], float], seed: int, exact: bool = False,
-                     working_rank: int = 16) -> Trajectory:
+                     working_rank: int = 16, server_lr: float = 1.0, scaffold: bool = False,
+                     aggregation=None) -> Trajectory:
     """FedAvg in one process with the devices' own trainer, for tuning only: sample-weighted mean
     of the deltas (with `exact`, of each layer's product B·A, re-factorised as the server's exact
-    aggregation does, streaming at `working_rank`), server lr 1, no clip (the reported runs go
-    through the real tasks).
+    aggregation does, streaming at `working_rank`), times `server_lr`, no clip (the reported runs
+    go through the real tasks). With `scaffold`, every device keeps a control variate c_i (its last
+    round's mean raw gradient) and trains with c - c_i added to its gradients, as the devices do.
+    With an `aggregation` whose optimizer is not sgd (FedAvgM, FedAdam...), the mean delta goes
+    through the server's own optimizer step (shared/strategies/server_optimizers.py).
     Scores validation after every round."""
+    from fleettune.shared.strategies import server_optimizers
     from fleettune.shared.strategies.exact_lora import LowRankSum, lora_pairs
 
     weights = {k: v.clone().float() for k, v in initial.items()}
     val, kept, start = [], None, time.perf_counter()
+    opt_state: dict = {}
+    controls = [{k: torch.zeros_like(v) for k, v in weights.items()} for _ in fleet_data] if scaffold else None
     for r in range(1, rounds + 1):
         strategy = training.for_round(r, rounds)
         total, acc, trained = 0, {k: torch.zeros_like(v) for k, v in weights.items()}, []
+        mean_control = {k: sum(c[k] for c in controls) / len(controls) for k in weights} if scaffold else None
         for i, data in enumerate(fleet_data):
             trainer.load_adapter_weights(model, weights)
-            result = trainer.train(model, data, strategy, seed=seed * 100_003 + r * 31 + i)
+            correction = {k: mean_control[k] - controls[i][k] for k in weights} if scaffold else None
+            result = trainer.train(model, data, strategy, seed=seed * 100_003 + r * 31 + i, correction=correction)
+            if scaffold:
+                controls[i] = {k: v.clone() for k, v in result.mean_gradients.items()}
             after = trainer.adapter_weights(model)
             for k in acc:
                 acc[k] += result.samples * (after[k] - weights[k])
             total += result.samples
             trained.append((result.samples, after))
-        weights = {k: weights[k] + acc[k] / total for k in weights}
+        before = weights
+        if aggregation is not None and aggregation.optimizer != "sgd":
+            weights, opt_state = server_optimizers.step(
+                aggregation.optimizer, weights, {k: acc[k] / total for k in weights}, opt_state, server_lr,
+                aggregation.beta1, aggregation.beta2, aggregation.tau, aggregation.bias_correction)
+        else:
+            weights = {k: weights[k] + server_lr * acc[k] / total for k in weights}
         for b, a in lora_pairs(set(weights)).values() if exact else ():
+            # the server's exact rule: base + lr (mean of products - base), as shared/strategies/combine.py
             products = LowRankSum(weights[b].shape[0], weights[a].shape[1], cap=working_rank)
             for samples, after in trained:
-                products.add(after[b].double(), after[a].double(), samples / total)
+                products.add(after[b].double(), after[a].double(), server_lr * samples / total)
+            if server_lr != 1.0:
+                products.add(before[b].double(), before[a].double(), 1.0 - server_lr)
             merged = products.factorise(weights[b].shape[1])
             weights[b], weights[a] = merged.B.float(), merged.A.float()
         val.append(judge(weights))
