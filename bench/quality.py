@@ -299,12 +299,16 @@ def tune(args) -> None:
         # FedAvg in-process (the same trainer and mean as the tasks, without the services) keeps a
         # grid affordable; the protocol's reported runs go through the real pipeline
         training = dataclasses.replace(config.training, learning_rate=lr)
-        tr = qp.simulated_fedavg(scorer.model, [d.data for d, _ in fleet], _initial(config), training, recipe.rounds,
+        shards = [d.data for d, _ in fleet]
+        if args.iid:  # the control: the same sequences dealt to the devices at random
+            mixed = pooled(fleet)[torch.randperm(len(pooled(fleet)), generator=torch.Generator().manual_seed(0))]
+            shards = list(mixed.chunk(len(fleet)))
+        tr = qp.simulated_fedavg(scorer.model, shards, _initial(config), training, recipe.rounds,
                                  judge, 0, exact=agg.lora == "exact",
                                  working_rank=agg.working_rank_factor * config.adapter.rank,
                                  server_lr=config.policy.server_lr, scaffold=agg.drift_control == "scaffold",
-                                 aggregation=agg)
-        print(f"federated {recipe.algorithm}, lr {lr:g}, server lr {config.policy.server_lr:g}, "
+                                 aggregation=agg, keep_optimizer=args.keep_optimizer)
+        print(f"federated {recipe.algorithm}{' (IID)' if args.iid else ''}, lr {lr:g}, server lr {config.policy.server_lr:g}, "
               f"{training.lr_schedule}: best validation {min(tr.val):.2f} at round {tr.best + 1} ({tr.seconds:.0f} s); "
               f"per round {', '.join(f'{v:.1f}' for v in tr.val)}", flush=True)
     if args.side in ("central", "both"):
@@ -529,6 +533,10 @@ def main() -> None:
                         help="the forgetting guard's threshold, general perplexity / base (100: off)")
     parser.add_argument("--central-schedule", default="cosine", choices=["cosine", "constant"])
     parser.add_argument("--central-batch", type=int, default=8)
+    parser.add_argument("--iid", action="store_true",
+                        help="tune: deal the fleet's sequences to the devices at random (an IID control)")
+    parser.add_argument("--keep-optimizer", action="store_true",
+                        help="tune: each device keeps its local Adam moments from round to round")
     parser.add_argument("--threads", type=int, default=2,
                         help="protocol, tune: torch threads (1 lets two runs share the 2 cores)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

@@ -197,7 +197,7 @@ def personalization(model, fleet, global_weights: dict, initial: dict, device_st
 def simulated_fedavg(model, fleet_data: list[torch.Tensor], initial: dict, training, rounds: int,
                      judge: Callable[[dict], float], seed: int, exact: bool = False,
                      working_rank: int = 16, server_lr: float = 1.0, scaffold: bool = False,
-                     aggregation=None) -> Trajectory:
+                     aggregation=None, keep_optimizer: bool = False) -> Trajectory:
     """FedAvg in one process with the devices' own trainer, for tuning only: sample-weighted mean
     of the deltas (with `exact`, of each layer's product B·A, re-factorised as the server's exact
     aggregation does, streaming at `working_rank`), times `server_lr`, no clip (the reported runs
@@ -212,6 +212,7 @@ def simulated_fedavg(model, fleet_data: list[torch.Tensor], initial: dict, train
     weights = {k: v.clone().float() for k, v in initial.items()}
     val, kept, start = [], None, time.perf_counter()
     opt_state: dict = {}
+    local_states = [{} for _ in fleet_data]  # with keep_optimizer: each device's Adam moments across rounds
     controls = [{k: torch.zeros_like(v) for k, v in weights.items()} for _ in fleet_data] if scaffold else None
     for r in range(1, rounds + 1):
         strategy = training.for_round(r, rounds)
@@ -220,7 +221,8 @@ def simulated_fedavg(model, fleet_data: list[torch.Tensor], initial: dict, train
         for i, data in enumerate(fleet_data):
             trainer.load_adapter_weights(model, weights)
             correction = {k: mean_control[k] - controls[i][k] for k in weights} if scaffold else None
-            result = trainer.train(model, data, strategy, seed=seed * 100_003 + r * 31 + i, correction=correction)
+            result = trainer.train(model, data, strategy, seed=seed * 100_003 + r * 31 + i, correction=correction,
+                                   optimizer_state=local_states[i] if keep_optimizer else None)
             if scaffold:
                 controls[i] = {k: v.clone() for k, v in result.mean_gradients.items()}
             after = trainer.adapter_weights(model)

@@ -6,6 +6,7 @@
     python bench/split.py leakage [--model smollm2]  # an inversion attack's token accuracy against sigma, k and r
     python bench/split.py cost [--model smollm2]     # bytes per step, and a step's time through the gateway
                                                      # and split server (loopback) against local compute
+    python bench/split.py unigram [--model smollm2]  # a context-free reference: unigram counts of the same text
 
 Quality runs in one process (the split server object called directly: the same code the server
 process runs, without HTTP), one device holding legal text, equal steps for every variant. The
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import collections
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -156,6 +159,20 @@ def quality(args) -> None:
                                         indent=2))
 
 
+def unigram(args) -> None:
+    """A context-free reference: a count-based unigram model of the device's training text, scored
+    on the same held-out tokens as `quality` (each sequence's first token is not predicted)."""
+    train, heldout = _data(args.model, args.chars, args.heldout_chars)
+    counts = collections.Counter(train.flatten().tolist())
+    vocab = len(models.load_tokenizer(args.model))
+    targets = heldout[:, 1:].flatten().tolist()
+    for k in (0.01, 0.1, 1.0):
+        total = sum(counts.values()) + k * vocab
+        nll = -sum(math.log((counts.get(t, 0) + k) / total) for t in targets) / len(targets)
+        print(f"{args.model}: unigram perplexity {math.exp(nll):,.1f} (add-{k:g}) on {len(targets):,} held-out "
+              f"tokens; vocabulary {vocab:,}, {len(train):,} training sequences", flush=True)
+
+
 @torch.no_grad()
 def leakage(args) -> None:
     """Nearest-neighbour inversion: each position's activation is matched (cosine) against every
@@ -263,7 +280,7 @@ def _timed(fn, repeat: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["quality", "leakage", "cost"])
+    parser.add_argument("what", choices=["quality", "leakage", "cost", "unigram"])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -284,7 +301,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="quality: write every run's perplexity here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"quality": quality, "leakage": leakage, "cost": cost}[args.what](args)
+    {"quality": quality, "leakage": leakage, "cost": cost, "unigram": unigram}[args.what](args)
 
 
 if __name__ == "__main__":

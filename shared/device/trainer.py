@@ -73,11 +73,13 @@ def blocks(token_ids: list[int], seq_len: int) -> torch.Tensor:
 
 
 def train(model, data: torch.Tensor, strategy: LocalTraining, seed: int, freeze_lora_a: bool = False,
-          correction: Mapping[str, torch.Tensor] | None = None) -> TrainResult:
+          correction: Mapping[str, torch.Tensor] | None = None, optimizer_state: dict | None = None) -> TrainResult:
     """Train the adapter's parameters in place: AdamW (or SGD), gradient clipping, local_epochs over data.
 
     `freeze_lora_a`: FFA-LoRA, only the B factors train. `strategy.proximal_mu` > 0: FedProx, the
     loss gets mu/2 * ||w - w_start||^2, which keeps a device near the global adapter it started from.
+    `optimizer_state`: a dict the caller keeps between rounds; the optimizer resumes from its
+    moments and leaves its own there (stateful devices, measured in docs/quality.md).
     `correction`: SCAFFOLD's c - c_i by adapter key, added to every gradient; the result then
     carries the mean raw gradient, the device's next c_i (option II in gradient units, which stays
     right under a local Adam, where (x - y) / (K·η) would not).
@@ -86,7 +88,7 @@ def train(model, data: torch.Tensor, strategy: LocalTraining, seed: int, freeze_
     for p in frozen:
         p.requires_grad_(False)
     try:
-        return _train(model, data, strategy, seed, correction)
+        return _train(model, data, strategy, seed, correction, optimizer_state)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -98,7 +100,7 @@ def adapter_key(parameter_name: str) -> str:
 
 
 def _train(model, data: torch.Tensor, strategy: LocalTraining, seed: int,
-           correction: Mapping[str, torch.Tensor] | None) -> TrainResult:
+           correction: Mapping[str, torch.Tensor] | None, optimizer_state: dict | None = None) -> TrainResult:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     shifts = [(p, correction[adapter_key(n)]) for n, p in named if adapter_key(n) in correction] if correction else []
@@ -109,6 +111,8 @@ def _train(model, data: torch.Tensor, strategy: LocalTraining, seed: int,
         opt = torch.optim.SGD(params, lr=strategy.learning_rate, weight_decay=strategy.weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=strategy.learning_rate, weight_decay=strategy.weight_decay)
+    if optimizer_state:  # the moments this device kept from its last round; this round's lr stays
+        opt.load_state_dict({"state": optimizer_state["state"], "param_groups": opt.state_dict()["param_groups"]})
     gen = torch.Generator().manual_seed(seed)
     model.train()
     steps, samples, total_loss, start = 0, 0, 0.0, time.perf_counter()
@@ -134,6 +138,9 @@ def _train(model, data: torch.Tensor, strategy: LocalTraining, seed: int,
             opt.zero_grad(set_to_none=True)
             steps, samples, total_loss = steps + 1, samples + len(batch), total_loss + loss.item()
     model.eval()
+    if optimizer_state is not None:
+        optimizer_state["state"] = {i: {k: v.clone() for k, v in st.items()}
+                                    for i, st in opt.state_dict()["state"].items()}
     mean_gradients = {k: v / max(steps, 1) for k, v in sums.items()} if sums is not None else None
     return TrainResult(steps, samples, total_loss / max(steps, 1), time.perf_counter() - start, mean_gradients)
 

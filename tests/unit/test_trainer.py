@@ -88,6 +88,31 @@ def test_ffa_freezes_a_fedprox_pulls_toward_the_start_and_scaffold_shifts_every_
         trainer.release(model)
 
 
+def test_a_kept_optimizer_state_carries_adams_moments_into_the_next_round(tiny):
+    """bench/quality.py tune --keep-optimizer: a device that keeps its Adam moments resumes where
+    it stopped, and its step count (Adam's bias correction) goes on."""
+    tokenizer, base = tiny
+    model = trainer.peft_model(base, AdapterConfig(rank=4, alpha=8))
+    try:
+        text = "Permission is hereby granted, free of charge, to any person obtaining a copy. " * 40
+        data = trainer.blocks(tokenizer(text)["input_ids"], 64)
+        start = trainer.adapter_weights(model)
+        strategy = LocalTraining(learning_rate=1e-2, batch_size=4, seq_len=64, max_steps=2)
+        kept: dict = {}
+        trainer.train(model, data, strategy, seed=0, optimizer_state=kept)
+        assert kept["state"] and all(float(s["step"]) == 2 for s in kept["state"].values())
+        after_first = trainer.adapter_weights(model)
+        trainer.train(model, data, strategy, seed=1, optimizer_state=kept)
+        resumed = trainer.adapter_weights(model)
+        assert all(float(s["step"]) == 4 for s in kept["state"].values())
+        trainer.load_adapter_weights(model, after_first)
+        trainer.train(model, data, strategy, seed=1)  # the same round from fresh moments
+        fresh = trainer.adapter_weights(model)
+        assert any(not torch.allclose(resumed[k], fresh[k]) for k in start)
+    finally:
+        trainer.release(model)
+
+
 def test_the_round_schedule_decays_from_the_rate_to_its_floor():
     cosine = LocalTraining(learning_rate=0.1, lr_schedule="cosine", lr_floor=0.1)
     rates = [cosine.for_round(r, 5).learning_rate for r in range(1, 6)]
