@@ -43,12 +43,16 @@ def test_blocks_refuse_text_shorter_than_one_sequence():
         trainer.blocks([1, 2, 3], 8)
 
 
-def test_ffa_freezes_a_fedprox_pulls_toward_the_start_and_scaffold_shifts_every_gradient(tiny):
+def _rank4_on_licence_text(tiny):
+    """A rank-4 LoRA on the tiny model, and a few 64-token sequences of licence text."""
     tokenizer, base = tiny
-    model = trainer.peft_model(base, AdapterConfig(rank=4, alpha=8))
+    text = "Permission is hereby granted, free of charge, to any person obtaining a copy. " * 40
+    return trainer.peft_model(base, AdapterConfig(rank=4, alpha=8)), trainer.blocks(tokenizer(text)["input_ids"], 64)
+
+
+def test_ffa_freezes_a_fedprox_pulls_toward_the_start_and_scaffold_shifts_every_gradient(tiny):
+    model, data = _rank4_on_licence_text(tiny)
     try:
-        text = "Permission is hereby granted, free of charge, to any person obtaining a copy. " * 40
-        data = trainer.blocks(tokenizer(text)["input_ids"], 64)
         start = trainer.adapter_weights(model)
 
         def trained(strategy=LocalTraining(learning_rate=1e-2, batch_size=4, seq_len=64, max_steps=3), **kw):
@@ -91,11 +95,8 @@ def test_ffa_freezes_a_fedprox_pulls_toward_the_start_and_scaffold_shifts_every_
 def test_a_kept_optimizer_state_carries_adams_moments_into_the_next_round(tiny):
     """bench/quality.py tune --keep-optimizer: a device that keeps its Adam moments resumes where
     it stopped, and its step count (Adam's bias correction) goes on."""
-    tokenizer, base = tiny
-    model = trainer.peft_model(base, AdapterConfig(rank=4, alpha=8))
+    model, data = _rank4_on_licence_text(tiny)
     try:
-        text = "Permission is hereby granted, free of charge, to any person obtaining a copy. " * 40
-        data = trainer.blocks(tokenizer(text)["input_ids"], 64)
         start = trainer.adapter_weights(model)
         strategy = LocalTraining(learning_rate=1e-2, batch_size=4, seq_len=64, max_steps=2)
         kept: dict = {}
