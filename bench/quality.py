@@ -46,8 +46,8 @@ PROTOCOL_CHARS = 24_000  # text per device under the protocol: about one local e
 PATIENCE = 5  # the centralized run stops after this many checkpoints in a row without a better validation score
 # the protocol's recipe and baseline, as chosen on validation (docs/quality.md has the tuning table);
 # a flag given on the command line wins
-PROTOCOL_DEFAULTS = {"algorithm": "flexlora", "rounds": 20, "max_steps": 8, "lr": 1e-2, "lr_schedule": "cosine",
-                     "chars": PROTOCOL_CHARS, "central_lr": 1e-2}
+PROTOCOL_DEFAULTS = {"algorithm": "flexlora", "rounds": 20, "max_steps": 8, "lr": 5e-3, "server_lr": 2.0,
+                     "lr_schedule": "cosine", "chars": PROTOCOL_CHARS, "central_lr": 1e-2}
 EVAL_CHARS = 12_000  # held-out characters per domain (--eval-chars)
 
 
