@@ -301,14 +301,16 @@ def tune(args) -> None:
         training = dataclasses.replace(config.training, learning_rate=lr)
         shards = [d.data for d, _ in fleet]
         if args.iid:  # the control: the same sequences dealt to the devices at random
-            mixed = pooled(fleet)[torch.randperm(len(pooled(fleet)), generator=torch.Generator().manual_seed(0))]
+            everything = pooled(fleet)
+            mixed = everything[torch.randperm(len(everything), generator=torch.Generator().manual_seed(0))]
             shards = list(mixed.chunk(len(fleet)))
         tr = qp.simulated_fedavg(scorer.model, shards, _initial(config), training, recipe.rounds,
                                  judge, 0, exact=agg.lora == "exact",
                                  working_rank=agg.working_rank_factor * config.adapter.rank,
-                                 server_lr=config.policy.server_lr, scaffold=agg.drift_control == "scaffold",
-                                 aggregation=agg, keep_optimizer=args.keep_optimizer)
-        print(f"federated {recipe.algorithm}{' (IID)' if args.iid else ''}, lr {lr:g}, server lr {config.policy.server_lr:g}, "
+                                 server_lr=config.policy.server_lr, aggregation=agg,
+                                 keep_optimizer=args.keep_optimizer)
+        label = f"{recipe.algorithm}{' (IID)' if args.iid else ''}"
+        print(f"federated {label}, lr {lr:g}, server lr {config.policy.server_lr:g}, "
               f"{training.lr_schedule}: best validation {min(tr.val):.2f} at round {tr.best + 1} ({tr.seconds:.0f} s); "
               f"per round {', '.join(f'{v:.1f}' for v in tr.val)}", flush=True)
     if args.side in ("central", "both"):
@@ -544,7 +546,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what in ("protocol", "tune"):
-        torch.set_num_threads(args.threads)  # the protocol runs alone on the 2 cores; its wall time is reported
+        torch.set_num_threads(args.threads)  # 2 by default: alone on the 2 cores, so its wall time means something
         for name, value in PROTOCOL_DEFAULTS.items():
             if f"--{name.replace('_', '-')}" not in sys.argv:
                 setattr(args, name, value)

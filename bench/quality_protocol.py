@@ -196,13 +196,14 @@ def personalization(model, fleet, global_weights: dict, initial: dict, device_st
 
 def simulated_fedavg(model, fleet_data: list[torch.Tensor], initial: dict, training, rounds: int,
                      judge: Callable[[dict], float], seed: int, exact: bool = False,
-                     working_rank: int = 16, server_lr: float = 1.0, scaffold: bool = False,
-                     aggregation=None, keep_optimizer: bool = False) -> Trajectory:
+                     working_rank: int = 16, server_lr: float = 1.0, aggregation=None,
+                     keep_optimizer: bool = False) -> Trajectory:
     """FedAvg in one process with the devices' own trainer, for tuning only: sample-weighted mean
     of the deltas (with `exact`, of each layer's product B·A, re-factorised as the server's exact
     aggregation does, streaming at `working_rank`), times `server_lr`, no clip (the reported runs
-    go through the real tasks). With `scaffold`, every device keeps a control variate c_i (its last
-    round's mean raw gradient) and trains with c - c_i added to its gradients, as the devices do.
+    go through the real tasks). With SCAFFOLD (the `aggregation`'s drift control), every device
+    keeps a control variate c_i (its last round's mean raw gradient) and trains with c - c_i added
+    to its gradients, as the devices do.
     With an `aggregation` whose optimizer is not sgd (FedAvgM, FedAdam...), the mean delta goes
     through the server's own optimizer step (shared/strategies/server_optimizers.py).
     Scores validation after every round."""
@@ -211,6 +212,7 @@ def simulated_fedavg(model, fleet_data: list[torch.Tensor], initial: dict, train
 
     weights = {k: v.clone().float() for k, v in initial.items()}
     val, kept, start = [], None, time.perf_counter()
+    scaffold = aggregation is not None and aggregation.drift_control == "scaffold"
     opt_state: dict = {}
     local_states = [{} for _ in fleet_data]  # with keep_optimizer: each device's Adam moments across rounds
     controls = [{k: torch.zeros_like(v) for k, v in weights.items()} for _ in fleet_data] if scaffold else None
