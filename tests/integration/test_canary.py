@@ -60,7 +60,9 @@ def versions_of(pipeline, tiny):
     text = trainer.blocks(tokenizer(corpora.train_text("legal", 60_000))["input_ids"], 64)
     good = _train(model, text, 1e-3, 40)
     garbage = text.flatten()[torch.randperm(text.numel(), generator=torch.Generator().manual_seed(0))].view_as(text)
-    bad = _train(model, garbage, 1e-2, 40)
+    # lr 3e-2: about 1 nat worse per device than v1. At 1e-2 (0.40 nats) a small canary arm left
+    # 2-5 % of rollouts at 10 % inconclusive for good (python bench/canary_power.py)
+    bad = _train(model, garbage, 3e-2, 40)
     trainer.release(model)
     _publish(pipeline, config, 1, good)
     _publish(pipeline, config, 2, bad)
@@ -88,12 +90,14 @@ def test_a_good_version_reaches_everyone_and_a_bad_one_is_rolled_back_from_devic
     admin = Federation(pipeline.admin_key, fed, pipeline.api_url)
     fleet = _fleet(pipeline, fed, tiny)
     try:
-        good = admin.rollout(1, start_percent=10, step_percent=30, min_step_seconds=0, gates={"min_reports": 5},
+        # canaries start at 20 %: at 10 % of 150 devices, a few rollout ids in a thousand leave fewer
+        # than min_reports devices in the arm, and a rollout with no comparison never settles
+        good = admin.rollout(1, start_percent=20, step_percent=30, min_step_seconds=0, gates={"min_reports": 5},
                              start=True)
-        assert (good["status"], good["percent"]) == ("active", 10)
+        assert (good["status"], good["percent"]) == ("active", 20)
         assert fleet.until_settled()["rollout_status"] == "completed"
         good = admin.get_rollout(good["id"])
-        assert [h["to_percent"] for h in good["history"] if h["action"] == "advance"] == [40, 70, 100]
+        assert [h["to_percent"] for h in good["history"] if h["action"] == "advance"] == [50, 80, 100]
         assert admin.serving()["serving"] == 1
         assert good["arms"]["canary"]["eval_loss"] < good["arms"]["control"]["eval_loss"]
 
@@ -105,12 +109,12 @@ def test_a_good_version_reaches_everyone_and_a_bad_one_is_rolled_back_from_devic
         admin.rollout_action(pending["id"], "rollback", reason="server gate failed")
         # an operator who overrides the server's gate still has the devices' gate
         loose = {"max_perplexity_ratio": 100, "max_forgetting_ratio": 100, "min_reports": 5}
-        bad = admin.rollout(2, start_percent=10, step_percent=30, min_step_seconds=0, gates=loose, start=True)
+        bad = admin.rollout(2, start_percent=20, step_percent=30, min_step_seconds=0, gates=loose, start=True)
         before = fleet.check_ins
         assert fleet.until_settled()["rollout_status"] == "rolled_back"
         bad = admin.get_rollout(bad["id"])
         assert bad["history"][-1]["by"] == "auto" and "eval_loss" in bad["history"][-1]["reason"]
-        assert fleet.check_ins - before <= DEVICES  # bounded: within one pass of the fleet at 10 %
+        assert fleet.check_ins - before <= DEVICES  # bounded: within one pass of the fleet
         assert all(c.serving()["version"] == 1 for c in list(fleet.clients.values())[:20])
     finally:
         trainer.release(fleet.model)

@@ -64,7 +64,7 @@ def run_canary_demo(settings: Settings, trainers: int = 6, users: int = 120,
                    "text, and report its loss")
         _canary(admin, serving, 2, "the good version", GATES)
         try:
-            admin.rollout(3, start_percent=10, step_percent=30, min_step_seconds=0, gates=GATES, start=True)
+            admin.rollout(3, start_percent=20, step_percent=30, min_step_seconds=0, gates=GATES, start=True)
         except FleettuneAPIError as refused:
             click.echo(f"\nversion 3: {refused.status} {refused.code}: {refused.detail}")
             admin.rollout_action(admin.rollouts()[0]["id"], "rollback", reason="server gate failed")
@@ -90,7 +90,7 @@ def _serving_fleet(admin: Federation, url: str, fed: str, model, tokenizer, user
 
 
 def _canary(admin: Federation, serving: ServingFleet, version: int, label: str, gates: dict) -> None:
-    rec = admin.rollout(version, start_percent=10, step_percent=30, min_step_seconds=0, gates=gates, start=True)
+    rec = admin.rollout(version, start_percent=20, step_percent=30, min_step_seconds=0, gates=gates, start=True)
     click.echo(f"\nrollout {rec['id']} of version {version} ({label}) from version {rec['previous']}: "
                f"{rec['status']} at {rec['percent']:.0f}%")
 
