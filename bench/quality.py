@@ -256,6 +256,8 @@ def _seed_run(args, recipe: Recipe, central: qp.Central, seed: int, scorer: qp.S
     run = federated(args.model, AdapterConfig(rank=8, alpha=16), args.lr, recipe,
                     FleetSpec.spread(DEVICES, args.chars, seed=seed), seed=seed, keep_versions=True)
     fed = qp.federated_trajectory(run["versions"], scorer, time.perf_counter() - started)
+    if args.side == "fed":  # --personalization alone: no baseline, no ratio
+        return {"seed": seed, "fed": fed, "steps": run["steps"], "run": run}
     training = run["config"].training
     tokens = run["steps"] * training.batch_size * training.seq_len
     cen = qp.centralized(run["model"], pooled([(d, "") for d in run["fleet"]]), _initial(run["config"]), tokens,
@@ -327,6 +329,19 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
 
 
+def _print_seed(r: dict, base_general: float) -> None:
+    seed = r["seed"]
+    print(f"seed {seed}: federated test {r['fed_test']:.2f} (round {r['fed'].best + 1} of {len(r['fed'].val)} "
+          f"by validation; {r['fed'].seconds:.0f} s), centralized test {r['central_test']:.2f} (checkpoint "
+          f"{r['central'].best + 1} of {len(r['central'].val)}; {r['central'].seconds:.0f} s), ratio "
+          f"{r['ratio']:.3f}; {r['tokens']:,} training tokens each; "
+          f"{r['bytes_per_device'] / 1e6:.2f} MB sent per device; general perplexity "
+          f"{r['general']:.2f} ({r['general'] / base_general:.3f}x base)", flush=True)
+    print(f"  validation per round, federated: {', '.join(f'{v:.1f}' for v in r['fed'].val)}")
+    print(f"  validation per checkpoint, centralized: {', '.join(f'{v:.1f}' for v in r['central'].val)}",
+          flush=True)
+
+
 def protocol(args) -> None:
     """The evaluation protocol (bench/quality_protocol.py) for one recipe over --seeds seeds."""
     recipe = _recipe(args)
@@ -343,19 +358,14 @@ def protocol(args) -> None:
     for seed in range(args.seeds):
         r = _seed_run(args, recipe, central, seed, scorer)
         seeds.append(r)
-        print(f"seed {seed}: federated test {r['fed_test']:.2f} (round {r['fed'].best + 1} of {len(r['fed'].val)} "
-              f"by validation; {r['fed'].seconds:.0f} s), centralized test {r['central_test']:.2f} (checkpoint "
-              f"{r['central'].best + 1} of {len(r['central'].val)}; {r['central'].seconds:.0f} s), ratio "
-              f"{r['ratio']:.3f}; {r['tokens']:,} training tokens each; "
-              f"{r['bytes_per_device'] / 1e6:.2f} MB sent per device; general perplexity "
-              f"{r['general']:.2f} ({r['general'] / base_general:.3f}x base)", flush=True)
-        print(f"  validation per round, federated: {', '.join(f'{v:.1f}' for v in r['fed'].val)}")
-        print(f"  validation per checkpoint, centralized: {', '.join(f'{v:.1f}' for v in r['central'].val)}",
-              flush=True)
+        if args.side == "fed":
+            print(f"seed {seed}: federated, validation per round: {', '.join(f'{v:.1f}' for v in r['fed'].val)}")
+        else:
+            _print_seed(r, base_general)
         if args.personalization:
             rows = qp.personalization(r["run"]["model"], [(d, d.tier) for d in r["run"]["fleet"]], r["fed"].weights,
                                       _initial(r["run"]["config"]), r["steps"] // DEVICES, args.lr, recipe.rounds,
-                                      scorer, seed)
+                                      scorer, seed, r["run"]["config"].training)
             r["personal"] = rows
             for row in rows:
                 print(f"  {row['device']:>34} ({row['domain']}): own-domain test perplexity local-only "
@@ -368,8 +378,13 @@ def protocol(args) -> None:
             cells = {k: [r["personal"][i][k] for r in seeds] for k in ("local", "global", "personalized")}
             wins = sum(r["personal"][i]["personalized"] < min(r["personal"][i]["local"], r["personal"][i]["global"])
                        for r in seeds)
+            means = {k: statistics.fmean(v) for k, v in cells.items()}
+            best = "yes" if means["personalized"] < min(means["local"], means["global"]) else "no"
             print(f"  device {i} ({first['domain']}): " + ", ".join(f"{k} {qp.fmt(v, 1)}" for k, v in cells.items())
-                  + f"; personalized best on {wins} of {len(seeds)} seeds")
+                  + f"; personalized best on {wins} of {len(seeds)} seeds, in the mean: {best}")
+    if args.side == "fed":
+        print(f"wall time {time.perf_counter() - started:.0f} s")
+        return
     ratios = [r["ratio"] for r in seeds]
     print(f"federated test perplexity {qp.fmt([r['fed_test'] for r in seeds], 2)}, centralized "
           f"{qp.fmt([r['central_test'] for r in seeds], 2)}; general perplexity / base "
@@ -530,7 +545,8 @@ def main() -> None:
     parser.add_argument("--lr-grid", default="0.003,0.01,0.03", help="tune: the devices' learning rates")
     parser.add_argument("--central-lr-grid", default="0.001,0.003,0.01", help="tune: the centralized run's")
     parser.add_argument("--side", default="both", choices=["both", "fed", "central"],
-                        help="tune: one side only (the two sides can run as two processes)")
+                        help="tune: one side only (the two sides can run as two processes); protocol: fed with "
+                             "--personalization skips the centralized baseline")
     parser.add_argument("--guard", type=float, default=100.0,
                         help="the forgetting guard's threshold, general perplexity / base (100: off)")
     parser.add_argument("--central-schedule", default="cosine", choices=["cosine", "constant"])
