@@ -297,6 +297,8 @@ def tune(args) -> None:
                                    or (agg.optimizer != "sgd" and agg.lora == "exact")):
         raise SystemExit("tune's federated side runs the mean (naive or exact LoRA, a server optimizer over "
                          "naive); score other rules with `protocol`")
+    if args.exact_momentum and agg.lora != "exact":
+        raise SystemExit("--exact-momentum is the exact rule's server momentum: use it with exact aggregation")
     for lr in fed_grid if args.side in ("fed", "both") else ():
         # FedAvg in-process (the same trainer and mean as the tasks, without the services) keeps a
         # grid affordable; the protocol's reported runs go through the real pipeline
@@ -310,8 +312,9 @@ def tune(args) -> None:
                                  judge, 0, exact=agg.lora == "exact",
                                  working_rank=agg.working_rank_factor * config.adapter.rank,
                                  server_lr=config.policy.server_lr, aggregation=agg,
-                                 keep_optimizer=args.keep_optimizer)
+                                 keep_optimizer=args.keep_optimizer, momentum=args.exact_momentum)
         label = f"{recipe.algorithm}{' (IID)' if args.iid else ''}"
+        label += f", product-space Nesterov momentum {args.exact_momentum:g}" if args.exact_momentum else ""
         print(f"federated {label}, lr {lr:g}, server lr {config.policy.server_lr:g}, "
               f"{training.lr_schedule}: best validation {min(tr.val):.2f} at round {tr.best + 1} ({tr.seconds:.0f} s); "
               f"per round {', '.join(f'{v:.1f}' for v in tr.val)}", flush=True)
@@ -369,13 +372,13 @@ def protocol(args) -> None:
             r["personal"] = rows
             for row in rows:
                 print(f"  {row['device']:>34} ({row['domain']}): own-domain test perplexity local-only "
-                      f"{row['local']:.2f}, global {row['global']:.2f}, personalized {row['personalized']:.2f}",
-                      flush=True)
+                      f"{row['local']:.2f}, global {row['global']:.2f}, group {row['group']:.2f}, personalized "
+                      f"{row['personalized']:.2f} (group weight {row['mix']:g})", flush=True)
     if args.personalization:
         print("personalization, mean over seeds [95 % interval], each device on its own domain's test text "
               "(a device's data differs by seed; its position and domain do not):")
         for i, first in enumerate(seeds[0]["personal"]):
-            cells = {k: [r["personal"][i][k] for r in seeds] for k in ("local", "global", "personalized")}
+            cells = {k: [r["personal"][i][k] for r in seeds] for k in ("local", "global", "group", "personalized")}
             wins = sum(r["personal"][i]["personalized"] < min(r["personal"][i]["local"], r["personal"][i]["global"])
                        for r in seeds)
             means = {k: statistics.fmean(v) for k, v in cells.items()}
@@ -555,6 +558,9 @@ def main() -> None:
                         help="tune: deal the fleet's sequences to the devices at random (an IID control)")
     parser.add_argument("--keep-optimizer", action="store_true",
                         help="tune: each device keeps its local Adam moments from round to round")
+    parser.add_argument("--exact-momentum", type=float, default=0.0, metavar="BETA",
+                        help="tune, exact aggregation: Nesterov server momentum in the product space (DiLoCo's "
+                             "outer step)")
     parser.add_argument("--threads", type=int, default=2,
                         help="protocol, tune: torch threads (1 lets two runs share the 2 cores)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

@@ -181,7 +181,8 @@ def personalization(model, fleet, global_weights: dict, initial: dict, device_st
       exact aggregation, the round and the lr (GROUP_LRS) chosen on the domain's validation, the
       global adapter itself among the candidates. One device's text overfits within a round's
       steps (fine-tuning the global on it alone lost on validation at every lr tried, docs/quality.md);
-      the group's pooled updates do not."""
+      the group's pooled updates do not;
+    - personalized: the group's adapter mixed with the device's local-only one (weight on validation)."""
     import dataclasses as dc
 
     groups: dict[str, list] = {}
@@ -206,17 +207,40 @@ def personalization(model, fleet, global_weights: dict, initial: dict, device_st
         tokens = device_steps * batch * device.data.shape[1]
         alone = centralized(model, device.data, initial, tokens, Central(lr, "cosine", batch), checkpoints,
                             lambda w, d=domain: scorer.domain(w, d, "validation"), seed * 1009 + i, patience=5)
+        # the device mixes its group's adapter with its own (model interpolation, Mansour et al.
+        # 2020), the weight chosen on validation; 1 keeps the group's, 0 its own
+        mixes = {a: interpolate(personal[domain], alone.weights, a) for a in MIX_WEIGHTS}
+        chosen = min(mixes, key=lambda a: scorer.domain(mixes[a], domain, "validation"))
         rows.append({"device": device.device_id, "domain": domain,
                      "local": scorer.domain(alone.weights, domain, "test"),
                      "global": scorer.domain(global_weights, domain, "test"),
-                     "personalized": scorer.domain(personal[domain], domain, "test")})
+                     "group": scorer.domain(personal[domain], domain, "test"),
+                     "personalized": scorer.domain(mixes[chosen], domain, "test"), "mix": chosen})
     return rows
+
+
+MIX_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def interpolate(first: dict, second: dict, weight: float) -> dict:
+    """weight·first + (1 - weight)·second in the model's space: each LoRA layer's B·A products
+    mixed and re-factorised to the adapter's rank, as the server's exact aggregation does."""
+    from fleettune.shared.strategies.exact_lora import LowRankSum, lora_pairs
+
+    out = {k: weight * first[k] + (1 - weight) * second[k] for k in first}
+    for b, a in lora_pairs(set(first)).values():
+        mixed = LowRankSum(first[b].shape[0], first[a].shape[1], cap=4 * first[b].shape[1])
+        mixed.add(first[b].double(), first[a].double(), weight)
+        mixed.add(second[b].double(), second[a].double(), 1 - weight)
+        merged = mixed.factorise(first[b].shape[1])
+        out[b], out[a] = merged.B.float(), merged.A.float()
+    return out
 
 
 def simulated_fedavg(model, fleet_data: list[torch.Tensor], initial: dict, training, rounds: int,
                      judge: Callable[[dict], float], seed: int, exact: bool = False,
                      working_rank: int = 16, server_lr: float = 1.0, aggregation=None,
-                     keep_optimizer: bool = False) -> Trajectory:
+                     keep_optimizer: bool = False, momentum: float = 0.0) -> Trajectory:
     """FedAvg in one process with the devices' own trainer, for tuning only: sample-weighted mean
     of the deltas (with `exact`, of each layer's product B·A, re-factorised as the server's exact
     aggregation does, streaming at `working_rank`), times `server_lr`, no clip (the reported runs
@@ -225,6 +249,9 @@ def simulated_fedavg(model, fleet_data: list[torch.Tensor], initial: dict, train
     to its gradients, as the devices do.
     With an `aggregation` whose optimizer is not sgd (FedAvgM, FedAdam...), the mean delta goes
     through the server's own optimizer step (shared/strategies/server_optimizers.py).
+    With `exact` and `momentum` β > 0, the server keeps Nesterov momentum in the product space
+    (DiLoCo's outer step): D = mean of products - global, M = β M + D (kept at rank 4r),
+    global += server_lr (β M + D), re-factorised. Not in the pipeline: tuning only.
     Scores validation after every round."""
     from fleettune.shared.strategies import server_optimizers
     from fleettune.shared.strategies.exact_lora import LowRankSum, lora_pairs
@@ -258,7 +285,25 @@ def simulated_fedavg(model, fleet_data: list[torch.Tensor], initial: dict, train
                 aggregation.beta1, aggregation.beta2, aggregation.tau, aggregation.bias_correction)
         else:
             weights = {k: weights[k] + server_lr * acc[k] / total for k in weights}
-        for b, a in lora_pairs(set(weights)).values() if exact else ():
+        for prefix, (b, a) in lora_pairs(set(weights)).items() if exact and momentum else ():
+            rank = weights[b].shape[1]
+            drift = LowRankSum(weights[b].shape[0], weights[a].shape[1], cap=64 * rank)
+            for samples, after in trained:
+                drift.add(after[b].double(), after[a].double(), samples / total)
+            drift.add(before[b].double(), before[a].double(), -1.0)
+            step = LowRankSum(weights[b].shape[0], weights[a].shape[1], cap=64 * rank)
+            if prefix in opt_state:
+                drift.add(*opt_state[prefix], momentum)  # M = β M + D
+            kept = drift.factorise(4 * rank)
+            opt_state[prefix] = (kept.B, kept.A)
+            step.add(before[b].double(), before[a].double(), 1.0)
+            step.add(kept.B, kept.A, server_lr * momentum)  # Nesterov: β M + D
+            for samples, after in trained:
+                step.add(after[b].double(), after[a].double(), server_lr * samples / total)
+            step.add(before[b].double(), before[a].double(), -server_lr)
+            merged = step.factorise(rank)
+            weights[b], weights[a] = merged.B.float(), merged.A.float()
+        for b, a in lora_pairs(set(weights)).values() if exact and not momentum else ():
             # the server's exact rule: base + lr (mean of products - base), as shared/strategies/combine.py
             products = LowRankSum(weights[b].shape[0], weights[a].shape[1], cap=working_rank)
             for samples, after in trained:
