@@ -172,16 +172,16 @@ GROUP_LRS, GROUP_ROUNDS = (1e-3, 3e-3), 10  # the group fine-tune's grid, chosen
 
 def personalization(model, fleet, global_weights: dict, initial: dict, device_steps: int, lr: float,
                     checkpoints: int, scorer: Scorer, seed: int, training) -> list[dict]:
-    """Each device's perplexity on its own domain's test text three ways:
+    """Each device's perplexity on its own domain's test text four ways:
     - local-only: its own data from the initial adapter, as many steps as it took in the federation,
       cosine, the best of `checkpoints` checkpoints on its domain's validation;
     - global: the federation's adapter;
-    - personalized (per group): the devices of one group (here their domain, the fleet's tier)
+    - group: the devices of one group (here their domain, the fleet's tier)
       federate from the global adapter, up to GROUP_ROUNDS rounds of the federation's local steps,
       exact aggregation, the round and the lr (GROUP_LRS) chosen on the domain's validation, the
-      global adapter itself among the candidates. One device's text overfits within a round's
-      steps (fine-tuning the global on it alone lost on validation at every lr tried, docs/quality.md);
-      the group's pooled updates do not;
+      global adapter itself among the candidates. One device's text overfits within a few rounds'
+      steps (fine-tuning the global on it alone rarely beat the global on validation,
+      docs/quality.md); the group's pooled updates do not;
     - personalized: the group's adapter mixed with the device's local-only one (weight on validation)."""
     import dataclasses as dc
 
