@@ -183,8 +183,6 @@ def personalization(model, fleet, global_weights: dict, initial: dict, device_st
       steps (fine-tuning the global on it alone rarely beat the global on validation,
       docs/quality.md); the group's pooled updates do not;
     - personalized: the group's adapter mixed with the device's local-only one (weight on validation)."""
-    import dataclasses as dc
-
     groups: dict[str, list] = {}
     for device, domain in fleet:
         groups.setdefault(domain, []).append(device)
@@ -196,7 +194,7 @@ def personalization(model, fleet, global_weights: dict, initial: dict, device_st
         best, keep = judge(global_weights), global_weights
         for group_lr in GROUP_LRS:
             tr = simulated_fedavg(model, [d.data for d in members], global_weights,
-                                  dc.replace(training, learning_rate=group_lr), GROUP_ROUNDS, judge,
+                                  dataclasses.replace(training, learning_rate=group_lr), GROUP_ROUNDS, judge,
                                   seed * 1013 + g, exact=True)
             if min(tr.val) < best:
                 best, keep = min(tr.val), tr.weights
