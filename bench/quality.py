@@ -67,6 +67,7 @@ class Recipe:
     density: float = 0.05  # topk's share of entries
     lr_schedule: str = "constant"  # the devices' learning rate across rounds (LocalTraining.lr_schedule)
     guard: float = 100.0  # the forgetting guard's threshold (general perplexity / base); 100: off
+    guard_action: str = "lower_lr"  # EvaluationConfig.forgetting_action
 
     def aggregation(self) -> AggregationConfig:
         return AggregationConfig.preset(self.algorithm, **dict(self.overrides))
@@ -88,6 +89,7 @@ def _config(name: str, dims: ModelDims, adapter: AdapterConfig, lr: float, sourc
                                   local_optimizer=recipe.local_optimizer, update_encoding=recipe.encoding,
                                   update_density=recipe.density, lr_schedule=recipe.lr_schedule),
         evaluation=EvaluationConfig(base_model=source, forgetting_threshold=recipe.guard,
+                                    forgetting_action=recipe.guard_action,
                                     general_every=1 if recipe.guard < 100 else 10**6,
                                     eval_chars=EVAL_CHARS),
         aggregation=agg, seed=seed,
@@ -247,7 +249,8 @@ def dp_cost(args) -> None:
 def _recipe(args) -> Recipe:
     return Recipe(args.algorithm, args.rounds, args.max_steps, args.server_lr, args.mu,
                   tuple((k, _number(v)) for k, v in (o.split("=", 1) for o in args.set)), args.clients_per_round,
-                  args.local_optimizer, lr_schedule=args.lr_schedule, guard=args.guard)
+                  args.local_optimizer, lr_schedule=args.lr_schedule, guard=args.guard,
+                  guard_action=args.guard_action)
 
 
 def _seed_run(args, recipe: Recipe, central: qp.Central, seed: int, scorer: qp.Scorer) -> dict:
@@ -552,6 +555,8 @@ def main() -> None:
                              "--personalization skips the centralized baseline")
     parser.add_argument("--guard", type=float, default=100.0,
                         help="the forgetting guard's threshold, general perplexity / base (100: off)")
+    parser.add_argument("--guard-action", choices=["lower_lr", "halt", "interpolate"], default="lower_lr",
+                        help="what the guard does past its threshold (interpolate: each version scaled toward the base)")
     parser.add_argument("--central-schedule", default="cosine", choices=["cosine", "constant"])
     parser.add_argument("--central-batch", type=int, default=8)
     parser.add_argument("--iid", action="store_true",

@@ -27,7 +27,7 @@ LrSchedule = Literal["constant", "cosine"]
 # how devices code their updates (shared/protocol/compression.py; the server reads any of them)
 UpdateEncoding = Literal["float32", "float16", "bfloat16", "int8", "int4", "int2", "topk"]
 RoundMode = Literal["sync", "async"]
-ForgettingAction = Literal["halt", "lower_lr"]
+ForgettingAction = Literal["halt", "lower_lr", "interpolate"]
 
 
 @with_config(_STORED)
@@ -192,13 +192,15 @@ class EvaluationConfig:
     seq_len: int = 128
     general_every: int = 1  # measure forgetting every N versions
     forgetting_threshold: float = 1.25  # general perplexity / base general perplexity
+    # lower_lr and halt act after a version passed the bound; interpolate publishes each version
+    # scaled toward the base (every B times the largest s <= 1 that keeps general text in bound)
     forgetting_action: ForgettingAction = "lower_lr"
     lr_factor: float = 0.5  # what lower_lr multiplies the server learning rate by
     min_server_lr: float = 0.05  # lower_lr never goes below this
 
     def __post_init__(self) -> None:
         if self.forgetting_action not in get_args(ForgettingAction):
-            raise ValueError("forgetting_action must be 'halt' or 'lower_lr'")
+            raise ValueError("forgetting_action must be 'halt', 'lower_lr' or 'interpolate'")
         if not (self.forgetting_threshold > 1.0 and 0 < self.lr_factor < 1 and self.general_every >= 1
                 and self.min_server_lr > 0):
             raise ValueError(f"invalid evaluation config: {self}")
@@ -242,6 +244,9 @@ class FederationConfig:
         if self.adapter.kind == "prompt_tuning" and (self.aggregation.lora != "naive"
                                                      or self.aggregation.drift_control != "none"):
             raise ConfigError("exact, ffa and scaffold need a LoRA adapter, not prompt tuning")
+        if self.adapter.kind == "prompt_tuning" and self.evaluation and self.evaluation.forgetting_action == "interpolate":
+            # a soft prompt has no zero that is the base model: there is nothing to interpolate toward
+            raise ConfigError("the interpolate forgetting guard needs a LoRA adapter, not prompt tuning")
         if self.adapter.tier_ranks and (self.aggregation.lora == "ffa" or self.aggregation.rule != "mean"
                                         or self.aggregation.dp or self.aggregation.optimizer != "sgd"):
             # tiers' factors of different ranks combine by zero-padding (naive) or in product space (exact)

@@ -49,7 +49,7 @@ class Runtime:
 
     @functools.cached_property
     def coordinator(self) -> RoundCoordinator:
-        return RoundCoordinator(self.state, self.store, self.settings)
+        return RoundCoordinator(self.state, self.store, self.settings, evaluator_for=self.evaluator)
 
     @functools.cached_property
     def ledger(self) -> Ledger:

@@ -64,6 +64,13 @@ class Evaluator:
             out["general"] = perplexity(self.model, self.general)
         return out
 
+    def general_ratio(self, weights: Mapping[str, torch.Tensor]) -> float:
+        """General-text perplexity with the adapter, over the base model's: the forgetting ratio."""
+        from fleettune.shared.device import trainer
+
+        trainer.load_adapter_weights(self.model, weights)
+        return trainer.perplexity(self.model, self.general) / self.base["general"]
+
     @functools.cached_property
     def base(self) -> dict:
         return self.perplexities(None, general=True)
@@ -79,11 +86,41 @@ class Evaluator:
 
 
 def guard(config: EvaluationConfig, result: Mapping) -> str | None:
-    """The forgetting guard's action for one evaluation, or None when forgetting is within bounds."""
+    """The forgetting guard's action for one evaluation, or None when forgetting is within bounds
+    (or already kept there: interpolate acts at the close, before the version is published)."""
     ratio = result.get("forgetting_ratio")
-    if ratio is None or ratio <= config.forgetting_threshold:
+    if ratio is None or ratio <= config.forgetting_threshold or config.forgetting_action == "interpolate":
         return None
     return config.forgetting_action
+
+
+def toward_base(weights: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """The LoRA adapter whose every layer's product is `scale` times this one's: W0 + scale·B·A.
+    Scaling B alone is exact, and scale 0 is the base model itself."""
+    return {k: v * scale if k.endswith(".lora_B.weight") else v for k, v in weights.items()}
+
+
+def interpolate_toward_base(general_ratio: Callable[[Mapping[str, torch.Tensor]], float],
+                            weights: Mapping[str, torch.Tensor], threshold: float,
+                            steps: int = 6) -> tuple[float, float, float]:
+    """The largest scale s in [0, 1] (to 1/2**steps) whose adapter `toward_base(weights, s)` keeps the
+    forgetting ratio within `threshold`, as WiSE-FT interpolates a fine-tuned model toward its base.
+
+    Returns (s, the ratio at 1, the ratio at s). Bisection assumes the ratio grows with s; where it
+    does not, the answer is still a scale that was measured within the bound (s = 0 is the base,
+    ratio 1), never one assumed to be."""
+    full = general_ratio(weights)
+    if full <= threshold:
+        return 1.0, full, full
+    low, low_ratio, high = 0.0, 1.0, 1.0
+    for _ in range(steps):
+        mid = (low + high) / 2
+        ratio = general_ratio(toward_base(weights, mid))
+        if ratio <= threshold:
+            low, low_ratio = mid, ratio
+        else:
+            high = mid
+    return low, full, low_ratio
 
 
 def evaluate_version(state: FederationState, store: ObjectStore, settings: Settings, fed: str, version: int,
@@ -102,6 +139,9 @@ def evaluate_version(state: FederationState, store: ObjectStore, settings: Setti
         weights = versions.load_weights(store, fed, version, config.spec, settings.max_update_bytes,
                                         settings.max_header_bytes)
         result = evaluator_for(config).evaluate(weights, version)
+        if (kept := manifest.get("guard")) and kept["scale"] < 1:  # what the interpolate guard did at the close
+            result["guard"] = (f"v{version}: general perplexity ratio {kept['forgetting_ratio_unscaled']:.3f} > "
+                               f"{kept['threshold']}: published scaled toward the base by {kept['scale']:g}")
         action, lr = guard(config.evaluation, result), None
         if action is not None:
             ratio, limit = result["forgetting_ratio"], config.evaluation.forgetting_threshold

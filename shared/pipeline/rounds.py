@@ -2,7 +2,8 @@
 
 The close itself is three steps: load what the round builds on (round_inputs.BaseVersion), read
 its updates into the aggregation (round_inputs.RoundReader), publish the next version. Evaluation
-and the forgetting guard are in evaluation.py, the DP accounting in strategies/privacy.py.
+and the forgetting guard are in evaluation.py (the interpolate guard runs here, before the publish),
+the DP accounting in strategies/privacy.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fleettune.shared.protocol.adapter_spec import initial_weights
 from fleettune.shared.strategies.fedavg import update_norm
 from fleettune.shared.errors import ObjectNotFound, StateError
 from fleettune.shared.federation import DeviceProfile, FederationConfig
+from fleettune.shared.pipeline.evaluation import Evaluator, interpolate_toward_base, toward_base
 from fleettune.shared.pipeline.round_inputs import BaseVersion, RoundInputs, RoundReader
 from fleettune.shared.secagg.coordinator import SecureRounds
 from fleettune.shared.settings import Settings
@@ -82,11 +84,13 @@ class CloseResult:
 
 class RoundCoordinator:
     def __init__(self, state: FederationState, store: ObjectStore, settings: Settings,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 evaluator_for: Callable[[FederationConfig], Evaluator] | None = None) -> None:
         self.state = state
         self.store = store
         self.settings = settings
         self.clock = clock
+        self.evaluator_for = evaluator_for  # the interpolate forgetting guard's; Runtime passes its own
         self.reader = RoundReader(state, store, settings)
         self.secure = SecureRounds(state.r, store, clock)
 
@@ -281,6 +285,7 @@ class RoundCoordinator:
         server_lr = info.server_lr or policy.server_lr  # as the guard had set it when the close began
         result = aggregator.finish(server_lr, base.optimizer_state, policy.max_update_norm, base.noise_seed,
                                    base.control, aggregator.count / max(base.population, aggregator.count))
+        guarded = self._keep_general_text(config, result)
         manifest = {
             "round": info.round, "parent_version": info.base_version, "contributors": inputs.contributors,
             "excluded": inputs.excluded, **inputs.stats.manifest_fields(),
@@ -293,10 +298,29 @@ class RoundCoordinator:
         }
         if dp := privacy.manifest_fields(agg, policy.max_update_norm, base.dp_ledger):
             manifest["dp"] = dp
+        if guarded:
+            manifest["guard"] = guarded
         return versions.publish(self.store, config.name, version, result.weights, config.spec, manifest,
                                 result.optimizer_state,
                                 {rank: (w, config.spec_for(rank)) for rank, w in result.tiers.items()},
                                 result.control)
+
+    def _keep_general_text(self, config: FederationConfig, result) -> dict | None:
+        """The interpolate forgetting guard: scale the round's adapter (and its tiers') toward the base
+        until general text is within the bound, so no published version passes it. Post-processing
+        of the aggregate: DP's guarantee is unchanged. None when the federation has not asked for it."""
+        evaluation = config.evaluation
+        if evaluation is None or evaluation.forgetting_action != "interpolate":
+            return None
+        if self.evaluator_for is None:  # a coordinator built without one must not publish unguarded
+            raise StateError(f"{config.name}: the interpolate forgetting guard needs an evaluator in this process")
+        scale, before, after = interpolate_toward_base(self.evaluator_for(config).general_ratio, result.weights,
+                                                       evaluation.forgetting_threshold)
+        if scale < 1.0:
+            result.weights = toward_base(result.weights, scale)
+            result.tiers = {rank: toward_base(w, scale) for rank, w in result.tiers.items()}
+        return {"action": "interpolate", "scale": scale, "forgetting_ratio_unscaled": before,
+                "forgetting_ratio": after, "threshold": evaluation.forgetting_threshold}
 
     def resume(self, fed: str) -> RoundInfo | None:
         """Reopen a halted or stopped federation for the rounds its session has left, here."""
