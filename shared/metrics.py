@@ -211,6 +211,9 @@ class FederationCollector:
                                         "quality gate broke)", labels=["federation", "trigger"])
         serving = GaugeMetricFamily("fleettune_serving_version", "The version devices serve outside a canary",
                                     labels=["federation"])
+        paused = GaugeMetricFamily("fleettune_rollout_paused_seconds", "How long the live rollout has been paused "
+                                   "(0 while it is not; an inconclusive step pauses by itself)",
+                                   labels=["federation", "version"])
         for fed in self.state.federations.names():
             stats = self.state.federations.stats(fed)
             for trigger in ("auto", "manual"):
@@ -222,11 +225,15 @@ class FederationCollector:
                 continue
             rec = json.loads(raw)
             percent.add_metric([fed, str(rec["version"]), rec["status"]], rec["percent"])
+            if rec["status"] in ("pending", "active", "paused"):
+                since = [h["at"] for h in rec["history"] if h["action"] == "pause"]
+                paused.add_metric([fed, str(rec["version"])],
+                                  time.time() - since[-1] if rec["status"] == "paused" and since else 0.0)
             for arm, version in (("canary", rec["version"]), ("control", rec["previous"])):
                 for metric, value in (rec["arms"].get(arm) or {}).items():
                     if metric != "devices":
                         reported.add_metric([fed, str(version), arm, metric], value)
-        yield from (percent, reported, rollbacks, serving)
+        yield from (percent, reported, rollbacks, serving, paused)
 
     def _secure(self):
         """Secure aggregation: stage answers refused and unmaskings that failed, by reason (from the

@@ -6,8 +6,10 @@ pending -> active <-> paused -> completed | rolled_back. Starting needs the serv
 evaluation of the candidate to pass; afterwards devices report quality per version through the
 gateway, and at each look the canary arm is compared with the control arm (shared/control/canary.py). A
 breached gate rolls the rollout back by itself; a step whose reports show the candidate within
-every margin advances it, after its minimum time, when `auto_advance` is on. Completing makes the
-candidate the serving version.
+every margin advances it, after its minimum time, when `auto_advance` is on. A step that does
+neither within `max_step_seconds` (too few devices, or a candidate neither clearly worse nor
+clearly within the margins) pauses as inconclusive, for a person to promote or roll back: it
+never stays active for good. Completing makes the candidate the serving version.
 
 One rollout per federation is live (pending, active or paused) at a time. Every change is an
 optimistic transaction on the rollout's record, which keeps its history: what changed, who, why.
@@ -81,7 +83,7 @@ class Rollouts:
 
     def create(self, fed: str, version: int, groups: list[str], start_percent: float, step_percent: float,
                min_step_seconds: float, auto_advance: bool, gates: canary.Gates, by: str,
-               published: Callable[[int], bool]) -> dict:
+               published: Callable[[int], bool], max_step_seconds: float | None = None) -> dict:
         if not published(version):
             raise Refusal(404, "unknown_version", f"{fed} has no published version {version}")
         serving = self.serving(fed)
@@ -91,6 +93,7 @@ class Rollouts:
         now = self.clock()
         rec = {"id": rollout_id, "federation": fed, "version": version, "previous": serving, "groups": groups,
                "start_percent": start_percent, "step_percent": step_percent, "min_step_seconds": min_step_seconds,
+               "max_step_seconds": max_step_seconds, "waiting_since": None,
                "auto_advance": auto_advance, "gates": dataclasses.asdict(gates), "status": "pending", "percent": 0.0,
                "created_at": now, "created_by": by, "step_started_at": None, "looks": 0, "looked_at_reports": 0,
                "arms": {}, "comparisons": [], "reason": None,
@@ -151,7 +154,8 @@ class Rollouts:
     def resume(self, fed: str, rollout_id: str, by: str, reason: str | None = None) -> dict:
         def change(rec: dict, now: float) -> dict:
             _require(rec, ("paused",), "resume")
-            return _moved(rec, now, by, "resume", rec["percent"], "active", reason)
+            # a resumed step gets max_step_seconds again before it can pause as inconclusive
+            return dict(_moved(rec, now, by, "resume", rec["percent"], "active", reason), waiting_since=now)
 
         return self._mutate(fed, rollout_id, change)
 
@@ -197,7 +201,8 @@ class Rollouts:
         # look: looks grow logarithmically with the reports, which keeps them within max_looks
         seen = self._events(fed, rec["id"])
         grown = seen - rec["looked_at_reports"] >= max(gates.min_reports, rec["looked_at_reports"] // 2)
-        if not grown and not self._advance_due(rec, self.clock()):
+        now = self.clock()
+        if not grown and not self._advance_due(rec, now) and not _overdue(rec, now):
             return rec
         return self._mutate(fed, rec["id"], self._look)
 
@@ -231,6 +236,12 @@ class Rollouts:
                 and step_reports >= gates.min_reports and comparisons and all(c.within for c in comparisons)):
             return _step(rec, now, AUTO, f"{step_reports} canary reports this step, within every margin: "
                          + "; ".join(c.describe() for c in comparisons))
+        if _overdue(rec, now):
+            held = "; ".join(c.describe() for c in comparisons) or (
+                f"fewer than {gates.min_reports} reports in an arm (canary {len(canary_reports)}, "
+                f"control {len(control_reports)})")
+            return _moved(rec, now, AUTO, "pause", rec["percent"], "paused",
+                          f"inconclusive: no gate decided within {rec['max_step_seconds']:g} s: {held}")
         if self._advance_due(rec, now):
             rec["looked_step"] = rec["step_started_at"]  # the beat looks at a due step once; reports look again
         return rec
@@ -262,6 +273,13 @@ class Rollouts:
                 except redis.WatchError:
                     continue
         return rec
+
+
+def _overdue(rec: dict, now: float) -> bool:
+    """A step has waited past max_step_seconds for a decision (counted again from a resume)."""
+    limit = rec.get("max_step_seconds")  # absent from rollouts created before the field
+    since = max(rec["step_started_at"], rec.get("waiting_since") or 0.0)
+    return limit is not None and now - since >= limit
 
 
 def _targets(rec: dict, groups: Iterable[str]) -> bool:

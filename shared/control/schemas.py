@@ -495,6 +495,10 @@ class RolloutIn(Strict):
     start_percent: float = Field(10.0, gt=0, le=100)
     step_percent: float = Field(10.0, gt=0, le=100)
     min_step_seconds: float = Field(3600.0, ge=0, le=30 * 24 * 3600)
+    max_step_seconds: float | None = Field(
+        7 * 24 * 3600.0, ge=60, le=90 * 24 * 3600,
+        description="a step that neither advances nor rolls back within this long pauses as inconclusive; "
+                    "null: it waits for reports however long")
     auto_advance: bool = True
     gates: GatesIn = GatesIn()
     start: bool = Field(False, description="start at once (the server's evaluation gate still applies)")

@@ -137,12 +137,14 @@ class Federation:
 
     def rollout(self, version: int, groups: list[str] | None = None, start_percent: float = 10,
                 step_percent: float = 10, min_step_seconds: float = 3600, auto_advance: bool = True,
-                gates: dict | None = None, start: bool = False) -> dict:
-        """Create a canary rollout of a published version (and start it, with `start`)."""
+                gates: dict | None = None, start: bool = False,
+                max_step_seconds: float | None = 7 * 24 * 3600) -> dict:
+        """Create a canary rollout of a published version (and start it, with `start`). A step that
+        neither advances nor rolls back within `max_step_seconds` pauses as inconclusive (None: never)."""
         return self.client.post(self._path("/rollouts"), {
             "version": version, "groups": groups or [], "start_percent": start_percent,
             "step_percent": step_percent, "min_step_seconds": min_step_seconds, "auto_advance": auto_advance,
-            "gates": gates or {}, "start": start})
+            "gates": gates or {}, "start": start, "max_step_seconds": max_step_seconds})
 
     def rollouts(self) -> list[dict]:
         return self.client.get(self._path("/rollouts"))["rollouts"]

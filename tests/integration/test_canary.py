@@ -101,6 +101,10 @@ def test_a_good_version_reaches_everyone_and_a_bad_one_is_rolled_back_from_devic
         assert admin.serving()["serving"] == 1
         assert good["arms"]["canary"]["eval_loss"] < good["arms"]["control"]["eval_loss"]
 
+        # a deadline shorter than a step's minimum would pause every step before it could advance
+        with pytest.raises(FleettuneAPIError) as refused:
+            admin.rollout(2, min_step_seconds=3600, max_step_seconds=600)
+        assert refused.value.code == "invalid_config" and "max_step_seconds" in str(refused.value)
         # the server's own evaluation already sees that v2 is worse and will not start it
         with pytest.raises(FleettuneAPIError) as refused:
             admin.rollout(2, start=True)

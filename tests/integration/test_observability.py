@@ -242,7 +242,7 @@ def test_every_dashboard_query_returns_data(observed):
 def test_every_alert_signal_returns_data_and_the_rules_load(observed):
     _, prom, _, _, _ = observed
     rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yml").read_text())["groups"][0]["rules"]
-    assert len(rules) == 13
+    assert len(rules) == 14
     for rule in rules:
         signal = re.split(r"\s[<>]=?\s*[0-9.e+-]+\s*$", rule["expr"].strip())[0]
         assert prom.query(signal), f"{rule['alert']}: no data for {signal}"

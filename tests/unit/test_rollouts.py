@@ -196,6 +196,39 @@ def test_a_step_waits_its_minimum_time_and_the_beat_advances_it_after(plane):
     assert gateway.rollouts.tick("f")["percent"] == 40  # and only once per step
 
 
+def test_a_step_that_no_gate_decides_pauses_as_inconclusive_and_a_resume_gets_its_time_again(plane):
+    """Too few devices for min_reports: no comparison, so neither a rollback nor an advance."""
+    _, gateway, clock = plane
+    rec = gateway.rollouts.create("f", 1, [], 10, 30, 60, True, canary.Gates(min_reports=50), "alice",
+                                  published=lambda v: True, max_step_seconds=600)
+    gateway.rollouts.start("f", rec["id"], "alice", EVALS.get)
+    rng = random.Random(5)
+    _report_all(gateway, 100, lambda v, r: r.gauss(3.0, 0.1), rng)
+    clock.now += 599
+    assert gateway.rollouts.tick("f")["status"] == "active"
+    clock.now += 1
+    rec = gateway.rollouts.tick("f")  # what beat's sweep does
+    assert (rec["status"], rec["percent"]) == ("paused", 10)
+    last = rec["history"][-1]
+    assert (last["by"], last["action"]) == ("auto", "pause") and last["reason"].startswith("inconclusive")
+    assert "fewer than 50 reports" in last["reason"]
+    # paused keeps each device's arm; nothing counts as a rollback
+    assert {_serve(gateway, DeviceProfile(f"d{i}"))["version"] for i in range(100)} == {0, 1}
+    assert gateway.rollouts.resume("f", rec["id"], "alice", "wait a day more")["status"] == "active"
+    assert gateway.rollouts.tick("f")["status"] == "active"
+    clock.now += 600
+    assert gateway.rollouts.tick("f")["status"] == "paused"
+
+
+def test_without_a_deadline_an_undecided_step_waits(plane):
+    _, gateway, clock = plane
+    rec = gateway.rollouts.create("f", 1, [], 10, 30, 60, True, canary.Gates(min_reports=50), "alice",
+                                  published=lambda v: True)
+    gateway.rollouts.start("f", rec["id"], "alice", EVALS.get)
+    clock.now += 365 * 24 * 3600
+    assert gateway.rollouts.tick("f")["status"] == "active"
+
+
 def test_noise_alone_never_rolls_back(plane):
     """Equal versions: never evidence of harm. They are within the 0.05-nat margin, so they may
     advance once enough devices have shown it, but a handful of noisy reports moves nothing."""

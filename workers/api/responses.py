@@ -438,6 +438,7 @@ class Rollout(Out):
     start_percent: float
     step_percent: float
     min_step_seconds: float
+    max_step_seconds: float | None = None
     auto_advance: bool
     gates: dict[str, Any]
     status: str = Field(description="pending | active | paused | completed | rolled_back")

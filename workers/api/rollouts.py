@@ -82,8 +82,12 @@ def create_rollout(body: RolloutIn, name: str = FedName, who: Principal = Depend
         gates = canary.Gates(**body.gates.model_dump())
     except ValueError as exc:
         raise Refusal(422, "invalid_config", str(exc)) from None
+    if body.max_step_seconds is not None and body.max_step_seconds < body.min_step_seconds:
+        raise Refusal(422, "invalid_config", "max_step_seconds must be at least min_step_seconds: a step would "
+                                             "pause as inconclusive before it could advance")
     rec = svc.rollouts.create(name, body.version, body.groups, body.start_percent, body.step_percent,
-                              body.min_step_seconds, body.auto_advance, gates, _by(who), _published(svc, name))
+                              body.min_step_seconds, body.auto_advance, gates, _by(who), _published(svc, name),
+                              max_step_seconds=body.max_step_seconds)
     if body.start:
         try:
             rec = svc.rollouts.start(name, rec["id"], _by(who), lambda v: svc.runtime.state.evaluations.evaluation(name, v))
