@@ -259,8 +259,9 @@ def _seed_run(args, recipe: Recipe, central: qp.Central, seed: int, scorer: qp.S
     run = federated(args.model, AdapterConfig(rank=8, alpha=16), args.lr, recipe,
                     FleetSpec.spread(DEVICES, args.chars, seed=seed), seed=seed, keep_versions=True)
     fed = qp.federated_trajectory(run["versions"], scorer, time.perf_counter() - started)
-    if args.side == "fed":  # --personalization alone: no baseline, no ratio
-        return {"seed": seed, "fed": fed, "steps": run["steps"], "run": run}
+    if args.side == "fed":  # no baseline, no ratio: the federation's test and general figures alone
+        return {"seed": seed, "fed": fed, "steps": run["steps"], "run": run,
+                "fed_test": scorer.score(fed.weights, "test"), "general": scorer.general_ppl(fed.weights)}
     training = run["config"].training
     tokens = run["steps"] * training.batch_size * training.seq_len
     cen = qp.centralized(run["model"], pooled([(d, "") for d in run["fleet"]]), _initial(run["config"]), tokens,
@@ -365,7 +366,9 @@ def protocol(args) -> None:
         r = _seed_run(args, recipe, central, seed, scorer)
         seeds.append(r)
         if args.side == "fed":
-            print(f"seed {seed}: federated, validation per round: {', '.join(f'{v:.1f}' for v in r['fed'].val)}")
+            print(f"seed {seed}: federated test {r['fed_test']:.2f} (round {r['fed'].best + 1} of {len(r['fed'].val)} "
+                  f"by validation), general perplexity {r['general']:.2f} ({r['general'] / base_general:.3f}x base); "
+                  f"validation per round: {', '.join(f'{v:.1f}' for v in r['fed'].val)}", flush=True)
         else:
             _print_seed(r, base_general)
         if args.personalization:
@@ -389,6 +392,8 @@ def protocol(args) -> None:
             print(f"  device {i} ({first['domain']}): " + ", ".join(f"{k} {qp.fmt(v, 1)}" for k, v in cells.items())
                   + f"; personalized best on {wins} of {len(seeds)} seeds, in the mean: {best}")
     if args.side == "fed":
+        print(f"federated test perplexity {qp.fmt([r['fed_test'] for r in seeds], 2)}; general perplexity / base "
+              f"{qp.fmt([r['general'] / base_general for r in seeds])}")
         print(f"wall time {time.perf_counter() - started:.0f} s")
         return
     ratios = [r["ratio"] for r in seeds]
@@ -551,8 +556,8 @@ def main() -> None:
     parser.add_argument("--lr-grid", default="0.003,0.01,0.03", help="tune: the devices' learning rates")
     parser.add_argument("--central-lr-grid", default="0.001,0.003,0.01", help="tune: the centralized run's")
     parser.add_argument("--side", default="both", choices=["both", "fed", "central"],
-                        help="tune: one side only (the two sides can run as two processes); protocol: fed with "
-                             "--personalization skips the centralized baseline")
+                        help="tune: one side only (the two sides can run as two processes); protocol: fed skips the "
+                             "centralized baseline (the federation's test and general figures, no ratio)")
     parser.add_argument("--guard", type=float, default=100.0,
                         help="the forgetting guard's threshold, general perplexity / base (100: off)")
     parser.add_argument("--guard-action", choices=["lower_lr", "halt", "interpolate"], default="lower_lr",
