@@ -143,7 +143,8 @@ def quality(args) -> None:
             sigma = 0.0 if target is None else privacy.noise_for(target, rate, steps, DELTA)
             config = SplitConfig(mode=mode, base_model=args.model, cut=args.cut, top_layers=1, clip=clip,
                                  sigma=sigma, delta=DELTA, max_batch=64, seq_len=SEQ, server_lr=args.lr,
-                                 bottleneck=rank, sample_rate=rate)
+                                 bottleneck=rank, sample_rate=rate,
+                                 server_returns=args.returns if mode == "u_shaped" else "residual")
             got = [_split_run(args.model, train, heldout, config, steps, args.lr, seed, ablate) for seed in seeds]
             results[mode, rank, ablate, target] = got
             private = results.get((mode, rank, ablate, None))
@@ -297,6 +298,8 @@ def main() -> None:
     parser.add_argument("--ablation-only", action="store_true", help="quality: only the device-layers-only row")
     parser.add_argument("--heldout-chars", type=int, default=24_000)
     parser.add_argument("--no-local", dest="local", action="store_false", help="quality: skip the local LoRA rows")
+    parser.add_argument("--returns", choices=["residual", "correction"], default="residual",
+                        help="quality: what a U-shaped server returns (SplitConfig.server_returns)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--json", type=Path, default=None, help="quality: write every run's perplexity here")
     args = parser.parse_args()

@@ -562,6 +562,9 @@ class SplitIn(Strict):
     delta: float = Field(1e-5, gt=0, lt=1)
     bottleneck: int = Field(0, ge=0, le=65536, description="r: each token's activations projected onto r "
                             "directions before the clip and the noise (0: sent whole, seq x hidden)")
+    server_returns: split_config.Returns = Field(
+        "residual", description="u_shaped: residual (what the server's layers add to the residual stream) or "
+        "correction (only what their LoRA changes; the device runs their frozen base itself, forward only)")
     sample_rate: float | None = Field(None, gt=0, le=1, description="q: devices Poisson-sample each sequence "
                                       "with this probability, so the server's accountant knows each device's epsilon")
     max_epsilon: float | None = Field(None, gt=0, le=1e6, description="a device's steps are refused before its "

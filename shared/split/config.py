@@ -10,6 +10,7 @@ from typing import Literal
 from fleettune.shared import keys
 
 Mode = Literal["two_part", "u_shaped"]
+Returns = Literal["residual", "correction"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,10 @@ class SplitConfig:
     # r: each token's activations are projected onto r fixed directions before the clip and the noise
     # (shared/split/bottleneck.py); 0 sends them whole (seq x hidden per example)
     bottleneck: int = 0
+    # u_shaped, what the server's forward returns. residual: what its layers add to the residual
+    # stream. correction: only what its LoRA changes in its layers' output; the device runs the frozen
+    # base of those layers itself (forward only), so the noise never replaces what the base computes
+    server_returns: Returns = "residual"
     # q: each device draws every one of its sequences into a step with this probability (Poisson), so
     # the server's accountant knows the sampling; None lets a device use batch / its sequences
     sample_rate: float | None = None
@@ -41,6 +46,10 @@ class SplitConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("two_part", "u_shaped"):
             raise ValueError("mode must be two_part or u_shaped")
+        if self.server_returns not in ("residual", "correction"):
+            raise ValueError("server_returns must be residual or correction")
+        if self.server_returns == "correction" and self.mode != "u_shaped":
+            raise ValueError("server_returns correction is U-shaped: a two-part server holds the head")
         if not (self.cut >= 1 and self.top_layers >= 0 and self.clip > 0 and math.isfinite(self.clip)
                 and self.sigma >= 0 and math.isfinite(self.sigma) and 0 < self.delta < 1
                 and 1 <= self.max_batch <= 1024 and 2 <= self.seq_len <= 4096 and self.server_lr > 0

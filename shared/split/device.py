@@ -91,8 +91,13 @@ class SplitDevice:
         self.config = config
         num_layers = split_model.num_layers(peft_model)
         self.device_layers = config.device_layers(num_layers)
-        self.top = range(config.server_layers(num_layers).stop, num_layers)
-        self.params = split_model.trainable(peft_model, self.device_layers)
+        self.middle = config.server_layers(num_layers)
+        self.top = range(self.middle.stop, num_layers)
+        # with the server's correction, the layers below the cut stay frozen: the gradient the server
+        # returns is taken at what it received (noised, through the bottleneck), not at the device's
+        # clean activations, and it would move them where the loss does not ask
+        trained = self.top if config.server_returns == "correction" else self.device_layers
+        self.params = split_model.trainable(peft_model, trained)
         self.optimizer = torch.optim.AdamW(self.params, lr=lr)
         self.projection = bottleneck.projection(peft_model, config.bottleneck)
         self.rate = config.sample_rate or min(1.0, batch / len(data))
@@ -117,15 +122,24 @@ class SplitDevice:
         else:
             step_id, residual = self.transport.forward(sent.detach())
             residual = residual.detach().requires_grad_(True)
-            out = split_model.head_loss(self.model, split_model.run_layers(self.model, hidden + residual, self.top),
-                                        batch)
+            out = split_model.head_loss(self.model, split_model.run_layers(self.model, self._stream(hidden, residual),
+                                                                           self.top), batch)
             out.backward(retain_graph=True)  # into the layers below the cut through the residual stream too
             grad, loss = self.transport.backward(step_id, residual.grad), out.item()
-        sent.backward(grad)
+        if self.config.server_returns == "residual":
+            sent.backward(grad)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def _stream(self, hidden: torch.Tensor, returned: torch.Tensor) -> torch.Tensor:
+        """U-shaped: the residual stream at the top layers, from the device's clean activations at
+        the cut and what the server returned (its residual, or its LoRA's correction to the frozen
+        base of its layers, which the device then runs itself, forward only)."""
+        if self.config.server_returns == "correction":
+            return split_model.frozen_layers(self.model, hidden, self.middle) + returned
+        return hidden + returned
 
     def _message(self, batch: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
         return split_model.device_message(self.model, batch, self.config.cut, self.projection, self.config.clip,
@@ -146,7 +160,7 @@ class SplitDevice:
                 if self.config.mode == "two_part":
                     loss = server.infer(sent, batch)
                 else:
-                    top = split_model.run_layers(self.model, hidden + server.infer(sent), self.top)
+                    top = split_model.run_layers(self.model, self._stream(hidden, server.infer(sent)), self.top)
                     loss = split_model.head_loss(self.model, top, batch)
                 n = batch.numel() - len(batch)
                 nll, tokens = nll + loss.item() * n, tokens + n

@@ -71,6 +71,25 @@ def device_message(model, ids: torch.Tensor, cut: int, projection, clip: float, 
     return hidden, privatize(features, clip, sigma, generator)
 
 
+def frozen_layers(model, hidden: torch.Tensor, layers: range) -> torch.Tensor:
+    """These layers' frozen base, forward only: what a device that keeps the base of the server's
+    layers computes on its own clean activations (server_returns = correction)."""
+    with torch.no_grad(), model.disable_adapter():
+        return run_layers(model, hidden.detach(), layers)
+
+
+def server_correction(model, received: torch.Tensor, layers: range, lift) -> torch.Tensor:
+    """What the server's LoRA changes in its layers' output on what it received: f_LoRA(x) - f_base(x).
+
+    The device adds it to the frozen base of these layers run on its clean activations. It is 0
+    while the server's LoRA is (B = 0), so noise at the cut cannot make the model worse than its
+    base at the start; it only limits what the server's layers learn. The base pass carries no
+    gradient, so the gradient at the cut is the LoRA pass's: without noise, clip or bottleneck,
+    loss and gradients are exactly the unsplit model's (a test checks)."""
+    inputs = lift(received) if lift is not None else received
+    return run_layers(model, inputs, layers) - frozen_layers(model, inputs, layers)
+
+
 def server_part(model, received: torch.Tensor, layers: range, lift, residual: bool) -> torch.Tensor:
     """The server's layers over what it received, lifted out of the bottleneck by `lift` if any
     (the server's learned r -> hidden map, which starts as the projection's inverse).

@@ -92,8 +92,8 @@ class SplitServer:
             return inputs.grad, loss.item()
 
     def forward(self, device: str, activations: torch.Tensor) -> tuple[str, torch.Tensor]:
-        """U-shaped, first half: the server's layers; what they add to the residual stream goes back
-        (the device adds it to its own activations), the graph stays."""
+        """U-shaped, first half: the server's layers; what they add to the residual stream (or what
+        their LoRA changes) goes back for the device to add to its own activations; the graph stays."""
         if self.config.mode != "u_shaped":
             raise Refusal(409, "wrong_mode", "this federation splits in two parts: send activations and labels")
         with self.lock:
@@ -103,7 +103,7 @@ class SplitServer:
             if len(self.pending) >= MAX_PENDING:
                 raise Refusal(503, "split_busy", "too many forwards wait for their backward", {"Retry-After": "1"})
             inputs = activations.detach().requires_grad_(True)
-            outputs = split_model.server_part(self.model, inputs, self.layers, self.lift, residual=True)
+            outputs = self._u_shaped(inputs)
             step_id = secrets.token_hex(8)
             self.pending[step_id] = _Pending(device, inputs, outputs, self.clock())
             return step_id, outputs.detach()
@@ -128,11 +128,18 @@ class SplitServer:
         try:
             with self.lock:
                 if self.config.mode == "u_shaped":
-                    return split_model.server_part(self.model, activations, self.layers, self.lift, True)
+                    return self._u_shaped(activations)
                 out = split_model.server_part(self.model, activations, self.layers, self.lift, False)
                 return split_model.head_loss(self.model, out, labels)
         finally:
             self.model.train(was)
+
+    def _u_shaped(self, inputs: torch.Tensor) -> torch.Tensor:
+        """What a U-shaped forward returns: the residual the server's layers add, or their LoRA's
+        correction (config.server_returns)."""
+        if self.config.server_returns == "correction":
+            return split_model.server_correction(self.model, inputs, self.layers, self.lift)
+        return split_model.server_part(self.model, inputs, self.layers, self.lift, residual=True)
 
     def _step(self, backward: Callable[[], None]) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from fleettune import DeviceClient, Federation
+from fleettune import DeviceClient, Federation, FleettuneAPIError
 from fleettune.shared import corpora, keys
 from fleettune.shared.protocol import versions
 from fleettune.shared.protocol.adapter_spec import AdapterConfig, build_spec
@@ -51,23 +51,25 @@ def tiny():
     return tokenizer, train, heldout
 
 
-def _federation(pipeline, api_url: str, name: str, mode: str) -> Federation:
+def _federation(pipeline, api_url: str, name: str, mode: str, returns: str = "residual") -> Federation:
     admin = Federation(pipeline.admin_key, name, api_url)
     admin.create(model="tiny-llama", adapter=ADAPTER)
     admin.client.put(f"/api/v1/federations/{name}/split",
                      {"mode": mode, "cut": 1, "top_layers": 1, "clip": 1000.0, "sigma": 0.0, "seq_len": 64,
-                      "max_batch": 16, "server_lr": 3e-3, "publish_every": 20})
+                      "max_batch": 16, "server_lr": 3e-3, "publish_every": 20, "server_returns": returns})
     admin.train(model="tiny-llama", rounds=1, min_updates=2,
                 round_config={"timeout_seconds": 600, "max_update_norm": 100.0})
     return admin
 
 
-@pytest.mark.parametrize("mode", ["two_part", "u_shaped"])
-def test_both_modes_train_through_the_gateway_and_the_split_server(pipeline, gateway, tiny, mode):
+@pytest.mark.parametrize("mode,returns", [("two_part", "residual"), ("u_shaped", "residual"),
+                                          ("u_shaped", "correction")])
+def test_both_modes_train_through_the_gateway_and_the_split_server(pipeline, gateway, tiny, mode, returns):
     api, _ = gateway
-    name = f"split-{mode.replace('_', '-')}-{np.random.default_rng().integers(1e9)}"
-    admin = _federation(pipeline, api.url, name, mode)
+    name = f"split-{mode.replace('_', '-')}-{returns}-{np.random.default_rng().integers(1e9)}"
+    admin = _federation(pipeline, api.url, name, mode, returns)
     config = SplitConfig(**admin.client.get(f"/api/v1/federations/{name}/split")["config"])
+    assert config.server_returns == returns
     adapter = AdapterConfig(rank=4, alpha=8)
     shapes = build_spec(pipeline.runtime.state.federations.config(name).model, adapter).tensors
     tokenizer, train, heldout = tiny
@@ -105,6 +107,9 @@ def test_malformed_and_oversized_messages_are_refused_by_name_and_the_server_sta
     api, split = gateway
     name = f"split-bad-{np.random.default_rng().integers(1e9)}"
     admin = _federation(pipeline, api.url, name, "two_part")
+    with pytest.raises(FleettuneAPIError) as refused:  # a two-part server holds the head: nothing to correct
+        admin.client.put(f"/api/v1/federations/{name}/split", {"mode": "two_part", "server_returns": "correction"})
+    assert refused.value.code == "invalid_config" and "U-shaped" in refused.value.detail
     token = admin.register_device("mallory")
     http = httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     path = f"/api/v1/federations/{name}/split/step"

@@ -34,14 +34,17 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("mode,cut,top,rank", [("two_part", 1, 0, 0), ("two_part", 3, 0, 0), ("u_shaped", 1, 1, 0),
-                                               ("u_shaped", 2, 1, 0), ("u_shaped", 1, 0, 0), ("two_part", 1, 0, 128),
-                                               ("u_shaped", 1, 1, 128)])
-def test_a_split_without_noise_computes_the_unsplit_loss_and_gradients(tiny, mode, cut, top, rank):
+@pytest.mark.parametrize("mode,cut,top,rank,returns", [
+    ("two_part", 1, 0, 0, "residual"), ("two_part", 3, 0, 0, "residual"), ("u_shaped", 1, 1, 0, "residual"),
+    ("u_shaped", 2, 1, 0, "residual"), ("u_shaped", 1, 0, 0, "residual"), ("two_part", 1, 0, 128, "residual"),
+    ("u_shaped", 1, 1, 128, "residual"), ("u_shaped", 1, 1, 0, "correction"), ("u_shaped", 2, 1, 128, "correction")])
+def test_a_split_without_noise_computes_the_unsplit_loss_and_gradients(tiny, mode, cut, top, rank, returns):
     """The device's and the server's functions, chained as the two processes chain them, are the
-    whole model: through the full-rank bottleneck too, and with U-shaped's residual return."""
+    whole model: through the full-rank bottleneck too, with U-shaped's residual return, and with
+    the server's LoRA correction added to the frozen layers the device runs itself."""
     model, layers = tiny, split_model.num_layers(tiny)
-    config = SplitConfig(mode=mode, cut=cut, top_layers=top, clip=1e9, sigma=0.0, bottleneck=rank)
+    config = SplitConfig(mode=mode, cut=cut, top_layers=top, clip=1e9, sigma=0.0, bottleneck=rank,
+                         server_returns=returns)
     projection = bottleneck.projection(model, rank)
     ids = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
     model.zero_grad(set_to_none=True)
@@ -51,14 +54,20 @@ def test_a_split_without_noise_computes_the_unsplit_loss_and_gradients(tiny, mod
 
     hidden, sent = split_model.device_message(model, ids, cut, projection, config.clip, config.sigma)
     received = sent.detach().requires_grad_(True)  # what the server gets: a leaf, no graph back
-    middle = split_model.server_part(model, received, config.server_layers(layers), bottleneck.lift(projection),
-                                     residual=mode == "u_shaped")
+    server_layers = config.server_layers(layers)
+    if returns == "correction":
+        middle = split_model.server_correction(model, received, server_layers, bottleneck.lift(projection))
+    else:
+        middle = split_model.server_part(model, received, server_layers, bottleneck.lift(projection),
+                                         residual=mode == "u_shaped")
     if mode == "two_part":
         loss = split_model.head_loss(model, middle, ids)
         loss.backward()
     else:
-        back = middle.detach().requires_grad_(True)  # what the device gets back: the server layers' residual
-        top_out = split_model.run_layers(model, hidden + back, range(layers - top, layers))
+        back = middle.detach().requires_grad_(True)  # what the device gets back: the residual or the correction
+        stream = hidden + back if returns == "residual" else (
+            split_model.frozen_layers(model, hidden, server_layers) + back)
+        top_out = split_model.run_layers(model, stream, range(layers - top, layers))
         loss = split_model.head_loss(model, top_out, ids)
         loss.backward(retain_graph=True)
         middle.backward(back.grad)
@@ -176,9 +185,39 @@ def test_split_training_in_both_modes_lowers_the_loss(tiny):
 
     tokenizer = models.load_tokenizer("tiny")
     data = trainer.blocks(tokenizer(corpora.train_text("legal", 40_000))["input_ids"], 64)
-    for mode in ("two_part", "u_shaped"):
+    for mode, returns in (("two_part", "residual"), ("u_shaped", "residual"), ("u_shaped", "correction")):
         model = trainer.peft_model(models.load_model("tiny"), AdapterConfig(rank=4, alpha=8))
-        config = SplitConfig(mode=mode, cut=1, top_layers=1, clip=1e4, seq_len=64, server_lr=3e-3)
+        config = SplitConfig(mode=mode, cut=1, top_layers=1, clip=1e4, seq_len=64, server_lr=3e-3,
+                             server_returns=returns)
         device = SplitDevice(LocalTransport(SplitServer(model, config)), model, data, config, lr=3e-3, batch=8)
         losses = [loss for loss in (device.step() for _ in range(40)) if loss is not None]
         assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.3, (mode, losses[:8], losses[-8:])
+
+
+def test_with_the_servers_correction_noise_at_the_cut_cannot_make_the_start_worse_than_the_base():
+    """The server's LoRA starts at zero, so its correction is exactly zero whatever noise it
+    received, and the device's frozen layers compute the base model: held-out perplexity through
+    the split at sigma 2 (epsilon far below 1) is the base model's own."""
+    from fleettune.shared import corpora
+
+    tokenizer = models.load_tokenizer("tiny")
+    data = trainer.blocks(tokenizer(corpora.heldout_text("legal", 6_000))["input_ids"], 64)
+    model = trainer.peft_model(models.load_model("tiny"), AdapterConfig(rank=4, alpha=8))
+    base = trainer.perplexity(model, data)
+    for returns in ("correction", "residual"):
+        config = SplitConfig(cut=1, top_layers=1, clip=10.0, sigma=2.0, seq_len=64, bottleneck=16,
+                             server_returns=returns)
+        server = SplitServer(model, config)
+        device = SplitDevice(LocalTransport(server), model, data, config, lr=1e-3)
+        through = device.perplexity(server, data)
+        if returns == "correction":
+            assert through == pytest.approx(base, rel=1e-4)
+        else:  # what the base layers add to noised features replaces what they add to clean ones
+            assert through > 1.01 * base
+
+
+def test_a_correction_needs_the_u_shaped_mode():
+    with pytest.raises(ValueError, match="U-shaped"):
+        SplitConfig(mode="two_part", server_returns="correction")
+    with pytest.raises(ValueError, match="server_returns"):
+        SplitConfig(server_returns="everything")

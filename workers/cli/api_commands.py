@@ -351,6 +351,8 @@ split = _group("split", "Split learning of a federation: the cut, DP at the cut,
 @click.option("--sigma", default=0.0, show_default=True, help="noise std = sigma x C")
 @click.option("--bottleneck", default=0, show_default=True,
               help="r: each token's activations projected onto r directions before the noise (0: whole)")
+@click.option("--server-returns", type=click.Choice(["residual", "correction"]), default="residual",
+              show_default=True, help="u_shaped: correction keeps the server's layers' frozen base on the device")
 @click.option("--sample-rate", type=float, default=None, help="q: devices' Poisson sampling rate (the accountant's)")
 @click.option("--max-epsilon", type=float, default=None, help="refuse a device's steps past this epsilon")
 @click.option("--seq-len", default=64, show_default=True)
