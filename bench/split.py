@@ -5,7 +5,8 @@
                                                      # that gives epsilon 8, 3, 1; 3 seeds, mean and 95 % interval
     python bench/split.py leakage [--model smollm2]  # an inversion attack's token accuracy against sigma, k and r
     python bench/split.py cost [--model smollm2]     # bytes per step, and a step's time through the gateway
-                                                     # and split server (loopback) against local compute
+                                                     # and split server (loopback) against local compute;
+                                                     # U-shaped with the server's residual and its correction
     python bench/split.py unigram [--model smollm2]  # a context-free reference: unigram counts of the same text
 
 Quality runs in one process (the split server object called directly: the same code the server
@@ -248,17 +249,18 @@ def _cost(args, env: dict, api_url: str) -> None:
     local_s = _timed(local_step, args.repeat)
     print(f"{args.model}: batch {BATCH} x {SEQ} tokens; local LoRA step (forward, backward, AdamW) "
           f"{local_s * 1000:.0f} ms")
-    for mode, rank in [(mode, rank) for mode in ("two_part", "u_shaped") for rank in args.bottlenecks]:
-        name = f"split-bench-{mode.replace('_', '-')}-{rank}"
+    arms = [("two_part", "residual"), ("u_shaped", "residual"), ("u_shaped", "correction")]
+    for (mode, returns), rank in [(arm, rank) for arm in arms for rank in args.bottlenecks]:
+        name = f"split-bench-{mode.replace('_', '-')}-{returns}-{rank}"
         admin = Federation(admin_key, name, api_url)
         admin.create(model="smollm2" if args.model == "smollm2" else "tiny-llama", adapter={"type": "lora", "rank": 8})
         admin.client.put(f"/api/v1/federations/{name}/split", {"mode": mode, "base_model": args.model, "cut": 1,
                                                                "seq_len": SEQ, "max_batch": BATCH, "clip": 1e6,
-                                                               "bottleneck": rank})
+                                                               "bottleneck": rank, "server_returns": returns})
         client = DeviceClient(admin.register_device("phone"), name, api_url)
         model = trainer.peft_model(models.load_model(args.model), ADAPTER)
         config = SplitConfig(mode=mode, base_model=args.model, cut=1, seq_len=SEQ, max_batch=BATCH, clip=1e6,
-                             bottleneck=rank)
+                             bottleneck=rank, server_returns=returns)
         transport = HttpTransport(client, model.config.hidden_size)
         device = SplitDevice(transport, model, batch, config, lr=1e-4, batch=BATCH)
         device.rate = 1.0  # every sequence each step: a fixed batch, comparable with the local step
@@ -266,7 +268,7 @@ def _cost(args, env: dict, api_url: str) -> None:
         transport.sent = transport.received = 0
         split_s = _timed(device.step, args.repeat)
         up, down = transport.sent / args.repeat, transport.received / args.repeat
-        print(f"{mode}, r={rank}: {(up + down) / 1e6:.2f} MB per step ({up / 1e6:.2f} up, {down / 1e6:.2f} down); a step "
+        print(f"{mode}{' (correction)' if returns == 'correction' else ''}, r={rank}: {(up + down) / 1e6:.2f} MB per step ({up / 1e6:.2f} up, {down / 1e6:.2f} down); a step "
               f"{split_s * 1000:.0f} ms through gateway and split server = {split_s / local_s:.2f}x local compute")
 
 
