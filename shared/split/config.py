@@ -48,8 +48,10 @@ class SplitConfig:
             raise ValueError("mode must be two_part or u_shaped")
         if self.server_returns not in ("residual", "correction"):
             raise ValueError("server_returns must be residual or correction")
-        if self.server_returns == "correction" and self.mode != "u_shaped":
-            raise ValueError("server_returns correction is U-shaped: a two-part server holds the head")
+        if self.server_returns == "correction" and (self.mode != "u_shaped" or self.top_layers < 1):
+            # the device trains only its top layers then (those below the cut stay frozen)
+            raise ValueError("server_returns correction is U-shaped with top_layers >= 1: a two-part server "
+                             "holds the head, and the device trains only its top layers")
         if not (self.cut >= 1 and self.top_layers >= 0 and self.clip > 0 and math.isfinite(self.clip)
                 and self.sigma >= 0 and math.isfinite(self.sigma) and 0 < self.delta < 1
                 and 1 <= self.max_batch <= 1024 and 2 <= self.seq_len <= 4096 and self.server_lr > 0

@@ -219,5 +219,7 @@ def test_with_the_servers_correction_noise_at_the_cut_cannot_make_the_start_wors
 def test_a_correction_needs_the_u_shaped_mode():
     with pytest.raises(ValueError, match="U-shaped"):
         SplitConfig(mode="two_part", server_returns="correction")
+    with pytest.raises(ValueError, match="top_layers >= 1"):
+        SplitConfig(top_layers=0, server_returns="correction")
     with pytest.raises(ValueError, match="server_returns"):
         SplitConfig(server_returns="everything")
