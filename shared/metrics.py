@@ -203,6 +203,8 @@ class FederationCollector:
         """Each federation's newest canary rollout: its percentage, and what its devices report."""
         import json
 
+        from fleettune.shared.control.rollouts import LIVE
+
         percent = GaugeMetricFamily("fleettune_rollout_percent", "Share of targeted devices on the candidate "
                                     "version in the newest rollout", labels=["federation", "version", "status"])
         reported = GaugeMetricFamily("fleettune_rollout_reported", "Mean device-reported quality per version and "
@@ -225,7 +227,7 @@ class FederationCollector:
                 continue
             rec = json.loads(raw)
             percent.add_metric([fed, str(rec["version"]), rec["status"]], rec["percent"])
-            if rec["status"] in ("pending", "active", "paused"):
+            if rec["status"] in LIVE:
                 since = [h["at"] for h in rec["history"] if h["action"] == "pause"]
                 paused.add_metric([fed, str(rec["version"])],
                                   time.time() - since[-1] if rec["status"] == "paused" and since else 0.0)

@@ -116,7 +116,9 @@ class SplitDevice:
         if len(batch) == 0:
             return None
         self.model.train()
-        hidden, sent = self._message(batch, self.generator)
+        # with the server's correction nothing trains below the cut: no graph to keep there
+        with torch.set_grad_enabled(self.config.server_returns == "residual"):
+            hidden, sent = self._message(batch, self.generator)
         if self.config.mode == "two_part":
             grad, loss = self.transport.two_part(sent.detach(), batch)
         else:
