@@ -52,10 +52,10 @@ BATCH, SEQ, DELTA = 8, 64, 1e-5
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student's t, 97.5th percentile, by degrees of freedom
 
 
-def _data(source: str, chars: int, heldout_chars: int):
+def _data(source: str, chars: int, heldout_chars: int, part: str = "all"):
     tokenizer = models.load_tokenizer(source)
     train = trainer.blocks(tokenizer(corpora.train_text("legal", chars))["input_ids"], SEQ)
-    heldout = trainer.blocks(tokenizer(corpora.heldout_text("legal", heldout_chars))["input_ids"], SEQ)
+    heldout = trainer.blocks(tokenizer(corpora.heldout_text("legal", heldout_chars, part))["input_ids"], SEQ)
     return train, heldout
 
 
@@ -116,8 +116,9 @@ def _cell(values: list[float]) -> str:
 
 
 def quality(args) -> None:
-    train, heldout = _data(args.model, args.chars, args.heldout_chars)
-    rate, steps, seeds = min(1.0, BATCH / len(train)), args.steps, range(args.seeds)
+    train, heldout = _data(args.model, args.chars, args.heldout_chars, args.heldout_part)
+    rate, steps, seeds = min(1.0, BATCH / len(train)), args.steps, range(args.first_seed, args.first_seed + args.seeds)
+    server_lr = args.server_lr or args.lr
     base_model = trainer.peft_model(models.load_model(args.model), ADAPTER)
     base = trainer.perplexity(base_model, heldout)
     local = []
@@ -127,7 +128,8 @@ def quality(args) -> None:
         trainer.train(model, train, LocalTraining(learning_rate=args.lr, batch_size=BATCH, seq_len=SEQ,
                                                   max_steps=steps, local_epochs=10_000), seed=seed)
         local.append(trainer.perplexity(model, heldout))
-    print(f"{args.model}: {len(train)} sequences of {SEQ} tokens, {heldout.numel()} held-out tokens, {steps} steps "
+    print(f"{args.model}: {len(train)} sequences of {SEQ} tokens, {heldout.numel()} held-out tokens "
+          f"({args.heldout_part}), lr {args.lr:g} (server {server_lr:g}), {steps} steps "
           f"(q={rate:.3f}), cut k={args.cut}, delta={DELTA}, {len(seeds)} seeds: mean [95 % interval]")
     print(f"base {base:.2f}   local LoRA {_cell(local) if local else '(skipped)'}", flush=True)
     targets = [None if e == "inf" else float(e) for e in args.epsilons.split(",")]
@@ -143,7 +145,7 @@ def quality(args) -> None:
         for target in targets:
             sigma = 0.0 if target is None else privacy.noise_for(target, rate, steps, DELTA)
             config = SplitConfig(mode=mode, base_model=args.model, cut=args.cut, top_layers=1, clip=clip,
-                                 sigma=sigma, delta=DELTA, max_batch=64, seq_len=SEQ, server_lr=args.lr,
+                                 sigma=sigma, delta=DELTA, max_batch=64, seq_len=SEQ, server_lr=server_lr,
                                  bottleneck=rank, sample_rate=rate,
                                  server_returns=args.returns if mode == "u_shaped" else "residual")
             got = [_split_run(args.model, train, heldout, config, steps, args.lr, seed, ablate) for seed in seeds]
@@ -156,6 +158,8 @@ def quality(args) -> None:
                   f"{statistics.fmean(got) / base:>6.2f}x", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "base": base, "local": local, "steps": steps,
+                                         "seeds": list(seeds), "lr": args.lr, "server_lr": server_lr,
+                                         "heldout_part": args.heldout_part,
                                          "rows": [{"mode": m, "bottleneck": r, "ablation": a, "epsilon": t,
                                                    "perplexity": v} for (m, r, a, t), v in results.items()]},
                                         indent=2))
@@ -187,7 +191,7 @@ def leakage(args) -> None:
               **{f"eps={e:g}": privacy.noise_for(e, rate, steps, DELTA) for e in (8.0, 3.0, 1.0)}}
     vocab = model.config.vocab_size
     tokens = heldout[:8]
-    layers = [k for k in (1, 2, 3, 4, 8, 16) if k < split_model.num_layers(model)]
+    layers = [k for k in args.cuts or (1, 2, 3, 4, 8, 16) if k < split_model.num_layers(model)]
     dp = ", ".join(f"{name}: sigma {value:.3f}" for name, value in sigmas.items() if name.startswith("eps"))
     print(f"{args.model}: {tokens.numel()} held-out tokens, vocabulary {vocab}; {dp} ({steps} steps at q={rate:.3f}, "
           f"delta {DELTA}); C = the median norm of what crosses the cut; r = the bottleneck (0: none)")
@@ -288,9 +292,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--cut", type=int, default=1)
+    parser.add_argument("--cuts", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                        help="leakage: the cuts k to attack (default 1, 2, 3, 4, 8, 16 below the model's depth)")
     parser.add_argument("--chars", type=int, default=120_000, help="the device's training text")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3, help="quality: seeds per configuration")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="quality: seeds run from here (to spread one table's seeds over processes)")
     parser.add_argument("--modes", default="two_part,u_shaped")
     parser.add_argument("--bottlenecks", type=lambda v: [int(x) for x in v.split(",")], default=[0, 16],
                         help="quality, leakage, cost: bottleneck ranks (0: the raw activations)")
@@ -299,6 +307,10 @@ def main() -> None:
                         help="quality: skip the U-shaped row with the server's layers contributing nothing")
     parser.add_argument("--ablation-only", action="store_true", help="quality: only the device-layers-only row")
     parser.add_argument("--heldout-chars", type=int, default=24_000)
+    parser.add_argument("--heldout-part", choices=["all", "validation", "test"], default="all",
+                        help="quality: the held-out documents to score (validation for choices, test to report)")
+    parser.add_argument("--server-lr", type=float, default=None,
+                        help="quality: the split server's learning rate (default: --lr, the device's)")
     parser.add_argument("--no-local", dest="local", action="store_false", help="quality: skip the local LoRA rows")
     parser.add_argument("--returns", choices=["residual", "correction"], default="residual",
                         help="quality: what a U-shaped server returns (SplitConfig.server_returns)")
