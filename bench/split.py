@@ -272,8 +272,10 @@ def _cost(args, env: dict, api_url: str) -> None:
         transport.sent = transport.received = 0
         split_s = _timed(device.step, args.repeat)
         up, down = transport.sent / args.repeat, transport.received / args.repeat
-        print(f"{mode}{' (correction)' if returns == 'correction' else ''}, r={rank}: {(up + down) / 1e6:.2f} MB per step ({up / 1e6:.2f} up, {down / 1e6:.2f} down); a step "
-              f"{split_s * 1000:.0f} ms through gateway and split server = {split_s / local_s:.2f}x local compute")
+        arm = f"{mode} (correction)" if returns == "correction" else mode
+        print(f"{arm}, r={rank}: {(up + down) / 1e6:.2f} MB per step ({up / 1e6:.2f} up, {down / 1e6:.2f} down); "
+              f"a step {split_s * 1000:.0f} ms through gateway and split server = "
+              f"{split_s / local_s:.2f}x local compute")
 
 
 def _timed(fn, repeat: int) -> float:
@@ -285,6 +287,10 @@ def _timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
+def _ints(value: str) -> list[int]:
+    return [int(x) for x in value.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["quality", "leakage", "cost", "unigram"])
@@ -292,7 +298,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--cut", type=int, default=1)
-    parser.add_argument("--cuts", type=lambda v: [int(x) for x in v.split(",")], default=None,
+    parser.add_argument("--cuts", type=_ints, default=None,
                         help="leakage: the cuts k to attack (default 1, 2, 3, 4, 8, 16 below the model's depth)")
     parser.add_argument("--chars", type=int, default=120_000, help="the device's training text")
     parser.add_argument("--repeat", type=int, default=10)
@@ -300,7 +306,7 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0,
                         help="quality: seeds run from here (to spread one table's seeds over processes)")
     parser.add_argument("--modes", default="two_part,u_shaped")
-    parser.add_argument("--bottlenecks", type=lambda v: [int(x) for x in v.split(",")], default=[0, 16],
+    parser.add_argument("--bottlenecks", type=_ints, default=[0, 16],
                         help="quality, leakage, cost: bottleneck ranks (0: the raw activations)")
     parser.add_argument("--epsilons", default="inf,8,3,1")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false",
